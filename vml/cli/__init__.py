@@ -1,0 +1,1 @@
+"""The typer application and its rich rendering."""

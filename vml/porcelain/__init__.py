@@ -1,0 +1,1 @@
+"""Commands as functions: take paths and objects, return dataclasses, report progress via callbacks."""
