@@ -1,0 +1,117 @@
+"""Time a command and its peak memory; measure sizes on disk.
+
+Peak RSS comes from GNU ``/usr/bin/time -f %M``, which reads the rusage of
+the command it waited for: that covers the command and every descendant it
+reaped, and ``ru_maxrss`` is the largest resident set of any single process
+in that tree. That is the memory a user sees the tool take, including the
+helpers it forks (bup and borg spawn subprocesses).
+
+Why not ``os.wait4`` on our own child: a child forked from this Python
+process inherits its memory map until ``exec``, and Linux folds that
+pre-exec high-water mark into ``ru_maxrss``, so even ``cp`` would show the
+benchmark's own ~50 MiB. ``time`` is a small C program, so what it forks
+starts tiny.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+TIME = "/usr/bin/time"
+"""GNU time (Debian package ``time``), used for the peak RSS of a command tree."""
+
+
+class CommandError(RuntimeError):
+    """A measured command exited non-zero; carries its stderr for the report."""
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Wall time, peak RSS and captured stdout of one command."""
+
+    seconds: float
+    peak_rss: int  # bytes
+    stdout: str
+
+
+def run_measured(
+    cmd: Sequence[str],
+    *,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Measurement:
+    """Run ``cmd`` to completion; return its wall time, peak RSS and stdout.
+
+    ``os.sync()`` runs first (untimed) so that dirty pages written by the
+    previous step are not flushed on this command's clock.
+    """
+    os.sync()
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    # Files, not pipes: large outputs (restic --json progress) never block.
+    with (
+        tempfile.TemporaryFile() as out,
+        tempfile.TemporaryFile() as err,
+        tempfile.NamedTemporaryFile("r") as rss,
+    ):
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [TIME, "-f", "%M", "-o", rss.name, *cmd],
+            cwd=cwd,
+            env=full_env,
+            stdout=out,
+            stderr=err,
+            check=False,
+        )
+        seconds = time.perf_counter() - start
+        out.seek(0)
+        stdout = out.read().decode(errors="replace")
+        if proc.returncode != 0:
+            err.seek(0)
+            tail = err.read().decode(errors="replace")[-2000:]
+            raise CommandError(f"{' '.join(cmd)} exited {proc.returncode}: {tail}")
+        # On failure time writes a status line first; the number is last.
+        peak_kib = int(rss.read().split()[-1])
+    return Measurement(seconds=seconds, peak_rss=peak_kib * 1024, stdout=stdout)
+
+
+@dataclass(frozen=True)
+class DiskUsage:
+    """Size of a directory tree: allocated blocks and apparent (logical) bytes."""
+
+    allocated: int
+    apparent: int
+
+
+def disk_usage(path: Path) -> DiskUsage:
+    """Return ``du``'s allocated and apparent sizes of ``path`` in bytes.
+
+    Allocated bytes are what the repository really costs on disk (sparse
+    copies and holes count as nothing); apparent bytes are reported too so a
+    reader can see how much of a repository is holes.
+    """
+    os.sync()
+
+    def du(*flags: str) -> int:
+        out = subprocess.run(
+            ["du", "-s", "--block-size=1", *flags, str(path)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        return int(out.split()[0])
+
+    return DiskUsage(allocated=du(), apparent=du("--apparent-size"))
+
+
+def median(values: Sequence[float]) -> float | None:
+    """Median of ``values``, or None when there are none (e.g. a single state)."""
+    return statistics.median(values) if values else None

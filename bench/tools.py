@@ -1,0 +1,234 @@
+"""One runner per compared tool: initialise a repository, save a state, restore it, size it.
+
+Every runner saves the *contents* of the area (not the area's absolute path)
+where the tool allows it, and :func:`bench.workload.find_area_root` locates the
+restored files wherever a tool puts them, so all restores are compared file by
+file with the same relative names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from bench.measure import DiskUsage, Measurement, disk_usage, run_measured
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _combine(*steps: Measurement) -> Measurement:
+    """One logical operation made of several commands: times add, peaks max."""
+    return Measurement(
+        seconds=sum(s.seconds for s in steps),
+        peak_rss=max(s.peak_rss for s in steps),
+        stdout="".join(s.stdout for s in steps),
+    )
+
+
+class Tool(ABC):
+    """A versioning or backup tool under test.
+
+    ``repo`` is where the tool keeps its repository (measured for size);
+    ``home`` is for caches and configuration, kept apart so that they are not
+    counted as repository bytes.
+    """
+
+    name: str = ""
+
+    def __init__(self, repo: Path, home: Path) -> None:
+        self.repo = repo
+        self.home = home
+        # state number -> the tool's handle for it (entry id, snapshot id, path)
+        self.handles: dict[int, str] = {}
+
+    def env(self) -> dict[str, str]:
+        """Environment variables the tool's commands need."""
+        return {}
+
+    @abstractmethod
+    def init(self) -> None:
+        """Create an empty repository at ``self.repo``."""
+
+    @abstractmethod
+    def save(self, area: Path, state: int) -> Measurement:
+        """Save the area as ``state``; remember the handle to restore it."""
+
+    @abstractmethod
+    def restore(self, state: int, dest: Path) -> Measurement:
+        """Restore ``state`` under ``dest`` (which exists and is empty)."""
+
+    def size(self) -> DiskUsage:
+        """Bytes the repository takes on disk."""
+        return disk_usage(self.repo)
+
+
+class VmlTool(Tool):
+    """VML itself, run from the source tree as ``python -m vml``."""
+
+    name = "vml"
+
+    def env(self) -> dict[str, str]:
+        # Works without installing the package: the repo root is importable.
+        path = os.environ.get("PYTHONPATH")
+        return {"PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT)}
+
+    def _vml(self, *args: str) -> Measurement:
+        return run_measured(
+            [sys.executable, "-m", "vml", "--repo", str(self.repo), *args], env=self.env()
+        )
+
+    def init(self) -> None:
+        self._vml("init")
+
+    def save(self, area: Path, state: int, *, full: bool = False) -> Measurement:
+        args = ["commit", str(area), "-m", f"state {state}", "-q"]
+        if full:
+            args.append("--full")
+        m = self._vml(*args)
+        words = m.stdout.split()
+        if not words:
+            raise RuntimeError("vml commit printed no entry id")
+        self.handles[state] = words[-1]
+        return m
+
+    def restore(self, state: int, dest: Path) -> Measurement:
+        # vml creates DEST itself; give it a fresh child so it can.
+        return self._vml("checkout", self.handles[state], str(dest / "area"), "-q")
+
+    def log(self) -> list[dict[str, object]]:
+        """The repository's entries (``id``, ``kind``, ``parent``, ``stored_bytes``)."""
+        entries: list[dict[str, object]] = json.loads(self._vml("log", "--json").stdout)
+        return entries
+
+
+class BorgTool(Tool):
+    """BorgBackup 1.2, unencrypted, lz4 (its usual fast setting)."""
+
+    name = "borg"
+
+    def env(self) -> dict[str, str]:
+        return {
+            "BORG_PASSPHRASE": "",
+            "BORG_BASE_DIR": str(self.home),
+            "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes",
+            "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes",
+        }
+
+    def init(self) -> None:
+        run_measured(["borg", "init", "-e", "none", str(self.repo)], env=self.env())
+
+    def save(self, area: Path, state: int) -> Measurement:
+        name = f"s{state}"
+        # cd into the area and save "." so the archive holds relative names.
+        m = run_measured(
+            ["borg", "create", "--compression", "lz4", f"{self.repo}::{name}", "."],
+            cwd=area,
+            env=self.env(),
+        )
+        self.handles[state] = name
+        return m
+
+    def restore(self, state: int, dest: Path) -> Measurement:
+        return run_measured(
+            ["borg", "extract", "--sparse", f"{self.repo}::{self.handles[state]}"],
+            cwd=dest,
+            env=self.env(),
+        )
+
+
+class ResticTool(Tool):
+    """restic with its default repository format (v2, compression auto)."""
+
+    name = "restic"
+
+    def env(self) -> dict[str, str]:
+        return {
+            "RESTIC_PASSWORD": "x",
+            "RESTIC_REPOSITORY": str(self.repo),
+            "RESTIC_CACHE_DIR": str(self.home / "cache"),
+        }
+
+    def init(self) -> None:
+        run_measured(["restic", "init"], env=self.env())
+
+    def save(self, area: Path, state: int) -> Measurement:
+        m = run_measured(
+            ["restic", "backup", "--json", "--tag", f"s{state}", "."], cwd=area, env=self.env()
+        )
+        # --json prints progress lines then one summary with the snapshot id.
+        snapshot = None
+        for line in m.stdout.splitlines():
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(msg, dict) and msg.get("message_type") == "summary":
+                snapshot = str(msg["snapshot_id"])
+        if snapshot is None:
+            raise RuntimeError("restic backup printed no snapshot id")
+        self.handles[state] = snapshot
+        return m
+
+    def restore(self, state: int, dest: Path) -> Measurement:
+        # restic keeps the absolute path of "."; find_area_root copes with it.
+        return run_measured(
+            ["restic", "restore", self.handles[state], "--target", str(dest)], env=self.env()
+        )
+
+
+class BupTool(Tool):
+    """bup: git packfiles with rolling-hash splitting; one branch per state."""
+
+    name = "bup"
+
+    def env(self) -> dict[str, str]:
+        return {"BUP_DIR": str(self.repo)}
+
+    def init(self) -> None:
+        run_measured(["bup", "init"], env=self.env())
+
+    def save(self, area: Path, state: int) -> Measurement:
+        name = f"s{state}"
+        # A save is "index then save": both are what a user runs, both count.
+        index = run_measured(["bup", "index", str(area)], env=self.env())
+        save = run_measured(
+            ["bup", "save", "-n", name, f"--strip-path={area}", str(area)], env=self.env()
+        )
+        self.handles[state] = name
+        return _combine(index, save)
+
+    def restore(self, state: int, dest: Path) -> Measurement:
+        # The trailing "/." restores the saved tree's contents, not the dir.
+        return run_measured(
+            ["bup", "restore", "-q", "-C", str(dest), f"/{self.handles[state]}/latest/."],
+            env=self.env(),
+        )
+
+
+class CopyTool(Tool):
+    """The baseline a user starts with: a sparse copy of the whole area per state."""
+
+    name = "cp"
+
+    def init(self) -> None:
+        self.repo.mkdir(parents=True, exist_ok=True)
+
+    def save(self, area: Path, state: int) -> Measurement:
+        target = self.repo / f"s{state}"
+        m = run_measured(["cp", "-r", "--sparse=always", str(area), str(target)])
+        self.handles[state] = str(target)
+        return m
+
+    def restore(self, state: int, dest: Path) -> Measurement:
+        return run_measured(
+            ["cp", "-r", "--sparse=always", self.handles[state], str(dest / "area")]
+        )
+
+
+TOOLS: dict[str, type[Tool]] = {
+    t.name: t for t in (VmlTool, BorgTool, BupTool, ResticTool, CopyTool)
+}
+"""Runner classes by the name used in ``--tools``."""
