@@ -1,0 +1,426 @@
+"""Know the VM kept in a working area: which hypervisor, which disks, is it running.
+
+``inspect_area`` describes the VM from its configuration file (``.vmx``,
+``.vbox`` or libvirt domain XML) and the headers/descriptors of its disk
+images; ``running_reasons`` lists signs that a hypervisor is using it;
+``check_saveable`` combines both into the go/no-go check made before saving.
+Details of each format are in ``vm_formats`` and ``vm_configs``, of the
+running checks in ``vm_locks``; ``docs/VMS.md`` is the user-facing summary.
+
+Paths in results are relative to the area with ``/`` separators, except
+files outside the area, which are absolute (and also listed in ``external``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from vml.errors import AreaError, CorruptRepository, VMRunning
+from vml.plumbing.ignore import VML_DIR, IgnoreRules
+from vml.plumbing.vm_configs import Config, DiskRef, parse_libvirt, parse_vbox, parse_vmx
+from vml.plumbing.vm_formats import RawDisk, is_candidate, read_disk
+from vml.plumbing.vm_locks import image_reasons, lck_entries
+
+HYPERVISORS = ("vmware", "qemu", "virtualbox", "none")
+POWER_STATES = ("off", "suspended", "running")
+
+#: Config suffix → (parser, rank); a lower rank wins when an area holds several.
+_CONFIG_PARSERS = {".vmx": (parse_vmx, 0), ".vbox": (parse_vbox, 1), ".xml": (parse_libvirt, 2)}
+#: Files that hold a VM's memory or device state; checked for writers like disks.
+_STATE_SUFFIXES = (".vmem", ".vmss", ".vmsn", ".sav", ".nvram")
+#: Disk format family → hypervisor, for areas with disks but no config.
+_FAMILY = {"vmdk": "vmware", "vdi": "virtualbox"}
+_WINDOWS_ABS = re.compile(r"^[A-Za-z]:[\\/]|^\\\\")
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    """One virtual disk of the VM.
+
+    ``path`` is the image (or VMDK descriptor) relative to the area; ``files``
+    is every file inside the area the disk needs (the image itself plus its
+    extents, e.g. ``-flat.vmdk`` or ``-s001.vmdk``), and ``external`` the
+    absolute paths of extents and backing files outside the area.  A backing
+    file inside the area is a disk of its own and named by ``backing``.
+    """
+
+    path: str
+    format: str
+    virtual_size: int | None
+    files: tuple[str, ...]
+    external: tuple[str, ...]
+    backing: str | None
+
+    def to_json(self) -> dict[str, object]:
+        """Return a JSON-ready dict of this disk."""
+        return {
+            "path": self.path,
+            "format": self.format,
+            "virtual_size": self.virtual_size,
+            "files": list(self.files),
+            "external": list(self.external),
+            "backing": self.backing,
+        }
+
+    @classmethod
+    def from_json(cls, d: object) -> DiskInfo:
+        """Rebuild a disk from ``to_json`` output; raise ``CorruptRepository`` if malformed."""
+        m = _mapping(d, "disk")
+        return cls(
+            path=_str(m, "path"),
+            format=_str(m, "format"),
+            virtual_size=_opt_int(m, "virtual_size"),
+            files=_strs(m, "files"),
+            external=_strs(m, "external"),
+            backing=_opt_str(m, "backing"),
+        )
+
+
+@dataclass(frozen=True)
+class VMInfo:
+    """What VML knows about the VM in an area.
+
+    ``hypervisor`` is ``"none"`` for an empty or unrecognised area.
+    ``config_external`` lists files the configuration needs that live outside
+    the area (e.g. a libvirt NVRAM file), as absolute paths.
+    """
+
+    hypervisor: str
+    name: str | None
+    guest_os: str | None
+    memory_mib: int | None
+    power_state: str
+    config: str | None
+    disks: tuple[DiskInfo, ...]
+    config_external: tuple[str, ...] = ()
+
+    @property
+    def external(self) -> tuple[str, ...]:
+        """Every file outside the area the VM needs, sorted, without duplicates."""
+        found = set(self.config_external)
+        for disk in self.disks:
+            found.update(disk.external)
+        return tuple(sorted(found))
+
+    def to_json(self) -> dict[str, object]:
+        """Return a JSON-ready dict (stored with each entry)."""
+        return {
+            "hypervisor": self.hypervisor,
+            "name": self.name,
+            "guest_os": self.guest_os,
+            "memory_mib": self.memory_mib,
+            "power_state": self.power_state,
+            "config": self.config,
+            "disks": [d.to_json() for d in self.disks],
+            "config_external": list(self.config_external),
+        }
+
+    @classmethod
+    def from_json(cls, d: object) -> VMInfo:
+        """Rebuild from ``to_json`` output; raise ``CorruptRepository`` if malformed."""
+        m = _mapping(d, "VM description")
+        disks = m.get("disks", [])
+        if not isinstance(disks, list):
+            raise _bad("disks is not a list")
+        return cls(
+            hypervisor=_str(m, "hypervisor"),
+            name=_opt_str(m, "name"),
+            guest_os=_opt_str(m, "guest_os"),
+            memory_mib=_opt_int(m, "memory_mib"),
+            power_state=_str(m, "power_state"),
+            config=_opt_str(m, "config"),
+            disks=tuple(DiskInfo.from_json(x) for x in disks),
+            config_external=_strs(m, "config_external") if "config_external" in m else (),
+        )
+
+
+def _bad(what: str) -> CorruptRepository:
+    return CorruptRepository(f"stored VM description is malformed: {what}")
+
+
+def _mapping(d: object, what: str) -> dict[str, object]:
+    if not isinstance(d, dict) or not all(isinstance(k, str) for k in d):
+        raise _bad(f"{what} is not an object")
+    return d
+
+
+def _str(m: dict[str, object], key: str) -> str:
+    v = m.get(key)
+    if not isinstance(v, str):
+        raise _bad(f"{key} is not a string")
+    return v
+
+
+def _opt_str(m: dict[str, object], key: str) -> str | None:
+    v = m.get(key)
+    if v is not None and not isinstance(v, str):
+        raise _bad(f"{key} is not a string")
+    return v
+
+
+def _opt_int(m: dict[str, object], key: str) -> int | None:
+    v = m.get(key)
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+        raise _bad(f"{key} is not an integer")
+    return v
+
+
+def _strs(m: dict[str, object], key: str) -> tuple[str, ...]:
+    v = m.get(key)
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise _bad(f"{key} is not a list of strings")
+    return tuple(v)
+
+
+# --- walking the area -------------------------------------------------------
+
+
+@dataclass
+class _Scan:
+    """Every entry of an area: files, and folders VML does not descend into."""
+
+    files: list[str] = field(default_factory=list)
+    lck_dirs: list[str] = field(default_factory=list)
+
+
+def _scan(root: Path) -> _Scan:
+    """List the area's files (relative, posix), skipping ``.vml`` and ``*.lck`` folders.
+
+    Symlinked folders are not followed: a link could lead anywhere, even back
+    into the area.  Unreadable folders are skipped, not fatal.
+    """
+    scan = _Scan()
+    for dirpath, dirnames, filenames in os.walk(root, onerror=lambda _e: None):
+        rel_dir = os.path.relpath(dirpath, root)
+        prefix = "" if rel_dir == "." else PurePosixPath(Path(rel_dir)).as_posix() + "/"
+        keep = []
+        for d in sorted(dirnames):
+            if d == VML_DIR:
+                continue
+            if d.lower().endswith(".lck"):
+                scan.lck_dirs.append(prefix + d)
+                continue
+            keep.append(d)
+        dirnames[:] = keep
+        scan.files.extend(prefix + f for f in sorted(filenames))
+    return scan
+
+
+class _Resolver:
+    """Turn paths written in configs and descriptors into area-relative or absolute paths."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = os.path.abspath(root)
+        self.real_root = os.path.realpath(root)
+
+    def _inside(self, real: str) -> bool:
+        return real == self.real_root or real.startswith(self.real_root.rstrip(os.sep) + os.sep)
+
+    def resolve(self, base_rel: str, written: str) -> tuple[str | None, str]:
+        """Resolve ``written`` as seen from the area folder ``base_rel``.
+
+        Returns ``(relative path or None if outside the area, absolute path)``.
+        Windows absolute paths and URLs/``json:`` specs cannot be resolved on
+        this host; they come back as ``(None, written)``.
+        """
+        if _WINDOWS_ABS.match(written) or "://" in written or written.startswith("json:"):
+            return None, written
+        if "\\" in written and "/" not in written:
+            written = written.replace("\\", "/")  # descriptor written on Windows
+        lexical = os.path.normpath(os.path.join(self.root, base_rel, written))
+        real = os.path.realpath(lexical)
+        if not self._inside(real):
+            return None, real
+        rel = os.path.relpath(lexical, self.root)
+        if rel == ".." or rel.startswith(".." + os.sep):
+            # Written as a path outside, but it leads back in (e.g. through
+            # the area's own absolute path or a symlinked parent).
+            rel = os.path.relpath(real, self.real_root)
+        return Path(rel).as_posix(), real
+
+
+class _DiskCollector:
+    """Describe disks once each, following backing chains inside the area."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.resolver = _Resolver(root)
+        self.disks: dict[str, DiskInfo] = {}
+        self.order: list[str] = []
+
+    def add(self, base_rel: str, ref: DiskRef, ref_base_rel: str | None = None) -> None:
+        """Describe the disk ``ref`` written in a file in folder ``base_rel``, then its parents."""
+        rel, absolute = self.resolver.resolve(base_rel, ref.path)
+        key = rel if rel is not None else absolute
+        if key in self.disks:
+            return
+        raw = read_disk(Path(absolute)) if os.path.isfile(absolute) else None
+        if raw is None:
+            raw = RawDisk(ref.format or "unknown")
+        image_dir = os.path.dirname(rel) if rel is not None else os.path.dirname(absolute)
+        files: list[str] = [rel] if rel is not None else []
+        external: list[str] = [] if rel is not None else [absolute]
+        for extent in raw.extents:
+            e_rel, e_abs = self.resolver.resolve(image_dir, extent)
+            if e_rel is not None:
+                files.append(e_rel)
+            else:
+                external.append(e_abs)
+        # The image's own header names its parent relative to the image; a
+        # config's (VirtualBox) is relative to the config.
+        backing_ref: DiskRef | None = None
+        backing_base = image_dir
+        if raw.backing:
+            backing_ref = DiskRef(raw.backing)
+        elif ref.backing:
+            backing_ref = DiskRef(ref.backing)
+            backing_base = ref_base_rel if ref_base_rel is not None else base_rel
+        backing: str | None = None
+        if backing_ref is not None:
+            b_rel, b_abs = self.resolver.resolve(backing_base, backing_ref.path)
+            backing = b_rel if b_rel is not None else b_abs
+            if b_rel is None:
+                external.append(b_abs)
+        self.disks[key] = DiskInfo(
+            path=key,
+            format=raw.format,
+            virtual_size=raw.virtual_size,
+            files=tuple(dict.fromkeys(files)),
+            external=tuple(dict.fromkeys(external)),
+            backing=backing,
+        )
+        self.order.append(key)
+        if backing_ref is not None and backing is not None and not os.path.isabs(backing):
+            self.add(backing_base, backing_ref)
+
+    def result(self) -> tuple[DiskInfo, ...]:
+        """All disks in the order found, minus files that are another disk's extent."""
+        claimed: set[str] = set()
+        for disk in self.disks.values():
+            claimed.update(f for f in disk.files if f != disk.path)
+        return tuple(self.disks[k] for k in self.order if k not in claimed)
+
+
+def _find_config(root: Path, files: Iterable[str]) -> tuple[str, Config] | None:
+    """Pick the VM's config: shallowest first, then .vmx before .vbox before XML."""
+    candidates = []
+    for rel in files:
+        suffix = PurePosixPath(rel).suffix.lower()
+        if suffix in _CONFIG_PARSERS:
+            parser, rank = _CONFIG_PARSERS[suffix]
+            candidates.append((rel.count("/"), rank, rel))
+    for _depth, rank, rel in sorted(candidates):
+        parser = next(p for p, r in _CONFIG_PARSERS.values() if r == rank)
+        cfg = parser(root / rel)
+        if cfg is not None:
+            return rel, cfg
+    return None
+
+
+def _inspect(root: Path, scan: _Scan, running: bool) -> VMInfo:
+    rules = IgnoreRules.load(root)
+    visible = [f for f in scan.files if not rules.is_ignored(f)]
+    found = _find_config(root, visible)
+    collector = _DiskCollector(root)
+    config_rel: str | None = None
+    cfg: Config | None = None
+    config_external: list[str] = []
+    if found is not None:
+        config_rel, cfg = found
+        base = os.path.dirname(config_rel)
+        for ref in cfg.disks:
+            collector.add(base, ref, base)
+        for extra in cfg.extra_files:
+            rel, absolute = collector.resolver.resolve(base, extra)
+            if rel is None:
+                config_external.append(absolute)
+    for rel in visible:
+        if is_candidate(rel) and read_disk(root / rel) is not None:
+            collector.add("", DiskRef(rel))
+    disks = collector.result()
+
+    hypervisor = cfg.hypervisor if cfg is not None else "none"
+    if cfg is None and disks:
+        family = disks[0].format.split("-")[0]
+        hypervisor = _FAMILY.get(family, "qemu")
+    suspended = cfg.suspended if cfg is not None else False
+    if hypervisor == "vmware" and cfg is None:
+        suspended = any(f.lower().endswith(".vmss") for f in visible)
+    power = "running" if running else ("suspended" if suspended else "off")
+    return VMInfo(
+        hypervisor=hypervisor,
+        name=cfg.name if cfg else None,
+        guest_os=cfg.guest_os if cfg else None,
+        memory_mib=cfg.memory_mib if cfg else None,
+        power_state=power,
+        config=config_rel,
+        disks=disks,
+        config_external=tuple(dict.fromkeys(config_external)),
+    )
+
+
+def _running(root: Path, scan: _Scan) -> list[str]:
+    reasons = lck_entries(root, scan.lck_dirs + scan.files)
+    watched = [f for f in scan.files if is_candidate(f) or f.lower().endswith(_STATE_SUFFIXES)]
+    reasons.extend(image_reasons(root, watched))
+    return reasons
+
+
+def inspect_area(root: Path) -> VMInfo:
+    """Describe the VM kept in the folder ``root``.
+
+    Reads configuration files and image headers/descriptors only, never image
+    data.  Never raises on odd or unreadable files: what cannot be read is
+    left ``None``; a missing or empty folder gives ``hypervisor="none"``.
+    Files ignored by the area's rules (``.vmlignore`` and defaults) are not
+    considered.  ``power_state`` is ``"running"`` when ``running_reasons``
+    finds anything.
+    """
+    if not root.is_dir():
+        return VMInfo("none", None, None, None, "off", None, ())
+    scan = _scan(root)
+    return _inspect(root, scan, bool(_running(root, scan)))
+
+
+def running_reasons(root: Path) -> list[str]:
+    """Human-readable reasons the VM in ``root`` looks running; empty if none.
+
+    Signs: VMware ``*.lck`` folders/files; byte-range locks another process
+    holds on an image (qemu's image locking); image or state files another
+    process has open for writing (Linux ``/proc``; how VirtualBox shows).
+    See ``vm_locks`` for why each sign means what it does.
+    """
+    if not root.is_dir():
+        return []
+    return _running(root, _scan(root))
+
+
+def check_saveable(root: Path, *, force_running: bool, include_external: bool) -> VMInfo:
+    """Describe the VM in ``root`` and check that it can be saved as it is.
+
+    Raises ``VMRunning`` naming the locks if the VM looks running, unless
+    ``force_running``; raises ``AreaError`` naming the files the VM needs
+    outside the area, unless ``include_external``.  Returns the description.
+    """
+    if not root.is_dir():
+        raise AreaError(f"working area {root} is not a folder", "give the folder that holds the VM")
+    scan = _scan(root)
+    reasons = _running(root, scan)
+    if reasons and not force_running:
+        raise VMRunning(
+            f"the VM in {root} looks running: " + "; ".join(reasons),
+            "shut down or suspend the VM first, or pass --force-running to save it anyway "
+            "(the saved disks may be inconsistent)",
+        )
+    info = _inspect(root, scan, bool(reasons))
+    external = info.external
+    if external and not include_external:
+        raise AreaError(
+            f"the VM in {root} needs files outside the area: " + ", ".join(external),
+            "pass --include-external to save them too, or move them into the area",
+        )
+    return info
