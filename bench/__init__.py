@@ -1,0 +1,1 @@
+"""The VML benchmark: VML against borg, bup, restic and cp on one VM workload."""

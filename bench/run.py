@@ -1,0 +1,362 @@
+"""Benchmark VML against the tools a user would pick instead, on one workload, in one run.
+
+    python bench/run.py                 # standard size (several minutes, ~10 GiB scratch)
+    python bench/run.py --smoke         # tiny, under a minute
+    python bench/run.py --tools borg,cp --states 4 --skip-big
+
+Steps: build the working area (see ``bench/workload.py``), then for each
+state run a work session, record the sha256 of every file, and save the area
+with every tool. Afterwards restore the first and the last state with every
+tool and compare them byte for byte. For VML alone, also restore the tip of a
+deep incremental chain against a full entry of the same state, and measure
+the peak RSS of saving a workload four times bigger.
+
+Runs are warm-cache: page caches are not dropped (that needs privileges the
+benchmark cannot count on); ``sync`` runs before every measured command.
+Output: a table on stdout, ``OUT/results.json`` and ``OUT/chart.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    # Run as a script (python bench/run.py): make the repo root importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.measure import CommandError, disk_usage, median, run_measured
+from bench.report import attach_targets, draw_chart, format_table, write_json
+from bench.tools import TOOLS, Tool, VmlTool
+from bench.workload import (
+    WorkloadSpec,
+    find_area_root,
+    hash_area,
+    make_area,
+    run_session,
+)
+
+BENCH_DIR = Path(__file__).resolve().parent
+
+
+def log(msg: str) -> None:
+    """Progress on stderr, so stdout carries only the final report."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--disk-mib", type=int, default=2048, help="virtual disk size")
+    p.add_argument("--fill-mib", type=int, default=512, help="files in the guest filesystem")
+    p.add_argument("--vmem-mib", type=int, default=256, help="memory image size")
+    p.add_argument("--change-mib", type=int, default=16, help="disk bytes written per session")
+    p.add_argument(
+        "--states", type=int, default=6, help="states saved (the first is the fresh area)"
+    )
+    p.add_argument("--chain-depth", type=int, default=50, help="vml incremental chain depth")
+    p.add_argument(
+        "--chain-change-mib", type=int, default=4, help="disk bytes per session in the chain"
+    )
+    p.add_argument("--tools", default="vml,borg,bup,restic,cp", help="comma-separated tools")
+    p.add_argument("--skip-big", action="store_true", help="skip the vml 4x-workload RSS run")
+    p.add_argument("--seed", type=int, default=1, help="workload seed (fixed: runs compare)")
+    p.add_argument("--out", type=Path, default=BENCH_DIR / "out", help="results directory")
+    p.add_argument("--scratch", type=Path, default=None, help="work dir (default OUT/scratch)")
+    p.add_argument("--keep", action="store_true", help="keep the scratch dir afterwards")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny run: 64 MiB disk, 16 MiB files, 8 MiB memory, 1 MiB changes, 3 states, "
+        "chain depth 5, skip big",
+    )
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.disk_mib, args.fill_mib, args.vmem_mib, args.change_mib = 64, 16, 8, 1
+        args.states, args.chain_depth, args.chain_change_mib = 3, 5, 1
+        args.skip_big = True
+    unknown = set(args.tools.split(",")) - set(TOOLS)
+    if unknown:
+        p.error(f"unknown tools: {', '.join(sorted(unknown))} (known: {', '.join(TOOLS)})")
+    if args.states < 1:
+        p.error("--states must be at least 1")
+    return args
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on, including each peer's version."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions: dict[str, str] = {}
+    for name, cmd in {
+        "borg": ["borg", "--version"],
+        "bup": ["bup", "--version"],
+        "restic": ["restic", "version"],
+        "qemu-img": ["qemu-img", "--version"],
+    }.items():
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
+            versions[name] = out.splitlines()[0].strip() if out else "?"
+        except OSError:
+            versions[name] = "not installed"
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "versions": versions,
+    }
+
+
+def _fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def _restore_and_check(
+    tool: Tool, state: int, dest: Path, expected: dict[str, str]
+) -> tuple[float, int, bool]:
+    """Restore ``state`` into a fresh ``dest``; return seconds, peak RSS, identical."""
+    _fresh(dest)
+    m = tool.restore(state, dest)
+    root = find_area_root(dest)
+    ok = root is not None and hash_area(root) == expected
+    shutil.rmtree(dest, ignore_errors=True)
+    return m.seconds, m.peak_rss, ok
+
+
+def bench_tools(
+    names: list[str], spec: WorkloadSpec, states: int, scratch: Path, area: Path
+) -> tuple[dict[str, dict[str, Any]], dict[int, dict[str, str]]]:
+    """Save every state with every tool, then restore the first and last state."""
+    tools: dict[str, Tool] = {
+        n: TOOLS[n](scratch / f"repo-{n}", _fresh(scratch / f"home-{n}")) for n in names
+    }
+    results: dict[str, dict[str, Any]] = {n: {"saves": [], "error": None} for n in names}
+    for name, tool in tools.items():
+        try:
+            tool.init()
+        except (CommandError, OSError, RuntimeError) as e:
+            results[name]["error"] = f"init: {e}"
+    hashes: dict[int, dict[str, str]] = {}
+    for state in range(1, states + 1):
+        if state > 1:
+            log(f"session {state - 1}")
+            run_session(area, state - 1, spec)
+        # Hash right after the session: this is what every restore must match.
+        hashes[state] = hash_area(area)
+        for name, tool in tools.items():
+            r = results[name]
+            if r["error"]:
+                continue
+            log(f"state {state}: {name} save")
+            try:
+                m = tool.save(area, state)
+            except (CommandError, OSError, RuntimeError) as e:
+                r["error"] = f"save {state}: {e}"
+                continue
+            du = tool.size()
+            r["saves"].append(
+                {
+                    "state": state,
+                    "seconds": m.seconds,
+                    "peak_rss": m.peak_rss,
+                    "repo_allocated": du.allocated,
+                    "repo_apparent": du.apparent,
+                }
+            )
+    for name, tool in tools.items():
+        r = results[name]
+        if r["error"]:
+            continue
+        try:
+            restore_rss = 0
+            for which, state in (("first", 1), ("last", states)):
+                log(f"{name} restore state {state}")
+                secs, rss, ok = _restore_and_check(tool, state, scratch / "restore", hashes[state])
+                r[f"restore_{which}_s"] = secs
+                r[f"restore_{which}_ok"] = ok
+                restore_rss = max(restore_rss, rss)
+            r["restore_peak_rss"] = restore_rss
+        except (CommandError, OSError, RuntimeError) as e:
+            r["error"] = f"restore: {e}"
+    for r in results.values():
+        _summarise(r)
+    return results, hashes
+
+
+def _summarise(r: dict[str, Any]) -> None:
+    """Derive the headline numbers of one tool from its per-save records."""
+    saves = r["saves"]
+    if not saves:
+        return
+    r["first_save_s"] = saves[0]["seconds"]
+    r["median_later_save_s"] = median([s["seconds"] for s in saves[1:]])
+    r["save_peak_rss"] = max(s["peak_rss"] for s in saves)
+    r["peak_rss"] = max(r["save_peak_rss"], r.get("restore_peak_rss", 0))
+    r["repo_allocated"] = saves[-1]["repo_allocated"]
+    r["repo_apparent"] = saves[-1]["repo_apparent"]
+    growth = [b["repo_allocated"] - a["repo_allocated"] for a, b in itertools.pairwise(saves)]
+    r["growth_median"] = median(growth)
+
+
+def bench_chain(pristine: Path, spec: WorkloadSpec, depth: int, scratch: Path) -> dict[str, Any]:
+    """VML: restore the tip of a ``depth``-deep incremental chain vs a full entry.
+
+    Each restore runs twice and the faster counts, so one scheduling hiccup
+    does not decide a 1.2x target.
+    """
+    out: dict[str, Any] = {"depth": depth, "change_mib": spec.change_mib}
+    area = scratch / "chain-area"
+    shutil.rmtree(area, ignore_errors=True)
+    subprocess.run(["cp", "-r", "--sparse=always", str(pristine), str(area)], check=True)
+    vml = VmlTool(scratch / "repo-vml-chain", _fresh(scratch / "home-vml-chain"))
+    try:
+        vml.init()
+        vml.save(area, 0)
+        for step in range(1, depth + 1):
+            log(f"chain: session {step}/{depth}")
+            run_session(area, step, spec)
+            vml.save(area, step)
+        expected = hash_area(area)
+        vml.save(area, depth + 1, full=True)
+        tip: list[float] = []
+        full: list[float] = []
+        for _ in range(2):
+            secs, _, out["tip_ok"] = _restore_and_check(vml, depth, scratch / "restore", expected)
+            tip.append(secs)
+            secs, _, out["full_ok"] = _restore_and_check(
+                vml, depth + 1, scratch / "restore", expected
+            )
+            full.append(secs)
+        out["restore_tip_s"] = min(tip)
+        out["restore_full_s"] = min(full)
+        try:
+            kinds = {str(e.get("id")): e.get("kind") for e in vml.log()}
+            out["tip_kind"] = kinds.get(vml.handles[depth])
+            out["full_kind"] = kinds.get(vml.handles[depth + 1])
+        except (CommandError, ValueError) as e:
+            out["log_error"] = str(e)
+    except (CommandError, OSError, RuntimeError) as e:
+        out["error"] = str(e)
+    shutil.rmtree(area, ignore_errors=True)
+    shutil.rmtree(vml.repo, ignore_errors=True)
+    return out
+
+
+def bench_big(spec: WorkloadSpec, scratch: Path) -> dict[str, Any]:
+    """VML: peak RSS of a first and a later save on a 4x bigger workload."""
+    big = WorkloadSpec(
+        disk_mib=spec.disk_mib * 4,
+        fill_mib=spec.fill_mib * 4,
+        vmem_mib=spec.vmem_mib * 4,
+        change_mib=spec.change_mib,
+        seed=spec.seed,
+    )
+    out: dict[str, Any] = {"params": big.__dict__}
+    area = scratch / "big-area"
+    shutil.rmtree(area, ignore_errors=True)
+    log(f"big: making a {big.disk_mib} MiB area")
+    make_area(area, big)
+    vml = VmlTool(scratch / "repo-vml-big", _fresh(scratch / "home-vml-big"))
+    try:
+        vml.init()
+        log("big: vml first save")
+        first = vml.save(area, 1)
+        run_session(area, 1, big)
+        log("big: vml later save")
+        later = vml.save(area, 2)
+        out.update(
+            first_save_s=first.seconds,
+            later_save_s=later.seconds,
+            first_save_peak_rss=first.peak_rss,
+            later_save_peak_rss=later.peak_rss,
+            peak_rss=max(first.peak_rss, later.peak_rss),
+            repo_allocated=disk_usage(vml.repo).allocated,
+        )
+    except (CommandError, OSError, RuntimeError) as e:
+        out["error"] = str(e)
+    shutil.rmtree(area, ignore_errors=True)
+    shutil.rmtree(vml.repo, ignore_errors=True)
+    return out
+
+
+def vml_usable() -> str | None:
+    """None if ``python -m vml --help`` works from the source tree, else why not."""
+    try:
+        run_measured([sys.executable, "-m", "vml", "--help"], env=VmlTool(Path(), Path()).env())
+    except CommandError as e:
+        return str(e).splitlines()[0][:300]
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; print the report; write results.json and chart.png."""
+    args = parse_args(argv)
+    names = args.tools.split(",")
+    out: Path = args.out.resolve()
+    scratch: Path = (args.scratch or out / "scratch").resolve()
+    # Our own subdirectory: never wipe a directory the user pointed us at.
+    work = _fresh(scratch / "vml-bench")
+    spec = WorkloadSpec(args.disk_mib, args.fill_mib, args.vmem_mib, args.change_mib, args.seed)
+    results: dict[str, Any] = {
+        "params": {**spec.__dict__, "states": args.states, "chain_depth": args.chain_depth},
+        "machine": machine_info(),
+        "cache": "warm (page caches not dropped; sync before each measured command)",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    if "vml" in names and (why := vml_usable()):
+        log(f"vml is not usable, skipping it: {why}")
+        names.remove("vml")
+        results["vml_unusable"] = why
+    started = time.perf_counter()
+    try:
+        area = work / "area"
+        log(f"making the area ({spec.disk_mib} MiB disk, {spec.fill_mib} MiB files)")
+        make_area(area, spec)
+        pristine = work / "pristine"
+        if "vml" in names and args.chain_depth > 0:
+            # The chain starts from the same fresh area, without a second build.
+            subprocess.run(["cp", "-r", "--sparse=always", str(area), str(pristine)], check=True)
+        results["tools"], _ = bench_tools(names, spec, args.states, work, area)
+        if "vml_unusable" in results:
+            results["tools"]["vml"] = {"saves": [], "error": results["vml_unusable"]}
+        if "vml" in names and args.chain_depth > 0:
+            chain_spec = WorkloadSpec(
+                spec.disk_mib, spec.fill_mib, spec.vmem_mib, args.chain_change_mib, spec.seed
+            )
+            results["vml_chain"] = bench_chain(pristine, chain_spec, args.chain_depth, work)
+        if "vml" in names and not args.skip_big:
+            results["vml_big"] = bench_big(spec, work)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    results["elapsed_s"] = time.perf_counter() - started
+    attach_targets(results)
+    write_json(results, out / "results.json")
+    charted = draw_chart(results, out / "chart.png")
+    print(format_table(results))
+    print(f"\nwrote {out / 'results.json'}" + (f" and {out / 'chart.png'}" if charted else ""))
+    if not charted:
+        print("matplotlib missing: no chart (bench/setup.sh installs it)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
