@@ -164,6 +164,15 @@ def test_other_formats(tmp_path: Path, fmt: str, name: str, expect: str) -> None
 
 @needs_qemu_img
 @pytest.mark.compat
+def test_qcow2_external_data_file(tmp_path: Path) -> None:
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=vm.data", tmp_path / "vm.qcow2", "1M")
+    info = inspect_area(tmp_path)
+    assert [d.path for d in info.disks] == ["vm.qcow2"]
+    assert info.disks[0].files == ("vm.qcow2", "vm.data")
+
+
+@needs_qemu_img
+@pytest.mark.compat
 def test_content_wins_over_suffix(tmp_path: Path) -> None:
     qemu_img("create", "-q", "-f", "qcow2", tmp_path / "disk.img", "1M")
     assert inspect_area(tmp_path).disks[0].format == "qcow2"
@@ -349,6 +358,7 @@ def test_json_round_trip(tmp_path: Path) -> None:
     )
     text = json.dumps(info.to_json())
     assert VMInfo.from_json(json.loads(text)) == info
+    bad: object
     for bad in ([], {"hypervisor": 1}, {**info.to_json(), "disks": [{"path": "x"}]}):
         with pytest.raises(CorruptRepository):
             VMInfo.from_json(bad)

@@ -339,7 +339,9 @@ def _inspect(root: Path, scan: _Scan, running: bool) -> VMInfo:
             if rel is None:
                 config_external.append(absolute)
     for rel in visible:
-        if is_candidate(rel) and read_disk(root / rel) is not None:
+        # Probe only files not already described through the config, so
+        # each header is read once.
+        if is_candidate(rel) and rel not in collector.disks and read_disk(root / rel):
             collector.add("", DiskRef(rel))
     disks = collector.result()
 
