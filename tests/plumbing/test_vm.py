@@ -24,8 +24,8 @@ needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="ne
 needs_qemu_io = pytest.mark.skipif(shutil.which("qemu-io") is None, reason="needs qemu-io")
 
 
-def qemu_img(*args: str | Path) -> None:
-    subprocess.run(["qemu-img", *map(str, args)], check=True, capture_output=True)
+def qemu_img(*args: str | Path, cwd: Path | None = None) -> None:
+    subprocess.run(["qemu-img", *map(str, args)], check=True, capture_output=True, cwd=cwd)
 
 
 def qemu_info(path: Path) -> dict[str, object]:
@@ -165,7 +165,12 @@ def test_other_formats(tmp_path: Path, fmt: str, name: str, expect: str) -> None
 @needs_qemu_img
 @pytest.mark.compat
 def test_qcow2_external_data_file(tmp_path: Path) -> None:
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=vm.data", tmp_path / "vm.qcow2", "1M")
+    # qemu-img creates a relative data file in its working directory, and
+    # records the name as given; qemu then opens it next to the image.
+    qemu_img(
+        "create", "-q", "-f", "qcow2", "-o", "data_file=vm.data", "vm.qcow2", "1M", cwd=tmp_path
+    )
+    assert (tmp_path / "vm.data").exists()
     info = inspect_area(tmp_path)
     assert [d.path for d in info.disks] == ["vm.qcow2"]
     assert info.disks[0].files == ("vm.qcow2", "vm.data")
