@@ -1,0 +1,185 @@
+"""Resolving an image's block map along an entry's dependency chain.
+
+Restore cost must follow the final size, not the chain length: the block map
+is resolved first, from manifests and block trees only (metadata, no image
+data), into one :class:`Recipe` per block: the whole block it starts from
+(or zero) and the page deltas to apply on top, oldest first.  Each block is
+then built and written once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+from typing import TypeVar
+
+from dulwich.objects import Commit
+
+from vml.errors import CorruptRepository
+from vml.plumbing.deltas import apply_delta
+from vml.plumbing.entries import IMAGES_NAME, lookup_path
+from vml.plumbing.manifests import (
+    BLOCKS_NAME,
+    MANIFEST_NAME,
+    TREE_MODE,
+    Manifest,
+    parse_tree,
+    read_block_map,
+)
+from vml.plumbing.packs import BLOB, PackReader
+
+# A delta chain longer than this on one block makes the next save store the
+# block whole, so that restore work per block stays bounded.
+MAX_DELTA_DEPTH = 16
+# Guards against a ref cycle or a hostile chain in a repository.
+MAX_CHAIN = 1 << 20
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to build one block: a whole block (or zeros) plus deltas."""
+
+    base: bytes | None
+    deltas: tuple[bytes, ...] = ()
+
+
+ZERO = Recipe(None)
+
+
+@dataclass
+class ResolvedImage:
+    """An image of one entry, resolved to one recipe per block."""
+
+    manifest: Manifest
+    recipes: list[Recipe]
+
+    def recipe(self, n: int, length: int) -> Recipe | None:
+        """Block ``n``'s recipe if it exists with exactly ``length`` bytes."""
+        if n >= len(self.recipes) or self.manifest.block_length(n) != length:
+            return None
+        return self.recipes[n]
+
+
+def commit_tree_parent(reader: PackReader, commit: bytes) -> tuple[bytes, bytes | None]:
+    """The root tree and the single parent of an entry commit."""
+    c = Commit.from_raw_string(1, reader.read(commit, 1)[1])
+    if len(c.parents) > 1:
+        raise CorruptRepository(f"commit {commit.hex()} has several parents; not a VML entry")
+    parent = bytes.fromhex(c.parents[0].decode()) if c.parents else None
+    return bytes.fromhex(c.tree.decode()), parent
+
+
+def _read_tree(reader: PackReader) -> Callable[[bytes], bytes]:
+    return lambda sha: reader.read(sha, 2)[1]
+
+
+def image_layer(
+    reader: PackReader, root_tree: bytes, path: str
+) -> tuple[Manifest, bytes | None] | None:
+    """An entry's manifest for image ``path`` and its blocks tree id, or None."""
+    read = lambda sha, t: reader.read(sha, t)[1]  # noqa: E731
+    found = lookup_path(read, root_tree, IMAGES_NAME.decode() + "/" + path)
+    if found is None or found[0] != TREE_MODE:
+        return None
+    items = {name: (mode, sha) for name, mode, sha in parse_tree(reader.read(found[1], 2)[1])}
+    man = items.get(MANIFEST_NAME)
+    if man is None:
+        raise CorruptRepository(f"image {path} has no manifest")
+    manifest = Manifest.decode(reader.read(man[1], BLOB)[1])
+    blocks = items.get(BLOCKS_NAME)
+    return manifest, (blocks[1] if blocks else None)
+
+
+def resolve_image(reader: PackReader, commit: bytes, path: str) -> ResolvedImage | None:
+    """Resolve image ``path`` of entry ``commit`` (None if it is not an image there)."""
+    tree, parent = commit_tree_parent(reader, commit)
+    top = image_layer(reader, tree, path)
+    if top is None:
+        return None
+    target = top[0]
+    n = target.nblocks
+    pending: dict[int, list[bytes]] = {}  # block -> deltas found so far (newest first)
+    recipes: list[Recipe | None] = [None] * n
+    unresolved = set(range(n))
+    layer: tuple[Manifest, bytes | None] | None = top
+    depth = 0
+    while unresolved:
+        if layer is None:
+            raise CorruptRepository(
+                f"image {path} of {commit.hex()[:12]} depends on an entry that lacks it"
+            )
+        manifest, blocks_tree = layer
+        if manifest.block_size != target.block_size:
+            raise CorruptRepository(f"image {path} changes block size along its chain")
+        for z in manifest.zero_blocks():
+            if z in unresolved:
+                recipes[z] = Recipe(None, tuple(reversed(pending.pop(z, []))))
+                unresolved.discard(z)
+        if blocks_tree is not None:
+            bmap = read_block_map(_read_tree(reader), blocks_tree, manifest.nblocks)
+            for b, (is_delta, sha) in bmap.items():
+                if b not in unresolved:
+                    continue
+                if is_delta:
+                    pending.setdefault(b, []).append(sha)
+                else:
+                    recipes[b] = Recipe(sha, tuple(reversed(pending.pop(b, []))))
+                    unresolved.discard(b)
+        if manifest.base:
+            for b in unresolved:
+                recipes[b] = Recipe(None, tuple(reversed(pending.pop(b, []))))
+            unresolved.clear()
+            break
+        if parent is None:
+            raise CorruptRepository(f"image {path} of {commit.hex()[:12]} has no base entry")
+        depth += 1
+        if depth > MAX_CHAIN:
+            raise CorruptRepository("entry chain is implausibly long (a cycle?)")
+        tree, next_parent = commit_tree_parent(reader, parent)
+        layer = image_layer(reader, tree, path)
+        parent = next_parent
+    out = [ZERO if r is None or (r.base is None and not r.deltas) else r for r in recipes]
+    return ResolvedImage(target, out)
+
+
+def materialize(reader: PackReader, recipe: Recipe, length: int) -> bytes | None:
+    """Build one block; None means all zero."""
+    if recipe.base is None and not recipe.deltas:
+        return None
+    if recipe.base is None:
+        buf = bytearray(length)
+    else:
+        data = reader.read(recipe.base, BLOB)[1]
+        if len(data) != length:
+            raise CorruptRepository(
+                f"block {recipe.base.hex()} has {len(data)} bytes where {length} belong"
+            )
+        if not recipe.deltas:
+            return data
+        buf = bytearray(data)
+    for d in recipe.deltas:
+        apply_delta(buf, reader.read(d, BLOB)[1])
+    return bytes(buf)
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def ordered_map(
+    pool: Executor, fn: Callable[[T], R], items: Iterator[T], window: int
+) -> Iterator[R]:
+    """``map`` over a thread pool with at most ``window`` items in flight, in order.
+
+    Bounded so memory stays flat whatever the image size.
+    """
+    from collections import deque
+
+    queue: deque[Future[R]] = deque()
+    for item in items:
+        queue.append(pool.submit(fn, item))
+        if len(queue) >= window:
+            yield queue.popleft().result()
+    while queue:
+        yield queue.popleft().result()

@@ -1,0 +1,88 @@
+"""Page delta blobs: the changed pages of a block against its parent version.
+
+A 4 KiB write into a 1 MiB block must not cost the whole block.  A delta blob
+holds the numbers of the changed pages and their new contents; applying it to
+the parent's version of the block (same length) gives the new block.  Format
+(all integers big-endian)::
+
+    b"VMLD" | u8 version=1 | u8 reserved=0 | u16 reserved=0
+    u32 page_size | u32 block_length | u32 count
+    count x u32 page number (strictly increasing)
+    the pages' bytes, in that order (the last page of a block may be short)
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+from vml.errors import CorruptRepository
+
+MAGIC = b"VMLD"
+_HEAD = struct.Struct(">4sBBHIII")
+# No block is ever larger than the largest block size a repository may use.
+MAX_LENGTH = 64 << 20
+
+
+def encode_delta(block: bytes | memoryview, pages: Sequence[int], page_size: int) -> bytes:
+    """A delta blob carrying ``pages`` of ``block`` (the new content)."""
+    length = len(block)
+    mv = memoryview(block)
+    parts = [
+        _HEAD.pack(MAGIC, 1, 0, 0, page_size, length, len(pages)),
+        struct.pack(f">{len(pages)}I", *pages),
+    ]
+    for p in pages:
+        start = p * page_size
+        parts.append(bytes(mv[start : start + page_size]))
+    return b"".join(parts)
+
+
+def delta_header(blob: bytes) -> tuple[int, int, list[int]]:
+    """Parse and check a delta's header: ``(page_size, block_length, pages)``.
+
+    Every field is checked before use: a delta from a hostile repository must
+    not make us write outside the block or allocate without bound.
+    """
+    if len(blob) < _HEAD.size:
+        raise CorruptRepository("delta blob is truncated")
+    magic, version, _r1, _r2, page_size, length, count = _HEAD.unpack_from(blob)
+    if magic != MAGIC or version != 1:
+        raise CorruptRepository("delta blob has an unknown format")
+    if page_size < 512 or page_size & (page_size - 1) or page_size > MAX_LENGTH:
+        raise CorruptRepository("delta blob has a bad page size")
+    if length == 0 or length > MAX_LENGTH:
+        raise CorruptRepository("delta blob claims a block of impossible length")
+    npages = (length + page_size - 1) // page_size
+    if count > npages:
+        raise CorruptRepository("delta blob names more pages than its block has")
+    end = _HEAD.size + 4 * count
+    if len(blob) < end:
+        raise CorruptRepository("delta blob is truncated")
+    pages = list(struct.unpack_from(f">{count}I", blob, _HEAD.size))
+    prev = -1
+    data_len = 0
+    for p in pages:
+        if p <= prev or p >= npages:
+            raise CorruptRepository("delta blob names a page outside its block")
+        prev = p
+        data_len += min(page_size, length - p * page_size)
+    if len(blob) != end + data_len:
+        raise CorruptRepository("delta blob has the wrong length")
+    return page_size, length, pages
+
+
+def apply_delta(base: bytearray, blob: bytes) -> None:
+    """Overwrite the pages named by ``blob`` in ``base``, in place."""
+    page_size, length, pages = delta_header(blob)
+    if len(base) != length:
+        raise CorruptRepository(
+            f"delta blob is for a block of {length} bytes, the parent block has {len(base)}"
+        )
+    pos = _HEAD.size + 4 * len(pages)
+    mv = memoryview(blob)
+    for p in pages:
+        start = p * page_size
+        n = min(page_size, length - start)
+        base[start : start + n] = mv[pos : pos + n]
+        pos += n

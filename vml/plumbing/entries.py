@@ -1,0 +1,269 @@
+"""Entries: git commits whose tree holds one saved state of a VM.
+
+Root tree of an entry's commit::
+
+    vml-entry.json      metadata: kind, parent, origin area, every file
+    files/<path>        small files, whole blobs at their area paths
+    images/<path>/      large files: manifest + block map (see manifests.py)
+
+The commit's parent is the entry's parent, so commits form the dependency
+forest; the message carries the user's text and ``VML-*`` trailers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import PurePosixPath
+
+from dulwich.objects import Commit, Tree
+
+from vml.errors import CorruptRepository, HostileRepository
+from vml.plumbing.manifests import BLOB_MODE, TREE_MODE, parse_tree
+
+META_NAME = b"vml-entry.json"
+FILES_NAME = b"files"
+IMAGES_NAME = b"images"
+KINDS = ("full", "incremental", "differential")
+AUTHOR = b"VML <vml@localhost>"
+MAX_META_BYTES = 64 << 20
+
+
+def check_relpath(path: str) -> str:
+    """Refuse any path that could leave the area or touch VML's own folder."""
+    if (
+        not path
+        or "\0" in path
+        or "\\" in path
+        or path.startswith("/")
+        or len(path.encode()) > 4096
+    ):
+        raise HostileRepository(f"entry names an unsafe path {path!r}")
+    parts = path.split("/")
+    if any(p in ("", ".", "..") for p in parts) or parts[0] == ".vml":
+        raise HostileRepository(f"entry names an unsafe path {path!r}")
+    return path
+
+
+@dataclass
+class FileRecord:
+    """One file of an entry."""
+
+    path: str
+    kind: str  # "small" | "image"
+    mode: int
+    mtime_ns: int
+    size: int
+    sha256: str
+
+
+@dataclass
+class EntryMeta:
+    """The ``vml-entry.json`` document of an entry."""
+
+    kind: str
+    parent: str | None
+    area: str
+    area_id: str
+    created: str
+    message: str
+    files: list[FileRecord]
+    dirs: list[str] = field(default_factory=list)
+    vm: dict[str, object] | None = None
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        """The metadata blob's bytes (stable key order)."""
+        doc = {"vml_entry": 1, **asdict(self)}
+        return json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
+
+    @classmethod
+    def decode(cls, data: bytes) -> EntryMeta:
+        """Parse and check an entry's metadata blob."""
+        if len(data) > MAX_META_BYTES:
+            raise HostileRepository("entry metadata is implausibly large")
+        try:
+            doc = json.loads(data)
+            if doc.get("vml_entry") != 1:
+                raise CorruptRepository("entry metadata has an unknown format")
+            files = [
+                FileRecord(
+                    path=check_relpath(str(f["path"])),
+                    kind=str(f["kind"]),
+                    mode=int(f["mode"]),
+                    mtime_ns=int(f["mtime_ns"]),
+                    size=int(f["size"]),
+                    sha256=str(f["sha256"]),
+                )
+                for f in doc["files"]
+            ]
+            meta = cls(
+                kind=str(doc["kind"]),
+                parent=doc["parent"],
+                area=str(doc["area"]),
+                area_id=str(doc["area_id"]),
+                created=str(doc["created"]),
+                message=str(doc["message"]),
+                files=files,
+                dirs=[check_relpath(str(d)) for d in doc.get("dirs", [])],
+                vm=doc.get("vm"),
+                stats={str(k): int(v) for k, v in doc.get("stats", {}).items()},
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CorruptRepository(f"entry metadata is malformed ({e})") from None
+        if meta.kind not in KINDS:
+            raise CorruptRepository(f"entry has unknown kind {meta.kind!r}")
+        for f in meta.files:
+            if f.kind not in ("small", "image") or f.size < 0 or not re.fullmatch(
+                r"[0-9a-f]{64}", f.sha256
+            ):
+                raise CorruptRepository(f"entry metadata for {f.path} is malformed")
+        return meta
+
+
+def now_iso() -> str:
+    """The current time as an ISO 8601 string in UTC."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def nested_trees(items: dict[str, tuple[int, bytes]]) -> tuple[Tree, list[Tree]]:
+    """Build trees for ``{"a/b/c": (mode, binary id)}``; children come first."""
+    root: dict[str, object] = {}
+    for path, value in items.items():
+        node = root
+        parts = PurePosixPath(path).parts
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"{path} is both a file and a folder")
+            node = child
+        node[parts[-1]] = value
+    made: list[Tree] = []
+
+    def build(node: dict[str, object]) -> Tree:
+        tree = Tree()
+        for name, value in node.items():
+            if isinstance(value, dict):
+                sub = build(value)
+                tree.add(name.encode(), TREE_MODE, sub.id)
+            else:
+                assert isinstance(value, tuple)
+                mode, sha = value
+                tree.add(name.encode(), mode, sha.hex().encode())
+        made.append(tree)
+        return tree
+
+    top = build(root)
+    return top, made
+
+
+def make_commit(
+    tree_id: bytes,
+    parent: bytes | None,
+    message: str,
+    trailers: Iterable[tuple[str, str]],
+    when: int | None = None,
+) -> Commit:
+    """A commit object for an entry (ids are binary)."""
+    c = Commit()
+    c.tree = tree_id.hex().encode()
+    c.parents = [parent.hex().encode()] if parent else []
+    c.author = c.committer = AUTHOR
+    t = int(time.time()) if when is None else when
+    c.author_time = c.commit_time = t
+    offset = -time.timezone if time.localtime(t).tm_isdst == 0 else -time.altzone
+    c.author_timezone = c.commit_timezone = offset
+    c.encoding = b"UTF-8"
+    body = message.strip() or "VML entry"
+    lines = "\n".join(f"{k}: {v}" for k, v in trailers)
+    c.message = f"{body}\n\n{lines}\n".encode()
+    return c
+
+
+def parse_trailers(message: bytes) -> dict[str, str]:
+    """The ``VML-*`` trailers of a commit message."""
+    out: dict[str, str] = {}
+    for line in message.decode("utf-8", "replace").splitlines():
+        m = re.match(r"^(VML-[A-Za-z-]+): (.*)$", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def message_body(message: bytes) -> str:
+    """The user's part of a commit message (without trailers)."""
+    lines = message.decode("utf-8", "replace").rstrip("\n").splitlines()
+    while lines and (re.match(r"^VML-[A-Za-z-]+: ", lines[-1]) or not lines[-1].strip()):
+        lines.pop()
+    return "\n".join(lines)
+
+
+@dataclass
+class Entry:
+    """An entry read back from the repository."""
+
+    commit: bytes  # binary id
+    parent: bytes | None
+    tree: bytes
+    meta: EntryMeta
+    message: str
+    trailers: dict[str, str]
+    commit_time: int
+
+    @property
+    def hex(self) -> str:
+        """The commit id in hex."""
+        return self.commit.hex()
+
+
+ReadObject = Callable[[bytes, int], bytes]
+
+
+def root_items(read: ReadObject, tree: bytes) -> dict[bytes, tuple[int, bytes]]:
+    """The names of an entry's root tree."""
+    return {name: (mode, sha) for name, mode, sha in parse_tree(read(tree, 2))}
+
+
+def load_entry(read: ReadObject, commit_id: bytes) -> Entry:
+    """Read an entry's commit and metadata."""
+    raw = read(commit_id, 1)
+    c = Commit.from_raw_string(1, raw)
+    parents = [bytes.fromhex(p.decode()) for p in c.parents]
+    if len(parents) > 1:
+        raise CorruptRepository(f"commit {commit_id.hex()} has several parents; not a VML entry")
+    tree = bytes.fromhex(c.tree.decode())
+    items = root_items(read, tree)
+    meta_item = items.get(META_NAME)
+    if meta_item is None or meta_item[0] != BLOB_MODE:
+        raise CorruptRepository(f"commit {commit_id.hex()} is not a VML entry (no {META_NAME.decode()})")
+    meta = EntryMeta.decode(read(meta_item[1], 3))
+    return Entry(
+        commit=commit_id,
+        parent=parents[0] if parents else None,
+        tree=tree,
+        meta=meta,
+        message=message_body(c.message),
+        trailers=parse_trailers(c.message),
+        commit_time=c.commit_time,
+    )
+
+
+def lookup_path(read: ReadObject, tree: bytes, path: str) -> tuple[int, bytes] | None:
+    """Find ``path`` below ``tree``; returns ``(mode, binary id)`` or None."""
+    mode, sha = TREE_MODE, tree
+    for part in path.split("/"):
+        if mode != TREE_MODE:
+            return None
+        found = None
+        for name, m, s in parse_tree(read(sha, 2)):
+            if name == part.encode():
+                found = (m, s)
+                break
+        if found is None:
+            return None
+        mode, sha = found
+    return mode, sha

@@ -1,0 +1,391 @@
+"""Saving a large file as blocks, and building it back.
+
+Saving streams the file block by block through a thread pool (hashing and
+compression release the GIL, so both cores work) with a bounded window, so
+memory stays flat whatever the image size.  Holes are found with
+``SEEK_DATA``/``SEEK_HOLE`` and never read; zero blocks cost nothing.
+
+Building resolves every block first (see chains.py), then writes each block
+once, verifying every object id as it is read and the whole file's SHA-256
+as it is written.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import os
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from dulwich.objects import Blob, Tree
+
+from vml.errors import CorruptRepository, FileChanged, NoSpace
+from vml.plumbing.areas import BlockRecords, block_hash, page_hashes, stat_signature
+from vml.plumbing.chains import (
+    MAX_DELTA_DEPTH,
+    ZERO,
+    Recipe,
+    ResolvedImage,
+    materialize,
+    ordered_map,
+)
+from vml.plumbing.deltas import encode_delta
+from vml.plumbing.manifests import (
+    BLOB_MODE,
+    BLOCKS_NAME,
+    MANIFEST_NAME,
+    TREE_MODE,
+    BlockRef,
+    Manifest,
+    block_trees,
+    ranges,
+)
+from vml.plumbing.packs import BLOB, PackReader, PackWriter, blob_id, deflate
+
+Progress = Callable[[int], None]
+WINDOW = 16
+
+
+def data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
+    """The ``[start, end)`` ranges of ``fd`` that hold data (not holes)."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    try:
+        while pos < size:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            out.append((start, end))
+            pos = end
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # no data after pos
+            return out
+        return [(0, size)]  # filesystem without SEEK_DATA: everything is data
+    return out
+
+
+class _HoleMap:
+    """Answers "does block n hold any data?" from a sorted list of data ranges."""
+
+    def __init__(self, data: list[tuple[int, int]]) -> None:
+        self.data = data
+        self.i = 0
+
+    def has_data(self, start: int, end: int) -> bool:
+        # Blocks are asked for in increasing order, so one forward cursor suffices.
+        while self.i < len(self.data) and self.data[self.i][1] <= start:
+            self.i += 1
+        return self.i < len(self.data) and self.data[self.i][0] < end
+
+
+_ZEROS: dict[int, bytes] = {}
+_ZERO_HASHES: dict[tuple[int, int, int], tuple[bytes, bytes]] = {}
+
+
+def zeros(length: int) -> bytes:
+    """A shared all-zero buffer of ``length`` bytes."""
+    z = _ZEROS.get(length)
+    if z is None:
+        z = _ZEROS[length] = bytes(length)
+    return z
+
+
+def zero_record(length: int, page_size: int, ppb: int) -> tuple[bytes, bytes]:
+    """Cache record (block hash, page hashes) of an all-zero block."""
+    key = (length, page_size, ppb)
+    rec = _ZERO_HASHES.get(key)
+    if rec is None:
+        z = zeros(length)
+        rec = _ZERO_HASHES[key] = (block_hash(z), page_hashes(z, page_size, ppb))
+    return rec
+
+
+@dataclass
+class _Outcome:
+    data: bytes | None  # None: all zero
+    bhash: bytes
+    pages: bytes
+    kind: str  # "same" | "zero" | "whole" | "delta"
+    sha: bytes | None = None
+    zdata: bytes | None = None
+    raw_len: int = 0
+    read: int = 0
+
+
+@dataclass
+class ImageSave:
+    """What saving one image produced."""
+
+    tree: Tree
+    manifest: Manifest
+    read_bytes: int
+    changed_blocks: int
+    records: str | None
+    objects: list[object] = field(default_factory=list)
+
+
+@dataclass
+class SaveInputs:
+    """Everything :func:`save_image` compares the file against."""
+
+    parent: ResolvedImage | None  # None: this layer is a base (full entry or new file)
+    records: BlockRecords | None  # cached hashes of the area's entry
+    records_match: Callable[[int], bool]  # do the records describe the parent's block n?
+
+
+def _parent_hashes(
+    reader: PackReader,
+    inp: SaveInputs,
+    n: int,
+    pr: Recipe,
+    length: int,
+    page_size: int,
+    ppb: int,
+) -> tuple[bytes, bytes]:
+    if pr == ZERO:
+        return zero_record(length, page_size, ppb)
+    if inp.records is not None and inp.records_match(n):
+        h = inp.records.block_hash(n)
+        if h is not None:
+            return h, inp.records.page_hashes(n)
+    # No cache for this block: build the parent's version from the repository.
+    data = materialize(reader, pr, length)
+    assert data is not None
+    return block_hash(data), page_hashes(data, page_size, ppb)
+
+
+def save_image(
+    reader: PackReader,
+    writer: PackWriter,
+    pool: Executor,
+    path: Path,
+    size: int,
+    block_size: int,
+    page_size: int,
+    inp: SaveInputs,
+    record_out: BinaryIO | None,
+    progress: Progress,
+) -> tuple[Tree, Manifest, int, int]:
+    """Save one image file; returns (image tree, manifest, bytes read, blocks stored).
+
+    Every object is added to ``writer``; the per-block cache records for the
+    file as read are written to ``record_out``.
+    """
+    ppb = block_size // page_size
+    nblocks = (size + block_size - 1) // block_size
+    base_layer = inp.parent is None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        before = stat_signature(os.fstat(fd))
+        holes = _HoleMap(data_ranges(fd, size))
+        spans = [
+            (n, n * block_size, min(block_size, size - n * block_size))
+            for n in range(nblocks)
+        ]
+        has_data = [holes.has_data(off, off + ln) for _, off, ln in spans]
+
+        def work(span: tuple[int, int, int]) -> _Outcome:
+            n, off, length = span
+            data: bytes | None = None
+            if has_data[n]:
+                data = os.pread(fd, length, off)
+                if len(data) != length:
+                    raise FileChanged(f"{path.name} shrank while it was read")
+            read = length if data is not None else 0
+            if data is not None and data == zeros(length):
+                data = None
+            if data is None:
+                bh, pages = zero_record(length, page_size, ppb)
+            else:
+                bh = block_hash(data)
+                pages = b""
+            pr = None if inp.parent is None else inp.parent.recipe(n, length)
+            if pr is not None:
+                ph, ppages = _parent_hashes(reader, inp, n, pr, length, page_size, ppb)
+                if ph == bh:
+                    return _Outcome(data, bh, bytes(ppages), "same", read=read)
+            if data is None:
+                return _Outcome(None, bh, pages, "zero", read=read)
+            pages = page_hashes(data, page_size, ppb)
+            if pr is not None and len(pr.deltas) < MAX_DELTA_DEPTH:
+                npages = (length + page_size - 1) // page_size
+                changed = [
+                    k
+                    for k in range(npages)
+                    if pages[8 * k : 8 * k + 8] != ppages[8 * k : 8 * k + 8]
+                ]
+                if len(changed) <= npages // 2:
+                    delta = encode_delta(data, changed, page_size)
+                    sha = blob_id(delta)
+                    z = None if reader.in_packs(sha) else deflate(delta)
+                    return _Outcome(data, bh, pages, "delta", sha, z, len(delta), read)
+            sha = blob_id(data)
+            z = None if reader.in_packs(sha) else deflate(data)
+            return _Outcome(data, bh, pages, "whole", sha, z, length, read)
+
+        sha256 = hashlib.sha256()
+        blocks: dict[int, BlockRef] = {}
+        zero_blocks: list[int] = []
+        read_total = 0
+        for n, out in enumerate(ordered_map(pool, work, iter(spans), WINDOW)):
+            length = spans[n][2]
+            sha256.update(out.data if out.data is not None else zeros(length))
+            if record_out is not None:
+                record_out.write(out.bhash + out.pages)
+            read_total += out.read
+            progress(length)
+            if out.kind == "zero":
+                if not base_layer and (inp.parent is None or inp.parent.recipe(n, length) != ZERO):
+                    zero_blocks.append(n)
+            elif out.kind in ("whole", "delta"):
+                assert out.sha is not None
+                if out.zdata is not None:
+                    writer.add_compressed(BLOB, out.sha, out.raw_len, out.zdata)
+                blocks[n] = (out.kind == "delta", out.sha)
+        after = stat_signature(os.fstat(fd))
+        if after != before:
+            raise FileChanged(f"{path.name} changed while it was read")
+    finally:
+        os.close(fd)
+    manifest = Manifest(
+        size=size,
+        sha256=sha256.hexdigest(),
+        block_size=block_size,
+        page_size=page_size,
+        base=base_layer,
+        zero=ranges(zero_blocks),
+    )
+    return image_tree(writer, manifest, blocks), manifest, read_total, len(blocks)
+
+
+def image_tree(writer: PackWriter, manifest: Manifest, blocks: dict[int, BlockRef]) -> Tree:
+    """Write an image's manifest and block map; returns its tree."""
+    man = Blob.from_string(manifest.encode())
+    writer.add_object(man)
+    tree = Tree()
+    tree.add(MANIFEST_NAME, BLOB_MODE, man.id)
+    top, made = block_trees(blocks)
+    for t in made:
+        writer.add_object(t)
+    if top is not None:
+        tree.add(BLOCKS_NAME, TREE_MODE, top.id)
+    writer.add_object(tree)
+    return tree
+
+
+# -- building images back --
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc: ctypes.CDLL | None = None
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Turn a range into a hole (zeros that take no space), or write zeros."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    fallocate = _libc.fallocate
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    if fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        os.pwrite(fd, zeros(length), offset)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    mv = memoryview(data)
+    while mv:
+        try:
+            n = os.pwrite(fd, mv, offset)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace("no space left while writing the area") from None
+            raise
+        mv = mv[n:]
+        offset += n
+
+
+def write_image(
+    reader: PackReader,
+    pool: Executor,
+    image: ResolvedImage,
+    fd: int,
+    old: ResolvedImage | None,
+    progress: Progress,
+    record_out: BinaryIO | None = None,
+) -> int:
+    """Write ``image`` into the open file ``fd`` and check its SHA-256.
+
+    With ``old`` (what the file holds now, known to be clean), only blocks
+    whose recipe differs are written and the file is read back to check it;
+    otherwise ``fd`` must be an empty file and is written in full, with zero
+    blocks left as holes and the hash computed as the blocks go by.  The area
+    cache's per-block records are written to ``record_out`` on the way.
+    Returns the bytes written.
+    """
+    m = image.manifest
+    bs = m.block_size
+    todo: list[int] = []
+    for n in range(m.nblocks):
+        length = m.block_length(n)
+        if old is None or old.recipe(n, length) != image.recipes[n]:
+            todo.append(n)
+    in_place = old is not None
+    if in_place:
+        os.ftruncate(fd, m.size)
+    else:
+        try:
+            os.ftruncate(fd, m.size)  # sparse: unwritten blocks stay holes
+        except OSError as e:
+            if e.errno in (errno.EFBIG, errno.ENOSPC, errno.EINVAL):
+                raise NoSpace(f"cannot make a file of {m.size} bytes here ({e.strerror})") from None
+            raise
+    sha = None if in_place else hashlib.sha256()
+    ps = m.page_size
+    ppb = bs // ps
+    written = 0
+
+    def build(n: int) -> tuple[bytes | None, bytes | None]:
+        data = materialize(reader, image.recipes[n], m.block_length(n))
+        if in_place or record_out is None or data is None:
+            return data, None
+        return data, block_hash(data) + page_hashes(data, ps, ppb)
+
+    for n, (data, rec) in zip(todo, ordered_map(pool, build, iter(todo), WINDOW), strict=True):
+        length = m.block_length(n)
+        if data is None:
+            if in_place:
+                punch_hole(fd, n * bs, length)
+            elif record_out is not None:
+                rec = b"".join(zero_record(length, ps, ppb))
+        else:
+            _pwrite_all(fd, data, n * bs)
+            written += length
+        if sha is not None:
+            sha.update(data if data is not None else zeros(length))
+        if record_out is not None and rec is not None:
+            record_out.write(rec)
+        progress(length)
+    if sha is None:
+        # In place: read the whole file back, hashing it and its cache records.
+        sha = hashlib.sha256()
+        for n in range(m.nblocks):
+            length = m.block_length(n)
+            chunk = os.pread(fd, length, n * bs)
+            if len(chunk) != length:
+                raise CorruptRepository("the rebuilt image is shorter than its manifest says")
+            sha.update(chunk)
+            if record_out is not None:
+                if chunk == zeros(length):
+                    record_out.write(b"".join(zero_record(length, ps, ppb)))
+                else:
+                    record_out.write(block_hash(chunk) + page_hashes(chunk, ps, ppb))
+    if sha.hexdigest() != m.sha256:
+        raise CorruptRepository(
+            "a rebuilt image does not match its SHA-256; the repository is damaged"
+        )
+    return written

@@ -1,0 +1,220 @@
+"""Image manifests and their block maps (fan-out trees).
+
+Each large file ("image") of an entry is a tree ``images/<path>/`` holding:
+
+- ``manifest``: a small JSON blob (size, whole-file SHA-256, block and page
+  size, whether this layer is a base, and the block ranges that became zero);
+- ``blocks/<a>/<b>/<c>``: whole blocks, and ``blocks/<a>/<b>/<c>.d``: page
+  deltas, where block number ``n`` splits into ``a = n >> 16`` (4 hex digits),
+  ``b = (n >> 8) & 0xff`` and ``c = n & 0xff`` (2 hex digits each).  A flat
+  tree of 100k names would be parsed whole on every look-up; this one has at
+  most 256 names below the top level for files up to 16M blocks.
+
+A block absent from a layer is inherited from the parent entry, unless the
+layer is a base (``"base": true``: every full entry, and a file new in a
+partial entry), where an absent block is zero.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from dulwich.objects import Tree
+
+from vml.errors import CorruptRepository, HostileRepository
+
+MANIFEST_NAME = b"manifest"
+BLOCKS_NAME = b"blocks"
+TREE_MODE = 0o040000
+BLOB_MODE = 0o100644
+# Far beyond any disk image, small enough that a hostile manifest cannot make
+# us plan for more blocks than memory holds.
+MAX_IMAGE_SIZE = 1 << 46  # 64 TiB
+_LEAF = re.compile(rb"^([0-9a-f]{2})(\.d)?$")
+_MID = re.compile(rb"^[0-9a-f]{2}$")
+_TOP = re.compile(rb"^[0-9a-f]{4}$")
+
+
+@dataclass
+class Manifest:
+    """One image's manifest in one entry."""
+
+    size: int
+    sha256: str
+    block_size: int
+    page_size: int
+    base: bool
+    zero: list[tuple[int, int]] = field(default_factory=list)  # [start, end) block ranges
+
+    @property
+    def nblocks(self) -> int:
+        """Number of blocks the file spans."""
+        return (self.size + self.block_size - 1) // self.block_size
+
+    def block_length(self, n: int) -> int:
+        """Length of block ``n`` (the last one may be short)."""
+        return min(self.block_size, self.size - n * self.block_size)
+
+    def zero_blocks(self) -> Iterator[int]:
+        """Every block number listed as having become zero."""
+        for a, b in self.zero:
+            yield from range(a, b)
+
+    def encode(self) -> bytes:
+        """The manifest blob's bytes."""
+        doc = {
+            "vml_manifest": 1,
+            "size": self.size,
+            "sha256": self.sha256,
+            "block_size": self.block_size,
+            "page_size": self.page_size,
+            "base": self.base,
+            "zero": [[a, b] for a, b in self.zero],
+        }
+        return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+
+    @classmethod
+    def decode(cls, data: bytes) -> Manifest:
+        """Parse and check a manifest blob."""
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            raise CorruptRepository("image manifest is not valid JSON") from None
+        if not isinstance(doc, dict) or doc.get("vml_manifest") != 1:
+            raise CorruptRepository("image manifest has an unknown format")
+        try:
+            size = doc["size"]
+            bs = doc["block_size"]
+            ps = doc["page_size"]
+            sha = doc["sha256"]
+            base = doc["base"]
+            zero_raw = doc["zero"]
+        except KeyError as e:
+            raise CorruptRepository(f"image manifest lacks {e}") from None
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (size, bs, ps)):
+            raise CorruptRepository("image manifest has non-integer sizes")
+        if size < 0 or size > MAX_IMAGE_SIZE:
+            raise HostileRepository(f"image manifest claims a file of {size} bytes")
+        if bs < 4096 or bs > (64 << 20) or bs & (bs - 1) or ps < 512 or ps > bs or ps & (ps - 1):
+            raise HostileRepository("image manifest has an impossible block or page size")
+        if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise CorruptRepository("image manifest has a bad sha256")
+        if not isinstance(base, bool) or not isinstance(zero_raw, list):
+            raise CorruptRepository("image manifest is malformed")
+        m = cls(size, sha, bs, ps, base)
+        nb = m.nblocks
+        prev = 0
+        for item in zero_raw:
+            if (
+                not isinstance(item, list)
+                or len(item) != 2
+                or not all(isinstance(v, int) for v in item)
+                or not prev <= item[0] < item[1] <= nb
+            ):
+                raise HostileRepository("image manifest has a bad zero range")
+            prev = item[1]
+            m.zero.append((item[0], item[1]))
+        return m
+
+
+def ranges(numbers: Iterable[int]) -> list[tuple[int, int]]:
+    """Collapse increasing block numbers into ``[start, end)`` ranges."""
+    out: list[tuple[int, int]] = []
+    for n in numbers:
+        if out and out[-1][1] == n:
+            out[-1] = (out[-1][0], n + 1)
+        else:
+            out.append((n, n + 1))
+    return out
+
+
+BlockRef = tuple[bool, bytes]  # (is_delta, binary blob id)
+
+
+def block_trees(blocks: dict[int, BlockRef]) -> tuple[Tree | None, list[Tree]]:
+    """Build the fan-out trees for a block map.
+
+    Returns the ``blocks`` tree (None for an empty map) and every tree made,
+    children before parents, so they can be written in order.
+    """
+    if not blocks:
+        return None, []
+    made: list[Tree] = []
+    top = Tree()
+    mid: Tree | None = None
+    leaf: Tree | None = None
+    cur_a = cur_b = -1
+    for n in sorted(blocks):
+        a, b, c = n >> 16, (n >> 8) & 0xFF, n & 0xFF
+        if a >= 1 << 16:
+            raise ValueError("file has too many blocks for the block map")
+        if a != cur_a or b != cur_b:
+            if leaf is not None and mid is not None:
+                mid.add(b"%02x" % cur_b, TREE_MODE, leaf.id)
+                made.append(leaf)
+            leaf = Tree()
+            if a != cur_a:
+                if mid is not None:
+                    top.add(b"%04x" % cur_a, TREE_MODE, mid.id)
+                    made.append(mid)
+                mid = Tree()
+                cur_a = a
+            cur_b = b
+        is_delta, sha = blocks[n]
+        assert leaf is not None
+        leaf.add(b"%02x.d" % c if is_delta else b"%02x" % c, BLOB_MODE, sha.hex().encode())
+    assert leaf is not None and mid is not None
+    mid.add(b"%02x" % cur_b, TREE_MODE, leaf.id)
+    made.append(leaf)
+    top.add(b"%04x" % cur_a, TREE_MODE, mid.id)
+    made.append(mid)
+    made.append(top)
+    return top, made
+
+
+def parse_tree(raw: bytes) -> list[tuple[bytes, int, bytes]]:
+    """Parse a raw tree object into ``(name, mode, binary id)`` triples."""
+    out: list[tuple[bytes, int, bytes]] = []
+    pos = 0
+    n = len(raw)
+    while pos < n:
+        sp = raw.find(b" ", pos)
+        nul = raw.find(b"\0", sp + 1)
+        if sp < 0 or nul < 0 or nul + 21 > n:
+            raise CorruptRepository("malformed tree object")
+        try:
+            mode = int(raw[pos:sp], 8)
+        except ValueError:
+            raise CorruptRepository("malformed tree object") from None
+        name = raw[sp + 1 : nul]
+        out.append((name, mode, raw[nul + 1 : nul + 21]))
+        pos = nul + 21
+    return out
+
+
+def read_block_map(
+    read_tree: Callable[[bytes], bytes], blocks_tree: bytes, nblocks: int
+) -> dict[int, BlockRef]:
+    """Read a ``blocks`` fan-out tree back into a block map, checking every name."""
+    out: dict[int, BlockRef] = {}
+    for a_name, a_mode, a_sha in parse_tree(read_tree(blocks_tree)):
+        if a_mode != TREE_MODE or not _TOP.match(a_name):
+            raise HostileRepository(f"unexpected name {a_name!r} in a block map")
+        a = int(a_name, 16)
+        for b_name, b_mode, b_sha in parse_tree(read_tree(a_sha)):
+            if b_mode != TREE_MODE or not _MID.match(b_name):
+                raise HostileRepository(f"unexpected name {b_name!r} in a block map")
+            b = int(b_name, 16)
+            for c_name, c_mode, c_sha in parse_tree(read_tree(b_sha)):
+                m = _LEAF.match(c_name)
+                if c_mode != BLOB_MODE or m is None:
+                    raise HostileRepository(f"unexpected name {c_name!r} in a block map")
+                n = (a << 16) | (b << 8) | int(m.group(1), 16)
+                if n >= nblocks:
+                    raise HostileRepository(f"block {n} lies beyond the end of its file")
+                out[n] = (m.group(2) is not None, c_sha)
+    return out
+

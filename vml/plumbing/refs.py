@@ -1,0 +1,143 @@
+"""Refs: every entry is held by ``refs/vml/entries/<n>``; tags and branches are git's own.
+
+Entries are numbered ``E1``, ``E2``, ... in creation order in this
+repository.  The number is a local alias; the commit id is the identity.
+Refs move only after every object they point to is on disk, and each move is
+an atomic rename (dulwich's lock-file protocol, the same as git's) followed by
+an fsync of the folder.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from dulwich.refs import check_ref_format
+
+from vml.errors import AmbiguousEntry, UnknownEntry, UsageError
+from vml.plumbing.repository import Repository, fsync_dir
+
+ENTRY_PREFIX = b"refs/vml/entries/"
+TAG_PREFIX = b"refs/tags/"
+BRANCH_PREFIX = b"refs/heads/"
+_E = re.compile(r"^[Ee]?([0-9]+)$")
+
+
+def entry_ref(n: int) -> bytes:
+    """The ref that holds entry ``n``."""
+    return ENTRY_PREFIX + str(n).encode()
+
+
+def _hex(value: bytes) -> bytes:
+    return value if len(value) == 40 else value.hex().encode()
+
+
+@dataclass
+class RefTable:
+    """A snapshot of the repository's VML-relevant refs."""
+
+    entries: dict[int, bytes]  # number -> binary commit id
+    tags: dict[str, bytes]
+    branches: dict[str, bytes]
+
+    def number_of(self, commit: bytes) -> int | None:
+        """The E-number of ``commit``, if it has one."""
+        for n, c in self.entries.items():
+            if c == commit:
+                return n
+        return None
+
+    def numbers(self) -> dict[bytes, int]:
+        """Commit id -> E-number."""
+        return {c: n for n, c in self.entries.items()}
+
+    def labels(self) -> dict[bytes, list[str]]:
+        """Commit id -> tag and branch names pointing at it."""
+        out: dict[bytes, list[str]] = {}
+        for name, c in sorted(self.tags.items()):
+            out.setdefault(c, []).append(f"tag:{name}")
+        for name, c in sorted(self.branches.items()):
+            out.setdefault(c, []).append(name)
+        return out
+
+
+def read_refs(repo: Repository) -> RefTable:
+    """Read entry, tag and branch refs (peeling annotated tags)."""
+    entries: dict[int, bytes] = {}
+    tags: dict[str, bytes] = {}
+    branches: dict[str, bytes] = {}
+    refs = repo.git.refs
+    for name in refs.allkeys():
+        if name == b"HEAD":
+            continue
+        try:
+            value = refs[name]
+        except KeyError:
+            continue
+        if name.startswith(ENTRY_PREFIX):
+            tail = name[len(ENTRY_PREFIX) :]
+            if tail.isdigit():
+                entries[int(tail)] = bytes.fromhex(value.decode())
+        elif name.startswith(TAG_PREFIX):
+            peeled = refs.get_peeled(name) or value
+            tags[name[len(TAG_PREFIX) :].decode()] = bytes.fromhex(peeled.decode())
+        elif name.startswith(BRANCH_PREFIX):
+            branches[name[len(BRANCH_PREFIX) :].decode()] = bytes.fromhex(value.decode())
+    return RefTable(entries, tags, branches)
+
+
+def resolve_name(repo: Repository, name: str, table: RefTable | None = None) -> bytes:
+    """Turn ``E7``/``e7``/``7``, a tag, a branch or a commit-id prefix into a commit id."""
+    table = read_refs(repo) if table is None else table
+    m = _E.match(name.strip())
+    if m and int(m.group(1)) in table.entries:
+        return table.entries[int(m.group(1))]
+    if name in table.tags:
+        return table.tags[name]
+    if name in table.branches:
+        return table.branches[name]
+    low = name.lower()
+    if len(low) >= 4 and re.fullmatch(r"[0-9a-f]+", low):
+        hits = {c for c in table.entries.values() if c.hex().startswith(low)}
+        hits |= {c for c in table.tags.values() if c.hex().startswith(low)}
+        hits |= {c for c in table.branches.values() if c.hex().startswith(low)}
+        if len(hits) == 1:
+            return hits.pop()
+        if len(hits) > 1:
+            raise AmbiguousEntry(f"{name!r} matches {len(hits)} entries")
+    raise UnknownEntry(f"no entry named {name!r}")
+
+
+def next_number(table: RefTable) -> int:
+    """The number the next entry gets (call under the repository lock)."""
+    return max(table.entries, default=0) + 1
+
+
+def check_name(kind: str, name: str) -> None:
+    """Refuse tag and branch names git would refuse, or that look like E-numbers."""
+    if _E.match(name) or "/" in name or not check_ref_format(b"refs/x/" + name.encode()):
+        raise UsageError(
+            f"{name!r} is not a valid {kind} name",
+            "use letters, digits, '-', '_' and '.', no '/', and not an E-number",
+        )
+
+
+def set_ref(repo: Repository, ref: bytes, new: bytes, old: bytes | None = None) -> None:
+    """Point ``ref`` at ``new`` atomically; if ``old`` is given, only if it still holds it."""
+    refs = repo.git.refs
+    ok = (
+        refs.set_if_equals(ref, _hex(old), _hex(new))
+        if old is not None
+        else refs.set_if_equals(ref, None, _hex(new))
+    )
+    if not ok:
+        raise UsageError(f"{ref.decode()} moved while this command ran", "run the command again")
+    fsync_dir((repo.path / ref.decode()).parent)
+
+
+def delete_ref(repo: Repository, ref: bytes) -> None:
+    """Remove ``ref``."""
+    repo.git.refs.remove_if_equals(ref, None)
+    parent = (repo.path / ref.decode()).parent
+    if parent.exists():
+        fsync_dir(parent)

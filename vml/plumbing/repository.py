@@ -1,0 +1,216 @@
+"""The repository: a bare git repository plus VML's settings and lock.
+
+A VML repository is an ordinary bare git repository.  VML's settings live in
+its git ``config`` (section ``[vml]``), so ``git config -l`` shows them and a
+``git clone --mirror`` keeps... nothing of the config, which is why every
+setting a reader needs is also written into each manifest (see FORMAT.md).
+Local, non-replicated state (the lock, the list of known areas) lives in the
+folder ``vml/`` inside the git directory, which git ignores.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from dulwich.repo import Repo
+
+from vml.errors import RepositoryBusy, RepositoryNotFound, UsageError
+
+FORMAT_VERSION = 1
+DEFAULT_BLOCK_SIZE = 1 << 20
+PAGE_SIZE = 4096
+MIN_BLOCK_SIZE = 64 << 10
+MAX_BLOCK_SIZE = 64 << 20
+
+
+def parse_size(text: str) -> int:
+    """Parse ``1M``, ``256K``, ``1MiB`` or a plain byte count."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    mult = 1
+    if t and t[-1] in "KMG":
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[t[-1]]
+        t = t[:-1]
+    try:
+        value = int(t) * mult
+    except ValueError:
+        raise UsageError(
+            f"cannot read size {text!r}", "write it like 1M, 256K or 1048576"
+        ) from None
+    return value
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable (dulwich never does)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` so readers see the old or the new file only."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if durable:
+        fsync_dir(path.parent)
+
+
+@dataclass
+class Repository:
+    """An open VML repository."""
+
+    path: Path
+    git: Repo
+    block_size: int
+    page_size: int
+
+    @property
+    def vml_dir(self) -> Path:
+        """VML's local, non-replicated folder inside the git directory."""
+        return self.path / "vml"
+
+    @property
+    def objects_dir(self) -> Path:
+        return self.path / "objects"
+
+    def close(self) -> None:
+        """Release the dulwich repository's files."""
+        self.git.close()
+
+    def reopen_store(self) -> None:
+        """Forget cached pack lists so packs written since are seen."""
+        self.git.object_store._pack_cache_time = 0
+        self.git.object_store._update_pack_cache()
+
+    @contextmanager
+    def lock(self, timeout: float = 30.0, what: str = "repository") -> Iterator[None]:
+        """Hold the repository's write lock.
+
+        ``flock`` locks die with their process, so a killed vml never leaves
+        a stale lock behind.  Waits up to ``timeout`` seconds, then raises
+        :class:`RepositoryBusy`.
+        """
+        self.vml_dir.mkdir(exist_ok=True)
+        fd = os.open(self.vml_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    if time.monotonic() >= deadline:
+                        raise RepositoryBusy(
+                            f"the {what} at {self.path} is locked by another vml command"
+                        ) from None
+                    time.sleep(0.05)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            yield
+        finally:
+            os.close(fd)  # closing drops the flock
+
+    # -- areas known to this repository (local bookkeeping only) --
+
+    def known_areas(self) -> list[str]:
+        """Absolute paths of the areas that have used this repository."""
+        try:
+            data = json.loads((self.vml_dir / "areas.json").read_text())
+        except (OSError, ValueError):
+            return []
+        return [str(p) for p in data.get("areas", []) if isinstance(p, str)]
+
+    def register_area(self, area: Path) -> None:
+        """Remember ``area`` so ``vml areas`` can list it."""
+        areas = self.known_areas()
+        key = str(area.resolve())
+        if key in areas:
+            return
+        areas.append(key)
+        self.vml_dir.mkdir(exist_ok=True)
+        write_atomic(
+            self.vml_dir / "areas.json",
+            json.dumps({"areas": sorted(areas)}, indent=1).encode(),
+        )
+
+
+def _config_int(repo: Repo, key: bytes, default: int) -> int:
+    cfg = repo.get_config()
+    try:
+        return int(cfg.get((b"vml",), key))
+    except KeyError:
+        return default
+
+
+def is_repository(path: Path) -> bool:
+    """True when ``path`` looks like a VML (bare git) repository."""
+    return (path / "objects").is_dir() and (path / "refs").is_dir() and (path / "HEAD").exists()
+
+
+def init_repository(path: Path, block_size: int = DEFAULT_BLOCK_SIZE) -> Repository:
+    """Create a new, empty VML repository at ``path``."""
+    if block_size < MIN_BLOCK_SIZE or block_size > MAX_BLOCK_SIZE:
+        raise UsageError(
+            f"block size {block_size} is out of range",
+            f"choose a power of two between {MIN_BLOCK_SIZE >> 10} KiB and {MAX_BLOCK_SIZE >> 20} MiB",
+        )
+    if block_size & (block_size - 1) or block_size % PAGE_SIZE:
+        raise UsageError(
+            f"block size {block_size} is not a power of two",
+            "choose a power of two such as 256K, 1M or 4M",
+        )
+    if is_repository(path):
+        raise UsageError(f"{path} is already a repository", "use it as it is")
+    if path.exists() and any(path.iterdir()):
+        raise UsageError(f"{path} exists and is not empty", "choose a new or empty folder")
+    path.mkdir(parents=True, exist_ok=True)
+    repo = Repo.init_bare(str(path))
+    cfg = repo.get_config()
+    cfg.set((b"vml",), b"formatVersion", str(FORMAT_VERSION).encode())
+    cfg.set((b"vml",), b"blockSize", str(block_size).encode())
+    cfg.set((b"vml",), b"pageSize", str(PAGE_SIZE).encode())
+    # Blocks never delta against each other usefully; stop git's own repack
+    # from spending hours trying.
+    cfg.set((b"pack",), b"window", b"0")
+    cfg.set((b"pack",), b"depth", b"0")
+    cfg.write_to_path()
+    (path / "vml").mkdir(exist_ok=True)
+    (path / "description").write_text("VML repository of virtual machine entries\n")
+    repo.close()
+    return open_repository(path)
+
+
+def open_repository(path: Path) -> Repository:
+    """Open the VML repository at ``path`` or raise :class:`RepositoryNotFound`."""
+    if not is_repository(path):
+        raise RepositoryNotFound(f"no VML repository at {path}")
+    try:
+        repo = Repo(str(path))
+    except Exception as e:  # dulwich raises NotGitRepository and friends
+        raise RepositoryNotFound(f"{path} is not a git repository ({e})") from None
+    version = _config_int(repo, b"formatVersion", FORMAT_VERSION)
+    if version > FORMAT_VERSION:
+        repo.close()
+        raise RepositoryNotFound(
+            f"{path} uses VML format {version}, newer than this vml understands",
+            "upgrade vml",
+        )
+    block_size = _config_int(repo, b"blockSize", DEFAULT_BLOCK_SIZE)
+    page_size = _config_int(repo, b"pageSize", PAGE_SIZE)
+    return Repository(Path(path), repo, block_size, page_size)

@@ -1,0 +1,366 @@
+"""``vml commit``: save the area's VM as a new entry."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dulwich.objects import Blob
+
+from vml.errors import AreaError, FileChanged, NothingToCommit, UnknownEntry, UsageError
+from vml.plumbing import refs as refs_mod
+from vml.plumbing.areas import (
+    AreaState,
+    Cache,
+    CachedFile,
+    CacheWriter,
+    load_state,
+    save_state,
+    scan_area,
+    stat_signature,
+)
+from vml.plumbing.chains import ResolvedImage, resolve_image
+from vml.plumbing.entries import (
+    FILES_NAME,
+    IMAGES_NAME,
+    META_NAME,
+    EntryMeta,
+    FileRecord,
+    make_commit,
+    nested_trees,
+    now_iso,
+)
+from vml.plumbing.ignore import IgnoreRules
+from vml.plumbing.images import SaveInputs, image_tree, save_image
+from vml.plumbing.manifests import BLOB_MODE, TREE_MODE, Manifest
+from vml.plumbing.packs import PackReader, PackWriter, write_loose
+from vml.plumbing.repository import Repository
+from vml.plumbing.vm import check_saveable
+from vml.porcelain.common import ProgressFn, check_area_path, label, make_pool, no_progress, read_entry
+
+
+@dataclass
+class CommitResult:
+    """What ``vml commit`` made."""
+
+    entry: str
+    commit: str
+    kind: str
+    parent: str | None
+    read_bytes: int
+    stored_bytes: int
+    logical_bytes: int
+    seconds: float
+    changed_files: list[str]
+    tag: str | None
+    branch: str | None
+
+
+def _chain_root(reader: PackReader, commit: bytes) -> bytes:
+    """The full entry at the root of ``commit``'s dependency chain."""
+    seen = 0
+    while True:
+        e = read_entry(reader, commit)
+        if e.parent is None:
+            return commit
+        commit = e.parent
+        seen += 1
+        if seen > 1 << 20:
+            raise UnknownEntry("entry chain has no root (a cycle?)")
+
+
+def _read_small(path: Path) -> tuple[bytes, os.stat_result]:
+    with open(path, "rb") as f:
+        before = os.fstat(f.fileno())
+        data = f.read()
+        after = os.fstat(f.fileno())
+    if stat_signature(before) != stat_signature(after) or len(data) != before.st_size:
+        raise FileChanged(f"{path.name} changed while it was read")
+    return data, after
+
+
+def commit(
+    repo: Repository,
+    area: Path,
+    *,
+    message: str = "",
+    kind: str | None = None,
+    base: str | None = None,
+    tag: str | None = None,
+    allow_empty: bool = False,
+    force_running: bool = False,
+    include_external: bool = False,
+    progress: ProgressFn = no_progress,
+) -> CommitResult:
+    """Save ``area`` as a new entry of ``repo``.
+
+    ``kind`` is "full", "incremental" (the default) or "differential"
+    (against ``base``, by default the full entry at the root of the area's
+    chain).  An area's first save is always full.
+    """
+    t0 = time.monotonic()
+    if not area.is_dir():
+        raise AreaError(f"no working area at {area}", "check the path, or `vml checkout` into it first")
+    check_area_path(repo, area)
+    if kind not in (None, "full", "incremental", "differential"):
+        raise UsageError(f"unknown entry kind {kind!r}", "use --full, --incremental or --differential")
+    if base is not None and kind not in (None, "differential"):
+        raise UsageError("--base goes with --differential", "add --differential or drop --base")
+    if base is not None:
+        kind = "differential"
+    table = refs_mod.read_refs(repo)
+    if tag is not None:
+        refs_mod.check_name("tag", tag)
+        if tag in table.tags:
+            raise UsageError(f"tag {tag!r} exists already", "choose another name")
+    state = load_state(area) or AreaState()
+    if state.pending:
+        raise AreaError(
+            f"a checkout of {state.pending[:12]} into {area} was interrupted",
+            f"run `vml checkout {state.pending[:12]} {area}` to finish it first",
+        )
+    vm = check_saveable(area, force_running=force_running, include_external=include_external)
+    reader = PackReader(repo)
+    try:
+        known_commits = set(table.entries.values())
+        area_commit = bytes.fromhex(state.entry) if state.entry else None
+        if area_commit is not None and area_commit not in known_commits:
+            area_commit = None  # the area was built from another repository
+        if area_commit is None:
+            if base is not None:
+                raise UsageError("the area has no entry yet, so its first save is full", "drop --base")
+            kind = "full"
+        kind = kind or "incremental"
+        parent: bytes | None
+        if kind == "full":
+            parent = None
+        elif kind == "incremental":
+            parent = area_commit
+        else:
+            parent = (
+                refs_mod.resolve_name(repo, base, table)
+                if base is not None
+                else _chain_root(reader, area_commit)  # type: ignore[arg-type]
+            )
+        parent_entry = read_entry(reader, parent) if parent is not None else None
+        area_entry = read_entry(reader, area_commit) if area_commit is not None else None
+        parent_files = {f.path: f for f in parent_entry.meta.files} if parent_entry else {}
+        area_files = {f.path: f for f in area_entry.meta.files} if area_entry else {}
+
+        rules = IgnoreRules.load(area)
+        files, dirs = scan_area(area, rules.is_ignored)
+        total = sum(f.stat.st_size for f in files)
+        cache = Cache(area, repo.page_size, repo.block_size)
+        cache_ok = cache.valid_for(state.entry) and area_commit is not None
+        writer = PackWriter(repo)
+        cwriter = CacheWriter(area, repo.page_size, repo.block_size)
+        done = 0
+        read_bytes = 0
+        records: list[FileRecord] = []
+        small_items: dict[str, tuple[int, bytes]] = {}
+        image_items: dict[str, tuple[int, bytes]] = {}
+        pool = make_pool()
+        try:
+            for af in files:
+                full_path = area / af.path
+                st = af.stat
+                mode = 0o100755 if st.st_mode & 0o111 else 0o100644
+                if st.st_size <= repo.block_size:
+                    data, st = _read_small(full_path)
+                    blob = Blob.from_string(data)
+                    writer.add_object(blob)
+                    sha = hashlib.sha256(data).hexdigest()
+                    small_items[af.path] = (mode, bytes.fromhex(blob.id.decode()))
+                    records.append(
+                        FileRecord(af.path, "small", mode, st.st_mtime_ns, st.st_size, sha)
+                    )
+                    cwriter.add(af.path, CachedFile("small", st.st_size, sha, stat_signature(st)))
+                    read_bytes += st.st_size
+                    done += st.st_size
+                    progress("read", done, total)
+                    continue
+                pf = parent_files.get(af.path)
+                parent_img: ResolvedImage | None = None
+                if parent is not None and pf is not None and pf.kind == "image":
+                    parent_img = resolve_image(reader, parent, af.path)
+                cached = cache.files.get(af.path) if cache_ok else None
+                recs = cache.records(af.path) if cached is not None else None
+                if (
+                    parent is not None
+                    and parent == area_commit
+                    and parent_img is not None
+                    and cached is not None
+                    and recs is not None
+                    and cached.kind == "image"
+                    and cached.stat == stat_signature(st)
+                    and parent_img.manifest.size == st.st_size
+                ):
+                    # Unchanged since the entry it extends: a manifest and nothing else.
+                    man = Manifest(
+                        st.st_size, cached.sha256, repo.block_size, repo.page_size, base=False
+                    )
+                    tree = image_tree(writer, man, {})
+                    rec_path = cache.area / ".vml" / "cache" / (cached.pages or "")
+                    name = cwriter.reuse_records(rec_path)
+                    recs.close()
+                    sha256 = cached.sha256
+                    done += st.st_size
+                    progress("read", done, total)
+                else:
+                    area_img: ResolvedImage | None = None
+                    if recs is not None and area_commit != parent and parent_img is not None:
+                        af_old = area_files.get(af.path)
+                        if af_old is not None and af_old.kind == "image":
+                            area_img = resolve_image(reader, area_commit, af.path)  # type: ignore[arg-type]
+
+                    def match(n: int, p: ResolvedImage | None = parent_img, a: ResolvedImage | None = area_img) -> bool:
+                        if p is None:
+                            return False
+                        if a is None:
+                            return parent == area_commit
+                        ln = p.manifest.block_length(n)
+                        return a.recipe(n, ln) == p.recipes[n]
+
+                    name, out = cwriter.new_records()
+                    start = done
+
+                    def tick(n: int, base: int = start) -> None:
+                        nonlocal done
+                        done += n
+                        progress("read", done, total)
+
+                    try:
+                        tree, man, nread, _stored = save_image(
+                            reader,
+                            writer,
+                            pool,
+                            full_path,
+                            st.st_size,
+                            repo.block_size,
+                            repo.page_size,
+                            SaveInputs(parent_img, recs, match),
+                            out,  # type: ignore[arg-type]
+                            tick,
+                        )
+                    finally:
+                        out.close()  # type: ignore[attr-defined]
+                        if recs is not None:
+                            recs.close()
+                    read_bytes += nread
+                    sha256 = man.sha256
+                image_items[af.path] = (TREE_MODE, bytes.fromhex(tree.id.decode()))
+                records.append(FileRecord(af.path, "image", mode, st.st_mtime_ns, st.st_size, sha256))
+                cwriter.add(
+                    af.path, CachedFile("image", st.st_size, sha256, stat_signature(st), name)
+                )
+        except BaseException:
+            writer.abort()
+            cwriter.abort()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+        changed = _changed_files(records, area_files, dirs, area_entry)
+        if area_entry is not None and not changed and not allow_empty:
+            writer.abort()
+            cwriter.abort()
+            raise NothingToCommit(f"nothing changed in {area} since {label(table, area_commit)}")
+
+        meta = EntryMeta(
+            kind=kind,
+            parent=parent.hex() if parent else None,
+            area=str(area.resolve()),
+            area_id=state.area_id,
+            created=now_iso(),
+            message=message,
+            files=records,
+            dirs=dirs,
+            vm=vm.to_json(),
+            stats={
+                "read_bytes": read_bytes,
+                "stored_bytes": 0,
+                "logical_bytes": total,
+            },
+        )
+        # stored bytes of the data objects; metadata and trees are tiny
+        meta.stats["stored_bytes"] = writer.stored_bytes
+        meta_blob = Blob.from_string(meta.encode())
+        writer.add_object(meta_blob)
+        root_items: dict[str, tuple[int, bytes]] = {
+            META_NAME.decode(): (BLOB_MODE, bytes.fromhex(meta_blob.id.decode()))
+        }
+        for prefix, items in ((FILES_NAME, small_items), (IMAGES_NAME, image_items)):
+            if items:
+                top, made = nested_trees(items)
+                for t in made:
+                    writer.add_object(t)
+                root_items[prefix.decode()] = (TREE_MODE, bytes.fromhex(top.id.decode()))
+        root, made = nested_trees(root_items)
+        for t in made:
+            writer.add_object(t)
+        stored = writer.stored_bytes
+        writer.finish()
+
+        with repo.lock():
+            table = refs_mod.read_refs(repo)
+            if tag is not None and tag in table.tags:
+                raise UsageError(f"tag {tag!r} was made while saving", "choose another name")
+            n = refs_mod.next_number(table)
+            trailers = [
+                ("VML-Entry", f"E{n}"),
+                ("VML-Kind", kind),
+                ("VML-Parent", label(table, parent) or "none"),
+                ("VML-Area", str(area.resolve())),
+            ]
+            c = make_commit(bytes.fromhex(root.id.decode()), parent, message, trailers)
+            cid = write_loose(repo, c)
+            refs_mod.set_ref(repo, refs_mod.entry_ref(n), cid)
+            if tag is not None:
+                refs_mod.set_ref(repo, refs_mod.TAG_PREFIX + tag.encode(), cid)
+            branch = state.branch
+            if branch is not None:
+                old = table.branches.get(branch)
+                refs_mod.set_ref(repo, refs_mod.BRANCH_PREFIX + branch.encode(), cid, old)
+        cwriter.commit(cid.hex())
+        state.entry = cid.hex()
+        state.repository = str(repo.path.resolve())
+        save_state(area, state)
+        repo.register_area(area)
+        return CommitResult(
+            entry=f"E{n}",
+            commit=cid.hex(),
+            kind=kind,
+            parent=label(table, parent),
+            read_bytes=read_bytes,
+            stored_bytes=stored,
+            logical_bytes=total,
+            seconds=time.monotonic() - t0,
+            changed_files=changed,
+            tag=tag,
+            branch=state.branch,
+        )
+    finally:
+        reader.close()
+
+
+def _changed_files(
+    records: list[FileRecord],
+    old: dict[str, FileRecord],
+    dirs: list[str],
+    old_entry: object,
+) -> list[str]:
+    """Files that differ from the area's entry (content, mode or presence)."""
+    out = []
+    new = {r.path: r for r in records}
+    for p, r in new.items():
+        o = old.get(p)
+        if o is None or o.sha256 != r.sha256 or o.mode != r.mode or o.size != r.size:
+            out.append(p)
+    out += [p for p in old if p not in new]
+    old_dirs = getattr(getattr(old_entry, "meta", None), "dirs", [])
+    if sorted(dirs) != sorted(old_dirs):
+        out += sorted(set(dirs) ^ set(old_dirs))
+    return sorted(out)

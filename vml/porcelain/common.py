@@ -1,0 +1,101 @@
+"""What several commands share: finding the repository, naming entries, reading them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from vml.errors import AreaError, RepositoryNotFound
+from vml.plumbing.areas import AreaState, load_state
+from vml.plumbing.entries import Entry, load_entry
+from vml.plumbing.packs import PackReader
+from vml.plumbing.refs import RefTable
+from vml.plumbing.repository import Repository, is_repository, open_repository
+
+# (phase, done, total): phases are "read", "write", "verify"; bytes.
+ProgressFn = Callable[[str, int, int], None]
+
+
+def no_progress(phase: str, done: int, total: int) -> None:
+    """A progress callback that ignores everything."""
+
+
+def workers() -> int:
+    """Threads for hashing and compression: one per core, at least two."""
+    import os
+
+    return max(2, len(os.sched_getaffinity(0)))
+
+
+def make_pool() -> ThreadPoolExecutor:
+    """The thread pool hashing, compression and inflation run in."""
+    return ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="vml")
+
+
+def find_repository(
+    explicit: Path | None, env: str | None, area: Path | None, default: Path
+) -> Path:
+    """Where the repository is: ``--repo``, ``$VML_REPO``, the area's own, the user default."""
+    if explicit is not None:
+        return explicit
+    if env:
+        return Path(env)
+    if area is not None:
+        try:
+            state = load_state(area)
+        except AreaError:
+            state = None
+        if state is not None and state.repository:
+            return Path(state.repository)
+    return default
+
+
+def open_repo(path: Path) -> Repository:
+    """Open the repository or say how to make one."""
+    if not is_repository(path):
+        raise RepositoryNotFound(f"no VML repository at {path}")
+    return open_repository(path)
+
+
+def label(table: RefTable, commit: bytes | None) -> str | None:
+    """``E3`` for a commit with an entry number, else a short commit id."""
+    if commit is None:
+        return None
+    n = table.number_of(commit)
+    return f"E{n}" if n is not None else commit.hex()[:12]
+
+
+def read_entry(reader: PackReader, commit: bytes) -> Entry:
+    """Load an entry (commit + metadata)."""
+    return load_entry(lambda sha, t: reader.read(sha, t)[1], commit)
+
+
+@dataclass
+class AreaInfo:
+    """An area and the entry it holds."""
+
+    path: Path
+    state: AreaState | None
+
+
+def area_entry(area: Path) -> AreaInfo:
+    """The area's state (None when VML has never used the folder)."""
+    return AreaInfo(area, load_state(area) if area.is_dir() else None)
+
+
+def check_area_path(repo: Repository, area: Path) -> None:
+    """Refuse an area inside the repository or a repository inside the area."""
+    a = area.resolve()
+    r = repo.path.resolve()
+    if a == r or r in a.parents:
+        raise AreaError(
+            f"the area {area} lies inside the repository {repo.path}",
+            "keep working areas outside the repository folder",
+        )
+    if a in r.parents:
+        raise AreaError(
+            f"the repository {repo.path} lies inside the area {area}",
+            "move the repository out of the area (or the area away from it)",
+        )

@@ -1,0 +1,163 @@
+"""``vml status``: what changed in an area since the entry it holds."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vml.errors import AreaError
+from vml.plumbing import refs as refs_mod
+from vml.plumbing.areas import (
+    AreaState,
+    Cache,
+    block_hash,
+    load_state,
+    page_hashes,
+    scan_area,
+    stat_signature,
+)
+from vml.plumbing.entries import Entry
+from vml.plumbing.ignore import IgnoreRules
+from vml.plumbing.packs import PackReader
+from vml.plumbing.repository import Repository
+from vml.plumbing.vm import inspect_area
+from vml.porcelain.common import label, read_entry
+
+
+@dataclass
+class FileChange:
+    """One file that differs from the area's entry."""
+
+    path: str
+    change: str  # "modified" | "added" | "removed"
+    size: int
+    changed_bytes: int | None = None  # for large files, when known
+
+
+@dataclass
+class StatusResult:
+    """The state of an area."""
+
+    area: str
+    entry: str | None
+    commit: str | None
+    branch: str | None
+    pending: str | None
+    changes: list[FileChange] = field(default_factory=list)
+    vm: dict[str, object] | None = None
+
+    @property
+    def clean(self) -> bool:
+        """True when nothing changed since the entry."""
+        return not self.changes and self.pending is None
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _changed_bytes(path: Path, cache: Cache, rel: str, size: int) -> int | None:
+    """Bytes in blocks whose hash differs from the cache's (None without records)."""
+    recs = cache.records(rel)
+    if recs is None:
+        return None
+    bs = cache.block_size
+    ps = cache.page_size
+    changed = 0
+    try:
+        with open(path, "rb") as f:
+            n = 0
+            while True:
+                data = f.read(bs)
+                if not data:
+                    break
+                old = recs.block_hash(n)
+                if old is None or old != block_hash(data):
+                    if old is None:
+                        changed += len(data)
+                    else:
+                        new_pages = page_hashes(data, ps, bs // ps)
+                        old_pages = recs.page_hashes(n)
+                        for k in range(0, len(data), ps):
+                            i = 8 * (k // ps)
+                            if new_pages[i : i + 8] != old_pages[i : i + 8]:
+                                changed += min(ps, len(data) - k)
+                n += 1
+    finally:
+        recs.close()
+    return changed
+
+
+def area_changes(
+    area: Path, state: AreaState, entry: Entry | None, cache: Cache, *, detail: bool = True
+) -> list[FileChange]:
+    """Compare the area with its entry, reading only files whose ``stat`` changed."""
+    files, _dirs = scan_area(area, IgnoreRules.load(area).is_ignored)
+    old = {f.path: f for f in entry.meta.files} if entry else {}
+    cache_ok = cache.valid_for(state.entry)
+    out: list[FileChange] = []
+    for af in files:
+        st = af.stat
+        o = old.pop(af.path, None)
+        if o is None:
+            out.append(FileChange(af.path, "added", st.st_size, st.st_size))
+            continue
+        mode = 0o100755 if st.st_mode & 0o111 else 0o100644
+        cached = cache.files.get(af.path) if cache_ok else None
+        if cached is not None and cached.stat == stat_signature(st) and mode == o.mode:
+            continue
+        if mode != o.mode:
+            out.append(FileChange(af.path, "modified", st.st_size, 0))
+            continue
+        if st.st_size == o.size and _sha256_file(area / af.path) == o.sha256:
+            continue
+        changed: int | None = None
+        if o.kind == "image" and cached is not None and detail:
+            changed = _changed_bytes(area / af.path, cache, af.path, st.st_size)
+        elif o.kind == "small":
+            changed = st.st_size
+        out.append(FileChange(af.path, "modified", st.st_size, changed))
+    for p, o in sorted(old.items()):
+        out.append(FileChange(p, "removed", o.size, o.size))
+    return out
+
+
+def status(repo: Repository, area: Path) -> StatusResult:
+    """The area's entry and its changes since."""
+    if not area.is_dir():
+        raise AreaError(f"no working area at {area}", "check the path")
+    state = load_state(area) or AreaState()
+    table = refs_mod.read_refs(repo)
+    reader = PackReader(repo)
+    try:
+        entry = None
+        commit = bytes.fromhex(state.entry) if state.entry else None
+        if commit is not None and commit in set(table.entries.values()):
+            entry = read_entry(reader, commit)
+        cache = Cache(area, repo.page_size, repo.block_size)
+        changes = area_changes(area, state, entry, cache)
+        vm = inspect_area(area)
+        return StatusResult(
+            area=str(area),
+            entry=label(table, commit),
+            commit=state.entry,
+            branch=state.branch,
+            pending=state.pending,
+            changes=changes,
+            vm=vm.to_json(),
+        )
+    finally:
+        reader.close()
+
+
+def is_dirty(area: Path, state: AreaState, entry: Entry | None, cache: Cache) -> list[str]:
+    """Paths that differ from the area's entry (empty when clean)."""
+    if not any(os.scandir(area)):
+        return []
+    return [c.path for c in area_changes(area, state, entry, cache, detail=False)]
