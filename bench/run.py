@@ -33,7 +33,7 @@ if __package__ in (None, ""):
     # Run as a script (python bench/run.py): make the repo root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.measure import CommandError, disk_usage, median, run_measured
+from bench.measure import CommandError, Measurement, disk_usage, median, run_measured
 from bench.report import attach_targets, draw_chart, format_table, write_json
 from bench.tools import TOOLS, Tool, VmlTool
 from bench.workload import (
@@ -131,14 +131,14 @@ def _fresh(path: Path) -> Path:
 
 def _restore_and_check(
     tool: Tool, state: int, dest: Path, expected: dict[str, str]
-) -> tuple[float, int, bool]:
-    """Restore ``state`` into a fresh ``dest``; return seconds, peak RSS, identical."""
+) -> tuple[Measurement, bool]:
+    """Restore ``state`` into a fresh ``dest``; return the measurement and identical."""
     _fresh(dest)
     m = tool.restore(state, dest)
     root = find_area_root(dest)
     ok = root is not None and hash_area(root) == expected
     shutil.rmtree(dest, ignore_errors=True)
-    return m.seconds, m.peak_rss, ok
+    return m, ok
 
 
 def bench_tools(
@@ -176,6 +176,7 @@ def bench_tools(
                 {
                     "state": state,
                     "seconds": m.seconds,
+                    "sync_seconds": m.sync_seconds,
                     "peak_rss": m.peak_rss,
                     "repo_allocated": du.allocated,
                     "repo_apparent": du.apparent,
@@ -189,10 +190,11 @@ def bench_tools(
             restore_rss = 0
             for which, state in (("first", 1), ("last", states)):
                 log(f"{name} restore state {state}")
-                secs, rss, ok = _restore_and_check(tool, state, scratch / "restore", hashes[state])
-                r[f"restore_{which}_s"] = secs
+                m, ok = _restore_and_check(tool, state, scratch / "restore", hashes[state])
+                r[f"restore_{which}_s"] = m.seconds
+                r[f"restore_{which}_sync_s"] = m.sync_seconds
                 r[f"restore_{which}_ok"] = ok
-                restore_rss = max(restore_rss, rss)
+                restore_rss = max(restore_rss, m.peak_rss)
             r["restore_peak_rss"] = restore_rss
         except (CommandError, OSError, RuntimeError) as e:
             r["error"] = f"restore: {e}"
@@ -239,12 +241,10 @@ def bench_chain(pristine: Path, spec: WorkloadSpec, depth: int, scratch: Path) -
         tip: list[float] = []
         full: list[float] = []
         for _ in range(2):
-            secs, _, out["tip_ok"] = _restore_and_check(vml, depth, scratch / "restore", expected)
-            tip.append(secs)
-            secs, _, out["full_ok"] = _restore_and_check(
-                vml, depth + 1, scratch / "restore", expected
-            )
-            full.append(secs)
+            m, out["tip_ok"] = _restore_and_check(vml, depth, scratch / "restore", expected)
+            tip.append(m.seconds)
+            m, out["full_ok"] = _restore_and_check(vml, depth + 1, scratch / "restore", expected)
+            full.append(m.seconds)
         out["restore_tip_s"] = min(tip)
         out["restore_full_s"] = min(full)
         try:

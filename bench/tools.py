@@ -25,6 +25,7 @@ def _combine(*steps: Measurement) -> Measurement:
         seconds=sum(s.seconds for s in steps),
         peak_rss=max(s.peak_rss for s in steps),
         stdout="".join(s.stdout for s in steps),
+        sync_seconds=sum(s.sync_seconds for s in steps),
     )
 
 
