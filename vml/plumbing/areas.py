@@ -98,7 +98,7 @@ class BlockRecords:
 
     def __init__(self, path: Path, page_size: int, block_size: int) -> None:
         self.rec = _record_size(page_size, block_size)
-        self._f = open(path, "rb")
+        self._f = open(path, "rb")  # noqa: SIM115 (lives as long as the mmap)
         size = os.fstat(self._f.fileno()).st_size
         self.count = size // self.rec
         self._mm: mmap.mmap | None = (
@@ -280,9 +280,7 @@ def scan_area(
                     raise AreaError(f"cannot save a file named {r!r}", "rename it")
                 files.append(AreaFile(r, st))
             else:
-                raise AreaError(
-                    f"{r} is not a regular file", "remove it or list it in .vmlignore"
-                )
+                raise AreaError(f"{r} is not a regular file", "remove it or list it in .vmlignore")
         return found
 
     walk(area, "")

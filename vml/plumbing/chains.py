@@ -64,6 +64,7 @@ class ResolvedImage:
 def commit_tree_parent(reader: PackReader, commit: bytes) -> tuple[bytes, bytes | None]:
     """The root tree and the single parent of an entry commit."""
     c = Commit.from_raw_string(1, reader.read(commit, 1)[1])
+    assert isinstance(c, Commit)
     if len(c.parents) > 1:
         raise CorruptRepository(f"commit {commit.hex()} has several parents; not a VML entry")
     parent = bytes.fromhex(c.parents[0].decode()) if c.parents else None

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
 
-from dulwich.objects import Commit, Tree
+from dulwich.objects import Commit, ObjectID, Tree
 
 from vml.errors import CorruptRepository, HostileRepository
 from vml.plumbing.manifests import BLOB_MODE, TREE_MODE, parse_tree
@@ -118,8 +118,10 @@ class EntryMeta:
         if meta.kind not in KINDS:
             raise CorruptRepository(f"entry has unknown kind {meta.kind!r}")
         for f in meta.files:
-            if f.kind not in ("small", "image") or f.size < 0 or not re.fullmatch(
-                r"[0-9a-f]{64}", f.sha256
+            if (
+                f.kind not in ("small", "image")
+                or f.size < 0
+                or not re.fullmatch(r"[0-9a-f]{64}", f.sha256)
             ):
                 raise CorruptRepository(f"entry metadata for {f.path} is malformed")
         return meta
@@ -153,7 +155,7 @@ def nested_trees(items: dict[str, tuple[int, bytes]]) -> tuple[Tree, list[Tree]]
             else:
                 assert isinstance(value, tuple)
                 mode, sha = value
-                tree.add(name.encode(), mode, sha.hex().encode())
+                tree.add(name.encode(), mode, ObjectID(sha.hex().encode()))
         made.append(tree)
         return tree
 
@@ -170,8 +172,8 @@ def make_commit(
 ) -> Commit:
     """A commit object for an entry (ids are binary)."""
     c = Commit()
-    c.tree = tree_id.hex().encode()
-    c.parents = [parent.hex().encode()] if parent else []
+    c.tree = ObjectID(tree_id.hex().encode())
+    c.parents = [ObjectID(parent.hex().encode())] if parent else []
     c.author = c.committer = AUTHOR
     t = int(time.time()) if when is None else when
     c.author_time = c.commit_time = t
@@ -232,6 +234,7 @@ def load_entry(read: ReadObject, commit_id: bytes) -> Entry:
     """Read an entry's commit and metadata."""
     raw = read(commit_id, 1)
     c = Commit.from_raw_string(1, raw)
+    assert isinstance(c, Commit)
     parents = [bytes.fromhex(p.decode()) for p in c.parents]
     if len(parents) > 1:
         raise CorruptRepository(f"commit {commit_id.hex()} has several parents; not a VML entry")
@@ -239,7 +242,9 @@ def load_entry(read: ReadObject, commit_id: bytes) -> Entry:
     items = root_items(read, tree)
     meta_item = items.get(META_NAME)
     if meta_item is None or meta_item[0] != BLOB_MODE:
-        raise CorruptRepository(f"commit {commit_id.hex()} is not a VML entry (no {META_NAME.decode()})")
+        raise CorruptRepository(
+            f"commit {commit_id.hex()} is not a VML entry (no {META_NAME.decode()})"
+        )
     meta = EntryMeta.decode(read(meta_item[1], 3))
     return Entry(
         commit=commit_id,

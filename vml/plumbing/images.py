@@ -184,8 +184,7 @@ def save_image(
         before = stat_signature(os.fstat(fd))
         holes = _HoleMap(data_ranges(fd, size))
         spans = [
-            (n, n * block_size, min(block_size, size - n * block_size))
-            for n in range(nblocks)
+            (n, n * block_size, min(block_size, size - n * block_size)) for n in range(nblocks)
         ]
         has_data = [holes.has_data(off, off + ln) for _, off, ln in spans]
 

@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from dulwich.objects import Tree
+from dulwich.objects import ObjectID, Tree
 
 from vml.errors import CorruptRepository, HostileRepository
 
@@ -165,7 +165,9 @@ def block_trees(blocks: dict[int, BlockRef]) -> tuple[Tree | None, list[Tree]]:
             cur_b = b
         is_delta, sha = blocks[n]
         assert leaf is not None
-        leaf.add(b"%02x.d" % c if is_delta else b"%02x" % c, BLOB_MODE, sha.hex().encode())
+        leaf.add(
+            b"%02x.d" % c if is_delta else b"%02x" % c, BLOB_MODE, ObjectID(sha.hex().encode())
+        )
     assert leaf is not None and mid is not None
     mid.add(b"%02x" % cur_b, TREE_MODE, leaf.id)
     made.append(leaf)
@@ -217,4 +219,3 @@ def read_block_map(
                     raise HostileRepository(f"block {n} lies beyond the end of its file")
                 out[n] = (m.group(2) is not None, c_sha)
     return out
-

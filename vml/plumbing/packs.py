@@ -19,10 +19,9 @@ import struct
 import threading
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from dulwich.objects import ShaFile, sha_to_hex
 from dulwich.object_format import DEFAULT_OBJECT_FORMAT
+from dulwich.objects import RawObjectID, ShaFile, sha_to_hex
 from dulwich.pack import load_pack_index, write_pack_index_v2
 from isal import isal_zlib
 
@@ -86,7 +85,7 @@ class PackWriter:
         pack_dir.mkdir(parents=True, exist_ok=True)
         self._dir = pack_dir
         self._tmp = pack_dir / f"tmp_vml_{os.getpid()}_{threading.get_ident()}_{id(self)}.pack"
-        self._f = open(self._tmp, "w+b")
+        self._f = open(self._tmp, "w+b")  # noqa: SIM115 (closed by finish/abort)
         self._f.write(b"PACK" + struct.pack(">LL", 2, 0))
         self._offset = 12
 
@@ -234,7 +233,7 @@ class PackReader:
         """True when a pack or the loose store holds ``sha``."""
         if self._locate(sha) is not None:
             return True
-        return self.repo.git.object_store.contains_loose(sha_to_hex(sha))
+        return self.repo.git.object_store.contains_loose(sha_to_hex(RawObjectID(sha)))
 
     def in_packs(self, sha: bytes) -> bool:
         """True when one of the loaded packs holds ``sha`` (no loose look-up)."""
@@ -249,7 +248,9 @@ class PackReader:
         if got is None:
             try:
                 with self._lock:
-                    type_num, data = self.repo.git.object_store.get_raw(sha_to_hex(sha))
+                    type_num, data = self.repo.git.object_store.get_raw(
+                        sha_to_hex(RawObjectID(sha))
+                    )
             except KeyError:
                 raise CorruptRepository(f"object {sha.hex()} is missing") from None
             got = (type_num, bytes(data))
@@ -257,7 +258,9 @@ class PackReader:
         h = hashlib.sha1(TYPE_NAMES.get(type_num, b"?") + b" %d\0" % len(data))
         h.update(data)
         if h.digest() != sha:
-            raise CorruptRepository(f"object {sha.hex()} is damaged (its content does not match its id)")
+            raise CorruptRepository(
+                f"object {sha.hex()} is damaged (its content does not match its id)"
+            )
         if expect_type is not None and type_num != expect_type:
             raise CorruptRepository(
                 f"object {sha.hex()} is a {TYPE_NAMES.get(type_num, b'?').decode()}, expected a "
@@ -298,8 +301,10 @@ class PackReader:
                 if total > size:
                     break
                 want = 1 << 20
-        except isal_zlib.error as e:
-            raise CorruptRepository(f"object at pack offset {offset} does not inflate: {e}") from None
+        except Exception as e:  # isal raises its own IsalError
+            raise CorruptRepository(
+                f"object at pack offset {offset} does not inflate: {e}"
+            ) from None
         data = b"".join(parts)
         if len(data) != size:
             raise CorruptRepository(f"object at pack offset {offset} has the wrong size")

@@ -12,7 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from dulwich.refs import check_ref_format
+from dulwich.objects import ObjectID
+from dulwich.refs import Ref, check_ref_format
 
 from vml.errors import AmbiguousEntry, UnknownEntry, UsageError
 from vml.plumbing.repository import Repository, fsync_dir
@@ -28,8 +29,8 @@ def entry_ref(n: int) -> bytes:
     return ENTRY_PREFIX + str(n).encode()
 
 
-def _hex(value: bytes) -> bytes:
-    return value if len(value) == 40 else value.hex().encode()
+def _hex(value: bytes) -> ObjectID:
+    return ObjectID(value if len(value) == 40 else value.hex().encode())
 
 
 @dataclass
@@ -115,21 +116,28 @@ def next_number(table: RefTable) -> int:
 
 def check_name(kind: str, name: str) -> None:
     """Refuse tag and branch names git would refuse, or that look like E-numbers."""
-    if _E.match(name) or "/" in name or not check_ref_format(b"refs/x/" + name.encode()):
+    if _E.match(name) or "/" in name or not check_ref_format(Ref(b"refs/x/" + name.encode())):
         raise UsageError(
             f"{name!r} is not a valid {kind} name",
             "use letters, digits, '-', '_' and '.', no '/', and not an E-number",
         )
 
 
-def set_ref(repo: Repository, ref: bytes, new: bytes, old: bytes | None = None) -> None:
-    """Point ``ref`` at ``new`` atomically; if ``old`` is given, only if it still holds it."""
+def set_ref(
+    repo: Repository, ref: bytes, new: bytes, old: bytes | None = None, *, create: bool = False
+) -> None:
+    """Point ``ref`` at ``new`` atomically.
+
+    With ``old``, only if the ref still holds it; with ``create``, only if the
+    ref does not exist yet (entry refs are never overwritten).
+    """
     refs = repo.git.refs
-    ok = (
-        refs.set_if_equals(ref, _hex(old), _hex(new))
-        if old is not None
-        else refs.set_if_equals(ref, None, _hex(new))
-    )
+    if create:
+        ok = refs.add_if_new(Ref(ref), _hex(new))
+    elif old is not None:
+        ok = refs.set_if_equals(Ref(ref), _hex(old), _hex(new))
+    else:
+        ok = refs.set_if_equals(Ref(ref), None, _hex(new))
     if not ok:
         raise UsageError(f"{ref.decode()} moved while this command ran", "run the command again")
     fsync_dir((repo.path / ref.decode()).parent)
@@ -137,7 +145,7 @@ def set_ref(repo: Repository, ref: bytes, new: bytes, old: bytes | None = None) 
 
 def delete_ref(repo: Repository, ref: bytes) -> None:
     """Remove ``ref``."""
-    repo.git.refs.remove_if_equals(ref, None)
+    repo.git.refs.remove_if_equals(Ref(ref), None)
     parent = (repo.path / ref.decode()).parent
     if parent.exists():
         fsync_dir(parent)

@@ -93,8 +93,8 @@ class Repository:
 
     def reopen_store(self) -> None:
         """Forget cached pack lists so packs written since are seen."""
-        self.git.object_store._pack_cache_time = 0
-        self.git.object_store._update_pack_cache()
+        # Reading the property rescans the pack folder for new packs.
+        _ = self.git.object_store.packs
 
     @contextmanager
     def lock(self, timeout: float = 30.0, what: str = "repository") -> Iterator[None]:

@@ -29,7 +29,14 @@ from vml.plumbing.images import write_image
 from vml.plumbing.manifests import BLOB_MODE
 from vml.plumbing.packs import BLOB, PackReader
 from vml.plumbing.repository import Repository, fsync_dir
-from vml.porcelain.common import ProgressFn, check_area_path, label, make_pool, no_progress, read_entry
+from vml.porcelain.common import (
+    ProgressFn,
+    check_area_path,
+    label,
+    make_pool,
+    no_progress,
+    read_entry,
+)
 from vml.porcelain.status import area_changes
 
 
@@ -157,7 +164,10 @@ def checkout(
                     pages = None
                     if cached.pages:
                         pages = cwriter.reuse_records(area / AREA_DIR / "cache" / cached.pages)
-                    cwriter.add(rec.path, CachedFile(rec.kind, rec.size, rec.sha256, stat_signature(st), pages))
+                    cwriter.add(
+                        rec.path,
+                        CachedFile(rec.kind, rec.size, rec.sha256, stat_signature(st), pages),
+                    )
                     done += rec.size
                     progress("write", done, total)
                     continue
@@ -184,7 +194,9 @@ def checkout(
                             raise NoSpace(f"no space left to write {rec.path}") from None
                         raise
                     st = _finish_file(fd, tmp, dest, rec)
-                    cwriter.add(rec.path, CachedFile("small", rec.size, rec.sha256, stat_signature(st)))
+                    cwriter.add(
+                        rec.path, CachedFile("small", rec.size, rec.sha256, stat_signature(st))
+                    )
                     written += rec.size
                 else:
                     image = resolve_image(reader, commit, rec.path)
@@ -210,7 +222,13 @@ def checkout(
                             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
                         try:
                             written += write_image(
-                                reader, pool, image, fd, old_img, tick, out  # type: ignore[arg-type]
+                                reader,
+                                pool,
+                                image,
+                                fd,
+                                old_img,
+                                tick,
+                                out,  # type: ignore[arg-type]
                             )
                         except BaseException:
                             os.close(fd)
@@ -220,7 +238,10 @@ def checkout(
                     finally:
                         out.close()  # type: ignore[attr-defined]
                     st = _finish_file(fd, tmp, dest, rec)
-                    cwriter.add(rec.path, CachedFile("image", rec.size, rec.sha256, stat_signature(st), name_rec))
+                    cwriter.add(
+                        rec.path,
+                        CachedFile("image", rec.size, rec.sha256, stat_signature(st), name_rec),
+                    )
             for d in target.meta.dirs:
                 _safe_target(area, d + "/x").parent.mkdir(parents=True, exist_ok=True)
             keep = {f.path for f in target.meta.files}
@@ -262,7 +283,12 @@ def checkout(
 
 
 def restore(
-    repo: Repository, name: str, area: Path, *, force: bool = False, progress: ProgressFn = no_progress
+    repo: Repository,
+    name: str,
+    area: Path,
+    *,
+    force: bool = False,
+    progress: ProgressFn = no_progress,
 ) -> CheckoutResult:
     """Go back to entry ``name`` in ``area``; the next save becomes its child."""
     if not (area / AREA_DIR).is_dir():

@@ -39,7 +39,14 @@ from vml.plumbing.manifests import BLOB_MODE, TREE_MODE, Manifest
 from vml.plumbing.packs import PackReader, PackWriter, write_loose
 from vml.plumbing.repository import Repository
 from vml.plumbing.vm import check_saveable
-from vml.porcelain.common import ProgressFn, check_area_path, label, make_pool, no_progress, read_entry
+from vml.porcelain.common import (
+    ProgressFn,
+    check_area_path,
+    label,
+    make_pool,
+    no_progress,
+    read_entry,
+)
 
 
 @dataclass
@@ -103,10 +110,14 @@ def commit(
     """
     t0 = time.monotonic()
     if not area.is_dir():
-        raise AreaError(f"no working area at {area}", "check the path, or `vml checkout` into it first")
+        raise AreaError(
+            f"no working area at {area}", "check the path, or `vml checkout` into it first"
+        )
     check_area_path(repo, area)
     if kind not in (None, "full", "incremental", "differential"):
-        raise UsageError(f"unknown entry kind {kind!r}", "use --full, --incremental or --differential")
+        raise UsageError(
+            f"unknown entry kind {kind!r}", "use --full, --incremental or --differential"
+        )
     if base is not None and kind not in (None, "differential"):
         raise UsageError("--base goes with --differential", "add --differential or drop --base")
     if base is not None:
@@ -131,7 +142,9 @@ def commit(
             area_commit = None  # the area was built from another repository
         if area_commit is None:
             if base is not None:
-                raise UsageError("the area has no entry yet, so its first save is full", "drop --base")
+                raise UsageError(
+                    "the area has no entry yet, so its first save is full", "drop --base"
+                )
             kind = "full"
         kind = kind or "incremental"
         parent: bytes | None
@@ -216,7 +229,11 @@ def commit(
                         if af_old is not None and af_old.kind == "image":
                             area_img = resolve_image(reader, area_commit, af.path)  # type: ignore[arg-type]
 
-                    def match(n: int, p: ResolvedImage | None = parent_img, a: ResolvedImage | None = area_img) -> bool:
+                    def match(
+                        n: int,
+                        p: ResolvedImage | None = parent_img,
+                        a: ResolvedImage | None = area_img,
+                    ) -> bool:
                         if p is None:
                             return False
                         if a is None:
@@ -252,7 +269,9 @@ def commit(
                     read_bytes += nread
                     sha256 = man.sha256
                 image_items[af.path] = (TREE_MODE, bytes.fromhex(tree.id.decode()))
-                records.append(FileRecord(af.path, "image", mode, st.st_mtime_ns, st.st_size, sha256))
+                records.append(
+                    FileRecord(af.path, "image", mode, st.st_mtime_ns, st.st_size, sha256)
+                )
                 cwriter.add(
                     af.path, CachedFile("image", st.st_size, sha256, stat_signature(st), name)
                 )
@@ -317,9 +336,9 @@ def commit(
             ]
             c = make_commit(bytes.fromhex(root.id.decode()), parent, message, trailers)
             cid = write_loose(repo, c)
-            refs_mod.set_ref(repo, refs_mod.entry_ref(n), cid)
+            refs_mod.set_ref(repo, refs_mod.entry_ref(n), cid, create=True)
             if tag is not None:
-                refs_mod.set_ref(repo, refs_mod.TAG_PREFIX + tag.encode(), cid)
+                refs_mod.set_ref(repo, refs_mod.TAG_PREFIX + tag.encode(), cid, create=True)
             branch = state.branch
             if branch is not None:
                 old = table.branches.get(branch)

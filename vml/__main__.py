@@ -1,0 +1,5 @@
+"""``python -m vml``."""
+
+from vml.cli.app import main
+
+main()

@@ -1,0 +1,75 @@
+"""``vml areas``: the working areas that use a repository."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from vml.errors import VMLError
+from vml.plumbing import refs as refs_mod
+from vml.plumbing.areas import Cache, load_state
+from vml.plumbing.packs import PackReader
+from vml.plumbing.repository import Repository
+from vml.porcelain.common import label, read_entry
+from vml.porcelain.status import area_changes
+
+
+@dataclass
+class AreaSummary:
+    """One area: the entry it holds and whether it has unsaved changes."""
+
+    path: str
+    exists: bool
+    entry: str | None
+    branch: str | None
+    dirty: bool | None  # None when it cannot be told (missing, unreadable)
+    changed: list[str]
+    pending: str | None
+    vm: dict[str, object] | None = None
+
+    def to_json(self) -> dict[str, object]:
+        """The ``--json`` form."""
+        return dict(self.__dict__)
+
+
+def list_areas(repo: Repository) -> list[AreaSummary]:
+    """Every area known to the repository, checked now."""
+    table = refs_mod.read_refs(repo)
+    known = set(table.entries.values())
+    out: list[AreaSummary] = []
+    reader = PackReader(repo)
+    try:
+        for p in repo.known_areas():
+            area = Path(p)
+            try:
+                st = load_state(area) if area.is_dir() else None
+            except VMLError:
+                st = None
+            if st is None:
+                out.append(AreaSummary(p, area.is_dir(), None, None, None, [], None))
+                continue
+            commit = bytes.fromhex(st.entry) if st.entry else None
+            entry = read_entry(reader, commit) if commit in known and commit else None
+            try:
+                changes = area_changes(
+                    area, st, entry, Cache(area, repo.page_size, repo.block_size), detail=False
+                )
+                changed = [c.path for c in changes]
+                dirty: bool | None = bool(changed) or st.pending is not None
+            except VMLError:
+                changed, dirty = [], None
+            out.append(
+                AreaSummary(
+                    p,
+                    True,
+                    label(table, commit),
+                    st.branch,
+                    dirty,
+                    changed,
+                    st.pending,
+                    entry.meta.vm if entry else None,
+                )
+            )
+    finally:
+        reader.close()
+    return out

@@ -1,0 +1,207 @@
+"""``vml log`` and ``vml show``: the entry forest and one entry in detail."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from vml.errors import CorruptRepository
+from vml.plumbing import refs as refs_mod
+from vml.plumbing.areas import load_state
+from vml.plumbing.entries import Entry
+from vml.plumbing.packs import PackReader
+from vml.plumbing.repository import Repository
+from vml.porcelain.common import label, read_entry
+
+
+@dataclass
+class LogEntry:
+    """One entry as ``vml log`` shows it."""
+
+    id: str
+    kind: str
+    parent: str | None
+    commit: str
+    message: str
+    created: str
+    stored_bytes: int
+    logical_bytes: int
+    read_bytes: int
+    labels: list[str] = field(default_factory=list)
+    areas: list[str] = field(default_factory=list)  # areas that hold this entry
+    origin_area: str = ""
+    vm: dict[str, object] | None = None
+    children: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, object]:
+        """The ``--json`` form."""
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "parent": self.parent,
+            "commit": self.commit,
+            "message": self.message,
+            "created": self.created,
+            "stored_bytes": self.stored_bytes,
+            "logical_bytes": self.logical_bytes,
+            "labels": self.labels,
+            "areas": self.areas,
+            "origin_area": self.origin_area,
+            "vm": self.vm,
+            "children": self.children,
+        }
+
+
+@dataclass
+class LogResult:
+    """The forest: entries by id and the roots, oldest first."""
+
+    entries: dict[str, LogEntry]
+    roots: list[str]
+
+
+def _areas_by_entry(repo: Repository) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for p in repo.known_areas():
+        try:
+            st = load_state(Path(p))
+        except Exception:  # an unreadable area must not break the log
+            continue
+        if (
+            st is not None
+            and st.entry
+            and st.repository
+            and Path(st.repository).resolve() == repo.path.resolve()
+        ):
+            out.setdefault(st.entry, []).append(p)
+    return out
+
+
+def _log_entry(
+    e: Entry, table: refs_mod.RefTable, labels: dict[bytes, list[str]], held: dict[str, list[str]]
+) -> LogEntry:
+    return LogEntry(
+        id=label(table, e.commit) or e.hex,
+        kind=e.meta.kind,
+        parent=label(table, e.parent),
+        commit=e.hex,
+        message=e.message,
+        created=e.meta.created,
+        stored_bytes=int(e.meta.stats.get("stored_bytes", 0)),
+        logical_bytes=int(e.meta.stats.get("logical_bytes", 0)),
+        read_bytes=int(e.meta.stats.get("read_bytes", 0)),
+        labels=labels.get(e.commit, []),
+        areas=held.get(e.hex, []),
+        origin_area=e.meta.area,
+        vm=e.meta.vm,
+    )
+
+
+def log(repo: Repository, only_tree_of: str | None = None) -> LogResult:
+    """Every entry, as a forest.  With ``only_tree_of`` (a commit id), only its tree."""
+    table = refs_mod.read_refs(repo)
+    labels = table.labels()
+    held = _areas_by_entry(repo)
+    reader = PackReader(repo)
+    try:
+        entries: dict[str, LogEntry] = {}
+        parents: dict[str, str | None] = {}
+        order: list[tuple[int, str]] = []
+        seen: set[bytes] = set()
+        for n, c in sorted(table.entries.items()):
+            if c in seen:
+                continue
+            seen.add(c)
+            e = read_entry(reader, c)
+            le = _log_entry(e, table, labels, held)
+            entries[le.id] = le
+            parents[le.id] = le.parent
+            order.append((n, le.id))
+    finally:
+        reader.close()
+    roots: list[str] = []
+    for _n, i in order:
+        p = parents[i]
+        if p is not None and p in entries:
+            entries[p].children.append(i)
+        else:
+            roots.append(i)
+    if only_tree_of is not None:
+        start = next((i for i, le in entries.items() if le.commit == only_tree_of), None)
+        if start is not None:
+            root = start
+            guard = 0
+            while parents.get(root) in entries and guard <= len(entries):
+                root = parents[root]  # type: ignore[assignment]
+                guard += 1
+            keep: set[str] = set()
+            stack = [root]
+            while stack:
+                i = stack.pop()
+                keep.add(i)
+                stack.extend(entries[i].children)
+            entries = {i: le for i, le in entries.items() if i in keep}
+            roots = [root]
+    return LogResult(entries, roots)
+
+
+@dataclass
+class FileInfo:
+    """A file of an entry."""
+
+    path: str
+    kind: str
+    size: int
+    sha256: str
+    mode: int
+
+
+@dataclass
+class ShowResult:
+    """One entry in detail."""
+
+    entry: LogEntry
+    files: list[FileInfo]
+    chain: list[str]  # this entry first, then its parent, ... down to its full root
+    dirs: list[str]
+
+    def to_json(self) -> dict[str, object]:
+        """The ``--json`` form."""
+        return {
+            **self.entry.to_json(),
+            "files": [f.__dict__ for f in self.files],
+            "chain": self.chain,
+            "dirs": self.dirs,
+        }
+
+
+def show(repo: Repository, name: str) -> ShowResult:
+    """Entry ``name`` with its files and the chain needed to build it."""
+    table = refs_mod.read_refs(repo)
+    commit = refs_mod.resolve_name(repo, name, table)
+    reader = PackReader(repo)
+    try:
+        e = read_entry(reader, commit)
+        le = _log_entry(e, table, table.labels(), _areas_by_entry(repo))
+        chain = [le.id]
+        p = e.parent
+        guard = 0
+        while p is not None:
+            chain.append(label(table, p) or p.hex()[:12])
+            p = read_entry(reader, p).parent
+            guard += 1
+            if guard > 1 << 20:
+                raise CorruptRepository("entry chain has no end (a cycle?)")
+        files = [FileInfo(f.path, f.kind, f.size, f.sha256, f.mode) for f in e.meta.files]
+        return ShowResult(le, files, chain, list(e.meta.dirs))
+    finally:
+        reader.close()
+
+
+def human_time(iso: str) -> str:
+    """``2026-11-27 12:31`` in local time, from an ISO string."""
+    try:
+        return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return iso
