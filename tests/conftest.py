@@ -1,0 +1,57 @@
+"""Shared fixtures: real repositories and areas in temporary folders, KiB-sized."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vml.plumbing.repository import Repository, init_repository
+
+# Small blocks so tests exercise many blocks, deltas and fan-out with KiB of data.
+TEST_BLOCK = 64 << 10
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Iterator[Repository]:
+    """An empty repository with 64 KiB blocks."""
+    r = init_repository(tmp_path / "repo", TEST_BLOCK)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def area(tmp_path: Path) -> Path:
+    """A small VM-like area: a config, an nvram and a sparse disk with data."""
+    a = tmp_path / "area"
+    make_area(a)
+    return a
+
+
+def make_area(a: Path, disk: int = 1 << 20, seed: int = 1) -> None:
+    """Write a small VM into ``a``: .vmx, .nvram, and a sparse raw disk."""
+    rng = random.Random(seed)
+    a.mkdir(parents=True, exist_ok=True)
+    (a / "vm.vmx").write_text('displayName = "test"\nmemsize = "64"\n')
+    (a / "vm.nvram").write_bytes(rng.randbytes(8192))
+    with open(a / "disk.img", "wb") as f:
+        f.truncate(disk)
+        for off in (0, 200_000, 700_000):
+            f.seek(off)
+            f.write(rng.randbytes(50_000))
+
+
+def edit(path: Path, offset: int, data: bytes) -> None:
+    """Overwrite bytes in a file in place."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def need(tool: str) -> None:
+    """Skip unless ``tool`` is installed (CI installs all of them)."""
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} is not installed")
