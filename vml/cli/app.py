@@ -76,12 +76,12 @@ def _default_repo() -> Path:
     return Path(data) / "vml"
 
 
-def _repo_path(area: Path | None) -> Path:
+def repository_path(area: Path | None) -> Path:
     return find_repository(_ctx.repo_option, os.environ.get("VML_REPO"), area, _default_repo())
 
 
-def _open(area: Path | None = None) -> Repository:
-    return open_repo(_repo_path(area))
+def repository_for(area: Path | None = None) -> Repository:
+    return open_repo(repository_path(area))
 
 
 def _version(value: bool) -> None:
@@ -122,7 +122,7 @@ def init(
     ] = str(DEFAULT_BLOCK_SIZE),
 ) -> None:
     """Create a repository."""
-    target = path if path is not None else _repo_path(None)
+    target = path if path is not None else repository_path(None)
     res = init_mod.init(target, parse_size(block_size))
     out.print(
         f"Initialised an empty VML repository in {escape(res.path)} (blocks of {size(res.block_size)})"
@@ -168,7 +168,7 @@ def commit(
     ]
     if len(kinds) > 1:
         raise VMLError("choose one of --full, --incremental, --differential", "")
-    repo = _open(area)
+    repo = repository_for(area)
     try:
         with progress_bar(not quiet, "saving") as progress:
             res = commit_mod.commit(
@@ -206,7 +206,7 @@ def checkout(
     quiet: Quiet = False,
 ) -> None:
     """Build ENTRY into AREA (created if missing)."""
-    repo = _open(area)
+    repo = repository_for(area)
     try:
         with progress_bar(not quiet, "checking out") as progress:
             res = checkout_mod.checkout(repo, entry, area, force=force, progress=progress)
@@ -233,7 +233,7 @@ def restore(
     quiet: Quiet = False,
 ) -> None:
     """Go back to ENTRY in AREA; the next save branches the tree there."""
-    repo = _open(area)
+    repo = repository_for(area)
     try:
         with progress_bar(not quiet, "restoring") as progress:
             res = checkout_mod.restore(repo, entry, area, force=force, progress=progress)
@@ -254,7 +254,7 @@ def log(
 ) -> None:
     """List entries; --graph draws the forest."""
     area = Path(".")
-    repo = _open(area)
+    repo = repository_for(area)
     try:
         here: set[str] = set()
         st = None
@@ -284,7 +284,7 @@ def show(
     json_: Json = False,
 ) -> None:
     """An entry's metadata, files, and the chain that builds it."""
-    repo = _open(Path("."))
+    repo = repository_for(Path("."))
     try:
         res = log_mod.show(repo, entry)
     finally:
@@ -318,7 +318,7 @@ def show(
 @handled
 def status(area: AreaArg = Path("."), json_: Json = False) -> None:
     """The area's entry and what changed since."""
-    repo = _open(area)
+    repo = repository_for(area)
     try:
         res = status_mod.status(repo, area)
     finally:
@@ -360,7 +360,7 @@ def status(area: AreaArg = Path("."), json_: Json = False) -> None:
 @handled
 def areas(json_: Json = False) -> None:
     """The working areas of this repository and whether they have unsaved changes."""
-    repo = _open(Path("."))
+    repo = repository_for(Path("."))
     try:
         res = areas_mod.list_areas(repo)
     finally:
@@ -396,7 +396,7 @@ def branch(
 ) -> None:
     """List, create or delete branches; the area follows a branch it holds the tip of."""
     area = Path(".")
-    repo = _open(area)
+    repo = repository_for(area)
     try:
         if name is None:
             for b in names_mod.list_names(repo, "branch", area):
@@ -423,7 +423,7 @@ def tag(
 ) -> None:
     """List, create or delete tags."""
     area = Path(".")
-    repo = _open(area)
+    repo = repository_for(area)
     try:
         if name is None:
             for t in names_mod.list_names(repo, "tag"):
@@ -476,6 +476,13 @@ def demo(
     out.print(
         f"\nTry: cd {escape(res.area)} && vml status; vml log --graph; vml checkout E1 ../e1-copy"
     )
+
+
+# Command groups kept in their own modules register themselves on ``app``.
+# One import line per module; keep this block at the end of the file.
+# fmt: off
+# (none yet)
+# fmt: on
 
 
 def main() -> None:
