@@ -1,7 +1,7 @@
 """One runner per compared tool: initialise a repository, save a state, restore it, size it.
 
 Every runner saves the *contents* of the area (not the area's absolute path)
-where the tool allows it, and :func:`bench.workload.find_area_root` locates the
+where the tool allows it, excluding VML's own ``.vml/`` folder, and :func:`bench.workload.find_area_root` locates the
 restored files wherever a tool puts them, so all restores are compared file by
 file with the same relative names.
 """
@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 from bench.measure import DiskUsage, Measurement, disk_usage, run_measured
+from bench.workload import VML_DIR
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,6 +73,10 @@ class VmlTool(Tool):
 
     name = "vml"
 
+    def __init__(self, repo: Path, home: Path) -> None:
+        super().__init__(repo, home)
+        self.area: Path | None = None
+
     def env(self) -> dict[str, str]:
         # Works without installing the package: the repo root is importable.
         path = os.environ.get("PYTHONPATH")
@@ -87,17 +93,29 @@ class VmlTool(Tool):
     def save(self, area: Path, state: int, *, full: bool = False) -> Measurement:
         args = ["commit", str(area), "-m", f"state {state}", "-q"]
         if full:
-            args.append("--full")
+            # A full entry of an unchanged state is still wanted (chain test).
+            args += ["--full", "--allow-empty"]
         m = self._vml(*args)
-        words = m.stdout.split()
-        if not words:
-            raise RuntimeError("vml commit printed no entry id")
-        self.handles[state] = words[-1]
+        # The id comes first (``E3``); a summary line may follow it.
+        found = re.search(r"\bE\d+\b", m.stdout)
+        if not found:
+            raise RuntimeError(f"vml commit printed no entry id: {m.stdout[:200]!r}")
+        self.handles[state] = found.group(0)
+        self.area = area
         return m
 
     def restore(self, state: int, dest: Path) -> Measurement:
         # vml creates DEST itself; give it a fresh child so it can.
         return self._vml("checkout", self.handles[state], str(dest / "area"), "-q")
+
+    def size(self) -> DiskUsage:
+        """The repository plus the block cache VML keeps in the area: both are its cost."""
+        repo = disk_usage(self.repo)
+        cache = self.area / VML_DIR if self.area else None
+        if cache is None or not cache.exists():
+            return repo
+        extra = disk_usage(cache)
+        return DiskUsage(repo.allocated + extra.allocated, repo.apparent + extra.apparent)
 
     def log(self) -> list[dict[str, object]]:
         """The repository's entries (``id``, ``kind``, ``parent``, ``stored_bytes``)."""
@@ -125,7 +143,16 @@ class BorgTool(Tool):
         name = f"s{state}"
         # cd into the area and save "." so the archive holds relative names.
         m = run_measured(
-            ["borg", "create", "--compression", "lz4", f"{self.repo}::{name}", "."],
+            [
+                "borg",
+                "create",
+                "--compression",
+                "lz4",
+                "--exclude",
+                f"pp:{VML_DIR}",
+                f"{self.repo}::{name}",
+                ".",
+            ],
             cwd=area,
             env=self.env(),
         )
@@ -157,7 +184,9 @@ class ResticTool(Tool):
 
     def save(self, area: Path, state: int) -> Measurement:
         m = run_measured(
-            ["restic", "backup", "--json", "--tag", f"s{state}", "."], cwd=area, env=self.env()
+            ["restic", "backup", "--json", "--exclude", VML_DIR, "--tag", f"s{state}", "."],
+            cwd=area,
+            env=self.env(),
         )
         # --json prints progress lines then one summary with the snapshot id.
         snapshot = None
@@ -194,7 +223,9 @@ class BupTool(Tool):
     def save(self, area: Path, state: int) -> Measurement:
         name = f"s{state}"
         # A save is "index then save": both are what a user runs, both count.
-        index = run_measured(["bup", "index", str(area)], env=self.env())
+        index = run_measured(
+            ["bup", "index", "--exclude", str(area / VML_DIR), str(area)], env=self.env()
+        )
         save = run_measured(
             ["bup", "save", "-n", name, f"--strip-path={area}", str(area)], env=self.env()
         )
@@ -219,7 +250,10 @@ class CopyTool(Tool):
 
     def save(self, area: Path, state: int) -> Measurement:
         target = self.repo / f"s{state}"
-        m = run_measured(["cp", "-r", "--sparse=always", str(area), str(target)])
+        target.mkdir()
+        # cp has no exclude: name the area's entries, all but VML's folder.
+        entries = sorted(str(p) for p in area.iterdir() if p.name != VML_DIR)
+        m = run_measured(["cp", "-r", "--sparse=always", *entries, str(target)])
         self.handles[state] = str(target)
         return m
 

@@ -42,6 +42,13 @@ NAME = "physics-vm"
 
 MIB = 1 << 20
 
+VML_DIR = ".vml"
+"""VML's own bookkeeping inside an area (block cache, area state): not VM data.
+
+Byte comparisons skip it and the peers are told to exclude it, so they
+neither pay for saving VML's files nor fail a restore because of them.
+"""
+
 # Where the "system" part of the filesystem comes from: text and docs, which
 # compress and deduplicate differently from the experiment data.
 SYSTEM_TREES = ("/usr/share/perl", "/usr/share/doc", "/usr/lib/python3.11")
@@ -216,9 +223,11 @@ def run_session(area: Path, step: int, spec: WorkloadSpec) -> None:
 
 
 def hash_area(area: Path) -> dict[str, str]:
-    """Return ``{relative path: sha256}`` of every regular file under ``area``."""
+    """Return ``{relative path: sha256}`` of every VM file under ``area`` (not ``.vml/``)."""
     hashes: dict[str, str] = {}
     for root, dirs, files in os.walk(area):
+        if Path(root) == area and VML_DIR in dirs:
+            dirs.remove(VML_DIR)
         dirs.sort()
         for name in sorted(files):
             path = Path(root) / name
