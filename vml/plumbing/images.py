@@ -349,20 +349,24 @@ def write_image(
     written = 0
 
     def build(n: int) -> tuple[bytes | None, bytes | None]:
-        data = materialize(reader, image.recipes[n], m.block_length(n))
-        if in_place or record_out is None or data is None:
+        # Workers write their own block (pwrite at an offset is thread safe),
+        # so the ordered consumer below only hashes: no GIL ping-pong on I/O.
+        length = m.block_length(n)
+        data = materialize(reader, image.recipes[n], length)
+        if data is None:
+            if in_place:
+                punch_hole(fd, n * bs, length)
+            return None, None if in_place or record_out is None else b"".join(
+                zero_record(length, ps, ppb)
+            )
+        _pwrite_all(fd, data, n * bs)
+        if in_place or record_out is None:
             return data, None
         return data, block_hash(data) + page_hashes(data, ps, ppb)
 
     for n, (data, rec) in zip(todo, ordered_map(pool, build, iter(todo), WINDOW), strict=True):
         length = m.block_length(n)
-        if data is None:
-            if in_place:
-                punch_hole(fd, n * bs, length)
-            elif record_out is not None:
-                rec = b"".join(zero_record(length, ps, ppb))
-        else:
-            _pwrite_all(fd, data, n * bs)
+        if data is not None:
             written += length
         if sha is not None:
             sha.update(data if data is not None else zeros(length))
