@@ -4,6 +4,8 @@
 
 - ``area.json``: the repository the area uses, the entry it holds, the branch
   it follows, and ``pending`` while a checkout is rewriting it;
+- ``lock``: an ``flock`` held by the one vml command that may change the
+  area (commit, checkout, restore); it dies with its process;
 - ``cache/``: what the area's files looked like when they matched that entry:
   per file its ``stat`` signature and SHA-256, and per large file one record
   per block (xxh3-128 of the block, xxh3-64 of each page), so that an
@@ -20,19 +22,21 @@ import os
 import shutil
 import stat as stat_mod
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import xxhash
 
 from vml.errors import AreaError
-from vml.plumbing.repository import write_atomic
+from vml.plumbing.repository import hold_flock, write_atomic
 
 AREA_DIR = ".vml"
 STATE_NAME = "area.json"
 CACHE_NAME = "cache"
 CACHE_TMP = "cache.tmp"
+LOCK_NAME = "lock"
 
 
 @dataclass
@@ -71,6 +75,29 @@ def save_state(area: Path, state: AreaState) -> None:
     d = vml_dir(area)
     d.mkdir(exist_ok=True)
     write_atomic(d / STATE_NAME, json.dumps(asdict(state), indent=1).encode() + b"\n")
+
+
+@contextmanager
+def lock_area(area: Path, timeout: float = 0.0) -> Iterator[None]:
+    """Hold the area's lock, so one vml command at a time changes the area.
+
+    Raises :class:`RepositoryBusy` when another command holds it (after
+    ``timeout`` seconds).  A folder VML has not used yet gets no lasting
+    ``.vml`` folder from a command that fails: when there is no ``area.json``
+    on release, the lock file and the then empty ``.vml`` are removed.
+    """
+    d = vml_dir(area)
+    d.mkdir(exist_ok=True)
+    lock = d / LOCK_NAME
+    with hold_flock(lock, timeout, f"the area {area} is in use by another vml command"):
+        try:
+            yield
+        finally:
+            if not (d / STATE_NAME).exists():
+                # Still locked: a waiter re-checks the file it locked (hold_flock).
+                lock.unlink(missing_ok=True)
+                with suppress(OSError):
+                    d.rmdir()
 
 
 def stat_signature(st: os.stat_result) -> list[int]:

@@ -69,6 +69,57 @@ def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
         fsync_dir(path.parent)
 
 
+def _holder(fd: int) -> str:
+    try:
+        pid = os.pread(fd, 32, 0).decode().strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
+
+
+@contextmanager
+def hold_flock(path: Path, timeout: float, busy: str) -> Iterator[int]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing); yields its fd.
+
+    ``flock`` locks die with their process, so a killed vml never leaves a
+    stale lock behind: the file may stay, the lock does not.  Waits up to
+    ``timeout`` seconds (0: do not wait), then raises :class:`RepositoryBusy`
+    with ``busy`` and the holder's pid.  The lock file may be unlinked by its
+    holder, so after locking, the file at ``path`` must still be the one
+    locked; otherwise the lock is taken again on the new file.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    if time.monotonic() >= deadline:
+                        raise RepositoryBusy(busy + _holder(fd)) from None
+                    time.sleep(0.05)
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield fd
+    finally:
+        os.close(fd)  # closing drops the flock
+
+
 @dataclass
 class Repository:
     """An open VML repository."""
@@ -105,26 +156,12 @@ class Repository:
         :class:`RepositoryBusy`.
         """
         self.vml_dir.mkdir(exist_ok=True)
-        fd = os.open(self.vml_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as e:
-                    if e.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise
-                    if time.monotonic() >= deadline:
-                        raise RepositoryBusy(
-                            f"the {what} at {self.path} is locked by another vml command"
-                        ) from None
-                    time.sleep(0.05)
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
+        with hold_flock(
+            self.vml_dir / "lock",
+            timeout,
+            f"the {what} at {self.path} is locked by another vml command",
+        ):
             yield
-        finally:
-            os.close(fd)  # closing drops the flock
 
     # -- areas known to this repository (local bookkeeping only) --
 

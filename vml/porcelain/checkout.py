@@ -18,6 +18,7 @@ from vml.plumbing.areas import (
     CachedFile,
     CacheWriter,
     load_state,
+    lock_area,
     save_state,
     scan_area,
     stat_signature,
@@ -100,186 +101,191 @@ def checkout(
     commit = refs_mod.resolve_name(repo, name, table)
     if area.exists() and not area.is_dir():
         raise AreaError(f"{area} is a file, not a folder", "choose a folder for the area")
-    area.mkdir(parents=True, exist_ok=True)
     check_area_path(repo, area)
-    state = load_state(area)
-    reader = PackReader(repo)
-    pool = make_pool()
-    try:
-        target = read_entry(reader, commit)
-        old_entry: Entry | None = None
-        if state is not None and state.entry:
-            c = bytes.fromhex(state.entry)
-            if c in set(table.entries.values()):
-                old_entry = read_entry(reader, c)
-        cache = Cache(area, repo.page_size, repo.block_size)
-        rules = IgnoreRules.load(area)
-        present, _dirs = scan_area(area, rules.is_ignored)
-        resuming = state is not None and state.pending is not None
-        if not force and not resuming:
-            if state is None or old_entry is None:
-                if present:
-                    raise DirtyArea(
-                        f"{area} holds files that are in no entry ({present[0].path}, ...)",
-                        "check out into an empty folder, or pass --force to replace them",
-                    )
-            else:
-                dirty = [c.path for c in area_changes(area, state, old_entry, cache, detail=False)]
-                if dirty:
-                    shown = ", ".join(dirty[:5]) + (", ..." if len(dirty) > 5 else "")
-                    raise DirtyArea(f"{area} has unsaved changes: {shown}")
-        state = state or AreaState()
-        # Say that the area is being rewritten before touching it, so that an
-        # interruption is reported (and finished by running checkout again).
-        state.pending = commit.hex()
-        state.repository = str(repo.path.resolve())
-        save_state(area, state)
-
-        # In place only when the area is known to hold the old entry exactly.
-        clean_old = old_entry if (not resuming and cache.valid_for(state.entry)) else None
-        old_files = {f.path: f for f in clean_old.meta.files} if clean_old else {}
-        total = sum(f.size for f in target.meta.files)
-        done = 0
-        written = 0
-        cwriter = CacheWriter(area, repo.page_size, repo.block_size)
-        files_written: list[str] = []
+    area.mkdir(parents=True, exist_ok=True)
+    with lock_area(area):
+        state = load_state(area)
+        reader = PackReader(repo)
+        pool = make_pool()
         try:
-            for rec in target.meta.files:
-                dest = _safe_target(area, rec.path)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                old = old_files.get(rec.path)
-                cached = cache.files.get(rec.path) if clean_old else None
-                if (
-                    old is not None
-                    and cached is not None
-                    and old.sha256 == rec.sha256
-                    and old.size == rec.size
-                    and dest.is_file()
-                    and cached.stat == stat_signature(dest.stat())
-                ):
-                    # Same content already there: restore metadata only.
-                    os.chmod(dest, rec.mode & 0o7777)
-                    os.utime(dest, ns=(rec.mtime_ns, rec.mtime_ns))
-                    st = dest.stat()
-                    pages = None
-                    if cached.pages:
-                        pages = cwriter.reuse_records(area / AREA_DIR / "cache" / cached.pages)
-                    cwriter.add(
-                        rec.path,
-                        CachedFile(rec.kind, rec.size, rec.sha256, stat_signature(st), pages),
-                    )
-                    done += rec.size
-                    progress("write", done, total)
-                    continue
-                files_written.append(rec.path)
-                if rec.kind == "small":
-                    found = lookup_path(
-                        lambda sha, t: reader.read(sha, t)[1],
-                        target.tree,
-                        f"{FILES_NAME.decode()}/{rec.path}",
-                    )
-                    if found is None or found[0] not in (BLOB_MODE, 0o100755):
-                        raise CorruptRepository(f"entry lacks the data of {rec.path}")
-                    data = reader.read(found[1], BLOB)[1]
-                    if hashlib.sha256(data).hexdigest() != rec.sha256 or len(data) != rec.size:
-                        raise CorruptRepository(f"the saved {rec.path} does not match its SHA-256")
-                    tmp = dest.with_name(f".{dest.name}.vml-tmp")
-                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                    try:
-                        os.write(fd, data)
-                    except OSError as e:
-                        os.close(fd)
-                        tmp.unlink(missing_ok=True)
-                        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                            raise NoSpace(f"no space left to write {rec.path}") from None
-                        raise
-                    st = _finish_file(fd, tmp, dest, rec)
-                    cwriter.add(
-                        rec.path, CachedFile("small", rec.size, rec.sha256, stat_signature(st))
-                    )
-                    written += rec.size
+            target = read_entry(reader, commit)
+            old_entry: Entry | None = None
+            if state is not None and state.entry:
+                c = bytes.fromhex(state.entry)
+                if c in set(table.entries.values()):
+                    old_entry = read_entry(reader, c)
+            cache = Cache(area, repo.page_size, repo.block_size)
+            rules = IgnoreRules.load(area)
+            present, _dirs = scan_area(area, rules.is_ignored)
+            resuming = state is not None and state.pending is not None
+            if not force and not resuming:
+                if state is None or old_entry is None:
+                    if present:
+                        raise DirtyArea(
+                            f"{area} holds files that are in no entry ({present[0].path}, ...)",
+                            "check out into an empty folder, or pass --force to replace them",
+                        )
                 else:
-                    image = resolve_image(reader, commit, rec.path)
-                    if image is None or image.manifest.sha256 != rec.sha256:
-                        raise CorruptRepository(f"entry lacks the blocks of {rec.path}")
-                    old_img: ResolvedImage | None = None
-                    if old is not None and old.kind == "image" and dest.is_file() and clean_old:
-                        old_img = resolve_image(reader, clean_old.commit, rec.path)
-                    name_rec, out = cwriter.new_records()
-                    base = done
+                    dirty = [
+                        c.path for c in area_changes(area, state, old_entry, cache, detail=False)
+                    ]
+                    if dirty:
+                        shown = ", ".join(dirty[:5]) + (", ..." if len(dirty) > 5 else "")
+                        raise DirtyArea(f"{area} has unsaved changes: {shown}")
+            state = state or AreaState()
+            # Say that the area is being rewritten before touching it, so that an
+            # interruption is reported (and finished by running checkout again).
+            state.pending = commit.hex()
+            state.repository = str(repo.path.resolve())
+            save_state(area, state)
 
-                    def tick(n: int, base: int = base) -> None:
-                        nonlocal done
-                        done += n
+            # In place only when the area is known to hold the old entry exactly.
+            clean_old = old_entry if (not resuming and cache.valid_for(state.entry)) else None
+            old_files = {f.path: f for f in clean_old.meta.files} if clean_old else {}
+            total = sum(f.size for f in target.meta.files)
+            done = 0
+            written = 0
+            cwriter = CacheWriter(area, repo.page_size, repo.block_size)
+            files_written: list[str] = []
+            try:
+                for rec in target.meta.files:
+                    dest = _safe_target(area, rec.path)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    old = old_files.get(rec.path)
+                    cached = cache.files.get(rec.path) if clean_old else None
+                    if (
+                        old is not None
+                        and cached is not None
+                        and old.sha256 == rec.sha256
+                        and old.size == rec.size
+                        and dest.is_file()
+                        and cached.stat == stat_signature(dest.stat())
+                    ):
+                        # Same content already there: restore metadata only.
+                        os.chmod(dest, rec.mode & 0o7777)
+                        os.utime(dest, ns=(rec.mtime_ns, rec.mtime_ns))
+                        st = dest.stat()
+                        pages = None
+                        if cached.pages:
+                            pages = cwriter.reuse_records(area / AREA_DIR / "cache" / cached.pages)
+                        cwriter.add(
+                            rec.path,
+                            CachedFile(rec.kind, rec.size, rec.sha256, stat_signature(st), pages),
+                        )
+                        done += rec.size
                         progress("write", done, total)
-
-                    try:
-                        if old_img is not None:
-                            fd = os.open(dest, os.O_RDWR)
-                            tmp = None
-                        else:
-                            tmp = dest.with_name(f".{dest.name}.vml-tmp")
-                            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-                        try:
-                            written += write_image(
-                                reader,
-                                pool,
-                                image,
-                                fd,
-                                old_img,
-                                tick,
-                                out,  # type: ignore[arg-type]
+                        continue
+                    files_written.append(rec.path)
+                    if rec.kind == "small":
+                        found = lookup_path(
+                            lambda sha, t: reader.read(sha, t)[1],
+                            target.tree,
+                            f"{FILES_NAME.decode()}/{rec.path}",
+                        )
+                        if found is None or found[0] not in (BLOB_MODE, 0o100755):
+                            raise CorruptRepository(f"entry lacks the data of {rec.path}")
+                        data = reader.read(found[1], BLOB)[1]
+                        if hashlib.sha256(data).hexdigest() != rec.sha256 or len(data) != rec.size:
+                            raise CorruptRepository(
+                                f"the saved {rec.path} does not match its SHA-256"
                             )
-                        except BaseException:
+                        tmp = dest.with_name(f".{dest.name}.vml-tmp")
+                        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                        try:
+                            os.write(fd, data)
+                        except OSError as e:
                             os.close(fd)
-                            if tmp is not None:
-                                tmp.unlink(missing_ok=True)
+                            tmp.unlink(missing_ok=True)
+                            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                                raise NoSpace(f"no space left to write {rec.path}") from None
                             raise
-                    finally:
-                        out.close()  # type: ignore[attr-defined]
-                    st = _finish_file(fd, tmp, dest, rec)
-                    cwriter.add(
-                        rec.path,
-                        CachedFile("image", rec.size, rec.sha256, stat_signature(st), name_rec),
-                    )
-            for d in target.meta.dirs:
-                _safe_target(area, d + "/x").parent.mkdir(parents=True, exist_ok=True)
-            keep = {f.path for f in target.meta.files}
-            removed: list[str] = []
-            gone = set(old_files) if not force else {af.path for af in present}
-            if resuming and old_entry is not None:
-                gone |= {f.path for f in old_entry.meta.files}
-            for p in sorted(gone - keep):
-                fp = area / p
-                if fp.is_file() and not fp.is_symlink():
-                    fp.unlink()
-                    removed.append(p)
-            fsync_dir(area)
-        except BaseException:
-            cwriter.abort()
-            raise
-        cwriter.commit(commit.hex())
-        state.entry = commit.hex()
-        state.pending = None
-        if not keep_branch:
-            state.branch = name if name in table.branches else None
-        save_state(area, state)
-        repo.register_area(area)
-        return CheckoutResult(
-            entry=label(table, commit) or commit.hex(),
-            commit=commit.hex(),
-            area=str(area),
-            in_place=clean_old is not None,
-            written_bytes=written,
-            logical_bytes=total,
-            seconds=time.monotonic() - t0,
-            files_written=files_written,
-            files_removed=removed,
-            branch=state.branch,
-        )
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        reader.close()
+                        st = _finish_file(fd, tmp, dest, rec)
+                        cwriter.add(
+                            rec.path, CachedFile("small", rec.size, rec.sha256, stat_signature(st))
+                        )
+                        written += rec.size
+                    else:
+                        image = resolve_image(reader, commit, rec.path)
+                        if image is None or image.manifest.sha256 != rec.sha256:
+                            raise CorruptRepository(f"entry lacks the blocks of {rec.path}")
+                        old_img: ResolvedImage | None = None
+                        if old is not None and old.kind == "image" and dest.is_file() and clean_old:
+                            old_img = resolve_image(reader, clean_old.commit, rec.path)
+                        name_rec, out = cwriter.new_records()
+                        base = done
+
+                        def tick(n: int, base: int = base) -> None:
+                            nonlocal done
+                            done += n
+                            progress("write", done, total)
+
+                        try:
+                            if old_img is not None:
+                                fd = os.open(dest, os.O_RDWR)
+                                tmp = None
+                            else:
+                                tmp = dest.with_name(f".{dest.name}.vml-tmp")
+                                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+                            try:
+                                written += write_image(
+                                    reader,
+                                    pool,
+                                    image,
+                                    fd,
+                                    old_img,
+                                    tick,
+                                    out,  # type: ignore[arg-type]
+                                )
+                            except BaseException:
+                                os.close(fd)
+                                if tmp is not None:
+                                    tmp.unlink(missing_ok=True)
+                                raise
+                        finally:
+                            out.close()  # type: ignore[attr-defined]
+                        st = _finish_file(fd, tmp, dest, rec)
+                        cwriter.add(
+                            rec.path,
+                            CachedFile("image", rec.size, rec.sha256, stat_signature(st), name_rec),
+                        )
+                for d in target.meta.dirs:
+                    _safe_target(area, d + "/x").parent.mkdir(parents=True, exist_ok=True)
+                keep = {f.path for f in target.meta.files}
+                removed: list[str] = []
+                gone = set(old_files) if not force else {af.path for af in present}
+                if resuming and old_entry is not None:
+                    gone |= {f.path for f in old_entry.meta.files}
+                for p in sorted(gone - keep):
+                    fp = area / p
+                    if fp.is_file() and not fp.is_symlink():
+                        fp.unlink()
+                        removed.append(p)
+                fsync_dir(area)
+            except BaseException:
+                cwriter.abort()
+                raise
+            cwriter.commit(commit.hex())
+            state.entry = commit.hex()
+            state.pending = None
+            if not keep_branch:
+                state.branch = name if name in table.branches else None
+            save_state(area, state)
+            repo.register_area(area)
+            return CheckoutResult(
+                entry=label(table, commit) or commit.hex(),
+                commit=commit.hex(),
+                area=str(area),
+                in_place=clean_old is not None,
+                written_bytes=written,
+                logical_bytes=total,
+                seconds=time.monotonic() - t0,
+                files_written=files_written,
+                files_removed=removed,
+                branch=state.branch,
+            )
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            reader.close()
 
 
 def restore(

@@ -18,6 +18,7 @@ from vml.plumbing.areas import (
     CachedFile,
     CacheWriter,
     load_state,
+    lock_area,
     save_state,
     scan_area,
     stat_signature,
@@ -114,255 +115,262 @@ def commit(
             f"no working area at {area}", "check the path, or `vml checkout` into it first"
         )
     check_area_path(repo, area)
-    if kind not in (None, "full", "incremental", "differential"):
-        raise UsageError(
-            f"unknown entry kind {kind!r}", "use --full, --incremental or --differential"
-        )
-    if base is not None and kind not in (None, "differential"):
-        raise UsageError("--base goes with --differential", "add --differential or drop --base")
-    if base is not None:
-        kind = "differential"
-    table = refs_mod.read_refs(repo)
-    if tag is not None:
-        refs_mod.check_name("tag", tag)
-        if tag in table.tags:
-            raise UsageError(f"tag {tag!r} exists already", "choose another name")
-    state = load_state(area) or AreaState()
-    if state.pending:
-        raise AreaError(
-            f"a checkout of {state.pending[:12]} into {area} was interrupted",
-            f"run `vml checkout {state.pending[:12]} {area}` to finish it first",
-        )
-    vm = check_saveable(area, force_running=force_running, include_external=include_external)
-    reader = PackReader(repo)
-    try:
-        known_commits = set(table.entries.values())
-        area_commit = bytes.fromhex(state.entry) if state.entry else None
-        if area_commit is not None and area_commit not in known_commits:
-            area_commit = None  # the area was built from another repository
-        if area_commit is None:
-            if base is not None:
-                raise UsageError(
-                    "the area has no entry yet, so its first save is full", "drop --base"
-                )
-            kind = "full"
-        kind = kind or "incremental"
-        parent: bytes | None
-        if kind == "full":
-            parent = None
-        elif kind == "incremental":
-            parent = area_commit
-        else:
-            parent = (
-                refs_mod.resolve_name(repo, base, table)
-                if base is not None
-                else _chain_root(reader, area_commit)  # type: ignore[arg-type]
+    # One command at a time may change an area (a checkout must not rewrite
+    # files a commit is reading); held to the end, so the area state is ours.
+    with lock_area(area):
+        if kind not in (None, "full", "incremental", "differential"):
+            raise UsageError(
+                f"unknown entry kind {kind!r}", "use --full, --incremental or --differential"
             )
-        parent_entry = read_entry(reader, parent) if parent is not None else None
-        area_entry = read_entry(reader, area_commit) if area_commit is not None else None
-        parent_files = {f.path: f for f in parent_entry.meta.files} if parent_entry else {}
-        area_files = {f.path: f for f in area_entry.meta.files} if area_entry else {}
-
-        rules = IgnoreRules.load(area)
-        files, dirs = scan_area(area, rules.is_ignored)
-        total = sum(f.stat.st_size for f in files)
-        cache = Cache(area, repo.page_size, repo.block_size)
-        cache_ok = cache.valid_for(state.entry) and area_commit is not None
-        writer = PackWriter(repo)
-        cwriter = CacheWriter(area, repo.page_size, repo.block_size)
-        done = 0
-        read_bytes = 0
-        records: list[FileRecord] = []
-        small_items: dict[str, tuple[int, bytes]] = {}
-        image_items: dict[str, tuple[int, bytes]] = {}
-        pool = make_pool()
+        if base is not None and kind not in (None, "differential"):
+            raise UsageError("--base goes with --differential", "add --differential or drop --base")
+        if base is not None:
+            kind = "differential"
+        table = refs_mod.read_refs(repo)
+        if tag is not None:
+            refs_mod.check_name("tag", tag)
+            if tag in table.tags:
+                raise UsageError(f"tag {tag!r} exists already", "choose another name")
+        state = load_state(area) or AreaState()
+        if state.pending:
+            raise AreaError(
+                f"a checkout of {state.pending[:12]} into {area} was interrupted",
+                f"run `vml checkout {state.pending[:12]} {area}` to finish it first",
+            )
+        vm = check_saveable(area, force_running=force_running, include_external=include_external)
+        reader = PackReader(repo)
         try:
-            for af in files:
-                full_path = area / af.path
-                st = af.stat
-                mode = 0o100755 if st.st_mode & 0o111 else 0o100644
-                if st.st_size <= repo.block_size:
-                    data, st = _read_small(full_path)
-                    blob = Blob.from_string(data)
-                    writer.add_object(blob)
-                    sha = hashlib.sha256(data).hexdigest()
-                    small_items[af.path] = (mode, bytes.fromhex(blob.id.decode()))
-                    records.append(
-                        FileRecord(af.path, "small", mode, st.st_mtime_ns, st.st_size, sha)
+            known_commits = set(table.entries.values())
+            area_commit = bytes.fromhex(state.entry) if state.entry else None
+            if area_commit is not None and area_commit not in known_commits:
+                area_commit = None  # the area was built from another repository
+            if area_commit is None:
+                if base is not None:
+                    raise UsageError(
+                        "the area has no entry yet, so its first save is full", "drop --base"
                     )
-                    cwriter.add(af.path, CachedFile("small", st.st_size, sha, stat_signature(st)))
-                    read_bytes += st.st_size
-                    done += st.st_size
-                    progress("read", done, total)
-                    continue
-                pf = parent_files.get(af.path)
-                parent_img: ResolvedImage | None = None
-                if parent is not None and pf is not None and pf.kind == "image":
-                    parent_img = resolve_image(reader, parent, af.path)
-                cached = cache.files.get(af.path) if cache_ok else None
-                recs = cache.records(af.path) if cached is not None else None
-                if (
-                    parent is not None
-                    and parent == area_commit
-                    and parent_img is not None
-                    and cached is not None
-                    and recs is not None
-                    and cached.kind == "image"
-                    and cached.stat == stat_signature(st)
-                    and parent_img.manifest.size == st.st_size
-                ):
-                    # Unchanged since the entry it extends: a manifest and nothing else.
-                    man = Manifest(
-                        st.st_size, cached.sha256, repo.block_size, repo.page_size, base=False
-                    )
-                    tree = image_tree(writer, man, {})
-                    rec_path = cache.area / ".vml" / "cache" / (cached.pages or "")
-                    name = cwriter.reuse_records(rec_path)
-                    recs.close()
-                    sha256 = cached.sha256
-                    done += st.st_size
-                    progress("read", done, total)
-                else:
-                    area_img: ResolvedImage | None = None
-                    if recs is not None and area_commit != parent and parent_img is not None:
-                        af_old = area_files.get(af.path)
-                        if af_old is not None and af_old.kind == "image":
-                            area_img = resolve_image(reader, area_commit, af.path)  # type: ignore[arg-type]
+                kind = "full"
+            kind = kind or "incremental"
+            parent: bytes | None
+            if kind == "full":
+                parent = None
+            elif kind == "incremental":
+                parent = area_commit
+            else:
+                parent = (
+                    refs_mod.resolve_name(repo, base, table)
+                    if base is not None
+                    else _chain_root(reader, area_commit)  # type: ignore[arg-type]
+                )
+            parent_entry = read_entry(reader, parent) if parent is not None else None
+            area_entry = read_entry(reader, area_commit) if area_commit is not None else None
+            parent_files = {f.path: f for f in parent_entry.meta.files} if parent_entry else {}
+            area_files = {f.path: f for f in area_entry.meta.files} if area_entry else {}
 
-                    def match(
-                        n: int,
-                        p: ResolvedImage | None = parent_img,
-                        a: ResolvedImage | None = area_img,
-                    ) -> bool:
-                        if p is None:
-                            return False
-                        if a is None:
-                            return parent == area_commit
-                        ln = p.manifest.block_length(n)
-                        return a.recipe(n, ln) == p.recipes[n]
-
-                    name, out = cwriter.new_records()
-                    start = done
-
-                    def tick(n: int, base: int = start) -> None:
-                        nonlocal done
-                        done += n
-                        progress("read", done, total)
-
-                    try:
-                        tree, man, nread, _stored = save_image(
-                            reader,
-                            writer,
-                            pool,
-                            full_path,
-                            st.st_size,
-                            repo.block_size,
-                            repo.page_size,
-                            SaveInputs(parent_img, recs, match),
-                            out,  # type: ignore[arg-type]
-                            tick,
+            rules = IgnoreRules.load(area)
+            files, dirs = scan_area(area, rules.is_ignored)
+            total = sum(f.stat.st_size for f in files)
+            cache = Cache(area, repo.page_size, repo.block_size)
+            cache_ok = cache.valid_for(state.entry) and area_commit is not None
+            writer = PackWriter(repo)
+            cwriter = CacheWriter(area, repo.page_size, repo.block_size)
+            done = 0
+            read_bytes = 0
+            records: list[FileRecord] = []
+            small_items: dict[str, tuple[int, bytes]] = {}
+            image_items: dict[str, tuple[int, bytes]] = {}
+            pool = make_pool()
+            try:
+                for af in files:
+                    full_path = area / af.path
+                    st = af.stat
+                    mode = 0o100755 if st.st_mode & 0o111 else 0o100644
+                    if st.st_size <= repo.block_size:
+                        data, st = _read_small(full_path)
+                        blob = Blob.from_string(data)
+                        writer.add_object(blob)
+                        sha = hashlib.sha256(data).hexdigest()
+                        small_items[af.path] = (mode, bytes.fromhex(blob.id.decode()))
+                        records.append(
+                            FileRecord(af.path, "small", mode, st.st_mtime_ns, st.st_size, sha)
                         )
-                    finally:
-                        out.close()  # type: ignore[attr-defined]
-                        if recs is not None:
-                            recs.close()
-                    read_bytes += nread
-                    sha256 = man.sha256
-                image_items[af.path] = (TREE_MODE, bytes.fromhex(tree.id.decode()))
-                records.append(
-                    FileRecord(af.path, "image", mode, st.st_mtime_ns, st.st_size, sha256)
+                        cwriter.add(
+                            af.path, CachedFile("small", st.st_size, sha, stat_signature(st))
+                        )
+                        read_bytes += st.st_size
+                        done += st.st_size
+                        progress("read", done, total)
+                        continue
+                    pf = parent_files.get(af.path)
+                    parent_img: ResolvedImage | None = None
+                    if parent is not None and pf is not None and pf.kind == "image":
+                        parent_img = resolve_image(reader, parent, af.path)
+                    cached = cache.files.get(af.path) if cache_ok else None
+                    recs = cache.records(af.path) if cached is not None else None
+                    if (
+                        parent is not None
+                        and parent == area_commit
+                        and parent_img is not None
+                        and cached is not None
+                        and recs is not None
+                        and cached.kind == "image"
+                        and cached.stat == stat_signature(st)
+                        and parent_img.manifest.size == st.st_size
+                    ):
+                        # Unchanged since the entry it extends: a manifest and nothing else.
+                        man = Manifest(
+                            st.st_size, cached.sha256, repo.block_size, repo.page_size, base=False
+                        )
+                        tree = image_tree(writer, man, {})
+                        rec_path = cache.area / ".vml" / "cache" / (cached.pages or "")
+                        name = cwriter.reuse_records(rec_path)
+                        recs.close()
+                        sha256 = cached.sha256
+                        done += st.st_size
+                        progress("read", done, total)
+                    else:
+                        area_img: ResolvedImage | None = None
+                        if recs is not None and area_commit != parent and parent_img is not None:
+                            af_old = area_files.get(af.path)
+                            if af_old is not None and af_old.kind == "image":
+                                area_img = resolve_image(reader, area_commit, af.path)  # type: ignore[arg-type]
+
+                        def match(
+                            n: int,
+                            p: ResolvedImage | None = parent_img,
+                            a: ResolvedImage | None = area_img,
+                        ) -> bool:
+                            if p is None:
+                                return False
+                            if a is None:
+                                return parent == area_commit
+                            ln = p.manifest.block_length(n)
+                            return a.recipe(n, ln) == p.recipes[n]
+
+                        name, out = cwriter.new_records()
+                        start = done
+
+                        def tick(n: int, base: int = start) -> None:
+                            nonlocal done
+                            done += n
+                            progress("read", done, total)
+
+                        try:
+                            tree, man, nread, _stored = save_image(
+                                reader,
+                                writer,
+                                pool,
+                                full_path,
+                                st.st_size,
+                                repo.block_size,
+                                repo.page_size,
+                                SaveInputs(parent_img, recs, match),
+                                out,  # type: ignore[arg-type]
+                                tick,
+                            )
+                        finally:
+                            out.close()  # type: ignore[attr-defined]
+                            if recs is not None:
+                                recs.close()
+                        read_bytes += nread
+                        sha256 = man.sha256
+                    image_items[af.path] = (TREE_MODE, bytes.fromhex(tree.id.decode()))
+                    records.append(
+                        FileRecord(af.path, "image", mode, st.st_mtime_ns, st.st_size, sha256)
+                    )
+                    cwriter.add(
+                        af.path, CachedFile("image", st.st_size, sha256, stat_signature(st), name)
+                    )
+            except BaseException:
+                writer.abort()
+                cwriter.abort()
+                raise
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+            changed = _changed_files(records, area_files, dirs, area_entry)
+            if area_entry is not None and not changed and not allow_empty:
+                writer.abort()
+                cwriter.abort()
+                raise NothingToCommit(
+                    f"nothing changed in {area} since {label(table, area_commit)}"
                 )
-                cwriter.add(
-                    af.path, CachedFile("image", st.st_size, sha256, stat_signature(st), name)
-                )
-        except BaseException:
-            writer.abort()
-            cwriter.abort()
-            raise
+
+            meta = EntryMeta(
+                kind=kind,
+                parent=parent.hex() if parent else None,
+                area=str(area.resolve()),
+                area_id=state.area_id,
+                created=now_iso(),
+                message=message,
+                files=records,
+                dirs=dirs,
+                vm=vm.to_json(),
+                stats={
+                    "read_bytes": read_bytes,
+                    "stored_bytes": 0,
+                    "logical_bytes": total,
+                },
+            )
+            # stored bytes of the data objects; metadata and trees are tiny
+            meta.stats["stored_bytes"] = writer.stored_bytes
+            meta_blob = Blob.from_string(meta.encode())
+            writer.add_object(meta_blob)
+            root_items: dict[str, tuple[int, bytes]] = {
+                META_NAME.decode(): (BLOB_MODE, bytes.fromhex(meta_blob.id.decode()))
+            }
+            for prefix, items in ((FILES_NAME, small_items), (IMAGES_NAME, image_items)):
+                if items:
+                    top, made = nested_trees(items)
+                    for t in made:
+                        writer.add_object(t)
+                    root_items[prefix.decode()] = (TREE_MODE, bytes.fromhex(top.id.decode()))
+            root, made = nested_trees(root_items)
+            for t in made:
+                writer.add_object(t)
+            stored = writer.stored_bytes
+            writer.finish()
+
+            with repo.lock():
+                table = refs_mod.read_refs(repo)
+                if tag is not None and tag in table.tags:
+                    raise UsageError(f"tag {tag!r} was made while saving", "choose another name")
+                n = refs_mod.next_number(table)
+                trailers = [
+                    ("VML-Entry", f"E{n}"),
+                    ("VML-Kind", kind),
+                    ("VML-Parent", label(table, parent) or "none"),
+                    ("VML-Area", str(area.resolve())),
+                ]
+                c = make_commit(bytes.fromhex(root.id.decode()), parent, message, trailers)
+                cid = write_loose(repo, c)
+                refs_mod.set_ref(repo, refs_mod.entry_ref(n), cid, create=True)
+                if tag is not None:
+                    refs_mod.set_ref(repo, refs_mod.TAG_PREFIX + tag.encode(), cid, create=True)
+                branch = state.branch
+                if branch is not None:
+                    old = table.branches.get(branch)
+                    refs_mod.set_ref(repo, refs_mod.BRANCH_PREFIX + branch.encode(), cid, old)
+            cwriter.commit(cid.hex())
+            state.entry = cid.hex()
+            state.repository = str(repo.path.resolve())
+            save_state(area, state)
+            repo.register_area(area)
+            return CommitResult(
+                entry=f"E{n}",
+                commit=cid.hex(),
+                kind=kind,
+                parent=label(table, parent),
+                read_bytes=read_bytes,
+                stored_bytes=stored,
+                logical_bytes=total,
+                seconds=time.monotonic() - t0,
+                changed_files=changed,
+                tag=tag,
+                branch=state.branch,
+            )
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-
-        changed = _changed_files(records, area_files, dirs, area_entry)
-        if area_entry is not None and not changed and not allow_empty:
-            writer.abort()
-            cwriter.abort()
-            raise NothingToCommit(f"nothing changed in {area} since {label(table, area_commit)}")
-
-        meta = EntryMeta(
-            kind=kind,
-            parent=parent.hex() if parent else None,
-            area=str(area.resolve()),
-            area_id=state.area_id,
-            created=now_iso(),
-            message=message,
-            files=records,
-            dirs=dirs,
-            vm=vm.to_json(),
-            stats={
-                "read_bytes": read_bytes,
-                "stored_bytes": 0,
-                "logical_bytes": total,
-            },
-        )
-        # stored bytes of the data objects; metadata and trees are tiny
-        meta.stats["stored_bytes"] = writer.stored_bytes
-        meta_blob = Blob.from_string(meta.encode())
-        writer.add_object(meta_blob)
-        root_items: dict[str, tuple[int, bytes]] = {
-            META_NAME.decode(): (BLOB_MODE, bytes.fromhex(meta_blob.id.decode()))
-        }
-        for prefix, items in ((FILES_NAME, small_items), (IMAGES_NAME, image_items)):
-            if items:
-                top, made = nested_trees(items)
-                for t in made:
-                    writer.add_object(t)
-                root_items[prefix.decode()] = (TREE_MODE, bytes.fromhex(top.id.decode()))
-        root, made = nested_trees(root_items)
-        for t in made:
-            writer.add_object(t)
-        stored = writer.stored_bytes
-        writer.finish()
-
-        with repo.lock():
-            table = refs_mod.read_refs(repo)
-            if tag is not None and tag in table.tags:
-                raise UsageError(f"tag {tag!r} was made while saving", "choose another name")
-            n = refs_mod.next_number(table)
-            trailers = [
-                ("VML-Entry", f"E{n}"),
-                ("VML-Kind", kind),
-                ("VML-Parent", label(table, parent) or "none"),
-                ("VML-Area", str(area.resolve())),
-            ]
-            c = make_commit(bytes.fromhex(root.id.decode()), parent, message, trailers)
-            cid = write_loose(repo, c)
-            refs_mod.set_ref(repo, refs_mod.entry_ref(n), cid, create=True)
-            if tag is not None:
-                refs_mod.set_ref(repo, refs_mod.TAG_PREFIX + tag.encode(), cid, create=True)
-            branch = state.branch
-            if branch is not None:
-                old = table.branches.get(branch)
-                refs_mod.set_ref(repo, refs_mod.BRANCH_PREFIX + branch.encode(), cid, old)
-        cwriter.commit(cid.hex())
-        state.entry = cid.hex()
-        state.repository = str(repo.path.resolve())
-        save_state(area, state)
-        repo.register_area(area)
-        return CommitResult(
-            entry=f"E{n}",
-            commit=cid.hex(),
-            kind=kind,
-            parent=label(table, parent),
-            read_bytes=read_bytes,
-            stored_bytes=stored,
-            logical_bytes=total,
-            seconds=time.monotonic() - t0,
-            changed_files=changed,
-            tag=tag,
-            branch=state.branch,
-        )
-    finally:
-        reader.close()
+            reader.close()
 
 
 def _changed_files(
