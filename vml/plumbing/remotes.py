@@ -1,0 +1,567 @@
+"""Remotes: sharing entries through any git server (FORMAT.md, "Sharing").
+
+The transfer is git's own, through dulwich's client: local paths,
+``file://``, ``git://``, ``ssh://`` and ``http(s)://`` (smart HTTP).  VML
+only decides which refs travel and how arriving entries are named::
+
+    refs/vml/entries/<n>                   local E-numbers (never written remotely by vml push)
+    refs/vml/shared/<commit>               what ``vml push`` creates on a remote: one ref per
+                                           entry, named by its commit id, so pushers never collide
+    refs/vml/remotes/<R>/entries/<n>       remote R's own E-numbers, as last fetched
+    refs/vml/remotes/<R>/shared/<commit>   remote R's shared entries, as last fetched
+    refs/remotes/<R>/<branch>              remote R's branches (git's usual place)
+    vml/origins.json                       local: commit -> remote it came from, name there
+
+The commit id is an entry's identity everywhere; an E-number is a local
+alias.  Entries that arrive get the next free local numbers under the
+repository lock, keyed by commit id, so one commit never gets two numbers.
+A remote is configured as ``[remote "<R>"] url = ...`` with fetch refspecs
+that say the same thing, so plain ``git fetch <R>`` fills the same refs.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+from dulwich.client import GitClient, HTTPUnauthorized, get_transport_and_path
+from dulwich.errors import GitProtocolError, HangupException, NotGitRepository
+from dulwich.objects import ObjectID
+from dulwich.pack import UnpackedObject
+from dulwich.protocol import PEELED_TAG_SUFFIX, ZERO_SHA
+from dulwich.refs import Ref, check_ref_format
+
+from vml.errors import CorruptRepository, UsageError, VMLError
+from vml.plumbing import refs as refs_mod
+from vml.plumbing.chains import resolve_image
+from vml.plumbing.entries import Entry, load_entry
+from vml.plumbing.packs import PackReader
+from vml.plumbing.repository import Repository, fsync_dir, write_atomic
+
+SHARED_PREFIX = b"refs/vml/shared/"
+TRACK_PREFIX = b"refs/vml/remotes/"
+GIT_TRACK_PREFIX = b"refs/remotes/"
+_HEX40 = re.compile(rb"^[0-9a-f]{40}$")
+
+# (phase, done, total): "objects" counts objects, "bytes" counts bytes
+# (total 0 when unknown).
+Progress = Callable[[str, int, int], None]
+
+
+def _no_progress(phase: str, done: int, total: int) -> None:
+    pass
+
+
+class RemoteError(VMLError):
+    """A remote could not be reached or refused what was asked."""
+
+    exit_code = 1
+
+
+# -- configuration ----------------------------------------------------------
+
+
+def check_remote_name(name: str) -> None:
+    """Refuse remote names git would refuse as a ref component."""
+    if (
+        not name
+        or "/" in name
+        or name.startswith("-")
+        or not check_ref_format(Ref(b"refs/remotes/" + name.encode()))
+    ):
+        raise UsageError(
+            f"{name!r} is not a valid remote name", "use letters, digits, '-', '_' and '.'"
+        )
+
+
+def refspecs(name: str) -> list[bytes]:
+    """The fetch refspecs written for remote ``name`` (git fetch follows them too)."""
+    n = name.encode()
+    return [
+        b"+refs/heads/*:refs/remotes/" + n + b"/*",
+        b"+refs/vml/entries/*:refs/vml/remotes/" + n + b"/entries/*",
+        b"+refs/vml/shared/*:refs/vml/remotes/" + n + b"/shared/*",
+    ]
+
+
+def list_remotes(repo: Repository) -> dict[str, str]:
+    """Configured remotes: name -> URL."""
+    cfg = repo.git.get_config()
+    out: dict[str, str] = {}
+    for section in cfg.sections():
+        if len(section) == 2 and section[0] == b"remote":
+            try:
+                out[section[1].decode()] = cfg.get(section, b"url").decode()
+            except KeyError:
+                continue
+    return dict(sorted(out.items()))
+
+
+def remote_url(repo: Repository, name: str) -> str:
+    """The URL of remote ``name``."""
+    remotes = list_remotes(repo)
+    if name not in remotes:
+        known = ", ".join(remotes) or "none"
+        raise UsageError(
+            f"no remote named {name!r} (configured: {known})", "add it with `vml remote add`"
+        )
+    return remotes[name]
+
+
+def add_remote(repo: Repository, name: str, url: str) -> None:
+    """Configure remote ``name`` at ``url``."""
+    check_remote_name(name)
+    if not url.strip():
+        raise UsageError("the remote URL is empty", "give a path or a URL")
+    if name in list_remotes(repo):
+        raise UsageError(f"remote {name!r} exists", "remove it first, or choose another name")
+    cfg = repo.git.get_config()
+    section = (b"remote", name.encode())
+    cfg.set(section, b"url", url.encode())
+    for spec in refspecs(name):
+        cfg.add(section, b"fetch", spec)
+    cfg.write_to_path()
+
+
+def remove_remote(repo: Repository, name: str) -> int:
+    """Forget remote ``name`` and its tracking refs (local entries stay); returns refs removed."""
+    remote_url(repo, name)
+    cfg = repo.git.get_config()
+    del cfg[(b"remote", name.encode())]
+    cfg.write_to_path()
+    removed = 0
+    for ref in tracking_refs(repo, name):
+        refs_mod.delete_ref(repo, ref)
+        removed += 1
+    return removed
+
+
+def tracking_refs(repo: Repository, name: str) -> list[bytes]:
+    """Every ref that tracks remote ``name``."""
+    n = name.encode()
+    prefixes = (TRACK_PREFIX + n + b"/", GIT_TRACK_PREFIX + n + b"/")
+    return sorted(r for r in repo.git.refs.allkeys() if r.startswith(prefixes))
+
+
+# -- where entries came from (local bookkeeping) ----------------------------
+
+
+@dataclass
+class Origin:
+    """Where an entry first arrived from."""
+
+    remote: str
+    url: str
+    name: str  # the remote's E-number when it had one, else ""
+
+
+def _origins_path(repo: Repository) -> os.PathLike[str]:
+    return repo.vml_dir / "origins.json"
+
+
+def read_origins(repo: Repository) -> dict[bytes, Origin]:
+    """Commit id -> origin, for entries that arrived by fetch or clone."""
+    try:
+        with open(_origins_path(repo), "rb") as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    out: dict[bytes, Origin] = {}
+    for hexid, o in doc.get("origins", {}).items():
+        if isinstance(o, dict) and re.fullmatch(r"[0-9a-f]{40}", str(hexid)):
+            out[bytes.fromhex(hexid)] = Origin(
+                str(o.get("remote", "")), str(o.get("url", "")), str(o.get("name", ""))
+            )
+    return out
+
+
+def record_origins(repo: Repository, new: Mapping[bytes, Origin]) -> None:
+    """Add origins (call under the repository lock); the first one recorded stays."""
+    if not new:
+        return
+    current = read_origins(repo)
+    for c, o in new.items():
+        current.setdefault(c, o)
+    doc = {
+        "origins": {
+            c.hex(): {"remote": o.remote, "url": o.url, "name": o.name}
+            for c, o in sorted(current.items())
+        }
+    }
+    repo.vml_dir.mkdir(exist_ok=True)
+    write_atomic(repo.vml_dir / "origins.json", json.dumps(doc, indent=1).encode())
+
+
+# -- transport ---------------------------------------------------------------
+
+
+def open_transport(
+    repo: Repository | None, url: str, ssh_command: str | None = None
+) -> tuple[GitClient, str]:
+    """A dulwich client and the path on it for ``url``."""
+    try:
+        config = repo.git.get_config_stack() if repo is not None else None
+        return get_transport_and_path(url, config=config, ssh_command=ssh_command)
+    except (ValueError, KeyError) as e:
+        raise UsageError(
+            f"cannot use {url!r} as a remote ({e})",
+            "give a path, file://, git://, ssh:// or http(s):// URL",
+        ) from None
+
+
+def transport_error(url: str, e: BaseException) -> VMLError:
+    """A one-line error for a failed transfer."""
+    if isinstance(e, HTTPUnauthorized):
+        return RemoteError(f"{url} refused the credentials", "check the user name and password")
+    if isinstance(e, NotGitRepository):
+        return RemoteError(f"no repository at {url}", "check the URL")
+    if isinstance(e, HangupException | GitProtocolError):
+        text = str(e).strip() or type(e).__name__
+        return RemoteError(f"{url}: {text}", "check the URL and that the server allows this")
+    if isinstance(e, OSError):
+        return RemoteError(
+            f"cannot reach {url} ({e.strerror or e})", "check the URL and the network"
+        )
+    return RemoteError(f"{url}: {e}", "check the URL")
+
+
+def ls_remote(client: GitClient, path: str) -> dict[bytes, bytes]:
+    """The remote's refs: name -> hex commit id (peeled tag lines dropped)."""
+    result = client.get_refs(path.encode() if isinstance(path, str) else path)
+    return {
+        bytes(k): bytes(v)
+        for k, v in result.refs.items()
+        if v is not None and not k.endswith(PEELED_TAG_SUFFIX)
+    }
+
+
+class _PackSink:
+    """Receives a pack from the wire into a spooled temporary file, counting bytes."""
+
+    def __init__(self, repo: Repository, progress: Progress) -> None:
+        # Spooled in memory up to 16 MiB, then on disk in the object folder
+        # (same file system as the final pack, and unnamed: a killed fetch
+        # leaves nothing behind).
+        self.file = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed by the caller)
+            max_size=16 << 20, dir=str(repo.objects_dir)
+        )
+        self.bytes = 0
+        self.objects = 0
+        self._head = b""
+        self._progress = progress
+
+    def __call__(self, data: bytes) -> int:
+        self.file.write(data)
+        self.bytes += len(data)
+        if len(self._head) < 12:
+            self._head += data[:12]
+            if len(self._head) >= 12 and self._head[:4] == b"PACK":
+                self.objects = int.from_bytes(self._head[8:12], "big")
+        self._progress("bytes", self.bytes, 0)
+        return len(data)
+
+
+def _index_progress(progress: Progress) -> Callable[[bytes], None]:
+    pattern = re.compile(rb"(\d+)/(\d+)")
+
+    def report(msg: bytes | str) -> None:
+        data = msg.encode() if isinstance(msg, str) else msg
+        m = pattern.search(data)
+        if m:
+            progress("objects", int(m.group(1)), int(m.group(2)))
+
+    return report
+
+
+@dataclass
+class Received:
+    """What one fetch brought."""
+
+    refs: dict[bytes, bytes]  # every remote ref (hex values)
+    objects: int = 0
+    size: int = 0  # bytes transferred
+
+
+def local_heads(repo: Repository) -> list[ObjectID]:
+    """Every commit a local ref holds: what we tell the server we have."""
+    out: set[bytes] = set()
+    store = repo.git.object_store
+    for name in repo.git.refs.allkeys():
+        if name == b"HEAD":
+            continue
+        try:
+            value = repo.git.refs[name]
+        except KeyError:
+            continue
+        if value in store:
+            out.add(bytes(value))
+    return [ObjectID(v) for v in sorted(out)]
+
+
+def receive(
+    repo: Repository,
+    client: GitClient,
+    path: str,
+    url: str,
+    choose: Callable[[dict[bytes, bytes]], Iterable[bytes]],
+    progress: Progress = _no_progress,
+) -> Received:
+    """Fetch the objects of the commits ``choose(remote refs)`` returns (hex ids).
+
+    Objects land in one new pack (dulwich indexes it and appends the bases
+    of a thin pack); its files are made durable before this returns, so
+    the caller can point refs at what arrived.
+    """
+    seen: dict[bytes, bytes] = {}
+    store = repo.git.object_store
+
+    def determine_wants(refs: Mapping[Ref, ObjectID], depth: int | None = None) -> list[ObjectID]:
+        seen.update(
+            {bytes(k): bytes(v) for k, v in refs.items() if not k.endswith(PEELED_TAG_SUFFIX)}
+        )
+        wanted = []
+        for hexid in dict.fromkeys(choose(dict(seen))):
+            if hexid != ZERO_SHA and ObjectID(hexid) not in store:
+                wanted.append(ObjectID(hexid))
+        return wanted
+
+    sink = _PackSink(repo, progress)
+    pack_dir = repo.objects_dir / "pack"
+    pack_dir.mkdir(parents=True, exist_ok=True)
+    before = set(os.listdir(pack_dir))
+    try:
+        try:
+            result = client.fetch_pack(
+                path.encode(),
+                determine_wants,
+                repo.git.get_graph_walker(local_heads(repo)),
+                sink,
+                progress=None,
+            )
+        except VMLError:
+            raise
+        except Exception as e:
+            raise transport_error(url, e) from None
+        if sink.bytes:
+            sink.file.seek(0)
+            try:
+                store.add_thin_pack(
+                    sink.file.read, None, progress=_index_progress(progress)
+                )
+            except Exception as e:
+                raise CorruptRepository(f"the pack from {url} is damaged ({e})") from None
+    finally:
+        sink.file.close()
+    # dulwich renames packs into place without fsync: make them durable
+    # before any ref points into them.
+    for name in sorted(set(os.listdir(pack_dir)) - before):
+        if name.startswith("pack-"):
+            fd = os.open(pack_dir / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fsync_dir(pack_dir)
+    repo.reopen_store()
+    refs = {
+        bytes(k): bytes(v)
+        for k, v in result.refs.items()
+        if v is not None and not k.endswith(PEELED_TAG_SUFFIX)
+    }
+    refs = refs or seen
+    progress("objects", sink.objects, sink.objects)
+    return Received(refs, sink.objects, sink.bytes)
+
+
+@dataclass
+class Sent:
+    """What one push sent."""
+
+    objects: int = 0
+    size: int = 0  # bytes transferred
+    updated: dict[bytes, bytes] = field(default_factory=dict)  # remote ref -> hex
+    failed: dict[bytes, str] = field(default_factory=dict)
+
+
+def send(
+    repo: Repository,
+    client: GitClient,
+    path: str,
+    url: str,
+    update: Callable[[dict[bytes, bytes]], dict[bytes, bytes]],
+    progress: Progress = _no_progress,
+) -> Sent:
+    """Push: ``update(remote refs)`` returns the remote refs to set (hex values).
+
+    Only objects the remote lacks travel (its refs are the haves).  Every
+    object is sent whole, one at a time, so memory stays flat; the remote
+    (git receive-pack) moves refs only after the whole pack arrived.
+    """
+    sent = Sent()
+
+    def update_refs(refs: dict[Ref, ObjectID]) -> dict[Ref, ObjectID]:
+        plain = {bytes(k): bytes(v) for k, v in refs.items()}
+        new = update(plain)
+        sent.updated = dict(new)
+        return {Ref(k): ObjectID(v) for k, v in new.items()}
+
+    def generate(
+        have: Iterable[ObjectID],
+        want: Iterable[ObjectID],
+        *,
+        ofs_delta: bool = False,
+        progress: Callable[[bytes], None] | None = None,
+    ) -> tuple[int, Iterator[UnpackedObject]]:
+        store = repo.git.object_store
+        known = [h for h in have if h in store]
+        count, objects = repo.git.generate_pack_data(set(known), set(want), ofs_delta=ofs_delta)
+
+        def counted() -> Iterator[UnpackedObject]:
+            for done, obj in enumerate(objects, 1):
+                sent.objects = done
+                sent.size += obj.decomp_len or sum(len(c) for c in obj.decomp_chunks)
+                report("objects", done, count)
+                report("bytes", sent.size, 0)
+                yield obj
+
+        return count, counted()
+
+    report = progress
+    try:
+        result = client.send_pack(path.encode(), update_refs, generate_pack_data=generate)
+    except VMLError:
+        raise
+    except Exception as e:
+        raise transport_error(url, e) from None
+    for ref, error in (result.ref_status or {}).items():
+        if error is not None:
+            sent.failed[bytes(ref)] = error
+            sent.updated.pop(bytes(ref), None)
+    return sent
+
+
+# -- naming what arrived --------------------------------------------------------
+
+
+def _load(reader: PackReader, commit: bytes) -> Entry | None:
+    try:
+        return load_entry(lambda sha, t: reader.read(sha, t)[1], commit)
+    except CorruptRepository:
+        return None  # not a VML entry (someone's plain git commit): leave it unnamed
+
+
+def chain_entries(
+    reader: PackReader, tips: Iterable[bytes], stop: set[bytes]
+) -> dict[bytes, Entry]:
+    """Every entry reachable from ``tips`` by parent links, not walking past ``stop``."""
+    found: dict[bytes, Entry] = {}
+    stack = [t for t in tips if t not in stop]
+    while stack:
+        c = stack.pop()
+        if c in found or c in stop:
+            continue
+        e = _load(reader, c)
+        if e is None:
+            continue
+        found[c] = e
+        if e.parent is not None:
+            stack.append(e.parent)
+    return found
+
+
+def number_entries(
+    repo: Repository,
+    tips: Iterable[bytes],
+    hints: Mapping[bytes, int] | None = None,
+    keep_hinted: bool = False,
+) -> list[tuple[int, bytes]]:
+    """Give every unnumbered entry reachable from ``tips`` a local E-number.
+
+    Call under the repository lock.  Parents are numbered before children;
+    among ready entries the remote's number (``hints``), then the creation
+    time, decides.  With ``keep_hinted`` (a clone into an empty repository),
+    an entry takes its hinted number when that number is free here.
+    Returns ``(number, commit)`` pairs made, in order.
+    """
+    hints = hints or {}
+    table = refs_mod.read_refs(repo)
+    numbered = set(table.entries.values())
+    reader = PackReader(repo)  # a new reader sees the packs that just arrived
+    try:
+        found = chain_entries(reader, tips, numbered)
+    finally:
+        reader.close()
+    if not found:
+        return []
+    made: list[tuple[int, bytes]] = []
+    taken = set(table.entries)
+    if keep_hinted:
+        for c in sorted(found, key=lambda c: hints.get(c, 1 << 62)):
+            n = hints.get(c)
+            if n is not None and n > 0 and n not in taken:
+                refs_mod.set_ref(repo, refs_mod.entry_ref(n), c, create=True)
+                taken.add(n)
+                made.append((n, c))
+        done = {c for _n, c in made}
+        found = {c: e for c, e in found.items() if c not in done}
+    children: dict[bytes, list[bytes]] = {}
+    ready: list[tuple[int, int, bytes]] = []
+    for c, e in found.items():
+        if e.parent is not None and e.parent in found:
+            children.setdefault(e.parent, []).append(c)
+        else:
+            heapq.heappush(ready, (hints.get(c, 1 << 62), e.commit_time, c))
+    nxt = max(taken, default=0) + 1
+    while ready:
+        _h, _t, c = heapq.heappop(ready)
+        refs_mod.set_ref(repo, refs_mod.entry_ref(nxt), c, create=True)
+        made.append((nxt, c))
+        nxt += 1
+        for k in children.get(c, []):
+            heapq.heappush(ready, (hints.get(k, 1 << 62), found[k].commit_time, k))
+    return made
+
+
+def is_ancestor(reader: PackReader, old: bytes, new: bytes) -> bool:
+    """True when entry ``old`` is ``new`` or one of its ancestors (a fast-forward)."""
+    c: bytes | None = new
+    guard = 0
+    while c is not None and guard <= 1 << 20:
+        if c == old:
+            return True
+        if not reader.contains(c):
+            return False
+        e = _load(reader, c)
+        c = e.parent if e is not None else None
+        guard += 1
+    return False
+
+
+def block_size_of(repo: Repository, commits: Iterable[bytes]) -> tuple[int, int] | None:
+    """``(block size, page size)`` of the first image manifest found among ``commits``."""
+    reader = PackReader(repo)
+    try:
+        for c in commits:
+            e = _load(reader, c)
+            if e is None:
+                continue
+            for f in e.meta.files:
+                if f.kind == "image":
+                    img = resolve_image(reader, c, f.path)
+                    if img is not None:
+                        return img.manifest.block_size, img.manifest.page_size
+    finally:
+        reader.close()
+    return None
+
+
+def hex_of(ref_value: bytes) -> bytes:
+    """Check a hex commit id from the wire."""
+    if not _HEX40.match(ref_value):
+        raise CorruptRepository(f"the remote sent a malformed object id {ref_value[:60]!r}")
+    return ref_value

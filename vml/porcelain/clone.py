@@ -1,0 +1,99 @@
+"""``vml clone``: a new repository holding every entry of a remote one.
+
+The clone keeps the remote's E-numbers (it starts empty, so they are free);
+entries the remote only holds as shared refs get numbers after them.  The
+block and page size are taken from the entries' manifests so new entries
+made here share blocks with the ones that came.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vml.errors import UsageError
+from vml.plumbing import refs as refs_mod
+from vml.plumbing import remotes as rm
+from vml.plumbing.repository import (
+    DEFAULT_BLOCK_SIZE,
+    MAX_BLOCK_SIZE,
+    MIN_BLOCK_SIZE,
+    init_repository,
+    is_repository,
+)
+from vml.porcelain.common import ProgressFn, no_progress
+from vml.porcelain.fetch import FetchResult, fetch_into
+
+
+@dataclass
+class CloneResult:
+    """What ``vml clone`` made."""
+
+    path: str
+    url: str
+    block_size: int
+    fetch: FetchResult
+    branches: list[str] = field(default_factory=list)
+
+
+def default_path(url: str) -> Path:
+    """``lab-vms`` for ``ssh://host/srv/lab-vms.git`` (git's rule)."""
+    tail = re.split(r"[/:]", url.rstrip("/"))[-1]
+    tail = tail.removesuffix(".git") or "vml-clone"
+    return Path(tail)
+
+
+def normalise_url(url: str) -> str:
+    """Local paths become absolute, so the remote works from any folder."""
+    if "://" not in url and Path(url).exists():
+        return str(Path(url).resolve())
+    return url
+
+
+def clone(
+    url: str,
+    path: Path | None = None,
+    *,
+    ssh_command: str | None = None,
+    progress: ProgressFn = no_progress,
+) -> CloneResult:
+    """Clone the VML repository at ``url`` into ``path``."""
+    url = normalise_url(url)
+    target = path if path is not None else default_path(url)
+    if is_repository(target) or (target.exists() and any(target.iterdir())):
+        raise UsageError(f"{target} exists and is not empty", "choose a new or empty folder")
+    created = not target.exists()
+    repo = init_repository(target, DEFAULT_BLOCK_SIZE)
+    try:
+        rm.add_remote(repo, "origin", url)
+        res = fetch_into(
+            repo, "origin", url, keep_numbers=True, ssh_command=ssh_command, progress=progress
+        )
+        table = refs_mod.read_refs(repo)
+        made: list[str] = []
+        with repo.lock():
+            for b, entry in sorted(res.branches.items()):
+                commit = refs_mod.resolve_name(repo, entry, table)
+                if b not in table.branches and not refs_mod._E.match(b):
+                    refs_mod.set_ref(repo, refs_mod.BRANCH_PREFIX + b.encode(), commit, create=True)
+                    made.append(b)
+        sizes = rm.block_size_of(repo, sorted(table.entries.values()))
+        block_size = repo.block_size
+        if sizes is not None and MIN_BLOCK_SIZE <= sizes[0] <= MAX_BLOCK_SIZE:
+            block_size = sizes[0]
+            cfg = repo.git.get_config()
+            cfg.set((b"vml",), b"blockSize", str(sizes[0]).encode())
+            cfg.set((b"vml",), b"pageSize", str(sizes[1]).encode())
+            cfg.write_to_path()
+    except BaseException:
+        repo.close()
+        if created:
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            for p in target.iterdir():
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        raise
+    repo.close()
+    return CloneResult(str(target), url, block_size, res, made)

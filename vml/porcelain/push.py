@@ -1,0 +1,156 @@
+"""``vml push``: send entries (with their chains), branches and tags to a remote.
+
+Each entry travels as ``refs/vml/shared/<commit id>`` on the remote, never
+as an E-number, so a push cannot clobber anyone's numbering; the receiving
+side numbers entries when it fetches (FORMAT.md, "Sharing").  Branches move
+only forward unless ``force``; tags are created, never moved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from vml.errors import UsageError
+from vml.plumbing import refs as refs_mod
+from vml.plumbing import remotes as rm
+from vml.plumbing.packs import PackReader
+from vml.plumbing.repository import Repository
+from vml.porcelain.common import ProgressFn, label, no_progress
+
+
+@dataclass
+class PushResult:
+    """What ``vml push`` did."""
+
+    remote: str
+    url: str
+    entries: list[str] = field(default_factory=list)  # entries the remote did not have
+    branches: dict[str, str] = field(default_factory=dict)  # branch -> entry
+    tags: list[str] = field(default_factory=list)
+    objects: int = 0
+    size: int = 0  # bytes transferred
+
+    def to_json(self) -> dict[str, object]:
+        """The ``--json`` form."""
+        return dict(self.__dict__)
+
+
+def push(
+    repo: Repository,
+    remote: str | None = None,
+    names: Sequence[str] = (),
+    *,
+    all_entries: bool = False,
+    tags: bool = False,
+    force: bool = False,
+    ssh_command: str | None = None,
+    progress: ProgressFn = no_progress,
+) -> PushResult:
+    """Push ``names`` (entries, branches, tags), or every entry and branch with ``all_entries``."""
+    remotes = rm.list_remotes(repo)
+    if remote is None:
+        if not remotes:
+            raise UsageError("no remote is configured", "add one with `vml remote add`")
+        remote = "origin" if "origin" in remotes else next(iter(remotes))
+    url = rm.remote_url(repo, remote)
+    table = refs_mod.read_refs(repo)
+    commits: set[bytes] = set()
+    branches: dict[str, bytes] = {}
+    tag_names: set[str] = set()
+    if all_entries:
+        commits |= set(table.entries.values())
+        branches.update(table.branches)
+    if tags:
+        tag_names |= set(table.tags)
+    for name in names:
+        if name in table.branches:
+            branches[name] = table.branches[name]
+        elif name in table.tags:
+            tag_names.add(name)
+        else:
+            commits.add(refs_mod.resolve_name(repo, name, table))
+    commits |= set(branches.values())
+    commits |= {table.tags[t] for t in tag_names}
+    if not commits:
+        raise UsageError(
+            "nothing to push", "name the entries, branches or tags to push, or use --all"
+        )
+    raw_tags = {t: bytes(repo.git.refs[refs_mod.TAG_PREFIX + t.encode()]) for t in tag_names}  # type: ignore[index]
+
+    reader = PackReader(repo)
+    try:
+        chain = rm.chain_entries(reader, commits, set())
+        res = PushResult(remote, url)
+        rejected: list[str] = []
+
+        def update(remote_refs: dict[bytes, bytes]) -> dict[bytes, bytes]:
+            have = set(remote_refs.values())
+            new: dict[bytes, bytes] = {}
+            res.entries.clear()
+            for c in sorted(chain, key=lambda c: table.number_of(c) or 1 << 62):
+                h = c.hex().encode()
+                if h not in have:
+                    new[rm.SHARED_PREFIX + h] = h
+                    res.entries.append(label(table, c) or c.hex()[:12])
+            for b, c in sorted(branches.items()):
+                ref = refs_mod.BRANCH_PREFIX + b.encode()
+                old = remote_refs.get(ref)
+                h = c.hex().encode()
+                if old == h:
+                    continue
+                if (
+                    old is not None
+                    and not force
+                    and not rm.is_ancestor(reader, bytes.fromhex(old.decode()), c)
+                ):
+                    rejected.append(b)
+                    continue
+                new[ref] = h
+                res.branches[b] = label(table, c) or c.hex()[:12]
+            for t, value in sorted(raw_tags.items()):
+                ref = refs_mod.TAG_PREFIX + t.encode()
+                old = remote_refs.get(ref)
+                if old == value:
+                    continue
+                if old is not None:
+                    rejected.append(f"tag {t}")
+                    continue
+                new[ref] = value
+                res.tags.append(t)
+            if rejected:
+                raise rm.RemoteError(
+                    f"{remote} holds other entries on {', '.join(rejected)}",
+                    f"run `vml pull {remote}` first, or push with --force (branches only)",
+                )
+            return new
+
+        client, path = rm.open_transport(repo, url, ssh_command)
+        sent = rm.send(repo, client, path, url, update, progress)
+    finally:
+        reader.close()
+    if sent.failed:
+        first = next(iter(sent.failed.items()))
+        raise rm.RemoteError(
+            f"{remote} refused {first[0].decode()}: {first[1]}",
+            "check the server's permissions and run the push again",
+        )
+    res.objects, res.size = sent.objects, sent.size
+    # Remember what the remote now holds, as git does after a push.
+    with repo.lock():
+        for ref, value in sorted(sent.updated.items()):
+            if ref.startswith(rm.SHARED_PREFIX):
+                target = (
+                    rm.TRACK_PREFIX + remote.encode() + b"/shared/" + ref[len(rm.SHARED_PREFIX) :]
+                )
+            elif ref.startswith(refs_mod.BRANCH_PREFIX):
+                target = (
+                    rm.GIT_TRACK_PREFIX
+                    + remote.encode()
+                    + b"/"
+                    + ref[len(refs_mod.BRANCH_PREFIX) :]
+                )
+            else:
+                continue
+            refs_mod.set_ref(repo, target, bytes.fromhex(value.decode()))
+    return res

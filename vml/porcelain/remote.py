@@ -1,0 +1,38 @@
+"""``vml remote add|remove|list``: name the repositories entries are shared with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vml.plumbing import remotes as rm
+from vml.plumbing.repository import Repository
+from vml.porcelain.clone import normalise_url
+
+
+@dataclass
+class RemoteInfo:
+    """One configured remote."""
+
+    name: str
+    url: str
+
+
+def add(repo: Repository, name: str, url: str) -> RemoteInfo:
+    """Configure remote ``name`` at ``url`` (local paths are made absolute)."""
+    with repo.lock():
+        url = normalise_url(url)
+        rm.add_remote(repo, name, url)
+    return RemoteInfo(name, url)
+
+
+def remove(repo: Repository, name: str) -> RemoteInfo:
+    """Forget remote ``name`` and what was tracked from it; entries stay."""
+    with repo.lock():
+        url = rm.remote_url(repo, name)
+        rm.remove_remote(repo, name)
+    return RemoteInfo(name, url)
+
+
+def list_remotes(repo: Repository) -> list[RemoteInfo]:
+    """Every configured remote."""
+    return [RemoteInfo(n, u) for n, u in rm.list_remotes(repo).items()]
