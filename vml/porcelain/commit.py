@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dulwich.objects import Blob
@@ -13,6 +13,7 @@ from dulwich.objects import Blob
 from vml.errors import AreaError, FileChanged, NothingToCommit, UnknownEntry, UsageError
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.areas import (
+    AreaFile,
     AreaState,
     Cache,
     CachedFile,
@@ -28,6 +29,7 @@ from vml.plumbing.entries import (
     FILES_NAME,
     IMAGES_NAME,
     META_NAME,
+    Entry,
     EntryMeta,
     FileRecord,
     make_commit,
@@ -48,6 +50,13 @@ from vml.porcelain.common import (
     no_progress,
     read_entry,
 )
+from vml.porcelain.vminfo import (
+    ExternalFile,
+    entry_vm,
+    external_sources,
+    plan_externals,
+    saved_externals,
+)
 
 
 @dataclass
@@ -65,6 +74,8 @@ class CommitResult:
     changed_files: list[str]
     tag: str | None
     branch: str | None
+    crash_consistent: bool = False  # saved running, with --force-running
+    external: list[ExternalFile] = field(default_factory=list)  # saved from outside the area
 
 
 def _chain_root(reader: PackReader, commit: bytes) -> bytes:
@@ -138,6 +149,9 @@ def commit(
                 f"run `vml checkout {state.pending[:12]} {area}` to finish it first",
             )
         vm = check_saveable(area, force_running=force_running, include_external=include_external)
+        # Everything the VM needs outside the area, found (or refused) before
+        # anything is written: an entry missing one could not be rebuilt.
+        sources = external_sources(area, vm) if include_external else []
         reader = PackReader(repo)
         try:
             known_commits = set(table.entries.values())
@@ -169,6 +183,8 @@ def commit(
 
             rules = IgnoreRules.load(area)
             files, dirs = scan_area(area, rules.is_ignored)
+            externals, files = _add_externals(sources, files, parent_entry, area_entry)
+            from_outside = {e.path: Path(e.source) for e in externals}
             total = sum(f.stat.st_size for f in files)
             cache = Cache(area, repo.page_size, repo.block_size)
             cache_ok = cache.valid_for(state.entry) and area_commit is not None
@@ -182,7 +198,7 @@ def commit(
             pool = make_pool()
             try:
                 for af in files:
-                    full_path = area / af.path
+                    full_path = from_outside.get(af.path, area / af.path)
                     st = af.stat
                     mode = 0o100755 if st.st_mode & 0o111 else 0o100644
                     if st.st_size <= repo.block_size:
@@ -305,7 +321,7 @@ def commit(
                 message=message,
                 files=records,
                 dirs=dirs,
-                vm=vm.to_json(),
+                vm=entry_vm(vm, externals),
                 stats={
                     "read_bytes": read_bytes,
                     "stored_bytes": 0,
@@ -368,9 +384,42 @@ def commit(
                 changed_files=changed,
                 tag=tag,
                 branch=state.branch,
+                crash_consistent=vm.power_state == "running",
+                external=externals,
             )
         finally:
             reader.close()
+
+
+def _add_externals(
+    sources: list[str], files: list[AreaFile], parent: Entry | None, held: Entry | None
+) -> tuple[list[ExternalFile], list[AreaFile]]:
+    """Name the files saved from outside the area and add them to the area's files.
+
+    A file a checkout restored as the copy of an external file, untouched
+    since (size and mtime as recorded), gives way to that file read afresh.
+    """
+    if not sources:
+        return [], files
+    previous = saved_externals(parent.meta.vm if parent else None)
+    restored: set[str] = set()
+    if held is not None:
+        records = {f.path: f for f in held.meta.files}
+        previous += saved_externals(held.meta.vm)
+        for af in files:
+            rec = records.get(af.path)
+            if (
+                rec is not None
+                and any(e.path == af.path for e in saved_externals(held.meta.vm))
+                and rec.size == af.stat.st_size
+                and rec.mtime_ns == af.stat.st_mtime_ns
+            ):
+                restored.add(af.path)
+    plan, replaced = plan_externals(sources, [f.path for f in files], previous, restored)
+    kept = [f for f in files if f.path not in replaced]
+    kept += [AreaFile(e.path, os.stat(e.source)) for e in plan]
+    kept.sort(key=lambda f: f.path)
+    return plan, kept
 
 
 def _changed_files(

@@ -1,0 +1,258 @@
+"""The VM as entries record it: crash-consistent saves, files saved from outside, notes.
+
+An entry's ``vm`` metadata is ``VMInfo.to_json()`` plus two keys:
+
+- ``crash_consistent``: true when the VM was saved running (``--force-running``);
+- ``external_files``: ``[{"source": "/abs/path", "path": ".external/1/name"}]``,
+  the files outside the area saved with ``--include-external`` and the
+  area-relative name each is stored (and checked out) under.
+
+Files from one source folder share one ``.external/<n>/`` folder and keep
+their names, so descriptors that name each other relatively (a VMDK and its
+``-flat`` extent) still find each other there.  Nothing inside the VM's own
+files is rewritten: they still name the original paths (see ``docs/VMS.md``).
+"""
+
+from __future__ import annotations
+
+import os
+import stat as stat_mod
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vml.errors import AreaError
+from vml.plumbing.vm import VMInfo
+from vml.plumbing.vm_formats import read_disk
+
+EXTERNAL_DIR = ".external"
+_MAX_EXTERNAL = 4096  # a chain longer than this is a loop or a mistake
+
+
+@dataclass(frozen=True)
+class ExternalFile:
+    """A file outside the area saved with an entry, and its name inside the entry."""
+
+    source: str  # absolute path where it was read
+    path: str  # area-relative name: .external/<n>/<basename>
+
+
+def entry_vm(vm: VMInfo, externals: Iterable[ExternalFile] = ()) -> dict[str, object]:
+    """The ``vm`` metadata stored with an entry."""
+    doc = vm.to_json()
+    doc["crash_consistent"] = vm.power_state == "running"
+    doc["external_files"] = [{"source": e.source, "path": e.path} for e in externals]
+    return doc
+
+
+def saved_externals(vm: dict[str, object] | None) -> list[ExternalFile]:
+    """The external files an entry's ``vm`` metadata lists (none for older entries)."""
+    items = vm.get("external_files") if vm else None
+    out: list[ExternalFile] = []
+    if isinstance(items, list):
+        for it in items:
+            if isinstance(it, dict):
+                src, path = it.get("source"), it.get("path")
+                if isinstance(src, str) and isinstance(path, str):
+                    out.append(ExternalFile(src, path))
+    return out
+
+
+def vm_view(vm: dict[str, object] | None) -> dict[str, object] | None:
+    """An entry's ``vm`` in the one shape every ``--json`` output uses.
+
+    Entries made before the crash-consistent flag and external files were
+    recorded get their defaults (false, none), so readers need not care.
+    """
+    if vm is None:
+        return None
+    doc = dict(vm)
+    doc.setdefault("crash_consistent", doc.get("power_state") == "running")
+    doc["external_files"] = [{"source": e.source, "path": e.path} for e in saved_externals(vm)]
+    return doc
+
+
+def _inside(real: str, root: str) -> bool:
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def external_sources(area: Path, vm: VMInfo) -> list[str]:
+    """Every file outside ``area`` the VM needs, following their extents and backing files.
+
+    ``check_saveable`` names the files the area's own disks and config point
+    at; those may in turn be descriptors or overlays naming more files (a
+    golden image's own base).  All of them are needed to rebuild the VM, so
+    an entry that misses one cannot be restored: raise ``AreaError`` naming
+    any that is not a readable regular file on this host (missing, a device,
+    a Windows path or URL written in a descriptor).
+    """
+    root = os.path.realpath(area)
+    todo = list(vm.external)
+    found: list[str] = []
+    seen: set[str] = set()
+    while todo:
+        p = todo.pop(0)
+        if p in seen:
+            continue
+        seen.add(p)
+        if len(seen) > _MAX_EXTERNAL:
+            raise AreaError("the VM names too many files outside the area", "check its disks")
+        try:
+            st = os.stat(p) if os.path.isabs(p) else None
+        except OSError:
+            st = None
+        if st is None or not stat_mod.S_ISREG(st.st_mode):
+            raise AreaError(
+                f"cannot save {p}, which the VM needs outside the area: "
+                "it is not a readable regular file on this host",
+                "copy it into the area and point the VM at the copy, or make it reachable here",
+            )
+        found.append(p)
+        disk = read_disk(Path(p))
+        if disk is None:
+            continue
+        folder = os.path.dirname(p)
+        for ref in [*disk.extents, *([disk.backing] if disk.backing else [])]:
+            if "://" in ref or ref.startswith("json:"):
+                todo.append(ref)  # refused above, by name
+                continue
+            real = os.path.realpath(os.path.join(folder, ref))
+            if not _inside(real, root):
+                todo.append(real)
+    return found
+
+
+def plan_externals(
+    sources: list[str],
+    area_paths: Iterable[str],
+    previous: list[ExternalFile],
+    restored: set[str],
+) -> tuple[list[ExternalFile], set[str]]:
+    """Choose the name each external file is saved under.
+
+    A source saved before (``previous``: the parent's and the area entry's
+    lists) keeps its name, so the new entry stores only its changed blocks.
+    Otherwise each source folder gets the first free ``.external/<n>/``.
+    ``restored`` holds area files that are unchanged copies a checkout made
+    of an external file: the source, read afresh, takes their place.  Any
+    other area file under a folder is never overwritten: that folder moves
+    to a fresh number.  Returns the plan and the area files it replaces.
+    """
+    area_set = set(area_paths)
+    used = {
+        parts[1]
+        for parts in (p.split("/") for p in area_set)
+        if len(parts) >= 3 and parts[0] == EXTERNAL_DIR
+    }
+    before = {e.source: e.path for e in reversed(previous)}  # the first listed wins
+    groups: dict[str, list[str]] = {}
+    for s in sources:
+        groups.setdefault(os.path.dirname(s), []).append(s)
+    plan: list[ExternalFile] = []
+    replaced: set[str] = set()
+    taken: set[str] = set()
+    for folder in sorted(groups):
+        members = sorted(groups[folder])
+        names = {s: os.path.basename(s) for s in members}
+        n: str | None = None
+        for s in members:
+            old = before.get(s)
+            if old is not None and old.count("/") == 2 and old.split("/")[2] == names[s]:
+                n = old.split("/")[1]
+                break
+        if n is not None:
+            prefix = f"{EXTERNAL_DIR}/{n}/"
+            mine = {prefix + names[s] for s in members}
+            occupants = {p for p in area_set if p.startswith(prefix)}
+            if n in taken or not occupants <= (mine & restored):
+                n = None
+            else:
+                replaced |= occupants
+        if n is None:
+            k = 1
+            while str(k) in used or str(k) in taken:
+                k += 1
+            n = str(k)
+        taken.add(n)
+        plan.extend(ExternalFile(s, f"{EXTERNAL_DIR}/{n}/{names[s]}") for s in members)
+    return plan, replaced
+
+
+def _how_to_point(vm: dict[str, object], e: ExternalFile) -> str:
+    """The command or edit that makes the VM use the saved copy instead of ``e.source``."""
+    disks = vm.get("disks")
+    for d in disks if isinstance(disks, list) else []:
+        if not isinstance(d, dict) or not isinstance(d.get("path"), str):
+            continue
+        ext = d.get("external")
+        if not isinstance(ext, list) or e.source not in ext:
+            continue
+        path = str(d["path"])
+        rel = os.path.relpath(e.path, os.path.dirname(path) or ".")
+        if d.get("backing") == e.source and d.get("format") == "qcow2":
+            return f"run `qemu-img rebase -u -b {rel} -F FORMAT {path}` (no data is copied)"
+        if str(d.get("format", "")).startswith("vmdk"):
+            return f'edit {path} to name "{rel}" instead'
+        return f"point {path} at {rel}"
+    config = vm.get("config")
+    if isinstance(config, str):
+        return f"edit {config} to name {e.path} instead"
+    return "edit the file that names it (see docs/VMS.md)"
+
+
+def checkout_notes(vm: dict[str, object] | None, origin: str, area: Path, now: VMInfo) -> list[str]:
+    """What the user must know to boot entry ``vm`` (saved from ``origin``) checked out in ``area``.
+
+    ``now`` describes the area after the checkout: a file it needs outside
+    the area that was not saved with the entry is a path written absolutely
+    (often into the area it was saved from), which the copy must not share.
+    """
+    if vm is None:
+        return []
+    notes: list[str] = []
+    if vm.get("crash_consistent"):
+        notes.append(
+            "this entry was saved while the VM was running (crash-consistent): "
+            "the guest starts as after a power cut and may check its file systems"
+        )
+    saved = saved_externals(vm)
+    for e in saved:
+        there = "still there" if os.path.exists(e.source) else "missing on this host"
+        notes.append(
+            f"{e.path} is the saved copy of {e.source} ({there}); the VM still names "
+            f"{e.source}: to use the copy, {_how_to_point(vm, e)}"
+        )
+    saved_sources = {e.source for e in saved}
+    unsaved = [p for p in now.external if p not in saved_sources]
+    if unsaved:
+        notes.append(
+            "the VM here names files outside this folder that the entry does not hold: "
+            + ", ".join(unsaved)
+            + " (absolute paths, probably into the area it was saved from): point them into "
+            + "this folder (qcow2: `qemu-img rebase -u -b NEW IMAGE`; VMDK: edit the descriptor; "
+            + "libvirt: `virsh edit`)"
+        )
+    moved = os.path.realpath(area) != os.path.realpath(origin)
+    hypervisor = vm.get("hypervisor")
+    config = vm.get("config")
+    if moved and hypervisor == "vmware":
+        key = f" in {config}" if isinstance(config, str) else ""
+        notes.append(
+            f"VMware will ask whether this VM was moved or copied (it was saved in {origin}): "
+            f'answer "I Copied It" to run it next to the original; set uuid.action = "keep"'
+            f"{key} to never be asked"
+        )
+    elif moved and hypervisor == "virtualbox":
+        where = str(area / config) if isinstance(config, str) else str(area)
+        notes.append(
+            "VirtualBox knows VMs and disks by UUID: unregister the original (or give this copy "
+            "new UUIDs with `VBoxManage clonevm` or `VBoxManage internalcommands sethduuid`), "
+            f"then `VBoxManage registervm {where}`"
+        )
+    elif moved and hypervisor == "qemu" and isinstance(config, str):
+        notes.append(
+            f"libvirt names disks by absolute path: edit the <source file=...> paths in {config} "
+            f"to point into {area}, then `virsh define` it (undefine a domain of the same name "
+            "or UUID first)"
+        )
+    return notes
