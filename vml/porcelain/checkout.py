@@ -30,6 +30,7 @@ from vml.plumbing.images import write_image
 from vml.plumbing.manifests import BLOB_MODE
 from vml.plumbing.packs import BLOB, PackReader
 from vml.plumbing.repository import Repository, fsync_dir
+from vml.plumbing.vm import inspect_area
 from vml.porcelain.common import (
     ProgressFn,
     check_area_path,
@@ -39,6 +40,7 @@ from vml.porcelain.common import (
     read_entry,
 )
 from vml.porcelain.status import area_changes
+from vml.porcelain.vminfo import checkout_notes
 
 
 @dataclass
@@ -55,6 +57,9 @@ class CheckoutResult:
     files_written: list[str] = field(default_factory=list)
     files_removed: list[str] = field(default_factory=list)
     branch: str | None = None
+    # What the user must do for the hypervisor to run the VM here (moved
+    # area, files saved from outside it, a crash-consistent entry).
+    notes: list[str] = field(default_factory=list)
 
 
 def _safe_target(area: Path, rel: str) -> Path:
@@ -282,6 +287,7 @@ def checkout(
                 files_written=files_written,
                 files_removed=removed,
                 branch=state.branch,
+                notes=checkout_notes(target.meta.vm, target.meta.area, area, inspect_area(area)),
             )
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
