@@ -12,6 +12,7 @@ from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
 from vml.porcelain.common import label, read_entry
 from vml.porcelain.status import area_changes
+from vml.porcelain.vminfo import vm_view
 
 
 @dataclass
@@ -67,7 +68,7 @@ def list_areas(repo: Repository) -> list[AreaSummary]:
                     dirty,
                     changed,
                     st.pending,
-                    entry.meta.vm if entry else None,
+                    vm_view(entry.meta.vm) if entry else None,
                 )
             )
     finally:

@@ -13,6 +13,7 @@ from vml.plumbing.entries import Entry
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
 from vml.porcelain.common import label, read_entry
+from vml.porcelain.vminfo import vm_view
 
 
 @dataclass
@@ -94,7 +95,7 @@ def _log_entry(
         labels=labels.get(e.commit, []),
         areas=held.get(e.hex, []),
         origin_area=e.meta.area,
-        vm=e.meta.vm,
+        vm=vm_view(e.meta.vm),
     )
 
 

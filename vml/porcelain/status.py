@@ -24,6 +24,7 @@ from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
 from vml.plumbing.vm import inspect_area
 from vml.porcelain.common import label, read_entry
+from vml.porcelain.vminfo import saved_externals, vm_view
 
 
 @dataclass
@@ -46,7 +47,7 @@ class StatusResult:
     branch: str | None
     pending: str | None
     changes: list[FileChange] = field(default_factory=list)
-    vm: dict[str, object] | None = None
+    vm: dict[str, object] | None = None  # the VM in the area now (not the entry's)
 
     @property
     def clean(self) -> bool:
@@ -123,7 +124,12 @@ def area_changes(
         elif o.kind == "small":
             changed = st.st_size
         out.append(FileChange(af.path, "modified", st.st_size, changed))
+    # Files saved from outside the area (--include-external) are not expected
+    # in the area they were saved from; a checkout puts them in .external/.
+    outside = {e.path for e in saved_externals(entry.meta.vm)} if entry else set()
     for p, o in sorted(old.items()):
+        if p in outside:
+            continue
         out.append(FileChange(p, "removed", o.size, o.size))
     return out
 
@@ -150,7 +156,7 @@ def status(repo: Repository, area: Path) -> StatusResult:
             branch=state.branch,
             pending=state.pending,
             changes=changes,
-            vm=vm.to_json(),
+            vm=vm_view({**vm.to_json(), "crash_consistent": False}),
         )
     finally:
         reader.close()
