@@ -14,7 +14,16 @@ import typer
 from rich.markup import escape
 
 from vml import __version__
-from vml.cli.render import err, out, print_log, progress_bar, report_error, size
+from vml.cli.render import (
+    err,
+    out,
+    print_log,
+    progress_bar,
+    report_error,
+    size,
+    vm_brief,
+    vm_lines,
+)
 from vml.errors import NoSpace, VMLError
 from vml.plumbing.repository import DEFAULT_BLOCK_SIZE, Repository, parse_size
 from vml.porcelain import areas as areas_mod
@@ -156,7 +165,10 @@ def commit(
     ] = False,
     include_external: Annotated[
         bool,
-        typer.Option("--include-external", help="Allow disks whose files lie outside the area."),
+        typer.Option(
+            "--include-external",
+            help="Save files the VM needs outside the area too (under .external/ in the entry).",
+        ),
     ] = False,
     quiet: Quiet = False,
 ) -> None:
@@ -193,6 +205,15 @@ def commit(
         f"{res.kind} entry {res.entry} ({parent}{extra}): read {size(res.read_bytes)}, "
         f"stored {size(res.stored_bytes)} of {size(res.logical_bytes)}, {res.seconds:.2f} s"
     )
+    if res.crash_consistent:
+        out.print(
+            "[yellow]note:[/yellow] the VM was running: this entry is crash-consistent "
+            "(it boots as after a power cut)"
+        )
+    for e in res.external:
+        out.print(
+            f"[yellow]note:[/yellow] saved {escape(e.source)} (outside the area) as {escape(e.path)}"
+        )
 
 
 @app.command()
@@ -222,6 +243,8 @@ def _print_checkout(res: checkout_mod.CheckoutResult, verb: str) -> None:
         f"of {size(res.logical_bytes)}, {len(res.files_written)} files updated, "
         f"{len(res.files_removed)} removed, {res.seconds:.2f} s"
     )
+    for note in res.notes:
+        out.print(f"[yellow]note:[/yellow] {escape(note)}")
 
 
 @app.command()
@@ -303,12 +326,8 @@ def show(
     out.print(
         f"stored    {size(le.stored_bytes)} by this entry, of {size(le.logical_bytes)} logical"
     )
-    if le.vm and le.vm.get("hypervisor") not in (None, "none"):
-        vm = le.vm
-        out.print(
-            f"vm        {vm.get('hypervisor')} {escape(str(vm.get('name') or ''))} "
-            f"guest {vm.get('guest_os')} memory {vm.get('memory_mib')} MiB, {vm.get('power_state')}"
-        )
+    for line in vm_lines(le.vm):
+        out.print(line)
     out.print("files")
     for f in res.files:
         out.print(f"  {size(f.size):>10}  {f.kind:<5}  {escape(f.path)}")
@@ -340,6 +359,8 @@ def status(area: AreaArg = Path("."), json_: Json = False) -> None:
     if res.branch:
         where += f" on branch {res.branch}"
     out.print(f"area {escape(res.area)} holds {where}")
+    for line in vm_lines(res.vm, "vm now"):
+        out.print(line)
     if res.pending:
         out.print(
             f"[red]an interrupted checkout of {res.pending[:12]} must be finished: run `vml checkout {res.pending[:12]}`[/red]"
@@ -378,7 +399,8 @@ def areas(json_: Json = False) -> None:
         else:
             state = "unsaved changes" if a.dirty else "clean"
         br = f" on {a.branch}" if a.branch else ""
-        out.print(f"{escape(a.path)}  {a.entry or '-'}{br}  {state}")
+        brief = f"  {escape(vm_brief(a.vm))}" if vm_brief(a.vm) else ""
+        out.print(f"{escape(a.path)}  {a.entry or '-'}{br}  {state}{brief}")
 
 
 @app.command()

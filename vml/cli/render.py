@@ -69,9 +69,66 @@ def progress_bar(enabled: bool, what: str) -> Iterator[ProgressFn]:
         yield update
 
 
+def vm_brief(vm: dict[str, object] | None) -> str:
+    """The VM in a few words for one-line listings: ``vmware "Ubuntu" suspended``."""
+    if not vm or vm.get("hypervisor") in (None, "none"):
+        return ""
+    parts = [str(vm.get("hypervisor"))]
+    if vm.get("name"):
+        parts.append(f'"{vm.get("name")}"')
+    power = str(vm.get("power_state") or "off")
+    if vm.get("crash_consistent"):
+        power = "running, crash-consistent"
+    parts.append(power)
+    return " ".join(parts)
+
+
+def vm_lines(vm: dict[str, object] | None, label: str = "vm") -> list[str]:
+    """The VM in detail (``show``, ``status``): one line for the VM, one per disk.
+
+    Returns rich markup, user text escaped; empty when there is no VM.
+    """
+    if not vm or vm.get("hypervisor") in (None, "none"):
+        return []
+    head = [str(vm.get("hypervisor"))]
+    if vm.get("name"):
+        head.append(escape(f'"{vm.get("name")}"'))
+    if vm.get("guest_os"):
+        head.append(f"guest {escape(str(vm.get('guest_os')))}")
+    mem = vm.get("memory_mib")
+    if isinstance(mem, int):
+        head.append(f"memory {size(mem << 20)}")
+    power = str(vm.get("power_state") or "off")
+    if vm.get("crash_consistent"):
+        power = "[red]running when saved: crash-consistent[/red]"
+    head.append(power)
+    lines = [f"{label:<9} " + ", ".join(head)]
+    disks = vm.get("disks")
+    for d in disks if isinstance(disks, list) else []:
+        if not isinstance(d, dict):
+            continue
+        vsize = d.get("virtual_size")
+        text = f"  disk    {escape(str(d.get('path')))}  {d.get('format')}"
+        text += f"  {size(vsize) if isinstance(vsize, int) else '?'} virtual"
+        if d.get("backing"):
+            text += f", backing {escape(str(d.get('backing')))}"
+        lines.append(text)
+    ext = vm.get("external_files")
+    for e in ext if isinstance(ext, list) else []:
+        if isinstance(e, dict):
+            lines.append(
+                f"  outside {escape(str(e.get('source')))} saved as {escape(str(e.get('path')))}"
+            )
+    return lines
+
+
 def _entry_line(le: LogEntry, here: set[str]) -> str:
     parts = [f"[bold]{le.id}[/bold]", f"{le.kind:<12}", human_time(le.created)]
     parts.append(f"stored {size(le.stored_bytes)}")
+    brief = vm_brief(le.vm)
+    if brief:
+        style = "red" if le.vm and le.vm.get("crash_consistent") else "cyan"
+        parts.append(f"[{style}]{escape(brief)}[/{style}]")
     if le.labels:
         parts.append("[yellow](" + ", ".join(escape(x) for x in le.labels) + ")[/yellow]")
     if le.message:
