@@ -7,8 +7,9 @@
 - ``lock``: an ``flock`` held by the one vml command that may change the
   area (commit, checkout, restore); it dies with its process;
 - ``cache/``: what the area's files looked like when they matched that entry:
-  per file its ``stat`` signature and SHA-256, and per large file one record
-  per block (xxh3-128 of the block, xxh3-64 of each page), so that an
+  per file its ``stat`` signature and digest, and per large file one record
+  per block (SHA-256 of the block, xxh3-128 of the block, xxh3-64 of each
+  page), so that an
   unchanged file is not read and a changed one's changed pages are found
   without reading the repository.  The cache is only an accelerator: when it
   is missing or stale, VML reads what it needs from the repository instead.
@@ -36,6 +37,8 @@ AREA_DIR = ".vml"
 STATE_NAME = "area.json"
 CACHE_NAME = "cache"
 CACHE_TMP = "cache.tmp"
+# Bumped whenever the record layout changes; older caches are ignored.
+CACHE_FORMAT = 2
 LOCK_NAME = "lock"
 
 
@@ -117,7 +120,7 @@ class CachedFile:
 
 
 def _record_size(page_size: int, block_size: int) -> int:
-    return 16 + 8 * (block_size // page_size)
+    return 48 + 8 * (block_size // page_size)
 
 
 class BlockRecords:
@@ -132,18 +135,31 @@ class BlockRecords:
             mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         )
 
+    def block_digest(self, n: int) -> bytes | None:
+        """SHA-256 of block ``n`` as cached, or None beyond the cached file."""
+        if n >= self.count or self._mm is None:
+            return None
+        off = n * self.rec
+        return self._mm[off : off + 32]
+
     def block_hash(self, n: int) -> bytes | None:
         """xxh3-128 of block ``n`` as cached, or None beyond the cached file."""
         if n >= self.count or self._mm is None:
             return None
-        off = n * self.rec
+        off = n * self.rec + 32
         return self._mm[off : off + 16]
 
     def page_hashes(self, n: int) -> bytes:
         """The xxh3-64 of every page of block ``n``, concatenated."""
         assert self._mm is not None
-        off = n * self.rec + 16
-        return self._mm[off : off + self.rec - 16]
+        off = n * self.rec + 48
+        return self._mm[off : off + self.rec - 48]
+
+    def record(self, n: int) -> bytes:
+        """The whole cached record of block ``n``."""
+        assert self._mm is not None
+        off = n * self.rec
+        return self._mm[off : off + self.rec]
 
     def close(self) -> None:
         """Unmap and close."""
@@ -178,7 +194,11 @@ class Cache:
         self.files: dict[str, CachedFile] = {}
         try:
             doc = json.loads((vml_dir(area) / CACHE_NAME / "index.json").read_text())
-            if doc.get("page_size") == page_size and doc.get("block_size") == block_size:
+            if (
+                doc.get("format") == CACHE_FORMAT
+                and doc.get("page_size") == page_size
+                and doc.get("block_size") == block_size
+            ):
                 self.entry = doc.get("entry")
                 self.files = {p: CachedFile(**v) for p, v in doc.get("files", {}).items()}
         except (OSError, ValueError, TypeError):
@@ -235,6 +255,7 @@ class CacheWriter:
     def commit(self, entry: str) -> None:
         """Write the index and replace the old cache with this one."""
         doc = {
+            "format": CACHE_FORMAT,
             "entry": entry,
             "page_size": self.page_size,
             "block_size": self.block_size,

@@ -19,7 +19,7 @@ import hashlib
 import os
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -96,7 +96,7 @@ def zeros(length: int) -> bytes:
 
 
 def zero_record(length: int, page_size: int, ppb: int) -> tuple[bytes, bytes]:
-    """Cache record (block hash, page hashes) of an all-zero block."""
+    """Cache record parts (block hash, page hashes) of an all-zero block."""
     key = (length, page_size, ppb)
     rec = _ZERO_HASHES.get(key)
     if rec is None:
@@ -105,9 +105,38 @@ def zero_record(length: int, page_size: int, ppb: int) -> tuple[bytes, bytes]:
     return rec
 
 
+_ZERO_DIGESTS: dict[int, bytes] = {}
+
+
+def block_digest(data: bytes | None, length: int) -> bytes:
+    """SHA-256 of a block (``None`` means ``length`` zero bytes, hashed once per length)."""
+    if data is not None:
+        return hashlib.sha256(data).digest()
+    d = _ZERO_DIGESTS.get(length)
+    if d is None:
+        d = _ZERO_DIGESTS[length] = hashlib.sha256(zeros(length)).digest()
+    return d
+
+
+def file_digest(path: Path, block_size: int) -> str:
+    """An image's digest as manifests record it, computed from the file.
+
+    The digest of an image is the SHA-256 of the concatenated SHA-256 digests
+    of its blocks (a hash list).  It covers every byte like a whole-file
+    SHA-256, but a save hashes only the blocks that changed, a restore hashes
+    blocks in parallel, and zero blocks cost nothing.
+    """
+    out = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block_size):
+            out.update(block_digest(chunk if chunk != zeros(len(chunk)) else None, len(chunk)))
+    return out.hexdigest()
+
+
 @dataclass
 class _Outcome:
     data: bytes | None  # None: all zero
+    digest: bytes
     bhash: bytes
     pages: bytes
     kind: str  # "same" | "zero" | "whole" | "delta"
@@ -115,18 +144,6 @@ class _Outcome:
     zdata: bytes | None = None
     raw_len: int = 0
     read: int = 0
-
-
-@dataclass
-class ImageSave:
-    """What saving one image produced."""
-
-    tree: Tree
-    manifest: Manifest
-    read_bytes: int
-    changed_blocks: int
-    records: str | None
-    objects: list[object] = field(default_factory=list)
 
 
 @dataclass
@@ -207,9 +224,16 @@ def save_image(
             if pr is not None:
                 ph, ppages = _parent_hashes(reader, inp, n, pr, length, page_size, ppb)
                 if ph == bh:
-                    return _Outcome(data, bh, bytes(ppages), "same", read=read)
+                    # Unchanged: the cached digest saves hashing the block again.
+                    dg = None
+                    if data is not None and inp.records is not None and inp.records_match(n):
+                        dg = inp.records.block_digest(n)
+                    if dg is None:
+                        dg = block_digest(data, length)
+                    return _Outcome(data, bytes(dg), bh, bytes(ppages), "same", read=read)
+            digest = block_digest(data, length)
             if data is None:
-                return _Outcome(None, bh, pages, "zero", read=read)
+                return _Outcome(None, digest, bh, pages, "zero", read=read)
             pages = page_hashes(data, page_size, ppb)
             if pr is not None and len(pr.deltas) < MAX_DELTA_DEPTH:
                 npages = (length + page_size - 1) // page_size
@@ -222,20 +246,20 @@ def save_image(
                     delta = encode_delta(data, changed, page_size)
                     sha = blob_id(delta)
                     z = None if reader.in_packs(sha) else deflate(delta)
-                    return _Outcome(data, bh, pages, "delta", sha, z, len(delta), read)
+                    return _Outcome(data, digest, bh, pages, "delta", sha, z, len(delta), read)
             sha = blob_id(data)
             z = None if reader.in_packs(sha) else deflate(data)
-            return _Outcome(data, bh, pages, "whole", sha, z, length, read)
+            return _Outcome(data, digest, bh, pages, "whole", sha, z, length, read)
 
-        sha256 = hashlib.sha256()
+        file_hash = hashlib.sha256()
         blocks: dict[int, BlockRef] = {}
         zero_blocks: list[int] = []
         read_total = 0
         for n, out in enumerate(ordered_map(pool, work, iter(spans), WINDOW)):
             length = spans[n][2]
-            sha256.update(out.data if out.data is not None else zeros(length))
+            file_hash.update(out.digest)
             if record_out is not None:
-                record_out.write(out.bhash + out.pages)
+                record_out.write(out.digest + out.bhash + out.pages)
             read_total += out.read
             progress(length)
             if out.kind == "zero":
@@ -253,7 +277,7 @@ def save_image(
         os.close(fd)
     manifest = Manifest(
         size=size,
-        sha256=sha256.hexdigest(),
+        sha256=file_hash.hexdigest(),
         block_size=block_size,
         page_size=page_size,
         base=base_layer,
@@ -316,79 +340,75 @@ def write_image(
     old: ResolvedImage | None,
     progress: Progress,
     record_out: BinaryIO | None = None,
+    old_records: BlockRecords | None = None,
 ) -> int:
-    """Write ``image`` into the open file ``fd`` and check its SHA-256.
+    """Write ``image`` into the open file ``fd`` and check its digest.
 
     With ``old`` (what the file holds now, known to be clean), only blocks
-    whose recipe differs are written and the file is read back to check it;
-    otherwise ``fd`` must be an empty file and is written in full, with zero
-    blocks left as holes and the hash computed as the blocks go by.  The area
-    cache's per-block records are written to ``record_out`` on the way.
-    Returns the bytes written.
+    whose recipe differs are written; the others are taken as they are, with
+    their digests from ``old_records`` (the area cache) or, without it, read
+    back and hashed.  Without ``old``, ``fd`` must be an empty file and is
+    written in full, zero blocks left as holes.  Blocks are built, written and
+    hashed by the pool's workers; the area cache's per-block records go to
+    ``record_out``.  Returns the bytes written.
     """
     m = image.manifest
     bs = m.block_size
-    todo: list[int] = []
-    for n in range(m.nblocks):
-        length = m.block_length(n)
-        if old is None or old.recipe(n, length) != image.recipes[n]:
-            todo.append(n)
-    in_place = old is not None
-    if in_place:
-        os.ftruncate(fd, m.size)
-    else:
-        try:
-            os.ftruncate(fd, m.size)  # sparse: unwritten blocks stay holes
-        except OSError as e:
-            if e.errno in (errno.EFBIG, errno.ENOSPC, errno.EINVAL):
-                raise NoSpace(f"cannot make a file of {m.size} bytes here ({e.strerror})") from None
-            raise
-    sha = None if in_place else hashlib.sha256()
     ps = m.page_size
     ppb = bs // ps
-    written = 0
+    in_place = old is not None
+    try:
+        os.ftruncate(fd, m.size)  # sparse: unwritten blocks stay holes
+    except OSError as e:
+        if e.errno in (errno.EFBIG, errno.ENOSPC, errno.EINVAL):
+            raise NoSpace(f"cannot make a file of {m.size} bytes here ({e.strerror})") from None
+        raise
+    want_records = record_out is not None
 
-    def build(n: int) -> tuple[bytes | None, bytes | None]:
-        # Workers write their own block (pwrite at an offset is thread safe),
-        # so the ordered consumer below only hashes: no GIL ping-pong on I/O.
+    def build(n: int) -> tuple[int, bytes, bytes | None]:
+        # Workers write their own block (pwrite at an offset is thread safe)
+        # and hash it, so the ordered consumer below only combines digests.
         length = m.block_length(n)
-        data = materialize(reader, image.recipes[n], length)
-        if data is None:
+        if old is not None and old.recipe(n, length) == image.recipes[n]:
+            if old_records is not None and old_records.block_digest(n) is not None:
+                return (
+                    0,
+                    bytes(old_records.block_digest(n) or b""),
+                    (bytes(old_records.record(n)) if want_records else None),
+                )
+            data = os.pread(fd, length, n * bs)
+            if len(data) != length:
+                raise CorruptRepository("the area's file is shorter than its entry says")
+            if data == zeros(length):
+                return 0, block_digest(None, length), _zero_rec(length) if want_records else None
+            dg = block_digest(data, length)
+            if not want_records:
+                return 0, dg, None
+            return 0, dg, dg + block_hash(data) + page_hashes(data, ps, ppb)
+        built = materialize(reader, image.recipes[n], length)
+        if built is None:
             if in_place:
                 punch_hole(fd, n * bs, length)
-            return None, None if in_place or record_out is None else b"".join(
-                zero_record(length, ps, ppb)
-            )
-        _pwrite_all(fd, data, n * bs)
-        if in_place or record_out is None:
-            return data, None
-        return data, block_hash(data) + page_hashes(data, ps, ppb)
+            return 0, block_digest(None, length), _zero_rec(length) if want_records else None
+        _pwrite_all(fd, built, n * bs)
+        dg = block_digest(built, length)
+        if not want_records:
+            return length, dg, None
+        return length, dg, dg + block_hash(built) + page_hashes(built, ps, ppb)
 
-    for n, (data, rec) in zip(todo, ordered_map(pool, build, iter(todo), WINDOW), strict=True):
-        length = m.block_length(n)
-        if data is not None:
-            written += length
-        if sha is not None:
-            sha.update(data if data is not None else zeros(length))
+    def _zero_rec(length: int) -> bytes:
+        return block_digest(None, length) + b"".join(zero_record(length, ps, ppb))
+
+    file_hash = hashlib.sha256()
+    written = 0
+    for n, (nw, dg, rec) in enumerate(ordered_map(pool, build, iter(range(m.nblocks)), WINDOW)):
+        written += nw
+        file_hash.update(dg)
         if record_out is not None and rec is not None:
             record_out.write(rec)
-        progress(length)
-    if sha is None:
-        # In place: read the whole file back, hashing it and its cache records.
-        sha = hashlib.sha256()
-        for n in range(m.nblocks):
-            length = m.block_length(n)
-            chunk = os.pread(fd, length, n * bs)
-            if len(chunk) != length:
-                raise CorruptRepository("the rebuilt image is shorter than its manifest says")
-            sha.update(chunk)
-            if record_out is not None:
-                if chunk == zeros(length):
-                    record_out.write(b"".join(zero_record(length, ps, ppb)))
-                else:
-                    record_out.write(block_hash(chunk) + page_hashes(chunk, ps, ppb))
-    if sha.hexdigest() != m.sha256:
+        progress(m.block_length(n))
+    if file_hash.hexdigest() != m.sha256:
         raise CorruptRepository(
-            "a rebuilt image does not match its SHA-256; the repository is damaged"
+            "a rebuilt image does not match its digest; the repository is damaged"
         )
     return written

@@ -20,6 +20,7 @@ from vml.plumbing.areas import (
 )
 from vml.plumbing.entries import Entry
 from vml.plumbing.ignore import IgnoreRules
+from vml.plumbing.images import file_digest
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
 from vml.plumbing.vm import inspect_area
@@ -116,7 +117,12 @@ def area_changes(
         if mode != o.mode:
             out.append(FileChange(af.path, "modified", st.st_size, 0))
             continue
-        if st.st_size == o.size and _sha256_file(area / af.path) == o.sha256:
+        digest = (
+            file_digest(area / af.path, cache.block_size)
+            if o.kind == "image"
+            else _sha256_file(area / af.path)
+        )
+        if st.st_size == o.size and digest == o.sha256:
             continue
         changed: int | None = None
         if o.kind == "image" and cached is not None and detail:
