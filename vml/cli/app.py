@@ -503,7 +503,8 @@ def demo(
 # Command groups kept in their own modules register themselves on ``app``.
 # One import line per module; keep this block at the end of the file.
 # fmt: off
-# (none yet)
+import vml.cli.sharing  # noqa: E402, F401
+
 # fmt: on
 
 

@@ -159,6 +159,10 @@ class Origin:
     url: str
     name: str  # the remote's E-number when it had one, else ""
 
+    def describe(self) -> str:
+        """``origin E5``, or ``origin`` when the remote had no number for it."""
+        return f"{self.remote} {self.name}".strip()
+
 
 def _origins_path(repo: Repository) -> os.PathLike[str]:
     return repo.vml_dir / "origins.json"
@@ -318,17 +322,18 @@ def receive(
     the caller can point refs at what arrived.
     """
     seen: dict[bytes, bytes] = {}
+    wanted: list[ObjectID] = []
     store = repo.git.object_store
 
     def determine_wants(refs: Mapping[Ref, ObjectID], depth: int | None = None) -> list[ObjectID]:
         seen.update(
             {bytes(k): bytes(v) for k, v in refs.items() if not k.endswith(PEELED_TAG_SUFFIX)}
         )
-        wanted = []
+        wanted.clear()
         for hexid in dict.fromkeys(choose(dict(seen))):
             if hexid != ZERO_SHA and ObjectID(hexid) not in store:
                 wanted.append(ObjectID(hexid))
-        return wanted
+        return list(wanted)
 
     sink = _PackSink(repo, progress)
     pack_dir = repo.objects_dir / "pack"
@@ -347,12 +352,10 @@ def receive(
             raise
         except Exception as e:
             raise transport_error(url, e) from None
-        if sink.bytes:
+        if wanted and sink.bytes:
             sink.file.seek(0)
             try:
-                store.add_thin_pack(
-                    sink.file.read, None, progress=_index_progress(progress)
-                )
+                store.add_thin_pack(sink.file.read, None, progress=_index_progress(progress))
             except Exception as e:
                 raise CorruptRepository(f"the pack from {url} is damaged ({e})") from None
     finally:
@@ -374,6 +377,8 @@ def receive(
         if v is not None and not k.endswith(PEELED_TAG_SUFFIX)
     }
     refs = refs or seen
+    if not wanted:
+        return Received(refs)
     progress("objects", sink.objects, sink.objects)
     return Received(refs, sink.objects, sink.bytes)
 

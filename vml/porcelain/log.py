@@ -11,6 +11,7 @@ from vml.plumbing import refs as refs_mod
 from vml.plumbing.areas import load_state
 from vml.plumbing.entries import Entry
 from vml.plumbing.packs import PackReader
+from vml.plumbing.remotes import read_origins
 from vml.plumbing.repository import Repository
 from vml.porcelain.common import label, read_entry
 from vml.porcelain.vminfo import vm_view
@@ -32,6 +33,7 @@ class LogEntry:
     labels: list[str] = field(default_factory=list)
     areas: list[str] = field(default_factory=list)  # areas that hold this entry
     origin_area: str = ""
+    remote: str = ""  # where a fetched entry came from: "origin E5", "origin" (issue 6)
     vm: dict[str, object] | None = None
     children: list[str] = field(default_factory=list)
 
@@ -49,6 +51,7 @@ class LogEntry:
             "labels": self.labels,
             "areas": self.areas,
             "origin_area": self.origin_area,
+            "remote": self.remote,
             "vm": self.vm,
             "children": self.children,
         }
@@ -104,6 +107,7 @@ def log(repo: Repository, only_tree_of: str | None = None) -> LogResult:
     table = refs_mod.read_refs(repo)
     labels = table.labels()
     held = _areas_by_entry(repo)
+    origins = read_origins(repo)
     reader = PackReader(repo)
     try:
         entries: dict[str, LogEntry] = {}
@@ -116,6 +120,7 @@ def log(repo: Repository, only_tree_of: str | None = None) -> LogResult:
             seen.add(c)
             e = read_entry(reader, c)
             le = _log_entry(e, table, labels, held)
+            le.remote = origins[c].describe() if c in origins else ""
             entries[le.id] = le
             parents[le.id] = le.parent
             order.append((n, le.id))
@@ -185,6 +190,8 @@ def show(repo: Repository, name: str) -> ShowResult:
     try:
         e = read_entry(reader, commit)
         le = _log_entry(e, table, table.labels(), _areas_by_entry(repo))
+        origin = read_origins(repo).get(commit)
+        le.remote = origin.describe() if origin is not None else ""
         chain = [le.id]
         p = e.parent
         guard = 0

@@ -1,0 +1,260 @@
+"""``vml remote``, ``clone``, ``fetch``, ``pull``, ``push``: sharing entries through git servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TransferSpeedColumn
+
+from vml.cli.app import app, handled, repository_for
+from vml.cli.render import err, out, size
+from vml.porcelain import clone as clone_mod
+from vml.porcelain import fetch as fetch_mod
+from vml.porcelain import pull as pull_mod
+from vml.porcelain import push as push_mod
+from vml.porcelain import remote as remote_mod
+from vml.porcelain.common import ProgressFn, no_progress
+
+remote_app = typer.Typer(
+    help="Name the repositories entries are shared with.", no_args_is_help=True
+)
+app.add_typer(remote_app, name="remote")
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+Json = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+RemoteArg = Annotated[
+    str | None, typer.Argument(help="The remote (default: origin, or the only one).")
+]
+
+
+def _ssh_command() -> str | None:
+    """The ssh program git would use ($GIT_SSH_COMMAND, $GIT_SSH)."""
+    return os.environ.get("GIT_SSH_COMMAND") or os.environ.get("GIT_SSH") or None
+
+
+@contextmanager
+def transfer_bar(enabled: bool, what: str) -> Iterator[ProgressFn]:
+    """Objects and bytes moved, on a terminal; nothing otherwise."""
+    if not enabled or not sys.stderr.isatty():
+        yield no_progress
+        return
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[objects]}"),
+        TextColumn("{task.fields[moved]}"),
+        TransferSpeedColumn(),
+        console=err,
+        transient=True,
+    )
+    task = bar.add_task(what, total=None, objects="", moved="")
+
+    def update(phase: str, done: int, total: int) -> None:
+        if phase == "objects":
+            text = f"{done}/{total} objects" if total else f"{done} objects"
+            bar.update(task, completed=done, total=total or None, objects=text)
+        elif phase == "bytes":
+            bar.update(task, moved=size(done))
+
+    with bar:
+        yield update
+
+
+@remote_app.command("add")
+@handled
+def remote_add(
+    name: Annotated[str, typer.Argument(help="A short name, e.g. origin or alice.")],
+    url: Annotated[str, typer.Argument(help="A path, file://, git://, ssh:// or http(s):// URL.")],
+) -> None:
+    """Add remote NAME at URL."""
+    repo = repository_for(None)
+    try:
+        info = remote_mod.add(repo, name, url)
+    finally:
+        repo.close()
+    out.print(f"remote {escape(info.name)} -> {escape(info.url)}")
+
+
+@remote_app.command("remove")
+@handled
+def remote_remove(name: Annotated[str, typer.Argument(help="The remote to forget.")]) -> None:
+    """Forget remote NAME (entries that came from it stay)."""
+    repo = repository_for(None)
+    try:
+        info = remote_mod.remove(repo, name)
+    finally:
+        repo.close()
+    out.print(f"removed remote {escape(info.name)} ({escape(info.url)}); its entries stay here")
+
+
+@remote_app.command("list")
+@handled
+def remote_list(json_: Json = False) -> None:
+    """List remotes."""
+    repo = repository_for(None)
+    try:
+        res = remote_mod.list_remotes(repo)
+    finally:
+        repo.close()
+    if json_:
+        print(json.dumps([r.__dict__ for r in res], indent=1))
+        return
+    if not res:
+        out.print("no remotes; add one with `vml remote add NAME URL`")
+    for r in res:
+        out.print(f"{escape(r.name)}  {escape(r.url)}")
+
+
+def _print_fetch(res: fetch_mod.FetchResult) -> None:
+    where = f"from {escape(res.remote)} ({escape(res.url)})" if res.remote else "here"
+    if res.objects or res.size:
+        out.print(f"received {res.objects} objects, {size(res.size)} {where}")
+    for e in res.new_entries:
+        there = f" ({escape(res.remote)} {e.remote_entry})" if e.remote_entry else ""
+        out.print(f"  new {e.entry}  {e.commit[:12]}{there}")
+    for b, at in sorted(res.branches.items()):
+        out.print(f"  branch {escape(res.remote)}/{escape(b)} at {at}")
+    for t in res.tags:
+        out.print(f"  new tag {escape(t)}")
+    for t in res.tag_conflicts:
+        out.print(f"  [yellow]tag {escape(t)} differs on {escape(res.remote)}; kept yours[/yellow]")
+    if not res.new_entries:
+        out.print(f"no new entries {where}")
+
+
+@app.command()
+@handled
+def clone(
+    url: Annotated[str, typer.Argument(help="The repository to copy: path or URL.")],
+    path: Annotated[
+        Path | None, typer.Argument(help="Where the new repository goes (default: from URL).")
+    ] = None,
+    quiet: Quiet = False,
+    json_: Json = False,
+) -> None:
+    """Copy a remote VML repository; its entries keep their E-numbers here."""
+    with transfer_bar(not quiet and not json_, "cloning") as progress:
+        res = clone_mod.clone(url, path, ssh_command=_ssh_command(), progress=progress)
+    if json_:
+        doc = {
+            "path": res.path,
+            "url": res.url,
+            "block_size": res.block_size,
+            "branches": res.branches,
+            "fetch": res.fetch.to_json(),
+        }
+        print(json.dumps(doc, indent=1))
+        return
+    out.print(
+        f"cloned {escape(res.url)} into {escape(res.path)}: {len(res.fetch.new_entries)} entries, "
+        f"{res.fetch.objects} objects, {size(res.fetch.size)} (blocks of {size(res.block_size)})"
+    )
+    out.print(f"use it with `vml --repo {escape(res.path)} log --graph --all`")
+
+
+@app.command()
+@handled
+def fetch(
+    remote: RemoteArg = None,
+    entries: Annotated[
+        list[str] | None,
+        typer.Argument(help="Only these entries (as the remote names them) and their chains."),
+    ] = None,
+    quiet: Quiet = False,
+    json_: Json = False,
+) -> None:
+    """Get a remote's new entries; each gets a local E-number."""
+    repo = repository_for(Path("."))
+    try:
+        with transfer_bar(not quiet and not json_, "fetching") as progress:
+            res = fetch_mod.fetch(
+                repo, remote, entries or [], ssh_command=_ssh_command(), progress=progress
+            )
+    finally:
+        repo.close()
+    if json_:
+        print(json.dumps(res.to_json(), indent=1))
+        return
+    _print_fetch(res)
+
+
+@app.command()
+@handled
+def pull(remote: RemoteArg = None, quiet: Quiet = False, json_: Json = False) -> None:
+    """Fetch, then move local branches forward to the remote's."""
+    repo = repository_for(Path("."))
+    try:
+        with transfer_bar(not quiet and not json_, "pulling") as progress:
+            res = pull_mod.pull(repo, remote, ssh_command=_ssh_command(), progress=progress)
+    finally:
+        repo.close()
+    if json_:
+        print(json.dumps(res.to_json(), indent=1))
+        return
+    _print_fetch(res.fetch)
+    for b, e in sorted(res.created.items()):
+        out.print(f"  created branch {escape(b)} at {e}")
+    for b, e in sorted(res.moved.items()):
+        out.print(f"  moved branch {escape(b)} to {e}")
+    for b, e in sorted(res.diverged.items()):
+        out.print(
+            f"  [yellow]branch {escape(b)} diverged: {escape(res.fetch.remote)} has {e}; "
+            f"kept yours (both are entries here)[/yellow]"
+        )
+
+
+@app.command()
+@handled
+def push(
+    remote: RemoteArg = None,
+    entries: Annotated[
+        list[str] | None,
+        typer.Argument(help="Entries, branches or tags to send (their chains go along)."),
+    ] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every entry and every branch.")] = False,
+    tags: Annotated[bool, typer.Option("--tags", help="Every tag too.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", "-f", help="Move remote branches even backwards.")
+    ] = False,
+    quiet: Quiet = False,
+    json_: Json = False,
+) -> None:
+    """Send entries to a remote; only objects it lacks travel."""
+    repo = repository_for(Path("."))
+    try:
+        with transfer_bar(not quiet and not json_, "pushing") as progress:
+            res = push_mod.push(
+                repo,
+                remote,
+                entries or [],
+                all_entries=all_,
+                tags=tags,
+                force=force,
+                ssh_command=_ssh_command(),
+                progress=progress,
+            )
+    finally:
+        repo.close()
+    if json_:
+        print(json.dumps(res.to_json(), indent=1))
+        return
+    if not (res.entries or res.branches or res.tags):
+        out.print(f"{escape(res.remote)} is up to date")
+        return
+    out.print(
+        f"sent {res.objects} objects, {size(res.size)} to {escape(res.remote)} ({escape(res.url)})"
+    )
+    if res.entries:
+        out.print(f"  entries {', '.join(res.entries)}")
+    for b, e in sorted(res.branches.items()):
+        out.print(f"  branch {escape(b)} -> {e}")
+    for t in res.tags:
+        out.print(f"  tag {escape(t)}")
