@@ -1,0 +1,269 @@
+"""The entry forest as a graph, and moving every name of a rewritten entry.
+
+Reshaping the forest (``vml rm``, ``vml convert``, ``vml prune``) writes new
+commits for some entries; an entry's E-number, its tags, the branches at it
+and the areas holding it must then follow it to its new commit.  Every name
+moves only after every new object is on disk, and names move deepest entry
+first, each area before the refs of the same entry: a crash between two
+moves leaves every ref on a complete, valid commit (old commits stay valid
+objects until ``vml gc``), and because rewriting is deterministic, running
+the same command again makes the same commits and finishes the job.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vml.errors import CorruptRepository, RepositoryBusy, VMLError
+from vml.plumbing import refs as refs_mod
+from vml.plumbing.areas import AreaState, drop_cache, load_state, save_state, vml_dir
+from vml.plumbing.chains import MAX_CHAIN, commit_tree_parent
+from vml.plumbing.packs import PackReader
+from vml.plumbing.repository import Repository, write_atomic
+
+
+@dataclass
+class Forest:
+    """Every commit reachable from the entry, tag and branch refs, with its parent."""
+
+    parent: dict[bytes, bytes | None]
+    children: dict[bytes, list[bytes]] = field(default_factory=dict)
+
+    def descendants(self, commit: bytes) -> list[bytes]:
+        """Every commit below ``commit``, parents before children."""
+        out: list[bytes] = []
+        stack = list(reversed(self.children.get(commit, [])))
+        while stack:
+            c = stack.pop()
+            out.append(c)
+            stack.extend(reversed(self.children.get(c, [])))
+        return out
+
+    def ancestors(self, commit: bytes) -> list[bytes]:
+        """``commit``'s parent, grandparent, ... down to its root."""
+        out: list[bytes] = []
+        p = self.parent.get(commit)
+        while p is not None:
+            out.append(p)
+            if len(out) > MAX_CHAIN:
+                raise CorruptRepository("entry chain is implausibly long (a cycle?)")
+            p = self.parent.get(p)
+        return out
+
+    def root(self, commit: bytes) -> bytes:
+        """The full entry at the root of ``commit``'s chain."""
+        up = self.ancestors(commit)
+        return up[-1] if up else commit
+
+
+def load_forest(reader: PackReader, table: refs_mod.RefTable) -> Forest:
+    """Walk every ref's chain (commit headers only) into a :class:`Forest`."""
+    parent: dict[bytes, bytes | None] = {}
+    starts = [*table.entries.values(), *table.tags.values(), *table.branches.values()]
+    for start in starts:
+        c: bytes | None = start
+        depth = 0
+        while c is not None and c not in parent:
+            _tree, p = commit_tree_parent(reader, c)
+            parent[c] = p
+            c = p
+            depth += 1
+            if depth > MAX_CHAIN:
+                raise CorruptRepository("entry chain is implausibly long (a cycle?)")
+    children: dict[bytes, list[bytes]] = {}
+    numbers = table.numbers()
+    # Children in E-number order so that "the first child" means the oldest entry.
+    for c in sorted(parent, key=lambda x: (numbers.get(x, 1 << 62), x)):
+        p = parent[c]
+        if p is not None:
+            children.setdefault(p, []).append(c)
+    return Forest(parent, children)
+
+
+@dataclass
+class AreaRef:
+    """A known area of this repository and its state."""
+
+    path: Path
+    state: AreaState
+
+
+def repository_areas(repo: Repository) -> list[AreaRef]:
+    """The known areas whose state names this repository (unreadable ones skipped)."""
+    out: list[AreaRef] = []
+    me = repo.path.resolve()
+    for p in repo.known_areas():
+        area = Path(p)
+        try:
+            st = load_state(area) if area.is_dir() else None
+        except VMLError:
+            continue
+        if st is None or not st.repository:
+            continue
+        if Path(st.repository).resolve() != me:
+            continue
+        out.append(AreaRef(area, st))
+    return out
+
+
+def _rekey_cache(area: Path, old: str, new: str) -> None:
+    """Point the area cache at the new commit: the content it describes is unchanged."""
+    index = vml_dir(area) / "cache" / "index.json"
+    try:
+        doc = json.loads(index.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(doc, dict) or doc.get("entry") != old:
+        return
+    doc["entry"] = new
+    # The cache is an accelerator only: no fsync needed (as in CacheWriter).
+    write_atomic(index, json.dumps(doc).encode(), durable=False)
+
+
+@dataclass
+class Moves:
+    """What moving names did."""
+
+    refs: list[tuple[str, str, str]] = field(default_factory=list)  # (ref, old hex, new hex)
+    areas: list[tuple[str, str, str]] = field(default_factory=list)  # (area, old hex, new hex)
+
+
+def move_names(
+    repo: Repository,
+    table: refs_mod.RefTable,
+    mapping: dict[bytes, bytes],
+    order: Iterable[bytes],
+    moves: Moves,
+) -> None:
+    """Move every ref and area on ``old`` to ``mapping[old]``, in ``order``.
+
+    Call under the repository lock, after every new object is durable.
+    ``order`` must list children before parents.
+    """
+    areas = repository_areas(repo)
+    for old in order:
+        new = mapping[old]
+        for a in areas:
+            changed = False
+            if a.state.entry == old.hex():
+                a.state.entry = new.hex()
+                _rekey_cache(a.path, old.hex(), new.hex())
+                changed = True
+            if a.state.pending == old.hex():
+                a.state.pending = new.hex()
+                changed = True
+            if changed:
+                save_state(a.path, a.state)
+                moves.areas.append((str(a.path), old.hex(), new.hex()))
+        for n, c in sorted(table.entries.items()):
+            if c == old:
+                ref = refs_mod.entry_ref(n)
+                refs_mod.set_ref(repo, ref, new, old)
+                moves.refs.append((ref.decode(), old.hex(), new.hex()))
+        for kind_prefix, items in (
+            (refs_mod.TAG_PREFIX, table.tags),
+            (refs_mod.BRANCH_PREFIX, table.branches),
+        ):
+            for name, c in sorted(items.items()):
+                if c == old:
+                    ref = kind_prefix + name.encode()
+                    if kind_prefix == refs_mod.TAG_PREFIX and _is_annotated(repo, ref):
+                        # An annotated tag (made by git) cannot be re-pointed without
+                        # rewriting its tag object: make it a plain tag on the new commit.
+                        refs_mod.delete_ref(repo, ref)
+                        refs_mod.set_ref(repo, ref, new, create=True)
+                    else:
+                        refs_mod.set_ref(repo, ref, new, old)
+                    moves.refs.append((ref.decode(), old.hex(), new.hex()))
+
+
+def _is_annotated(repo: Repository, ref: bytes) -> bool:
+    from dulwich.refs import Ref
+
+    try:
+        value = repo.git.refs[Ref(ref)]
+    except KeyError:
+        return False
+    peeled = repo.git.refs.get_peeled(Ref(ref))
+    return peeled is not None and peeled != value
+
+
+def drop_entry(
+    repo: Repository,
+    table: refs_mod.RefTable,
+    commit: bytes,
+    parent: bytes | None,
+    moves: Moves,
+) -> None:
+    """Take every name off a removed entry (call under the lock, after the moves).
+
+    Areas holding it are pointed at its parent (their next save is then a
+    child of the parent) with their cache dropped; branches at it move to its
+    parent (or are deleted for a root); tags and E-numbers are deleted.
+    """
+    for a in repository_areas(repo):
+        changed = False
+        if a.state.entry == commit.hex():
+            a.state.entry = parent.hex() if parent is not None else None
+            drop_cache(a.path)
+            changed = True
+        if a.state.pending == commit.hex():
+            a.state.pending = None
+            changed = True
+        if changed:
+            save_state(a.path, a.state)
+            moves.areas.append((str(a.path), commit.hex(), parent.hex() if parent else ""))
+    for name, c in sorted(table.branches.items()):
+        if c == commit:
+            ref = refs_mod.BRANCH_PREFIX + name.encode()
+            if parent is not None:
+                refs_mod.set_ref(repo, ref, parent, commit)
+            else:
+                refs_mod.delete_ref(repo, ref)
+            moves.refs.append((ref.decode(), commit.hex(), parent.hex() if parent else ""))
+    for name, c in sorted(table.tags.items()):
+        if c == commit:
+            ref = refs_mod.TAG_PREFIX + name.encode()
+            refs_mod.delete_ref(repo, ref)
+            moves.refs.append((ref.decode(), commit.hex(), ""))
+    # E-numbers last: while one remains, re-running the command finds the entry.
+    for n, c in sorted(table.entries.items()):
+        if c == commit:
+            ref = refs_mod.entry_ref(n)
+            refs_mod.delete_ref(repo, ref)
+            moves.refs.append((ref.decode(), commit.hex(), ""))
+
+
+def same_refs(a: refs_mod.RefTable, b: refs_mod.RefTable) -> bool:
+    """True when two snapshots of the refs agree."""
+    return a.entries == b.entries and a.tags == b.tags and a.branches == b.branches
+
+
+def apply_rewrite(
+    repo: Repository,
+    table: refs_mod.RefTable,
+    mapping: dict[bytes, bytes],
+    order: list[bytes],
+    drop: tuple[bytes, bytes | None] | None = None,
+) -> Moves:
+    """Move every name to the rewritten commits, then take the names off ``drop``.
+
+    ``order`` lists the rewritten commits parents first; names move children
+    first.  Every new object must already be durable.  Refuses (changing
+    nothing) when the refs moved since ``table`` was read.
+    """
+    moves = Moves()
+    with repo.lock():
+        now = refs_mod.read_refs(repo)
+        if not same_refs(now, table):
+            raise RepositoryBusy(
+                "the repository's entries changed while this command ran",
+                "run the command again",
+            )
+        move_names(repo, table, mapping, reversed(order), moves)
+        if drop is not None:
+            drop_entry(repo, table, drop[0], drop[1], moves)
+    return moves

@@ -1,0 +1,347 @@
+"""Re-expressing an entry against another parent without changing its content.
+
+An entry's image layer says, per block, "this whole block", "these pages on
+top of the parent's version", "zero", or nothing (inherit).  To express an
+entry X against a new parent Q, both are resolved to recipes (chains.py,
+metadata only) and compared block by block:
+
+- same recipe in X and Q: inherit (nothing stored);
+- X's block is zero: listed as zero (a base layer just leaves it out);
+- X's recipe is a whole block with no deltas: that block's id is reused;
+- X's recipe is Q's recipe plus more deltas: the extra deltas are composed
+  into one page delta (delta data only, no block read);
+- otherwise the block must be re-expressed: it is built, compared page by
+  page with Q's version and stored as a page delta or a whole block.  Only
+  this case reads and writes image data.
+
+When X's old parent R is removed and X moves onto R's parent P, this gives
+exactly the merge of X's layer with R's: X's own ref if it has one, else R's,
+else inherited, with a delta on top of R's delta composed and a delta on top
+of R's whole (or zero) block re-expressed.
+
+The new entry commit keeps the old one's tree for small files, its message,
+author and times; only ``vml-entry.json`` (parent, kind), the changed image
+trees and the ``VML-Kind``/``VML-Parent``/``VML-Rewritten`` trailers change.
+Rewriting is deterministic, so running an interrupted command again makes
+the same commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+from dulwich.objects import Blob, Commit, ObjectID
+
+from vml.errors import CorruptRepository
+from vml.plumbing.chains import (
+    MAX_DELTA_DEPTH,
+    ZERO,
+    Recipe,
+    ResolvedImage,
+    image_layer,
+    materialize,
+    ordered_map,
+    resolve_image,
+)
+from vml.plumbing.deltas import delta_header, encode_delta
+from vml.plumbing.entries import (
+    IMAGES_NAME,
+    META_NAME,
+    Entry,
+    load_entry,
+    lookup_path,
+    message_body,
+    nested_trees,
+    parse_trailers,
+    root_items,
+)
+from vml.plumbing.manifests import BLOB_MODE, TREE_MODE, BlockRef, Manifest, ranges
+from vml.plumbing.packs import BLOB, PackReader, PackWriter, blob_id, deflate
+
+WINDOW = 16
+REWRITTEN_TRAILER = "VML-Rewritten"
+
+
+@dataclass
+class ExpressStats:
+    """What re-expressing images cost."""
+
+    reused_blocks: int = 0  # whole blocks and deltas whose ids were reused
+    composed_deltas: int = 0  # new deltas made from existing deltas only
+    reexpressed_blocks: int = 0  # blocks built from data and stored again
+    written_bytes: int = 0  # compressed bytes of new data objects (deltas, blocks)
+
+    def add(self, other: ExpressStats) -> None:
+        """Sum ``other`` into this."""
+        self.reused_blocks += other.reused_blocks
+        self.composed_deltas += other.composed_deltas
+        self.reexpressed_blocks += other.reexpressed_blocks
+        self.written_bytes += other.written_bytes
+
+
+def compose_deltas(reader: PackReader, deltas: tuple[bytes, ...]) -> bytes:
+    """One page delta equal to applying ``deltas`` (oldest first) in turn."""
+    pages: dict[int, bytes] = {}
+    shape: tuple[int, int] | None = None
+    for d in deltas:
+        blob = reader.read(d, BLOB)[1]
+        page_size, length, numbers = delta_header(blob)
+        if shape is not None and shape != (page_size, length):
+            raise CorruptRepository(f"delta {d.hex()} does not fit the block it applies to")
+        shape = (page_size, length)
+        pos = len(blob) - sum(min(page_size, length - p * page_size) for p in numbers)
+        for p in numbers:
+            n = min(page_size, length - p * page_size)
+            pages[p] = blob[pos : pos + n]
+            pos += n
+    assert shape is not None
+    page_size, length = shape
+    block = bytearray(length)  # only the named pages are read back out
+    order = sorted(pages)
+    for p in order:
+        block[p * page_size : p * page_size + len(pages[p])] = pages[p]
+    return encode_delta(memoryview(block), order, page_size)
+
+
+def _store(reader: PackReader, writer: PackWriter, data: bytes, stats: ExpressStats) -> bytes:
+    sha = blob_id(data)
+    if sha in writer or reader.contains(sha):
+        return sha
+    z = deflate(data)
+    writer.add_compressed(BLOB, sha, len(data), z)
+    stats.written_bytes += len(z)
+    return sha
+
+
+def express_image(
+    reader: PackReader,
+    writer: PackWriter,
+    pool: Executor,
+    x: ResolvedImage,
+    q: ResolvedImage | None,
+    stats: ExpressStats,
+) -> tuple[Manifest, dict[int, BlockRef]]:
+    """Image ``x`` as a layer over ``q`` (None: a base layer); see the module docstring."""
+    m = x.manifest
+    base = q is None
+    blocks: dict[int, BlockRef] = {}
+    zero: list[int] = []
+    todo: list[tuple[int, Recipe, Recipe | None]] = []
+    for n in range(m.nblocks):
+        length = m.block_length(n)
+        r = x.recipes[n]
+        qr = q.recipe(n, length) if q is not None else None
+        if qr is not None and qr == r:
+            continue
+        if r == ZERO:
+            if not base:
+                zero.append(n)
+            continue
+        if not r.deltas:
+            assert r.base is not None
+            blocks[n] = (False, r.base)
+            stats.reused_blocks += 1
+            continue
+        if (
+            qr is not None
+            and qr.base == r.base
+            and len(r.deltas) > len(qr.deltas)
+            and r.deltas[: len(qr.deltas)] == qr.deltas
+        ):
+            extra = r.deltas[len(qr.deltas) :]
+            if len(extra) == 1:
+                blocks[n] = (True, extra[0])
+                stats.reused_blocks += 1
+            else:
+                blocks[n] = (True, _store(reader, writer, compose_deltas(reader, extra), stats))
+                stats.composed_deltas += 1
+            continue
+        todo.append((n, r, qr))
+
+    ps = m.page_size
+
+    def build(item: tuple[int, Recipe, Recipe | None]) -> tuple[int, bytes | None, bool]:
+        n, r, qr = item
+        length = m.block_length(n)
+        data = materialize(reader, r, length)
+        if data is None:
+            return n, None, False
+        if qr is not None and len(qr.deltas) < MAX_DELTA_DEPTH:
+            old = materialize(reader, qr, length) or bytes(length)
+            npages = (length + ps - 1) // ps
+            changed = [
+                k
+                for k in range(npages)
+                if data[k * ps : (k + 1) * ps] != old[k * ps : (k + 1) * ps]
+            ]
+            if len(changed) <= npages // 2:
+                return n, encode_delta(data, changed, ps), True
+        return n, data, False
+
+    for n, data, is_delta in ordered_map(pool, build, iter(todo), WINDOW):
+        stats.reexpressed_blocks += 1
+        if data is None:
+            if not base:
+                zero.append(n)
+            continue
+        blocks[n] = (is_delta, _store(reader, writer, data, stats))
+    manifest = Manifest(m.size, m.sha256, m.block_size, m.page_size, base, ranges(sorted(zero)))
+    return manifest, blocks
+
+
+def read_entry(reader: PackReader, commit: bytes) -> Entry:
+    """Load an entry (commit + metadata)."""
+    return load_entry(lambda sha, t: reader.read(sha, t)[1], commit)
+
+
+def image_trees(reader: PackReader, entry: Entry) -> dict[str, bytes]:
+    """Image path -> the image's tree id in ``entry``."""
+    read = lambda sha, t: reader.read(sha, t)[1]  # noqa: E731
+    out: dict[str, bytes] = {}
+    for f in entry.meta.files:
+        if f.kind != "image":
+            continue
+        found = lookup_path(read, entry.tree, f"{IMAGES_NAME.decode()}/{f.path}")
+        if found is None or found[0] != TREE_MODE:
+            raise CorruptRepository(f"entry {entry.hex[:12]} lacks the blocks of {f.path}")
+        out[f.path] = found[1]
+    return out
+
+
+def reexpress_images(
+    reader: PackReader,
+    writer: PackWriter,
+    pool: Executor,
+    entry: Entry,
+    new_parent: bytes | None,
+    stats: ExpressStats,
+    *,
+    keep_base_layers: bool,
+) -> dict[str, bytes]:
+    """Every image of ``entry`` as a layer over ``new_parent``; path -> new image tree id.
+
+    With ``keep_base_layers``, an image whose layer is already a base (new in
+    the entry, or a full entry) keeps its tree: a base never depends on its
+    parent.
+    """
+    from vml.plumbing.images import image_tree
+
+    out = image_trees(reader, entry)
+    parent_entry = read_entry(reader, new_parent) if new_parent is not None else None
+    parent_images = (
+        {f.path for f in parent_entry.meta.files if f.kind == "image"} if parent_entry else set()
+    )
+    for path in sorted(out):
+        layer = image_layer(reader, entry.tree, path)
+        if layer is None:
+            raise CorruptRepository(f"entry {entry.hex[:12]} lacks the blocks of {path}")
+        if layer[0].base and (keep_base_layers or new_parent is None):
+            continue
+        x = resolve_image(reader, entry.commit, path)
+        assert x is not None
+        q = None
+        if new_parent is not None and path in parent_images:
+            q = resolve_image(reader, new_parent, path)
+            if q is not None and q.manifest.block_size != x.manifest.block_size:
+                q = None
+        manifest, blocks = express_image(reader, writer, pool, x, q, stats)
+        out[path] = bytes.fromhex(image_tree(writer, manifest, blocks).id.decode())
+    return out
+
+
+def rewrite_entry(
+    reader: PackReader,
+    writer: PackWriter,
+    entry: Entry,
+    new_parent: bytes | None,
+    *,
+    parent_label: str,
+    kind: str | None = None,
+    images: dict[str, bytes] | None = None,
+    note: str | None = None,
+) -> bytes:
+    """Write ``entry``'s new commit on ``new_parent`` (objects to ``writer``); its id.
+
+    ``images`` replaces image trees (path -> tree id); ``note`` is appended
+    to the ``VML-Rewritten`` trailer so ``vml show`` tells what happened.
+    """
+    meta = entry.meta
+    meta.parent = new_parent.hex() if new_parent is not None else None
+    if kind is not None:
+        meta.kind = kind
+    meta_blob = Blob.from_string(meta.encode())
+    writer.add_object(meta_blob)
+    read = lambda sha, t: reader.read(sha, t)[1]  # noqa: E731
+    items = {
+        name.decode(): value
+        for name, value in root_items(read, entry.tree).items()
+        if name != META_NAME
+    }
+    items[META_NAME.decode()] = (BLOB_MODE, bytes.fromhex(meta_blob.id.decode()))
+    if images:
+        top, made = nested_trees({p: (TREE_MODE, t) for p, t in images.items()})
+        for t in made:
+            writer.add_object(t)
+        items[IMAGES_NAME.decode()] = (TREE_MODE, bytes.fromhex(top.id.decode()))
+    root, made = nested_trees(items)
+    for t in made:
+        writer.add_object(t)
+
+    old = Commit.from_raw_string(1, reader.read(entry.commit, 1)[1])
+    assert isinstance(old, Commit)
+    trailers = parse_trailers(old.message)
+    trailers["VML-Kind"] = meta.kind
+    trailers["VML-Parent"] = parent_label
+    if note:
+        before = trailers.get(REWRITTEN_TRAILER)
+        trailers[REWRITTEN_TRAILER] = f"{before}; {note}" if before else note
+    body = message_body(old.message).strip() or "VML entry"
+    lines = "\n".join(f"{k}: {v}" for k, v in trailers.items())
+    c = Commit()
+    c.tree = root.id
+    c.parents = [ObjectID(new_parent.hex().encode())] if new_parent is not None else []
+    c.author = old.author
+    c.committer = old.committer
+    c.author_time = old.author_time
+    c.commit_time = old.commit_time
+    c.author_timezone = old.author_timezone
+    c.commit_timezone = old.commit_timezone
+    c.encoding = old.encoding or b"UTF-8"
+    c.message = f"{body}\n\n{lines}\n".encode()
+    return writer.add_object(c)
+
+
+def history(trailers: dict[str, str]) -> list[str]:
+    """The notes rewriting left on an entry, oldest first."""
+    value = trailers.get(REWRITTEN_TRAILER, "")
+    return [s.strip() for s in value.split(";") if s.strip()]
+
+
+def rewrite_below(
+    reader: PackReader,
+    writer: PackWriter,
+    children: dict[bytes, list[bytes]],
+    mapping: dict[bytes, bytes],
+    start: bytes,
+    label_of: Callable[[bytes], str],
+) -> list[bytes]:
+    """Rewrite every descendant of ``start`` onto its parent's new commit.
+
+    ``mapping`` must already hold ``start``'s new commit; it gains one item
+    per descendant.  Their layers stay as they are (their parent's content
+    did not change).  Returns the old ids rewritten, parents first.
+    """
+    done: list[bytes] = []
+    stack = list(reversed(children.get(start, [])))
+    while stack:
+        c = stack.pop()
+        e = read_entry(reader, c)
+        if e.parent is None or e.parent not in mapping:
+            raise CorruptRepository(f"commit {c.hex()[:12]} changed parent while being rewritten")
+        new_parent = mapping[e.parent]
+        mapping[c] = rewrite_entry(reader, writer, e, new_parent, parent_label=label_of(e.parent))
+        done.append(c)
+        stack.extend(reversed(children.get(c, [])))
+    return done

@@ -1,0 +1,268 @@
+"""Checking a repository: its structure (fsck) and its data (verify).
+
+:func:`check_structure` reads refs, commits, entry metadata, manifests and
+block maps only, and checks that every object an entry names exists: quick,
+whatever the image sizes.  :func:`check_objects` reads every object the
+entries need once and checks its id (and every page delta's header);
+:func:`check_files` rebuilds every file of an entry in memory-bounded
+streaming, block by block (the same resolution a checkout uses, nothing
+written), and checks its SHA-256.  A bad object is then traced to every
+entry whose content depends on it (:func:`entries_using`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from vml.errors import CorruptRepository
+from vml.plumbing import refs as refs_mod
+from vml.plumbing.chains import ResolvedImage, image_layer, materialize, ordered_map, resolve_image
+from vml.plumbing.deltas import delta_header
+from vml.plumbing.entries import FILES_NAME, Entry, load_entry, lookup_path
+from vml.plumbing.forest import Forest, load_forest
+from vml.plumbing.images import block_digest
+from vml.plumbing.manifests import BLOB_MODE, read_block_map
+from vml.plumbing.packs import BLOB, PackReader
+
+WINDOW = 16
+
+
+@dataclass
+class Problem:
+    """One thing found wrong."""
+
+    message: str
+    entry: bytes | None = None  # the commit it was found in
+    path: str | None = None
+    objects: list[bytes] = field(default_factory=list)  # the bad objects, when known
+
+
+def _read_entry(reader: PackReader, commit: bytes) -> Entry:
+    return load_entry(lambda sha, t: reader.read(sha, t)[1], commit)
+
+
+def _small_blob(reader: PackReader, entry: Entry, path: str) -> bytes | None:
+    found = lookup_path(
+        lambda sha, t: reader.read(sha, t)[1], entry.tree, f"{FILES_NAME.decode()}/{path}"
+    )
+    if found is None or found[0] not in (BLOB_MODE, 0o100755):
+        return None
+    return found[1]
+
+
+def check_structure(
+    reader: PackReader,
+    table: refs_mod.RefTable,
+    tick: Callable[[int, int], None] = lambda done, total: None,
+) -> tuple[Forest | None, list[Problem]]:
+    """Refs, commits, metadata, manifests, block maps and object presence."""
+    problems: list[Problem] = []
+    try:
+        forest = load_forest(reader, table)
+    except CorruptRepository as err:
+        return None, [Problem(f"the entry chains cannot be walked: {err.message}")]
+    commits = sorted(forest.parent)
+    images_of: dict[bytes, set[str]] = {}
+    for i, c in enumerate(commits):
+        tick(i, len(commits))
+        try:
+            e = _read_entry(reader, c)
+        except CorruptRepository as err:
+            problems.append(Problem(err.message, c))
+            continue
+        p = forest.parent[c]
+        if e.meta.parent != (p.hex() if p is not None else None):
+            problems.append(Problem("its metadata names another parent than its commit", c))
+        if (e.meta.kind == "full") != (p is None):
+            problems.append(
+                Problem(f"a {e.meta.kind} entry with{'out' if p is None else ''} a parent", c)
+            )
+        images_of[c] = {f.path for f in e.meta.files if f.kind == "image"}
+        for f in e.meta.files:
+            try:
+                if f.kind == "small":
+                    sha = _small_blob(reader, e, f.path)
+                    if sha is None:
+                        problems.append(Problem("its data is missing", c, f.path))
+                    elif not reader.contains(sha):
+                        problems.append(Problem("its data object is missing", c, f.path, [sha]))
+                    continue
+                layer = image_layer(reader, e.tree, f.path)
+                if layer is None:
+                    problems.append(Problem("its blocks are missing", c, f.path))
+                    continue
+                man, blocks = layer
+                if man.size != f.size or man.sha256 != f.sha256:
+                    problems.append(Problem("its manifest disagrees with the metadata", c, f.path))
+                if not man.base and p is None:
+                    problems.append(
+                        Problem("a partial layer in an entry without parent", c, f.path)
+                    )
+                if blocks is not None:
+                    bmap = read_block_map(lambda s: reader.read(s, 2)[1], blocks, man.nblocks)
+                    missing = [sha for _d, sha in bmap.values() if not reader.contains(sha)]
+                    if missing:
+                        problems.append(
+                            Problem(f"{len(missing)} block objects are missing", c, f.path, missing)
+                        )
+            except CorruptRepository as err:
+                problems.append(Problem(err.message, c, f.path))
+    # A partial layer needs the same image in its parent.
+    for c in commits:
+        p = forest.parent[c]
+        if p is None or c not in images_of or p not in images_of:
+            continue
+        e = _read_entry(reader, c)
+        for path in sorted(images_of[c] - images_of[p]):
+            layer = image_layer(reader, e.tree, path)
+            if layer is not None and not layer[0].base:
+                problems.append(Problem("a partial layer whose parent lacks the file", c, path))
+    return forest, problems
+
+
+def entry_objects(reader: PackReader, entry: Entry) -> Iterator[tuple[str, bytes, bool]]:
+    """``(path, object id, is_delta)`` of every data object ``entry``'s content needs."""
+    for f in entry.meta.files:
+        if f.kind == "small":
+            sha = _small_blob(reader, entry, f.path)
+            if sha is None:
+                raise CorruptRepository(f"entry lacks the data of {f.path}")
+            yield f.path, sha, False
+            continue
+        img = resolve_image(reader, entry.commit, f.path)
+        if img is None:
+            raise CorruptRepository(f"entry lacks the blocks of {f.path}")
+        for r in img.recipes:
+            if r.base is not None:
+                yield f.path, r.base, False
+            for d in r.deltas:
+                yield f.path, d, True
+
+
+def check_objects(
+    reader: PackReader,
+    entries: list[bytes],
+    seen: set[bytes],
+    tick: Callable[[int, int], None] = lambda done, total: None,
+) -> list[Problem]:
+    """Read every data object the entries need once; check ids and delta headers."""
+    problems: list[Problem] = []
+    for i, c in enumerate(entries):
+        tick(i, len(entries))
+        try:
+            e = _read_entry(reader, c)
+            for path, sha, is_delta in entry_objects(reader, e):
+                if sha in seen:
+                    continue
+                seen.add(sha)
+                try:
+                    data = reader.read(sha, BLOB)[1]
+                    if is_delta:
+                        delta_header(data)
+                except CorruptRepository as err:
+                    problems.append(Problem(err.message, c, path, [sha]))
+        except CorruptRepository as err:
+            problems.append(Problem(err.message, c))
+    return problems
+
+
+def _bad_objects(reader: PackReader, shas: list[bytes]) -> list[bytes]:
+    bad = []
+    for sha in shas:
+        try:
+            reader.read(sha, BLOB)
+        except CorruptRepository:
+            bad.append(sha)
+    return bad
+
+
+def check_image(
+    reader: PackReader, pool: Executor, img: ResolvedImage, progress: Callable[[int], None]
+) -> list[tuple[str, list[bytes]]]:
+    """Rebuild one image block by block; returns (message, bad objects) found."""
+    m = img.manifest
+    found: list[tuple[str, list[bytes]]] = []
+
+    def build(n: int) -> tuple[bytes | None, str | None]:
+        # Built and hashed in the pool; only the digests come back in order.
+        length = m.block_length(n)
+        try:
+            return block_digest(materialize(reader, img.recipes[n], length), length), None
+        except CorruptRepository as err:
+            return None, err.message
+
+    h = hashlib.sha256()
+    broken = False
+    for n, (digest, error) in enumerate(ordered_map(pool, build, iter(range(m.nblocks)), WINDOW)):
+        length = m.block_length(n)
+        if error is not None:
+            r = img.recipes[n]
+            objs = ([r.base] if r.base is not None else []) + list(r.deltas)
+            found.append((f"block {n}: {error}", _bad_objects(reader, objs)))
+            broken = True
+            continue
+        assert digest is not None
+        h.update(digest)
+        progress(length)
+    if not broken and h.hexdigest() != m.sha256:
+        found.append(("the rebuilt file does not match its digest", []))
+    return found
+
+
+def check_files(
+    reader: PackReader,
+    pool: Executor,
+    commit: bytes,
+    progress: Callable[[int], None] = lambda n: None,
+) -> list[Problem]:
+    """Rebuild every file of entry ``commit`` in memory and check its SHA-256."""
+    problems: list[Problem] = []
+    try:
+        e = _read_entry(reader, commit)
+    except CorruptRepository as err:
+        return [Problem(err.message, commit)]
+    for f in e.meta.files:
+        try:
+            if f.kind == "small":
+                sha = _small_blob(reader, e, f.path)
+                if sha is None:
+                    problems.append(Problem("its data is missing", commit, f.path))
+                    continue
+                try:
+                    data = reader.read(sha, BLOB)[1]
+                except CorruptRepository as err:
+                    problems.append(Problem(err.message, commit, f.path, [sha]))
+                    continue
+                if hashlib.sha256(data).hexdigest() != f.sha256 or len(data) != f.size:
+                    problems.append(Problem("does not match its SHA-256", commit, f.path))
+                progress(f.size)
+                continue
+            img = resolve_image(reader, commit, f.path)
+            if img is None:
+                problems.append(Problem("its blocks are missing", commit, f.path))
+                continue
+            if img.manifest.sha256 != f.sha256 or img.manifest.size != f.size:
+                problems.append(Problem("its manifest disagrees with the metadata", commit, f.path))
+            for msg, bad in check_image(reader, pool, img, progress):
+                problems.append(Problem(msg, commit, f.path, bad))
+        except CorruptRepository as err:
+            problems.append(Problem(err.message, commit, f.path))
+    return problems
+
+
+def entries_using(reader: PackReader, commits: list[bytes], bad: set[bytes]) -> set[bytes]:
+    """Which of ``commits`` need one of the ``bad`` objects to be rebuilt."""
+    out: set[bytes] = set()
+    if not bad:
+        return out
+    for c in commits:
+        try:
+            e = _read_entry(reader, c)
+            if any(sha in bad for _p, sha, _d in entry_objects(reader, e)):
+                out.add(c)
+        except CorruptRepository:
+            out.add(c)
+    return out

@@ -1,0 +1,201 @@
+"""``vml rm``: remove entries, re-parenting their children onto their parent.
+
+A metadata operation: each child of a removed entry gets a layer that merges
+its own with the removed entry's (see plumbing/rewrite.py), written as new
+manifest, tree and commit objects; descendants are rewritten to point at the
+new commits; E-numbers, tags, branches and areas follow.  Image blocks are
+only written where a page delta sat on a block the removed entry replaced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vml.errors import UnknownEntry, UsageError
+from vml.plumbing import refs as refs_mod
+from vml.plumbing.forest import apply_rewrite, load_forest, repository_areas
+from vml.plumbing.packs import PackReader, PackWriter
+from vml.plumbing.repository import Repository
+from vml.plumbing.rewrite import (
+    ExpressStats,
+    read_entry,
+    reexpress_images,
+    rewrite_below,
+    rewrite_entry,
+)
+from vml.porcelain.common import ProgressFn, label, make_pool, no_progress
+
+
+@dataclass
+class Rewritten:
+    """One entry that got a new commit."""
+
+    entry: str
+    old: str
+    new: str
+    note: str | None = None
+
+
+@dataclass
+class RewriteReport:
+    """What a reshaping command wrote and moved."""
+
+    rewritten: list[Rewritten] = field(default_factory=list)
+    refs_moved: list[tuple[str, str, str]] = field(default_factory=list)
+    areas_moved: list[tuple[str, str, str]] = field(default_factory=list)
+    pack_bytes: int = 0  # size of the new pack(s): everything the command wrote
+    data_bytes: int = 0  # of which new block and delta data
+    reused_blocks: int = 0
+    composed_deltas: int = 0
+    reexpressed_blocks: int = 0
+
+    def add_stats(self, s: ExpressStats) -> None:
+        """Count what re-expressing images did."""
+        self.data_bytes += s.written_bytes
+        self.reused_blocks += s.reused_blocks
+        self.composed_deltas += s.composed_deltas
+        self.reexpressed_blocks += s.reexpressed_blocks
+
+
+@dataclass
+class RmResult(RewriteReport):
+    """What ``vml rm`` did."""
+
+    removed: list[str] = field(default_factory=list)
+
+
+def finish_pack(repo: Repository, writer: PackWriter) -> int:
+    """Complete ``writer``'s pack; returns the bytes it holds on disk (pack + index)."""
+    name = writer.finish()
+    if name is None:
+        return 0
+    d = repo.objects_dir / "pack"
+    return sum((d / f"{name}{ext}").stat().st_size for ext in (".pack", ".idx"))
+
+
+def entry_commit(repo: Repository, name: str, table: refs_mod.RefTable) -> bytes:
+    """Resolve ``name`` to a commit held by an E-number."""
+    commit = refs_mod.resolve_name(repo, name, table)
+    if commit not in set(table.entries.values()):
+        raise UnknownEntry(f"{name!r} names commit {commit.hex()[:12]}, which is not an entry")
+    return commit
+
+
+def check_removable(repo: Repository, table: refs_mod.RefTable, commit: bytes) -> list[str]:
+    """Why removing ``commit`` needs ``--force`` (empty: it does not)."""
+    why: list[str] = []
+    for a in repository_areas(repo):
+        if commit.hex() in (a.state.entry, a.state.pending):
+            why.append(f"area {a.path} holds it")
+    why += [f"tag {t} names it" for t, c in sorted(table.tags.items()) if c == commit]
+    return why
+
+
+def remove_one(
+    repo: Repository,
+    commit: bytes,
+    report: RmResult,
+    progress: ProgressFn = no_progress,
+) -> None:
+    """Remove one entry (no checks: see :func:`rm`)."""
+    table = refs_mod.read_refs(repo)
+    reader = PackReader(repo)
+    writer = PackWriter(repo)
+    pool = make_pool()
+    try:
+        forest = load_forest(reader, table)
+        parent = forest.parent[commit]
+        me = label(table, commit) or commit.hex()[:12]
+        onto = label(table, parent) if parent is not None else None
+        kids = forest.children.get(commit, [])
+        mapping: dict[bytes, bytes] = {}
+        order: list[bytes] = []
+        stats = ExpressStats()
+
+        def label_of(c: bytes) -> str:
+            return label(table, c) or "none"
+
+        for i, kid in enumerate(kids):
+            progress("rewrite", i, len(kids))
+            e = read_entry(reader, kid)
+            images = reexpress_images(reader, writer, pool, e, parent, stats, keep_base_layers=True)
+            note = f"{me} removed, re-parented onto {onto}" if onto else f"{me} removed, made full"
+            mapping[kid] = rewrite_entry(
+                reader,
+                writer,
+                e,
+                parent,
+                parent_label=onto or "none",
+                kind=None if parent is not None else "full",
+                images=images,
+                note=note,
+            )
+            order.append(kid)
+            report.rewritten.append(Rewritten(label_of(kid), kid.hex(), mapping[kid].hex(), note))
+            for d in rewrite_below(reader, writer, forest.children, mapping, kid, label_of):
+                order.append(d)
+                report.rewritten.append(Rewritten(label_of(d), d.hex(), mapping[d].hex()))
+        report.pack_bytes += finish_pack(repo, writer)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        reader.close()
+    report.add_stats(stats)
+    moves = apply_rewrite(repo, table, mapping, order, drop=(commit, parent))
+    report.refs_moved += moves.refs
+    report.areas_moved += moves.areas
+    report.removed.append(me)
+
+
+def rm(
+    repo: Repository,
+    names: list[str],
+    *,
+    force: bool = False,
+    progress: ProgressFn = no_progress,
+) -> RmResult:
+    """Remove the entries ``names``; children move onto each removed entry's parent.
+
+    An entry an area holds, or a tag names, is only removed with ``force``;
+    so is a root entry a branch points at (the branch would go).  Every name
+    is checked before anything changes.
+    """
+    if not names:
+        raise UsageError("no entry to remove", "name one or more entries, e.g. `vml rm E3`")
+    table = refs_mod.read_refs(repo)
+    numbers: list[int] = []
+    reader = PackReader(repo)
+    try:
+        for name in names:
+            commit = entry_commit(repo, name, table)
+            why = check_removable(repo, table, commit)
+            if any(c == commit for c in table.branches.values()):
+                _tree_parent = read_entry(reader, commit).parent
+                if _tree_parent is None:
+                    why += [
+                        f"branch {b} points at it and would be deleted"
+                        for b, c in sorted(table.branches.items())
+                        if c == commit
+                    ]
+            if why and not force:
+                raise UsageError(
+                    f"{label(table, commit)} is still in use: {'; '.join(why)}",
+                    "pass --force to remove it anyway",
+                )
+            n = table.number_of(commit)
+            assert n is not None
+            if n not in numbers:
+                numbers.append(n)
+    finally:
+        reader.close()
+    report = RmResult()
+    for n in numbers:
+        # Each removal rewrites commits, so look the entry up again by its number.
+        now = refs_mod.read_refs(repo)
+        commit_now = now.entries.get(n)
+        if commit_now is None:
+            continue
+        remove_one(repo, commit_now, report, progress)
+    return report
