@@ -133,11 +133,21 @@ def apply_fetched(
     *,
     prune: bool,
     keep_numbers: bool = False,
+    advertised: dict[bytes, bytes] | None = None,
 ) -> FetchResult:
-    """Point tracking refs at what arrived and number new entries (takes the lock)."""
+    """Point tracking refs at what arrived and number new entries (takes the lock).
+
+    ``advertised`` (every ref the remote showed) names the remote's numbers
+    of entries that came only as part of a chain.
+    """
     res = FetchResult(remote, url)
     hints: dict[bytes, int] = {}
     remote_names: dict[bytes, str] = {}
+    for ref, hexid in sorted((advertised or {}).items(), reverse=True):
+        tail = ref[len(_ENTRIES) :]
+        if ref.startswith(_ENTRIES) and tail.isdigit() and rm._HEX40.match(hexid):
+            hints[bytes.fromhex(hexid.decode())] = int(tail)
+            remote_names[bytes.fromhex(hexid.decode())] = f"E{int(tail)}"
     tips: list[bytes] = []
     with repo.lock():
         wanted: set[bytes] = set()
@@ -209,7 +219,15 @@ def fetch_into(
         return list(chosen.values())
 
     got = rm.receive(repo, client, path, url, choose, progress)
-    res = apply_fetched(repo, remote, url, chosen, prune=not names, keep_numbers=keep_numbers)
+    res = apply_fetched(
+        repo,
+        remote,
+        url,
+        chosen,
+        prune=not names,
+        keep_numbers=keep_numbers,
+        advertised=got.refs,
+    )
     res.objects, res.size = got.objects, got.size
     return res
 
