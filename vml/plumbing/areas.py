@@ -8,8 +8,8 @@
   area (commit, checkout, restore); it dies with its process;
 - ``cache/``: what the area's files looked like when they matched that entry:
   per file its ``stat`` signature and digest, and per large file one record
-  per block (SHA-256 of the block, xxh3-128 of the block, xxh3-64 of each
-  page), so that an
+  per block (the block's git blob id, xxh3-128 of the block, xxh3-64 of
+  each page), so that an
   unchanged file is not read and a changed one's changed pages are found
   without reading the repository.  The cache is only an accelerator: when it
   is missing or stale, VML reads what it needs from the repository instead.
@@ -38,7 +38,7 @@ STATE_NAME = "area.json"
 CACHE_NAME = "cache"
 CACHE_TMP = "cache.tmp"
 # Bumped whenever the record layout changes; older caches are ignored.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 LOCK_NAME = "lock"
 
 
@@ -120,7 +120,7 @@ class CachedFile:
 
 
 def _record_size(page_size: int, block_size: int) -> int:
-    return 48 + 8 * (block_size // page_size)
+    return 36 + 8 * (block_size // page_size)
 
 
 class BlockRecords:
@@ -136,24 +136,24 @@ class BlockRecords:
         )
 
     def block_digest(self, n: int) -> bytes | None:
-        """SHA-256 of block ``n`` as cached, or None beyond the cached file."""
+        """Blob id of block ``n`` as cached, or None beyond the cached file."""
         if n >= self.count or self._mm is None:
             return None
         off = n * self.rec
-        return self._mm[off : off + 32]
+        return self._mm[off : off + 20]
 
     def block_hash(self, n: int) -> bytes | None:
         """xxh3-128 of block ``n`` as cached, or None beyond the cached file."""
         if n >= self.count or self._mm is None:
             return None
-        off = n * self.rec + 32
+        off = n * self.rec + 20
         return self._mm[off : off + 16]
 
     def page_hashes(self, n: int) -> bytes:
         """The xxh3-64 of every page of block ``n``, concatenated."""
         assert self._mm is not None
-        off = n * self.rec + 48
-        return self._mm[off : off + self.rec - 48]
+        off = n * self.rec + 36
+        return self._mm[off : off + self.rec - 36]
 
     def record(self, n: int) -> bytes:
         """The whole cached record of block ``n``."""

@@ -109,22 +109,26 @@ _ZERO_DIGESTS: dict[int, bytes] = {}
 
 
 def block_digest(data: bytes | None, length: int) -> bytes:
-    """SHA-256 of a block (``None`` means ``length`` zero bytes, hashed once per length)."""
+    """A block's id: the git blob id of its bytes (``None``: ``length`` zero bytes).
+
+    Whole blocks are stored under exactly this id, so reading one back and
+    checking its object id already checks its digest: no second hash pass.
+    """
     if data is not None:
-        return hashlib.sha256(data).digest()
+        return blob_id(data)
     d = _ZERO_DIGESTS.get(length)
     if d is None:
-        d = _ZERO_DIGESTS[length] = hashlib.sha256(zeros(length)).digest()
+        d = _ZERO_DIGESTS[length] = blob_id(zeros(length))
     return d
 
 
 def file_digest(path: Path, block_size: int) -> str:
     """An image's digest as manifests record it, computed from the file.
 
-    The digest of an image is the SHA-256 of the concatenated SHA-256 digests
+    The digest of an image is the SHA-256 of the concatenated git blob ids
     of its blocks (a hash list).  It covers every byte like a whole-file
-    SHA-256, but a save hashes only the blocks that changed, a restore hashes
-    blocks in parallel, and zero blocks cost nothing.
+    hash, but a save hashes only the blocks that changed, a restore checks
+    each block as it reads it, and zero blocks cost nothing.
     """
     out = hashlib.sha256()
     with open(path, "rb") as f:
@@ -231,9 +235,9 @@ def save_image(
                     if dg is None:
                         dg = block_digest(data, length)
                     return _Outcome(data, bytes(dg), bh, bytes(ppages), "same", read=read)
-            digest = block_digest(data, length)
             if data is None:
-                return _Outcome(None, digest, bh, pages, "zero", read=read)
+                return _Outcome(None, block_digest(None, length), bh, pages, "zero", read=read)
+            digest = block_digest(data, length)
             pages = page_hashes(data, page_size, ppb)
             if pr is not None and len(pr.deltas) < MAX_DELTA_DEPTH:
                 npages = (length + page_size - 1) // page_size
@@ -247,7 +251,7 @@ def save_image(
                     sha = blob_id(delta)
                     z = None if reader.in_packs(sha) else deflate(delta)
                     return _Outcome(data, digest, bh, pages, "delta", sha, z, len(delta), read)
-            sha = blob_id(data)
+            sha = digest  # a whole block's blob id is its digest
             z = None if reader.in_packs(sha) else deflate(data)
             return _Outcome(data, digest, bh, pages, "whole", sha, z, length, read)
 
@@ -385,13 +389,19 @@ def write_image(
             if not want_records:
                 return 0, dg, None
             return 0, dg, dg + block_hash(data) + page_hashes(data, ps, ppb)
-        built = materialize(reader, image.recipes[n], length)
+        recipe = image.recipes[n]
+        built = materialize(reader, recipe, length)
         if built is None:
             if in_place:
                 punch_hole(fd, n * bs, length)
             return 0, block_digest(None, length), _zero_rec(length) if want_records else None
         _pwrite_all(fd, built, n * bs)
-        dg = block_digest(built, length)
+        # A whole block was checked against its id as it was read.
+        dg = (
+            recipe.base
+            if recipe.base is not None and not recipe.deltas
+            else block_digest(built, length)
+        )
         if not want_records:
             return length, dg, None
         return length, dg, dg + block_hash(built) + page_hashes(built, ps, ppb)
