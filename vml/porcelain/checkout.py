@@ -214,7 +214,16 @@ def checkout(
                         if image is None or image.manifest.sha256 != rec.sha256:
                             raise CorruptRepository(f"entry lacks the blocks of {rec.path}")
                         old_img: ResolvedImage | None = None
-                        if old is not None and old.kind == "image" and dest.is_file() and clean_old:
+                        # Blocks are patched in place only over a file known to hold
+                        # the old entry's bytes; one changed since (--force) is rebuilt.
+                        if (
+                            old is not None
+                            and old.kind == "image"
+                            and clean_old
+                            and cached is not None
+                            and dest.is_file()
+                            and cached.stat == stat_signature(dest.stat())
+                        ):
                             old_img = resolve_image(reader, clean_old.commit, rec.path)
                         name_rec, out = cwriter.new_records()
                         base = done
