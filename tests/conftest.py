@@ -55,3 +55,33 @@ def need(tool: str) -> None:
     """Skip unless ``tool`` is installed (CI installs all of them)."""
     if shutil.which(tool) is None:
         pytest.skip(f"{tool} is not installed")
+
+
+def digest_area(folder: Path, *, mtimes: bool = False) -> dict[str, tuple[object, ...]]:
+    """Every regular file below ``folder`` (``.vml`` excluded) -> (sha256, size, exec bit[, mtime]).
+
+    VML keeps git's two file modes, so only the exec bit is compared.
+    """
+    import hashlib
+    import os
+
+    out: dict[str, tuple[object, ...]] = {}
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not (root == str(folder) and d == ".vml"))
+        for name in names:
+            p = Path(root) / name
+            st = p.stat()
+            item: tuple[object, ...] = (
+                hashlib.sha256(p.read_bytes()).hexdigest(),
+                st.st_size,
+                bool(st.st_mode & 0o111),
+            )
+            if mtimes:
+                item += (st.st_mtime_ns,)
+            out[p.relative_to(folder).as_posix()] = item
+    return out
+
+
+def allocated(path: Path) -> int:
+    """Bytes the file system really allocated for ``path`` (holes cost nothing)."""
+    return path.stat().st_blocks * 512
