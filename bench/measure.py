@@ -84,7 +84,7 @@ def run_measured(
         if proc.returncode != 0:
             err.seek(0)
             tail = err.read().decode(errors="replace")[-2000:]
-            raise CommandError(f"{' '.join(cmd)} exited {proc.returncode}: {tail}")
+            raise CommandError(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")
         # On failure time writes a status line first; the number is last.
         peak_kib = int(rss.read().split()[-1])
     return Measurement(

@@ -86,7 +86,7 @@ def evaluate_targets(results: Results) -> list[Target]:
             _ratio(chain.get("restore_tip_s"), chain.get("restore_full_s")),
             1.2,
             "x",
-            chain.get("error", "") if chain else "not run",
+            ("error, see above" if chain.get("error") else "") if chain else "not run",
         ),
         Target(
             "vml peak RSS <= 100 MiB",
@@ -102,6 +102,14 @@ def evaluate_targets(results: Results) -> list[Target]:
             "" if big else "skipped (--skip-big)",
         ),
     ]
+
+
+def _brief(error: str, lines: int = 2) -> str:
+    """The last lines of an error (a traceback's tail says what broke); JSON keeps it all."""
+    kept = [ln.strip() for ln in error.strip().splitlines() if ln.strip()]
+    head = kept[0][:160] if kept else ""
+    tail = kept[1:][-lines:]
+    return " | ".join([head, *tail])
 
 
 def _fmt(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
@@ -132,7 +140,7 @@ def format_table(results: Results) -> str:
     errors: list[str] = []
     for name, e in results["tools"].items():
         if e.get("error"):
-            errors.append(f"  {name}: {e['error']}")
+            errors.append(f"  {name}: {_brief(e['error'])}")
         rows.append(
             (
                 name,
@@ -172,7 +180,7 @@ def format_table(results: Results) -> str:
             f"full entry {_fmt(chain.get('restore_full_s'))} s (identical: {chain.get('full_ok')})",
         ]
         if chain.get("error"):
-            out.append(f"  error: {chain['error']}")
+            out.append(f"  error: {_brief(chain['error'])}")
     big = results.get("vml_big")
     if big:
         bp = big["params"]
@@ -183,7 +191,7 @@ def format_table(results: Results) -> str:
             f"later save {_fmt(big.get('later_save_s'))} s"
         )
         if big.get("error"):
-            out.append(f"  error: {big['error']}")
+            out.append(f"  error: {_brief(big['error'])}")
     out += ["", "targets:"]
     for t in results.get("targets", []):
         verdict = {True: "PASS", False: "FAIL", None: "N/A "}[t["passed"]]
