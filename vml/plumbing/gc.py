@@ -1,0 +1,396 @@
+"""Reclaiming the objects no ref reaches, streaming and in bounded memory.
+
+Marking walks commits and trees from every ref (blobs are only named, never
+read).  Each pack that existed when gc started is then:
+
+- kept as it is when every object in it is live;
+- deleted when none is;
+- otherwise rewritten: its live objects are copied, still compressed and
+  checked against the index's CRC-32, one at a time, into one new pack
+  (:class:`~vml.plumbing.packs.PackWriter`, durable before anything is
+  deleted), and the old pack deleted.
+
+dulwich's ``repack`` holds every object in memory; this holds one object and
+the set of live ids (20 bytes each, plus set overhead).
+
+Concurrency: packs and loose objects that appeared after gc started are
+never touched.  The decision is taken under the repository lock: refs are
+read again and anything they now reach that was about to go is copied too.
+A save still writing its pack (a ``tmp_vml_<pid>_*`` file of a live
+process) may have skipped storing a block it found in an old pack, so while
+one exists nothing is deleted (the new pack only duplicates objects; run gc
+again later).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dulwich.object_format import DEFAULT_OBJECT_FORMAT
+from dulwich.objects import Commit, Tag
+from dulwich.pack import load_pack_index
+
+from vml.errors import CorruptRepository
+from vml.plumbing.manifests import TREE_MODE, parse_tree
+from vml.plumbing.packs import COMMIT, TREE, PackReader, PackWriter, deflate
+from vml.plumbing.repository import Repository, fsync_dir
+
+TAG = 4
+GITLINK_MODE = 0o160000
+_TMP_PACK = re.compile(r"^tmp_vml_(\d+)_")
+_LOOSE_DIR = re.compile(r"^[0-9a-f]{2}$")
+_LOOSE_NAME = re.compile(r"^[0-9a-f]{38}$")
+
+
+def ref_roots(repo: Repository) -> list[bytes]:
+    """Every object any ref (entries, tags, branches, remotes, ...) points at."""
+    out: list[bytes] = []
+    refs = repo.git.refs
+    for name in refs.allkeys():
+        if name == b"HEAD":
+            continue
+        try:
+            value = refs[name]
+        except KeyError:
+            continue
+        if len(value) == 40:
+            out.append(bytes.fromhex(value.decode()))
+    return out
+
+
+def mark(reader: PackReader, roots: Iterable[bytes], live: set[bytes]) -> list[bytes]:
+    """Add everything reachable from ``roots`` to ``live``; returns the ids added.
+
+    Commits, tags and trees are read (and their ids checked); blobs never are.
+    """
+    added: list[bytes] = []
+    stack: list[tuple[bytes, int | None]] = [(r, None) for r in roots]
+    while stack:
+        sha, kind = stack.pop()
+        if sha in live:
+            continue
+        if kind == 3:
+            live.add(sha)
+            added.append(sha)
+            continue
+        type_num, data = reader.read(sha)
+        live.add(sha)
+        added.append(sha)
+        if type_num == COMMIT:
+            c = Commit.from_raw_string(COMMIT, data)
+            assert isinstance(c, Commit)
+            stack.append((bytes.fromhex(c.tree.decode()), TREE))
+            stack.extend((bytes.fromhex(p.decode()), COMMIT) for p in c.parents)
+        elif type_num == TREE:
+            for _name, mode, child in parse_tree(data):
+                if mode == GITLINK_MODE:
+                    continue
+                stack.append((child, TREE if mode == TREE_MODE else 3))
+        elif type_num == TAG:
+            t = Tag.from_raw_string(TAG, data)
+            assert isinstance(t, Tag)
+            stack.append((bytes.fromhex(t.object[1].decode()), None))
+    return added
+
+
+@dataclass
+class PackInfo:
+    """One pack as gc sees it."""
+
+    name: str
+    objects: int = 0
+    live: int = 0
+    live_bytes: int = 0  # compressed bytes of its live objects
+    size: int = 0  # .pack + .idx on disk
+    keep: bool = False  # a .keep file protects it
+
+    @property
+    def action(self) -> str:
+        """ "keep", "delete" or "rewrite"."""
+        if self.keep or self.live == self.objects:
+            return "keep"
+        return "delete" if self.live == 0 else "rewrite"
+
+
+@dataclass
+class GcResult:
+    """What gc found and did."""
+
+    live_objects: int = 0
+    dead_objects: int = 0
+    packs: list[PackInfo] = field(default_factory=list)
+    loose_dead: int = 0
+    loose_dead_bytes: int = 0
+    written_bytes: int = 0  # new pack(s) + index(es)
+    deleted_bytes: int = 0  # old packs, indexes, loose objects, stale temporaries
+    deferred: bool = False  # a save was in progress: nothing was deleted
+    dry_run: bool = False
+    new_packs: list[str] = field(default_factory=list)
+
+    @property
+    def freed_bytes(self) -> int:
+        """Net bytes given back to the file system (estimated for a dry run)."""
+        return self.deleted_bytes - self.written_bytes
+
+
+def _pack_dir(repo: Repository) -> Path:
+    return repo.objects_dir / "pack"
+
+
+def _extents(idx_path: Path, pack_size: int) -> list[tuple[bytes, int, int, int | None]]:
+    """(sha, offset, length, crc) of every object of a pack, in pack order."""
+    index = load_pack_index(str(idx_path), DEFAULT_OBJECT_FORMAT)
+    try:
+        items = sorted(
+            ((bytes(s), int(o), c) for s, o, c in index.iterentries()), key=lambda x: x[1]
+        )
+    finally:
+        index.close()
+    out: list[tuple[bytes, int, int, int | None]] = []
+    for i, (sha, off, crc) in enumerate(items):
+        end = items[i + 1][1] if i + 1 < len(items) else pack_size - 20
+        out.append((sha, off, end - off, crc))
+    return out
+
+
+def _header(raw: bytes) -> tuple[int, int, int]:
+    """(type, inflated size, header length) of a packed object."""
+    type_num = (raw[0] >> 4) & 7
+    size = raw[0] & 15
+    shift = 4
+    i = 1
+    while raw[i - 1] & 0x80:
+        if i >= len(raw):
+            raise CorruptRepository("bad object header in a pack")
+        size |= (raw[i] & 0x7F) << shift
+        shift += 7
+        i += 1
+    return type_num, size, i
+
+
+def _loose_objects(repo: Repository) -> dict[bytes, Path]:
+    out: dict[bytes, Path] = {}
+    for d in repo.objects_dir.iterdir():
+        if not d.is_dir() or not _LOOSE_DIR.match(d.name):
+            continue
+        for f in d.iterdir():
+            if _LOOSE_NAME.match(f.name):
+                out[bytes.fromhex(d.name + f.name)] = f
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _temporaries(repo: Repository) -> tuple[list[Path], list[Path]]:
+    """(temporary packs of live vml processes, stale ones of dead processes)."""
+    live: list[Path] = []
+    stale: list[Path] = []
+    d = _pack_dir(repo)
+    if not d.is_dir():
+        return live, stale
+    for f in d.iterdir():
+        m = _TMP_PACK.match(f.name)
+        if m is None:
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid():
+            continue
+        (live if _pid_alive(pid) else stale).append(f)
+    return live, stale
+
+
+def collect(
+    repo: Repository,
+    *,
+    dry_run: bool = False,
+    progress: Callable[[str, int, int], None] = lambda phase, done, total: None,
+) -> GcResult:
+    """Reclaim every object no ref reaches (see the module docstring)."""
+    result = GcResult(dry_run=dry_run)
+    pack_dir = _pack_dir(repo)
+    # What exists now is all gc may ever delete.
+    pack_names = (
+        sorted(p.stem for p in pack_dir.glob("pack-*.idx") if p.with_suffix(".pack").exists())
+        if pack_dir.is_dir()
+        else []
+    )
+    loose = _loose_objects(repo)
+    _busy, stale_tmp = _temporaries(repo)
+
+    reader = PackReader(repo)
+    writer: PackWriter | None = None
+    try:
+        live: set[bytes] = set()
+        progress("mark", 0, 0)
+        mark(reader, ref_roots(repo), live)
+        result.live_objects = len(live)
+        extents: dict[str, list[tuple[bytes, int, int, int | None]]] = {}
+        for name in pack_names:
+            pack = pack_dir / f"{name}.pack"
+            idx = pack_dir / f"{name}.idx"
+            psize = pack.stat().st_size
+            ext = _extents(idx, psize)
+            info = PackInfo(name, objects=len(ext), size=psize + idx.stat().st_size)
+            info.keep = (pack_dir / f"{name}.keep").exists()
+            for sha, _off, length, _crc in ext:
+                if sha in live:
+                    info.live += 1
+                    info.live_bytes += length
+            result.packs.append(info)
+            if info.action == "rewrite":
+                extents[name] = ext
+        in_kept = {p.name for p in result.packs if p.action == "keep"}
+        dead_loose = {sha: p for sha, p in loose.items() if sha not in live}
+        result.loose_dead = len(dead_loose)
+        result.loose_dead_bytes = sum(p.stat().st_size for p in dead_loose.values())
+        result.dead_objects = sum(p.objects - p.live for p in result.packs if not p.keep) + len(
+            dead_loose
+        )
+        going = [p for p in result.packs if p.action != "keep"]
+        if dry_run:
+            result.deleted_bytes = (
+                sum(p.size for p in going)
+                + result.loose_dead_bytes
+                + sum(f.stat().st_size for f in stale_tmp)
+            )
+            # The rewritten packs' live objects go into a new pack (headers aside).
+            result.written_bytes = sum(p.live_bytes for p in going)
+            return result
+
+        # Objects that stay where they are need no copy.
+        kept_ids: set[bytes] = set()
+        for name in in_kept:
+            kept_ids.update(
+                sha
+                for sha, *_ in _extents(
+                    pack_dir / f"{name}.idx", (pack_dir / f"{name}.pack").stat().st_size
+                )
+            )
+        writer = PackWriter(repo)
+        total = sum(len(e) for e in extents.values())
+        done = 0
+        for name, ext in extents.items():
+            fd = os.open(pack_dir / f"{name}.pack", os.O_RDONLY)
+            try:
+                for sha, off, length, crc in ext:
+                    done += 1
+                    progress("copy", done, total)
+                    if sha not in live or sha in kept_ids or sha in writer:
+                        continue
+                    _copy(reader, writer, fd, sha, off, length, crc)
+            finally:
+                os.close(fd)
+        result.written_bytes += _finish(writer, result)
+        writer = None
+
+        with repo.lock(what="repository (gc)"):
+            # Refs may have moved while we copied: whatever they reach now stays.
+            reader.refresh()
+            added = mark(reader, ref_roots(repo), live)
+            rescue = [s for s in added if not _safe_elsewhere(s, kept_ids, loose, dead_loose)]
+            doomed_ids: set[bytes] = set()
+            for name in extents:
+                doomed_ids.update(s for s, *_ in extents[name])
+            for p in going:
+                if p.name not in extents:
+                    doomed_ids.update(
+                        s
+                        for s, *_ in _extents(
+                            pack_dir / f"{p.name}.idx", (pack_dir / f"{p.name}.pack").stat().st_size
+                        )
+                    )
+            rescue = [s for s in rescue if s in doomed_ids or s in dead_loose]
+            if rescue:
+                writer = PackWriter(repo)
+                for sha in rescue:
+                    type_num, data = reader.read(sha)
+                    writer.add_compressed(type_num, sha, len(data), deflate(data))
+                result.written_bytes += _finish(writer, result)
+                writer = None
+                for sha in rescue:
+                    dead_loose.pop(sha, None)
+            busy, _stale = _temporaries(repo)
+            if busy:
+                result.deferred = True
+                return result
+            for p in going:
+                for ext_name in (".idx", ".pack"):
+                    f = pack_dir / f"{p.name}{ext_name}"
+                    if f.exists():
+                        result.deleted_bytes += f.stat().st_size
+                        f.unlink()
+            for f in dead_loose.values():
+                try:
+                    size = f.stat().st_size
+                    f.unlink()
+                    result.deleted_bytes += size
+                except FileNotFoundError:
+                    pass
+            for f in stale_tmp:
+                try:
+                    size = f.stat().st_size
+                    f.unlink()
+                    result.deleted_bytes += size
+                except FileNotFoundError:
+                    pass
+            if pack_dir.is_dir():
+                fsync_dir(pack_dir)
+            reader.refresh()
+        return result
+    finally:
+        if writer is not None:
+            writer.abort()
+        reader.close()
+
+
+def _safe_elsewhere(
+    sha: bytes, kept_ids: set[bytes], loose: dict[bytes, Path], dead_loose: dict[bytes, Path]
+) -> bool:
+    return sha in kept_ids or (sha in loose and sha not in dead_loose)
+
+
+def _finish(writer: PackWriter, result: GcResult) -> int:
+    name = writer.finish()
+    if name is None:
+        return 0
+    result.new_packs.append(name)
+    d = writer.repo.objects_dir / "pack"
+    return sum((d / f"{name}{e}").stat().st_size for e in (".pack", ".idx"))
+
+
+def _copy(
+    reader: PackReader,
+    writer: PackWriter,
+    fd: int,
+    sha: bytes,
+    off: int,
+    length: int,
+    crc: int | None,
+) -> None:
+    """Copy one packed object as it is (still compressed), or rebuild it if it is a delta."""
+    raw = os.pread(fd, length, off)
+    if len(raw) != length or (crc is not None and zlib.crc32(raw) & 0xFFFFFFFF != crc):
+        raise CorruptRepository(
+            f"object {sha.hex()} is damaged in its pack; nothing was deleted",
+            "run `vml verify --all` to see which entries it affects",
+        )
+    type_num, size, hlen = _header(raw)
+    if type_num in (1, 2, 3, 4):
+        writer.add_compressed(type_num, sha, size, raw[hlen:])
+        return
+    # A delta made by git: store it whole (reading it checks its id).
+    type_num, data = reader.read(sha)
+    writer.add_compressed(type_num, sha, len(data), deflate(data))
