@@ -31,6 +31,9 @@ IMAGES_NAME = b"images"
 KINDS = ("full", "incremental", "differential")
 AUTHOR = b"VML <vml@localhost>"
 MAX_META_BYTES = 64 << 20
+# The two modes git and VML give regular files: anything else (a symlink, a
+# submodule, setuid bits) would be restored as something that was never saved.
+FILE_MODES = (0o100644, 0o100755)
 
 
 def check_relpath(path: str) -> str:
@@ -113,13 +116,16 @@ class EntryMeta:
                 vm=doc.get("vm"),
                 stats={str(k): int(v) for k, v in doc.get("stats", {}).items()},
             )
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
             raise CorruptRepository(f"entry metadata is malformed ({e})") from None
+        except RecursionError:
+            raise CorruptRepository("entry metadata is nested too deeply") from None
         if meta.kind not in KINDS:
             raise CorruptRepository(f"entry has unknown kind {meta.kind!r}")
         for f in meta.files:
             if (
                 f.kind not in ("small", "image")
+                or f.mode not in FILE_MODES
                 or f.size < 0
                 or not re.fullmatch(r"[0-9a-f]{64}", f.sha256)
             ):

@@ -33,6 +33,9 @@ BLOB_MODE = 0o100644
 # Far beyond any disk image, small enough that a hostile manifest cannot make
 # us plan for more blocks than memory holds.
 MAX_IMAGE_SIZE = 1 << 46  # 64 TiB
+# Resolving an image keeps one recipe per block: bound the count a manifest
+# may claim (2 TiB at 64 KiB blocks, 32 TiB at the default 1 MiB).
+MAX_BLOCKS = 1 << 25
 _LEAF = re.compile(rb"^([0-9a-f]{2})(\.d)?$")
 _MID = re.compile(rb"^[0-9a-f]{2}$")
 _TOP = re.compile(rb"^[0-9a-f]{4}$")
@@ -81,7 +84,7 @@ class Manifest:
         """Parse and check a manifest blob."""
         try:
             doc = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise CorruptRepository("image manifest is not valid JSON") from None
         if not isinstance(doc, dict) or doc.get("vml_manifest") != 1:
             raise CorruptRepository("image manifest has an unknown format")
@@ -106,6 +109,10 @@ class Manifest:
             raise CorruptRepository("image manifest is malformed")
         m = cls(size, sha, bs, ps, base)
         nb = m.nblocks
+        if nb > MAX_BLOCKS:
+            raise HostileRepository(
+                f"image manifest claims {nb} blocks of {bs} bytes; at most {MAX_BLOCKS} are supported"
+            )
         prev = 0
         for item in zero_raw:
             if (
