@@ -13,9 +13,9 @@ import re
 from dataclasses import dataclass
 
 from dulwich.objects import ObjectID
-from dulwich.refs import Ref, check_ref_format
+from dulwich.refs import Ref, SymrefLoop, check_ref_format
 
-from vml.errors import AmbiguousEntry, UnknownEntry, UsageError
+from vml.errors import AmbiguousEntry, HostileRepository, UnknownEntry, UsageError
 from vml.plumbing.repository import Repository, fsync_dir
 
 ENTRY_PREFIX = b"refs/vml/entries/"
@@ -75,6 +75,12 @@ def read_refs(repo: Repository) -> RefTable:
             value = refs[name]
         except KeyError:
             continue
+        except SymrefLoop:
+            raise HostileRepository(
+                f"ref {name.decode(errors='replace')} is a symbolic ref that loops",
+                f"delete it: git --git-dir {repo.path} update-ref -d --no-deref "
+                f"{name.decode(errors='replace')}",
+            ) from None
         if name.startswith(ENTRY_PREFIX):
             tail = name[len(ENTRY_PREFIX) :]
             if tail.isdigit():
