@@ -77,13 +77,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--smoke",
         action="store_true",
         help="tiny run: 64 MiB disk, 16 MiB files, 8 MiB memory, 1 MiB changes, 3 states, "
-        "chain depth 5, skip big",
+        "chain depth 5, skip big (explicit flags override these)",
     )
+    if p.parse_known_args(argv)[0].smoke:
+        # Smoke sizes are defaults, so explicit flags still win (--smoke --states 5).
+        p.set_defaults(
+            disk_mib=64,
+            fill_mib=16,
+            vmem_mib=8,
+            change_mib=1,
+            states=3,
+            chain_depth=5,
+            chain_change_mib=1,
+            skip_big=True,
+        )
     args = p.parse_args(argv)
-    if args.smoke:
-        args.disk_mib, args.fill_mib, args.vmem_mib, args.change_mib = 64, 16, 8, 1
-        args.states, args.chain_depth, args.chain_change_mib = 3, 5, 1
-        args.skip_big = True
     unknown = set(args.tools.split(",")) - set(TOOLS)
     if unknown:
         p.error(f"unknown tools: {', '.join(sorted(unknown))} (known: {', '.join(TOOLS)})")
