@@ -8,7 +8,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.markup import escape
@@ -26,15 +26,13 @@ from vml.cli.render import (
 )
 from vml.errors import NoSpace, VMLError
 from vml.plumbing.repository import DEFAULT_BLOCK_SIZE, Repository, parse_size
-from vml.porcelain import areas as areas_mod
-from vml.porcelain import checkout as checkout_mod
-from vml.porcelain import commit as commit_mod
-from vml.porcelain import demo as demo_mod
-from vml.porcelain import init as init_mod
-from vml.porcelain import log as log_mod
-from vml.porcelain import names as names_mod
-from vml.porcelain import status as status_mod
 from vml.porcelain.common import find_repository, open_repo
+
+if TYPE_CHECKING:
+    from vml.porcelain.checkout import CheckoutResult
+
+# Each command imports the porcelain it needs when it runs: a `vml` start-up
+# pays only for what that command uses (users wait for every save).
 
 app = typer.Typer(
     name="vml",
@@ -132,6 +130,8 @@ def init(
 ) -> None:
     """Create a repository."""
     target = path if path is not None else repository_path(None)
+    from vml.porcelain import init as init_mod
+
     res = init_mod.init(target, parse_size(block_size))
     out.print(
         f"Initialised an empty VML repository in {escape(res.path)} (blocks of {size(res.block_size)})"
@@ -173,6 +173,8 @@ def commit(
     quiet: Quiet = False,
 ) -> None:
     """Save the VM in AREA as a new entry."""
+    from vml.porcelain import commit as commit_mod
+
     kinds = [
         k
         for k, on in (("full", full), ("incremental", incremental), ("differential", differential))
@@ -227,6 +229,8 @@ def checkout(
     quiet: Quiet = False,
 ) -> None:
     """Build ENTRY into AREA (created if missing)."""
+    from vml.porcelain import checkout as checkout_mod
+
     repo = repository_for(area)
     try:
         with progress_bar(not quiet, "checking out") as progress:
@@ -236,7 +240,7 @@ def checkout(
     _print_checkout(res, "checked out")
 
 
-def _print_checkout(res: checkout_mod.CheckoutResult, verb: str) -> None:
+def _print_checkout(res: CheckoutResult, verb: str) -> None:
     how = "in place" if res.in_place else "fresh"
     out.print(
         f"{verb} {res.entry} into {escape(res.area)} ({how}): wrote {size(res.written_bytes)} "
@@ -256,6 +260,8 @@ def restore(
     quiet: Quiet = False,
 ) -> None:
     """Go back to ENTRY in AREA; the next save branches the tree there."""
+    from vml.porcelain import checkout as checkout_mod
+
     repo = repository_for(area)
     try:
         with progress_bar(not quiet, "restoring") as progress:
@@ -276,6 +282,8 @@ def log(
     json_: Json = False,
 ) -> None:
     """List entries; --graph draws the forest."""
+    from vml.porcelain import log as log_mod
+
     area = Path(".")
     repo = repository_for(area)
     try:
@@ -307,6 +315,8 @@ def show(
     json_: Json = False,
 ) -> None:
     """An entry's metadata, files, and the chain that builds it."""
+    from vml.porcelain import log as log_mod
+
     repo = repository_for(Path("."))
     try:
         res = log_mod.show(repo, entry)
@@ -337,6 +347,8 @@ def show(
 @handled
 def status(area: AreaArg = Path("."), json_: Json = False) -> None:
     """The area's entry and what changed since."""
+    from vml.porcelain import status as status_mod
+
     repo = repository_for(area)
     try:
         res = status_mod.status(repo, area)
@@ -381,6 +393,8 @@ def status(area: AreaArg = Path("."), json_: Json = False) -> None:
 @handled
 def areas(json_: Json = False) -> None:
     """The working areas of this repository and whether they have unsaved changes."""
+    from vml.porcelain import areas as areas_mod
+
     repo = repository_for(Path("."))
     try:
         res = areas_mod.list_areas(repo)
@@ -417,6 +431,8 @@ def branch(
     ] = False,
 ) -> None:
     """List, create or delete branches; the area follows a branch it holds the tip of."""
+    from vml.porcelain import names as names_mod
+
     area = Path(".")
     repo = repository_for(area)
     try:
@@ -444,6 +460,8 @@ def tag(
     delete: Annotated[bool, typer.Option("--delete", "-d", help="Delete the tag.")] = False,
 ) -> None:
     """List, create or delete tags."""
+    from vml.porcelain import names as names_mod
+
     area = Path(".")
     repo = repository_for(area)
     try:
@@ -470,6 +488,9 @@ def demo(
     quiet: Quiet = False,
 ) -> None:
     """Make a small sample VM, save three states, check one out, show the tree."""
+    from vml.porcelain import demo as demo_mod
+    from vml.porcelain import log as log_mod
+
     with progress_bar(not quiet, "demo") as progress:
         res = demo_mod.demo(folder, progress=progress)
     out.print(

@@ -5,21 +5,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from vml.errors import VMLError
 from vml.porcelain.common import ProgressFn, no_progress
-from vml.porcelain.log import LogEntry, LogResult, human_time
+
+if TYPE_CHECKING:
+    from vml.porcelain.log import LogEntry, LogResult
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -51,6 +46,15 @@ def progress_bar(enabled: bool, what: str) -> Iterator[ProgressFn]:
     if not enabled or not sys.stderr.isatty():
         yield no_progress
         return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -123,6 +127,8 @@ def vm_lines(vm: dict[str, object] | None, label: str = "vm") -> list[str]:
 
 
 def _entry_line(le: LogEntry, here: set[str]) -> str:
+    from vml.porcelain.log import human_time
+
     parts = [f"[bold]{le.id}[/bold]", f"{le.kind:<12}", human_time(le.created)]
     parts.append(f"stored {size(le.stored_bytes)}")
     brief = vm_brief(le.vm)
