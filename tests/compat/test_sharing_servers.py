@@ -377,3 +377,44 @@ def test_fetch_one_entry_over_the_daemon(
     assert digest(tmp_path / "b") == digest(tmp_path / "a")
     fsck(bob.path)
     bob.close()
+
+
+FETCH_AND_DIE = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, sys.argv[1])
+    from pathlib import Path
+    from vml.plumbing.repository import open_repository
+    from vml.porcelain.fetch import fetch
+
+    repo = open_repository(Path(sys.argv[2]))
+    def progress(phase, done, total):
+        if phase == "bytes" and done > 0:
+            os.kill(os.getpid(), signal.SIGKILL)  # a kill while the pack arrives
+    fetch(repo, progress=progress)
+    """
+)
+
+
+def test_killed_fetch_names_nothing_and_resumes(
+    alice: Repository, http_git: tuple[str, Path], tmp_path: Path
+) -> None:
+    served_bare(http_git[1], "lab.git")
+    url = f"{http_git[0]}/lab.git"
+    remote_mod.add(alice, "origin", url)
+    push_mod.push(alice, all_entries=True)
+    bob = init_repository(tmp_path / "bob", TEST_BLOCK)
+    remote_mod.add(bob, "origin", url)
+    proc = subprocess.run(
+        [sys.executable, "-c", FETCH_AND_DIE, str(ROOT), str(bob.path)],
+        capture_output=True,
+        check=False,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert refs_mod.read_refs(bob).entries == {}
+    fsck(bob.path)
+    res = fetch_mod.fetch(bob)
+    assert [e.entry for e in res.new_entries] == ["E1", "E2", "E3"]
+    same_entries(alice, bob, tmp_path)
+    fsck(bob.path)
+    bob.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.progress import BarColumn, Progress, TextColumn
 
 from vml.cli.app import app, handled, repository_for
 from vml.cli.render import err, out, size
@@ -51,18 +52,19 @@ def transfer_bar(enabled: bool, what: str) -> Iterator[ProgressFn]:
         BarColumn(),
         TextColumn("{task.fields[objects]}"),
         TextColumn("{task.fields[moved]}"),
-        TransferSpeedColumn(),
         console=err,
         transient=True,
     )
     task = bar.add_task(what, total=None, objects="", moved="")
+    start = time.monotonic()
 
     def update(phase: str, done: int, total: int) -> None:
         if phase == "objects":
             text = f"{done}/{total} objects" if total else f"{done} objects"
             bar.update(task, completed=done, total=total or None, objects=text)
         elif phase == "bytes":
-            bar.update(task, moved=size(done))
+            rate = done / max(time.monotonic() - start, 1e-3)
+            bar.update(task, moved=f"{size(done)}, {size(int(rate))}/s")
 
     with bar:
         yield update
