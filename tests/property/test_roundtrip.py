@@ -16,7 +16,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from conftest import TEST_BLOCK, allocated, digest_area, edit
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -27,6 +26,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from tests.conftest import TEST_BLOCK, allocated, digest_area, edit
 from vml.errors import DirtyArea, NothingToCommit
 from vml.plumbing.images import punch_hole
 from vml.plumbing.repository import init_repository

@@ -1,0 +1,79 @@
+"""Refs: entry numbers, tags, branches, name resolution, atomic moves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vml.errors import AmbiguousEntry, UnknownEntry, UsageError
+from vml.plumbing import refs
+from vml.plumbing.repository import Repository
+from vml.porcelain.commit import commit
+
+
+def test_resolution(repo: Repository, area: Path) -> None:
+    e1 = commit(repo, area)
+    (area / "vm.vmx").write_text("changed\n")
+    e2 = commit(repo, area, tag="good")
+    c1, c2 = bytes.fromhex(e1.commit), bytes.fromhex(e2.commit)
+    refs.set_ref(repo, refs.BRANCH_PREFIX + b"main", c1)
+    t = refs.read_refs(repo)
+    assert t.entries == {1: c1, 2: c2}
+    assert t.tags == {"good": c2} and t.branches == {"main": c1}
+    assert t.number_of(c2) == 2 and t.numbers() == {c1: 1, c2: 2}
+    assert t.labels() == {c2: ["tag:good"], c1: ["main"]}
+    for name, want in [
+        ("E1", c1),
+        ("e2", c2),
+        ("2", c2),
+        (" E1 ", c1),
+        ("good", c2),
+        ("main", c1),
+        (e1.commit, c1),
+        (e2.commit[:8], c2),
+        (e2.commit[:8].upper(), c2),
+    ]:
+        assert refs.resolve_name(repo, name) == want, name
+    for bad in ("E3", "nothing", "abc", "0000000"):
+        with pytest.raises(UnknownEntry):
+            refs.resolve_name(repo, bad)
+    assert refs.next_number(t) == 3
+
+
+def test_ambiguous_prefix(repo: Repository) -> None:
+    a = bytes.fromhex("abcd01" + "00" * 17)
+    b = bytes.fromhex("abcd02" + "00" * 17)
+    table = refs.RefTable({1: a, 2: b}, {}, {})
+    with pytest.raises(AmbiguousEntry):
+        refs.resolve_name(repo, "abcd", table)
+    assert refs.resolve_name(repo, "abcd01", table) == a
+    with pytest.raises(UnknownEntry):
+        refs.resolve_name(repo, "abc", table)  # too short to be a prefix
+
+
+def test_check_name() -> None:
+    for ok in ("v1.0", "good-state", "day_2"):
+        refs.check_name("tag", ok)
+    for bad in ("E3", "12", "a/b", "a..b", "x.lock", "with space", ""):
+        with pytest.raises(UsageError):
+            refs.check_name("tag", bad)
+
+
+def test_set_ref_is_conditional(repo: Repository, area: Path) -> None:
+    c1 = bytes.fromhex(commit(repo, area).commit)
+    (area / "vm.vmx").write_text("changed\n")
+    c2 = bytes.fromhex(commit(repo, area).commit)
+    ref = refs.BRANCH_PREFIX + b"b"
+    refs.set_ref(repo, ref, c1, create=True)
+    with pytest.raises(UsageError, match="moved"):
+        refs.set_ref(repo, ref, c2, create=True)
+    with pytest.raises(UsageError, match="moved"):
+        refs.set_ref(repo, ref, c2, old=c2)
+    refs.set_ref(repo, ref, c2, old=c1)
+    assert refs.read_refs(repo).branches["b"] == c2
+    with pytest.raises(UsageError):  # entry refs are never overwritten
+        refs.set_ref(repo, refs.entry_ref(1), c2, create=True)
+    refs.delete_ref(repo, ref)
+    assert "b" not in refs.read_refs(repo).branches
+    assert (repo.path / "refs" / "vml" / "entries" / "1").read_text().strip() == c1.hex()
