@@ -33,7 +33,7 @@ if __package__ in (None, ""):
     # Run as a script (python bench/run.py): make the repo root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.measure import CommandError, Measurement, disk_usage, median, run_measured
+from bench.measure import CommandError, Measurement, disk_usage, median
 from bench.report import attach_targets, draw_chart, format_table, write_json
 from bench.tools import TOOLS, Tool, VmlTool
 from bench.workload import (
@@ -72,6 +72,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1, help="workload seed (fixed: runs compare)")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "out", help="results directory")
     p.add_argument("--scratch", type=Path, default=None, help="work dir (default OUT/scratch)")
+    p.add_argument(
+        "--vml-src",
+        type=Path,
+        default=None,
+        help="folder holding the vml package to benchmark (default: this checkout), "
+        "e.g. from `git archive HEAD vml | tar -x -C DIR`",
+    )
     p.add_argument("--keep", action="store_true", help="keep the scratch dir afterwards")
     p.add_argument(
         "--smoke",
@@ -308,15 +315,36 @@ def bench_big(spec: WorkloadSpec, scratch: Path) -> dict[str, Any]:
 def vml_usable() -> str | None:
     """None if ``python -m vml --help`` works from the source tree, else why not."""
     try:
-        run_measured([sys.executable, "-m", "vml", "--help"], env=VmlTool(Path(), Path()).env())
+        VmlTool(Path(), Path()).run("--help")
     except CommandError as e:
-        return str(e).splitlines()[0][:300]
+        return str(e).strip().splitlines()[-1][:300]
     return None
+
+
+def vml_source() -> dict[str, Any]:
+    """Which VML was measured: its folder and, in a git checkout, the commit and dirtiness."""
+    src = VmlTool.src
+    info: dict[str, Any] = {"path": str(src)}
+    git = subprocess.run(
+        ["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+    )
+    if git.returncode == 0:
+        info["commit"] = git.stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(src), "status", "--porcelain", "--", "vml"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        info["vml_dirty"] = bool(status.stdout.strip())
+    return info
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print the report; write results.json and chart.png."""
     args = parse_args(argv)
+    if args.vml_src:
+        VmlTool.src = args.vml_src.resolve()
     names = args.tools.split(",")
     out: Path = args.out.resolve()
     scratch: Path = (args.scratch or out / "scratch").resolve()
@@ -326,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "params": {**spec.__dict__, "states": args.states, "chain_depth": args.chain_depth},
         "machine": machine_info(),
+        "vml_source": vml_source(),
         "cache": "warm (page caches not dropped; sync before each measured command)",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

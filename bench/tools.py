@@ -73,29 +73,37 @@ class VmlTool(Tool):
 
     name = "vml"
 
+    src: Path = REPO_ROOT
+    """Folder holding the ``vml`` package to run (``--vml-src``: e.g. an exported commit)."""
+
     def __init__(self, repo: Path, home: Path) -> None:
         super().__init__(repo, home)
         self.area: Path | None = None
 
     def env(self) -> dict[str, str]:
-        # Works without installing the package: the repo root is importable.
+        # Works without installing the package: the source folder is importable.
         path = os.environ.get("PYTHONPATH")
-        return {"PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT)}
+        return {"PYTHONPATH": f"{self.src}{os.pathsep}{path}" if path else str(self.src)}
 
-    def _vml(self, *args: str) -> Measurement:
+    def run(self, *args: str) -> Measurement:
+        """Run ``vml --repo REPO ARGS``, measured."""
+        # cwd too: ``python -m`` puts the cwd first on sys.path, and a vml
+        # folder there would shadow the chosen source.
         return run_measured(
-            [sys.executable, "-m", "vml", "--repo", str(self.repo), *args], env=self.env()
+            [sys.executable, "-m", "vml", "--repo", str(self.repo), *args],
+            cwd=self.src,
+            env=self.env(),
         )
 
     def init(self) -> None:
-        self._vml("init")
+        self.run("init")
 
     def save(self, area: Path, state: int, *, full: bool = False) -> Measurement:
         args = ["commit", str(area), "-m", f"state {state}", "-q"]
         if full:
             # A full entry of an unchanged state is still wanted (chain test).
             args += ["--full", "--allow-empty"]
-        m = self._vml(*args)
+        m = self.run(*args)
         # The id comes first (``E3``); a summary line may follow it.
         found = re.search(r"\bE\d+\b", m.stdout)
         if not found:
@@ -106,7 +114,7 @@ class VmlTool(Tool):
 
     def restore(self, state: int, dest: Path) -> Measurement:
         # vml creates DEST itself; give it a fresh child so it can.
-        return self._vml("checkout", self.handles[state], str(dest / "area"), "-q")
+        return self.run("checkout", self.handles[state], str(dest / "area"), "-q")
 
     def size(self) -> DiskUsage:
         """The repository plus the block cache VML keeps in the area: both are its cost."""
@@ -119,7 +127,7 @@ class VmlTool(Tool):
 
     def log(self) -> list[dict[str, object]]:
         """The repository's entries (``id``, ``kind``, ``parent``, ``stored_bytes``)."""
-        entries: list[dict[str, object]] = json.loads(self._vml("log", "--json").stdout)
+        entries: list[dict[str, object]] = json.loads(self.run("log", "--json").stdout)
         return entries
 
 
