@@ -524,6 +524,7 @@ def demo(
 # Command groups kept in their own modules register themselves on ``app``.
 # One import line per module; keep this block at the end of the file.
 # fmt: off
+import vml.cli.forest  # noqa: E402
 import vml.cli.sharing  # noqa: E402, F401
 
 # fmt: on

@@ -1,0 +1,102 @@
+"""The forest commands on a real repository through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tests.conftest import edit, make_area
+from vml.cli.app import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    repo = tmp_path / "repo"
+    area = tmp_path / "area"
+    make_area(area)
+    monkeypatch.setenv("VML_REPO", str(repo))
+    monkeypatch.chdir(tmp_path)
+    assert runner.invoke(app, ["init", str(repo), "--block-size", "64K"]).exit_code == 0
+    for i in range(4):
+        edit(area / "disk.img", i * 70_000, b"%d" % i * 3000)
+        r = runner.invoke(app, ["commit", str(area), "-m", f"s{i}", "-q"])
+        assert r.exit_code == 0, r.output
+    return repo, area
+
+
+def run(*args: str) -> tuple[int, str]:
+    r = runner.invoke(app, list(args))
+    return r.exit_code, r.output
+
+
+def test_rm_convert_prune_gc_verify_fsck(setup: tuple[Path, Path]) -> None:
+    code, out = run("rm", "E4", "-q")
+    assert code == 2 and "holds it" in out and "--force" in out
+    code, out = run("rm", "E2", "-q")
+    assert code == 0, out
+    assert "removed E2" in out and "rewrote E3" in out and "re-parented onto E1" in out
+    code, out = run("show", "E3")
+    assert code == 0 and "E1" in out
+    code, out = run("convert", "E4", "--to", "differential", "-q")
+    assert code == 0 and "E4: incremental on E3 -> differential on E1" in out, out
+    code, out = run("prune", "--keep-last", "1", "--dry-run")
+    assert code == 0 and "would remove" in out
+    code, out = run("prune", "--keep-last", "1", "--json", "--dry-run")
+    doc = json.loads(out)
+    assert [d["entry"] for d in doc["remove"]] == ["E1", "E3"]
+    code, out = run("prune")
+    assert code == 2 and "no retention policy" in out
+    code, out = run("gc", "-q")
+    assert code == 0 and "freed" in out, out
+    code, out = run("verify", "--all", "--read-data", "-q")
+    assert code == 0 and "no problems" in out, out
+    code, out = run("verify", "-q")
+    assert code == 2
+    code, out = run("fsck", "-q")
+    assert code == 0 and "no problems" in out
+
+
+def test_verify_names_the_entries_a_bad_object_affects(setup: tuple[Path, Path]) -> None:
+    repo, _area = setup
+    from vml.plumbing import refs as refs_mod
+    from vml.plumbing.chains import resolve_image
+    from vml.plumbing.gc import _extents
+    from vml.plumbing.packs import PackReader
+    from vml.plumbing.repository import open_repository
+
+    r = open_repository(repo)
+    reader = PackReader(r)
+    try:
+        img = resolve_image(reader, refs_mod.read_refs(r).entries[1], "disk.img")
+        assert img is not None
+        victim = next(x.base for x in img.recipes if x.base is not None)
+    finally:
+        reader.close()
+        r.close()
+    # Damage that block inside its pack.
+    for idx in (repo / "objects" / "pack").glob("pack-*.idx"):
+        pack = idx.with_suffix(".pack")
+        for sha, off, length, _crc in _extents(idx, pack.stat().st_size):
+            if sha == victim:
+                with open(pack, "r+b") as f:
+                    f.seek(off + length // 2)
+                    b = f.read(1)
+                    f.seek(off + length // 2)
+                    f.write(bytes([b[0] ^ 0xFF]))
+    code, out = run("verify", "--all", "-q")
+    assert code == 7, out
+    assert victim.hex()[:12] in out
+    assert "entries affected: E1, E2, E3, E4" in out
+    code, out = run("verify", "E4", "--read-data", "-q", "--json")
+    doc = json.loads(out)
+    assert code == 7 and not doc["clean"] and "E4" in doc["affected"]
+    # gc keeps whole-live packs as they are (it does not read them): the damage stays visible.
+    code, out = run("gc", "-q")
+    assert code == 0
+    code, out = run("verify", "--all", "-q")
+    assert code == 7

@@ -1,0 +1,234 @@
+"""Commands that reshape and check the entry forest: rm, convert, prune, gc, verify, fsck."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from vml.cli.app import Json, Quiet, app, handled, repository_for
+from vml.cli.render import out, progress_bar, size
+from vml.errors import CorruptRepository
+from vml.plumbing.retention import Policy
+from vml.porcelain import convert as convert_mod
+from vml.porcelain import fsck as fsck_mod
+from vml.porcelain import gc as gc_mod
+from vml.porcelain import prune as prune_mod
+from vml.porcelain import rm as rm_mod
+from vml.porcelain import verify as verify_mod
+
+
+def _print_rewrite(res: rm_mod.RewriteReport) -> None:
+    for r in res.rewritten:
+        note = f"  ({escape(r.note)})" if r.note else ""
+        out.print(f"  rewrote {r.entry}: {r.old[:12]} -> {r.new[:12]}{note}")
+    for area, old, new in res.areas_moved:
+        where = new[:12] if new else "no entry"
+        out.print(f"  area {escape(area)}: {old[:12]} -> {where}")
+    out.print(
+        f"wrote {size(res.pack_bytes)} ({size(res.data_bytes)} of block data; "
+        f"{res.reused_blocks} blocks reused, {res.composed_deltas} deltas composed, "
+        f"{res.reexpressed_blocks} blocks re-expressed)"
+    )
+
+
+@app.command()
+@handled
+def rm(
+    entries: Annotated[list[str], typer.Argument(help="Entries to remove: E3, a tag, ...")],
+    force: Annotated[
+        bool, typer.Option("--force", "-f", help="Remove entries areas hold or tags name.")
+    ] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Remove entries; their children move onto their parent (no image data copied)."""
+    repo = repository_for(Path("."))
+    try:
+        with progress_bar(not quiet, "removing") as progress:
+            res = rm_mod.rm(repo, entries, force=force, progress=progress)
+    finally:
+        repo.close()
+    out.print(f"removed {', '.join(res.removed)}")
+    _print_rewrite(res)
+    out.print("run `vml gc` to give back the space of blocks no entry uses any more")
+
+
+@app.command()
+@handled
+def convert(
+    entry: Annotated[str, typer.Argument(help="The entry to re-express.")],
+    to: Annotated[str, typer.Option("--to", help="full, differential or incremental.")],
+    base: Annotated[
+        str | None,
+        typer.Option("--base", help="The new parent (default: chain root / previous save)."),
+    ] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Re-express ENTRY against another parent; its content stays the same."""
+    repo = repository_for(Path("."))
+    try:
+        with progress_bar(not quiet, "converting") as progress:
+            res = convert_mod.convert(repo, entry, to, base=base, progress=progress)
+    finally:
+        repo.close()
+    if not res.changed:
+        out.print(f"{res.entry} is already {res.kind} on {res.parent or 'nothing'}; nothing to do")
+        return
+    was = f"{res.old_kind} on {res.old_parent}" if res.old_parent else res.old_kind
+    now = f"{res.kind} on {res.parent}" if res.parent else res.kind
+    out.print(f"{res.entry}: {was} -> {now}")
+    _print_rewrite(res)
+
+
+@app.command()
+@handled
+def prune(
+    keep_last: Annotated[int, typer.Option("--keep-last", help="Keep the newest N.")] = 0,
+    keep_hourly: Annotated[int, typer.Option("--keep-hourly", help="Keep N hourly.")] = 0,
+    keep_daily: Annotated[int, typer.Option("--keep-daily", help="Keep N daily.")] = 0,
+    keep_weekly: Annotated[int, typer.Option("--keep-weekly", help="Keep N weekly.")] = 0,
+    keep_monthly: Annotated[int, typer.Option("--keep-monthly", help="Keep N monthly.")] = 0,
+    keep_yearly: Annotated[int, typer.Option("--keep-yearly", help="Keep N yearly.")] = 0,
+    keep_tag: Annotated[
+        list[str] | None, typer.Option("--keep-tag", help="Keep the entry this tag names.")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", "-n", help="Only say what would go.")
+    ] = False,
+    json_: Json = False,
+) -> None:
+    """Forget entries by a retention policy, per area; held, tagged and branch entries stay."""
+    policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly)
+    repo = repository_for(Path("."))
+    try:
+        res = prune_mod.prune(repo, policy, keep_tags=keep_tag or [], dry_run=dry_run)
+    finally:
+        repo.close()
+    if json_:
+        doc = {
+            "dry_run": res.dry_run,
+            "keep": [d.__dict__ for d in res.keep],
+            "remove": [d.__dict__ for d in res.remove],
+        }
+        print(json.dumps(doc, indent=1))
+        return
+    for d in res.keep:
+        out.print(f"keep    {d.entry:<6} {d.created}  {escape(', '.join(d.reasons))}")
+    verb = "would remove" if dry_run else "remove"
+    for d in res.remove:
+        out.print(f"{verb:<7} {d.entry:<6} {d.created}")
+    if not res.remove:
+        out.print("nothing to remove")
+    elif dry_run:
+        out.print(f"{len(res.remove)} entries would go; run again without --dry-run to remove them")
+    elif res.rm is not None:
+        _print_rewrite(res.rm)
+        out.print("run `vml gc` to give back the space")
+
+
+@app.command()
+@handled
+def gc(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", "-n", help="Only say what would be freed.")
+    ] = False,
+    quiet: Quiet = False,
+    json_: Json = False,
+) -> None:
+    """Give back the space of blocks and objects no entry reaches."""
+    repo = repository_for(Path("."))
+    try:
+        with progress_bar(not quiet, "collecting") as progress:
+            res = gc_mod.gc(repo, dry_run=dry_run, progress=progress)
+    finally:
+        repo.close()
+    if json_:
+        doc = {
+            "dry_run": res.dry_run,
+            "deferred": res.deferred,
+            "live_objects": res.live_objects,
+            "dead_objects": res.dead_objects,
+            "written_bytes": res.written_bytes,
+            "deleted_bytes": res.deleted_bytes,
+            "freed_bytes": res.freed_bytes,
+            "packs": [{**p.__dict__, "action": p.action} for p in res.packs],
+        }
+        print(json.dumps(doc, indent=1))
+        return
+    kept = sum(1 for p in res.packs if p.action == "keep")
+    rewritten = sum(1 for p in res.packs if p.action == "rewrite")
+    deleted = sum(1 for p in res.packs if p.action == "delete")
+    out.print(
+        f"{res.live_objects} objects in use, {res.dead_objects} unused; packs: {kept} kept, "
+        f"{rewritten} rewritten, {deleted} deleted; {res.loose_dead} loose objects unused"
+    )
+    if res.dry_run:
+        out.print(f"would free about {size(max(res.freed_bytes, 0))}")
+    elif res.deferred:
+        out.print(
+            "another vml command is saving: nothing was deleted; run `vml gc` again when it is done"
+        )
+    else:
+        out.print(
+            f"freed {size(res.freed_bytes)} (deleted {size(res.deleted_bytes)}, "
+            f"wrote {size(res.written_bytes)})"
+        )
+
+
+def _print_check(res: verify_mod.CheckResult, json_: bool, what: str) -> None:
+    if json_:
+        print(json.dumps(res.to_json(), indent=1))
+    else:
+        for p in res.problems:
+            where = " ".join(x for x in (p.entry, p.path) if x)
+            objs = f" [objects {', '.join(o[:12] for o in p.objects)}]" if p.objects else ""
+            out.print(f"[red]bad[/red] {escape(where)}: {escape(p.message + objs)}")
+        if res.clean:
+            out.print(f"{what}: {len(res.checked)} entries, no problems")
+        else:
+            out.print(
+                f"{what}: {len(res.problems)} problems; entries affected: "
+                f"{', '.join(res.affected) or 'none'}"
+            )
+    if not res.clean:
+        raise typer.Exit(CorruptRepository.exit_code)
+
+
+@app.command()
+@handled
+def verify(
+    entries: Annotated[list[str] | None, typer.Argument(help="Entries to check.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Check every entry.")] = False,
+    read_data: Annotated[
+        bool,
+        typer.Option("--read-data", help="Also rebuild every file in memory and check its digest."),
+    ] = False,
+    quiet: Quiet = False,
+    json_: Json = False,
+) -> None:
+    """Check that entries rebuild: every object's id (and with --read-data every file)."""
+    repo = repository_for(Path("."))
+    try:
+        with progress_bar(not quiet, "verifying") as progress:
+            res = verify_mod.verify(
+                repo, entries or [], all_entries=all_, read_data=read_data, progress=progress
+            )
+    finally:
+        repo.close()
+    _print_check(res, json_, "verify")
+
+
+@app.command()
+@handled
+def fsck(json_: Json = False, quiet: Quiet = False) -> None:
+    """Check the repository's structure quickly: refs, entries, manifests, object presence."""
+    repo = repository_for(Path("."))
+    try:
+        with progress_bar(not quiet, "checking") as progress:
+            res = fsck_mod.fsck(repo, progress=progress)
+    finally:
+        repo.close()
+    _print_check(res, json_, "fsck")
