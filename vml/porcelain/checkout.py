@@ -42,6 +42,8 @@ from vml.porcelain.common import (
 from vml.porcelain.status import area_changes
 from vml.porcelain.vminfo import checkout_notes
 
+TMP_SUFFIX = ".vml-tmp"
+
 
 @dataclass
 class CheckoutResult:
@@ -73,6 +75,12 @@ def _safe_target(area: Path, rel: str) -> Path:
         if p.is_symlink() or (p.exists() and not p.is_dir()):
             raise AreaError(f"{p} is in the way of {rel}", "move it away and try again")
     return target
+
+
+def _is_tmp(rel: str) -> bool:
+    """A temporary file checkout writes before renaming it into place."""
+    name = rel.rsplit("/", 1)[-1]
+    return name.startswith(".") and name.endswith(TMP_SUFFIX)
 
 
 def _finish_file(fd: int, tmp: Path | None, target: Path, rec: FileRecord) -> os.stat_result:
@@ -194,7 +202,7 @@ def checkout(
                             raise CorruptRepository(
                                 f"the saved {rec.path} does not match its SHA-256"
                             )
-                        tmp = dest.with_name(f".{dest.name}.vml-tmp")
+                        tmp = dest.with_name(f".{dest.name}{TMP_SUFFIX}")
                         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                         try:
                             os.write(fd, data)
@@ -238,7 +246,7 @@ def checkout(
                                 fd = os.open(dest, os.O_RDWR)
                                 tmp = None
                             else:
-                                tmp = dest.with_name(f".{dest.name}.vml-tmp")
+                                tmp = dest.with_name(f".{dest.name}{TMP_SUFFIX}")
                                 fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
                             try:
                                 written += write_image(
@@ -269,6 +277,10 @@ def checkout(
                 gone = set(old_files) if not force else {af.path for af in present}
                 if resuming and old_entry is not None:
                     gone |= {f.path for f in old_entry.meta.files}
+                if resuming:
+                    # A killed checkout leaves its half-written ".<name>.vml-tmp"
+                    # files; finishing with another entry must not keep them.
+                    gone |= {af.path for af in present if _is_tmp(af.path)}
                 for p in sorted(gone - keep):
                     fp = area / p
                     if fp.is_file() and not fp.is_symlink():
