@@ -290,6 +290,10 @@ def commit(
                                 recs.close()
                         read_bytes += nread
                         sha256 = man.sha256
+                        # The folder was listed before the file was opened: a change
+                        # in between must not be saved under the listed size and time.
+                        if stat_signature(os.stat(full_path)) != stat_signature(st):
+                            raise FileChanged(f"{af.path} changed while it was read")
                     image_items[af.path] = (TREE_MODE, bytes.fromhex(tree.id.decode()))
                     records.append(
                         FileRecord(af.path, "image", mode, st.st_mtime_ns, st.st_size, sha256)
@@ -364,8 +368,11 @@ def commit(
                 if tag is not None:
                     refs_mod.set_ref(repo, refs_mod.TAG_PREFIX + tag.encode(), cid, create=True)
                 branch = state.branch
-                if branch is not None:
-                    old = table.branches.get(branch)
+                old = table.branches.get(branch) if branch is not None else None
+                if branch is not None and old is None:
+                    # Deleted since the area started following it: do not bring it back.
+                    state.branch = None
+                elif branch is not None:
                     refs_mod.set_ref(repo, refs_mod.BRANCH_PREFIX + branch.encode(), cid, old)
             cwriter.commit(cid.hex())
             state.entry = cid.hex()
