@@ -1,0 +1,146 @@
+"""Images: holes stay holes, small changes store small deltas, damage is caught."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TEST_BLOCK, allocated, edit
+from vml.errors import CorruptRepository
+from vml.plumbing.chains import image_layer
+from vml.plumbing.images import block_digest, data_ranges, file_digest, punch_hole
+from vml.plumbing.manifests import read_block_map
+from vml.plumbing.packs import BLOB, PackReader
+from vml.plumbing.repository import Repository
+from vml.porcelain.checkout import checkout
+from vml.porcelain.commit import commit
+
+MiB = 1 << 20
+
+
+def _sparse_area(a: Path) -> Path:
+    """An area with an 8 MiB disk holding 100 KiB of data."""
+    a.mkdir()
+    (a / "vm.vmx").write_text('displayName = "sparse"\n')
+    disk = a / "disk.img"
+    rng = random.Random(5)
+    with open(disk, "wb") as f:
+        f.truncate(8 * MiB)
+        f.seek(3 * MiB)
+        f.write(rng.randbytes(100 << 10))
+    return disk
+
+
+def test_data_ranges_and_punch_hole(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    with open(p, "wb") as f:
+        f.truncate(4 * MiB)
+        f.seek(MiB)
+        f.write(b"x" * (256 << 10))
+    fd = os.open(p, os.O_RDWR)
+    try:
+        r = data_ranges(fd, 4 * MiB)
+        assert len(r) == 1 and r[0][0] <= MiB and r[0][1] >= MiB + (256 << 10)
+        punch_hole(fd, MiB, 256 << 10)
+        assert data_ranges(fd, 4 * MiB) == []
+        assert os.pread(fd, 10, MiB) == bytes(10)
+    finally:
+        os.close(fd)
+    assert data_ranges(os.open(tmp_path, os.O_RDONLY), 0) == []
+
+
+def test_holes_are_not_read_and_come_back_as_holes(repo: Repository, tmp_path: Path) -> None:
+    disk = _sparse_area(tmp_path / "a")
+    assert allocated(disk) < MiB
+    res = commit(repo, tmp_path / "a")
+    assert res.read_bytes < 2 * MiB  # the 7.9 MiB of holes were never read
+    assert res.stored_bytes < 200 << 10
+    out = tmp_path / "out"
+    checkout(repo, "E1", out)
+    got = out / "disk.img"
+    assert got.stat().st_size == 8 * MiB
+    assert got.read_bytes() == disk.read_bytes()
+    assert allocated(got) < MiB  # far less than 8 MiB
+    fd = os.open(got, os.O_RDONLY)
+    try:
+        assert os.lseek(fd, 0, os.SEEK_DATA) >= 2 * MiB  # the first 2 MiB are a hole
+    finally:
+        os.close(fd)
+
+
+def test_written_zeros_cost_nothing_and_become_holes(repo: Repository, tmp_path: Path) -> None:
+    a = tmp_path / "a"
+    a.mkdir()
+    disk = a / "disk.img"
+    disk.write_bytes(bytes(4 * MiB) + b"\x01" * TEST_BLOCK)  # allocated zeros
+    assert allocated(disk) >= 4 * MiB
+    res = commit(repo, a)
+    assert res.stored_bytes < 16 << 10
+    checkout(repo, "E1", tmp_path / "out")
+    assert allocated(tmp_path / "out" / "disk.img") < MiB
+
+
+def test_small_change_stores_a_small_delta(repo: Repository, area: Path) -> None:
+    disk = area / "disk.img"
+    commit(repo, area)
+    edit(disk, TEST_BLOCK + 8192, os.urandom(4096))  # block 1 holds data
+    res = commit(repo, area)
+    assert res.stored_bytes < TEST_BLOCK // 4
+    r = PackReader(repo)
+    try:
+        tree = r.read(bytes.fromhex(res.commit), 1)[1]
+        root = bytes.fromhex(tree[5:45].decode())
+        layer = image_layer(r, root, "disk.img")
+        assert layer is not None
+        manifest, blocks = layer
+        assert blocks is not None and not manifest.base
+        bmap = read_block_map(lambda s: r.read(s, 2)[1], blocks, manifest.nblocks)
+        assert list(bmap) == [1]
+        is_delta, sha = bmap[1]
+        assert is_delta
+        blob = r.read(sha, BLOB)[1]
+        assert 4096 < len(blob) < 4096 + 256  # one page and a header, not 64 KiB
+    finally:
+        r.close()
+
+
+def test_unchanged_image_is_not_read_again(repo: Repository, area: Path) -> None:
+    commit(repo, area)
+    (area / "vm.vmx").write_text("changed\n")
+    res = commit(repo, area)
+    assert res.read_bytes < 64 << 10  # only the small files
+    assert res.changed_files == ["vm.vmx"]
+
+
+def test_manifest_digest(repo: Repository, area: Path) -> None:
+    res = commit(repo, area)
+    r = PackReader(repo)
+    try:
+        tree = bytes.fromhex(r.read(bytes.fromhex(res.commit), 1)[1][5:45].decode())
+        layer = image_layer(r, tree, "disk.img")
+        assert layer is not None
+        assert layer[0].sha256 == file_digest(area / "disk.img", TEST_BLOCK)
+        assert layer[0].size == (area / "disk.img").stat().st_size
+    finally:
+        r.close()
+    assert block_digest(None, 10) == block_digest(bytes(10), 10)
+
+
+def test_damaged_block_is_refused_on_checkout(repo: Repository, area: Path, tmp_path: Path) -> None:
+    edit(area / "disk.img", 0, os.urandom(TEST_BLOCK))  # incompressible block 0
+    commit(repo, area)
+    for pack in (repo.objects_dir / "pack").glob("*.pack"):
+        raw = bytearray(pack.read_bytes())
+        i = raw.find(b"x\x01")  # a stored (level 0) zlib stream holds raw bytes
+        if i < 0:
+            continue
+        raw[i + 2000] ^= 0x55
+        os.chmod(pack, 0o644)
+        pack.write_bytes(bytes(raw))
+    out = tmp_path / "out"
+    with pytest.raises(CorruptRepository):
+        checkout(repo, "E1", out)
+    assert not (out / "disk.img").exists()  # no half-built file left as the real one
