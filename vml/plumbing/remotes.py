@@ -489,7 +489,7 @@ def number_entries(
 
     Call under the repository lock.  Parents are numbered before children;
     among ready entries the remote's number (``hints``), then the creation
-    time, decides.  With ``keep_hinted`` (a clone into an empty repository),
+    time, then the number the entry had where it was saved, decides.  With ``keep_hinted`` (a clone into an empty repository),
     an entry takes its hinted number when that number is free here.
     Returns ``(number, commit)`` pairs made, in order.
     """
@@ -514,21 +514,29 @@ def number_entries(
                 made.append((n, c))
         done = {c for _n, c in made}
         found = {c: e for c, e in found.items() if c not in done}
+
+    def key(c: bytes) -> tuple[int, int, int, bytes]:
+        # the remote's number, then creation time, then the number the entry
+        # had where it was saved (its VML-Entry trailer), then the id
+        e = found[c]
+        m = re.fullmatch(r"E([0-9]+)", e.trailers.get("VML-Entry", ""))
+        return (hints.get(c, 1 << 62), e.commit_time, int(m.group(1)) if m else 1 << 62, c)
+
     children: dict[bytes, list[bytes]] = {}
-    ready: list[tuple[int, int, bytes]] = []
+    ready: list[tuple[int, int, int, bytes]] = []
     for c, e in found.items():
         if e.parent is not None and e.parent in found:
             children.setdefault(e.parent, []).append(c)
         else:
-            heapq.heappush(ready, (hints.get(c, 1 << 62), e.commit_time, c))
+            heapq.heappush(ready, key(c))
     nxt = max(taken, default=0) + 1
     while ready:
-        _h, _t, c = heapq.heappop(ready)
+        c = heapq.heappop(ready)[-1]
         refs_mod.set_ref(repo, refs_mod.entry_ref(nxt), c, create=True)
         made.append((nxt, c))
         nxt += 1
         for k in children.get(c, []):
-            heapq.heappush(ready, (hints.get(k, 1 << 62), found[k].commit_time, k))
+            heapq.heappush(ready, key(k))
     return made
 
 
