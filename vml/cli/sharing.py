@@ -9,20 +9,20 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn
 
 from vml.cli.app import app, handled, repository_for
 from vml.cli.render import err, out, size
-from vml.porcelain import clone as clone_mod
-from vml.porcelain import fetch as fetch_mod
-from vml.porcelain import pull as pull_mod
-from vml.porcelain import push as push_mod
-from vml.porcelain import remote as remote_mod
 from vml.porcelain.common import ProgressFn, no_progress
+
+if TYPE_CHECKING:
+    from vml.porcelain.fetch import FetchResult
+
+# Commands import their porcelain (and dulwich's network client) when they run,
+# so the other commands do not pay for it at start-up.
 
 remote_app = typer.Typer(
     help="Name the repositories entries are shared with.", no_args_is_help=True
@@ -47,6 +47,8 @@ def transfer_bar(enabled: bool, what: str) -> Iterator[ProgressFn]:
     if not enabled or not sys.stderr.isatty():
         yield no_progress
         return
+    from rich.progress import BarColumn, Progress, TextColumn
+
     bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -77,6 +79,8 @@ def remote_add(
     url: Annotated[str, typer.Argument(help="A path, file://, git://, ssh:// or http(s):// URL.")],
 ) -> None:
     """Add remote NAME at URL."""
+    from vml.porcelain import remote as remote_mod
+
     repo = repository_for(None)
     try:
         info = remote_mod.add(repo, name, url)
@@ -89,6 +93,8 @@ def remote_add(
 @handled
 def remote_remove(name: Annotated[str, typer.Argument(help="The remote to forget.")]) -> None:
     """Forget remote NAME (entries that came from it stay)."""
+    from vml.porcelain import remote as remote_mod
+
     repo = repository_for(None)
     try:
         info = remote_mod.remove(repo, name)
@@ -101,6 +107,8 @@ def remote_remove(name: Annotated[str, typer.Argument(help="The remote to forget
 @handled
 def remote_list(json_: Json = False) -> None:
     """List remotes."""
+    from vml.porcelain import remote as remote_mod
+
     repo = repository_for(None)
     try:
         res = remote_mod.list_remotes(repo)
@@ -115,7 +123,7 @@ def remote_list(json_: Json = False) -> None:
         out.print(f"{escape(r.name)}  {escape(r.url)}")
 
 
-def _print_fetch(res: fetch_mod.FetchResult) -> None:
+def _print_fetch(res: FetchResult) -> None:
     where = f"from {escape(res.remote)} ({escape(res.url)})" if res.remote else "here"
     if res.objects or res.size:
         out.print(f"received {res.objects} objects, {size(res.size)} {where}")
@@ -143,6 +151,8 @@ def clone(
     json_: Json = False,
 ) -> None:
     """Copy a remote VML repository; its entries keep their E-numbers here."""
+    from vml.porcelain import clone as clone_mod
+
     with transfer_bar(not quiet and not json_, "cloning") as progress:
         res = clone_mod.clone(url, path, ssh_command=_ssh_command(), progress=progress)
     if json_:
@@ -174,6 +184,8 @@ def fetch(
     json_: Json = False,
 ) -> None:
     """Get a remote's new entries; each gets a local E-number."""
+    from vml.porcelain import fetch as fetch_mod
+
     repo = repository_for(Path("."))
     try:
         with transfer_bar(not quiet and not json_, "fetching") as progress:
@@ -192,6 +204,8 @@ def fetch(
 @handled
 def pull(remote: RemoteArg = None, quiet: Quiet = False, json_: Json = False) -> None:
     """Fetch, then move local branches forward to the remote's."""
+    from vml.porcelain import pull as pull_mod
+
     repo = repository_for(Path("."))
     try:
         with transfer_bar(not quiet and not json_, "pulling") as progress:
@@ -230,6 +244,8 @@ def push(
     json_: Json = False,
 ) -> None:
     """Send entries to a remote; only objects it lacks travel."""
+    from vml.porcelain import push as push_mod
+
     repo = repository_for(Path("."))
     try:
         with transfer_bar(not quiet and not json_, "pushing") as progress:
