@@ -18,6 +18,7 @@ import os
 import struct
 import threading
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from dulwich.object_format import DEFAULT_OBJECT_FORMAT
@@ -33,7 +34,8 @@ TREE = 2
 COMMIT = 1
 TYPE_NAMES = {1: b"commit", 2: b"tree", 3: b"blob", 4: b"tag"}
 
-_ZLIB_LEVEL0_OVERHEAD = 1 << 10
+_PROBE = 16 << 10
+_PROBE_MIN = 256 << 10
 
 
 def blob_id(data: bytes | memoryview) -> bytes:
@@ -44,13 +46,24 @@ def blob_id(data: bytes | memoryview) -> bytes:
 
 
 def deflate(data: bytes | memoryview) -> bytes:
-    """Compress for a pack: isal level 1, or stored (level 0) when that is smaller.
+    """Compress for a pack: isal level 1, or stored (zlib level 0) when it does not pay.
 
-    Both produce ordinary zlib streams that git reads.  Storing
-    incompressible data keeps inflating it at memory speed.
+    Both produce ordinary zlib streams that git reads.  Disk images hold much
+    incompressible data (encrypted, compressed or random files): two 16 KiB
+    probes spot it, so it is stored without spending a full compression pass,
+    and inflating it later runs at memory speed.
     """
+    n = len(data)
+    if n >= _PROBE_MIN:
+        mv = memoryview(data)
+        half = n // 2
+        probe = len(isal_zlib.compress(mv[:_PROBE], 1)) + len(
+            isal_zlib.compress(mv[half : half + _PROBE], 1)
+        )
+        if probe > 2 * _PROBE * 0.97:
+            return zlib.compress(data, 0)
     out: bytes = isal_zlib.compress(data, 1)
-    if len(out) > len(data) + _ZLIB_LEVEL0_OVERHEAD // 4:
+    if len(out) > n * 0.98:
         out = zlib.compress(data, 0)
     return out
 
@@ -221,13 +234,15 @@ class PackReader:
         self._fds = []
 
     def _locate(self, sha: bytes) -> tuple[int, int] | None:
+        return next(self._locate_all(sha), None)
+
+    def _locate_all(self, sha: bytes) -> Iterator[tuple[int, int]]:
         for index, fd in self._packs:
             try:
                 offset = index.object_offset(sha)  # type: ignore[attr-defined]
             except KeyError:
                 continue
-            return fd, int(offset)
-        return None
+            yield fd, int(offset)
 
     def contains(self, sha: bytes) -> bool:
         """True when a pack or the loose store holds ``sha``."""
@@ -240,33 +255,54 @@ class PackReader:
         return self._locate(sha) is not None
 
     def read(self, sha: bytes, expect_type: int | None = None) -> tuple[int, bytes]:
-        """Return ``(type_num, data)`` of object ``sha``, checking its id."""
-        loc = self._locate(sha)
+        """Return ``(type_num, data)`` of object ``sha``, checking its id.
+
+        An object may be stored in several packs (each save packs what it
+        needs, and small files recur); a damaged copy is passed over when an
+        intact one exists, so damage to one pack harms only what it alone holds.
+        """
         got: tuple[int, bytes] | None = None
-        if loc is not None:
-            got = self._read_packed(*loc)
+        damage: CorruptRepository | None = None
+        for fd, offset in self._locate_all(sha):
+            try:
+                packed = self._read_packed(fd, offset)
+                if packed is None:
+                    break  # a delta git made: let dulwich resolve it
+                self._check_id(sha, *packed)
+            except CorruptRepository as e:
+                damage = damage or e
+                continue
+            got = packed
+            break
+        if got is None and damage is not None:
+            # Every packed copy is damaged; dulwich would read the same packs.
+            raise damage
         if got is None:
             try:
                 with self._lock:
                     type_num, data = self.repo.git.object_store.get_raw(
                         sha_to_hex(RawObjectID(sha))
                     )
+                got = (type_num, bytes(data))
+                self._check_id(sha, *got)
             except KeyError:
                 raise CorruptRepository(f"object {sha.hex()} is missing") from None
-            got = (type_num, bytes(data))
         type_num, data = got
-        h = hashlib.sha1(TYPE_NAMES.get(type_num, b"?") + b" %d\0" % len(data))
-        h.update(data)
-        if h.digest() != sha:
-            raise CorruptRepository(
-                f"object {sha.hex()} is damaged (its content does not match its id)"
-            )
         if expect_type is not None and type_num != expect_type:
             raise CorruptRepository(
                 f"object {sha.hex()} is a {TYPE_NAMES.get(type_num, b'?').decode()}, expected a "
                 f"{TYPE_NAMES.get(expect_type, b'?').decode()}"
             )
         return type_num, data
+
+    @staticmethod
+    def _check_id(sha: bytes, type_num: int, data: bytes) -> None:
+        h = hashlib.sha1(TYPE_NAMES.get(type_num, b"?") + b" %d\0" % len(data))
+        h.update(data)
+        if h.digest() != sha:
+            raise CorruptRepository(
+                f"object {sha.hex()} is damaged (its content does not match its id)"
+            )
 
     def _read_packed(self, fd: int, offset: int) -> tuple[int, bytes] | None:
         head = os.pread(fd, 32, offset)
