@@ -41,7 +41,9 @@ def test_rm_convert_prune_gc_verify_fsck(setup: tuple[Path, Path]) -> None:
     assert code == 0, out
     assert "removed E2" in out and "rewrote E3" in out and "re-parented onto E1" in out
     code, out = run("show", "E3")
-    assert code == 0 and "E1" in out
+    assert code == 0 and "reshaped  E2 removed, re-parented onto E1" in out, out
+    code, out = run("log", "--graph", "--all")
+    assert code == 0 and "(E2 removed, re-parented onto E1)" in out, out
     code, out = run("convert", "E4", "--to", "differential", "-q")
     assert code == 0 and "E4: incremental on E3 -> differential on E1" in out, out
     code, out = run("prune", "--keep-last", "1", "--dry-run")

@@ -333,6 +333,8 @@ def show(
     if le.labels:
         out.print(f"names     {', '.join(le.labels)}")
     out.print(f"chain     {' -> '.join(res.chain)}")
+    for note in le.rewritten:
+        out.print(f"reshaped  {escape(note)}")
     out.print(
         f"stored    {size(le.stored_bytes)} by this entry, of {size(le.logical_bytes)} logical"
     )

@@ -141,6 +141,8 @@ def _entry_line(le: LogEntry, here: set[str]) -> str:
         parts.append(escape(le.message.splitlines()[0]))
     if le.remote:
         parts.append(f"[magenta]from {escape(le.remote)}[/magenta]")
+    if le.rewritten:
+        parts.append(f"[dim]({escape(le.rewritten[-1])})[/dim]")
     if le.id in here or le.areas:
         names = ", ".join(escape(a) for a in le.areas) or "this area"
         parts.append(f"[green]<- you are here: {names}[/green]")

@@ -13,6 +13,7 @@ from vml.plumbing.entries import Entry
 from vml.plumbing.packs import PackReader
 from vml.plumbing.remotes import read_origins
 from vml.plumbing.repository import Repository
+from vml.plumbing.rewrite import history
 from vml.porcelain.common import label, read_entry
 from vml.porcelain.vminfo import vm_view
 
@@ -36,6 +37,7 @@ class LogEntry:
     remote: str = ""  # where a fetched entry came from: "origin E5", "origin" (issue 6)
     vm: dict[str, object] | None = None
     children: list[str] = field(default_factory=list)
+    rewritten: list[str] = field(default_factory=list)  # what rm/convert/prune did (issue 4)
 
     def to_json(self) -> dict[str, object]:
         """The ``--json`` form."""
@@ -48,6 +50,7 @@ class LogEntry:
             "created": self.created,
             "stored_bytes": self.stored_bytes,
             "logical_bytes": self.logical_bytes,
+            "rewritten": self.rewritten,
             "labels": self.labels,
             "areas": self.areas,
             "origin_area": self.origin_area,
@@ -99,6 +102,7 @@ def _log_entry(
         areas=held.get(e.hex, []),
         origin_area=e.meta.area,
         vm=vm_view(e.meta.vm),
+        rewritten=history(e.trailers),
     )
 
 
