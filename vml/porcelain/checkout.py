@@ -274,9 +274,11 @@ def checkout(
                     _safe_target(area, d + "/x").parent.mkdir(parents=True, exist_ok=True)
                 keep = {f.path for f in target.meta.files}
                 removed: list[str] = []
-                gone = set(old_files) if not force else {af.path for af in present}
-                if resuming and old_entry is not None:
-                    gone |= {f.path for f in old_entry.meta.files}
+                # The area was checked to hold the old entry's files (with or
+                # without a cache), so those go; --force drops whatever is there.
+                gone = {f.path for f in old_entry.meta.files} if old_entry is not None else set()
+                if force:
+                    gone |= {af.path for af in present}
                 if resuming:
                     # A killed checkout leaves its half-written ".<name>.vml-tmp"
                     # files; finishing with another entry must not keep them.
