@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import TEST_BLOCK, digest_area, edit
 from vml.errors import AreaError, DirtyArea, UnknownEntry
-from vml.plumbing.areas import load_state, save_state
+from vml.plumbing.areas import drop_cache, load_state, save_state
 from vml.plumbing.repository import Repository
 from vml.porcelain.checkout import checkout, restore
 from vml.porcelain.commit import commit
@@ -149,3 +149,18 @@ def test_interrupted_checkout_is_finished(repo: Repository, area: Path, tmp_path
     checkout(repo, "E3", out)
     assert digest_area(out, mtimes=True) == states[2]
     assert load_state(out).pending is None  # type: ignore[union-attr]
+
+
+def test_without_the_area_cache(repo: Repository, area: Path, tmp_path: Path) -> None:
+    """The cache is an accelerator: without it, checkout still removes what the entry lacks."""
+    states = _three_entries(repo, area)
+    drop_cache(area)
+    res = restore(repo, "E1", area)
+    assert not res.in_place
+    assert "notes.txt" in res.files_removed
+    assert digest_area(area, mtimes=True) == states[0]
+    assert status(repo, area).clean
+    drop_cache(area)
+    edit(area / "disk.img", 0, b"dirty")
+    with pytest.raises(DirtyArea, match=r"disk\.img"):
+        restore(repo, "E2", area)
