@@ -28,6 +28,7 @@ from hypothesis.stateful import (
 
 from tests.conftest import TEST_BLOCK, allocated, digest_area, edit
 from vml.errors import DirtyArea, NothingToCommit
+from vml.plumbing.areas import drop_cache
 from vml.plumbing.images import punch_hole
 from vml.plumbing.repository import init_repository
 from vml.porcelain.checkout import checkout, restore
@@ -134,6 +135,11 @@ class RoundTrip(RuleBasedStateMachine):
         if p.exists():
             mode = p.stat().st_mode & 0o777
             p.chmod(0o644 if mode & 0o111 else 0o755)
+
+    @rule()
+    def forget_cache(self) -> None:
+        # The area cache is only an accelerator: everything must work without it.
+        drop_cache(self.area)
 
     # -- saves --
 
