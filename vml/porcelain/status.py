@@ -114,15 +114,14 @@ def area_changes(
         cached = cache.files.get(af.path) if cache_ok else None
         if cached is not None and cached.stat == stat_signature(st) and mode == o.mode:
             continue
-        if mode != o.mode:
-            out.append(FileChange(af.path, "modified", st.st_size, 0))
-            continue
         digest = (
             file_digest(area / af.path, cache.block_size)
             if o.kind == "image"
             else _sha256_file(area / af.path)
         )
         if st.st_size == o.size and digest == o.sha256:
+            if mode != o.mode:  # only the mode changed
+                out.append(FileChange(af.path, "modified", st.st_size, 0))
             continue
         changed: int | None = None
         if o.kind == "image" and cached is not None and detail:
