@@ -100,3 +100,11 @@ def test_log_forest_and_show(repo: Repository, area: Path, tmp_path: Path) -> No
 def test_empty_log(repo: Repository) -> None:
     res = log(repo)
     assert res.entries == {} and res.roots == []
+
+
+def test_status_counts_bytes_when_mode_and_content_change(repo: Repository, area: Path) -> None:
+    commit(repo, area)
+    edit(area / "disk.img", 0, b"\x05" * 4096)
+    (area / "disk.img").chmod(0o755)
+    [c] = status(repo, area).changes
+    assert (c.path, c.changed_bytes) == ("disk.img", 4096)
