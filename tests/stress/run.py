@@ -84,7 +84,9 @@ class World:
         self.repo = self.base / "repo"
         self.work = self.base / "work area é"  # spaces and unicode on purpose
 
-    def vml(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def vml(
+        self, *args: str, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
         """Run vml to completion."""
         res = subprocess.run(
             [sys.executable, "-m", "vml", "-R", str(self.repo), *args],
@@ -94,15 +96,25 @@ class World:
             timeout=timeout,
         )
         if check and res.returncode != 0:
-            raise StressFailure(f"vml {' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}")
+            raise StressFailure(
+                f"vml {' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}"
+            )
         return res
 
     def entries(self) -> dict[int, str]:
         """E-number -> commit hex, from git itself."""
         res = subprocess.run(
-            ["git", "-C", str(self.repo), "for-each-ref", "--format=%(refname) %(objectname)",
-             "refs/vml/entries/"],
-            capture_output=True, text=True, check=True,
+            [
+                "git",
+                "-C",
+                str(self.repo),
+                "for-each-ref",
+                "--format=%(refname) %(objectname)",
+                "refs/vml/entries/",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         out = {}
         for line in res.stdout.split("\n"):
@@ -250,13 +262,18 @@ class CheckoutPlugin(Plugin):
                 pending = str(st["pending"])
                 res = w.vml("status", str(area), check=False)
                 if "interrupted checkout" not in res.stdout:
-                    raise StressFailure(f"status does not report the interrupted checkout: {res.stdout}")
+                    raise StressFailure(
+                        f"status does not report the interrupted checkout: {res.stdout}"
+                    )
                 res = w.vml("commit", "-q", str(area), check=False)
                 if res.returncode == 0 or "interrupted" not in res.stderr:
-                    raise StressFailure("commit did not refuse an area with an interrupted checkout")
+                    raise StressFailure(
+                        "commit did not refuse an area with an interrupted checkout"
+                    )
                 # Finish it: resume the same entry, or (sometimes) redo another one.
                 target = pending if w.rng.random() < 0.7 else w.rng.choice(sorted(w.expected))
-                w.vml("checkout", "-q", target, str(area))
+                # With the original options: a forced checkout resumes forced.
+                w.vml("checkout", "-q", *args, target, str(area))
                 st = w.state(area)
                 assert st is not None
                 if st.get("pending") or st.get("entry") != target:
@@ -335,9 +352,14 @@ PLUGINS: list[Plugin] = [CommitPlugin(), CheckoutPlugin(), GcPlugin(), RmPlugin(
 def git_fsck(w: World) -> None:
     res = subprocess.run(
         ["git", "-C", str(w.repo), "fsck", "--full", "--strict", "--no-progress"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
-    bad = [ln for ln in res.stderr.splitlines() if ln and not ln.startswith(("dangling", "Checking", "notice:"))]
+    bad = [
+        ln
+        for ln in res.stderr.splitlines()
+        if ln and not ln.startswith(("dangling", "Checking", "notice:"))
+    ]
     if res.returncode != 0 or bad:
         raise StressFailure(f"git fsck failed ({res.returncode}): {res.stderr.strip()[:500]}")
 
@@ -373,7 +395,14 @@ def _wait_for_lock(proc: subprocess.Popen[str], area: Path) -> float:
     return time.monotonic()
 
 
-def run(trials: int, seed: int, base: Path, full_every: int, only: set[str] | None, out: Callable[[str], None]) -> dict[str, int]:
+def run(
+    trials: int,
+    seed: int,
+    base: Path,
+    full_every: int,
+    only: set[str] | None,
+    out: Callable[[str], None],
+) -> dict[str, int]:
     rng = random.Random(seed)
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -381,7 +410,11 @@ def run(trials: int, seed: int, base: Path, full_every: int, only: set[str] | No
     w = World(base, rng, env)
     (base / "scratch").mkdir(parents=True)
     help_text = w.vml("--help").stdout
-    commands = {ln.split()[1] for ln in help_text.splitlines() if ln.startswith("│ ") and len(ln.split()) > 1}
+    commands = {
+        ln.split()[1]
+        for ln in help_text.splitlines()
+        if ln.startswith("│ ") and len(ln.split()) > 1
+    }
     plugins = [p for p in PLUGINS if p.available(commands) and (only is None or p.name in only)]
     out(f"commands: {', '.join(p.name for p in plugins)} (seed {seed}, folder {base})")
     w.vml("init", "--block-size", "64K", str(w.repo))
@@ -434,7 +467,9 @@ def run(trials: int, seed: int, base: Path, full_every: int, only: set[str] | No
             now = time.monotonic() - started
             durations[plugin.name] = now if d is None else 0.7 * d + 0.3 * now
         if rc not in (0, -signal.SIGKILL, 1):  # 1: nothing to commit
-            raise StressFailure(f"trial {i}: vml {' '.join(trial.argv)} failed ({rc}): {err.strip()}")
+            raise StressFailure(
+                f"trial {i}: vml {' '.join(trial.argv)} failed ({rc}): {err.strip()}"
+            )
         pending_before = stats["pending_resumed"]
         st_before = w.state(trial.area) if trial.area else None
         if st_before and st_before.get("pending"):
@@ -452,8 +487,10 @@ def run(trials: int, seed: int, base: Path, full_every: int, only: set[str] | No
         stats["trials"] += 1
         stats["killed" if rc == -signal.SIGKILL else "finished"] += 1
         mark = " (resumed)" if stats["pending_resumed"] > pending_before else ""
-        out(f"trial {i + 1:3d}: {plugin.name:<8} {'killed' if rc < 0 else f'rc {rc}':<7} "
-            f"after {took:5.2f} s{mark}")
+        out(
+            f"trial {i + 1:3d}: {plugin.name:<8} {'killed' if rc < 0 else f'rc {rc}':<7} "
+            f"after {took:5.2f} s{mark}"
+        )
     verify_entries(w, sorted(w.expected))
     stats["entries"] = len(w.entries())
     return stats
