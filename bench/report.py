@@ -169,6 +169,14 @@ def format_table(results: Results) -> str:
         "",
         *lines,
     ]
+    load = max(results.get("load_avg_start", 0.0), results.get("load_avg_end", 0.0))
+    cores = results.get("machine", {}).get("nproc") or 1
+    if load > cores / 2:
+        out += [
+            "",
+            f"warning: load average {load:.1f} on {cores} cores during the run: "
+            "other work competed for the CPU, times are inflated and ratios noisy",
+        ]
     if errors:
         out += ["", "errors:", *errors]
     chain = results.get("vml_chain")

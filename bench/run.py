@@ -357,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         "vml_source": vml_source(),
         "cache": "warm (page caches not dropped; sync before each measured command)",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        # Other work on the machine inflates every time; the report warns.
+        "load_avg_start": os.getloadavg()[0],
     }
     if "vml" in names and (why := vml_usable()):
         log(f"vml is not usable, skipping it: {why}")
@@ -385,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     results["elapsed_s"] = time.perf_counter() - started
+    results["load_avg_end"] = os.getloadavg()[0]
     attach_targets(results)
     write_json(results, out / "results.json")
     charted = draw_chart(results, out / "chart.png")
