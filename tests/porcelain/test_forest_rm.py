@@ -172,3 +172,32 @@ def test_rm_in_a_chain_of_20_writes_no_image_data(repo: Repository, tmp_path: Pa
     assert 0 < res.pack_bytes < 64 << 10
     del states["E10"]
     check_all(repo, states, tmp_path)
+
+
+def test_interrupted_rm_leaves_entries_valid_and_reruns_to_the_same_result(
+    repo: Repository, area: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    states = chain(repo, area, 5)
+    real = refs_mod.set_ref
+    calls: list[int] = []
+
+    def crash_on_second(*args: object, **kwargs: object) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies between two ref moves
+        real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(refs_mod, "set_ref", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        rm(repo, ["E2"])
+    monkeypatch.setattr(refs_mod, "set_ref", real)
+    # E5 moved (deepest first), E3 and E4 did not, E2 is still there: all valid.
+    assert sorted(refs_mod.read_refs(repo).entries) == [1, 2, 3, 4, 5]
+    check_all(repo, states, tmp_path / "half")
+    moved = refs_mod.read_refs(repo).entries[5]
+    rm(repo, ["E2"], force=True)  # check_all's folder holds E2 now
+    table = refs_mod.read_refs(repo)
+    assert sorted(table.entries) == [1, 3, 4, 5]
+    assert table.entries[5] == moved  # the same commit as the interrupted run made
+    del states["E2"]
+    check_all(repo, states, tmp_path / "done")
