@@ -31,7 +31,9 @@ def test_plumbing_uses_no_ui_no_upper_layers_no_environment() -> None:
         text = path.read_text()
         for mod in _imports(path):
             assert not mod.startswith(banned), f"{path.name} imports {mod}"
-        assert "os.environ" not in text and "getenv" not in text, f"{path.name} reads the environment"
+        assert "os.environ" not in text and "getenv" not in text, (
+            f"{path.name} reads the environment"
+        )
         assert "sys.exit" not in text, f"{path.name} exits"
         assert "print(" not in text, f"{path.name} prints"
 
@@ -40,7 +42,9 @@ def test_porcelain_uses_no_ui_and_never_prints() -> None:
     for path in _sources("porcelain"):
         text = path.read_text()
         for mod in _imports(path):
-            assert not mod.startswith(("typer", "rich", "click", "vml.cli")), f"{path.name} imports {mod}"
+            assert not mod.startswith(("typer", "rich", "click", "vml.cli")), (
+                f"{path.name} imports {mod}"
+            )
         assert "print(" not in text, f"{path.name} prints"
         assert "os.environ" not in text and "sys.exit" not in text, path.name
 
