@@ -247,8 +247,13 @@ def draw_chart(results: Results, path: Path) -> bool:
     ax.set_ylabel("seconds")
     ax.legend()
     ax = axes[1]
-    ax.bar(xs, series("growth_median", MIB), 0.6, color="tab:green")
-    ax.set_title("Repository growth per save (median)")
+    growth = series("growth_median", MIB)
+    bars = ax.bar(xs, growth, 0.6, color="tab:green")
+    # Log scale: the copy baseline is ~50x the others and would flatten them.
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=min([1.0, *(g / 2 for g in growth if g > 0)]))
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_title("Repository growth per save (median, log)")
     ax.set_ylabel("MiB (allocated)")
     ax = axes[2]
     ax.bar([x - w / 2 for x in xs], series("restore_first_s"), w, label="first state")
