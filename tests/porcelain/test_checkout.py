@@ -166,11 +166,6 @@ def test_without_the_area_cache(repo: Repository, area: Path, tmp_path: Path) ->
         restore(repo, "E2", area)
 
 
-@pytest.mark.xfail(
-    reason="checkout writes files before removing the old entry's: a folder that becomes a "
-    "file of the same name fails with IsADirectoryError (not yet fixed)",
-    strict=True,
-)
 def test_folder_replaced_by_a_file(repo: Repository, area: Path) -> None:
     (area / "sub").write_text("a file")
     commit(repo, area)
@@ -181,3 +176,5 @@ def test_folder_replaced_by_a_file(repo: Repository, area: Path) -> None:
     commit(repo, area)
     restore(repo, "E1", area)
     assert digest_area(area) == want
+    restore(repo, "E2", area)
+    assert (area / "sub" / "x").read_text() == "now a folder"

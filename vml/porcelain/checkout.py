@@ -161,6 +161,35 @@ def checkout(
             cwriter = CacheWriter(area, repo.page_size, repo.block_size)
             files_written: list[str] = []
             try:
+                keep = {f.path for f in target.meta.files}
+                removed: list[str] = []
+                # The area was checked to hold the old entry's files (with or
+                # without a cache), so those go; --force drops whatever is there.
+                gone = {f.path for f in old_entry.meta.files} if old_entry is not None else set()
+                if force:
+                    gone |= {af.path for af in present}
+                if resuming:
+                    # A killed checkout leaves its half-written ".<name>.vml-tmp"
+                    # files; finishing with another entry must not keep them.
+                    gone |= {af.path for af in present if _is_tmp(af.path)}
+                for p in sorted(gone - keep):
+                    fp = area / p
+                    if fp.is_file() and not fp.is_symlink():
+                        fp.unlink()
+                        removed.append(p)
+                # Folders emptied by the removals go too (unless the entry has
+                # them), so a path that was a folder can become a file.
+                wanted_dirs = set(target.meta.dirs)
+                for f in keep:
+                    parts = f.split("/")[:-1]
+                    wanted_dirs |= {"/".join(parts[: i + 1]) for i in range(len(parts))}
+                for d in sorted({str(Path(p).parent) for p in removed}, key=len, reverse=True):
+                    while d not in (".", "") and d not in wanted_dirs:
+                        try:
+                            (area / d).rmdir()
+                        except OSError:
+                            break  # not empty: something else lives there
+                        d = str(Path(d).parent)
                 for rec in target.meta.files:
                     dest = _safe_target(area, rec.path)
                     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -272,22 +301,6 @@ def checkout(
                         )
                 for d in target.meta.dirs:
                     _safe_target(area, d + "/x").parent.mkdir(parents=True, exist_ok=True)
-                keep = {f.path for f in target.meta.files}
-                removed: list[str] = []
-                # The area was checked to hold the old entry's files (with or
-                # without a cache), so those go; --force drops whatever is there.
-                gone = {f.path for f in old_entry.meta.files} if old_entry is not None else set()
-                if force:
-                    gone |= {af.path for af in present}
-                if resuming:
-                    # A killed checkout leaves its half-written ".<name>.vml-tmp"
-                    # files; finishing with another entry must not keep them.
-                    gone |= {af.path for af in present if _is_tmp(af.path)}
-                for p in sorted(gone - keep):
-                    fp = area / p
-                    if fp.is_file() and not fp.is_symlink():
-                        fp.unlink()
-                        removed.append(p)
                 fsync_dir(area)
             except BaseException:
                 cwriter.abort()
