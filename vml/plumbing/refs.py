@@ -122,10 +122,15 @@ def next_number(table: RefTable) -> int:
 
 def check_name(kind: str, name: str) -> None:
     """Refuse tag and branch names git would refuse, or that look like E-numbers."""
-    if _E.match(name) or "/" in name or not check_ref_format(Ref(b"refs/x/" + name.encode())):
+    if (
+        _E.match(name)
+        or "/" in name
+        or name.startswith("-")
+        or not check_ref_format(Ref(b"refs/x/" + name.encode()))
+    ):
         raise UsageError(
             f"{name!r} is not a valid {kind} name",
-            "use letters, digits, '-', '_' and '.', no '/', and not an E-number",
+            "use letters, digits, '-', '_' and '.', no '/', not starting with '-', and not an E-number",
         )
 
 
