@@ -1,6 +1,6 @@
 """Benchmark VML against the tools a user would pick instead, on one workload, in one run.
 
-    python bench/run.py                 # standard size (several minutes, ~10 GiB scratch)
+    python bench/run.py                 # standard size (~5-15 minutes, up to ~12 GiB scratch)
     python bench/run.py --smoke         # tiny, under a minute
     python bench/run.py --tools borg,cp --states 4 --skip-big
 
@@ -374,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
             # The chain starts from the same fresh area, without a second build.
             subprocess.run(["cp", "-r", "--sparse=always", str(area), str(pristine)], check=True)
         results["tools"], _ = bench_tools(names, spec, args.states, work, area)
+        if not args.keep:
+            # Free the peers' repositories (GiBs) before the chain and 4x runs.
+            for path in [*work.glob("repo-*"), *work.glob("home-*")]:
+                shutil.rmtree(path, ignore_errors=True)
         if "vml_unusable" in results:
             results["tools"]["vml"] = {"saves": [], "error": results["vml_unusable"]}
         if "vml" in names and args.chain_depth > 0:
