@@ -418,8 +418,8 @@ def run(
     plugins = [p for p in PLUGINS if p.available(commands) and (only is None or p.name in only)]
     out(f"commands: {', '.join(p.name for p in plugins)} (seed {seed}, folder {base})")
     w.vml("init", "--block-size", "64K", str(w.repo))
-    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-    from conftest import make_area
+    sys.path.insert(0, str(ROOT))
+    from tests.conftest import make_area
 
     make_area(w.work, disk=6 << 20, seed=seed)
     with open(w.work / "disk.img", "r+b") as f:
