@@ -240,13 +240,17 @@ def save_image(
             digest = block_digest(data, length)
             pages = page_hashes(data, page_size, ppb)
             if pr is not None and len(pr.deltas) < MAX_DELTA_DEPTH:
+                # Deltas stack on one block across entries; once they would
+                # add up to half a block, store the block whole, so building
+                # any block reads at most about one and a half blocks.
+                stacked = sum(reader.object_size(d) or length for d in pr.deltas)
                 npages = (length + page_size - 1) // page_size
                 changed = [
                     k
                     for k in range(npages)
                     if pages[8 * k : 8 * k + 8] != ppages[8 * k : 8 * k + 8]
                 ]
-                if len(changed) <= npages // 2:
+                if stacked + len(changed) * page_size <= length // 2:
                     delta = encode_delta(data, changed, page_size)
                     sha = blob_id(delta)
                     z = None if reader.in_packs(sha) else deflate(delta)

@@ -254,6 +254,22 @@ class PackReader:
         """True when one of the loaded packs holds ``sha`` (no loose look-up)."""
         return self._locate(sha) is not None
 
+    def object_size(self, sha: bytes) -> int | None:
+        """The size of object ``sha`` from its pack header (no inflating); None if unknown."""
+        for fd, offset in self._locate_all(sha):
+            head = os.pread(fd, 16, offset)
+            if not head:
+                continue
+            size = head[0] & 15
+            shift = 4
+            i = 1
+            while head[i - 1] & 0x80 and i < len(head):
+                size |= (head[i] & 0x7F) << shift
+                shift += 7
+                i += 1
+            return size
+        return None
+
     def read(self, sha: bytes, expect_type: int | None = None) -> tuple[int, bytes]:
         """Return ``(type_num, data)`` of object ``sha``, checking its id.
 
