@@ -47,9 +47,12 @@ from vml.plumbing.manifests import (
     ranges,
 )
 from vml.plumbing.packs import BLOB, PackReader, PackWriter, blob_id, deflate
+from vml.plumbing.repository import start_writeback
 
 Progress = Callable[[int], None]
 WINDOW = 16
+# Start writeback of a file being built every this many blocks.
+_WRITEBACK_BLOCKS = 32
 
 
 def data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
@@ -400,6 +403,8 @@ def write_image(
                 punch_hole(fd, n * bs, length)
             return 0, block_digest(None, length), _zero_rec(length) if want_records else None
         _pwrite_all(fd, built, n * bs)
+        if n % _WRITEBACK_BLOCKS == _WRITEBACK_BLOCKS - 1:
+            start_writeback(fd)  # the final fsync then waits for little
         # A whole block was checked against its id as it was read.
         dg = (
             recipe.base

@@ -27,7 +27,7 @@ from dulwich.pack import load_pack_index, write_pack_index_v2
 from isal import isal_zlib
 
 from vml.errors import CorruptRepository
-from vml.plumbing.repository import Repository, fsync_dir
+from vml.plumbing.repository import Repository, fsync_dir, start_writeback
 
 BLOB = 3
 TREE = 2
@@ -35,6 +35,8 @@ COMMIT = 1
 TYPE_NAMES = {1: b"commit", 2: b"tree", 3: b"blob", 4: b"tag"}
 
 _PROBE = 16 << 10
+# Start the disk writing a big pack every this many bytes (see start_writeback).
+_WRITEBACK_EVERY = 32 << 20
 _PROBE_MIN = 256 << 10
 
 
@@ -101,6 +103,7 @@ class PackWriter:
         self._f = open(self._tmp, "w+b")  # noqa: SIM115 (closed by finish/abort)
         self._f.write(b"PACK" + struct.pack(">LL", 2, 0))
         self._offset = 12
+        self._unsynced = 0
 
     def __contains__(self, sha: bytes) -> bool:
         return sha in self._seen
@@ -127,6 +130,11 @@ class PackWriter:
         n = len(header) + len(zdata)
         self._offset += n
         self.stored_bytes += n
+        self._unsynced += n
+        if self.durable and self._unsynced >= _WRITEBACK_EVERY:
+            self._f.flush()
+            start_writeback(self._f.fileno())
+            self._unsynced = 0
         return True
 
     def add_blob(self, data: bytes | memoryview, sha: bytes | None = None) -> bytes:

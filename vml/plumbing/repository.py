@@ -10,6 +10,8 @@ folder ``vml/`` inside the git directory, which git ignores.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import json
@@ -19,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dulwich.repo import Repo
 
@@ -45,6 +48,30 @@ def parse_size(text: str) -> int:
             f"cannot read size {text!r}", "write it like 1M, 256K or 1048576"
         ) from None
     return value
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range: Any = None
+
+
+def start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing ``fd``'s dirty pages now, without waiting.
+
+    Big files are written long before they are fsynced; starting writeback
+    as we go lets the disk work while we compute, so the final ``fsync``
+    waits for little.  Best effort: silently nothing where unsupported.
+    """
+    global _sync_file_range
+    if _sync_file_range is None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            fn = libc.sync_file_range
+            fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+            _sync_file_range = fn
+        except (OSError, AttributeError):
+            _sync_file_range = False
+    if _sync_file_range:
+        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 def fsync_dir(path: Path) -> None:
