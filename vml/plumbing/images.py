@@ -19,7 +19,7 @@ import hashlib
 import os
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -160,6 +160,10 @@ class SaveInputs:
     parent: ResolvedImage | None  # None: this layer is a base (full entry or new file)
     records: BlockRecords | None  # cached hashes of the area's entry
     records_match: Callable[[int], bool]  # do the records describe the parent's block n?
+    # Blobs the new entry uses without writing them because a pack already
+    # holds them; the caller re-checks they still exist before moving refs
+    # (a concurrent gc may have dropped them while nothing referenced them).
+    reused: set[bytes] = field(default_factory=set)
 
 
 def _parent_hashes(
@@ -280,6 +284,8 @@ def save_image(
                 assert out.sha is not None
                 if out.zdata is not None:
                     writer.add_compressed(BLOB, out.sha, out.raw_len, out.zdata)
+                elif out.sha not in writer:
+                    inp.reused.add(out.sha)
                 blocks[n] = (out.kind == "delta", out.sha)
         after = stat_signature(os.fstat(fd))
         if after != before:

@@ -10,7 +10,14 @@ from pathlib import Path
 
 from dulwich.objects import Blob
 
-from vml.errors import AreaError, FileChanged, NothingToCommit, UnknownEntry, UsageError
+from vml.errors import (
+    AreaError,
+    FileChanged,
+    NothingToCommit,
+    RepositoryBusy,
+    UnknownEntry,
+    UsageError,
+)
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.areas import (
     AreaFile,
@@ -189,6 +196,7 @@ def commit(
             cache = Cache(area, repo.page_size, repo.block_size)
             cache_ok = cache.valid_for(state.entry) and area_commit is not None
             writer = PackWriter(repo)
+            reused: set[bytes] = set()
             cwriter = CacheWriter(area, repo.page_size, repo.block_size)
             done = 0
             read_bytes = 0
@@ -280,7 +288,7 @@ def commit(
                                 st.st_size,
                                 repo.block_size,
                                 repo.page_size,
-                                SaveInputs(parent_img, recs, match),
+                                SaveInputs(parent_img, recs, match, reused),
                                 out,  # type: ignore[arg-type]
                                 tick,
                             )
@@ -352,6 +360,15 @@ def commit(
             writer.finish()
 
             with repo.lock():
+                # A gc that ran while we saved may have dropped objects nothing
+                # referenced yet, among them blocks this entry reuses: check.
+                reader.refresh()
+                missing = [sha for sha in reused if not reader.contains(sha)]
+                if missing:
+                    raise RepositoryBusy(
+                        f"`vml gc` removed {len(missing)} blocks this save reuses while it ran",
+                        "run the same `vml commit` again",
+                    )
                 table = refs_mod.read_refs(repo)
                 if tag is not None and tag in table.tags:
                     raise UsageError(f"tag {tag!r} was made while saving", "choose another name")
