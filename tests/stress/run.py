@@ -339,6 +339,10 @@ class RmPlugin(Plugin):
                 raise StressFailure("a failed rm removed its entry")
             if n in gone:
                 w.expected.pop(entries[n], None)
+            # rm moves the children onto the parent: same E-number and content, new commit.
+            for m, c in after.items():
+                if m in entries and entries[m] != c:
+                    w.expected[c] = w.expected[entries[m]]
 
         return Trial(["rm", f"E{n}"], check)
 
