@@ -230,12 +230,15 @@ def collect(
     loose = _loose_objects(repo)
     _busy, stale_tmp = _temporaries(repo)
 
+    # Refs first, then the pack list: objects are on disk before any ref
+    # points at them, so every object the roots reach is in a pack seen now.
+    roots = ref_roots(repo)
     reader = PackReader(repo)
     writer: PackWriter | None = None
     try:
         live: set[bytes] = set()
         progress("mark", 0, 0)
-        mark(reader, ref_roots(repo), live)
+        mark(reader, roots, live)
         result.live_objects = len(live)
         extents: dict[str, list[tuple[bytes, int, int, int | None]]] = {}
         for name in pack_names:
