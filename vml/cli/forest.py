@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -12,16 +12,15 @@ from rich.markup import escape
 from vml.cli.app import Json, Quiet, app, handled, repository_for
 from vml.cli.render import out, progress_bar, size
 from vml.errors import CorruptRepository
-from vml.plumbing.retention import Policy
-from vml.porcelain import convert as convert_mod
-from vml.porcelain import fsck as fsck_mod
-from vml.porcelain import gc as gc_mod
-from vml.porcelain import prune as prune_mod
-from vml.porcelain import rm as rm_mod
-from vml.porcelain import verify as verify_mod
+
+if TYPE_CHECKING:
+    from vml.porcelain.rm import RewriteReport
+    from vml.porcelain.verify import CheckResult
+
+# Commands import their porcelain when they run (start-up time: see app.py).
 
 
-def _print_rewrite(res: rm_mod.RewriteReport) -> None:
+def _print_rewrite(res: RewriteReport) -> None:
     for r in res.rewritten:
         note = f"  ({escape(r.note)})" if r.note else ""
         out.print(f"  rewrote {r.entry}: {r.old[:12]} -> {r.new[:12]}{note}")
@@ -45,6 +44,8 @@ def rm(
     quiet: Quiet = False,
 ) -> None:
     """Remove entries; their children move onto their parent (no image data copied)."""
+    from vml.porcelain import rm as rm_mod
+
     repo = repository_for(Path("."))
     try:
         with progress_bar(not quiet, "removing") as progress:
@@ -68,6 +69,8 @@ def convert(
     quiet: Quiet = False,
 ) -> None:
     """Re-express ENTRY against another parent; its content stays the same."""
+    from vml.porcelain import convert as convert_mod
+
     repo = repository_for(Path("."))
     try:
         with progress_bar(not quiet, "converting") as progress:
@@ -101,6 +104,9 @@ def prune(
     json_: Json = False,
 ) -> None:
     """Forget entries by a retention policy, per area; held, tagged and branch entries stay."""
+    from vml.plumbing.retention import Policy
+    from vml.porcelain import prune as prune_mod
+
     policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly)
     repo = repository_for(Path("."))
     try:
@@ -139,6 +145,8 @@ def gc(
     json_: Json = False,
 ) -> None:
     """Give back the space of blocks and objects no entry reaches."""
+    from vml.porcelain import gc as gc_mod
+
     repo = repository_for(Path("."))
     try:
         with progress_bar(not quiet, "collecting") as progress:
@@ -178,7 +186,7 @@ def gc(
         )
 
 
-def _print_check(res: verify_mod.CheckResult, json_: bool, what: str) -> None:
+def _print_check(res: CheckResult, json_: bool, what: str) -> None:
     if json_:
         print(json.dumps(res.to_json(), indent=1))
     else:
@@ -210,6 +218,8 @@ def verify(
     json_: Json = False,
 ) -> None:
     """Check that entries rebuild: every object's id (and with --read-data every file)."""
+    from vml.porcelain import verify as verify_mod
+
     repo = repository_for(Path("."))
     try:
         with progress_bar(not quiet, "verifying") as progress:
@@ -225,6 +235,8 @@ def verify(
 @handled
 def fsck(json_: Json = False, quiet: Quiet = False) -> None:
     """Check the repository's structure quickly: refs, entries, manifests, object presence."""
+    from vml.porcelain import fsck as fsck_mod
+
     repo = repository_for(Path("."))
     try:
         with progress_bar(not quiet, "checking") as progress:
