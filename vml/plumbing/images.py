@@ -17,7 +17,7 @@ import ctypes.util
 import errno
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +25,7 @@ from typing import BinaryIO
 
 from dulwich.objects import Blob, Tree
 
-from vml.errors import CorruptRepository, FileChanged, NoSpace
+from vml.errors import AreaError, CorruptRepository, FileChanged, NoSpace
 from vml.plumbing.areas import BlockRecords, block_hash, page_hashes, stat_signature
 from vml.plumbing.chains import (
     MAX_DELTA_DEPTH,
@@ -40,6 +40,7 @@ from vml.plumbing.manifests import (
     BLOB_MODE,
     BLOCKS_NAME,
     MANIFEST_NAME,
+    MAX_BLOCKS,
     TREE_MODE,
     BlockRef,
     Manifest,
@@ -206,20 +207,28 @@ def save_image(
     """
     ppb = block_size // page_size
     nblocks = (size + block_size - 1) // block_size
+    if nblocks > MAX_BLOCKS:
+        raise AreaError(
+            f"{path.name} has {nblocks} blocks of {block_size >> 10} KiB, more than a block map holds",
+            "save it in a repository made with a larger --block-size",
+        )
     base_layer = inp.parent is None
     fd = os.open(path, os.O_RDONLY)
     try:
         before = stat_signature(os.fstat(fd))
         holes = _HoleMap(data_ranges(fd, size))
-        spans = [
-            (n, n * block_size, min(block_size, size - n * block_size)) for n in range(nblocks)
-        ]
-        has_data = [holes.has_data(off, off + ln) for _, off, ln in spans]
 
-        def work(span: tuple[int, int, int]) -> _Outcome:
-            n, off, length = span
+        def spans() -> Iterator[tuple[int, int, int, bool]]:
+            # A generator, consumed in order: memory stays flat for any size.
+            for n in range(nblocks):
+                off = n * block_size
+                length = min(block_size, size - off)
+                yield n, off, length, holes.has_data(off, off + length)
+
+        def work(span: tuple[int, int, int, bool]) -> _Outcome:
+            n, off, length, has_data = span
             data: bytes | None = None
-            if has_data[n]:
+            if has_data:
                 data = os.pread(fd, length, off)
                 if len(data) != length:
                     raise FileChanged(f"{path.name} shrank while it was read")
@@ -270,8 +279,8 @@ def save_image(
         blocks: dict[int, BlockRef] = {}
         zero_blocks: list[int] = []
         read_total = 0
-        for n, out in enumerate(ordered_map(pool, work, iter(spans), WINDOW)):
-            length = spans[n][2]
+        for n, out in enumerate(ordered_map(pool, work, spans(), WINDOW)):
+            length = min(block_size, size - n * block_size)
             file_hash.update(out.digest)
             if record_out is not None:
                 record_out.write(out.digest + out.bhash + out.pages)

@@ -20,6 +20,7 @@ import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from dulwich.object_format import DEFAULT_OBJECT_FORMAT
 from dulwich.objects import RawObjectID, ShaFile, sha_to_hex
@@ -169,28 +170,37 @@ class PackWriter:
             self.abort()
             return None
         f = self._f
-        f.seek(8)
-        f.write(struct.pack(">L", len(self._entries)))
-        f.flush()
-        f.seek(0)
-        checksum = hashlib.file_digest(f, "sha1").digest()
-        f.seek(0, os.SEEK_END)
-        f.write(checksum)
-        f.flush()
-        if self.durable:
-            os.fsync(f.fileno())
-        f.close()
-        name = f"pack-{checksum.hex()}"
-        pack_path = self._dir / f"{name}.pack"
-        os.replace(self._tmp, pack_path)
-        idx_tmp = self._dir / f"tmp_vml_{name}.idx"
-        self._entries.sort()
-        with open(idx_tmp, "wb") as idx:
-            write_pack_index_v2(idx, self._entries, checksum)
-            idx.flush()
+        idx_tmp: Path | None = None
+        try:
+            f.seek(8)
+            f.write(struct.pack(">L", len(self._entries)))
+            f.flush()
+            f.seek(0)
+            checksum = hashlib.file_digest(f, "sha1").digest()
+            f.seek(0, os.SEEK_END)
+            f.write(checksum)
+            f.flush()
             if self.durable:
-                os.fsync(idx.fileno())
-        os.replace(idx_tmp, self._dir / f"{name}.idx")
+                os.fsync(f.fileno())
+            f.close()
+            name = f"pack-{checksum.hex()}"
+            # Index first, under a temporary name: nothing is visible until
+            # both files are complete, and a failure (no space) leaves only
+            # temporary files, never a pack without its index.
+            idx_tmp = self._dir / f"tmp_vml_{name}.idx"
+            self._entries.sort()
+            with open(idx_tmp, "wb") as idx:
+                write_pack_index_v2(idx, self._entries, checksum)
+                idx.flush()
+                if self.durable:
+                    os.fsync(idx.fileno())
+            os.replace(self._tmp, self._dir / f"{name}.pack")
+            os.replace(idx_tmp, self._dir / f"{name}.idx")
+        except BaseException:
+            self.abort()
+            if idx_tmp is not None:
+                idx_tmp.unlink(missing_ok=True)
+            raise
         if self.durable:
             fsync_dir(self._dir)
         return name
