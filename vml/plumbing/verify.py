@@ -63,7 +63,15 @@ def check_structure(
     try:
         forest = load_forest(reader, table)
     except CorruptRepository as err:
-        return None, [Problem(f"the entry chains cannot be walked: {err.message}")]
+        # Name every entry whose own chain breaks (a missing commit object,
+        # a cycle), so the damage is attributed, not just announced.
+        broken: list[Problem] = []
+        for c in sorted(set(table.entries.values())):
+            try:
+                load_forest(reader, refs_mod.RefTable({1: c}, {}, {}))
+            except CorruptRepository as own:
+                broken.append(Problem(f"its chain cannot be walked: {own.message}", c))
+        return None, broken or [Problem(f"the entry chains cannot be walked: {err.message}")]
     commits = sorted(forest.parent)
     images_of: dict[bytes, set[str]] = {}
     for i, c in enumerate(commits):
