@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import functools
 import json
@@ -97,6 +99,26 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def _tune_allocator() -> None:
+    """Keep 1 MiB block buffers on the heap instead of fresh mmaps.
+
+    glibc serves allocations this large with mmap and gives them back at
+    once, so every block read or built costs 256 page faults of zeroed
+    memory: a third of a restore's time went to the kernel.  Raising the
+    thresholds lets freed buffers be reused (peak RSS grows by a few MiB).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 256 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 512 << 20)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
 @app.callback()
 def main_options(
     repo: Annotated[
@@ -113,6 +135,7 @@ def main_options(
 ) -> None:
     """Git-style versioning for virtual machines."""
     _ctx.repo_option = repo
+    _tune_allocator()
 
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
