@@ -406,9 +406,17 @@ def test_qemu_io_holds_image_locks(tmp_path: Path) -> None:
     )
     try:
         reasons: list[str] = []
-        for _ in range(100):  # wait until qemu-io has opened the image
+
+        def seen(rs: list[str]) -> bool:
+            return (
+                any(r.startswith("vm.qcow2 is locked") for r in rs)
+                and any(r.startswith("base.qcow2 is locked") for r in rs)
+                and any("qemu-io" in r and "vm.qcow2" in r for r in rs)
+            )
+
+        for _ in range(200):  # wait until qemu-io has opened and locked both images
             reasons = running_reasons(tmp_path)
-            if any(r.startswith("vm.qcow2 is locked") for r in reasons):
+            if seen(reasons):
                 break
             time.sleep(0.05)
         assert any(r.startswith("vm.qcow2 is locked") for r in reasons), reasons
