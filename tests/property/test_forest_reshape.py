@@ -140,10 +140,9 @@ class Forest(RuleBasedStateMachine):
             event("rm refused")
             return
         event(f"rm rewrote {min(len(res.rewritten), 3)}+ entries")
-        if res.reexpressed_blocks:
-            event("rm re-expressed blocks")
-        if res.composed_deltas:
-            event("rm composed deltas")
+        assert res.data_bytes == 0  # reshaping writes metadata only
+        if res.anchored_blocks:
+            event("rm anchored blocks")
         del self.states[n]
 
     @rule(

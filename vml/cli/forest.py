@@ -29,8 +29,7 @@ def _print_rewrite(res: RewriteReport) -> None:
         out.print(f"  area {escape(area)}: {old[:12]} -> {where}")
     out.print(
         f"wrote {size(res.pack_bytes)} ({size(res.data_bytes)} of block data; "
-        f"{res.reused_blocks} blocks reused, {res.composed_deltas} deltas composed, "
-        f"{res.reexpressed_blocks} blocks re-expressed)"
+        f"{res.reused_blocks} blocks reused, {res.anchored_blocks} anchored)"
     )
 
 

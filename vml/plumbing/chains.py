@@ -23,6 +23,7 @@ from vml.plumbing.manifests import (
     BLOCKS_NAME,
     MANIFEST_NAME,
     TREE_MODE,
+    Anchored,
     Manifest,
     parse_tree,
     read_block_map,
@@ -119,9 +120,16 @@ def resolve_image(reader: PackReader, commit: bytes, path: str) -> ResolvedImage
                 unresolved.discard(z)
         if blocks_tree is not None:
             bmap = read_block_map(_read_tree(reader), blocks_tree, manifest.nblocks)
-            for b, (is_delta, sha) in bmap.items():
+            for b, entry in bmap.items():
                 if b not in unresolved:
                     continue
+                if isinstance(entry, Anchored):
+                    # Self-contained: its own base and deltas, then the newer ones.
+                    newer = tuple(reversed(pending.pop(b, [])))
+                    recipes[b] = Recipe(entry.base, entry.deltas + newer)
+                    unresolved.discard(b)
+                    continue
+                is_delta, sha = entry
                 if is_delta:
                     pending.setdefault(b, []).append(sha)
                 else:

@@ -17,7 +17,7 @@ import ctypes.util
 import errno
 import hashlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +43,7 @@ from vml.plumbing.manifests import (
     MAX_BLOCKS,
     TREE_MODE,
     BlockRef,
+    LayerBlock,
     Manifest,
     block_trees,
     ranges,
@@ -312,7 +313,7 @@ def save_image(
     return image_tree(writer, manifest, blocks), manifest, read_total, len(blocks)
 
 
-def image_tree(writer: PackWriter, manifest: Manifest, blocks: dict[int, BlockRef]) -> Tree:
+def image_tree(writer: PackWriter, manifest: Manifest, blocks: Mapping[int, LayerBlock]) -> Tree:
     """Write an image's manifest and block map; returns its tree."""
     man = Blob.from_string(manifest.encode())
     writer.add_object(man)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from dulwich.objects import ObjectID, Tree
@@ -36,7 +36,7 @@ MAX_IMAGE_SIZE = 1 << 46  # 64 TiB
 # Resolving an image keeps one recipe per block: bound the count a manifest
 # may claim (2 TiB at 64 KiB blocks, 32 TiB at the default 1 MiB).
 MAX_BLOCKS = 1 << 25
-_LEAF = re.compile(rb"^([0-9a-f]{2})(\.d)?$")
+_LEAF = re.compile(rb"^([0-9a-f]{2})(\.d|\.r)?$")
 _MID = re.compile(rb"^[0-9a-f]{2}$")
 _TOP = re.compile(rb"^[0-9a-f]{4}$")
 
@@ -140,8 +140,48 @@ def ranges(numbers: Iterable[int]) -> list[tuple[int, int]]:
 
 BlockRef = tuple[bool, bytes]  # (is_delta, binary blob id)
 
+# An anchored block's tree holds at most one whole block and this many deltas.
+MAX_ANCHORED_DELTAS = 64
+_DELTA_NAME = re.compile(rb"^d([0-9]{2})$")
 
-def block_trees(blocks: dict[int, BlockRef]) -> tuple[Tree | None, list[Tree]]:
+
+@dataclass(frozen=True)
+class Anchored:
+    """A block built from objects this layer names itself, whatever the parent holds.
+
+    Written by ``vml rm``/``convert`` (never by a save): the recipe a block
+    already had (a whole block, or zeros, then page deltas oldest first),
+    named in a small tree ``<c>.r/`` (``base``, ``d01``, ``d02``, ...), so a
+    layer can be moved onto another parent without building or storing any
+    image data, and git still reaches every object it needs.
+    """
+
+    base: bytes | None
+    deltas: tuple[bytes, ...]
+
+    def ids(self) -> tuple[bytes, ...]:
+        """Every object the block needs."""
+        return ((self.base,) if self.base is not None else ()) + self.deltas
+
+
+LayerBlock = BlockRef | Anchored
+
+
+def layer_block_ids(block: LayerBlock) -> tuple[bytes, ...]:
+    """The objects one block-map entry names."""
+    return block.ids() if isinstance(block, Anchored) else (block[1],)
+
+
+def _anchored_tree(block: Anchored) -> Tree:
+    tree = Tree()
+    if block.base is not None:
+        tree.add(b"base", BLOB_MODE, ObjectID(block.base.hex().encode()))
+    for i, d in enumerate(block.deltas, 1):
+        tree.add(b"d%02d" % i, BLOB_MODE, ObjectID(d.hex().encode()))
+    return tree
+
+
+def block_trees(blocks: Mapping[int, LayerBlock]) -> tuple[Tree | None, list[Tree]]:
     """Build the fan-out trees for a block map.
 
     Returns the ``blocks`` tree (None for an empty map) and every tree made,
@@ -170,8 +210,14 @@ def block_trees(blocks: dict[int, BlockRef]) -> tuple[Tree | None, list[Tree]]:
                 mid = Tree()
                 cur_a = a
             cur_b = b
-        is_delta, sha = blocks[n]
+        entry = blocks[n]
         assert leaf is not None
+        if isinstance(entry, Anchored):
+            sub = _anchored_tree(entry)
+            made.append(sub)
+            leaf.add(b"%02x.r" % c, TREE_MODE, sub.id)
+            continue
+        is_delta, sha = entry
         leaf.add(
             b"%02x.d" % c if is_delta else b"%02x" % c, BLOB_MODE, ObjectID(sha.hex().encode())
         )
@@ -204,11 +250,29 @@ def parse_tree(raw: bytes) -> list[tuple[bytes, int, bytes]]:
     return out
 
 
+def _read_anchored(read_tree: Callable[[bytes], bytes], sha: bytes) -> Anchored:
+    base: bytes | None = None
+    deltas: dict[int, bytes] = {}
+    for name, mode, obj in parse_tree(read_tree(sha)):
+        m = _DELTA_NAME.match(name)
+        if mode != BLOB_MODE or (name != b"base" and m is None):
+            raise HostileRepository(f"unexpected name {name!r} in an anchored block")
+        if m is None:
+            base = obj
+        else:
+            deltas[int(m.group(1))] = obj
+    if sorted(deltas) != list(range(1, len(deltas) + 1)) or len(deltas) > MAX_ANCHORED_DELTAS:
+        raise HostileRepository("an anchored block names its deltas out of order")
+    if base is None and not deltas:
+        raise HostileRepository("an anchored block names nothing")
+    return Anchored(base, tuple(deltas[i] for i in sorted(deltas)))
+
+
 def read_block_map(
     read_tree: Callable[[bytes], bytes], blocks_tree: bytes, nblocks: int
-) -> dict[int, BlockRef]:
+) -> dict[int, LayerBlock]:
     """Read a ``blocks`` fan-out tree back into a block map, checking every name."""
-    out: dict[int, BlockRef] = {}
+    out: dict[int, LayerBlock] = {}
     for a_name, a_mode, a_sha in parse_tree(read_tree(blocks_tree)):
         if a_mode != TREE_MODE or not _TOP.match(a_name):
             raise HostileRepository(f"unexpected name {a_name!r} in a block map")
@@ -219,10 +283,16 @@ def read_block_map(
             b = int(b_name, 16)
             for c_name, c_mode, c_sha in parse_tree(read_tree(b_sha)):
                 m = _LEAF.match(c_name)
-                if c_mode != BLOB_MODE or m is None:
+                anchored = m is not None and m.group(2) == b".r"
+                if m is None or c_mode != (TREE_MODE if anchored else BLOB_MODE):
                     raise HostileRepository(f"unexpected name {c_name!r} in a block map")
                 n = (a << 16) | (b << 8) | int(m.group(1), 16)
                 if n >= nblocks:
                     raise HostileRepository(f"block {n} lies beyond the end of its file")
-                out[n] = (m.group(2) is not None, c_sha)
+                if n in out:
+                    raise HostileRepository(f"block {n} is named twice in a block map")
+                if anchored:
+                    out[n] = _read_anchored(read_tree, c_sha)
+                else:
+                    out[n] = (m.group(2) is not None, c_sha)
     return out

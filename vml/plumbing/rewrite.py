@@ -8,16 +8,15 @@ metadata only) and compared block by block:
 - same recipe in X and Q: inherit (nothing stored);
 - X's block is zero: listed as zero (a base layer just leaves it out);
 - X's recipe is a whole block with no deltas: that block's id is reused;
-- X's recipe is Q's recipe plus more deltas: the extra deltas are composed
-  into one page delta (delta data only, no block read);
-- otherwise the block must be re-expressed: it is built, compared page by
-  page with Q's version and stored as a page delta or a whole block.  Only
-  this case reads and writes image data.
+- X's recipe is Q's recipe plus one delta: that delta is reused;
+- otherwise the layer names X's recipe itself, as an *anchored* block (a
+  small tree holding the whole block and the deltas it is built from, see
+  manifests.py).
 
-When X's old parent R is removed and X moves onto R's parent P, this gives
-exactly the merge of X's layer with R's: X's own ref if it has one, else R's,
-else inherited, with a delta on top of R's delta composed and a delta on top
-of R's whole (or zero) block re-expressed.
+So no image data is ever read or written: rm and convert write trees,
+manifests, metadata and commits only, and every block costs as much to build
+afterwards as before.  When X's old parent R is removed and X moves onto R's
+parent P, this gives exactly the merge of X's layer with R's.
 
 The new entry commit keeps the old one's tree for small files, its message,
 author and times; only ``vml-entry.json`` (parent, kind), the changed image
@@ -29,23 +28,17 @@ the same commits.
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from dulwich.objects import Blob, Commit, ObjectID
 
 from vml.errors import CorruptRepository
 from vml.plumbing.chains import (
-    MAX_DELTA_DEPTH,
     ZERO,
-    Recipe,
     ResolvedImage,
     image_layer,
-    materialize,
-    ordered_map,
     resolve_image,
 )
-from vml.plumbing.deltas import delta_header, encode_delta
 from vml.plumbing.entries import (
     IMAGES_NAME,
     META_NAME,
@@ -57,8 +50,8 @@ from vml.plumbing.entries import (
     parse_trailers,
     root_items,
 )
-from vml.plumbing.manifests import BLOB_MODE, TREE_MODE, BlockRef, Manifest, ranges
-from vml.plumbing.packs import BLOB, PackReader, PackWriter, blob_id, deflate
+from vml.plumbing.manifests import BLOB_MODE, TREE_MODE, Anchored, LayerBlock, Manifest, ranges
+from vml.plumbing.packs import PackReader, PackWriter
 
 WINDOW = 16
 REWRITTEN_TRAILER = "VML-Rewritten"
@@ -68,67 +61,33 @@ REWRITTEN_TRAILER = "VML-Rewritten"
 class ExpressStats:
     """What re-expressing images cost."""
 
-    reused_blocks: int = 0  # whole blocks and deltas whose ids were reused
-    composed_deltas: int = 0  # new deltas made from existing deltas only
-    reexpressed_blocks: int = 0  # blocks built from data and stored again
-    written_bytes: int = 0  # compressed bytes of new data objects (deltas, blocks)
+    reused_blocks: int = 0  # whole blocks and deltas kept as the layer's own
+    anchored_blocks: int = 0  # blocks whose existing recipe the layer now names itself
+    written_bytes: int = 0  # compressed bytes of new data objects (always 0 today)
 
     def add(self, other: ExpressStats) -> None:
         """Sum ``other`` into this."""
         self.reused_blocks += other.reused_blocks
-        self.composed_deltas += other.composed_deltas
-        self.reexpressed_blocks += other.reexpressed_blocks
+        self.anchored_blocks += other.anchored_blocks
         self.written_bytes += other.written_bytes
 
 
-def compose_deltas(reader: PackReader, deltas: tuple[bytes, ...]) -> bytes:
-    """One page delta equal to applying ``deltas`` (oldest first) in turn."""
-    pages: dict[int, bytes] = {}
-    shape: tuple[int, int] | None = None
-    for d in deltas:
-        blob = reader.read(d, BLOB)[1]
-        page_size, length, numbers = delta_header(blob)
-        if shape is not None and shape != (page_size, length):
-            raise CorruptRepository(f"delta {d.hex()} does not fit the block it applies to")
-        shape = (page_size, length)
-        pos = len(blob) - sum(min(page_size, length - p * page_size) for p in numbers)
-        for p in numbers:
-            n = min(page_size, length - p * page_size)
-            pages[p] = blob[pos : pos + n]
-            pos += n
-    assert shape is not None
-    page_size, length = shape
-    block = bytearray(length)  # only the named pages are read back out
-    order = sorted(pages)
-    for p in order:
-        block[p * page_size : p * page_size + len(pages[p])] = pages[p]
-    return encode_delta(memoryview(block), order, page_size)
-
-
-def _store(reader: PackReader, writer: PackWriter, data: bytes, stats: ExpressStats) -> bytes:
-    sha = blob_id(data)
-    if sha in writer or reader.contains(sha):
-        return sha
-    z = deflate(data)
-    writer.add_compressed(BLOB, sha, len(data), z)
-    stats.written_bytes += len(z)
-    return sha
-
-
 def express_image(
-    reader: PackReader,
-    writer: PackWriter,
-    pool: Executor,
     x: ResolvedImage,
     q: ResolvedImage | None,
     stats: ExpressStats,
-) -> tuple[Manifest, dict[int, BlockRef]]:
-    """Image ``x`` as a layer over ``q`` (None: a base layer); see the module docstring."""
+) -> tuple[Manifest, dict[int, LayerBlock]]:
+    """Image ``x`` as a layer over ``q`` (None: a base layer); see the module docstring.
+
+    Metadata only: every block either keeps an object it already had (a
+    whole block, or the one delta it adds to ``q``'s version) or names its
+    resolved recipe itself (an anchored block).  No image data is read or
+    written, and building any block costs what it cost before.
+    """
     m = x.manifest
     base = q is None
-    blocks: dict[int, BlockRef] = {}
+    blocks: dict[int, LayerBlock] = {}
     zero: list[int] = []
-    todo: list[tuple[int, Recipe, Recipe | None]] = []
     for n in range(m.nblocks):
         length = m.block_length(n)
         r = x.recipes[n]
@@ -143,50 +102,12 @@ def express_image(
             assert r.base is not None
             blocks[n] = (False, r.base)
             stats.reused_blocks += 1
-            continue
-        if (
-            qr is not None
-            and qr.base == r.base
-            and len(r.deltas) > len(qr.deltas)
-            and r.deltas[: len(qr.deltas)] == qr.deltas
-        ):
-            extra = r.deltas[len(qr.deltas) :]
-            if len(extra) == 1:
-                blocks[n] = (True, extra[0])
-                stats.reused_blocks += 1
-            else:
-                blocks[n] = (True, _store(reader, writer, compose_deltas(reader, extra), stats))
-                stats.composed_deltas += 1
-            continue
-        todo.append((n, r, qr))
-
-    ps = m.page_size
-
-    def build(item: tuple[int, Recipe, Recipe | None]) -> tuple[int, bytes | None, bool]:
-        n, r, qr = item
-        length = m.block_length(n)
-        data = materialize(reader, r, length)
-        if data is None:
-            return n, None, False
-        if qr is not None and len(qr.deltas) < MAX_DELTA_DEPTH:
-            old = materialize(reader, qr, length) or bytes(length)
-            npages = (length + ps - 1) // ps
-            changed = [
-                k
-                for k in range(npages)
-                if data[k * ps : (k + 1) * ps] != old[k * ps : (k + 1) * ps]
-            ]
-            if len(changed) <= npages // 2:
-                return n, encode_delta(data, changed, ps), True
-        return n, data, False
-
-    for n, data, is_delta in ordered_map(pool, build, iter(todo), WINDOW):
-        stats.reexpressed_blocks += 1
-        if data is None:
-            if not base:
-                zero.append(n)
-            continue
-        blocks[n] = (is_delta, _store(reader, writer, data, stats))
+        elif qr is not None and r.base == qr.base and r.deltas[:-1] == qr.deltas:
+            blocks[n] = (True, r.deltas[-1])  # one delta on top of q's version
+            stats.reused_blocks += 1
+        else:
+            blocks[n] = Anchored(r.base, r.deltas)
+            stats.anchored_blocks += 1
     manifest = Manifest(m.size, m.sha256, m.block_size, m.page_size, base, ranges(sorted(zero)))
     return manifest, blocks
 
@@ -213,7 +134,6 @@ def image_trees(reader: PackReader, entry: Entry) -> dict[str, bytes]:
 def reexpress_images(
     reader: PackReader,
     writer: PackWriter,
-    pool: Executor,
     entry: Entry,
     new_parent: bytes | None,
     stats: ExpressStats,
@@ -246,7 +166,7 @@ def reexpress_images(
             q = resolve_image(reader, new_parent, path)
             if q is not None and q.manifest.block_size != x.manifest.block_size:
                 q = None
-        manifest, blocks = express_image(reader, writer, pool, x, q, stats)
+        manifest, blocks = express_image(x, q, stats)
         out[path] = bytes.fromhex(image_tree(writer, manifest, blocks).id.decode())
     return out
 

@@ -24,7 +24,7 @@ from vml.plumbing.deltas import delta_header
 from vml.plumbing.entries import FILES_NAME, Entry, load_entry, lookup_path
 from vml.plumbing.forest import Forest, load_forest
 from vml.plumbing.images import block_digest
-from vml.plumbing.manifests import BLOB_MODE, read_block_map
+from vml.plumbing.manifests import BLOB_MODE, layer_block_ids, read_block_map
 from vml.plumbing.packs import BLOB, PackReader
 
 WINDOW = 16
@@ -111,7 +111,12 @@ def check_structure(
                     )
                 if blocks is not None:
                     bmap = read_block_map(lambda s: reader.read(s, 2)[1], blocks, man.nblocks)
-                    missing = [sha for _d, sha in bmap.values() if not reader.contains(sha)]
+                    missing = [
+                        sha
+                        for entry in bmap.values()
+                        for sha in layer_block_ids(entry)
+                        if not reader.contains(sha)
+                    ]
                     if missing:
                         problems.append(
                             Problem(f"{len(missing)} block objects are missing", c, f.path, missing)

@@ -4,9 +4,9 @@
 differential`` expresses it against a base (``--base``, by default the full
 entry at the root of its chain); ``--to incremental`` against the entry saved
 just before it in the same area (or ``--base``).  Blocks shared with the new
-parent are inherited, other whole blocks are referenced by id, and page
-deltas are composed or, where the new parent's block differs, re-expressed
-(see plumbing/rewrite.py).  The entry's descendants are rewritten to point
+parent are inherited, other blocks keep the objects they are built from
+(referenced by id, or named by an anchored block; see plumbing/rewrite.py):
+no image data is read or written.  The entry's descendants are rewritten to point
 at its new commit; names and areas follow.
 """
 
@@ -27,7 +27,7 @@ from vml.plumbing.rewrite import (
     rewrite_below,
     rewrite_entry,
 )
-from vml.porcelain.common import ProgressFn, label, make_pool, no_progress
+from vml.porcelain.common import ProgressFn, label, no_progress
 from vml.porcelain.rm import RewriteReport, Rewritten, entry_commit, finish_pack
 
 
@@ -78,7 +78,6 @@ def convert(
     commit = entry_commit(repo, name, table)
     reader = PackReader(repo)
     writer = PackWriter(repo)
-    pool = make_pool()
     try:
         forest = load_forest(reader, table)
         e = read_entry(reader, commit)
@@ -119,9 +118,7 @@ def convert(
             return result
         stats = ExpressStats()
         progress("rewrite", 0, 1)
-        images = reexpress_images(
-            reader, writer, pool, e, new_parent, stats, keep_base_layers=False
-        )
+        images = reexpress_images(reader, writer, e, new_parent, stats, keep_base_layers=False)
         onto = label(table, new_parent) if new_parent is not None else None
         note = f"converted to {to}" + (f" on {onto}" if onto else "")
         mapping = {
@@ -151,7 +148,6 @@ def convert(
         writer.abort()
         raise
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
         reader.close()
     moves = apply_rewrite(repo, table, mapping, order)
     result.refs_moved = moves.refs

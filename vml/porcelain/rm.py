@@ -23,7 +23,7 @@ from vml.plumbing.rewrite import (
     rewrite_below,
     rewrite_entry,
 )
-from vml.porcelain.common import ProgressFn, label, make_pool, no_progress
+from vml.porcelain.common import ProgressFn, label, no_progress
 
 
 @dataclass
@@ -46,15 +46,13 @@ class RewriteReport:
     pack_bytes: int = 0  # size of the new pack(s): everything the command wrote
     data_bytes: int = 0  # of which new block and delta data
     reused_blocks: int = 0
-    composed_deltas: int = 0
-    reexpressed_blocks: int = 0
+    anchored_blocks: int = 0
 
     def add_stats(self, s: ExpressStats) -> None:
         """Count what re-expressing images did."""
         self.data_bytes += s.written_bytes
         self.reused_blocks += s.reused_blocks
-        self.composed_deltas += s.composed_deltas
-        self.reexpressed_blocks += s.reexpressed_blocks
+        self.anchored_blocks += s.anchored_blocks
 
 
 @dataclass
@@ -101,7 +99,6 @@ def remove_one(
     table = refs_mod.read_refs(repo)
     reader = PackReader(repo)
     writer = PackWriter(repo)
-    pool = make_pool()
     try:
         forest = load_forest(reader, table)
         parent = forest.parent[commit]
@@ -118,7 +115,7 @@ def remove_one(
         for i, kid in enumerate(kids):
             progress("rewrite", i, len(kids))
             e = read_entry(reader, kid)
-            images = reexpress_images(reader, writer, pool, e, parent, stats, keep_base_layers=True)
+            images = reexpress_images(reader, writer, e, parent, stats, keep_base_layers=True)
             note = f"{me} removed, re-parented onto {onto}" if onto else f"{me} removed, made full"
             mapping[kid] = rewrite_entry(
                 reader,
@@ -140,7 +137,6 @@ def remove_one(
         writer.abort()
         raise
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
         reader.close()
     report.add_stats(stats)
     moves = apply_rewrite(repo, table, mapping, order, drop=(commit, parent))
