@@ -37,7 +37,7 @@ from dulwich.pack import load_pack_index
 
 from vml.errors import CorruptRepository
 from vml.plumbing.manifests import TREE_MODE, parse_tree
-from vml.plumbing.packs import COMMIT, TREE, PackReader, PackWriter, deflate
+from vml.plumbing.packs import COMMIT, PENDING_KEEP, TREE, PackReader, PackWriter, deflate
 from vml.plumbing.repository import Repository, fsync_dir
 
 TAG = 4
@@ -194,6 +194,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _kept(keep: Path) -> bool:
+    """Does this .keep protect its pack?
+
+    A VML save keeps its new pack until its refs reach it; the marker of a
+    process that died before that is stale and is removed (its pack is then
+    collected like any other).
+    """
+    try:
+        words = keep.read_text().split()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    pending = len(words) == 2 and words[0] == PENDING_KEEP and words[1].isdigit()
+    if pending and not _pid_alive(int(words[1])):
+        keep.unlink(missing_ok=True)
+        return False
+    return True
+
+
 def _temporaries(repo: Repository) -> tuple[list[Path], list[Path]]:
     """(temporary packs of live vml processes, stale ones of dead processes)."""
     live: list[Path] = []
@@ -247,7 +267,7 @@ def collect(
             psize = pack.stat().st_size
             ext = _extents(idx, psize)
             info = PackInfo(name, objects=len(ext), size=psize + idx.stat().st_size)
-            info.keep = (pack_dir / f"{name}.keep").exists()
+            info.keep = _kept(pack_dir / f"{name}.keep")
             for sha, _off, length, _crc in ext:
                 if sha in live:
                     info.live += 1
@@ -367,6 +387,7 @@ def _safe_elsewhere(
 
 def _finish(writer: PackWriter, result: GcResult) -> int:
     name = writer.finish()
+    writer.release()  # it holds live objects only: refs already reach them
     if name is None:
         return 0
     result.new_packs.append(name)

@@ -36,6 +36,8 @@ COMMIT = 1
 TYPE_NAMES = {1: b"commit", 2: b"tree", 3: b"blob", 4: b"tag"}
 
 _PROBE = 16 << 10
+# First word of the .keep file guarding a pack whose refs are not set yet.
+PENDING_KEEP = "vml-pending"
 # Start the disk writing a big pack every this many bytes (see start_writeback).
 _WRITEBACK_EVERY = 32 << 20
 _PROBE_MIN = 256 << 10
@@ -105,6 +107,7 @@ class PackWriter:
         self._f.write(b"PACK" + struct.pack(">LL", 2, 0))
         self._offset = 12
         self._unsynced = 0
+        self._keep: Path | None = None
 
     def __contains__(self, sha: bytes) -> bool:
         return sha in self._seen
@@ -153,6 +156,12 @@ class PackWriter:
             self.add_compressed(obj.type_num, sha, len(raw), deflate(raw))
         return sha
 
+    def release(self) -> None:
+        """The finished pack's objects are reachable from refs now: drop its .keep."""
+        if self._keep is not None:
+            self._keep.unlink(missing_ok=True)
+            self._keep = None
+
     def abort(self) -> None:
         """Drop the unfinished pack."""
         if not self._f.closed:
@@ -194,6 +203,12 @@ class PackWriter:
                 idx.flush()
                 if self.durable:
                     os.fsync(idx.fileno())
+            # Until the caller's refs reach these objects, a concurrent gc
+            # would see them as garbage: a .keep file (git's own convention,
+            # which gc honours) protects the pack until release().
+            keep = self._dir / f"{name}.keep"
+            keep.write_text(f"{PENDING_KEEP} {os.getpid()}\n")
+            self._keep = keep
             os.replace(self._tmp, self._dir / f"{name}.pack")
             os.replace(idx_tmp, self._dir / f"{name}.idx")
         except BaseException:

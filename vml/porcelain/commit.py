@@ -358,39 +358,43 @@ def commit(
                 writer.add_object(t)
             stored = writer.stored_bytes
             writer.finish()
-
-            with repo.lock():
-                # A gc that ran while we saved may have dropped objects nothing
-                # referenced yet, among them blocks this entry reuses: check.
-                reader.refresh()
-                missing = [sha for sha in reused if not reader.contains(sha)]
-                if missing:
-                    raise RepositoryBusy(
-                        f"`vml gc` removed {len(missing)} blocks this save reuses while it ran",
-                        "run the same `vml commit` again",
-                    )
-                table = refs_mod.read_refs(repo)
-                if tag is not None and tag in table.tags:
-                    raise UsageError(f"tag {tag!r} was made while saving", "choose another name")
-                n = refs_mod.next_number(table)
-                trailers = [
-                    ("VML-Entry", f"E{n}"),
-                    ("VML-Kind", kind),
-                    ("VML-Parent", label(table, parent) or "none"),
-                    ("VML-Area", str(area.resolve())),
-                ]
-                c = make_commit(bytes.fromhex(root.id.decode()), parent, message, trailers)
-                cid = write_loose(repo, c)
-                refs_mod.set_ref(repo, refs_mod.entry_ref(n), cid, create=True)
-                if tag is not None:
-                    refs_mod.set_ref(repo, refs_mod.TAG_PREFIX + tag.encode(), cid, create=True)
-                branch = state.branch
-                old = table.branches.get(branch) if branch is not None else None
-                if branch is not None and old is None:
-                    # Deleted since the area started following it: do not bring it back.
-                    state.branch = None
-                elif branch is not None:
-                    refs_mod.set_ref(repo, refs_mod.BRANCH_PREFIX + branch.encode(), cid, old)
+            try:
+                with repo.lock():
+                    # A gc that ran while we saved may have dropped objects nothing
+                    # referenced yet, among them blocks this entry reuses: check.
+                    reader.refresh()
+                    missing = [sha for sha in reused if not reader.contains(sha)]
+                    if missing:
+                        raise RepositoryBusy(
+                            f"`vml gc` removed {len(missing)} blocks this save reuses while it ran",
+                            "run the same `vml commit` again",
+                        )
+                    table = refs_mod.read_refs(repo)
+                    if tag is not None and tag in table.tags:
+                        raise UsageError(
+                            f"tag {tag!r} was made while saving", "choose another name"
+                        )
+                    n = refs_mod.next_number(table)
+                    trailers = [
+                        ("VML-Entry", f"E{n}"),
+                        ("VML-Kind", kind),
+                        ("VML-Parent", label(table, parent) or "none"),
+                        ("VML-Area", str(area.resolve())),
+                    ]
+                    c = make_commit(bytes.fromhex(root.id.decode()), parent, message, trailers)
+                    cid = write_loose(repo, c)
+                    refs_mod.set_ref(repo, refs_mod.entry_ref(n), cid, create=True)
+                    if tag is not None:
+                        refs_mod.set_ref(repo, refs_mod.TAG_PREFIX + tag.encode(), cid, create=True)
+                    branch = state.branch
+                    old = table.branches.get(branch) if branch is not None else None
+                    if branch is not None and old is None:
+                        # Deleted since the area started following it: do not bring it back.
+                        state.branch = None
+                    elif branch is not None:
+                        refs_mod.set_ref(repo, refs_mod.BRANCH_PREFIX + branch.encode(), cid, old)
+            finally:
+                writer.release()  # refs reach the pack now (or it is garbage)
             cwriter.commit(cid.hex())
             state.entry = cid.hex()
             state.repository = str(repo.path.resolve())

@@ -149,7 +149,10 @@ def convert(
         raise
     finally:
         reader.close()
-    moves = apply_rewrite(repo, table, mapping, order)
+    try:
+        moves = apply_rewrite(repo, table, mapping, order)
+    finally:
+        writer.release()  # the refs reach the new pack now (or it is garbage)
     result.refs_moved = moves.refs
     result.areas_moved = moves.areas
     return result

@@ -139,7 +139,10 @@ def remove_one(
     finally:
         reader.close()
     report.add_stats(stats)
-    moves = apply_rewrite(repo, table, mapping, order, drop=(commit, parent))
+    try:
+        moves = apply_rewrite(repo, table, mapping, order, drop=(commit, parent))
+    finally:
+        writer.release()  # the refs reach the new pack now (or it is garbage)
     report.refs_moved += moves.refs
     report.areas_moved += moves.areas
     report.removed.append(me)

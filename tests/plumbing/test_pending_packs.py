@@ -1,0 +1,67 @@
+"""A pack whose refs are not set yet survives a concurrent gc; a dead writer's marker does not."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from vml.plumbing.gc import collect
+from vml.plumbing.packs import PENDING_KEEP, PackReader, PackWriter
+from vml.plumbing.repository import Repository
+
+
+def _pack_with_one_blob(repo: Repository, data: bytes) -> tuple[PackWriter, bytes, str]:
+    writer = PackWriter(repo)
+    sha = writer.add_blob(data)
+    name = writer.finish()
+    assert name is not None
+    return writer, sha, name
+
+
+def test_gc_keeps_a_finished_pack_until_its_writer_releases_it(repo: Repository) -> None:
+    # Nothing references the blob yet: it is exactly what a save holds
+    # between writing its pack and moving its ref.
+    writer, sha, name = _pack_with_one_blob(repo, b"block data " * 1000)
+    keep = repo.objects_dir / "pack" / f"{name}.keep"
+    assert keep.read_text().split()[0] == PENDING_KEEP
+    collect(repo)
+    reader = PackReader(repo)
+    try:
+        assert reader.contains(sha), "gc dropped a pending pack"
+    finally:
+        reader.close()
+    writer.release()
+    assert not keep.exists()
+    collect(repo)  # unreferenced and released: garbage now
+    reader = PackReader(repo)
+    try:
+        assert not reader.contains(sha)
+    finally:
+        reader.close()
+
+
+def test_the_marker_of_a_dead_writer_is_stale(repo: Repository) -> None:
+    _writer, sha, name = _pack_with_one_blob(repo, b"orphan " * 1000)
+    keep = repo.objects_dir / "pack" / f"{name}.keep"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    keep.write_text(f"{PENDING_KEEP} {dead}\n")
+    collect(repo)
+    assert not keep.exists()
+    reader = PackReader(repo)
+    try:
+        assert not reader.contains(sha)
+    finally:
+        reader.close()
+
+
+def test_a_keep_file_of_someone_else_is_honoured(repo: Repository) -> None:
+    writer, sha, name = _pack_with_one_blob(repo, b"kept by hand " * 1000)
+    writer.release()
+    (repo.objects_dir / "pack" / f"{name}.keep").write_text("kept by the admin\n")
+    collect(repo)
+    reader = PackReader(repo)
+    try:
+        assert reader.contains(sha)
+    finally:
+        reader.close()
