@@ -65,3 +65,35 @@ def test_a_keep_file_of_someone_else_is_honoured(repo: Repository) -> None:
         assert reader.contains(sha)
     finally:
         reader.close()
+
+
+def test_a_big_write_rolls_over_into_several_packs(repo: Repository) -> None:
+    import os
+    import subprocess
+
+    writer = PackWriter(repo, roll_bytes=64 << 10)
+    blobs = [os.urandom(20 << 10) for _ in range(20)]  # ~400 KiB: several packs
+    ids = [writer.add_blob(b) for b in blobs]
+    last = writer.finish()
+    assert last is not None and len(writer.names) > 3 and writer.names[-1] == last
+    pack_dir = repo.objects_dir / "pack"
+    assert all((pack_dir / f"{n}.keep").exists() for n in writer.names)
+    for n in writer.names:  # git accepts every one of them
+        subprocess.run(["git", "verify-pack", str(pack_dir / f"{n}.idx")], check=True)
+    reader = PackReader(repo)
+    try:
+        assert [reader.read(i)[1] for i in ids] == blobs
+    finally:
+        reader.close()
+    writer.release()
+    assert not list(pack_dir.glob("*.keep"))
+
+
+def test_abort_after_a_rollover_leaves_nothing(repo: Repository) -> None:
+    import os
+
+    writer = PackWriter(repo, roll_bytes=64 << 10)
+    for _ in range(10):
+        writer.add_blob(os.urandom(20 << 10))
+    writer.abort()
+    assert not [p for p in (repo.objects_dir / "pack").iterdir()]

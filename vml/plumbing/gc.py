@@ -386,13 +386,11 @@ def _safe_elsewhere(
 
 
 def _finish(writer: PackWriter, result: GcResult) -> int:
-    name = writer.finish()
+    writer.finish()
     writer.release()  # it holds live objects only: refs already reach them
-    if name is None:
-        return 0
-    result.new_packs.append(name)
+    result.new_packs.extend(writer.names)
     d = writer.repo.objects_dir / "pack"
-    return sum((d / f"{name}{e}").stat().st_size for e in (".pack", ".idx"))
+    return sum((d / f"{n}{e}").stat().st_size for n in writer.names for e in (".pack", ".idx"))
 
 
 def _copy(

@@ -19,7 +19,7 @@ import struct
 import threading
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from dulwich.object_format import DEFAULT_OBJECT_FORMAT
@@ -36,6 +36,8 @@ COMMIT = 1
 TYPE_NAMES = {1: b"commit", 2: b"tree", 3: b"blob", 4: b"tag"}
 
 _PROBE = 16 << 10
+# A pack this big is sealed in the background while the next one fills.
+_ROLL_BYTES = 192 << 20
 # First word of the .keep file guarding a pack whose refs are not set yet.
 PENDING_KEEP = "vml-pending"
 # Start the disk writing a big pack every this many bytes (see start_writeback).
@@ -85,29 +87,51 @@ def _object_header(type_num: int, size: int) -> bytes:
     return bytes(out)
 
 
-@dataclass
-class PackWriter:
-    """Stream objects into one new pack in ``repo``.
+class _Segment:
+    """One pack file being written (the header's count is fixed up when sealed)."""
 
-    Not thread safe: feed it from one thread (compress in others).
+    def __init__(self, pack_dir: Path, n: int) -> None:
+        self.tmp = pack_dir / f"tmp_vml_{os.getpid()}_{threading.get_ident()}_{id(self)}_{n}.pack"
+        self.f = open(self.tmp, "w+b")  # noqa: SIM115 (closed when sealed or aborted)
+        self.f.write(b"PACK" + struct.pack(">LL", 2, 0))
+        self.offset = 12
+        self.unsynced = 0
+        self.entries: list[tuple[bytes, int, int]] = []
+
+    def abort(self) -> None:
+        if not self.f.closed:
+            self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+class PackWriter:
+    """Stream objects into new packs in ``repo``.
+
+    Not thread safe: feed it from one thread (compress in others).  A pack
+    is sealed (its count written, its SHA-1 trailer computed over the whole
+    file, its index written) only once it is complete; so that this last
+    pass does not all fall at the end of a big save, a pack that reaches
+    ``roll_bytes`` is sealed in a background thread while the next one
+    fills.
     """
 
-    repo: Repository
-    durable: bool = True
-    _entries: list[tuple[bytes, int, int]] = field(default_factory=list)
-    _seen: set[bytes] = field(default_factory=set)
-    stored_bytes: int = 0
-
-    def __post_init__(self) -> None:
-        pack_dir = self.repo.objects_dir / "pack"
-        pack_dir.mkdir(parents=True, exist_ok=True)
-        self._dir = pack_dir
-        self._tmp = pack_dir / f"tmp_vml_{os.getpid()}_{threading.get_ident()}_{id(self)}.pack"
-        self._f = open(self._tmp, "w+b")  # noqa: SIM115 (closed by finish/abort)
-        self._f.write(b"PACK" + struct.pack(">LL", 2, 0))
-        self._offset = 12
-        self._unsynced = 0
-        self._keep: Path | None = None
+    def __init__(
+        self, repo: Repository, durable: bool = True, roll_bytes: int = _ROLL_BYTES
+    ) -> None:
+        self.repo = repo
+        self.durable = durable
+        self.roll_bytes = roll_bytes
+        self.stored_bytes = 0
+        self._dir = repo.objects_dir / "pack"
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._seen: set[bytes] = set()
+        self._count = 0
+        self._n = 0
+        self._seg: _Segment | None = _Segment(self._dir, self._n)
+        self._sealing: list[Future[tuple[str, Path]]] = []
+        self._sealer: ThreadPoolExecutor | None = None
+        self._keeps: list[Path] = []
+        self.names: list[str] = []
 
     def __contains__(self, sha: bytes) -> bool:
         return sha in self._seen
@@ -115,30 +139,39 @@ class PackWriter:
     @property
     def count(self) -> int:
         """Objects written so far."""
-        return len(self._entries)
+        return self._count
 
     def add_compressed(self, type_num: int, sha: bytes, size: int, zdata: bytes) -> bool:
         """Append an object whose id and zlib stream are already computed.
 
-        Returns False (and writes nothing) when the pack already holds it.
+        Returns False (and writes nothing) when this writer already holds it.
         """
         if sha in self._seen:
             return False
+        seg = self._seg
+        assert seg is not None, "add after finish"
         header = _object_header(type_num, size)
         # isal's CRC-32 (carry-less multiply) is ~4x zlib's.
         crc = isal_zlib.crc32(zdata, isal_zlib.crc32(header))
-        self._f.write(header)
-        self._f.write(zdata)
-        self._entries.append((sha, self._offset, crc & 0xFFFFFFFF))
+        seg.f.write(header)
+        seg.f.write(zdata)
+        seg.entries.append((sha, seg.offset, crc & 0xFFFFFFFF))
         self._seen.add(sha)
+        self._count += 1
         n = len(header) + len(zdata)
-        self._offset += n
+        seg.offset += n
         self.stored_bytes += n
-        self._unsynced += n
-        if self.durable and self._unsynced >= _WRITEBACK_EVERY:
-            self._f.flush()
-            start_writeback(self._f.fileno())
-            self._unsynced = 0
+        seg.unsynced += n
+        if self.durable and seg.unsynced >= _WRITEBACK_EVERY:
+            seg.f.flush()
+            start_writeback(seg.f.fileno())
+            seg.unsynced = 0
+        if seg.offset >= self.roll_bytes:
+            if self._sealer is None:
+                self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vml-seal")
+            self._sealing.append(self._sealer.submit(self._seal, seg))
+            self._n += 1
+            self._seg = _Segment(self._dir, self._n)
         return True
 
     def add_blob(self, data: bytes | memoryview, sha: bytes | None = None) -> bytes:
@@ -157,32 +190,72 @@ class PackWriter:
         return sha
 
     def release(self) -> None:
-        """The finished pack's objects are reachable from refs now: drop its .keep."""
-        if self._keep is not None:
-            self._keep.unlink(missing_ok=True)
-            self._keep = None
+        """The packs' objects are reachable from refs now: drop their .keep files."""
+        for keep in self._keeps:
+            keep.unlink(missing_ok=True)
+        self._keeps = []
+
+    def _wait_sealed(self) -> BaseException | None:
+        error: BaseException | None = None
+        for fut in self._sealing:
+            try:
+                name, keep = fut.result()
+                self.names.append(name)
+                self._keeps.append(keep)
+            except BaseException as e:  # surfaces in finish(), after every seal ended
+                error = error or e
+        self._sealing = []
+        if self._sealer is not None:
+            self._sealer.shutdown(wait=True)
+            self._sealer = None
+        return error
 
     def abort(self) -> None:
-        """Drop the unfinished pack."""
-        if not self._f.closed:
-            self._f.close()
-        self._tmp.unlink(missing_ok=True)
+        """Drop everything written: the unfinished pack and any sealed ones."""
+        if self._seg is not None:
+            self._seg.abort()
+            self._seg = None
+        self._wait_sealed()
+        for name in self.names:
+            for ext in (".idx", ".pack"):
+                (self._dir / f"{name}{ext}").unlink(missing_ok=True)
+        self.release()
+        self.names = []
 
     def finish(self) -> str | None:
-        """Complete the pack and its index; returns the pack's name, or None if empty.
+        """Seal every pack; returns the last pack's name, or None if nothing was written.
 
-        The header's object count is only known now, so it is rewritten and
-        the trailing checksum computed over the file once more (from the page
-        cache; SHA-1 runs at ~2 GB/s).
+        ``names`` lists every pack written.  Each stays protected by a
+        ``.keep`` marker until :meth:`release`.
         """
-        if not self._entries:
+        seg, self._seg = self._seg, None
+        try:
+            if seg is not None and seg.entries:
+                name, keep = self._seal(seg)
+                self.names.append(name)
+                self._keeps.append(keep)
+            elif seg is not None:
+                seg.abort()
+        except BaseException:
+            self._seg = None
+            error = self._wait_sealed()
             self.abort()
-            return None
-        f = self._f
+            raise
+        error = self._wait_sealed()
+        if error is not None:
+            self.abort()
+            raise error
+        if self.durable and self.names:
+            fsync_dir(self._dir)
+        return self.names[-1] if self.names else None
+
+    def _seal(self, seg: _Segment) -> tuple[str, Path]:
+        """Write the count, the trailer and the index of one pack; make it visible."""
+        f = seg.f
         idx_tmp: Path | None = None
         try:
             f.seek(8)
-            f.write(struct.pack(">L", len(self._entries)))
+            f.write(struct.pack(">L", len(seg.entries)))
             f.flush()
             f.seek(0)
             checksum = hashlib.file_digest(f, "sha1").digest()
@@ -197,9 +270,9 @@ class PackWriter:
             # both files are complete, and a failure (no space) leaves only
             # temporary files, never a pack without its index.
             idx_tmp = self._dir / f"tmp_vml_{name}.idx"
-            self._entries.sort()
+            seg.entries.sort()
             with open(idx_tmp, "wb") as idx:
-                write_pack_index_v2(idx, self._entries, checksum)
+                write_pack_index_v2(idx, seg.entries, checksum)
                 idx.flush()
                 if self.durable:
                     os.fsync(idx.fileno())
@@ -208,17 +281,14 @@ class PackWriter:
             # which gc honours) protects the pack until release().
             keep = self._dir / f"{name}.keep"
             keep.write_text(f"{PENDING_KEEP} {os.getpid()}\n")
-            self._keep = keep
-            os.replace(self._tmp, self._dir / f"{name}.pack")
+            os.replace(seg.tmp, self._dir / f"{name}.pack")
             os.replace(idx_tmp, self._dir / f"{name}.idx")
         except BaseException:
-            self.abort()
+            seg.abort()
             if idx_tmp is not None:
                 idx_tmp.unlink(missing_ok=True)
             raise
-        if self.durable:
-            fsync_dir(self._dir)
-        return name
+        return name, keep
 
 
 class PackReader:

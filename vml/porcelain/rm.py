@@ -64,11 +64,9 @@ class RmResult(RewriteReport):
 
 def finish_pack(repo: Repository, writer: PackWriter) -> int:
     """Complete ``writer``'s pack; returns the bytes it holds on disk (pack + index)."""
-    name = writer.finish()
-    if name is None:
-        return 0
+    writer.finish()
     d = repo.objects_dir / "pack"
-    return sum((d / f"{name}{ext}").stat().st_size for ext in (".pack", ".idx"))
+    return sum((d / f"{n}{ext}").stat().st_size for n in writer.names for ext in (".pack", ".idx"))
 
 
 def entry_commit(repo: Repository, name: str, table: refs_mod.RefTable) -> bytes:
