@@ -343,10 +343,11 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
     fallocate = _libc.fallocate
     fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
     if fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        os.pwrite(fd, zeros(length), offset)
+        write_all(fd, zeros(length), offset)
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def write_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """Write every byte at ``offset`` (a write may be short), or raise NoSpace."""
     mv = memoryview(data)
     while mv:
         try:
@@ -354,6 +355,10 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise NoSpace("no space left while writing the area") from None
+            if e.errno == errno.EFBIG:
+                raise NoSpace(
+                    "a file grew beyond what this file system or process may write"
+                ) from None
             raise
         mv = mv[n:]
         offset += n
@@ -418,7 +423,7 @@ def write_image(
             if in_place:
                 punch_hole(fd, n * bs, length)
             return 0, block_digest(None, length), _zero_rec(length) if want_records else None
-        _pwrite_all(fd, built, n * bs)
+        write_all(fd, built, n * bs)
         if n % _WRITEBACK_BLOCKS == _WRITEBACK_BLOCKS - 1:
             start_writeback(fd)  # the final fsync then waits for little
         # A whole block was checked against its id as it was read.

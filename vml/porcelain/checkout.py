@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import time
@@ -26,7 +25,7 @@ from vml.plumbing.areas import (
 from vml.plumbing.chains import ResolvedImage, resolve_image
 from vml.plumbing.entries import FILES_NAME, Entry, FileRecord, check_relpath, lookup_path
 from vml.plumbing.ignore import IgnoreRules
-from vml.plumbing.images import write_image
+from vml.plumbing.images import write_all, write_image
 from vml.plumbing.manifests import BLOB_MODE
 from vml.plumbing.packs import BLOB, PackReader
 from vml.plumbing.repository import Repository, fsync_dir
@@ -234,12 +233,12 @@ def checkout(
                         tmp = dest.with_name(f".{dest.name}{TMP_SUFFIX}")
                         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                         try:
-                            os.write(fd, data)
-                        except OSError as e:
+                            write_all(fd, data, 0)
+                            if os.fstat(fd).st_size != rec.size:
+                                raise NoSpace(f"{rec.path} could not be written whole")
+                        except BaseException:
                             os.close(fd)
                             tmp.unlink(missing_ok=True)
-                            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                                raise NoSpace(f"no space left to write {rec.path}") from None
                             raise
                         st = _finish_file(fd, tmp, dest, rec)
                         cwriter.add(
