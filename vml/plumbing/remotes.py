@@ -28,6 +28,7 @@ import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from dulwich.client import GitClient, HTTPUnauthorized, get_transport_and_path
 from dulwich.errors import GitProtocolError, HangupException, NotGitRepository
@@ -40,7 +41,7 @@ from vml.errors import CorruptRepository, UsageError, VMLError
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.chains import resolve_image
 from vml.plumbing.entries import Entry, load_entry
-from vml.plumbing.packs import PackReader
+from vml.plumbing.packs import PENDING_KEEP, PackReader
 from vml.plumbing.repository import Repository, fsync_dir, write_atomic
 
 SHARED_PREFIX = b"refs/vml/shared/"
@@ -284,11 +285,81 @@ def _index_progress(progress: Progress) -> Callable[[bytes], None]:
 
 @dataclass
 class Received:
-    """What one fetch brought."""
+    """What one fetch brought.
+
+    ``keeps`` are the ``vml-pending`` markers guarding the new pack from a
+    concurrent gc until refs reach it: call :meth:`release` once they do
+    (or once the fetch failed: the pack is then garbage).
+    """
 
     refs: dict[bytes, bytes]  # every remote ref (hex values)
     objects: int = 0
     size: int = 0  # bytes transferred
+    keeps: list[Path] = field(default_factory=list)
+
+    def release(self) -> None:
+        """Drop the pending markers: the new pack's objects are reachable now (or garbage)."""
+        _release(self.keeps)
+        self.keeps = []
+
+
+def _release(keeps: list[Path]) -> None:
+    for keep in keeps:
+        keep.unlink(missing_ok=True)
+
+
+def _pending_keep(keep: Path) -> bool:
+    """Create the pending marker ``keep``; False when a .keep was already there.
+
+    A .keep that exists already (git's own, or another process's marker on a
+    pack holding the same objects) is not ours to remove.
+    """
+    try:
+        fd = os.open(keep, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        os.write(fd, f"{PENDING_KEEP} {os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+    return True
+
+
+def _add_pack_kept(
+    repo: Repository, data: Callable[[int], bytes], progress: Progress
+) -> list[Path]:
+    """Index the fetched pack into the store, guarded by a pending .keep.
+
+    dulwich names the pack from its object ids (``_get_pack_basepath``),
+    then renames the .pack into place and writes the .idx; the marker is
+    written when the name is known, before either appears, so gc never sees
+    the pack unprotected.  Should a dulwich version name packs another way,
+    the marker follows right after (a short window: fetch also checks, under
+    the lock, that what it is about to reference still exists).
+    """
+    store = repo.git.object_store
+    keeps: list[Path] = []
+    name_of = store._get_pack_basepath
+
+    def named(entries: Iterable[tuple[bytes, int, int | None]]) -> str:
+        base = name_of(entries)
+        keep = Path(base + ".keep")
+        if _pending_keep(keep):
+            keeps.append(keep)
+        return base
+
+    setattr(store, "_get_pack_basepath", named)  # noqa: B010 (shadow the method on this store only)
+    try:
+        pack = store.add_thin_pack(data, None, progress=_index_progress(progress))
+        keep = repo.objects_dir / "pack" / f"pack-{pack.name().decode()}.keep"
+        if keep not in keeps and _pending_keep(keep):
+            keeps.append(keep)
+    except BaseException:
+        _release(keeps)
+        raise
+    finally:
+        delattr(store, "_get_pack_basepath")
+    return keeps
 
 
 def local_heads(repo: Repository) -> list[ObjectID]:
@@ -319,7 +390,10 @@ def receive(
 
     Objects land in one new pack (dulwich indexes it and appends the bases
     of a thin pack); its files are made durable before this returns, so
-    the caller can point refs at what arrived.
+    the caller can point refs at what arrived.  The pack carries a
+    ``vml-pending`` .keep (``Received.keeps``) so a concurrent gc leaves it
+    alone: the caller must call ``Received.release()`` once its refs are set
+    (or it gave up).
     """
     seen: dict[bytes, bytes] = {}
     wanted: list[ObjectID] = []
@@ -336,6 +410,7 @@ def receive(
         return list(wanted)
 
     sink = _PackSink(repo, progress)
+    keeps: list[Path] = []
     pack_dir = repo.objects_dir / "pack"
     pack_dir.mkdir(parents=True, exist_ok=True)
     before = set(os.listdir(pack_dir))
@@ -355,22 +430,26 @@ def receive(
         if wanted and sink.bytes:
             sink.file.seek(0)
             try:
-                store.add_thin_pack(sink.file.read, None, progress=_index_progress(progress))
+                keeps = _add_pack_kept(repo, sink.file.read, progress)
             except Exception as e:
                 raise CorruptRepository(f"the pack from {url} is damaged ({e})") from None
     finally:
         sink.file.close()
-    # dulwich renames packs into place without fsync: make them durable
-    # before any ref points into them.
-    for name in sorted(set(os.listdir(pack_dir)) - before):
-        if name.startswith("pack-"):
-            fd = os.open(pack_dir / name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    fsync_dir(pack_dir)
-    repo.reopen_store()
+    try:
+        # dulwich renames packs into place without fsync: make them durable
+        # before any ref points into them.
+        for name in sorted(set(os.listdir(pack_dir)) - before):
+            if name.startswith("pack-"):
+                fd = os.open(pack_dir / name, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        fsync_dir(pack_dir)
+        repo.reopen_store()
+    except BaseException:
+        _release(keeps)
+        raise
     refs = {
         bytes(k): bytes(v)
         for k, v in result.refs.items()
@@ -378,9 +457,9 @@ def receive(
     }
     refs = refs or seen
     if not wanted:
-        return Received(refs)
+        return Received(refs, keeps=keeps)
     progress("objects", sink.objects, sink.objects)
-    return Received(refs, sink.objects, sink.bytes)
+    return Received(refs, sink.objects, sink.bytes, keeps)
 
 
 @dataclass

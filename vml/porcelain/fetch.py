@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from dulwich.object_store import peel_sha
 from dulwich.objects import ObjectID
 
-from vml.errors import UnknownEntry, UsageError
+from vml.errors import RepositoryBusy, UnknownEntry, UsageError
 from vml.plumbing import refs as refs_mod
 from vml.plumbing import remotes as rm
+from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
 from vml.porcelain.common import ProgressFn, no_progress
 
@@ -125,6 +126,37 @@ def _current(repo: Repository, ref: bytes) -> bytes | None:
         return None
 
 
+def _check_present(repo: Repository, remote: str, chosen: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """Peel every fetched tip (hex -> commit id), checking that each object exists now.
+
+    Reads the packs afresh (call under the lock): what a concurrent gc
+    deleted since the fetch shows as missing, and RepositoryBusy is raised
+    before any ref moves.
+    """
+    reader = PackReader(repo)
+    try:
+        out: dict[bytes, bytes] = {}
+        for ref, value in sorted(chosen.items()):
+            hexid = rm.hex_of(value)
+            if tracking_name(remote, ref) is None or hexid in out:
+                continue
+            commit: bytes | None = None
+            if reader.contains(bytes.fromhex(hexid.decode())):
+                try:
+                    commit = _peel(repo, hexid)  # a tag's target may be gone too
+                except KeyError:
+                    commit = None
+            if commit is None or not reader.contains(commit):
+                raise RepositoryBusy(
+                    f"a concurrent `vml gc` removed objects this fetch brought ({hexid.decode()})",
+                    "run the same command again",
+                )
+            out[hexid] = commit
+        return out
+    finally:
+        reader.close()
+
+
 def apply_fetched(
     repo: Repository,
     remote: str,
@@ -150,13 +182,17 @@ def apply_fetched(
             remote_names[bytes.fromhex(hexid.decode())] = f"E{int(tail)}"
     tips: list[bytes] = []
     with repo.lock():
+        # A gc that ran between the pack's arrival and now may have taken
+        # objects no ref held yet (a pack without its marker, or objects that
+        # were already here unreferenced): never point a ref at a missing one.
+        peeled = _check_present(repo, remote, chosen)
         wanted: set[bytes] = set()
         for ref, hexid in sorted(chosen.items()):
             hexid = rm.hex_of(hexid)
             target = tracking_name(remote, ref)
             if target is None:
                 continue
-            commit = _peel(repo, hexid)
+            commit = peeled[hexid]
             tips.append(commit)
             if ref.startswith(_ENTRIES):
                 n = int(ref[len(_ENTRIES) :])
@@ -219,15 +255,20 @@ def fetch_into(
         return list(chosen.values())
 
     got = rm.receive(repo, client, path, url, choose, progress)
-    res = apply_fetched(
-        repo,
-        remote,
-        url,
-        chosen,
-        prune=not names,
-        keep_numbers=keep_numbers,
-        advertised=got.refs,
-    )
+    try:
+        res = apply_fetched(
+            repo,
+            remote,
+            url,
+            chosen,
+            prune=not names,
+            keep_numbers=keep_numbers,
+            advertised=got.refs,
+        )
+    finally:
+        # Refs reach the new pack now (or the fetch failed and it is
+        # garbage): gc may judge it like any other.
+        got.release()
     res.objects, res.size = got.objects, got.size
     return res
 
