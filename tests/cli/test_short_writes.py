@@ -8,8 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import TEST_BLOCK
-
+from tests.conftest import TEST_BLOCK
 from vml.plumbing.repository import Repository
 from vml.porcelain.commit import commit
 

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import need
 from typer.testing import CliRunner
 
+from tests.conftest import need
 from vml.cli.app import app
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import shutil
 import stat as stat_mod
 import uuid
@@ -69,6 +70,18 @@ def load_state(area: Path) -> AreaState | None:
             f"{area}/.vml/area.json is unreadable ({e})",
             "remove the .vml folder to start the area afresh (its entries stay in the repository)",
         ) from None
+    hexid = re.compile(r"^[0-9a-f]{40}$")
+    ok = isinstance(doc, dict) and isinstance(doc.get("area_id", ""), str)
+    for key in ("entry", "pending"):
+        v = doc.get(key) if ok else None
+        ok = ok and (v is None or (isinstance(v, str) and bool(hexid.match(v))))
+    for key in ("repository", "branch"):
+        ok = ok and isinstance(doc.get(key), str | None)
+    if not ok:
+        raise AreaError(
+            f"{area}/.vml/area.json is malformed",
+            "remove the .vml folder to start the area afresh (its entries stay in the repository)",
+        )
     known = {k: doc.get(k) for k in AreaState.__dataclass_fields__ if k in doc}
     return AreaState(**known)
 
@@ -201,7 +214,7 @@ class Cache:
             ):
                 self.entry = doc.get("entry")
                 self.files = {p: CachedFile(**v) for p, v in doc.get("files", {}).items()}
-        except (OSError, ValueError, TypeError):
+        except (OSError, ValueError, TypeError, AttributeError):
             pass  # no usable cache: callers fall back to the repository
 
     def valid_for(self, entry: str | None) -> bool:

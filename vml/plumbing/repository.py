@@ -201,25 +201,38 @@ class Repository:
         return [str(p) for p in data.get("areas", []) if isinstance(p, str)]
 
     def register_area(self, area: Path) -> None:
-        """Remember ``area`` so ``vml areas`` can list it."""
-        areas = self.known_areas()
+        """Remember ``area`` so ``vml areas``, ``rm`` and ``prune`` see it.
+
+        Read-modify-write under the repository lock: two areas saving at once
+        must not drop each other (rm and prune keep what areas hold).
+        """
         key = str(area.resolve())
-        if key in areas:
+        if key in self.known_areas():
             return
-        areas.append(key)
-        self.vml_dir.mkdir(exist_ok=True)
-        write_atomic(
-            self.vml_dir / "areas.json",
-            json.dumps({"areas": sorted(areas)}, indent=1).encode(),
-        )
+        with self.lock(what="repository (area list)"):
+            areas = self.known_areas()
+            if key in areas:
+                return
+            areas.append(key)
+            write_atomic(
+                self.vml_dir / "areas.json",
+                json.dumps({"areas": sorted(areas)}, indent=1).encode(),
+            )
 
 
 def _config_int(repo: Repo, key: bytes, default: int) -> int:
     cfg = repo.get_config()
     try:
-        return int(cfg.get((b"vml",), key))
+        raw = cfg.get((b"vml",), key)
     except KeyError:
         return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise RepositoryNotFound(
+            f"the repository's vml.{key.decode()} is {raw.decode(errors='replace')!r}, not a number",
+            "fix it with `git config`, or use another repository",
+        ) from None
 
 
 def is_repository(path: Path) -> bool:
@@ -277,4 +290,15 @@ def open_repository(path: Path) -> Repository:
         )
     block_size = _config_int(repo, b"blockSize", DEFAULT_BLOCK_SIZE)
     page_size = _config_int(repo, b"pageSize", PAGE_SIZE)
+    if (
+        not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE
+        or block_size & (block_size - 1)
+        or not 512 <= page_size <= block_size
+        or page_size & (page_size - 1)
+    ):
+        repo.close()
+        raise RepositoryNotFound(
+            f"{path} has an impossible block size ({block_size}) or page size ({page_size})",
+            "fix vml.blockSize / vml.pageSize with `git config`, or use another repository",
+        )
     return Repository(Path(path), repo, block_size, page_size)
