@@ -35,9 +35,9 @@ def test_state_round_trip(tmp_path: Path) -> None:
     save_state(tmp_path, st)
     assert load_state(tmp_path) == st
     # unknown keys from a newer vml are ignored, missing ones defaulted
-    (vml_dir(tmp_path) / "area.json").write_text('{"entry": "x", "future": 1}')
+    (vml_dir(tmp_path) / "area.json").write_text('{"entry": "%s", "future": 1}' % ("cd" * 20))
     got = load_state(tmp_path)
-    assert got is not None and got.entry == "x" and got.branch is None
+    assert got is not None and got.entry == "cd" * 20 and got.branch is None
     (vml_dir(tmp_path) / "area.json").write_text("{broken")
     with pytest.raises(AreaError, match="unreadable"):
         load_state(tmp_path)

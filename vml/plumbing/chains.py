@@ -9,8 +9,9 @@ then built and written once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future
+from collections import deque
+from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -178,17 +179,23 @@ R = TypeVar("R")
 
 def ordered_map(
     pool: Executor, fn: Callable[[T], R], items: Iterator[T], window: int
-) -> Iterator[R]:
+) -> Generator[R, None, None]:
     """``map`` over a thread pool with at most ``window`` items in flight, in order.
 
-    Bounded so memory stays flat whatever the image size.
+    Bounded so memory stays flat whatever the image size.  When the consumer
+    stops early (an error, or closing the generator), the items still queued
+    are cancelled and the running ones waited for before this returns, so no
+    worker is left using a file the caller is about to close.
     """
-    from collections import deque
-
     queue: deque[Future[R]] = deque()
-    for item in items:
-        queue.append(pool.submit(fn, item))
-        if len(queue) >= window:
+    try:
+        for item in items:
+            queue.append(pool.submit(fn, item))
+            if len(queue) >= window:
+                yield queue.popleft().result()
+        while queue:
             yield queue.popleft().result()
-    while queue:
-        yield queue.popleft().result()
+    finally:
+        for fut in queue:
+            fut.cancel()
+        wait(queue)

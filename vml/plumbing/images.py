@@ -17,7 +17,7 @@ import ctypes.util
 import errno
 import hashlib
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,6 +215,7 @@ def save_image(
         )
     base_layer = inp.parent is None
     fd = os.open(path, os.O_RDONLY)
+    results: Generator[_Outcome, None, None] | None = None
     try:
         before = stat_signature(os.fstat(fd))
         holes = _HoleMap(data_ranges(fd, size))
@@ -280,7 +281,8 @@ def save_image(
         blocks: dict[int, BlockRef] = {}
         zero_blocks: list[int] = []
         read_total = 0
-        for n, out in enumerate(ordered_map(pool, work, spans(), WINDOW)):
+        results = ordered_map(pool, work, spans(), WINDOW)
+        for n, out in enumerate(results):
             length = min(block_size, size - n * block_size)
             file_hash.update(out.digest)
             if record_out is not None:
@@ -301,6 +303,8 @@ def save_image(
         if after != before:
             raise FileChanged(f"{path.name} changed while it was read")
     finally:
+        if results is not None:
+            results.close()  # workers stop before the file descriptor closes
         os.close(fd)
     manifest = Manifest(
         size=size,
@@ -441,12 +445,16 @@ def write_image(
 
     file_hash = hashlib.sha256()
     written = 0
-    for n, (nw, dg, rec) in enumerate(ordered_map(pool, build, iter(range(m.nblocks)), WINDOW)):
-        written += nw
-        file_hash.update(dg)
-        if record_out is not None and rec is not None:
-            record_out.write(rec)
-        progress(m.block_length(n))
+    results = ordered_map(pool, build, iter(range(m.nblocks)), WINDOW)
+    try:
+        for n, (nw, dg, rec) in enumerate(results):
+            written += nw
+            file_hash.update(dg)
+            if record_out is not None and rec is not None:
+                record_out.write(rec)
+            progress(m.block_length(n))
+    finally:
+        results.close()  # workers stop before the caller closes the file
     if file_hash.hexdigest() != m.sha256:
         raise CorruptRepository(
             "a rebuilt image does not match its digest; the repository is damaged"
