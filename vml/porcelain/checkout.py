@@ -262,9 +262,8 @@ def checkout(
                         ):
                             old_img = resolve_image(reader, clean_old.commit, rec.path)
                         name_rec, out = cwriter.new_records()
-                        base = done
 
-                        def tick(n: int, base: int = base) -> None:
+                        def tick(n: int) -> None:
                             nonlocal done
                             done += n
                             progress("write", done, total)

@@ -12,10 +12,10 @@ from dulwich.objects import Blob
 
 from vml.errors import (
     AreaError,
+    CorruptRepository,
     FileChanged,
     NothingToCommit,
     RepositoryBusy,
-    UnknownEntry,
     UsageError,
 )
 from vml.plumbing import refs as refs_mod
@@ -95,7 +95,7 @@ def _chain_root(reader: PackReader, commit: bytes) -> bytes:
         commit = e.parent
         seen += 1
         if seen > 1 << 20:
-            raise UnknownEntry("entry chain has no root (a cycle?)")
+            raise CorruptRepository("entry chain has no root (a cycle?)")
 
 
 def _read_small(path: Path) -> tuple[bytes, os.stat_result]:
@@ -231,77 +231,88 @@ def commit(
                         parent_img = resolve_image(reader, parent, af.path)
                     cached = cache.files.get(af.path) if cache_ok else None
                     recs = cache.records(af.path) if cached is not None else None
-                    if (
-                        parent is not None
-                        and parent == area_commit
-                        and parent_img is not None
-                        and cached is not None
-                        and recs is not None
-                        and cached.kind == "image"
-                        and cached.stat == stat_signature(st)
-                        and parent_img.manifest.size == st.st_size
-                    ):
-                        # Unchanged since the entry it extends: a manifest and nothing else.
-                        man = Manifest(
-                            st.st_size, cached.sha256, repo.block_size, repo.page_size, base=False
-                        )
-                        tree = image_tree(writer, man, {})
-                        rec_path = cache.area / ".vml" / "cache" / (cached.pages or "")
-                        name = cwriter.reuse_records(rec_path)
-                        recs.close()
-                        sha256 = cached.sha256
-                        done += st.st_size
-                        progress("read", done, total)
-                    else:
-                        area_img: ResolvedImage | None = None
-                        if recs is not None and area_commit != parent and parent_img is not None:
-                            af_old = area_files.get(af.path)
-                            if af_old is not None and af_old.kind == "image":
-                                area_img = resolve_image(reader, area_commit, af.path)  # type: ignore[arg-type]
-
-                        def match(
-                            n: int,
-                            p: ResolvedImage | None = parent_img,
-                            a: ResolvedImage | None = area_img,
-                        ) -> bool:
-                            if p is None:
-                                return False
-                            if a is None:
-                                return parent == area_commit
-                            ln = p.manifest.block_length(n)
-                            return a.recipe(n, ln) == p.recipes[n]
-
-                        name, out = cwriter.new_records()
-                        start = done
-
-                        def tick(n: int, base: int = start) -> None:
-                            nonlocal done
-                            done += n
-                            progress("read", done, total)
-
-                        try:
-                            tree, man, nread, _stored = save_image(
-                                reader,
-                                writer,
-                                pool,
-                                full_path,
+                    try:
+                        if (
+                            parent is not None
+                            and parent == area_commit
+                            and parent_img is not None
+                            and cached is not None
+                            and recs is not None
+                            and cached.kind == "image"
+                            and cached.stat == stat_signature(st)
+                            and parent_img.manifest.size == st.st_size
+                        ):
+                            # Unchanged since the entry it extends: a manifest and nothing else.
+                            man = Manifest(
                                 st.st_size,
+                                cached.sha256,
                                 repo.block_size,
                                 repo.page_size,
-                                SaveInputs(parent_img, recs, match, reused),
-                                out,  # type: ignore[arg-type]
-                                tick,
+                                base=False,
                             )
-                        finally:
-                            out.close()  # type: ignore[attr-defined]
-                            if recs is not None:
-                                recs.close()
-                        read_bytes += nread
-                        sha256 = man.sha256
-                        # The folder was listed before the file was opened: a change
-                        # in between must not be saved under the listed size and time.
-                        if stat_signature(os.stat(full_path)) != stat_signature(st):
-                            raise FileChanged(f"{af.path} changed while it was read")
+                            tree = image_tree(writer, man, {})
+                            rec_path = cache.area / ".vml" / "cache" / (cached.pages or "")
+                            name = cwriter.reuse_records(rec_path)
+                            recs.close()
+                            sha256 = cached.sha256
+                            done += st.st_size
+                            progress("read", done, total)
+                        else:
+                            area_img: ResolvedImage | None = None
+                            if (
+                                recs is not None
+                                and area_commit != parent
+                                and parent_img is not None
+                            ):
+                                af_old = area_files.get(af.path)
+                                if af_old is not None and af_old.kind == "image":
+                                    area_img = resolve_image(reader, area_commit, af.path)  # type: ignore[arg-type]
+
+                            def match(
+                                n: int,
+                                p: ResolvedImage | None = parent_img,
+                                a: ResolvedImage | None = area_img,
+                            ) -> bool:
+                                if p is None:
+                                    return False
+                                if a is None:
+                                    return parent == area_commit
+                                ln = p.manifest.block_length(n)
+                                return a.recipe(n, ln) == p.recipes[n]
+
+                            name, out = cwriter.new_records()
+
+                            def tick(n: int) -> None:
+                                nonlocal done
+                                done += n
+                                progress("read", done, total)
+
+                            try:
+                                tree, man, nread, _ = save_image(
+                                    reader,
+                                    writer,
+                                    pool,
+                                    full_path,
+                                    st.st_size,
+                                    repo.block_size,
+                                    repo.page_size,
+                                    SaveInputs(parent_img, recs, match, reused),
+                                    out,  # type: ignore[arg-type]
+                                    tick,
+                                )
+                            finally:
+                                out.close()  # type: ignore[attr-defined]
+                                if recs is not None:
+                                    recs.close()
+                            read_bytes += nread
+                            sha256 = man.sha256
+                            # The folder was listed before the file was opened: a change
+                            # in between must not be saved under the listed size and time.
+                            if stat_signature(os.stat(full_path)) != stat_signature(st):
+                                raise FileChanged(f"{af.path} changed while it was read")
+                    finally:
+                        if recs is not None:
+                            recs.close()  # also when a step above fails
                     image_items[af.path] = (TREE_MODE, bytes.fromhex(tree.id.decode()))
                     records.append(
                         FileRecord(af.path, "image", mode, st.st_mtime_ns, st.st_size, sha256)
@@ -316,85 +327,99 @@ def commit(
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
 
-            changed = _changed_files(records, area_files, dirs, area_entry)
-            if area_entry is not None and not changed and not allow_empty:
-                writer.abort()
-                cwriter.abort()
-                raise NothingToCommit(
-                    f"nothing changed in {area} since {label(table, area_commit)}"
-                )
-
-            meta = EntryMeta(
-                kind=kind,
-                parent=parent.hex() if parent else None,
-                area=str(area.resolve()),
-                area_id=state.area_id,
-                created=now_iso(),
-                message=message,
-                files=records,
-                dirs=dirs,
-                vm=entry_vm(vm, externals),
-                stats={
-                    "read_bytes": read_bytes,
-                    "stored_bytes": 0,
-                    "logical_bytes": total,
-                },
-            )
-            # stored bytes of the data objects; metadata and trees are tiny
-            meta.stats["stored_bytes"] = writer.stored_bytes
-            meta_blob = Blob.from_string(meta.encode())
-            writer.add_object(meta_blob)
-            root_items: dict[str, tuple[int, bytes]] = {
-                META_NAME.decode(): (BLOB_MODE, bytes.fromhex(meta_blob.id.decode()))
-            }
-            for prefix, items in ((FILES_NAME, small_items), (IMAGES_NAME, image_items)):
-                if items:
-                    top, made = nested_trees(items)
-                    for t in made:
-                        writer.add_object(t)
-                    root_items[prefix.decode()] = (TREE_MODE, bytes.fromhex(top.id.decode()))
-            root, made = nested_trees(root_items)
-            for t in made:
-                writer.add_object(t)
-            stored = writer.stored_bytes
-            writer.finish()
+            finished = False
             try:
-                with repo.lock():
-                    # A gc that ran while we saved may have dropped objects nothing
-                    # referenced yet, among them blocks this entry reuses: check.
-                    reader.refresh()
-                    missing = [sha for sha in reused if not reader.contains(sha)]
-                    if missing:
-                        raise RepositoryBusy(
-                            f"`vml gc` removed {len(missing)} blocks this save reuses while it ran",
-                            "run the same `vml commit` again",
-                        )
-                    table = refs_mod.read_refs(repo)
-                    if tag is not None and tag in table.tags:
-                        raise UsageError(
-                            f"tag {tag!r} was made while saving", "choose another name"
-                        )
-                    n = refs_mod.next_number(table)
-                    trailers = [
-                        ("VML-Entry", f"E{n}"),
-                        ("VML-Kind", kind),
-                        ("VML-Parent", label(table, parent) or "none"),
-                        ("VML-Area", str(area.resolve())),
-                    ]
-                    c = make_commit(bytes.fromhex(root.id.decode()), parent, message, trailers)
-                    cid = write_loose(repo, c)
-                    refs_mod.set_ref(repo, refs_mod.entry_ref(n), cid, create=True)
-                    if tag is not None:
-                        refs_mod.set_ref(repo, refs_mod.TAG_PREFIX + tag.encode(), cid, create=True)
-                    branch = state.branch
-                    old = table.branches.get(branch) if branch is not None else None
-                    if branch is not None and old is None:
-                        # Deleted since the area started following it: do not bring it back.
-                        state.branch = None
-                    elif branch is not None:
-                        refs_mod.set_ref(repo, refs_mod.BRANCH_PREFIX + branch.encode(), cid, old)
-            finally:
-                writer.release()  # refs reach the pack now (or it is garbage)
+                changed = _changed_files(records, area_files, dirs, area_entry)
+                if area_entry is not None and not changed and not allow_empty:
+                    writer.abort()
+                    cwriter.abort()
+                    raise NothingToCommit(
+                        f"nothing changed in {area} since {label(table, area_commit)}"
+                    )
+
+                meta = EntryMeta(
+                    kind=kind,
+                    parent=parent.hex() if parent else None,
+                    area=str(area.resolve()),
+                    area_id=state.area_id,
+                    created=now_iso(),
+                    message=message,
+                    files=records,
+                    dirs=dirs,
+                    vm=entry_vm(vm, externals),
+                    stats={
+                        "read_bytes": read_bytes,
+                        "stored_bytes": 0,
+                        "logical_bytes": total,
+                    },
+                )
+                # stored bytes of the data objects; metadata and trees are tiny
+                meta.stats["stored_bytes"] = writer.stored_bytes
+                meta_blob = Blob.from_string(meta.encode())
+                writer.add_object(meta_blob)
+                root_items: dict[str, tuple[int, bytes]] = {
+                    META_NAME.decode(): (BLOB_MODE, bytes.fromhex(meta_blob.id.decode()))
+                }
+                for prefix, items in ((FILES_NAME, small_items), (IMAGES_NAME, image_items)):
+                    if items:
+                        top, made = nested_trees(items)
+                        for t in made:
+                            writer.add_object(t)
+                        root_items[prefix.decode()] = (TREE_MODE, bytes.fromhex(top.id.decode()))
+                root, made = nested_trees(root_items)
+                for t in made:
+                    writer.add_object(t)
+                stored = writer.stored_bytes
+                writer.finish()
+                finished = True
+                try:
+                    with repo.lock():
+                        # A gc that ran while we saved may have dropped objects nothing
+                        # referenced yet, among them blocks this entry reuses: check.
+                        reader.refresh()
+                        missing = [sha for sha in reused if not reader.contains(sha)]
+                        if missing:
+                            raise RepositoryBusy(
+                                f"`vml gc` removed {len(missing)} blocks this save reuses while it ran",
+                                "run the same `vml commit` again",
+                            )
+                        table = refs_mod.read_refs(repo)
+                        if tag is not None and tag in table.tags:
+                            raise UsageError(
+                                f"tag {tag!r} was made while saving", "choose another name"
+                            )
+                        n = refs_mod.next_number(table)
+                        trailers = [
+                            ("VML-Entry", f"E{n}"),
+                            ("VML-Kind", kind),
+                            ("VML-Parent", label(table, parent) or "none"),
+                            ("VML-Area", str(area.resolve())),
+                        ]
+                        c = make_commit(bytes.fromhex(root.id.decode()), parent, message, trailers)
+                        cid = write_loose(repo, c)
+                        refs_mod.set_ref(repo, refs_mod.entry_ref(n), cid, create=True)
+                        if tag is not None:
+                            refs_mod.set_ref(
+                                repo, refs_mod.TAG_PREFIX + tag.encode(), cid, create=True
+                            )
+                        branch = state.branch
+                        old = table.branches.get(branch) if branch is not None else None
+                        if branch is not None and old is None:
+                            # Deleted since the area started following it: do not bring it back.
+                            state.branch = None
+                        elif branch is not None:
+                            refs_mod.set_ref(
+                                repo, refs_mod.BRANCH_PREFIX + branch.encode(), cid, old
+                            )
+                finally:
+                    writer.release()  # refs reach the pack now (or it is garbage)
+            except BaseException:
+                # Nothing of this save may stay behind: its cache and, before
+                # the pack was sealed, the pack itself.
+                cwriter.abort()
+                if not finished:
+                    writer.abort()
+                raise
             cwriter.commit(cid.hex())
             state.entry = cid.hex()
             state.repository = str(repo.path.resolve())
