@@ -253,6 +253,7 @@ class PackWriter:
         """Write the count, the trailer and the index of one pack; make it visible."""
         f = seg.f
         idx_tmp: Path | None = None
+        visible: list[Path] = []  # made under final names: undone on failure
         try:
             f.seek(8)
             f.write(struct.pack(">L", len(seg.entries)))
@@ -281,12 +282,16 @@ class PackWriter:
             # which gc honours) protects the pack until release().
             keep = self._dir / f"{name}.keep"
             keep.write_text(f"{PENDING_KEEP} {os.getpid()}\n")
+            visible.append(keep)
             os.replace(seg.tmp, self._dir / f"{name}.pack")
+            visible.append(self._dir / f"{name}.pack")
             os.replace(idx_tmp, self._dir / f"{name}.idx")
         except BaseException:
             seg.abort()
             if idx_tmp is not None:
                 idx_tmp.unlink(missing_ok=True)
+            for path in reversed(visible):  # the pack before its .keep
+                path.unlink(missing_ok=True)
             raise
         return name, keep
 
