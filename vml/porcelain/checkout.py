@@ -261,6 +261,9 @@ def checkout(
                             and cached.stat == stat_signature(dest.stat())
                         ):
                             old_img = resolve_image(reader, clean_old.commit, rec.path)
+                        # The unchanged blocks' digests and records come from the
+                        # cache: an in-place checkout then costs the changed blocks.
+                        old_recs = cache.records(rec.path) if old_img is not None else None
                         name_rec, out = cwriter.new_records()
 
                         def tick(n: int) -> None:
@@ -284,6 +287,7 @@ def checkout(
                                     old_img,
                                     tick,
                                     out,  # type: ignore[arg-type]
+                                    old_recs,
                                 )
                             except BaseException:
                                 os.close(fd)
@@ -292,6 +296,8 @@ def checkout(
                                 raise
                         finally:
                             out.close()  # type: ignore[attr-defined]
+                            if old_recs is not None:
+                                old_recs.close()
                         st = _finish_file(fd, tmp, dest, rec)
                         cwriter.add(
                             rec.path,
