@@ -37,7 +37,15 @@ from dulwich.pack import load_pack_index
 
 from vml.errors import CorruptRepository
 from vml.plumbing.manifests import TREE_MODE, parse_tree
-from vml.plumbing.packs import COMMIT, PENDING_KEEP, TREE, PackReader, PackWriter, deflate
+from vml.plumbing.packs import (
+    COMMIT,
+    PENDING_KEEP,
+    TREE,
+    PackReader,
+    PackWriter,
+    deflate,
+    parse_object_header,
+)
 from vml.plumbing.repository import Repository, fsync_dir
 
 TAG = 4
@@ -156,21 +164,6 @@ def _extents(idx_path: Path, pack_size: int) -> list[tuple[bytes, int, int, int 
         end = items[i + 1][1] if i + 1 < len(items) else pack_size - 20
         out.append((sha, off, end - off, crc))
     return out
-
-
-def _header(raw: bytes) -> tuple[int, int, int]:
-    """(type, inflated size, header length) of a packed object."""
-    type_num = (raw[0] >> 4) & 7
-    size = raw[0] & 15
-    shift = 4
-    i = 1
-    while raw[i - 1] & 0x80:
-        if i >= len(raw):
-            raise CorruptRepository("bad object header in a pack")
-        size |= (raw[i] & 0x7F) << shift
-        shift += 7
-        i += 1
-    return type_num, size, i
 
 
 def _loose_objects(repo: Repository) -> dict[bytes, Path]:
@@ -409,7 +402,7 @@ def _copy(
             f"object {sha.hex()} is damaged in its pack; nothing was deleted",
             "run `vml verify --all` to see which entries it affects",
         )
-    type_num, size, hlen = _header(raw)
+    type_num, size, hlen = parse_object_header(raw)
     if type_num in (1, 2, 3, 4):
         writer.add_compressed(type_num, sha, size, raw[hlen:])
         return

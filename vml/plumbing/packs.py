@@ -75,6 +75,23 @@ def deflate(data: bytes | memoryview) -> bytes:
     return out
 
 
+def parse_object_header(raw: bytes) -> tuple[int, int, int]:
+    """``(type, inflated size, header length)`` of a packed object's header bytes."""
+    if not raw:
+        raise CorruptRepository("pack truncated at an object header")
+    type_num = (raw[0] >> 4) & 7
+    size = raw[0] & 15
+    shift = 4
+    i = 1
+    while raw[i - 1] & 0x80:
+        if i >= len(raw):
+            raise CorruptRepository("bad object header in a pack")
+        size |= (raw[i] & 0x7F) << shift
+        shift += 7
+        i += 1
+    return type_num, size, i
+
+
 def _object_header(type_num: int, size: int) -> bytes:
     out = bytearray()
     c = (type_num << 4) | (size & 15)
@@ -362,17 +379,10 @@ class PackReader:
     def object_size(self, sha: bytes) -> int | None:
         """The size of object ``sha`` from its pack header (no inflating); None if unknown."""
         for fd, offset in self._locate_all(sha):
-            head = os.pread(fd, 16, offset)
-            if not head:
-                continue
-            size = head[0] & 15
-            shift = 4
-            i = 1
-            while head[i - 1] & 0x80 and i < len(head):
-                size |= (head[i] & 0x7F) << shift
-                shift += 7
-                i += 1
-            return size
+            try:
+                return parse_object_header(os.pread(fd, 32, offset))[1]
+            except CorruptRepository:
+                continue  # damaged here; the read itself will say so
         return None
 
     def read(self, sha: bytes, expect_type: int | None = None) -> tuple[int, bytes]:
@@ -426,19 +436,7 @@ class PackReader:
             )
 
     def _read_packed(self, fd: int, offset: int) -> tuple[int, bytes] | None:
-        head = os.pread(fd, 32, offset)
-        if not head:
-            raise CorruptRepository(f"pack truncated at offset {offset}")
-        type_num = (head[0] >> 4) & 7
-        size = head[0] & 15
-        shift = 4
-        i = 1
-        while head[i - 1] & 0x80:
-            if i >= len(head):
-                raise CorruptRepository(f"bad object header at offset {offset}")
-            size |= (head[i] & 0x7F) << shift
-            shift += 7
-            i += 1
+        type_num, size, i = parse_object_header(os.pread(fd, 32, offset))
         if type_num not in TYPE_NAMES:
             return None  # a delta git made: let dulwich resolve it
         pos = offset + i
