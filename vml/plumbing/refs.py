@@ -10,7 +10,7 @@ an fsync of the folder.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dulwich.objects import ObjectID
 from dulwich.refs import Ref, SymrefLoop, check_ref_format
@@ -40,13 +40,16 @@ class RefTable:
     entries: dict[int, bytes]  # number -> binary commit id
     tags: dict[str, bytes]
     branches: dict[str, bytes]
+    # commit -> number, built on first use: labels are asked for per entry
+    _by_commit: dict[bytes, int] | None = field(default=None, repr=False, compare=False)
 
     def number_of(self, commit: bytes) -> int | None:
-        """The E-number of ``commit``, if it has one."""
-        for n, c in self.entries.items():
-            if c == commit:
-                return n
-        return None
+        """The E-number of ``commit``, if it has one (the lowest, if several)."""
+        if self._by_commit is None:
+            self._by_commit = {}
+            for n, c in sorted(self.entries.items(), reverse=True):
+                self._by_commit[c] = n
+        return self._by_commit.get(commit)
 
     def numbers(self) -> dict[bytes, int]:
         """Commit id -> E-number."""
