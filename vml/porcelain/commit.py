@@ -479,7 +479,7 @@ def _changed_files(
     records: list[FileRecord],
     old: dict[str, FileRecord],
     dirs: list[str],
-    old_entry: object,
+    old_entry: Entry | None,
 ) -> list[str]:
     """Files that differ from the area's entry (content, mode or presence)."""
     out = []
@@ -489,7 +489,7 @@ def _changed_files(
         if o is None or o.sha256 != r.sha256 or o.mode != r.mode or o.size != r.size:
             out.append(p)
     out += [p for p in old if p not in new]
-    old_dirs = getattr(getattr(old_entry, "meta", None), "dirs", [])
+    old_dirs = old_entry.meta.dirs if old_entry is not None else []
     if sorted(dirs) != sorted(old_dirs):
         out += sorted(set(dirs) ^ set(old_dirs))
     return sorted(out)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,10 +164,3 @@ def status(repo: Repository, area: Path) -> StatusResult:
         )
     finally:
         reader.close()
-
-
-def is_dirty(area: Path, state: AreaState, entry: Entry | None, cache: Cache) -> list[str]:
-    """Paths that differ from the area's entry (empty when clean)."""
-    if not any(os.scandir(area)):
-        return []
-    return [c.path for c in area_changes(area, state, entry, cache, detail=False)]
