@@ -189,9 +189,9 @@ def test_huge_images_are_described_from_headers(tmp_path: Path) -> None:
     qemu_img("create", "-q", "-f", "qcow2", tmp_path / "big.qcow2", "4T")
     with open(tmp_path / "sparse.raw", "wb") as f:
         f.truncate(1 << 40)  # sparse: costs nothing on disk, would take ages to read
-    start = time.monotonic()
+    # Reading 1 TiB of holes would not finish: describing it at all shows
+    # that only headers are read (no timing asserted: benchmarks live in bench/).
     info = inspect_area(tmp_path)
-    assert time.monotonic() - start < 5
     assert disk(info, "big.qcow2").virtual_size == 4 << 40
     assert disk(info, "sparse.raw").virtual_size == 1 << 40
 
