@@ -342,12 +342,37 @@ class RmPlugin(Plugin):
             # rm moves the children onto the parent: same E-number and content, new commit.
             for m, c in after.items():
                 if m in entries and entries[m] != c:
-                    w.expected[c] = w.expected[entries[m]]
+                    w.expected[c] = w.expected.pop(entries[m])
 
         return Trial(["rm", f"E{n}"], check)
 
 
-PLUGINS: list[Plugin] = [CommitPlugin(), CheckoutPlugin(), GcPlugin(), RmPlugin()]
+class ConvertPlugin(Plugin):
+    """``vml convert``: an entry changes shape, never content; no entry goes or comes."""
+
+    name = "convert"
+    weight = 0.5
+
+    def prepare(self, w: World) -> Trial | None:
+        entries = w.entries()
+        if len(entries) < 3:
+            return None
+        n = w.rng.choice(sorted(entries))
+        to = w.rng.choice(["full", "differential", "incremental"])
+
+        def check(rc: int) -> None:
+            after = w.entries()
+            if set(after) != set(entries):
+                raise StressFailure(f"convert E{n} changed the set of entries")
+            # Converted entries and their descendants get new commits with the same content.
+            for m, c in after.items():
+                if entries[m] != c:
+                    w.expected[c] = w.expected.pop(entries[m])
+
+        return Trial(["convert", f"E{n}", "--to", to], check)
+
+
+PLUGINS: list[Plugin] = [CommitPlugin(), CheckoutPlugin(), GcPlugin(), RmPlugin(), ConvertPlugin()]
 
 
 # -- checks after every trial --
