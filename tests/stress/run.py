@@ -185,6 +185,8 @@ class Plugin:
 
     name = ""
     weight = 1.0
+    # Exit codes that are not failures: 1 = nothing to commit.
+    ok_codes: tuple[int, ...] = (1,)
 
     def available(self, commands: set[str]) -> bool:
         return self.name in commands
@@ -352,6 +354,9 @@ class ConvertPlugin(Plugin):
 
     name = "convert"
     weight = 0.5
+    # 2: a conversion that makes no sense for the entry drawn (e.g. "incremental"
+    # for an area's first entry) is refused; the check sees that nothing moved.
+    ok_codes = (2,)
 
     def prepare(self, w: World) -> Trial | None:
         entries = w.entries()
@@ -495,7 +500,7 @@ def run(
             d = durations.get(plugin.name)
             now = time.monotonic() - started
             durations[plugin.name] = now if d is None else 0.7 * d + 0.3 * now
-        if rc not in (0, -signal.SIGKILL, 1):  # 1: nothing to commit
+        if rc not in (0, -signal.SIGKILL, *plugin.ok_codes):
             raise StressFailure(
                 f"trial {i}: vml {' '.join(trial.argv)} failed ({rc}): {err.strip()}"
             )
