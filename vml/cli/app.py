@@ -8,7 +8,8 @@ import errno
 import functools
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -90,7 +91,18 @@ def repository_path(area: Path | None) -> Path:
 
 
 def repository_for(area: Path | None = None) -> Repository:
+    """Open the repository the command works on (see :func:`repository_path`)."""
     return open_repo(repository_path(area))
+
+
+@contextmanager
+def opened(area: Path | None = None) -> Iterator[Repository]:
+    """The command's repository, closed again however the command ends."""
+    repo = repository_for(area)
+    try:
+        yield repo
+    finally:
+        repo.close()
 
 
 def _version(value: bool) -> None:
@@ -205,23 +217,19 @@ def commit(
     ]
     if len(kinds) > 1:
         raise VMLError("choose one of --full, --incremental, --differential", "")
-    repo = repository_for(area)
-    try:
-        with progress_bar(not quiet, "saving") as progress:
-            res = commit_mod.commit(
-                repo,
-                area,
-                message=message,
-                kind=kinds[0] if kinds else None,
-                base=base,
-                tag=tag,
-                allow_empty=allow_empty,
-                force_running=force_running,
-                include_external=include_external,
-                progress=progress,
-            )
-    finally:
-        repo.close()
+    with opened(area) as repo, progress_bar(not quiet, "saving") as progress:
+        res = commit_mod.commit(
+            repo,
+            area,
+            message=message,
+            kind=kinds[0] if kinds else None,
+            base=base,
+            tag=tag,
+            allow_empty=allow_empty,
+            force_running=force_running,
+            include_external=include_external,
+            progress=progress,
+        )
     out.print(res.entry)
     parent = f"parent {res.parent}" if res.parent else "no parent"
     extra = f", tag {res.tag}" if res.tag else ""
@@ -254,12 +262,8 @@ def checkout(
     """Build ENTRY into AREA (created if missing)."""
     from vml.porcelain import checkout as checkout_mod
 
-    repo = repository_for(area)
-    try:
-        with progress_bar(not quiet, "checking out") as progress:
-            res = checkout_mod.checkout(repo, entry, area, force=force, progress=progress)
-    finally:
-        repo.close()
+    with opened(area) as repo, progress_bar(not quiet, "checking out") as progress:
+        res = checkout_mod.checkout(repo, entry, area, force=force, progress=progress)
     _print_checkout(res, "checked out")
 
 
@@ -285,12 +289,8 @@ def restore(
     """Go back to ENTRY in AREA; the next save branches the tree there."""
     from vml.porcelain import checkout as checkout_mod
 
-    repo = repository_for(area)
-    try:
-        with progress_bar(not quiet, "restoring") as progress:
-            res = checkout_mod.restore(repo, entry, area, force=force, progress=progress)
-    finally:
-        repo.close()
+    with opened(area) as repo, progress_bar(not quiet, "restoring") as progress:
+        res = checkout_mod.restore(repo, entry, area, force=force, progress=progress)
     _print_checkout(res, "restored")
     out.print(f"the next `vml commit` here makes a child of {res.entry}")
 
@@ -308,8 +308,7 @@ def log(
     from vml.porcelain import log as log_mod
 
     area = Path(".")
-    repo = repository_for(area)
-    try:
+    with opened(area) as repo:
         here: set[str] = set()
         st = None
         try:
@@ -322,8 +321,6 @@ def log(
         res = log_mod.log(repo, only_tree_of=only)
         if st is not None and st.entry:
             here = {le.id for le in res.entries.values() if le.commit == st.entry}
-    finally:
-        repo.close()
     if json_:
         items = sorted(res.entries.values(), key=lambda x: x.created)
         print(json.dumps([le.to_json() for le in items], indent=1))
@@ -340,11 +337,8 @@ def show(
     """An entry's metadata, files, and the chain that builds it."""
     from vml.porcelain import log as log_mod
 
-    repo = repository_for(Path("."))
-    try:
+    with opened(Path(".")) as repo:
         res = log_mod.show(repo, entry)
-    finally:
-        repo.close()
     if json_:
         print(json.dumps(res.to_json(), indent=1))
         return
@@ -374,11 +368,8 @@ def status(area: AreaArg = Path("."), json_: Json = False) -> None:
     """The area's entry and what changed since."""
     from vml.porcelain import status as status_mod
 
-    repo = repository_for(area)
-    try:
+    with opened(area) as repo:
         res = status_mod.status(repo, area)
-    finally:
-        repo.close()
     if json_:
         doc = {
             "area": res.area,
@@ -420,11 +411,8 @@ def areas(json_: Json = False) -> None:
     """The working areas of this repository and whether they have unsaved changes."""
     from vml.porcelain import areas as areas_mod
 
-    repo = repository_for(Path("."))
-    try:
+    with opened(Path(".")) as repo:
         res = areas_mod.list_areas(repo)
-    finally:
-        repo.close()
     if json_:
         print(json.dumps([a.to_json() for a in res], indent=1))
         return
@@ -459,8 +447,7 @@ def branch(
     from vml.porcelain import names as names_mod
 
     area = Path(".")
-    repo = repository_for(area)
-    try:
+    with opened(area) as repo:
         if name is None:
             for b in names_mod.list_names(repo, "branch", area):
                 mark = "*" if b.current else " "
@@ -473,8 +460,6 @@ def branch(
         info = names_mod.create_branch(repo, name, entry, area)
         follows = "; this area follows it" if info.current else ""
         out.print(f"branch {escape(info.name)} at {info.entry}{follows}")
-    finally:
-        repo.close()
 
 
 @app.command()
@@ -488,8 +473,7 @@ def tag(
     from vml.porcelain import names as names_mod
 
     area = Path(".")
-    repo = repository_for(area)
-    try:
+    with opened(area) as repo:
         if name is None:
             for t in names_mod.list_names(repo, "tag"):
                 out.print(f"{escape(t.name)}  {t.entry}")
@@ -500,8 +484,6 @@ def tag(
             return
         info = names_mod.create_tag(repo, name, entry, area)
         out.print(f"tag {escape(info.name)} on {info.entry}")
-    finally:
-        repo.close()
 
 
 @app.command()

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
-from vml.cli.app import Json, Quiet, app, handled, repository_for
+from vml.cli.app import Json, Quiet, app, handled, opened
 from vml.cli.render import out, progress_bar, size
 from vml.errors import CorruptRepository
 
@@ -45,12 +45,8 @@ def rm(
     """Remove entries; their children move onto their parent (no image data copied)."""
     from vml.porcelain import rm as rm_mod
 
-    repo = repository_for(Path("."))
-    try:
-        with progress_bar(not quiet, "removing") as progress:
-            res = rm_mod.rm(repo, entries, force=force, progress=progress)
-    finally:
-        repo.close()
+    with opened(Path(".")) as repo, progress_bar(not quiet, "removing") as progress:
+        res = rm_mod.rm(repo, entries, force=force, progress=progress)
     out.print(f"removed {', '.join(res.removed)}")
     _print_rewrite(res)
     out.print("run `vml gc` to give back the space of blocks no entry uses any more")
@@ -70,12 +66,8 @@ def convert(
     """Re-express ENTRY against another parent; its content stays the same."""
     from vml.porcelain import convert as convert_mod
 
-    repo = repository_for(Path("."))
-    try:
-        with progress_bar(not quiet, "converting") as progress:
-            res = convert_mod.convert(repo, entry, to, base=base, progress=progress)
-    finally:
-        repo.close()
+    with opened(Path(".")) as repo, progress_bar(not quiet, "converting") as progress:
+        res = convert_mod.convert(repo, entry, to, base=base, progress=progress)
     if not res.changed:
         out.print(f"{res.entry} is already {res.kind} on {res.parent or 'nothing'}; nothing to do")
         return
@@ -107,11 +99,8 @@ def prune(
     from vml.porcelain import prune as prune_mod
 
     policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly)
-    repo = repository_for(Path("."))
-    try:
+    with opened(Path(".")) as repo:
         res = prune_mod.prune(repo, policy, keep_tags=keep_tag or [], dry_run=dry_run)
-    finally:
-        repo.close()
     if json_:
         doc = {
             "dry_run": res.dry_run,
@@ -146,12 +135,8 @@ def gc(
     """Give back the space of blocks and objects no entry reaches."""
     from vml.porcelain import gc as gc_mod
 
-    repo = repository_for(Path("."))
-    try:
-        with progress_bar(not quiet, "collecting") as progress:
-            res = gc_mod.gc(repo, dry_run=dry_run, progress=progress)
-    finally:
-        repo.close()
+    with opened(Path(".")) as repo, progress_bar(not quiet, "collecting") as progress:
+        res = gc_mod.gc(repo, dry_run=dry_run, progress=progress)
     if json_:
         doc = {
             "dry_run": res.dry_run,
@@ -219,14 +204,10 @@ def verify(
     """Check that entries rebuild: every object's id (and with --read-data every file)."""
     from vml.porcelain import verify as verify_mod
 
-    repo = repository_for(Path("."))
-    try:
-        with progress_bar(not quiet, "verifying") as progress:
-            res = verify_mod.verify(
-                repo, entries or [], all_entries=all_, read_data=read_data, progress=progress
-            )
-    finally:
-        repo.close()
+    with opened(Path(".")) as repo, progress_bar(not quiet, "verifying") as progress:
+        res = verify_mod.verify(
+            repo, entries or [], all_entries=all_, read_data=read_data, progress=progress
+        )
     _print_check(res, json_, "verify")
 
 
@@ -236,10 +217,6 @@ def fsck(json_: Json = False, quiet: Quiet = False) -> None:
     """Check the repository's structure quickly: refs, entries, manifests, object presence."""
     from vml.porcelain import fsck as fsck_mod
 
-    repo = repository_for(Path("."))
-    try:
-        with progress_bar(not quiet, "checking") as progress:
-            res = fsck_mod.fsck(repo, progress=progress)
-    finally:
-        repo.close()
+    with opened(Path(".")) as repo, progress_bar(not quiet, "checking") as progress:
+        res = fsck_mod.fsck(repo, progress=progress)
     _print_check(res, json_, "fsck")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
-from vml.cli.app import app, handled, repository_for
+from vml.cli.app import app, handled, opened
 from vml.cli.render import err, out, size
 from vml.porcelain.common import ProgressFn, no_progress
 
@@ -81,11 +81,8 @@ def remote_add(
     """Add remote NAME at URL."""
     from vml.porcelain import remote as remote_mod
 
-    repo = repository_for(None)
-    try:
+    with opened(None) as repo:
         info = remote_mod.add(repo, name, url)
-    finally:
-        repo.close()
     out.print(f"remote {escape(info.name)} -> {escape(info.url)}")
 
 
@@ -95,11 +92,8 @@ def remote_remove(name: Annotated[str, typer.Argument(help="The remote to forget
     """Forget remote NAME (entries that came from it stay)."""
     from vml.porcelain import remote as remote_mod
 
-    repo = repository_for(None)
-    try:
+    with opened(None) as repo:
         info = remote_mod.remove(repo, name)
-    finally:
-        repo.close()
     out.print(f"removed remote {escape(info.name)} ({escape(info.url)}); its entries stay here")
 
 
@@ -109,11 +103,8 @@ def remote_list(json_: Json = False) -> None:
     """List remotes."""
     from vml.porcelain import remote as remote_mod
 
-    repo = repository_for(None)
-    try:
+    with opened(None) as repo:
         res = remote_mod.list_remotes(repo)
-    finally:
-        repo.close()
     if json_:
         print(json.dumps([r.__dict__ for r in res], indent=1))
         return
@@ -186,14 +177,10 @@ def fetch(
     """Get a remote's new entries; each gets a local E-number."""
     from vml.porcelain import fetch as fetch_mod
 
-    repo = repository_for(Path("."))
-    try:
-        with transfer_bar(not quiet and not json_, "fetching") as progress:
-            res = fetch_mod.fetch(
-                repo, remote, entries or [], ssh_command=_ssh_command(), progress=progress
-            )
-    finally:
-        repo.close()
+    with opened(Path(".")) as repo, transfer_bar(not quiet and not json_, "fetching") as progress:
+        res = fetch_mod.fetch(
+            repo, remote, entries or [], ssh_command=_ssh_command(), progress=progress
+        )
     if json_:
         print(json.dumps(res.to_json(), indent=1))
         return
@@ -206,12 +193,8 @@ def pull(remote: RemoteArg = None, quiet: Quiet = False, json_: Json = False) ->
     """Fetch, then move local branches forward to the remote's."""
     from vml.porcelain import pull as pull_mod
 
-    repo = repository_for(Path("."))
-    try:
-        with transfer_bar(not quiet and not json_, "pulling") as progress:
-            res = pull_mod.pull(repo, remote, ssh_command=_ssh_command(), progress=progress)
-    finally:
-        repo.close()
+    with opened(Path(".")) as repo, transfer_bar(not quiet and not json_, "pulling") as progress:
+        res = pull_mod.pull(repo, remote, ssh_command=_ssh_command(), progress=progress)
     if json_:
         print(json.dumps(res.to_json(), indent=1))
         return
@@ -246,21 +229,17 @@ def push(
     """Send entries to a remote; only objects it lacks travel."""
     from vml.porcelain import push as push_mod
 
-    repo = repository_for(Path("."))
-    try:
-        with transfer_bar(not quiet and not json_, "pushing") as progress:
-            res = push_mod.push(
-                repo,
-                remote,
-                entries or [],
-                all_entries=all_,
-                tags=tags,
-                force=force,
-                ssh_command=_ssh_command(),
-                progress=progress,
-            )
-    finally:
-        repo.close()
+    with opened(Path(".")) as repo, transfer_bar(not quiet and not json_, "pushing") as progress:
+        res = push_mod.push(
+            repo,
+            remote,
+            entries or [],
+            all_entries=all_,
+            tags=tags,
+            force=force,
+            ssh_command=_ssh_command(),
+            progress=progress,
+        )
     if json_:
         print(json.dumps(res.to_json(), indent=1))
         return
