@@ -85,3 +85,17 @@ def digest_area(folder: Path, *, mtimes: bool = False) -> dict[str, tuple[object
 def allocated(path: Path) -> int:
     """Bytes the file system really allocated for ``path`` (holes cost nothing)."""
     return path.stat().st_blocks * 512
+
+
+def three_entries(repo_path: Path, area: Path) -> Repository:
+    """A repository with E1 (full) <- E2 (incremental) and E3 (differential on E1)."""
+    from vml.porcelain.commit import commit
+
+    r = init_repository(repo_path, TEST_BLOCK)
+    make_area(area, disk=1 << 20)
+    commit(r, area, message="fresh")
+    edit(area / "disk.img", 300_000, b"x" * 5000)
+    commit(r, area, message="worked")
+    edit(area / "disk.img", 600_000, b"y" * 70_000)
+    commit(r, area, message="diff", kind="differential")
+    return r

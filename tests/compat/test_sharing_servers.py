@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TEST_BLOCK, edit, make_area, need
+from tests.conftest import TEST_BLOCK, edit, need, three_entries
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.repository import Repository, init_repository, open_repository
 from vml.porcelain import clone as clone_mod
@@ -199,14 +199,7 @@ def http_git(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 @pytest.fixture
 def alice(tmp_path: Path) -> Repository:
     """E1 full <- E2 incremental, E3 differential from E1; branch main at E2, tag golden."""
-    r = init_repository(tmp_path / "alice", TEST_BLOCK)
-    a = tmp_path / "a-area"
-    make_area(a, disk=1 << 20)
-    commit(r, a, message="fresh")
-    edit(a / "disk.img", 300_000, b"x" * 5000)
-    commit(r, a, message="worked")
-    edit(a / "disk.img", 600_000, b"y" * 70_000)
-    commit(r, a, message="diff", kind="differential")
+    r = three_entries(tmp_path / "alice", tmp_path / "a-area")
     names_mod.create_branch(r, "main", "E2", tmp_path / "nowhere")
     names_mod.create_tag(r, "golden", "E1", tmp_path / "nowhere")
     return r

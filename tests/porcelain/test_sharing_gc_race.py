@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import TEST_BLOCK, edit, make_area
+from tests.conftest import TEST_BLOCK, three_entries
 from vml.errors import RepositoryBusy
 from vml.plumbing import gc as gc_mod
 from vml.plumbing import refs as refs_mod
@@ -25,7 +25,6 @@ from vml.porcelain import clone as clone_mod
 from vml.porcelain import fetch as fetch_mod
 from vml.porcelain import remote as remote_mod
 from vml.porcelain.checkout import checkout
-from vml.porcelain.commit import commit
 
 
 def digest(area: Path) -> dict[str, str]:
@@ -50,14 +49,7 @@ def fsck(path: Path) -> None:
 @pytest.fixture
 def alice(tmp_path: Path) -> Repository:
     """A repository with a chain E1 (full) <- E2 and a differential E3 from E1."""
-    r = init_repository(tmp_path / "alice", TEST_BLOCK)
-    a = tmp_path / "a-area"
-    make_area(a, disk=1 << 20)
-    commit(r, a, message="fresh")
-    edit(a / "disk.img", 300_000, b"x" * 5000)
-    commit(r, a, message="worked")
-    edit(a / "disk.img", 600_000, b"y" * 70_000)
-    commit(r, a, message="diff", kind="differential")
+    r = three_entries(tmp_path / "alice", tmp_path / "a-area")
     return r
 
 

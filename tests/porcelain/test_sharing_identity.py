@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TEST_BLOCK, edit, make_area
+from tests.conftest import TEST_BLOCK, edit, make_area, three_entries
 from vml.errors import UnknownEntry, UsageError, VMLError
 from vml.plumbing import refs as refs_mod
 from vml.plumbing import remotes as rm
@@ -55,14 +55,7 @@ def numbers(repo: Repository) -> dict[str, int]:
 @pytest.fixture
 def alice(tmp_path: Path) -> Repository:
     """A repository with a chain E1 (full) <- E2 and a differential E3 from E1."""
-    r = init_repository(tmp_path / "alice", TEST_BLOCK)
-    a = tmp_path / "a-area"
-    make_area(a, disk=1 << 20)
-    commit(r, a, message="fresh")
-    edit(a / "disk.img", 300_000, b"x" * 5000)
-    commit(r, a, message="worked")
-    edit(a / "disk.img", 600_000, b"y" * 70_000)
-    commit(r, a, message="diff", kind="differential")
+    r = three_entries(tmp_path / "alice", tmp_path / "a-area")
     return r
 
 
