@@ -36,6 +36,7 @@ from dulwich.objects import Commit, Tag
 from dulwich.pack import load_pack_index
 
 from vml.errors import CorruptRepository
+from vml.plumbing import refs as refs_mod
 from vml.plumbing.manifests import TREE_MODE, parse_tree
 from vml.plumbing.packs import (
     COMMIT,
@@ -57,18 +58,7 @@ _LOOSE_NAME = re.compile(r"^[0-9a-f]{38}$")
 
 def ref_roots(repo: Repository) -> list[bytes]:
     """Every object any ref (entries, tags, branches, remotes, ...) points at."""
-    out: list[bytes] = []
-    refs = repo.git.refs
-    for name in refs.allkeys():
-        if name == b"HEAD":
-            continue
-        try:
-            value = refs[name]
-        except KeyError:
-            continue
-        if len(value) == 40:
-            out.append(bytes.fromhex(value.decode()))
-    return out
+    return [bytes.fromhex(v.decode()) for _name, v in refs_mod.all_refs(repo) if len(v) == 40]
 
 
 def mark(reader: PackReader, roots: Iterable[bytes], live: set[bytes]) -> list[bytes]:
@@ -342,26 +332,9 @@ def collect(
             if busy:
                 result.deferred = True
                 return result
-            for p in going:
-                for ext_name in (".idx", ".pack"):
-                    f = pack_dir / f"{p.name}{ext_name}"
-                    if f.exists():
-                        result.deleted_bytes += f.stat().st_size
-                        f.unlink()
-            for f in dead_loose.values():
-                try:
-                    size = f.stat().st_size
-                    f.unlink()
-                    result.deleted_bytes += size
-                except FileNotFoundError:
-                    pass
-            for f in stale_tmp:
-                try:
-                    size = f.stat().st_size
-                    f.unlink()
-                    result.deleted_bytes += size
-                except FileNotFoundError:
-                    pass
+            going_files = [pack_dir / f"{p.name}{e}" for p in going for e in (".idx", ".pack")]
+            for f in [*going_files, *dead_loose.values(), *stale_tmp]:
+                result.deleted_bytes += _unlink(f)
             if pack_dir.is_dir():
                 fsync_dir(pack_dir)
             reader.refresh()
@@ -370,6 +343,16 @@ def collect(
         if writer is not None:
             writer.abort()
         reader.close()
+
+
+def _unlink(path: Path) -> int:
+    """Remove ``path``; the bytes it took (0 if it was already gone)."""
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    return size
 
 
 def _safe_elsewhere(

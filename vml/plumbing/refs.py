@@ -10,6 +10,7 @@ an fsync of the folder.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from dulwich.objects import ObjectID
@@ -65,11 +66,8 @@ class RefTable:
         return out
 
 
-def read_refs(repo: Repository) -> RefTable:
-    """Read entry, tag and branch refs (peeling annotated tags)."""
-    entries: dict[int, bytes] = {}
-    tags: dict[str, bytes] = {}
-    branches: dict[str, bytes] = {}
+def all_refs(repo: Repository) -> Iterator[tuple[bytes, bytes]]:
+    """Every ref but HEAD as ``(name, hex value)``; a looping symbolic ref is refused."""
     refs = repo.git.refs
     for name in refs.allkeys():
         if name == b"HEAD":
@@ -84,12 +82,22 @@ def read_refs(repo: Repository) -> RefTable:
                 f"delete it: git --git-dir {repo.path} update-ref -d --no-deref "
                 f"{name.decode(errors='replace')}",
             ) from None
+        yield name, value
+
+
+def read_refs(repo: Repository) -> RefTable:
+    """Read entry, tag and branch refs (peeling annotated tags)."""
+    entries: dict[int, bytes] = {}
+    tags: dict[str, bytes] = {}
+    branches: dict[str, bytes] = {}
+    refs = repo.git.refs
+    for name, value in all_refs(repo):
         if name.startswith(ENTRY_PREFIX):
             tail = name[len(ENTRY_PREFIX) :]
             if tail.isdigit():
                 entries[int(tail)] = bytes.fromhex(value.decode())
         elif name.startswith(TAG_PREFIX):
-            peeled = refs.get_peeled(name) or value
+            peeled = refs.get_peeled(Ref(name)) or value
             tags[name[len(TAG_PREFIX) :].decode()] = bytes.fromhex(peeled.decode())
         elif name.startswith(BRANCH_PREFIX):
             branches[name[len(BRANCH_PREFIX) :].decode()] = bytes.fromhex(value.decode())
