@@ -169,6 +169,17 @@ def nested_trees(items: dict[str, tuple[int, bytes]]) -> tuple[Tree, list[Tree]]
     return top, made
 
 
+def store_trees(add: Callable[[Tree], object], items: dict[str, tuple[int, bytes]]) -> bytes:
+    """Build and store the trees for ``items``; returns the top tree's id.
+
+    Each tree goes to ``add`` children first (see :func:`nested_trees`).
+    """
+    top, made = nested_trees(items)
+    for t in made:
+        add(t)
+    return bytes.fromhex(top.id.decode())
+
+
 def make_commit(
     tree_id: bytes,
     parent: bytes | None,

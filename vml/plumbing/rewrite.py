@@ -46,9 +46,9 @@ from vml.plumbing.entries import (
     load_entry,
     lookup_path,
     message_body,
-    nested_trees,
     parse_trailers,
     root_items,
+    store_trees,
 )
 from vml.plumbing.manifests import BLOB_MODE, TREE_MODE, Anchored, LayerBlock, Manifest, ranges
 from vml.plumbing.packs import PackReader, PackWriter
@@ -201,13 +201,9 @@ def rewrite_entry(
     }
     items[META_NAME.decode()] = (BLOB_MODE, bytes.fromhex(meta_blob.id.decode()))
     if images:
-        top, made = nested_trees({p: (TREE_MODE, t) for p, t in images.items()})
-        for t in made:
-            writer.add_object(t)
-        items[IMAGES_NAME.decode()] = (TREE_MODE, bytes.fromhex(top.id.decode()))
-    root, made = nested_trees(items)
-    for t in made:
-        writer.add_object(t)
+        tree = store_trees(writer.add_object, {p: (TREE_MODE, t) for p, t in images.items()})
+        items[IMAGES_NAME.decode()] = (TREE_MODE, tree)
+    root = store_trees(writer.add_object, items)
 
     old = Commit.from_raw_string(1, reader.read(entry.commit, 1)[1])
     assert isinstance(old, Commit)
@@ -220,7 +216,7 @@ def rewrite_entry(
     body = message_body(old.message).strip() or "VML entry"
     lines = "\n".join(f"{k}: {v}" for k, v in trailers.items())
     c = Commit()
-    c.tree = root.id
+    c.tree = ObjectID(root.hex().encode())
     c.parents = [ObjectID(new_parent.hex().encode())] if new_parent is not None else []
     c.author = old.author
     c.committer = old.committer

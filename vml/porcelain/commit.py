@@ -40,8 +40,8 @@ from vml.plumbing.entries import (
     EntryMeta,
     FileRecord,
     make_commit,
-    nested_trees,
     now_iso,
+    store_trees,
 )
 from vml.plumbing.ignore import IgnoreRules
 from vml.plumbing.images import SaveInputs, image_tree, save_image
@@ -362,13 +362,11 @@ def commit(
                 }
                 for prefix, items in ((FILES_NAME, small_items), (IMAGES_NAME, image_items)):
                     if items:
-                        top, made = nested_trees(items)
-                        for t in made:
-                            writer.add_object(t)
-                        root_items[prefix.decode()] = (TREE_MODE, bytes.fromhex(top.id.decode()))
-                root, made = nested_trees(root_items)
-                for t in made:
-                    writer.add_object(t)
+                        root_items[prefix.decode()] = (
+                            TREE_MODE,
+                            store_trees(writer.add_object, items),
+                        )
+                root = store_trees(writer.add_object, root_items)
                 stored = writer.stored_bytes
                 writer.finish()
                 finished = True
@@ -395,7 +393,7 @@ def commit(
                             ("VML-Parent", label(table, parent) or "none"),
                             ("VML-Area", str(area.resolve())),
                         ]
-                        c = make_commit(bytes.fromhex(root.id.decode()), parent, message, trailers)
+                        c = make_commit(root, parent, message, trailers)
                         cid = write_loose(repo, c)
                         refs_mod.set_ref(repo, refs_mod.entry_ref(n), cid, create=True)
                         if tag is not None:
