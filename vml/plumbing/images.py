@@ -6,8 +6,8 @@ memory stays flat whatever the image size.  Holes are found with
 ``SEEK_DATA``/``SEEK_HOLE`` and never read; zero blocks cost nothing.
 
 Building resolves every block first (see chains.py), then writes each block
-once, verifying every object id as it is read and the whole file's SHA-256
-as it is written.
+once, verifying every object id as it is read and the image's digest (a hash
+list of its blocks' ids) as it is written.
 """
 
 from __future__ import annotations

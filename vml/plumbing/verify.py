@@ -6,7 +6,7 @@ whatever the image sizes.  :func:`check_objects` reads every object the
 entries need once and checks its id (and every page delta's header);
 :func:`check_files` rebuilds every file of an entry in memory-bounded
 streaming, block by block (the same resolution a checkout uses, nothing
-written), and checks its SHA-256.  A bad object is then traced to every
+written), and checks its digest (small files: their SHA-256).  A bad object is then traced to every
 entry whose content depends on it (:func:`entries_using`).
 """
 
@@ -231,7 +231,7 @@ def check_files(
     commit: bytes,
     progress: Callable[[int], None] = lambda n: None,
 ) -> list[Problem]:
-    """Rebuild every file of entry ``commit`` in memory and check its SHA-256."""
+    """Rebuild every file of entry ``commit`` in memory and check its digest."""
     problems: list[Problem] = []
     try:
         e = _read_entry(reader, commit)

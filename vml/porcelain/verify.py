@@ -95,7 +95,7 @@ def verify(
 
     Every object they need is read once and its id checked; with
     ``read_data`` every file is also rebuilt block by block in memory and its
-    SHA-256 checked.  Nothing is written.
+    digest checked.  Nothing is written.
     """
     if bool(names) == all_entries:
         raise UsageError("name the entries to verify, or pass --all", "e.g. `vml verify --all`")
