@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import TEST_BLOCK, allocated, edit
 from vml.errors import CorruptRepository
-from vml.plumbing.chains import image_layer
-from vml.plumbing.images import block_digest, data_ranges, file_digest, punch_hole
-from vml.plumbing.manifests import read_block_map
+from vml.plumbing.areas import block_hash
+from vml.plumbing.chains import ResolvedImage, image_layer, resolve_image
+from vml.plumbing.images import block_digest, data_ranges, file_digest, punch_hole, write_image
+from vml.plumbing.manifests import CHECK_SIZE, read_block_map
 from vml.plumbing.packs import BLOB, PackReader
 from vml.plumbing.repository import Repository
 from vml.porcelain.checkout import checkout
@@ -144,3 +147,68 @@ def test_damaged_block_is_refused_on_checkout(repo: Repository, area: Path, tmp_
     with pytest.raises(CorruptRepository):
         checkout(repo, "E1", out)
     assert not (out / "disk.img").exists()  # no half-built file left as the real one
+
+
+def _image(r: PackReader, commit_hex: str) -> ResolvedImage:
+    img = resolve_image(r, bytes.fromhex(commit_hex), "disk.img")
+    assert img is not None
+    return img
+
+
+def _file_checks(path: Path) -> bytes:
+    data = path.read_bytes()
+    return b"".join(block_hash(data[i : i + TEST_BLOCK]) for i in range(0, len(data), TEST_BLOCK))
+
+
+def test_every_entry_records_its_block_checks(repo: Repository, area: Path) -> None:
+    disk = area / "disk.img"
+    first = commit(repo, area)  # a base layer
+    want = [_file_checks(disk)]
+    edit(disk, TEST_BLOCK + 8192, os.urandom(4096))
+    second = commit(repo, area)  # a page delta
+    want.append(_file_checks(disk))
+    (area / "vm.vmx").write_text("changed\n")
+    third = commit(repo, area)  # the image unchanged: no block stored
+    want.append(want[-1])
+    r = PackReader(repo)
+    try:
+        for res, checks in zip((first, second, third), want, strict=True):
+            img = _image(r, res.commit)
+            assert img.checks == checks
+            assert len(checks) == img.manifest.nblocks * CHECK_SIZE
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("with_checks", [True, False], ids=["checks", "object-ids"])
+def test_restore_checks_blocks_with_or_without_entry_checks(
+    repo: Repository, area: Path, tmp_path: Path, with_checks: bool
+) -> None:
+    """Entries saved before checks existed are still built and checked (by object id)."""
+    disk = area / "disk.img"
+    edit(disk, 0, os.urandom(TEST_BLOCK))  # incompressible block 0: stored raw
+    res = commit(repo, area)
+    r = PackReader(repo)
+    pool = ThreadPoolExecutor(2)
+    try:
+        img = _image(r, res.commit)
+        if not with_checks:
+            img = dataclasses.replace(img, checks=None)
+        out = tmp_path / "out.img"
+        with open(out, "wb") as f:
+            write_image(r, pool, img, f.fileno(), None, lambda n: None)
+        assert out.read_bytes() == disk.read_bytes()
+        # Damage block 0's raw bytes inside its stored zlib stream.
+        for pack in (repo.objects_dir / "pack").glob("*.pack"):
+            raw = bytearray(pack.read_bytes())
+            i = raw.find(b"x\x01")
+            if i >= 0:
+                raw[i + 2000] ^= 0x55
+                os.chmod(pack, 0o644)
+                pack.write_bytes(bytes(raw))
+        r.refresh()
+        with open(tmp_path / "again.img", "wb") as f, pytest.raises(CorruptRepository):
+            write_image(r, pool, img, f.fileno(), None, lambda n: None)
+    finally:
+        pool.shutdown()
+        r.close()

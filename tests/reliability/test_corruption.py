@@ -10,14 +10,17 @@ fails with exit code 7 without leaving any file whose content is wrong.
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from dulwich.pack import load_pack_index
 
 from tests.conftest import digest_area, make_area
 from tests.reliability.helpers import one_line_error
 from tests.reliability.helpers import vml_in_process as vml
+from vml.plumbing.packs import DEFAULT_OBJECT_FORMAT, parse_object_header
 
 World = tuple[Path, Path, Path, Path]  # repo, area of E1, area of E2, E2's pack
 
@@ -50,6 +53,36 @@ def _truncate(pack: Path) -> None:
         f.truncate(pack.stat().st_size // 2)
 
 
+def _restream(pack: Path) -> None:
+    """Replace a block's content with other bytes in a valid zlib stream.
+
+    The stream inflates cleanly and its own Adler-32 matches, so only a check
+    of the content itself (object id, or the entry's block checks) sees it.
+    """
+    index = load_pack_index(str(pack.with_suffix(".idx")), DEFAULT_OBJECT_FORMAT)
+    data = bytearray(pack.read_bytes())
+    for _sha, offset, _crc in index.iterentries():
+        type_num, size, head = parse_object_header(bytes(data[offset : offset + 32]))
+        if type_num != 3 or size != 64 << 10:
+            continue
+        old = zlib.decompressobj()
+        content = old.decompress(bytes(data[offset + head :]))
+        used = len(data) - offset - head - len(old.unused_data)
+        changed = bytearray(content)
+        changed[size // 2] ^= 0x5A
+        for level in (0, 1, 6, 9):
+            new = zlib.compress(bytes(changed), level)
+            if len(new) <= used:
+                break
+        else:
+            continue
+        data[offset + head : offset + head + len(new)] = new
+        os.chmod(pack, 0o644)
+        pack.write_bytes(bytes(data))
+        return
+    raise AssertionError("no whole block found in the pack")
+
+
 def _missing_object(pack: Path) -> None:
     repo = pack.parents[2]
     commit = (repo / "refs" / "vml" / "entries" / "2").read_text().strip()
@@ -63,8 +96,14 @@ def _missing_pack(pack: Path) -> None:
 
 @pytest.mark.parametrize(
     "damage",
-    [_flip, _truncate, _missing_object, _missing_pack],
-    ids=["flipped-byte", "truncated-pack", "missing-commit", "missing-pack"],
+    [_flip, _restream, _truncate, _missing_object, _missing_pack],
+    ids=[
+        "flipped-byte",
+        "valid-stream-wrong-bytes",
+        "truncated-pack",
+        "missing-commit",
+        "missing-pack",
+    ],
 )
 def test_damage_is_named_and_contained(
     tmp_path: Path, world: World, damage: Callable[[Path], None]
@@ -74,7 +113,7 @@ def test_damage_is_named_and_contained(
     run = vml(repo, "verify", "--all", "--read-data")
     assert run.code != 0 and "E2" in run.out + run.err, run
     assert "E1" not in run.out + run.err, run
-    if damage is not _flip:  # fsck checks structure and presence, not content
+    if damage not in (_flip, _restream):  # fsck checks structure and presence, not content
         run = vml(repo, "fsck")
         assert run.code != 0, run
         assert "E2" in run.out + run.err, run
@@ -99,3 +138,18 @@ def test_a_missing_ref_loses_only_its_name(tmp_path: Path, world: World) -> None
     assert not (tmp_path / "e2").exists()
     assert vml(repo, "checkout", "-q", "E1", tmp_path / "e1").code == 0
     assert digest_area(tmp_path / "e1") == digest_area(a1)
+
+
+def test_a_damaged_copy_is_passed_over_when_another_pack_holds_the_object(
+    tmp_path: Path, world: World
+) -> None:
+    """The same objects in two packs, one copy damaged: checkout still succeeds."""
+    repo, _a1, a2, pack2 = world
+    # A second copy of E2's pack, named so that readers try it first.
+    copy = pack2.with_name("pack-" + "0" * 40 + ".pack")
+    copy.write_bytes(pack2.read_bytes())
+    copy.with_suffix(".idx").write_bytes(pack2.with_suffix(".idx").read_bytes())
+    _restream(copy)
+    run = vml(repo, "checkout", "-q", "E2", tmp_path / "e2")
+    assert run.code == 0, run
+    assert digest_area(tmp_path / "e2") == digest_area(a2)

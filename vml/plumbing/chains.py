@@ -22,6 +22,8 @@ from vml.plumbing.deltas import apply_delta
 from vml.plumbing.entries import IMAGES_NAME, lookup_path
 from vml.plumbing.manifests import (
     BLOCKS_NAME,
+    CHECK_SIZE,
+    CHECKS_NAME,
     MANIFEST_NAME,
     TREE_MODE,
     Anchored,
@@ -55,6 +57,15 @@ class ResolvedImage:
 
     manifest: Manifest
     recipes: list[Recipe]
+    # The entry's check of every block (xxh3-128, CHECK_SIZE bytes each), or
+    # None for an entry written before checks existed.
+    checks: bytes | None = None
+
+    def check(self, n: int) -> bytes | None:
+        """Block ``n``'s check, or None when the entry has none."""
+        if self.checks is None:
+            return None
+        return self.checks[n * CHECK_SIZE : (n + 1) * CHECK_SIZE]
 
     def recipe(self, n: int, length: int) -> Recipe | None:
         """Block ``n``'s recipe if it exists with exactly ``length`` bytes."""
@@ -77,15 +88,19 @@ def _read_tree(reader: PackReader) -> Callable[[bytes], bytes]:
     return lambda sha: reader.read(sha, 2)[1]
 
 
-def image_layer(
+def _image_items(
     reader: PackReader, root_tree: bytes, path: str
-) -> tuple[Manifest, bytes | None] | None:
-    """An entry's manifest for image ``path`` and its blocks tree id, or None."""
+) -> dict[bytes, tuple[int, bytes]] | None:
     read = lambda sha, t: reader.read(sha, t)[1]  # noqa: E731
     found = lookup_path(read, root_tree, IMAGES_NAME.decode() + "/" + path)
     if found is None or found[0] != TREE_MODE:
         return None
-    items = {name: (mode, sha) for name, mode, sha in parse_tree(reader.read(found[1], 2)[1])}
+    return {name: (mode, sha) for name, mode, sha in parse_tree(reader.read(found[1], 2)[1])}
+
+
+def _layer(
+    reader: PackReader, items: dict[bytes, tuple[int, bytes]], path: str
+) -> tuple[Manifest, bytes | None]:
     man = items.get(MANIFEST_NAME)
     if man is None:
         raise CorruptRepository(f"image {path} has no manifest")
@@ -94,13 +109,35 @@ def image_layer(
     return manifest, (blocks[1] if blocks else None)
 
 
+def image_layer(
+    reader: PackReader, root_tree: bytes, path: str
+) -> tuple[Manifest, bytes | None] | None:
+    """An entry's manifest for image ``path`` and its blocks tree id, or None."""
+    items = _image_items(reader, root_tree, path)
+    return None if items is None else _layer(reader, items, path)
+
+
+def _checks(
+    reader: PackReader, items: dict[bytes, tuple[int, bytes]], manifest: Manifest, path: str
+) -> bytes | None:
+    found = items.get(CHECKS_NAME)
+    if found is None:
+        return None
+    data = reader.read(found[1], BLOB)[1]
+    if len(data) != manifest.nblocks * CHECK_SIZE:
+        raise CorruptRepository(f"image {path} has checks for the wrong number of blocks")
+    return data
+
+
 def resolve_image(reader: PackReader, commit: bytes, path: str) -> ResolvedImage | None:
     """Resolve image ``path`` of entry ``commit`` (None if it is not an image there)."""
     tree, parent = commit_tree_parent(reader, commit)
-    top = image_layer(reader, tree, path)
-    if top is None:
+    items = _image_items(reader, tree, path)
+    if items is None:
         return None
+    top = _layer(reader, items, path)
     target = top[0]
+    checks = _checks(reader, items, target, path)
     n = target.nblocks
     pending: dict[int, list[bytes]] = {}  # block -> deltas found so far (newest first)
     recipes: list[Recipe | None] = [None] * n
@@ -150,17 +187,23 @@ def resolve_image(reader: PackReader, commit: bytes, path: str) -> ResolvedImage
         layer = image_layer(reader, tree, path)
         parent = next_parent
     out = [ZERO if r is None or (r.base is None and not r.deltas) else r for r in recipes]
-    return ResolvedImage(target, out)
+    return ResolvedImage(target, out, checks)
 
 
-def materialize(reader: PackReader, recipe: Recipe, length: int) -> bytes | None:
-    """Build one block; None means all zero."""
+def materialize(
+    reader: PackReader, recipe: Recipe, length: int, *, verify: bool = True
+) -> bytes | None:
+    """Build one block; None means all zero.
+
+    ``verify=False`` skips checking each object's id: for callers that check
+    the built block against the entry's checks instead.
+    """
     if recipe.base is None and not recipe.deltas:
         return None
     if recipe.base is None:
         buf = bytearray(length)
     else:
-        data = reader.read(recipe.base, BLOB)[1]
+        data = reader.read(recipe.base, BLOB, verify=verify)[1]
         if len(data) != length:
             raise CorruptRepository(
                 f"block {recipe.base.hex()} has {len(data)} bytes where {length} belong"
@@ -169,7 +212,7 @@ def materialize(reader: PackReader, recipe: Recipe, length: int) -> bytes | None
             return data
         buf = bytearray(data)
     for d in recipe.deltas:
-        apply_delta(buf, reader.read(d, BLOB)[1])
+        apply_delta(buf, reader.read(d, BLOB, verify=verify)[1])
     return bytes(buf)
 
 

@@ -6,8 +6,9 @@ memory stays flat whatever the image size.  Holes are found with
 ``SEEK_DATA``/``SEEK_HOLE`` and never read; zero blocks cost nothing.
 
 Building resolves every block first (see chains.py), then writes each block
-once, verifying every object id as it is read and the image's digest (a hash
-list of its blocks' ids) as it is written.
+once, checking each built block against the entry's block checks (or, for an
+entry saved before checks existed, every object id as it is read) and the
+image's digest (a hash list of its blocks' ids) as it is written.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from vml.plumbing.deltas import encode_delta
 from vml.plumbing.manifests import (
     BLOB_MODE,
     BLOCKS_NAME,
+    CHECKS_NAME,
     MANIFEST_NAME,
     MAX_BLOCKS,
     TREE_MODE,
@@ -278,6 +280,7 @@ def save_image(
             return _Outcome(data, digest, bh, pages, "whole", sha, z, length, read)
 
         file_hash = hashlib.sha256()
+        checks = bytearray()
         blocks: dict[int, BlockRef] = {}
         zero_blocks: list[int] = []
         read_total = 0
@@ -285,6 +288,7 @@ def save_image(
         for n, out in enumerate(results):
             length = min(block_size, size - n * block_size)
             file_hash.update(out.digest)
+            checks += out.bhash
             if record_out is not None:
                 record_out.write(out.digest + out.bhash + out.pages)
             read_total += out.read
@@ -314,15 +318,29 @@ def save_image(
         base=base_layer,
         zero=ranges(zero_blocks),
     )
-    return image_tree(writer, manifest, blocks), manifest, read_total, len(blocks)
+    tree = image_tree(writer, manifest, blocks, bytes(checks))
+    return tree, manifest, read_total, len(blocks)
 
 
-def image_tree(writer: PackWriter, manifest: Manifest, blocks: Mapping[int, LayerBlock]) -> Tree:
-    """Write an image's manifest and block map; returns its tree."""
+def image_tree(
+    writer: PackWriter,
+    manifest: Manifest,
+    blocks: Mapping[int, LayerBlock],
+    checks: bytes | None,
+) -> Tree:
+    """Write an image's manifest, checks and block map; returns its tree.
+
+    ``checks`` is the xxh3-128 of every block of the file (None: unknown, as
+    for an entry rewritten from one saved before checks existed).
+    """
     man = Blob.from_string(manifest.encode())
     writer.add_object(man)
     tree = Tree()
     tree.add(MANIFEST_NAME, BLOB_MODE, man.id)
+    if checks is not None:
+        chk = Blob.from_string(checks)
+        writer.add_object(chk)
+        tree.add(CHECKS_NAME, BLOB_MODE, chk.id)
     top, made = block_trees(blocks)
     for t in made:
         writer.add_object(t)
@@ -422,15 +440,30 @@ def write_image(
                 return 0, dg, None
             return 0, dg, dg + block_hash(data) + page_hashes(data, ps, ppb)
         recipe = image.recipes[n]
-        built = materialize(reader, recipe, length)
+        check = image.check(n)
+        # With the entry's checks, each block is checked once, built, with the
+        # xxh3 the area cache needs anyway; without them, each object by id.
+        built = materialize(reader, recipe, length, verify=check is None)
         if built is None:
+            if check is not None and check != zero_record(length, ps, ppb)[0]:
+                raise CorruptRepository(_damaged(n))
             if in_place:
                 punch_hole(fd, n * bs, length)
             return 0, block_digest(None, length), _zero_rec(length) if want_records else None
+        bh = block_hash(built) if check is not None or want_records else b""
+        if check is not None and bh != check:
+            # Damage somewhere: build again checking every object id, which
+            # passes over a damaged copy when another pack holds a good one.
+            built = materialize(reader, recipe, length)
+            bh = block_hash(built) if built is not None else b""
+            if bh != check:
+                raise CorruptRepository(_damaged(n))
+            assert built is not None
         write_all(fd, built, n * bs)
         if n % _WRITEBACK_BLOCKS == _WRITEBACK_BLOCKS - 1:
             start_writeback(fd)  # the final fsync then waits for little
-        # A whole block was checked against its id as it was read.
+        # A whole block's id is in the block map (and its content was checked
+        # against it or against the block's check as it was read).
         dg = (
             recipe.base
             if recipe.base is not None and not recipe.deltas
@@ -438,7 +471,10 @@ def write_image(
         )
         if not want_records:
             return length, dg, None
-        return length, dg, dg + block_hash(built) + page_hashes(built, ps, ppb)
+        return length, dg, dg + bh + page_hashes(built, ps, ppb)
+
+    def _damaged(n: int) -> str:
+        return f"block {n} of a file does not match its check; the repository is damaged"
 
     def _zero_rec(length: int) -> bytes:
         return block_digest(None, length) + b"".join(zero_record(length, ps, ppb))

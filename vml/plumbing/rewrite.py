@@ -167,7 +167,10 @@ def reexpress_images(
             if q is not None and q.manifest.block_size != x.manifest.block_size:
                 q = None
         manifest, blocks = express_image(x, q, stats)
-        out[path] = bytes.fromhex(image_tree(writer, manifest, blocks).id.decode())
+        # Re-expressing changes how blocks are stored, not what the file
+        # holds: the entry keeps its checks.
+        tree = image_tree(writer, manifest, blocks, x.checks)
+        out[path] = bytes.fromhex(tree.id.decode())
     return out
 
 

@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 
 from vml.errors import CorruptRepository
 from vml.plumbing import refs as refs_mod
+from vml.plumbing.areas import block_hash
 from vml.plumbing.chains import ResolvedImage, image_layer, materialize, ordered_map, resolve_image
 from vml.plumbing.deltas import delta_header
 from vml.plumbing.entries import FILES_NAME, Entry, load_entry, lookup_path
 from vml.plumbing.forest import Forest, load_forest
-from vml.plumbing.images import block_digest
+from vml.plumbing.images import block_digest, zero_record
 from vml.plumbing.manifests import BLOB_MODE, layer_block_ids, read_block_map
 from vml.plumbing.packs import BLOB, PackReader
 
@@ -203,9 +204,17 @@ def check_image(
         # Built and hashed in the pool; only the digests come back in order.
         length = m.block_length(n)
         try:
-            return block_digest(materialize(reader, img.recipes[n], length), length), None
+            built = materialize(reader, img.recipes[n], length)
         except CorruptRepository as err:
             return None, err.message
+        check = img.check(n)
+        if check is not None:
+            have = zero_record(length, m.page_size, m.block_size // m.page_size)[0]
+            if built is not None:
+                have = block_hash(built)
+            if have != check:
+                return None, "it does not match its check"
+        return block_digest(built, length), None
 
     h = hashlib.sha256()
     broken = False

@@ -22,6 +22,7 @@ from vml.plumbing import refs as refs_mod
 from vml.plumbing.areas import (
     AreaFile,
     AreaState,
+    BlockRecords,
     Cache,
     CachedFile,
     CacheWriter,
@@ -250,7 +251,7 @@ def commit(
                                 repo.page_size,
                                 base=False,
                             )
-                            tree = image_tree(writer, man, {})
+                            tree = image_tree(writer, man, {}, _checks_of(parent_img, recs))
                             rec_path = cache.area / ".vml" / "cache" / (cached.pages or "")
                             name = cwriter.reuse_records(rec_path)
                             recs.close()
@@ -491,3 +492,20 @@ def _changed_files(
     if sorted(dirs) != sorted(old_dirs):
         out += sorted(set(dirs) ^ set(old_dirs))
     return sorted(out)
+
+
+def _checks_of(image: ResolvedImage, recs: BlockRecords) -> bytes | None:
+    """The checks of an unchanged image: its parent's, or from the area cache.
+
+    The cache describes the file exactly as the parent entry has it; a parent
+    saved before checks existed gets them here, so its descendants have them.
+    """
+    if image.checks is not None:
+        return image.checks
+    parts = []
+    for n in range(image.manifest.nblocks):
+        h = recs.block_hash(n)
+        if h is None:
+            return None
+        parts.append(bytes(h))
+    return b"".join(parts)
