@@ -18,7 +18,7 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -313,6 +313,23 @@ class PackWriter:
         return name, keep
 
 
+def _largest_first(idx_paths: Iterable[Path]) -> list[Path]:
+    """Indexes whose pack exists, largest pack first (name breaks ties).
+
+    A look-up tries packs in turn; most blocks of any entry sit in the big
+    pack of the first save, so trying it first makes most hits cost one
+    index search whatever the number of packs.
+    """
+    sized: list[tuple[int, str, Path]] = []
+    for idx in idx_paths:
+        try:
+            size = idx.with_suffix(".pack").stat().st_size
+        except FileNotFoundError:
+            continue
+        sized.append((-size, idx.name, idx))
+    return [idx for _size, _name, idx in sorted(sized)]
+
+
 class PackReader:
     """Read objects by id, whole objects straight from packs with isal.
 
@@ -332,10 +349,8 @@ class PackReader:
         self.close()
         pack_dir = self.repo.objects_dir / "pack"
         if pack_dir.is_dir():
-            for idx_path in sorted(pack_dir.glob("pack-*.idx")):
+            for idx_path in _largest_first(pack_dir.glob("pack-*.idx")):
                 pack_path = idx_path.with_suffix(".pack")
-                if not pack_path.exists():
-                    continue
                 index = load_pack_index(str(idx_path), DEFAULT_OBJECT_FORMAT)
                 fd = os.open(pack_path, os.O_RDONLY)
                 self._packs.append((index, fd))
