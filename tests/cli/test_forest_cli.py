@@ -67,8 +67,7 @@ def test_verify_names_the_entries_a_bad_object_affects(setup: tuple[Path, Path])
     repo, _area = setup
     from vml.plumbing import refs as refs_mod
     from vml.plumbing.chains import resolve_image
-    from vml.plumbing.gc import _extents
-    from vml.plumbing.packs import PackReader
+    from vml.plumbing.packs import PackReader, pack_extents
     from vml.plumbing.repository import open_repository
 
     r = open_repository(repo)
@@ -83,7 +82,7 @@ def test_verify_names_the_entries_a_bad_object_affects(setup: tuple[Path, Path])
     # Damage that block inside its pack.
     for idx in (repo / "objects" / "pack").glob("pack-*.idx"):
         pack = idx.with_suffix(".pack")
-        for sha, off, length, _crc in _extents(idx, pack.stat().st_size):
+        for sha, off, length, _crc in pack_extents(idx, pack.stat().st_size):
             if sha == victim:
                 with open(pack, "r+b") as f:
                     f.seek(off + length // 2)

@@ -452,6 +452,8 @@ def run(
     plugins = [p for p in PLUGINS if p.available(commands) and (only is None or p.name in only)]
     out(f"commands: {', '.join(p.name for p in plugins)} (seed {seed}, folder {base})")
     w.vml("init", "--block-size", "64K", str(w.repo))
+    # Saves roll small packs up past 4 packs, so kills land in consolidations too.
+    subprocess.run(["git", "config", "vml.autoPackLimit", "4"], cwd=w.repo, check=True)
     sys.path.insert(0, str(ROOT))
     from tests.conftest import make_area
 

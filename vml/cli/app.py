@@ -247,6 +247,17 @@ def commit(
         out.print(
             f"[yellow]note:[/yellow] saved {escape(e.source)} (outside the area) as {escape(e.path)}"
         )
+    if res.repacked is not None:
+        r = res.repacked
+        out.print(
+            f"packed {len(r.merged)} small packs into {len(r.new_packs)} "
+            f"({size(r.written_bytes)}); {r.packs_after} packs in the repository"
+        )
+    if res.repack_problem is not None:
+        err.print(
+            f"[yellow]warning:[/yellow] {escape(res.repack_problem)}; the entry is saved; "
+            "run `vml verify --all` and `vml gc`"
+        )
 
 
 @app.command()

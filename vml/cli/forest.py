@@ -147,6 +147,16 @@ def gc(
             "deleted_bytes": res.deleted_bytes,
             "freed_bytes": res.freed_bytes,
             "packs": [{**p.__dict__, "action": p.action} for p in res.packs],
+            "consolidated": (
+                None
+                if res.repacked is None
+                else {
+                    "merged": res.repacked.merged,
+                    "new_packs": res.repacked.new_packs,
+                    "written_bytes": res.repacked.written_bytes,
+                    "packs_after": res.repacked.packs_after,
+                }
+            ),
         }
         print(json.dumps(doc, indent=1))
         return
@@ -167,6 +177,12 @@ def gc(
         out.print(
             f"freed {size(res.freed_bytes)} (deleted {size(res.deleted_bytes)}, "
             f"wrote {size(res.written_bytes)})"
+        )
+    if res.repacked is not None:
+        r = res.repacked
+        out.print(
+            f"packed {len(r.merged)} small packs into {len(r.new_packs)} "
+            f"({size(r.written_bytes)}); {r.packs_after} packs in the repository"
         )
 
 

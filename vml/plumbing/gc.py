@@ -26,16 +26,12 @@ from __future__ import annotations
 
 import os
 import re
-import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dulwich.object_format import DEFAULT_OBJECT_FORMAT
 from dulwich.objects import Commit, Tag
-from dulwich.pack import load_pack_index
 
-from vml.errors import CorruptRepository
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.manifests import TREE_MODE, parse_tree
 from vml.plumbing.packs import (
@@ -44,9 +40,11 @@ from vml.plumbing.packs import (
     TREE,
     PackReader,
     PackWriter,
+    copy_object,
     deflate,
-    parse_object_header,
+    pack_extents,
 )
+from vml.plumbing.repack import RepackResult
 from vml.plumbing.repository import Repository, fsync_dir
 
 TAG = 4
@@ -129,6 +127,7 @@ class GcResult:
     deferred: bool = False  # a save was in progress: nothing was deleted
     dry_run: bool = False
     new_packs: list[str] = field(default_factory=list)
+    repacked: RepackResult | None = None  # small packs rolled up afterwards
 
     @property
     def freed_bytes(self) -> int:
@@ -138,22 +137,6 @@ class GcResult:
 
 def _pack_dir(repo: Repository) -> Path:
     return repo.objects_dir / "pack"
-
-
-def _extents(idx_path: Path, pack_size: int) -> list[tuple[bytes, int, int, int | None]]:
-    """(sha, offset, length, crc) of every object of a pack, in pack order."""
-    index = load_pack_index(str(idx_path), DEFAULT_OBJECT_FORMAT)
-    try:
-        items = sorted(
-            ((bytes(s), int(o), c) for s, o, c in index.iterentries()), key=lambda x: x[1]
-        )
-    finally:
-        index.close()
-    out: list[tuple[bytes, int, int, int | None]] = []
-    for i, (sha, off, crc) in enumerate(items):
-        end = items[i + 1][1] if i + 1 < len(items) else pack_size - 20
-        out.append((sha, off, end - off, crc))
-    return out
 
 
 def _loose_objects(repo: Repository) -> dict[bytes, Path]:
@@ -215,6 +198,24 @@ def _temporaries(repo: Repository) -> tuple[list[Path], list[Path]]:
     return live, stale
 
 
+def _orphan_packs(repo: Repository) -> list[Path]:
+    """Pack files without their index that nothing protects.
+
+    A pack is invisible without its index.  A writer renames its pack into
+    place just before the index, under a ``.keep`` of its live process; a
+    consolidation or gc killed while deleting a pack's index and pack
+    leaves such a file for good.
+    """
+    d = _pack_dir(repo)
+    if not d.is_dir():
+        return []
+    return [
+        p
+        for p in d.glob("pack-*.pack")
+        if not p.with_suffix(".idx").exists() and not _kept(p.with_suffix(".keep"))
+    ]
+
+
 def collect(
     repo: Repository,
     *,
@@ -232,6 +233,7 @@ def collect(
     )
     loose = _loose_objects(repo)
     _busy, stale_tmp = _temporaries(repo)
+    stale_tmp += _orphan_packs(repo)
 
     # Refs first, then the pack list: objects are on disk before any ref
     # points at them, so every object the roots reach is in a pack seen now.
@@ -248,7 +250,7 @@ def collect(
             pack = pack_dir / f"{name}.pack"
             idx = pack_dir / f"{name}.idx"
             psize = pack.stat().st_size
-            ext = _extents(idx, psize)
+            ext = pack_extents(idx, psize)
             info = PackInfo(name, objects=len(ext), size=psize + idx.stat().st_size)
             info.keep = _kept(pack_dir / f"{name}.keep")
             for sha, _off, length, _crc in ext:
@@ -281,7 +283,7 @@ def collect(
         for name in in_kept:
             kept_ids.update(
                 sha
-                for sha, *_ in _extents(
+                for sha, *_ in pack_extents(
                     pack_dir / f"{name}.idx", (pack_dir / f"{name}.pack").stat().st_size
                 )
             )
@@ -296,7 +298,7 @@ def collect(
                     progress("copy", done, total)
                     if sha not in live or sha in kept_ids or sha in writer:
                         continue
-                    _copy(reader, writer, fd, sha, off, length, crc)
+                    copy_object(reader, writer, fd, sha, off, length, crc)
             finally:
                 os.close(fd)
         result.written_bytes += _finish(writer, result)
@@ -314,7 +316,7 @@ def collect(
                 if p.name not in extents:
                     doomed_ids.update(
                         s
-                        for s, *_ in _extents(
+                        for s, *_ in pack_extents(
                             pack_dir / f"{p.name}.idx", (pack_dir / f"{p.name}.pack").stat().st_size
                         )
                     )
@@ -367,28 +369,3 @@ def _finish(writer: PackWriter, result: GcResult) -> int:
     result.new_packs.extend(writer.names)
     d = writer.repo.objects_dir / "pack"
     return sum((d / f"{n}{e}").stat().st_size for n in writer.names for e in (".pack", ".idx"))
-
-
-def _copy(
-    reader: PackReader,
-    writer: PackWriter,
-    fd: int,
-    sha: bytes,
-    off: int,
-    length: int,
-    crc: int | None,
-) -> None:
-    """Copy one packed object as it is (still compressed), or rebuild it if it is a delta."""
-    raw = os.pread(fd, length, off)
-    if len(raw) != length or (crc is not None and zlib.crc32(raw) & 0xFFFFFFFF != crc):
-        raise CorruptRepository(
-            f"object {sha.hex()} is damaged in its pack; nothing was deleted",
-            "run `vml verify --all` to see which entries it affects",
-        )
-    type_num, size, hlen = parse_object_header(raw)
-    if type_num in (1, 2, 3, 4):
-        writer.add_compressed(type_num, sha, size, raw[hlen:])
-        return
-    # A delta made by git: store it whole (reading it checks its id).
-    type_num, data = reader.read(sha)
-    writer.add_compressed(type_num, sha, len(data), deflate(data))

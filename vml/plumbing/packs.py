@@ -346,18 +346,35 @@ class PackReader:
 
     def refresh(self) -> None:
         """Load the packs present now (call after writing a pack)."""
-        self.close()
         pack_dir = self.repo.objects_dir / "pack"
-        if pack_dir.is_dir():
-            for idx_path in _largest_first(pack_dir.glob("pack-*.idx")):
-                pack_path = idx_path.with_suffix(".pack")
-                index = load_pack_index(str(idx_path), DEFAULT_OBJECT_FORMAT)
-                fd = os.open(pack_path, os.O_RDONLY)
-                self._packs.append((index, fd))
-                self._fds.append(fd)
+        # A consolidation or gc beside us deletes packs only once the packs
+        # replacing them are visible: when one vanishes while we load, list
+        # again and the replacements are there.
+        for _attempt in range(100):
+            self.close()
+            if not pack_dir.is_dir() or self._load_all(pack_dir):
+                break
         # dulwich's store serves loose objects and deltified ones; prime its
         # pack cache now, before any reader thread touches it.
         self.repo.reopen_store()
+
+    def _load_all(self, pack_dir: Path) -> bool:
+        """Open every pack listed now; False when one vanished meanwhile."""
+        for idx_path in _largest_first(pack_dir.glob("pack-*.idx")):
+            try:
+                index = load_pack_index(str(idx_path), DEFAULT_OBJECT_FORMAT)
+            except FileNotFoundError:
+                return False
+            try:
+                fd = os.open(idx_path.with_suffix(".pack"), os.O_RDONLY)
+            except FileNotFoundError:
+                close = getattr(index, "close", None)
+                if close is not None:
+                    close()
+                return False
+            self._packs.append((index, fd))
+            self._fds.append(fd)
+        return True
 
     def close(self) -> None:
         """Close the pack files."""
@@ -551,3 +568,44 @@ def write_loose(repo: Repository, obj: ShaFile, durable: bool = True) -> bytes:
         if durable:
             fsync_dir(d)
     return bytes.fromhex(hexid)
+
+
+def pack_extents(idx_path: Path, pack_size: int) -> list[tuple[bytes, int, int, int | None]]:
+    """(sha, offset, length, crc) of every object of a pack, in pack order."""
+    index = load_pack_index(str(idx_path), DEFAULT_OBJECT_FORMAT)
+    try:
+        items = sorted(
+            ((bytes(s), int(o), c) for s, o, c in index.iterentries()), key=lambda x: x[1]
+        )
+    finally:
+        index.close()
+    out: list[tuple[bytes, int, int, int | None]] = []
+    for i, (sha, off, crc) in enumerate(items):
+        end = items[i + 1][1] if i + 1 < len(items) else pack_size - 20
+        out.append((sha, off, end - off, crc))
+    return out
+
+
+def copy_object(
+    reader: PackReader,
+    writer: PackWriter,
+    fd: int,
+    sha: bytes,
+    off: int,
+    length: int,
+    crc: int | None,
+) -> None:
+    """Copy one packed object as it is (still compressed), or rebuild it if it is a delta."""
+    raw = os.pread(fd, length, off)
+    if len(raw) != length or (crc is not None and zlib.crc32(raw) & 0xFFFFFFFF != crc):
+        raise CorruptRepository(
+            f"object {sha.hex()} is damaged in its pack; nothing was deleted",
+            "run `vml verify --all` to see which entries it affects",
+        )
+    type_num, size, hlen = parse_object_header(raw)
+    if type_num in (1, 2, 3, 4):
+        writer.add_compressed(type_num, sha, size, raw[hlen:])
+        return
+    # A delta made by git: store it whole (reading it checks its id).
+    type_num, data = reader.read(sha)
+    writer.add_compressed(type_num, sha, len(data), deflate(data))

@@ -147,6 +147,10 @@ def hold_flock(path: Path, timeout: float, busy: str) -> Iterator[int]:
         os.close(fd)  # closing drops the flock
 
 
+# Like git's gc.autoPackLimit: look-ups try packs one by one.
+DEFAULT_AUTO_PACK_LIMIT = 50
+
+
 @dataclass
 class Repository:
     """An open VML repository."""
@@ -155,6 +159,9 @@ class Repository:
     git: Repo
     block_size: int
     page_size: int
+    # A save rolls small packs up once there are more than this many
+    # (`git config vml.autoPackLimit N`; 0 turns it off, as git's gc.autoPackLimit).
+    auto_pack_limit: int = DEFAULT_AUTO_PACK_LIMIT
 
     @property
     def vml_dir(self) -> Path:
@@ -301,4 +308,5 @@ def open_repository(path: Path) -> Repository:
             f"{path} has an impossible block size ({block_size}) or page size ({page_size})",
             "fix vml.blockSize / vml.pageSize with `git config`, or use another repository",
         )
-    return Repository(Path(path), repo, block_size, page_size)
+    auto_pack_limit = _config_int(repo, b"autoPackLimit", DEFAULT_AUTO_PACK_LIMIT)
+    return Repository(Path(path), repo, block_size, page_size, auto_pack_limit)

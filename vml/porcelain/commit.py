@@ -17,6 +17,7 @@ from vml.errors import (
     NothingToCommit,
     RepositoryBusy,
     UsageError,
+    VMLError,
 )
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.areas import (
@@ -48,6 +49,7 @@ from vml.plumbing.ignore import IgnoreRules
 from vml.plumbing.images import SaveInputs, image_tree, save_image
 from vml.plumbing.manifests import BLOB_MODE, TREE_MODE, Manifest
 from vml.plumbing.packs import PackReader, PackWriter, write_loose
+from vml.plumbing.repack import RepackResult, auto_consolidate
 from vml.plumbing.repository import Repository
 from vml.plumbing.vm import check_saveable
 from vml.porcelain.common import (
@@ -84,6 +86,8 @@ class CommitResult:
     branch: str | None
     crash_consistent: bool = False  # saved running, with --force-running
     external: list[ExternalFile] = field(default_factory=list)  # saved from outside the area
+    repacked: RepackResult | None = None  # small packs rolled up after the save
+    repack_problem: str | None = None  # why that failed (the entry is saved all the same)
 
 
 def _chain_root(reader: PackReader, commit: bytes) -> bytes:
@@ -424,6 +428,15 @@ def commit(
             state.repository = str(repo.path.resolve())
             save_state(area, state)
             repo.register_area(area)
+            # The entry is saved: keeping the pack count low must not fail it.
+            repacked: RepackResult | None = None
+            problem: str | None = None
+            try:
+                repacked = auto_consolidate(repo, lambda d, t: progress("pack", d, t))
+            except VMLError as e:
+                problem = e.message
+            except OSError as e:
+                problem = f"packs were not consolidated: {e.strerror or e}"
             return CommitResult(
                 entry=f"E{n}",
                 commit=cid.hex(),
@@ -438,6 +451,8 @@ def commit(
                 branch=state.branch,
                 crash_consistent=vm.power_state == "running",
                 external=externals,
+                repacked=repacked,
+                repack_problem=problem,
             )
         finally:
             reader.close()

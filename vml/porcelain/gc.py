@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from vml.plumbing.gc import GcResult, collect
+from vml.plumbing.repack import consolidate, maintenance
 from vml.plumbing.repository import Repository
 from vml.porcelain.common import ProgressFn, no_progress
 
@@ -11,6 +12,14 @@ def gc(repo: Repository, *, dry_run: bool = False, progress: ProgressFn = no_pro
     """Reclaim unreachable objects; with ``dry_run`` only say what would go.
 
     Streams: live objects of partly dead packs are copied into one new pack,
-    which is complete and indexed before any old pack is deleted.
+    which is complete and indexed before any old pack is deleted.  Then the
+    smallest packs are rolled up so that pack sizes form a geometric
+    progression (few packs keep look-ups fast).  One gc at a time.
     """
-    return collect(repo, dry_run=dry_run, progress=progress)
+    with maintenance(repo):
+        res = collect(repo, dry_run=dry_run, progress=progress)
+        if not dry_run and not res.deferred:
+            res.repacked = consolidate(
+                repo, progress=lambda done, total: progress("pack", done, total)
+            )
+    return res
