@@ -14,7 +14,6 @@ image's digest (a hash list of its blocks' ids) as it is written.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import hashlib
 import os
@@ -51,7 +50,7 @@ from vml.plumbing.manifests import (
     ranges,
 )
 from vml.plumbing.packs import BLOB, PackReader, PackWriter, blob_id, deflate
-from vml.plumbing.repository import start_writeback
+from vml.plumbing.repository import libc, start_writeback
 
 Progress = Callable[[int], None]
 WINDOW = 16
@@ -354,15 +353,11 @@ def image_tree(
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
-_libc: ctypes.CDLL | None = None
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Turn a range into a hole (zeros that take no space), or write zeros."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    fallocate = _libc.fallocate
+    fallocate = libc().fallocate
     fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
     if fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
         write_all(fd, zeros(length), offset)

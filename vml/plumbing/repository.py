@@ -11,7 +11,6 @@ folder ``vml/`` inside the git directory, which git ignores.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import json
@@ -54,6 +53,22 @@ _SYNC_FILE_RANGE_WRITE = 2
 _sync_file_range: Any = None
 
 
+_LIBC: ctypes.CDLL | None = None
+
+
+def libc() -> ctypes.CDLL:
+    """The C library, for the few calls Python's os module lacks.
+
+    The process's own symbols (``CDLL(None)``) include libc wherever Python
+    runs on Linux: ``ctypes.util.find_library`` would spawn ldconfig, a few
+    milliseconds each time, on every command.
+    """
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    return _LIBC
+
+
 def start_writeback(fd: int) -> None:
     """Ask the kernel to start writing ``fd``'s dirty pages now, without waiting.
 
@@ -64,8 +79,7 @@ def start_writeback(fd: int) -> None:
     global _sync_file_range
     if _sync_file_range is None:
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            fn = libc.sync_file_range
+            fn = libc().sync_file_range
             fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
             _sync_file_range = fn
         except (OSError, AttributeError):
