@@ -83,6 +83,7 @@ def test_gc_rolls_small_packs_up_and_keeps_every_object(
     res = gc(repo)
     assert res.repacked is not None
     assert res.repacked.packs_before == packs
+    assert len(res.repacked.new_packs) == 1  # one pack, not parts: the progression holds
     assert pack_count(repo) == res.repacked.packs_after < packs
     assert all_objects(repo) == objects
     check_all(repo, states, tmp_path)

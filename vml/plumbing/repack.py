@@ -151,7 +151,10 @@ def consolidate(
     total = sum(len(e) for e in extents.values())
     done = 0
     reader = PackReader(repo)
-    writer = PackWriter(repo)
+    # One pack, however big: a consolidation cut into equal ~192 MiB parts
+    # would break the progression it makes, and the next one would copy
+    # them all again.
+    writer = PackWriter(repo, roll_bytes=1 << 62)
     try:
         for name in chosen:
             fd = os.open(d / f"{name}.pack", os.O_RDONLY)
