@@ -16,7 +16,7 @@ from vml.plumbing.areas import block_hash
 from vml.plumbing.chains import ResolvedImage, image_layer, resolve_image
 from vml.plumbing.images import block_digest, data_ranges, file_digest, punch_hole, write_image
 from vml.plumbing.manifests import CHECK_SIZE, read_block_map
-from vml.plumbing.packs import BLOB, PackReader
+from vml.plumbing.packs import BLOB, PackReader, blob_id
 from vml.plumbing.repository import Repository
 from vml.porcelain.checkout import checkout
 from vml.porcelain.commit import commit
@@ -157,7 +157,8 @@ def _image(r: PackReader, commit_hex: str) -> ResolvedImage:
 
 def _file_checks(path: Path) -> bytes:
     data = path.read_bytes()
-    return b"".join(block_hash(data[i : i + TEST_BLOCK]) for i in range(0, len(data), TEST_BLOCK))
+    blocks = [data[i : i + TEST_BLOCK] for i in range(0, len(data), TEST_BLOCK)]
+    return b"".join(blob_id(b) + block_hash(b) for b in blocks)
 
 
 def test_every_entry_records_its_block_checks(repo: Repository, area: Path) -> None:

@@ -22,6 +22,7 @@ from vml.plumbing.deltas import apply_delta
 from vml.plumbing.entries import IMAGES_NAME, lookup_path
 from vml.plumbing.manifests import (
     BLOCKS_NAME,
+    CHECK_ID,
     CHECK_SIZE,
     CHECKS_NAME,
     MANIFEST_NAME,
@@ -57,15 +58,16 @@ class ResolvedImage:
 
     manifest: Manifest
     recipes: list[Recipe]
-    # The entry's check of every block (xxh3-128, CHECK_SIZE bytes each), or
-    # None for an entry written before checks existed.
+    # The entry's check of every block (blob id and xxh3-128, CHECK_SIZE
+    # bytes each), or None for an entry written before checks existed.
     checks: bytes | None = None
 
-    def check(self, n: int) -> bytes | None:
-        """Block ``n``'s check, or None when the entry has none."""
+    def check(self, n: int) -> tuple[bytes, bytes] | None:
+        """Block ``n``'s ``(blob id, xxh3-128)``, or None when the entry has no checks."""
         if self.checks is None:
             return None
-        return self.checks[n * CHECK_SIZE : (n + 1) * CHECK_SIZE]
+        at = n * CHECK_SIZE
+        return self.checks[at : at + CHECK_ID], self.checks[at + CHECK_ID : at + CHECK_SIZE]
 
     def recipe(self, n: int, length: int) -> Recipe | None:
         """Block ``n``'s recipe if it exists with exactly ``length`` bytes."""

@@ -287,7 +287,7 @@ def save_image(
         for n, out in enumerate(results):
             length = min(block_size, size - n * block_size)
             file_hash.update(out.digest)
-            checks += out.bhash
+            checks += out.digest + out.bhash
             if record_out is not None:
                 record_out.write(out.digest + out.bhash + out.pages)
             read_total += out.read
@@ -329,8 +329,8 @@ def image_tree(
 ) -> Tree:
     """Write an image's manifest, checks and block map; returns its tree.
 
-    ``checks`` is the xxh3-128 of every block of the file (None: unknown, as
-    for an entry rewritten from one saved before checks existed).
+    ``checks`` is the blob id and xxh3-128 of every block of the file (None:
+    unknown, as for an entry rewritten from one saved before checks existed).
     """
     man = Blob.from_string(manifest.encode())
     writer.add_object(man)
@@ -437,33 +437,39 @@ def write_image(
         recipe = image.recipes[n]
         check = image.check(n)
         # With the entry's checks, each block is checked once, built, with the
-        # xxh3 the area cache needs anyway; without them, each object by id.
+        # xxh3 the area cache needs anyway, and its id is read, not hashed;
+        # without them, each object is checked by id as it is read.
         built = materialize(reader, recipe, length, verify=check is None)
         if built is None:
-            if check is not None and check != zero_record(length, ps, ppb)[0]:
+            if check is not None and check != (
+                block_digest(None, length),
+                zero_record(length, ps, ppb)[0],
+            ):
                 raise CorruptRepository(_damaged(n))
             if in_place:
                 punch_hole(fd, n * bs, length)
             return 0, block_digest(None, length), _zero_rec(length) if want_records else None
         bh = block_hash(built) if check is not None or want_records else b""
-        if check is not None and bh != check:
+        if check is not None and bh != check[1]:
             # Damage somewhere: build again checking every object id, which
             # passes over a damaged copy when another pack holds a good one.
             built = materialize(reader, recipe, length)
             bh = block_hash(built) if built is not None else b""
-            if bh != check:
+            if bh != check[1]:
                 raise CorruptRepository(_damaged(n))
             assert built is not None
         write_all(fd, built, n * bs)
         if n % _WRITEBACK_BLOCKS == _WRITEBACK_BLOCKS - 1:
             start_writeback(fd)  # the final fsync then waits for little
-        # A whole block's id is in the block map (and its content was checked
-        # against it or against the block's check as it was read).
-        dg = (
-            recipe.base
-            if recipe.base is not None and not recipe.deltas
-            else block_digest(built, length)
-        )
+        # The block's id: from its checks, or the block map for a whole block
+        # (checked as it was read), else hashed.  The image's digest over
+        # these ids is checked at the end.
+        if check is not None:
+            dg = check[0]
+        elif recipe.base is not None and not recipe.deltas:
+            dg = recipe.base
+        else:
+            dg = block_digest(built, length)
         if not want_records:
             return length, dg, None
         return length, dg, dg + bh + page_hashes(built, ps, ppb)

@@ -4,11 +4,12 @@ Each large file ("image") of an entry is a tree ``images/<path>/`` holding:
 
 - ``manifest``: a small JSON blob (size, whole-file SHA-256, block and page
   size, whether this layer is a base, and the block ranges that became zero);
-- ``checks``: the xxh3-128 of every block of the file as this entry has it
-  (16 bytes per block, zero blocks included), so a restore checks each block
-  it builds with the hash it computes anyway for the area cache, rather than
-  hashing every object again with SHA-1 (entries written before it was
-  introduced lack it; they are checked by object id);
+- ``checks``: for every block of the file as this entry has it (zero blocks
+  included), its git blob id and its xxh3-128 (36 bytes per block), so a
+  restore checks each block it builds with the xxh3 it computes anyway for
+  the area cache and takes its id from here, rather than hashing every
+  object again with SHA-1 (entries written before it was introduced lack
+  it; they are checked by object id);
 - ``blocks/<a>/<b>/<c>``: whole blocks, and ``blocks/<a>/<b>/<c>.d``: page
   deltas, where block number ``n`` splits into ``a = n >> 16`` (4 hex digits),
   ``b = (n >> 8) & 0xff`` and ``c = n & 0xff`` (2 hex digits each).  A flat
@@ -34,7 +35,8 @@ from vml.errors import CorruptRepository, HostileRepository
 MANIFEST_NAME = b"manifest"
 BLOCKS_NAME = b"blocks"
 CHECKS_NAME = b"checks"
-CHECK_SIZE = 16  # bytes of one block's check (xxh3-128)
+CHECK_SIZE = 36  # one block's check: its git blob id (20 bytes), then its xxh3-128 (16)
+CHECK_ID = 20
 TREE_MODE = 0o040000
 BLOB_MODE = 0o100644
 # Far beyond any disk image, small enough that a hostile manifest cannot make

@@ -519,8 +519,8 @@ def _checks_of(image: ResolvedImage, recs: BlockRecords) -> bytes | None:
         return image.checks
     parts = []
     for n in range(image.manifest.nblocks):
-        h = recs.block_hash(n)
-        if h is None:
+        dg, h = recs.block_digest(n), recs.block_hash(n)
+        if dg is None or h is None:
             return None
-        parts.append(bytes(h))
+        parts.append(bytes(dg) + bytes(h))
     return b"".join(parts)
