@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vml.errors import CorruptRepository
-from vml.plumbing.deltas import MAGIC, apply_delta, delta_header, encode_delta
+from vml.plumbing.deltas import MAGIC, ZERO_PAGE, apply_delta, delta_header, encode_delta
 
 PAGE = 4096
 
@@ -38,6 +38,28 @@ def test_round_trip(npages: int, tail: int, data: st.DataObject) -> None:
     assert buf == new
 
 
+@settings(max_examples=50, deadline=None)
+@given(npages=st.integers(1, 16), data=st.data())
+def test_round_trip_with_zero_pages(npages: int, data: st.DataObject) -> None:
+    length = npages * PAGE
+    old = os.urandom(length)
+    new = bytearray(old)
+    chosen = sorted(data.draw(st.sets(st.integers(0, npages - 1), max_size=npages)))
+    zero = [p for p in chosen if data.draw(st.booleans())]
+    pages = [p for p in chosen if p not in zero]
+    for p in pages:
+        new[p * PAGE : (p + 1) * PAGE] = os.urandom(PAGE)
+    for p in zero:
+        new[p * PAGE : (p + 1) * PAGE] = bytes(PAGE)
+    blob = encode_delta(bytes(new), pages, PAGE, zero)
+    # A zero page costs its number only: a delta's size is what a restore reads.
+    assert len(blob) == 20 + 4 * len(chosen) + PAGE * len(pages)
+    assert blob[4] == (2 if zero else 1)
+    buf = bytearray(old)
+    apply_delta(buf, blob)
+    assert buf == new
+
+
 def test_small_change_small_delta() -> None:
     block = bytearray(os.urandom(1 << 20))
     blob = encode_delta(bytes(block), [7], PAGE)
@@ -50,8 +72,8 @@ def test_wrong_base_length() -> None:
         apply_delta(bytearray(PAGE), blob)
 
 
-def _raw(page: int, length: int, pages: list[int], body: bytes) -> bytes:
-    head = struct.pack(">4sBBHIII", MAGIC, 1, 0, 0, page, length, len(pages))
+def _raw(page: int, length: int, pages: list[int], body: bytes, version: int = 1) -> bytes:
+    head = struct.pack(">4sBBHIII", MAGIC, version, 0, 0, page, length, len(pages))
     return head + struct.pack(f">{len(pages)}I", *pages) + body
 
 
@@ -68,6 +90,11 @@ def _raw(page: int, length: int, pages: list[int], body: bytes) -> bytes:
         _raw(PAGE, 2 * PAGE, [2], b"x" * PAGE),  # outside
         _raw(PAGE, 2 * PAGE, [0], b"x" * 10),  # short body
         _raw(PAGE, 2 * PAGE, [0], b"x" * (PAGE + 1)),  # long body
+        _raw(PAGE, 2 * PAGE, [0 | ZERO_PAGE], b""),  # a zero page in a version 1 delta
+        _raw(PAGE, 2 * PAGE, [2 | ZERO_PAGE], b"", 2),  # zero page outside
+        _raw(PAGE, 2 * PAGE, [1 | ZERO_PAGE, 0], b"x" * PAGE, 2),  # not increasing
+        _raw(PAGE, 2 * PAGE, [0 | ZERO_PAGE], b"x" * PAGE, 2),  # a zero page with bytes
+        _raw(PAGE, 2 * PAGE, [], b"", 3),  # unknown version
     ],
 )
 def test_hostile_deltas_refused(blob: bytes) -> None:

@@ -213,3 +213,24 @@ def test_restore_checks_blocks_with_or_without_entry_checks(
     finally:
         pool.shutdown()
         r.close()
+
+
+def test_pages_that_become_zero_cost_no_bytes(repo: Repository, area: Path, tmp_path: Path) -> None:
+    disk = area / "disk.img"
+    edit(disk, TEST_BLOCK, os.urandom(TEST_BLOCK))  # block 1 full of data
+    commit(repo, area)
+    edit(disk, TEST_BLOCK + 3 * 4096, bytes(4 * 4096))  # four of its pages zeroed
+    res = commit(repo, area)
+    r = PackReader(repo)
+    try:
+        tree = r.read(bytes.fromhex(res.commit), 1)[1]
+        layer = image_layer(r, bytes.fromhex(tree[5:45].decode()), "disk.img")
+        assert layer is not None and layer[1] is not None
+        bmap = read_block_map(lambda s: r.read(s, 2)[1], layer[1], layer[0].nblocks)
+        is_delta, sha = bmap[1]
+        assert is_delta
+        assert len(r.read(sha, BLOB)[1]) < 64  # a header and four page numbers
+    finally:
+        r.close()
+    checkout(repo, res.entry, tmp_path / "out")
+    assert (tmp_path / "out" / "disk.img").read_bytes() == disk.read_bytes()

@@ -5,10 +5,16 @@ holds the numbers of the changed pages and their new contents; applying it to
 the parent's version of the block (same length) gives the new block.  Format
 (all integers big-endian)::
 
-    b"VMLD" | u8 version=1 | u8 reserved=0 | u16 reserved=0
+    b"VMLD" | u8 version (1 or 2) | u8 reserved=0 | u16 reserved=0
     u32 page_size | u32 block_length | u32 count
     count x u32 page number (strictly increasing)
     the pages' bytes, in that order (the last page of a block may be short)
+
+Version 2 adds zero pages, which memory images are full of (a guest zeroes
+what it frees): a page number with its top bit set names a page that becomes
+all zeros and carries no bytes.  So a delta's size counts only the bytes a
+restore must read, which is what bounds stacked deltas (see images.py).
+Version 1 (no zero pages) is still written when there are none.
 """
 
 from __future__ import annotations
@@ -20,26 +26,39 @@ from vml.errors import CorruptRepository
 
 MAGIC = b"VMLD"
 _HEAD = struct.Struct(">4sBBHIII")
+ZERO_PAGE = 1 << 31  # flag on a page number: the page becomes zeros, no bytes follow
 # No block is ever larger than the largest block size a repository may use.
 MAX_LENGTH = 64 << 20
 
 
-def encode_delta(block: bytes | memoryview, pages: Sequence[int], page_size: int) -> bytes:
-    """A delta blob carrying ``pages`` of ``block`` (the new content)."""
+def encode_delta(
+    block: bytes | memoryview,
+    pages: Sequence[int],
+    page_size: int,
+    zero_pages: Sequence[int] = (),
+) -> bytes:
+    """A delta blob carrying ``pages`` of ``block`` (the new content).
+
+    ``zero_pages`` (disjoint from ``pages``) become zeros and cost 4 bytes each.
+    """
     length = len(block)
     mv = memoryview(block)
+    names = sorted([*pages, *(z | ZERO_PAGE for z in zero_pages)], key=lambda p: p & ~ZERO_PAGE)
     parts = [
-        _HEAD.pack(MAGIC, 1, 0, 0, page_size, length, len(pages)),
-        struct.pack(f">{len(pages)}I", *pages),
+        _HEAD.pack(MAGIC, 2 if zero_pages else 1, 0, 0, page_size, length, len(names)),
+        struct.pack(f">{len(names)}I", *names),
     ]
-    for p in pages:
-        start = p * page_size
-        parts.append(bytes(mv[start : start + page_size]))
+    for p in names:
+        if not p & ZERO_PAGE:
+            start = p * page_size
+            parts.append(bytes(mv[start : start + page_size]))
     return b"".join(parts)
 
 
 def delta_header(blob: bytes) -> tuple[int, int, list[int]]:
     """Parse and check a delta's header: ``(page_size, block_length, pages)``.
+
+    A page number with :data:`ZERO_PAGE` set names a page that becomes zeros.
 
     Every field is checked before use: a delta from a hostile repository must
     not make us write outside the block or allocate without bound.
@@ -47,7 +66,7 @@ def delta_header(blob: bytes) -> tuple[int, int, list[int]]:
     if len(blob) < _HEAD.size:
         raise CorruptRepository("delta blob is truncated")
     magic, version, _r1, _r2, page_size, length, count = _HEAD.unpack_from(blob)
-    if magic != MAGIC or version != 1:
+    if magic != MAGIC or version not in (1, 2):
         raise CorruptRepository("delta blob has an unknown format")
     if page_size < 512 or page_size & (page_size - 1) or page_size > MAX_LENGTH:
         raise CorruptRepository("delta blob has a bad page size")
@@ -63,10 +82,15 @@ def delta_header(blob: bytes) -> tuple[int, int, list[int]]:
     prev = -1
     data_len = 0
     for p in pages:
-        if p <= prev or p >= npages:
+        zero = p & ZERO_PAGE
+        if zero and version == 1:
+            raise CorruptRepository("delta blob has an unknown format")
+        n = p & ~ZERO_PAGE
+        if n <= prev or n >= npages:
             raise CorruptRepository("delta blob names a page outside its block")
-        prev = p
-        data_len += min(page_size, length - p * page_size)
+        prev = n
+        if not zero:
+            data_len += min(page_size, length - n * page_size)
     if len(blob) != end + data_len:
         raise CorruptRepository("delta blob has the wrong length")
     return page_size, length, pages
@@ -82,7 +106,10 @@ def apply_delta(base: bytearray, blob: bytes) -> None:
     pos = _HEAD.size + 4 * len(pages)
     mv = memoryview(blob)
     for p in pages:
-        start = p * page_size
+        start = (p & ~ZERO_PAGE) * page_size
         n = min(page_size, length - start)
+        if p & ZERO_PAGE:
+            base[start : start + n] = bytes(n)
+            continue
         base[start : start + n] = mv[pos : pos + n]
         pos += n

@@ -143,6 +143,27 @@ def file_digest(path: Path, block_size: int) -> str:
     return out.hexdigest()
 
 
+def _zero_pages(data: bytes, candidates: list[int], page_size: int, hashes: bytes) -> list[int]:
+    """Which of the ``candidates`` pages of ``data`` are all zero.
+
+    The pages' xxh3 (already computed) sorts them out; the bytes confirm it.
+    """
+    zh = _ZERO_PAGE_HASH.get(page_size)
+    if zh is None:
+        zh = _ZERO_PAGE_HASH[page_size] = page_hashes(zeros(page_size), page_size, 1)
+    mv = memoryview(data)
+    out = []
+    for k in candidates:
+        if hashes[8 * k : 8 * k + 8] == zh:
+            page = mv[k * page_size : (k + 1) * page_size]
+            if page == zeros(len(page)):
+                out.append(k)
+    return out
+
+
+_ZERO_PAGE_HASH: dict[int, bytes] = {}
+
+
 @dataclass
 class _Outcome:
     data: bytes | None  # None: all zero
@@ -262,6 +283,8 @@ def save_image(
                 # Deltas stack on one block across entries; once they would
                 # add up to half a block, store the block whole, so building
                 # any block reads at most about one and a half blocks.
+                # Pages that became zero carry no bytes and do not count: a
+                # restore only writes zeros for them.
                 stacked = sum(reader.object_size(d) or length for d in pr.deltas)
                 npages = (length + page_size - 1) // page_size
                 changed = [
@@ -269,8 +292,12 @@ def save_image(
                     for k in range(npages)
                     if pages[8 * k : 8 * k + 8] != ppages[8 * k : 8 * k + 8]
                 ]
+                zero_pages = _zero_pages(data, changed, page_size, pages)
+                if zero_pages:
+                    gone = set(zero_pages)
+                    changed = [k for k in changed if k not in gone]
                 if stacked + len(changed) * page_size <= length // 2:
-                    delta = encode_delta(data, changed, page_size)
+                    delta = encode_delta(data, changed, page_size, zero_pages)
                     sha = blob_id(delta)
                     z = None if reader.in_packs(sha) else deflate(delta)
                     return _Outcome(data, digest, bh, pages, "delta", sha, z, len(delta), read)
