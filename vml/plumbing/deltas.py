@@ -19,6 +19,7 @@ Version 1 (no zero pages) is still written when there are none.
 
 from __future__ import annotations
 
+import operator
 import struct
 from collections.abc import Sequence
 
@@ -79,18 +80,18 @@ def delta_header(blob: bytes) -> tuple[int, int, list[int]]:
     if len(blob) < end:
         raise CorruptRepository("delta blob is truncated")
     pages = list(struct.unpack_from(f">{count}I", blob, _HEAD.size))
-    prev = -1
-    data_len = 0
-    for p in pages:
-        zero = p & ZERO_PAGE
-        if zero and version == 1:
-            raise CorruptRepository("delta blob has an unknown format")
-        n = p & ~ZERO_PAGE
-        if n <= prev or n >= npages:
-            raise CorruptRepository("delta blob names a page outside its block")
-        prev = n
-        if not zero:
-            data_len += min(page_size, length - n * page_size)
+    # Checked with C-level passes, not a Python loop per page: a block of a
+    # long chain may stack thousands of page entries.
+    zero = [p for p in pages if p & ZERO_PAGE]
+    if zero and version == 1:
+        raise CorruptRepository("delta blob has an unknown format")
+    numbers = [p & ~ZERO_PAGE for p in pages] if zero else pages
+    if numbers and (numbers[-1] >= npages or not all(map(operator.lt, numbers, numbers[1:]))):
+        raise CorruptRepository("delta blob names a page outside its block")
+    data_pages = count - len(zero)
+    data_len = data_pages * page_size
+    if data_pages and pages[-1] == npages - 1:  # the block's last page may be short
+        data_len -= npages * page_size - length
     if len(blob) != end + data_len:
         raise CorruptRepository("delta blob has the wrong length")
     return page_size, length, pages
@@ -105,11 +106,20 @@ def apply_delta(base: bytearray, blob: bytes) -> None:
         )
     pos = _HEAD.size + 4 * len(pages)
     mv = memoryview(blob)
-    for p in pages:
+    # Consecutive pages of one kind are one copy (or one fill): a write of
+    # 256 KiB is one run, not 64 page copies.
+    i = 0
+    n = len(pages)
+    while i < n:
+        p = pages[i]
+        j = i + 1
+        while j < n and pages[j] == pages[j - 1] + 1:
+            j += 1
         start = (p & ~ZERO_PAGE) * page_size
-        n = min(page_size, length - start)
+        end = min(((pages[j - 1] & ~ZERO_PAGE) + 1) * page_size, length)
         if p & ZERO_PAGE:
-            base[start : start + n] = bytes(n)
-            continue
-        base[start : start + n] = mv[pos : pos + n]
-        pos += n
+            base[start:end] = bytes(end - start)
+        else:
+            base[start:end] = mv[pos : pos + end - start]
+            pos += end - start
+        i = j
