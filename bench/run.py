@@ -213,12 +213,16 @@ def bench_tools(
             )
     # Restores run ``restore_runs`` rounds, every tool in turn within a round,
     # and the fastest round counts for each: a restore writes a GiB, and on a
-    # virtual disk one write can take several times another's time (discards
-    # of just-deleted files, writeback), whichever tool happens to meet it.
+    # virtual disk one write can take several times another's time (writes
+    # into just-freed space, writeback), whichever tool happens to meet it.
     for name in names:
         results[name]["restore_peak_rss"] = 0
-    for _round in range(restore_runs):
-        for name, tool in tools.items():
+    order = list(tools)
+    for rnd in range(restore_runs):
+        # Each round starts with another tool: whoever follows a big
+        # deletion on a virtual disk may pay for it (see BENCHMARKS.md).
+        for name in order[rnd % len(order) :] + order[: rnd % len(order)]:
+            tool = tools[name]
             r = results[name]
             if r["error"]:
                 continue
