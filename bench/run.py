@@ -289,6 +289,8 @@ def bench_chain(
             full.append(m.seconds)
         out["restore_tip_s"] = min(tip)
         out["restore_full_s"] = min(full)
+        out["restore_tip_runs_s"] = tip
+        out["restore_full_runs_s"] = full
         try:
             kinds = {str(e.get("id")): e.get("kind") for e in vml.log()}
             out["tip_kind"] = kinds.get(vml.handles[depth])
