@@ -82,6 +82,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--restore-runs", type=int, default=3, help="times each restore runs (fastest counts)"
     )
+    p.add_argument(
+        "--restore-dir",
+        type=Path,
+        default=None,
+        help="restore into this folder (e.g. /dev/shm: no disk noise) instead of the scratch",
+    )
     p.add_argument("--keep", action="store_true", help="keep the scratch dir afterwards")
     p.add_argument(
         "--smoke",
@@ -169,10 +175,12 @@ def bench_tools(
     scratch: Path,
     area: Path,
     restore_runs: int = 3,
+    restore_dir: Path | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[int, dict[str, str]]]:
     """Save every state with every tool, then restore the first and last state.
 
-    Each restore is timed ``restore_runs`` times; the fastest counts.
+    Each restore is timed ``restore_runs`` times; the fastest counts.  Restores
+    go to ``restore_dir`` (default: ``scratch/restore``).
     """
     tools: dict[str, Tool] = {
         n: TOOLS[n](scratch / f"repo-{n}", _fresh(scratch / f"home-{n}")) for n in names
@@ -217,6 +225,7 @@ def bench_tools(
     # into just-freed space, writeback), whichever tool happens to meet it.
     for name in names:
         results[name]["restore_peak_rss"] = 0
+    dest = restore_dir if restore_dir is not None else scratch / "restore"
     order = list(tools)
     for rnd in range(restore_runs):
         # Each round starts with another tool: whoever follows a big
@@ -229,7 +238,7 @@ def bench_tools(
             try:
                 for which, state in (("first", 1), ("last", states)):
                     log(f"{name} restore state {state}")
-                    m, ok = _restore_and_check(tool, state, scratch / "restore", hashes[state])
+                    m, ok = _restore_and_check(tool, state, dest, hashes[state])
                     r.setdefault(f"restore_{which}_runs_s", []).append(m.seconds)
                     r[f"restore_{which}_s"] = min(r[f"restore_{which}_runs_s"])
                     r[f"restore_{which}_sync_s"] = m.sync_seconds
@@ -259,7 +268,12 @@ def _summarise(r: dict[str, Any]) -> None:
 
 
 def bench_chain(
-    pristine: Path, spec: WorkloadSpec, depth: int, scratch: Path, runs: int = 3
+    pristine: Path,
+    spec: WorkloadSpec,
+    depth: int,
+    scratch: Path,
+    runs: int = 3,
+    restore_dir: Path | None = None,
 ) -> dict[str, Any]:
     """VML: restore the tip of a ``depth``-deep incremental chain vs a full entry.
 
@@ -267,6 +281,7 @@ def bench_chain(
     one slow write does not decide a 1.2x target.
     """
     out: dict[str, Any] = {"depth": depth, "change_mib": spec.change_mib}
+    dest = restore_dir if restore_dir is not None else scratch / "restore"
     area = scratch / "chain-area"
     shutil.rmtree(area, ignore_errors=True)
     subprocess.run(["cp", "-r", "--sparse=always", str(pristine), str(area)], check=True)
@@ -283,9 +298,9 @@ def bench_chain(
         tip: list[float] = []
         full: list[float] = []
         for _ in range(runs):
-            m, out["tip_ok"] = _restore_and_check(vml, depth, scratch / "restore", expected)
+            m, out["tip_ok"] = _restore_and_check(vml, depth, dest, expected)
             tip.append(m.seconds)
-            m, out["full_ok"] = _restore_and_check(vml, depth + 1, scratch / "restore", expected)
+            m, out["full_ok"] = _restore_and_check(vml, depth + 1, dest, expected)
             full.append(m.seconds)
         out["restore_tip_s"] = min(tip)
         out["restore_full_s"] = min(full)
@@ -381,7 +396,13 @@ def main(argv: list[str] | None = None) -> int:
     work = _fresh(scratch / "vml-bench")
     spec = WorkloadSpec(args.disk_mib, args.fill_mib, args.vmem_mib, args.change_mib, args.seed)
     results: dict[str, Any] = {
-        "params": {**spec.__dict__, "states": args.states, "chain_depth": args.chain_depth},
+        "params": {
+            **spec.__dict__,
+            "states": args.states,
+            "chain_depth": args.chain_depth,
+            "restore_runs": args.restore_runs,
+            "restore_dir": None if args.restore_dir is None else str(args.restore_dir),
+        },
         "machine": machine_info(),
         "vml_source": vml_source(),
         "cache": "warm (page caches not dropped; sync before each measured command)",
@@ -394,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         names.remove("vml")
         results["vml_unusable"] = why
     started = time.perf_counter()
+    restore_dir = None if args.restore_dir is None else args.restore_dir / "vml-bench-restore"
     try:
         area = work / "area"
         log(f"making the area ({spec.disk_mib} MiB disk, {spec.fill_mib} MiB files)")
@@ -402,7 +424,9 @@ def main(argv: list[str] | None = None) -> int:
         if "vml" in names and args.chain_depth > 0:
             # The chain starts from the same fresh area, without a second build.
             subprocess.run(["cp", "-r", "--sparse=always", str(area), str(pristine)], check=True)
-        results["tools"], _ = bench_tools(names, spec, args.states, work, area, args.restore_runs)
+        results["tools"], _ = bench_tools(
+            names, spec, args.states, work, area, args.restore_runs, restore_dir
+        )
         if not args.keep:
             # Free the peers' repositories (GiBs) before the chain and 4x runs.
             for path in [*work.glob("repo-*"), *work.glob("home-*")]:
@@ -414,13 +438,15 @@ def main(argv: list[str] | None = None) -> int:
                 spec.disk_mib, spec.fill_mib, spec.vmem_mib, args.chain_change_mib, spec.seed
             )
             results["vml_chain"] = bench_chain(
-                pristine, chain_spec, args.chain_depth, work, args.restore_runs
+                pristine, chain_spec, args.chain_depth, work, args.restore_runs, restore_dir
             )
         if "vml" in names and not args.skip_big:
             results["vml_big"] = bench_big(spec, work)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+        if restore_dir is not None:
+            shutil.rmtree(restore_dir, ignore_errors=True)
     results["elapsed_s"] = time.perf_counter() - started
     results["load_avg_end"] = os.getloadavg()[0]
     attach_targets(results)
