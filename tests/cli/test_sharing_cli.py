@@ -63,6 +63,8 @@ def test_share_through_a_bare_repository(run, tmp_path: Path) -> None:  # type: 
     assert [e["entry"] for e in fetched["new_entries"]] == ["E3"]
     assert "no new entries" in run("alice", "fetch", "origin")
     assert "from origin" in run("alice", "log", "--graph", "--all")
+    assert "fetched   from origin" in run("alice", "show", "E3")
+    assert "fetched" not in run("alice", "show", "E2")  # her own
     pulled = json.loads(run("alice", "pull", "--json"))
     assert pulled["fetch"]["new_entries"] == []
 

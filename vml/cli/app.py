@@ -360,6 +360,8 @@ def show(
         out.print(f"message   {escape(le.message)}")
     if le.labels:
         out.print(f"names     {', '.join(le.labels)}")
+    if le.remote:
+        out.print(f"fetched   from {escape(le.remote)}")
     out.print(f"chain     {' -> '.join(res.chain)}")
     for note in le.rewritten:
         out.print(f"reshaped  {escape(note)}")
