@@ -221,8 +221,8 @@ def bench_tools(
             )
     # Restores run ``restore_runs`` rounds, every tool in turn within a round,
     # and the fastest round counts for each: a restore writes a GiB, and on a
-    # virtual disk one write can take several times another's time (writes
-    # into just-freed space, writeback), whichever tool happens to meet it.
+    # virtual disk one write can take several times another's time (after
+    # other gigabytes were written or deleted), whichever tool meets it.
     for name in names:
         results[name]["restore_peak_rss"] = 0
     dest = restore_dir if restore_dir is not None else scratch / "restore"
