@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TEST_BLOCK, edit, need, three_entries
+from tests.conftest import TEST_BLOCK, edit, make_area, need, three_entries
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.repository import Repository, init_repository, open_repository
 from vml.porcelain import clone as clone_mod
@@ -352,6 +352,25 @@ def test_git_mirrors_are_vml_repositories(alice: Repository, tmp_path: Path) -> 
     fsck(bob.path)
     bob.close()
     shutil.rmtree(tmp_path / "b")
+
+
+def test_a_mirror_saves_an_unchanged_image_of_another_block_size(tmp_path: Path) -> None:
+    """A mirror has no vml.blockSize: an image left unchanged keeps the entries' own."""
+    origin = init_repository(tmp_path / "origin", TEST_BLOCK)
+    make_area(tmp_path / "area", disk=4 << 20)
+    commit(origin, tmp_path / "area")
+    origin.close()
+    git("clone", "-q", "--mirror", str(tmp_path / "origin"), str(tmp_path / "mirror"))
+    mirror = open_repository(tmp_path / "mirror")
+    assert mirror.block_size != TEST_BLOCK
+    work = tmp_path / "work"
+    checkout(mirror, "E1", work)
+    (work / "vm.vmx").write_text('displayName = "edited in the mirror"\n')  # the disk unchanged
+    saved = commit(mirror, work)
+    checkout(mirror, saved.entry, tmp_path / "check")
+    assert digest(tmp_path / "check") == digest(work)
+    fsck(mirror.path)
+    mirror.close()
 
 
 def test_fetch_one_entry_over_the_daemon(

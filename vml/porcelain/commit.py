@@ -246,6 +246,11 @@ def commit(
                             and cached.kind == "image"
                             and cached.stat == stat_signature(st)
                             and parent_img.manifest.size == st.st_size
+                            # An empty layer inherits every block: only over
+                            # a parent cut the same way (a mirror without
+                            # vml.blockSize saves in the default size).
+                            and parent_img.manifest.block_size == repo.block_size
+                            and parent_img.manifest.page_size == repo.page_size
                         ):
                             # Unchanged since the entry it extends: a manifest and nothing else.
                             man = Manifest(
