@@ -339,7 +339,8 @@ def collect(
                 result.deleted_bytes += _unlink(f)
             if pack_dir.is_dir():
                 fsync_dir(pack_dir)
-            reader.refresh()
+            # Let dulwich's store drop the deleted packs (the reader closes below).
+            repo.reopen_store()
         return result
     finally:
         if writer is not None:

@@ -285,7 +285,6 @@ def save_image(
                 # any block reads at most about one and a half blocks.
                 # Pages that became zero carry no bytes and do not count: a
                 # restore only writes zeros for them.
-                stacked = sum(reader.object_size(d) or length for d in pr.deltas)
                 npages = (length + page_size - 1) // page_size
                 changed = [
                     k
@@ -296,7 +295,12 @@ def save_image(
                 if zero_pages:
                     gone = set(zero_pages)
                     changed = [k for k in changed if k not in gone]
-                if stacked + len(changed) * page_size <= length // 2:
+                # The stacked deltas' sizes cost a look-up each: only asked
+                # when the new delta alone would fit.
+                fresh = len(changed) * page_size
+                if fresh <= length // 2 and (
+                    fresh + sum(reader.object_size(d) or length for d in pr.deltas) <= length // 2
+                ):
                     delta = encode_delta(data, changed, page_size, zero_pages)
                     sha = blob_id(delta)
                     z = None if reader.in_packs(sha) else deflate(delta)
@@ -320,7 +324,9 @@ def save_image(
             read_total += out.read
             progress(length)
             if out.kind == "zero":
-                if not base_layer and (inp.parent is None or inp.parent.recipe(n, length) != ZERO):
+                # Over a parent that already has zeros here, the block comes
+                # out "same", never "zero": a base layer just omits it.
+                if not base_layer:
                     zero_blocks.append(n)
             elif out.kind in ("whole", "delta"):
                 assert out.sha is not None

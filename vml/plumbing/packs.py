@@ -524,7 +524,9 @@ def _inflate_stored(comp: bytes, size: int) -> bytes | None:
     if len(comp) < 2 or comp[0] & 0x0F != 8 or (comp[0] << 8 | comp[1]) % 31 or comp[1] & 0x20:
         return None
     pos = 2
-    parts: list[bytes] = []
+    # Slices of a view cost nothing; the join below is the one copy.
+    view = memoryview(comp)
+    parts: list[memoryview] = []
     total = 0
     while True:
         if pos + 5 > len(comp) or comp[pos] & 0x06:
@@ -533,7 +535,7 @@ def _inflate_stored(comp: bytes, size: int) -> bytes | None:
         n = comp[pos + 1] | comp[pos + 2] << 8
         if n ^ (comp[pos + 3] | comp[pos + 4] << 8) != 0xFFFF or pos + 5 + n > len(comp):
             return None
-        parts.append(comp[pos + 5 : pos + 5 + n])
+        parts.append(view[pos + 5 : pos + 5 + n])
         total += n
         pos += 5 + n
         if final:
@@ -597,7 +599,7 @@ def copy_object(
 ) -> None:
     """Copy one packed object as it is (still compressed), or rebuild it if it is a delta."""
     raw = os.pread(fd, length, off)
-    if len(raw) != length or (crc is not None and zlib.crc32(raw) & 0xFFFFFFFF != crc):
+    if len(raw) != length or (crc is not None and isal_zlib.crc32(raw) & 0xFFFFFFFF != crc):
         raise CorruptRepository(
             f"object {sha.hex()} is damaged in its pack; nothing was deleted",
             "run `vml verify --all` to see which entries it affects",

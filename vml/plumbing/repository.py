@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dulwich.config import ConfigFile
 from dulwich.repo import Repo
 
 from vml.errors import RepositoryBusy, RepositoryNotFound, UsageError
@@ -241,8 +242,7 @@ class Repository:
             )
 
 
-def _config_int(repo: Repo, key: bytes, default: int) -> int:
-    cfg = repo.get_config()
+def _config_int(cfg: ConfigFile, key: bytes, default: int) -> int:
     try:
         raw = cfg.get((b"vml",), key)
     except KeyError:
@@ -302,15 +302,16 @@ def open_repository(path: Path) -> Repository:
         repo = Repo(str(path))
     except Exception as e:  # dulwich raises NotGitRepository and friends
         raise RepositoryNotFound(f"{path} is not a git repository ({e})") from None
-    version = _config_int(repo, b"formatVersion", FORMAT_VERSION)
+    cfg = repo.get_config()  # read and parsed once: dulwich reads the file on each call
+    version = _config_int(cfg, b"formatVersion", FORMAT_VERSION)
     if version > FORMAT_VERSION:
         repo.close()
         raise RepositoryNotFound(
             f"{path} uses VML format {version}, newer than this vml understands",
             "upgrade vml",
         )
-    block_size = _config_int(repo, b"blockSize", DEFAULT_BLOCK_SIZE)
-    page_size = _config_int(repo, b"pageSize", PAGE_SIZE)
+    block_size = _config_int(cfg, b"blockSize", DEFAULT_BLOCK_SIZE)
+    page_size = _config_int(cfg, b"pageSize", PAGE_SIZE)
     if (
         not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE
         or block_size & (block_size - 1)
@@ -322,5 +323,5 @@ def open_repository(path: Path) -> Repository:
             f"{path} has an impossible block size ({block_size}) or page size ({page_size})",
             "fix vml.blockSize / vml.pageSize with `git config`, or use another repository",
         )
-    auto_pack_limit = _config_int(repo, b"autoPackLimit", DEFAULT_AUTO_PACK_LIMIT)
+    auto_pack_limit = _config_int(cfg, b"autoPackLimit", DEFAULT_AUTO_PACK_LIMIT)
     return Repository(Path(path), repo, block_size, page_size, auto_pack_limit)
