@@ -181,6 +181,11 @@ class BlockRecords:
         self._f.close()
 
 
+def records_path(area: Path, name: str) -> Path:
+    """Where the area cache keeps the block records file ``name``."""
+    return vml_dir(area) / CACHE_NAME / name
+
+
 def page_hashes(block: bytes | memoryview, page_size: int, pages_per_block: int) -> bytes:
     """xxh3-64 of each page, padded with zero hashes to a full record."""
     mv = memoryview(block)
@@ -226,7 +231,7 @@ class Cache:
         cf = self.files.get(path)
         if cf is None or cf.pages is None:
             return None
-        p = vml_dir(self.area) / CACHE_NAME / cf.pages
+        p = records_path(self.area, cf.pages)
         if not p.exists():
             return None
         return BlockRecords(p, self.page_size, self.block_size)

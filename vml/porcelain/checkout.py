@@ -18,6 +18,7 @@ from vml.plumbing.areas import (
     CacheWriter,
     load_state,
     lock_area,
+    records_path,
     save_state,
     scan_area,
     stat_signature,
@@ -208,7 +209,7 @@ def checkout(
                         st = dest.stat()
                         pages = None
                         if cached.pages:
-                            pages = cwriter.reuse_records(area / AREA_DIR / "cache" / cached.pages)
+                            pages = cwriter.reuse_records(records_path(area, cached.pages))
                         cwriter.add(
                             rec.path,
                             CachedFile(rec.kind, rec.size, rec.sha256, stat_signature(st), pages),

@@ -29,6 +29,7 @@ from vml.plumbing.areas import (
     CacheWriter,
     load_state,
     lock_area,
+    records_path,
     save_state,
     scan_area,
     stat_signature,
@@ -189,7 +190,14 @@ def commit(
                     else _chain_root(reader, area_commit)  # type: ignore[arg-type]
                 )
             parent_entry = read_entry(reader, parent) if parent is not None else None
-            area_entry = read_entry(reader, area_commit) if area_commit is not None else None
+            # Usually the same entry (an incremental save): read it once.
+            area_entry = (
+                parent_entry
+                if area_commit == parent
+                else read_entry(reader, area_commit)
+                if area_commit is not None
+                else None
+            )
             parent_files = {f.path: f for f in parent_entry.meta.files} if parent_entry else {}
             area_files = {f.path: f for f in area_entry.meta.files} if area_entry else {}
 
@@ -216,10 +224,8 @@ def commit(
                     mode = 0o100755 if st.st_mode & 0o111 else 0o100644
                     if st.st_size <= repo.block_size:
                         data, st = _read_small(full_path)
-                        blob = Blob.from_string(data)
-                        writer.add_object(blob)
                         sha = hashlib.sha256(data).hexdigest()
-                        small_items[af.path] = (mode, bytes.fromhex(blob.id.decode()))
+                        small_items[af.path] = (mode, writer.add_blob(data))
                         records.append(
                             FileRecord(af.path, "small", mode, st.st_mtime_ns, st.st_size, sha)
                         )
@@ -261,9 +267,7 @@ def commit(
                                 base=False,
                             )
                             tree = image_tree(writer, man, {}, _checks_of(parent_img, recs))
-                            rec_path = cache.area / ".vml" / "cache" / (cached.pages or "")
-                            name = cwriter.reuse_records(rec_path)
-                            recs.close()
+                            name = cwriter.reuse_records(records_path(area, cached.pages or ""))
                             sha256 = cached.sha256
                             done += st.st_size
                             progress("read", done, total)
@@ -312,8 +316,6 @@ def commit(
                                 )
                             finally:
                                 out.close()  # type: ignore[attr-defined]
-                                if recs is not None:
-                                    recs.close()
                             read_bytes += nread
                             sha256 = man.sha256
                             # The folder was listed before the file was opened: a change
@@ -341,9 +343,7 @@ def commit(
             try:
                 changed = _changed_files(records, area_files, dirs, area_entry)
                 if area_entry is not None and not changed and not allow_empty:
-                    writer.abort()
-                    cwriter.abort()
-                    raise NothingToCommit(
+                    raise NothingToCommit(  # the handler below drops the pack and cache
                         f"nothing changed in {area} since {label(table, area_commit)}"
                     )
 
