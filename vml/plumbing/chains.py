@@ -19,7 +19,7 @@ from dulwich.objects import Commit
 
 from vml.errors import CorruptRepository
 from vml.plumbing.deltas import apply_delta
-from vml.plumbing.entries import IMAGES_NAME, lookup_path
+from vml.plumbing.entries import IMAGES_NAME, Entry, load_entry, lookup_path
 from vml.plumbing.manifests import (
     BLOCKS_NAME,
     CHECK_ID,
@@ -86,6 +86,11 @@ def commit_tree_parent(reader: PackReader, commit: bytes) -> tuple[bytes, bytes 
     return bytes.fromhex(c.tree.decode()), parent
 
 
+def read_entry(reader: PackReader, commit: bytes) -> Entry:
+    """Load entry ``commit`` (commit and metadata) through ``reader``."""
+    return load_entry(reader.data, commit)
+
+
 def _read_tree(reader: PackReader) -> Callable[[bytes], bytes]:
     return lambda sha: reader.read(sha, 2)[1]
 
@@ -93,8 +98,7 @@ def _read_tree(reader: PackReader) -> Callable[[bytes], bytes]:
 def _image_items(
     reader: PackReader, root_tree: bytes, path: str
 ) -> dict[bytes, tuple[int, bytes]] | None:
-    read = lambda sha, t: reader.read(sha, t)[1]  # noqa: E731
-    found = lookup_path(read, root_tree, IMAGES_NAME.decode() + "/" + path)
+    found = lookup_path(reader.data, root_tree, IMAGES_NAME.decode() + "/" + path)
     if found is None or found[0] != TREE_MODE:
         return None
     return {name: (mode, sha) for name, mode, sha in parse_tree(reader.read(found[1], 2)[1])}

@@ -274,6 +274,14 @@ def load_entry(read: ReadObject, commit_id: bytes) -> Entry:
     )
 
 
+def small_blob(read: ReadObject, entry: Entry, path: str) -> bytes | None:
+    """The blob holding small file ``path`` of ``entry``, or None if absent or not a file."""
+    found = lookup_path(read, entry.tree, f"{FILES_NAME.decode()}/{path}")
+    if found is None or found[0] not in FILE_MODES:
+        return None
+    return found[1]
+
+
 def lookup_path(read: ReadObject, tree: bytes, path: str) -> tuple[int, bytes] | None:
     """Find ``path`` below ``tree``; returns ``(mode, binary id)`` or None."""
     mode, sha = TREE_MODE, tree

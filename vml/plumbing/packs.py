@@ -466,6 +466,10 @@ class PackReader:
             )
         return type_num, data
 
+    def data(self, sha: bytes, type_num: int) -> bytes:
+        """The content of object ``sha``, which must be of ``type_num`` (id checked)."""
+        return self.read(sha, type_num)[1]
+
     @staticmethod
     def _check_id(sha: bytes, type_num: int, data: bytes) -> None:
         h = hashlib.sha1(TYPE_NAMES.get(type_num, b"?") + b" %d\0" % len(data))

@@ -39,8 +39,8 @@ from dulwich.refs import Ref, check_ref_format
 
 from vml.errors import CorruptRepository, UsageError, VMLError
 from vml.plumbing import refs as refs_mod
-from vml.plumbing.chains import resolve_image
-from vml.plumbing.entries import Entry, load_entry
+from vml.plumbing.chains import read_entry, resolve_image
+from vml.plumbing.entries import Entry
 from vml.plumbing.packs import PENDING_KEEP, PackReader
 from vml.plumbing.repository import Repository, fsync_dir, write_atomic
 
@@ -534,7 +534,7 @@ def send(
 
 def _load(reader: PackReader, commit: bytes) -> Entry | None:
     try:
-        return load_entry(lambda sha, t: reader.read(sha, t)[1], commit)
+        return read_entry(reader, commit)
     except CorruptRepository:
         return None  # not a VML entry (someone's plain git commit): leave it unnamed
 

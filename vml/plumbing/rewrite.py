@@ -37,13 +37,13 @@ from vml.plumbing.chains import (
     ZERO,
     ResolvedImage,
     image_layer,
+    read_entry,
     resolve_image,
 )
 from vml.plumbing.entries import (
     IMAGES_NAME,
     META_NAME,
     Entry,
-    load_entry,
     lookup_path,
     message_body,
     parse_trailers,
@@ -112,19 +112,13 @@ def express_image(
     return manifest, blocks
 
 
-def read_entry(reader: PackReader, commit: bytes) -> Entry:
-    """Load an entry (commit + metadata)."""
-    return load_entry(lambda sha, t: reader.read(sha, t)[1], commit)
-
-
 def image_trees(reader: PackReader, entry: Entry) -> dict[str, bytes]:
     """Image path -> the image's tree id in ``entry``."""
-    read = lambda sha, t: reader.read(sha, t)[1]  # noqa: E731
     out: dict[str, bytes] = {}
     for f in entry.meta.files:
         if f.kind != "image":
             continue
-        found = lookup_path(read, entry.tree, f"{IMAGES_NAME.decode()}/{f.path}")
+        found = lookup_path(reader.data, entry.tree, f"{IMAGES_NAME.decode()}/{f.path}")
         if found is None or found[0] != TREE_MODE:
             raise CorruptRepository(f"entry {entry.hex[:12]} lacks the blocks of {f.path}")
         out[f.path] = found[1]
@@ -196,10 +190,9 @@ def rewrite_entry(
         meta.kind = kind
     meta_blob = Blob.from_string(meta.encode())
     writer.add_object(meta_blob)
-    read = lambda sha, t: reader.read(sha, t)[1]  # noqa: E731
     items = {
         name.decode(): value
-        for name, value in root_items(read, entry.tree).items()
+        for name, value in root_items(reader.data, entry.tree).items()
         if name != META_NAME
     }
     items[META_NAME.decode()] = (BLOB_MODE, bytes.fromhex(meta_blob.id.decode()))

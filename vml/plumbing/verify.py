@@ -20,12 +20,19 @@ from dataclasses import dataclass, field
 from vml.errors import CorruptRepository
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.areas import block_hash
-from vml.plumbing.chains import ResolvedImage, image_layer, materialize, ordered_map, resolve_image
+from vml.plumbing.chains import (
+    ResolvedImage,
+    image_layer,
+    materialize,
+    ordered_map,
+    read_entry,
+    resolve_image,
+)
 from vml.plumbing.deltas import delta_header
-from vml.plumbing.entries import FILES_NAME, Entry, load_entry, lookup_path
+from vml.plumbing.entries import Entry, small_blob
 from vml.plumbing.forest import Forest, load_forest
 from vml.plumbing.images import block_digest, zero_record
-from vml.plumbing.manifests import BLOB_MODE, layer_block_ids, read_block_map
+from vml.plumbing.manifests import layer_block_ids, read_block_map
 from vml.plumbing.packs import BLOB, PackReader
 
 WINDOW = 16
@@ -39,19 +46,6 @@ class Problem:
     entry: bytes | None = None  # the commit it was found in
     path: str | None = None
     objects: list[bytes] = field(default_factory=list)  # the bad objects, when known
-
-
-def _read_entry(reader: PackReader, commit: bytes) -> Entry:
-    return load_entry(lambda sha, t: reader.read(sha, t)[1], commit)
-
-
-def _small_blob(reader: PackReader, entry: Entry, path: str) -> bytes | None:
-    found = lookup_path(
-        lambda sha, t: reader.read(sha, t)[1], entry.tree, f"{FILES_NAME.decode()}/{path}"
-    )
-    if found is None or found[0] not in (BLOB_MODE, 0o100755):
-        return None
-    return found[1]
 
 
 def check_structure(
@@ -78,7 +72,7 @@ def check_structure(
     for i, c in enumerate(commits):
         tick(i, len(commits))
         try:
-            e = _read_entry(reader, c)
+            e = read_entry(reader, c)
         except CorruptRepository as err:
             problems.append(Problem(err.message, c))
             continue
@@ -93,7 +87,7 @@ def check_structure(
         for f in e.meta.files:
             try:
                 if f.kind == "small":
-                    sha = _small_blob(reader, e, f.path)
+                    sha = small_blob(reader.data, e, f.path)
                     if sha is None:
                         problems.append(Problem("its data is missing", c, f.path))
                     elif not reader.contains(sha):
@@ -129,7 +123,7 @@ def check_structure(
         p = forest.parent[c]
         if p is None or c not in images_of or p not in images_of:
             continue
-        e = _read_entry(reader, c)
+        e = read_entry(reader, c)
         for path in sorted(images_of[c] - images_of[p]):
             layer = image_layer(reader, e.tree, path)
             if layer is not None and not layer[0].base:
@@ -141,7 +135,7 @@ def entry_objects(reader: PackReader, entry: Entry) -> Iterator[tuple[str, bytes
     """``(path, object id, is_delta)`` of every data object ``entry``'s content needs."""
     for f in entry.meta.files:
         if f.kind == "small":
-            sha = _small_blob(reader, entry, f.path)
+            sha = small_blob(reader.data, entry, f.path)
             if sha is None:
                 raise CorruptRepository(f"entry lacks the data of {f.path}")
             yield f.path, sha, False
@@ -167,7 +161,7 @@ def check_objects(
     for i, c in enumerate(entries):
         tick(i, len(entries))
         try:
-            e = _read_entry(reader, c)
+            e = read_entry(reader, c)
             for path, sha, is_delta in entry_objects(reader, e):
                 if sha in seen:
                     continue
@@ -244,13 +238,13 @@ def check_files(
     """Rebuild every file of entry ``commit`` in memory and check its digest."""
     problems: list[Problem] = []
     try:
-        e = _read_entry(reader, commit)
+        e = read_entry(reader, commit)
     except CorruptRepository as err:
         return [Problem(err.message, commit)]
     for f in e.meta.files:
         try:
             if f.kind == "small":
-                sha = _small_blob(reader, e, f.path)
+                sha = small_blob(reader.data, e, f.path)
                 if sha is None:
                     problems.append(Problem("its data is missing", commit, f.path))
                     continue
@@ -283,7 +277,7 @@ def entries_using(reader: PackReader, commits: list[bytes], bad: set[bytes]) -> 
         return out
     for c in commits:
         try:
-            e = _read_entry(reader, c)
+            e = read_entry(reader, c)
             if any(sha in bad for _p, sha, _d in entry_objects(reader, e)):
                 out.add(c)
         except CorruptRepository:

@@ -24,10 +24,9 @@ from vml.plumbing.areas import (
     stat_signature,
 )
 from vml.plumbing.chains import ResolvedImage, resolve_image
-from vml.plumbing.entries import FILES_NAME, Entry, FileRecord, check_relpath, lookup_path
+from vml.plumbing.entries import Entry, FileRecord, check_relpath, small_blob
 from vml.plumbing.ignore import IgnoreRules
 from vml.plumbing.images import write_all, write_image
-from vml.plumbing.manifests import BLOB_MODE
 from vml.plumbing.packs import BLOB, PackReader
 from vml.plumbing.repository import Repository, fsync_dir
 from vml.plumbing.vm import inspect_area
@@ -219,14 +218,10 @@ def checkout(
                         continue
                     files_written.append(rec.path)
                     if rec.kind == "small":
-                        found = lookup_path(
-                            lambda sha, t: reader.read(sha, t)[1],
-                            target.tree,
-                            f"{FILES_NAME.decode()}/{rec.path}",
-                        )
-                        if found is None or found[0] not in (BLOB_MODE, 0o100755):
+                        blob = small_blob(reader.data, target, rec.path)
+                        if blob is None:
                             raise CorruptRepository(f"entry lacks the data of {rec.path}")
-                        data = reader.read(found[1], BLOB)[1]
+                        data = reader.read(blob, BLOB)[1]
                         if hashlib.sha256(data).hexdigest() != rec.sha256 or len(data) != rec.size:
                             raise CorruptRepository(
                                 f"the saved {rec.path} does not match its SHA-256"

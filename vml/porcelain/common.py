@@ -9,8 +9,7 @@ from pathlib import Path
 
 from vml.errors import AreaError, RepositoryNotFound
 from vml.plumbing.areas import AreaState, load_state
-from vml.plumbing.entries import Entry, load_entry
-from vml.plumbing.packs import PackReader
+from vml.plumbing.chains import read_entry as read_entry  # re-exported for the commands
 from vml.plumbing.refs import RefTable
 from vml.plumbing.repository import Repository, is_repository, open_repository
 
@@ -65,11 +64,6 @@ def label(table: RefTable, commit: bytes | None) -> str | None:
         return None
     n = table.number_of(commit)
     return f"E{n}" if n is not None else commit.hex()[:12]
-
-
-def read_entry(reader: PackReader, commit: bytes) -> Entry:
-    """Load an entry (commit + metadata)."""
-    return load_entry(lambda sha, t: reader.read(sha, t)[1], commit)
 
 
 @dataclass

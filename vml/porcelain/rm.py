@@ -18,12 +18,11 @@ from vml.plumbing.packs import PackReader, PackWriter
 from vml.plumbing.repository import Repository
 from vml.plumbing.rewrite import (
     ExpressStats,
-    read_entry,
     reexpress_images,
     rewrite_below,
     rewrite_entry,
 )
-from vml.porcelain.common import ProgressFn, label, no_progress
+from vml.porcelain.common import ProgressFn, label, no_progress, read_entry
 
 
 @dataclass
