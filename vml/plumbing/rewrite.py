@@ -50,6 +50,7 @@ from vml.plumbing.entries import (
     root_items,
     store_trees,
 )
+from vml.plumbing.forest import Forest
 from vml.plumbing.manifests import BLOB_MODE, TREE_MODE, Anchored, LayerBlock, Manifest, ranges
 from vml.plumbing.packs import PackReader, PackWriter
 
@@ -234,7 +235,7 @@ def history(trailers: dict[str, str]) -> list[str]:
 def rewrite_below(
     reader: PackReader,
     writer: PackWriter,
-    children: dict[bytes, list[bytes]],
+    forest: Forest,
     mapping: dict[bytes, bytes],
     start: bytes,
     label_of: Callable[[bytes], str],
@@ -246,14 +247,11 @@ def rewrite_below(
     did not change).  Returns the old ids rewritten, parents first.
     """
     done: list[bytes] = []
-    stack = list(reversed(children.get(start, [])))
-    while stack:
-        c = stack.pop()
+    for c in forest.descendants(start):
         e = read_entry(reader, c)
         if e.parent is None or e.parent not in mapping:
             raise CorruptRepository(f"commit {c.hex()[:12]} changed parent while being rewritten")
         new_parent = mapping[e.parent]
         mapping[c] = rewrite_entry(reader, writer, e, new_parent, parent_label=label_of(e.parent))
         done.append(c)
-        stack.extend(reversed(children.get(c, [])))
     return done

@@ -138,7 +138,7 @@ def convert(
         def label_of(c: bytes) -> str:
             return label(table, c) or "none"
 
-        for d in rewrite_below(reader, writer, forest.children, mapping, commit, label_of):
+        for d in rewrite_below(reader, writer, forest, mapping, commit, label_of):
             order.append(d)
             result.rewritten.append(Rewritten(label_of(d), d.hex(), mapping[d].hex()))
         result.pack_bytes = finish_pack(repo, writer)

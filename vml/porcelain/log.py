@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 
 from vml.errors import CorruptRepository
 from vml.plumbing import refs as refs_mod
-from vml.plumbing.areas import load_state
 from vml.plumbing.entries import Entry
+from vml.plumbing.forest import repository_areas
 from vml.plumbing.packs import PackReader
 from vml.plumbing.remotes import read_origins
 from vml.plumbing.repository import Repository
@@ -70,18 +69,9 @@ class LogResult:
 
 def _areas_by_entry(repo: Repository) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for p in repo.known_areas():
-        try:
-            st = load_state(Path(p))
-        except Exception:  # an unreadable area must not break the log
-            continue
-        if (
-            st is not None
-            and st.entry
-            and st.repository
-            and Path(st.repository).resolve() == repo.path.resolve()
-        ):
-            out.setdefault(st.entry, []).append(p)
+    for a in repository_areas(repo):  # an unreadable area must not break the log
+        if a.state.entry:
+            out.setdefault(a.state.entry, []).append(str(a.path))
     return out
 
 

@@ -126,7 +126,7 @@ def remove_one(
             )
             order.append(kid)
             report.rewritten.append(Rewritten(label_of(kid), kid.hex(), mapping[kid].hex(), note))
-            for d in rewrite_below(reader, writer, forest.children, mapping, kid, label_of):
+            for d in rewrite_below(reader, writer, forest, mapping, kid, label_of):
                 order.append(d)
                 report.rewritten.append(Rewritten(label_of(d), d.hex(), mapping[d].hex()))
         report.pack_bytes += finish_pack(repo, writer)
