@@ -43,6 +43,7 @@ from vml.plumbing.packs import (
     copy_object,
     deflate,
     pack_extents,
+    unlink_counted,
 )
 from vml.plumbing.repack import RepackResult
 from vml.plumbing.repository import Repository, fsync_dir
@@ -336,7 +337,7 @@ def collect(
                 return result
             going_files = [pack_dir / f"{p.name}{e}" for p in going for e in (".idx", ".pack")]
             for f in [*going_files, *dead_loose.values(), *stale_tmp]:
-                result.deleted_bytes += _unlink(f)
+                result.deleted_bytes += unlink_counted(f)
             if pack_dir.is_dir():
                 fsync_dir(pack_dir)
             # Let dulwich's store drop the deleted packs (the reader closes below).
@@ -346,16 +347,6 @@ def collect(
         if writer is not None:
             writer.abort()
         reader.close()
-
-
-def _unlink(path: Path) -> int:
-    """Remove ``path``; the bytes it took (0 if it was already gone)."""
-    try:
-        size = path.stat().st_size
-        path.unlink()
-    except FileNotFoundError:
-        return 0
-    return size
 
 
 def _safe_elsewhere(
@@ -368,5 +359,4 @@ def _finish(writer: PackWriter, result: GcResult) -> int:
     writer.finish()
     writer.release()  # it holds live objects only: refs already reach them
     result.new_packs.extend(writer.names)
-    d = writer.repo.objects_dir / "pack"
-    return sum((d / f"{n}{e}").stat().st_size for n in writer.names for e in (".pack", ".idx"))
+    return writer.disk_bytes

@@ -158,6 +158,15 @@ class PackWriter:
         """Objects written so far."""
         return self._count
 
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes the finished packs take on disk (packs and indexes)."""
+        return sum(
+            (self._dir / f"{n}{ext}").stat().st_size
+            for n in self.names
+            for ext in (".pack", ".idx")
+        )
+
     def add_compressed(self, type_num: int, sha: bytes, size: int, zdata: bytes) -> bool:
         """Append an object whose id and zlib stream are already computed.
 
@@ -549,6 +558,16 @@ def _inflate_stored(comp: bytes, size: int) -> bytes | None:
     if total != size:
         return None
     return b"".join(parts)
+
+
+def unlink_counted(path: Path) -> int:
+    """Remove ``path``; returns the bytes it took (0 if it was already gone)."""
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    return size
 
 
 def write_loose(repo: Repository, obj: ShaFile, durable: bool = True) -> bytes:

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from vml.errors import RepositoryBusy
-from vml.plumbing.packs import PackReader, PackWriter, copy_object, pack_extents
+from vml.plumbing.packs import PackReader, PackWriter, copy_object, pack_extents, unlink_counted
 from vml.plumbing.repository import Repository, fsync_dir, hold_flock
 
 FACTOR = 2
@@ -172,9 +172,7 @@ def consolidate(
         # reaches them still does.
         writer.release()
         result.new_packs = list(writer.names)
-        result.written_bytes = sum(
-            (d / f"{n}{e}").stat().st_size for n in writer.names for e in (".pack", ".idx")
-        )
+        result.written_bytes = writer.disk_bytes
     except BaseException:
         writer.abort()
         raise
@@ -183,11 +181,6 @@ def consolidate(
     for name in chosen:
         # The index first: a pack without its index is invisible, never the reverse.
         for ext in (".idx", ".pack"):
-            p = d / f"{name}{ext}"
-            try:
-                result.deleted_bytes += p.stat().st_size
-                p.unlink()
-            except FileNotFoundError:
-                pass
+            result.deleted_bytes += unlink_counted(d / f"{name}{ext}")
     fsync_dir(d)
     return result

@@ -64,8 +64,7 @@ class RmResult(RewriteReport):
 def finish_pack(repo: Repository, writer: PackWriter) -> int:
     """Complete ``writer``'s pack; returns the bytes it holds on disk (pack + index)."""
     writer.finish()
-    d = repo.objects_dir / "pack"
-    return sum((d / f"{n}{ext}").stat().st_size for n in writer.names for ext in (".pack", ".idx"))
+    return writer.disk_bytes
 
 
 def entry_commit(repo: Repository, name: str, table: refs_mod.RefTable) -> bytes:
