@@ -27,8 +27,8 @@ from vml.cli.render import (
     vm_lines,
 )
 from vml.errors import NoSpace, VMLError
-from vml.plumbing.repository import DEFAULT_BLOCK_SIZE, Repository, parse_size
-from vml.porcelain.common import find_repository, open_repo
+from vml.plumbing.repository import DEFAULT_BLOCK_SIZE, Repository, open_repository, parse_size
+from vml.porcelain.common import find_repository
 
 if TYPE_CHECKING:
     from vml.porcelain.checkout import CheckoutResult
@@ -91,7 +91,7 @@ def repository_path(area: Path | None) -> Path:
 
 def repository_for(area: Path | None = None) -> Repository:
     """Open the repository the command works on (see :func:`repository_path`)."""
-    return open_repo(repository_path(area))
+    return open_repository(repository_path(area))
 
 
 @contextmanager
@@ -531,7 +531,7 @@ def demo(
             f"  $ vml checkout {co.entry} {escape(co.area)}  -> rebuilt and verified, {co.seconds:.2f} s"
         )
     out.print("\n[bold]vml log --graph --all[/bold]")
-    repo = open_repo(Path(res.repo))
+    repo = open_repository(Path(res.repo))
     try:
         print_log(log_mod.log(repo), True, set())
     finally:

@@ -237,11 +237,6 @@ def drop_entry(
             moves.refs.append((ref.decode(), commit.hex(), ""))
 
 
-def same_refs(a: refs_mod.RefTable, b: refs_mod.RefTable) -> bool:
-    """True when two snapshots of the refs agree."""
-    return a.entries == b.entries and a.tags == b.tags and a.branches == b.branches
-
-
 def apply_rewrite(
     repo: Repository,
     table: refs_mod.RefTable,
@@ -258,7 +253,7 @@ def apply_rewrite(
     moves = Moves()
     with repo.lock():
         now = refs_mod.read_refs(repo)
-        if not same_refs(now, table):
+        if now != table:  # entries, tags and branches
             raise RepositoryBusy(
                 "the repository's entries changed while this command ran",
                 "run the command again",

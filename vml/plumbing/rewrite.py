@@ -54,7 +54,6 @@ from vml.plumbing.forest import Forest
 from vml.plumbing.manifests import BLOB_MODE, TREE_MODE, Anchored, LayerBlock, Manifest, ranges
 from vml.plumbing.packs import PackReader, PackWriter
 
-WINDOW = 16
 REWRITTEN_TRAILER = "VML-Rewritten"
 
 
@@ -64,13 +63,6 @@ class ExpressStats:
 
     reused_blocks: int = 0  # whole blocks and deltas kept as the layer's own
     anchored_blocks: int = 0  # blocks whose existing recipe the layer now names itself
-    written_bytes: int = 0  # compressed bytes of new data objects (always 0 today)
-
-    def add(self, other: ExpressStats) -> None:
-        """Sum ``other`` into this."""
-        self.reused_blocks += other.reused_blocks
-        self.anchored_blocks += other.anchored_blocks
-        self.written_bytes += other.written_bytes
 
 
 def express_image(

@@ -31,11 +31,9 @@ from vml.plumbing.chains import (
 from vml.plumbing.deltas import delta_header
 from vml.plumbing.entries import Entry, small_blob
 from vml.plumbing.forest import Forest, load_forest
-from vml.plumbing.images import block_digest, zero_record
+from vml.plumbing.images import WINDOW, block_digest, zero_record
 from vml.plumbing.manifests import layer_block_ids, read_block_map
 from vml.plumbing.packs import BLOB, PackReader
-
-WINDOW = 16
 
 
 @dataclass

@@ -25,9 +25,6 @@ from vml.plumbing.vm_configs import Config, DiskRef, parse_libvirt, parse_vbox, 
 from vml.plumbing.vm_formats import RawDisk, is_candidate, read_disk
 from vml.plumbing.vm_locks import image_reasons, lck_entries
 
-HYPERVISORS = ("vmware", "qemu", "virtualbox", "none")
-POWER_STATES = ("off", "suspended", "running")
-
 #: Config suffix → (parser, rank); a lower rank wins when an area holds several.
 _CONFIG_PARSERS = {".vmx": (parse_vmx, 0), ".vbox": (parse_vbox, 1), ".xml": (parse_libvirt, 2)}
 #: Files that hold a VM's memory or device state; checked for writers like disks.

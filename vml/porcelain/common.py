@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
-from vml.errors import AreaError, RepositoryNotFound
-from vml.plumbing.areas import AreaState, load_state
+from vml.errors import AreaError
+from vml.plumbing.areas import load_state
 from vml.plumbing.chains import read_entry as read_entry  # re-exported for the commands
 from vml.plumbing.refs import RefTable
-from vml.plumbing.repository import Repository, is_repository, open_repository
+from vml.plumbing.repository import Repository
 
 # (phase, done, total): phases are "read", "write", "verify"; bytes.
 ProgressFn = Callable[[str, int, int], None]
@@ -51,32 +50,12 @@ def find_repository(
     return default
 
 
-def open_repo(path: Path) -> Repository:
-    """Open the repository or say how to make one."""
-    if not is_repository(path):
-        raise RepositoryNotFound(f"no VML repository at {path}")
-    return open_repository(path)
-
-
 def label(table: RefTable, commit: bytes | None) -> str | None:
     """``E3`` for a commit with an entry number, else a short commit id."""
     if commit is None:
         return None
     n = table.number_of(commit)
     return f"E{n}" if n is not None else commit.hex()[:12]
-
-
-@dataclass
-class AreaInfo:
-    """An area and the entry it holds."""
-
-    path: Path
-    state: AreaState | None
-
-
-def area_entry(area: Path) -> AreaInfo:
-    """The area's state (None when VML has never used the folder)."""
-    return AreaInfo(area, load_state(area) if area.is_dir() else None)
 
 
 def check_area_path(repo: Repository, area: Path) -> None:

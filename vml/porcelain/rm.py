@@ -48,8 +48,7 @@ class RewriteReport:
     anchored_blocks: int = 0
 
     def add_stats(self, s: ExpressStats) -> None:
-        """Count what re-expressing images did."""
-        self.data_bytes += s.written_bytes
+        """Count what re-expressing images did (it writes no block data)."""
         self.reused_blocks += s.reused_blocks
         self.anchored_blocks += s.anchored_blocks
 
