@@ -67,6 +67,7 @@ def check_structure(
         return None, broken or [Problem(f"the entry chains cannot be walked: {err.message}")]
     commits = sorted(forest.parent)
     images_of: dict[bytes, set[str]] = {}
+    partial: dict[bytes, set[str]] = {}  # entry -> its images stored as partial layers
     for i, c in enumerate(commits):
         tick(i, len(commits))
         try:
@@ -98,12 +99,14 @@ def check_structure(
                 man, blocks = layer
                 if man.size != f.size or man.sha256 != f.sha256:
                     problems.append(Problem("its manifest disagrees with the metadata", c, f.path))
-                if not man.base and p is None:
-                    problems.append(
-                        Problem("a partial layer in an entry without parent", c, f.path)
-                    )
+                if not man.base:
+                    partial.setdefault(c, set()).add(f.path)
+                    if p is None:
+                        problems.append(
+                            Problem("a partial layer in an entry without parent", c, f.path)
+                        )
                 if blocks is not None:
-                    bmap = read_block_map(lambda s: reader.read(s, 2)[1], blocks, man.nblocks)
+                    bmap = read_block_map(lambda s: reader.data(s, 2), blocks, man.nblocks)
                     missing = [
                         sha
                         for entry in bmap.values()
@@ -116,16 +119,13 @@ def check_structure(
                         )
             except CorruptRepository as err:
                 problems.append(Problem(err.message, c, f.path))
-    # A partial layer needs the same image in its parent.
+    # A partial layer needs the same image in its parent (both known from above).
     for c in commits:
         p = forest.parent[c]
-        if p is None or c not in images_of or p not in images_of:
+        if p is None or c not in partial or p not in images_of:
             continue
-        e = read_entry(reader, c)
-        for path in sorted(images_of[c] - images_of[p]):
-            layer = image_layer(reader, e.tree, path)
-            if layer is not None and not layer[0].base:
-                problems.append(Problem("a partial layer whose parent lacks the file", c, path))
+        for path in sorted(partial[c] - images_of[p]):
+            problems.append(Problem("a partial layer whose parent lacks the file", c, path))
     return forest, problems
 
 
