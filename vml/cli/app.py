@@ -20,6 +20,7 @@ from vml.cli.render import (
     err,
     out,
     print_log,
+    print_repack,
     progress_bar,
     report_error,
     size,
@@ -248,11 +249,7 @@ def commit(
             f"[yellow]note:[/yellow] saved {escape(e.source)} (outside the area) as {escape(e.path)}"
         )
     if res.repacked is not None:
-        r = res.repacked
-        out.print(
-            f"packed {len(r.merged)} small packs into {len(r.new_packs)} "
-            f"({size(r.written_bytes)}); {r.packs_after} packs in the repository"
-        )
+        print_repack(res.repacked)
     if res.repack_problem is not None:
         err.print(
             f"[yellow]warning:[/yellow] {escape(res.repack_problem)}; the entry is saved; "

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from vml.cli.app import Json, Quiet, app, handled, opened
-from vml.cli.render import out, progress_bar, size
+from vml.cli.render import out, print_repack, progress_bar, size
 from vml.errors import CorruptRepository
 
 if TYPE_CHECKING:
@@ -179,11 +179,7 @@ def gc(
             f"wrote {size(res.written_bytes)})"
         )
     if res.repacked is not None:
-        r = res.repacked
-        out.print(
-            f"packed {len(r.merged)} small packs into {len(r.new_packs)} "
-            f"({size(r.written_bytes)}); {r.packs_after} packs in the repository"
-        )
+        print_repack(res.repacked)
 
 
 def _print_check(res: CheckResult, json_: bool, what: str) -> None:

@@ -14,6 +14,7 @@ from vml.errors import VMLError
 from vml.porcelain.common import ProgressFn, no_progress
 
 if TYPE_CHECKING:
+    from vml.plumbing.repack import RepackResult
     from vml.porcelain.log import LogEntry, LogResult
 
 out = Console(highlight=False, soft_wrap=True)
@@ -30,6 +31,14 @@ def size(n: int | None) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{n} B"
+
+
+def print_repack(r: RepackResult) -> None:
+    """The line saying that small packs were rolled up."""
+    out.print(
+        f"packed {len(r.merged)} small packs into {len(r.new_packs)} "
+        f"({size(r.written_bytes)}); {r.packs_after} packs in the repository"
+    )
 
 
 def report_error(e: VMLError) -> None:

@@ -36,6 +36,11 @@ MAX_META_BYTES = 64 << 20
 FILE_MODES = (0o100644, 0o100755)
 
 
+def git_mode(st_mode: int) -> int:
+    """The git mode a file is saved with: executable or not (commit and status must agree)."""
+    return 0o100755 if st_mode & 0o111 else 0o100644
+
+
 def check_relpath(path: str) -> str:
     """Refuse any path that could leave the area or touch VML's own folder."""
     if (

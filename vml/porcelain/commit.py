@@ -42,6 +42,7 @@ from vml.plumbing.entries import (
     Entry,
     EntryMeta,
     FileRecord,
+    git_mode,
     make_commit,
     now_iso,
     store_trees,
@@ -221,7 +222,7 @@ def commit(
                 for af in files:
                     full_path = from_outside.get(af.path, area / af.path)
                     st = af.stat
-                    mode = 0o100755 if st.st_mode & 0o111 else 0o100644
+                    mode = git_mode(st.st_mode)
                     if st.st_size <= repo.block_size:
                         data, st = _read_small(full_path)
                         sha = hashlib.sha256(data).hexdigest()

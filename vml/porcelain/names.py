@@ -51,15 +51,24 @@ def _target(repo: Repository, entry: str | None, area: Path | None) -> bytes:
     return c
 
 
-def create_tag(repo: Repository, name: str, entry: str | None, area: Path | None) -> NameInfo:
-    """Tag an entry (the area's own when ``entry`` is None)."""
-    refs_mod.check_name("tag", name)
+def _create(
+    repo: Repository, kind: str, prefix: bytes, name: str, entry: str | None, area: Path | None
+) -> tuple[refs_mod.RefTable, bytes]:
+    """Point new tag or branch ``name`` at an entry; the refs as read and the commit."""
+    refs_mod.check_name(kind, name)
     commit = _target(repo, entry, area)
+    remedy = "delete it first with --delete" if kind == "tag" else "choose another name"
     with repo.lock():
         table = refs_mod.read_refs(repo)
-        if name in table.tags:
-            raise UsageError(f"tag {name!r} exists already", "delete it first with --delete")
-        refs_mod.set_ref(repo, refs_mod.TAG_PREFIX + name.encode(), commit)
+        if name in (table.tags if kind == "tag" else table.branches):
+            raise UsageError(f"{kind} {name!r} exists already", remedy)
+        refs_mod.set_ref(repo, prefix + name.encode(), commit)
+    return table, commit
+
+
+def create_tag(repo: Repository, name: str, entry: str | None, area: Path | None) -> NameInfo:
+    """Tag an entry (the area's own when ``entry`` is None)."""
+    table, commit = _create(repo, "tag", refs_mod.TAG_PREFIX, name, entry, area)
     return NameInfo(name, label(table, commit) or commit.hex(), commit.hex())
 
 
@@ -80,13 +89,7 @@ def create_branch(
     repo: Repository, name: str, entry: str | None, area: Path | None, follow: bool = True
 ) -> NameInfo:
     """Start branch ``name`` at an entry; the area follows it when it holds that entry."""
-    refs_mod.check_name("branch", name)
-    commit = _target(repo, entry, area)
-    with repo.lock():
-        table = refs_mod.read_refs(repo)
-        if name in table.branches:
-            raise UsageError(f"branch {name!r} exists already", "choose another name")
-        refs_mod.set_ref(repo, refs_mod.BRANCH_PREFIX + name.encode(), commit)
+    table, commit = _create(repo, "branch", refs_mod.BRANCH_PREFIX, name, entry, area)
     current = False
     if follow and area is not None and area.is_dir():
         st = load_state(area) or AreaState()

@@ -17,7 +17,7 @@ from vml.plumbing.areas import (
     scan_area,
     stat_signature,
 )
-from vml.plumbing.entries import Entry
+from vml.plumbing.entries import Entry, git_mode
 from vml.plumbing.ignore import IgnoreRules
 from vml.plumbing.images import file_digest
 from vml.plumbing.packs import PackReader
@@ -109,7 +109,7 @@ def area_changes(
         if o is None:
             out.append(FileChange(af.path, "added", st.st_size, st.st_size))
             continue
-        mode = 0o100755 if st.st_mode & 0o111 else 0o100644
+        mode = git_mode(st.st_mode)
         cached = cache.files.get(af.path) if cache_ok else None
         if cached is not None and cached.stat == stat_signature(st) and mode == o.mode:
             continue
