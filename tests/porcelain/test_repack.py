@@ -134,3 +134,22 @@ def test_gc_removes_a_pack_left_without_its_index(repo: Repository, area: Path) 
     assert not orphan.exists() and res.deleted_bytes >= some.stat().st_size
     assert writing.exists()
     repo.close()
+
+
+def test_gc_removes_what_a_writer_killed_before_its_index_leaves(
+    repo: Repository, area: Path
+) -> None:
+    """A temporary index and a lone pending marker of a dead process go; a live one's stay."""
+    _sessions(repo, area, 1)
+    pack_dir = repo.objects_dir / "pack"
+    gone = 2**22 + 12345  # no such process (above the default pid_max)
+    stale_idx = pack_dir / f"tmp_vml_{gone}_1_2_0.idx"
+    stale_idx.write_bytes(b"partial index")
+    stale_keep = pack_dir / ("pack-" + "3" * 40 + ".keep")
+    stale_keep.write_text(f"vml-pending {gone}\n")
+    live_keep = pack_dir / ("pack-" + "4" * 40 + ".keep")
+    live_keep.write_text(f"vml-pending {os.getpid()}\n")
+    gc(repo)
+    assert not stale_idx.exists() and not stale_keep.exists()
+    assert live_keep.exists()
+    repo.close()

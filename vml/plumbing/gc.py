@@ -210,6 +210,11 @@ def _orphan_packs(repo: Repository) -> list[Path]:
     d = _pack_dir(repo)
     if not d.is_dir():
         return []
+    for keep in d.glob("pack-*.keep"):
+        # A writer killed between its marker and its pack leaves the marker
+        # alone: _kept drops it when its process is gone.
+        if not keep.with_suffix(".pack").exists() and not keep.with_suffix(".idx").exists():
+            _kept(keep)
     return [
         p
         for p in d.glob("pack-*.pack")

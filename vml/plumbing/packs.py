@@ -296,7 +296,8 @@ class PackWriter:
             # Index first, under a temporary name: nothing is visible until
             # both files are complete, and a failure (no space) leaves only
             # temporary files, never a pack without its index.
-            idx_tmp = self._dir / f"tmp_vml_{name}.idx"
+            # Named like the temporary pack (pid first), so gc knows whose it is.
+            idx_tmp = seg.tmp.with_name(f"{seg.tmp.stem}.idx")
             seg.entries.sort()
             with open(idx_tmp, "wb") as idx:
                 write_pack_index_v2(idx, seg.entries, checksum)
