@@ -146,8 +146,17 @@ def resolve_image(reader: PackReader, commit: bytes, path: str) -> ResolvedImage
     checks = _checks(reader, items, target, path)
     n = target.nblocks
     pending: dict[int, list[bytes]] = {}  # block -> deltas found so far (newest first)
-    recipes: list[Recipe | None] = [None] * n
+    recipes: list[Recipe] = [ZERO] * n
     unresolved = set(range(n))
+
+    def settle(b: int, base: bytes | None, older: tuple[bytes, ...] = ()) -> None:
+        # Block b starts from ``base`` (None: zeros) and ``older`` deltas, then
+        # the newer deltas gathered on the way down; all zeros stays ZERO.
+        deltas = older + tuple(reversed(pending.pop(b, [])))
+        if base is not None or deltas:
+            recipes[b] = Recipe(base, deltas)
+        unresolved.discard(b)
+
     layer: tuple[Manifest, bytes | None] | None = top
     depth = 0
     while unresolved:
@@ -160,8 +169,7 @@ def resolve_image(reader: PackReader, commit: bytes, path: str) -> ResolvedImage
             raise CorruptRepository(f"image {path} changes block size along its chain")
         for z in manifest.zero_blocks():
             if z in unresolved:
-                recipes[z] = Recipe(None, tuple(reversed(pending.pop(z, []))))
-                unresolved.discard(z)
+                settle(z, None)
         if blocks_tree is not None:
             bmap = read_block_map(_read_tree(reader), blocks_tree, manifest.nblocks)
             for b, entry in bmap.items():
@@ -169,20 +177,16 @@ def resolve_image(reader: PackReader, commit: bytes, path: str) -> ResolvedImage
                     continue
                 if isinstance(entry, Anchored):
                     # Self-contained: its own base and deltas, then the newer ones.
-                    newer = tuple(reversed(pending.pop(b, [])))
-                    recipes[b] = Recipe(entry.base, entry.deltas + newer)
-                    unresolved.discard(b)
+                    settle(b, entry.base, entry.deltas)
                     continue
                 is_delta, sha = entry
                 if is_delta:
                     pending.setdefault(b, []).append(sha)
                 else:
-                    recipes[b] = Recipe(sha, tuple(reversed(pending.pop(b, []))))
-                    unresolved.discard(b)
+                    settle(b, sha)
         if manifest.base:
-            for b in unresolved:
-                recipes[b] = Recipe(None, tuple(reversed(pending.pop(b, []))))
-            unresolved.clear()
+            for b in list(unresolved):
+                settle(b, None)
             break
         if parent is None:
             raise CorruptRepository(f"image {path} of {commit.hex()[:12]} has no base entry")
@@ -192,8 +196,7 @@ def resolve_image(reader: PackReader, commit: bytes, path: str) -> ResolvedImage
         tree, next_parent = commit_tree_parent(reader, parent)
         layer = image_layer(reader, tree, path)
         parent = next_parent
-    out = [ZERO if r is None or (r.base is None and not r.deltas) else r for r in recipes]
-    return ResolvedImage(target, out, checks)
+    return ResolvedImage(target, recipes, checks)
 
 
 def materialize(
