@@ -29,6 +29,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dulwich.client import GitClient, HTTPUnauthorized, get_transport_and_path
 from dulwich.errors import GitProtocolError, HangupException, NotGitRepository
@@ -165,7 +166,7 @@ class Origin:
         return f"{self.remote} {self.name}".strip()
 
 
-def _origins_path(repo: Repository) -> os.PathLike[str]:
+def _origins_path(repo: Repository) -> Path:
     return repo.vml_dir / "origins.json"
 
 
@@ -199,7 +200,7 @@ def record_origins(repo: Repository, new: Mapping[bytes, Origin]) -> None:
         }
     }
     repo.vml_dir.mkdir(exist_ok=True)
-    write_atomic(repo.vml_dir / "origins.json", json.dumps(doc, indent=1).encode())
+    write_atomic(_origins_path(repo), json.dumps(doc, indent=1).encode())
 
 
 # -- transport ---------------------------------------------------------------
@@ -235,14 +236,19 @@ def transport_error(url: str, e: BaseException) -> VMLError:
     return RemoteError(f"{url}: {e}", "check the URL")
 
 
+def _plain_refs(refs: Mapping[Any, Any]) -> dict[bytes, bytes]:
+    """Advertised refs as name -> hex id, without peeled-tag lines or empty values."""
+    return {
+        bytes(k): bytes(v)
+        for k, v in refs.items()
+        if v is not None and not k.endswith(PEELED_TAG_SUFFIX)
+    }
+
+
 def ls_remote(client: GitClient, path: str) -> dict[bytes, bytes]:
     """The remote's refs: name -> hex commit id (peeled tag lines dropped)."""
     result = client.get_refs(path.encode() if isinstance(path, str) else path)
-    return {
-        bytes(k): bytes(v)
-        for k, v in result.refs.items()
-        if v is not None and not k.endswith(PEELED_TAG_SUFFIX)
-    }
+    return _plain_refs(result.refs)
 
 
 class _PackSink:
@@ -400,9 +406,7 @@ def receive(
     store = repo.git.object_store
 
     def determine_wants(refs: Mapping[Ref, ObjectID], depth: int | None = None) -> list[ObjectID]:
-        seen.update(
-            {bytes(k): bytes(v) for k, v in refs.items() if not k.endswith(PEELED_TAG_SUFFIX)}
-        )
+        seen.update(_plain_refs(refs))
         wanted.clear()
         for hexid in dict.fromkeys(choose(dict(seen))):
             if hexid != ZERO_SHA and ObjectID(hexid) not in store:
@@ -450,12 +454,7 @@ def receive(
     except BaseException:
         _release(keeps)
         raise
-    refs = {
-        bytes(k): bytes(v)
-        for k, v in result.refs.items()
-        if v is not None and not k.endswith(PEELED_TAG_SUFFIX)
-    }
-    refs = refs or seen
+    refs = _plain_refs(result.refs) or seen
     if not wanted:
         return Received(refs, keeps=keeps)
     progress("objects", sink.objects, sink.objects)
