@@ -249,13 +249,17 @@ class _DiskCollector:
         self.disks: dict[str, DiskInfo] = {}
         self.order: list[str] = []
 
-    def add(self, base_rel: str, ref: DiskRef, ref_base_rel: str | None = None) -> None:
-        """Describe the disk ``ref`` written in a file in folder ``base_rel``, then its parents."""
+    def add(self, base_rel: str, ref: DiskRef, raw: RawDisk | None = None) -> None:
+        """Describe the disk ``ref`` written in a file in folder ``base_rel``, then its parents.
+
+        ``raw`` is the disk's header when the caller has read it already.
+        """
         rel, absolute = self.resolver.resolve(base_rel, ref.path)
         key = rel if rel is not None else absolute
         if key in self.disks:
             return
-        raw = read_disk(Path(absolute)) if os.path.isfile(absolute) else None
+        if raw is None and os.path.isfile(absolute):
+            raw = read_disk(Path(absolute))
         if raw is None:
             raw = RawDisk(ref.format or "unknown")
         image_dir = os.path.dirname(rel) if rel is not None else os.path.dirname(absolute)
@@ -275,7 +279,7 @@ class _DiskCollector:
             backing_ref = DiskRef(raw.backing)
         elif ref.backing:
             backing_ref = DiskRef(ref.backing)
-            backing_base = ref_base_rel if ref_base_rel is not None else base_rel
+            backing_base = base_rel
         backing: str | None = None
         if backing_ref is not None:
             b_rel, b_abs = self.resolver.resolve(backing_base, backing_ref.path)
@@ -330,16 +334,18 @@ def _inspect(root: Path, scan: _Scan, running: bool) -> VMInfo:
         config_rel, cfg = found
         base = os.path.dirname(config_rel)
         for ref in cfg.disks:
-            collector.add(base, ref, base)
+            collector.add(base, ref)
         for extra in cfg.extra_files:
             rel, absolute = collector.resolver.resolve(base, extra)
             if rel is None:
                 config_external.append(absolute)
     for rel in visible:
-        # Probe only files not already described through the config, so
-        # each header is read once.
-        if is_candidate(rel) and rel not in collector.disks and read_disk(root / rel):
-            collector.add("", DiskRef(rel))
+        # Probe only files not already described through the config, and
+        # hand the header read to the collector: each is read once.
+        if is_candidate(rel) and rel not in collector.disks:
+            probed = read_disk(root / rel)
+            if probed:
+                collector.add("", DiskRef(rel), probed)
     disks = collector.result()
 
     hypervisor = cfg.hypervisor if cfg is not None else "none"
