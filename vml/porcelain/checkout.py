@@ -125,7 +125,8 @@ def checkout(
             if state is not None and state.entry:
                 c = bytes.fromhex(state.entry)
                 if c in set(table.entries.values()):
-                    old_entry = read_entry(reader, c)
+                    # Checking out the entry the area holds: it is read already.
+                    old_entry = target if c == commit else read_entry(reader, c)
             cache = Cache(area, repo.page_size, repo.block_size)
             rules = IgnoreRules.load(area)
             present, _dirs = scan_area(area, rules.is_ignored)
@@ -139,7 +140,10 @@ def checkout(
                         )
                 else:
                     dirty = [
-                        c.path for c in area_changes(area, state, old_entry, cache, detail=False)
+                        c.path
+                        for c in area_changes(
+                            area, state, old_entry, cache, detail=False, files=present
+                        )
                     ]
                     if dirty:
                         shown = ", ".join(dirty[:5]) + (", ..." if len(dirty) > 5 else "")

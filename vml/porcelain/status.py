@@ -9,6 +9,7 @@ from pathlib import Path
 from vml.errors import AreaError
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.areas import (
+    AreaFile,
     AreaState,
     Cache,
     block_hash,
@@ -96,10 +97,20 @@ def _changed_bytes(path: Path, cache: Cache, rel: str, size: int) -> int | None:
 
 
 def area_changes(
-    area: Path, state: AreaState, entry: Entry | None, cache: Cache, *, detail: bool = True
+    area: Path,
+    state: AreaState,
+    entry: Entry | None,
+    cache: Cache,
+    *,
+    detail: bool = True,
+    files: list[AreaFile] | None = None,
 ) -> list[FileChange]:
-    """Compare the area with its entry, reading only files whose ``stat`` changed."""
-    files, _dirs = scan_area(area, IgnoreRules.load(area).is_ignored)
+    """Compare the area with its entry, reading only files whose ``stat`` changed.
+
+    ``files`` is the area's listing when the caller has just made it.
+    """
+    if files is None:
+        files, _dirs = scan_area(area, IgnoreRules.load(area).is_ignored)
     old = {f.path: f for f in entry.meta.files} if entry else {}
     cache_ok = cache.valid_for(state.entry)
     out: list[FileChange] = []
