@@ -252,6 +252,10 @@ def collect(
         mark(reader, roots, live)
         result.live_objects = len(live)
         extents: dict[str, list[tuple[bytes, int, int, int | None]]] = {}
+        # Read once here, not again later: the ids of packs that stay (no copy
+        # needed) and of packs that go whole (a rescue may need them).
+        kept_ids: set[bytes] = set()
+        ids_of: dict[str, list[bytes]] = {}
         for name in pack_names:
             pack = pack_dir / f"{name}.pack"
             idx = pack_dir / f"{name}.idx"
@@ -266,7 +270,10 @@ def collect(
             result.packs.append(info)
             if info.action == "rewrite":
                 extents[name] = ext
-        in_kept = {p.name for p in result.packs if p.action == "keep"}
+            elif not dry_run and info.action == "keep":
+                kept_ids.update(sha for sha, *_ in ext)
+            elif not dry_run:
+                ids_of[name] = [sha for sha, *_ in ext]
         dead_loose = {sha: p for sha, p in loose.items() if sha not in live}
         result.loose_dead = len(dead_loose)
         result.loose_dead_bytes = sum(p.stat().st_size for p in dead_loose.values())
@@ -285,14 +292,6 @@ def collect(
             return result
 
         # Objects that stay where they are need no copy.
-        kept_ids: set[bytes] = set()
-        for name in in_kept:
-            kept_ids.update(
-                sha
-                for sha, *_ in pack_extents(
-                    pack_dir / f"{name}.idx", (pack_dir / f"{name}.pack").stat().st_size
-                )
-            )
         writer = PackWriter(repo)
         total = sum(len(e) for e in extents.values())
         done = 0
@@ -320,12 +319,7 @@ def collect(
                 doomed_ids.update(s for s, *_ in extents[name])
             for p in going:
                 if p.name not in extents:
-                    doomed_ids.update(
-                        s
-                        for s, *_ in pack_extents(
-                            pack_dir / f"{p.name}.idx", (pack_dir / f"{p.name}.pack").stat().st_size
-                        )
-                    )
+                    doomed_ids.update(ids_of[p.name])
             rescue = [s for s in rescue if s in doomed_ids or s in dead_loose]
             if rescue:
                 writer = PackWriter(repo)
