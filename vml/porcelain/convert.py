@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from vml.errors import UsageError
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.entries import KINDS
-from vml.plumbing.forest import Forest, apply_rewrite, load_forest
+from vml.plumbing.forest import Forest, load_forest
 from vml.plumbing.packs import PackReader, PackWriter
 from vml.plumbing.repository import Repository
 from vml.plumbing.rewrite import (
     ExpressStats,
     reexpress_images,
-    rewrite_below,
     rewrite_entry,
 )
 from vml.porcelain.common import ProgressFn, label, no_progress, read_entry
@@ -134,13 +133,7 @@ def convert(
         }
         order = [commit]
         result.rewritten.append(Rewritten(me, commit.hex(), mapping[commit].hex(), note))
-
-        def label_of(c: bytes) -> str:
-            return label(table, c) or "none"
-
-        for d in rewrite_below(reader, writer, forest, mapping, commit, label_of):
-            order.append(d)
-            result.rewritten.append(Rewritten(label_of(d), d.hex(), mapping[d].hex()))
+        result.rewrite_below(reader, writer, forest, table, mapping, order, commit)
         result.pack_bytes = finish_pack(repo, writer)
         result.add_stats(stats)
     except BaseException:
@@ -148,10 +141,5 @@ def convert(
         raise
     finally:
         reader.close()
-    try:
-        moves = apply_rewrite(repo, table, mapping, order)
-    finally:
-        writer.release()  # the refs reach the new pack now (or it is garbage)
-    result.refs_moved = moves.refs
-    result.areas_moved = moves.areas
+    result.move_names(repo, table, writer, mapping, order)
     return result

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from vml.errors import UnknownEntry, UsageError
 from vml.plumbing import refs as refs_mod
-from vml.plumbing.forest import apply_rewrite, load_forest, repository_areas
+from vml.plumbing.forest import Forest, apply_rewrite, load_forest, repository_areas
 from vml.plumbing.packs import PackReader, PackWriter
 from vml.plumbing.repository import Repository
 from vml.plumbing.rewrite import (
@@ -51,6 +51,42 @@ class RewriteReport:
         """Count what re-expressing images did (it writes no block data)."""
         self.reused_blocks += s.reused_blocks
         self.anchored_blocks += s.anchored_blocks
+
+    def rewrite_below(
+        self,
+        reader: PackReader,
+        writer: PackWriter,
+        forest: Forest,
+        table: refs_mod.RefTable,
+        mapping: dict[bytes, bytes],
+        order: list[bytes],
+        start: bytes,
+    ) -> None:
+        """Rewrite the descendants of ``start`` (already in ``mapping``) and list them."""
+
+        def label_of(c: bytes) -> str:
+            return label(table, c) or "none"
+
+        for d in rewrite_below(reader, writer, forest, mapping, start, label_of):
+            order.append(d)
+            self.rewritten.append(Rewritten(label_of(d), d.hex(), mapping[d].hex()))
+
+    def move_names(
+        self,
+        repo: Repository,
+        table: refs_mod.RefTable,
+        writer: PackWriter,
+        mapping: dict[bytes, bytes],
+        order: list[bytes],
+        drop: tuple[bytes, bytes | None] | None = None,
+    ) -> None:
+        """Move names and areas onto the rewritten commits; then release the pack."""
+        try:
+            moves = apply_rewrite(repo, table, mapping, order, drop=drop)
+        finally:
+            writer.release()  # the refs reach the new pack now (or it is garbage)
+        self.refs_moved += moves.refs
+        self.areas_moved += moves.areas
 
 
 @dataclass
@@ -103,10 +139,6 @@ def remove_one(
         mapping: dict[bytes, bytes] = {}
         order: list[bytes] = []
         stats = ExpressStats()
-
-        def label_of(c: bytes) -> str:
-            return label(table, c) or "none"
-
         for i, kid in enumerate(kids):
             progress("rewrite", i, len(kids))
             e = read_entry(reader, kid)
@@ -123,10 +155,9 @@ def remove_one(
                 note=note,
             )
             order.append(kid)
-            report.rewritten.append(Rewritten(label_of(kid), kid.hex(), mapping[kid].hex(), note))
-            for d in rewrite_below(reader, writer, forest, mapping, kid, label_of):
-                order.append(d)
-                report.rewritten.append(Rewritten(label_of(d), d.hex(), mapping[d].hex()))
+            kid_label = label(table, kid) or "none"
+            report.rewritten.append(Rewritten(kid_label, kid.hex(), mapping[kid].hex(), note))
+            report.rewrite_below(reader, writer, forest, table, mapping, order, kid)
         report.pack_bytes += finish_pack(repo, writer)
     except BaseException:
         writer.abort()
@@ -134,12 +165,7 @@ def remove_one(
     finally:
         reader.close()
     report.add_stats(stats)
-    try:
-        moves = apply_rewrite(repo, table, mapping, order, drop=(commit, parent))
-    finally:
-        writer.release()  # the refs reach the new pack now (or it is garbage)
-    report.refs_moved += moves.refs
-    report.areas_moved += moves.areas
+    report.move_names(repo, table, writer, mapping, order, drop=(commit, parent))
     report.removed.append(me)
 
 
