@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import random
 import shutil
+import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -49,6 +51,23 @@ def edit(path: Path, offset: int, data: bytes) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
         f.write(data)
+
+
+@contextmanager
+def qemu_io_open(image: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A real qemu-io holding ``image`` open (and locked) until the block ends."""
+    proc = subprocess.Popen(
+        ["qemu-io", "-f", "qcow2", str(image)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield proc
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=10)
 
 
 def need(tool: str) -> None:

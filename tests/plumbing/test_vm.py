@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import qemu_io_open
 from vml.errors import AreaError, CorruptRepository, VMRunning
 from vml.plumbing.vm import DiskInfo, VMInfo, check_saveable, inspect_area, running_reasons
 from vml.plumbing.vm_formats import parse_vmdk_descriptor, read_disk
@@ -398,13 +399,7 @@ def test_qemu_io_holds_image_locks(tmp_path: Path) -> None:
         "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", tmp_path / "vm.qcow2"
     )
     assert running_reasons(tmp_path) == []
-    proc = subprocess.Popen(
-        ["qemu-io", "-f", "qcow2", str(tmp_path / "vm.qcow2")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    with qemu_io_open(tmp_path / "vm.qcow2"):
         reasons: list[str] = []
 
         def seen(rs: list[str]) -> bool:
@@ -425,10 +420,6 @@ def test_qemu_io_holds_image_locks(tmp_path: Path) -> None:
         with pytest.raises(VMRunning, match=r"vm\.qcow2"):
             check_saveable(tmp_path, force_running=False, include_external=False)
         assert inspect_area(tmp_path).power_state == "running"
-    finally:
-        assert proc.stdin is not None
-        proc.stdin.close()
-        proc.wait(timeout=10)
     assert running_reasons(tmp_path) == []
 
 

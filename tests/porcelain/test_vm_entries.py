@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import need
+from tests.conftest import need, qemu_io_open
 from vml.errors import AreaError, VMRunning
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.repository import Repository
@@ -70,13 +70,7 @@ def test_qemu_io_holding_the_image_refuses(repo: Repository, tmp_path: Path) -> 
     area = tmp_path / "vm"
     area.mkdir()
     run("qemu-img", "create", "-q", "-f", "qcow2", area / "vm.qcow2", "1M")
-    proc = subprocess.Popen(
-        ["qemu-io", "-f", "qcow2", str(area / "vm.qcow2")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    with qemu_io_open(area / "vm.qcow2"):
         for _ in range(200):  # until qemu-io has the image open and locked
             if running_reasons(area):
                 break
@@ -87,10 +81,6 @@ def test_qemu_io_holding_the_image_refuses(repo: Repository, tmp_path: Path) -> 
         assert not (area / ".vml" / "area.json").exists()
         res = commit(repo, area, force_running=True)
         assert res.crash_consistent
-    finally:
-        assert proc.stdin is not None
-        proc.stdin.close()
-        proc.wait(timeout=10)
     res2 = commit(repo, area, allow_empty=True)
     assert not res2.crash_consistent
 

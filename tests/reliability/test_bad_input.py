@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import digest_area, make_area
+from tests.conftest import digest_area, make_area, qemu_io_open
 from tests.reliability.helpers import git_fsck, one_line_error, repo_state, snapshot, vml
 from tests.reliability.helpers import vml_in_process as vml_fast
 from vml.errors import FileChanged
@@ -48,13 +48,7 @@ def test_qemu_image_held_open_refuses_commit(tmp_path: Path, cli_repo: Path) -> 
         check=True,
         capture_output=True,
     )
-    proc = subprocess.Popen(
-        ["qemu-io", "-f", "qcow2", str(area / "vm.qcow2")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    with qemu_io_open(area / "vm.qcow2"):
         before = repo_state(cli_repo)
         for _ in range(100):
             run = vml_fast(cli_repo, "commit", area)
@@ -63,10 +57,6 @@ def test_qemu_image_held_open_refuses_commit(tmp_path: Path, cli_repo: Path) -> 
         assert run.code == 6 and "locked" in one_line_error(run)
         assert repo_state(cli_repo) == before
         assert not (area / ".vml").exists()
-    finally:
-        assert proc.stdin is not None
-        proc.stdin.close()
-        proc.wait(timeout=10)
     assert vml_fast(cli_repo, "commit", "-q", area).code == 0
 
 
