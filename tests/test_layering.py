@@ -53,3 +53,15 @@ def test_the_layering_test_sees_a_violation(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text("import rich\nfrom vml.porcelain import commit\n")
     assert {"rich", "vml.porcelain"} <= _imports(bad)
+
+
+def test_vm_knowledge_touches_no_git_storage() -> None:
+    """``vml.plumbing.vm`` reads VMs; storage lives in the rest of plumbing."""
+    for path in _sources("plumbing/vm"):
+        for mod in _imports(path):
+            if mod.startswith("vml."):
+                assert mod == "vml.errors" or mod.startswith("vml.plumbing.vm"), (
+                    f"{path.name} imports {mod}"
+                )
+            if mod.startswith("dulwich"):
+                assert mod == "dulwich.ignore", f"{path.name} imports {mod}"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vml.plumbing.ignore import IgnoreRules
+from vml.plumbing.vm.ignore import IgnoreRules
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from tests.conftest import need, qemu_io_open
 from vml.errors import AreaError, VMRunning
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.repository import Repository
-from vml.plumbing.vm import running_reasons
+from vml.plumbing.vm.inspect import running_reasons
 from vml.porcelain.checkout import checkout
 from vml.porcelain.commit import commit
 from vml.porcelain.log import log, show

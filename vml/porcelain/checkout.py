@@ -25,11 +25,11 @@ from vml.plumbing.areas import (
 )
 from vml.plumbing.chains import ResolvedImage, resolve_image
 from vml.plumbing.entries import Entry, FileRecord, check_relpath, small_blob
-from vml.plumbing.ignore import IgnoreRules
 from vml.plumbing.images import write_all, write_image
 from vml.plumbing.packs import BLOB, PackReader
 from vml.plumbing.repository import Repository, fsync_dir
-from vml.plumbing.vm import inspect_area
+from vml.plumbing.vm.ignore import IgnoreRules
+from vml.plumbing.vm.inspect import inspect_area
 from vml.porcelain.common import (
     ProgressFn,
     check_area_path,

@@ -47,13 +47,13 @@ from vml.plumbing.entries import (
     now_iso,
     store_trees,
 )
-from vml.plumbing.ignore import IgnoreRules
 from vml.plumbing.images import SaveInputs, image_tree, save_image
 from vml.plumbing.manifests import BLOB_MODE, TREE_MODE, Manifest
 from vml.plumbing.packs import PackReader, PackWriter, write_loose
 from vml.plumbing.repack import RepackResult, auto_consolidate
 from vml.plumbing.repository import Repository
-from vml.plumbing.vm import check_saveable
+from vml.plumbing.vm.ignore import IgnoreRules
+from vml.plumbing.vm.inspect import check_saveable
 from vml.porcelain.common import (
     ProgressFn,
     check_area_path,

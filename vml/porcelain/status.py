@@ -19,11 +19,11 @@ from vml.plumbing.areas import (
     stat_signature,
 )
 from vml.plumbing.entries import Entry, git_mode
-from vml.plumbing.ignore import IgnoreRules
 from vml.plumbing.images import file_digest
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
-from vml.plumbing.vm import inspect_area
+from vml.plumbing.vm.ignore import IgnoreRules
+from vml.plumbing.vm.inspect import inspect_area
 from vml.porcelain.common import label, read_entry
 from vml.porcelain.vminfo import saved_externals, vm_view
 

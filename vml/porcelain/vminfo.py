@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vml.errors import AreaError
-from vml.plumbing.vm import VMInfo
-from vml.plumbing.vm_formats import read_disk
+from vml.plumbing.vm.formats import read_disk
+from vml.plumbing.vm.inspect import VMInfo
 
 EXTERNAL_DIR = ".external"
 _MAX_EXTERNAL = 4096  # a chain longer than this is a loop or a mistake

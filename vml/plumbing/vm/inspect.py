@@ -4,8 +4,8 @@
 ``.vbox`` or libvirt domain XML) and the headers/descriptors of its disk
 images; ``running_reasons`` lists signs that a hypervisor is using it;
 ``check_saveable`` combines both into the go/no-go check made before saving.
-Details of each format are in ``vm_formats`` and ``vm_configs``, of the
-running checks in ``vm_locks``; ``docs/VMS.md`` is the user-facing summary.
+Details of each format are in ``formats`` and ``configs``, of the
+running checks in ``locks``; ``docs/VMS.md`` is the user-facing summary.
 
 Paths in results are relative to the area with ``/`` separators, except
 files outside the area, which are absolute (and also listed in ``external``).
@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from vml.errors import AreaError, CorruptRepository, VMRunning
-from vml.plumbing.ignore import VML_DIR, IgnoreRules
-from vml.plumbing.vm_configs import Config, DiskRef, parse_libvirt, parse_vbox, parse_vmx
-from vml.plumbing.vm_formats import RawDisk, is_candidate, read_disk
-from vml.plumbing.vm_locks import image_reasons, lck_entries
+from vml.plumbing.vm.configs import Config, DiskRef, parse_libvirt, parse_vbox, parse_vmx
+from vml.plumbing.vm.formats import RawDisk, is_candidate, read_disk
+from vml.plumbing.vm.ignore import VML_DIR, IgnoreRules
+from vml.plumbing.vm.locks import image_reasons, lck_entries
 
 #: Config suffix → (parser, rank); a lower rank wins when an area holds several.
 _CONFIG_PARSERS = {".vmx": (parse_vmx, 0), ".vbox": (parse_vbox, 1), ".xml": (parse_libvirt, 2)}
@@ -397,7 +397,7 @@ def running_reasons(root: Path) -> list[str]:
     Signs: VMware ``*.lck`` folders/files; byte-range locks another process
     holds on an image (qemu's image locking); image or state files another
     process has open for writing (Linux ``/proc``; how VirtualBox shows).
-    See ``vm_locks`` for why each sign means what it does.
+    See ``locks`` for why each sign means what it does.
     """
     if not root.is_dir():
         return []
