@@ -11,19 +11,14 @@ from tests.conftest import TEST_BLOCK, edit
 from vml.errors import AreaError, RepositoryBusy
 from vml.plumbing.areas import (
     AreaState,
-    Cache,
-    CachedFile,
-    CacheWriter,
-    block_hash,
-    drop_cache,
     load_state,
     lock_area,
-    page_hashes,
     save_state,
     scan_area,
     stat_signature,
     vml_dir,
 )
+from vml.plumbing.cache import Cache, CachedFile, CacheWriter, block_hash, drop_cache, page_hashes
 from vml.plumbing.images import block_digest
 from vml.plumbing.repository import Repository
 from vml.porcelain.commit import commit

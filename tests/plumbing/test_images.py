@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import TEST_BLOCK, allocated, edit
 from vml.errors import CorruptRepository
-from vml.plumbing.areas import block_hash
+from vml.plumbing.cache import block_hash
 from vml.plumbing.chains import ResolvedImage, image_layer, resolve_image
 from vml.plumbing.images import block_digest, data_ranges, file_digest, punch_hole, write_image
 from vml.plumbing.manifests import CHECK_SIZE, read_block_map

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from vml.errors import AreaError, RepositoryNotFound
-from vml.plumbing.areas import Cache, load_state, vml_dir
+from vml.plumbing.areas import load_state, vml_dir
+from vml.plumbing.cache import Cache
 from vml.plumbing.repository import Repository, open_repository
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from tests.conftest import TEST_BLOCK, digest_area, edit
 from vml.errors import AreaError, DirtyArea, UnknownEntry
-from vml.plumbing.areas import drop_cache, load_state, save_state
+from vml.plumbing.areas import load_state, save_state
+from vml.plumbing.cache import drop_cache
 from vml.plumbing.repository import Repository
 from vml.porcelain.checkout import checkout, restore
 from vml.porcelain.commit import commit

@@ -28,7 +28,7 @@ from hypothesis.stateful import (
 
 from tests.conftest import TEST_BLOCK, allocated, digest_area, edit
 from vml.errors import DirtyArea, NothingToCommit
-from vml.plumbing.areas import drop_cache
+from vml.plumbing.cache import drop_cache
 from vml.plumbing.images import punch_hole
 from vml.plumbing.repository import init_repository
 from vml.porcelain.checkout import checkout, restore

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from vml.errors import CorruptRepository, RepositoryBusy, VMLError
 from vml.plumbing import refs as refs_mod
-from vml.plumbing.areas import AreaState, drop_cache, load_state, save_state, vml_dir
+from vml.plumbing.areas import AreaState, load_state, save_state, vml_dir
+from vml.plumbing.cache import drop_cache
 from vml.plumbing.chains import MAX_CHAIN, commit_tree_parent
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository, write_atomic

@@ -26,7 +26,8 @@ from typing import BinaryIO
 from dulwich.objects import Blob, Tree
 
 from vml.errors import AreaError, CorruptRepository, FileChanged, NoSpace
-from vml.plumbing.areas import BlockRecords, block_hash, page_hashes, stat_signature
+from vml.plumbing.areas import stat_signature
+from vml.plumbing.cache import BlockRecords, block_hash, page_hashes
 from vml.plumbing.chains import (
     MAX_DELTA_DEPTH,
     ZERO,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from vml.errors import CorruptRepository
 from vml.plumbing import refs as refs_mod
-from vml.plumbing.areas import block_hash
+from vml.plumbing.cache import block_hash
 from vml.plumbing.chains import (
     ResolvedImage,
     image_layer,

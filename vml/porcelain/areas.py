@@ -7,7 +7,8 @@ from pathlib import Path
 
 from vml.errors import VMLError
 from vml.plumbing import refs as refs_mod
-from vml.plumbing.areas import Cache, load_state
+from vml.plumbing.areas import load_state
+from vml.plumbing.cache import Cache
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
 from vml.porcelain.common import label, read_entry

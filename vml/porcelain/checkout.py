@@ -13,16 +13,13 @@ from vml.plumbing import refs as refs_mod
 from vml.plumbing.areas import (
     AREA_DIR,
     AreaState,
-    Cache,
-    CachedFile,
-    CacheWriter,
     load_state,
     lock_area,
-    records_path,
     save_state,
     scan_area,
     stat_signature,
 )
+from vml.plumbing.cache import Cache, CachedFile, CacheWriter, records_path
 from vml.plumbing.chains import ResolvedImage, resolve_image
 from vml.plumbing.entries import Entry, FileRecord, check_relpath, small_blob
 from vml.plumbing.images import write_all, write_image

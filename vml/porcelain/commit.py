@@ -23,17 +23,13 @@ from vml.plumbing import refs as refs_mod
 from vml.plumbing.areas import (
     AreaFile,
     AreaState,
-    BlockRecords,
-    Cache,
-    CachedFile,
-    CacheWriter,
     load_state,
     lock_area,
-    records_path,
     save_state,
     scan_area,
     stat_signature,
 )
+from vml.plumbing.cache import BlockRecords, Cache, CachedFile, CacheWriter, records_path
 from vml.plumbing.chains import ResolvedImage, resolve_image
 from vml.plumbing.entries import (
     FILES_NAME,

@@ -8,16 +8,8 @@ from pathlib import Path
 
 from vml.errors import AreaError
 from vml.plumbing import refs as refs_mod
-from vml.plumbing.areas import (
-    AreaFile,
-    AreaState,
-    Cache,
-    block_hash,
-    load_state,
-    page_hashes,
-    scan_area,
-    stat_signature,
-)
+from vml.plumbing.areas import AreaFile, AreaState, load_state, scan_area, stat_signature
+from vml.plumbing.cache import Cache, block_hash, page_hashes
 from vml.plumbing.entries import Entry, git_mode
 from vml.plumbing.images import file_digest
 from vml.plumbing.packs import PackReader
