@@ -52,6 +52,13 @@ class RefTable:
                 self._by_commit[c] = n
         return self._by_commit.get(commit)
 
+    def label(self, commit: bytes | None) -> str | None:
+        """``E3`` for a commit with an entry number, else a short commit id."""
+        if commit is None:
+            return None
+        n = self.number_of(commit)
+        return f"E{n}" if n is not None else commit.hex()[:12]
+
     def numbers(self) -> dict[bytes, int]:
         """Commit id -> E-number."""
         return {c: n for n, c in self.entries.items()}

@@ -52,10 +52,7 @@ def find_repository(
 
 def label(table: RefTable, commit: bytes | None) -> str | None:
     """``E3`` for a commit with an entry number, else a short commit id."""
-    if commit is None:
-        return None
-    n = table.number_of(commit)
-    return f"E{n}" if n is not None else commit.hex()[:12]
+    return table.label(commit)
 
 
 def check_area_path(repo: Repository, area: Path) -> None:

@@ -1,0 +1,290 @@
+"""Saving files as an entry: each file into a pack, then the entry's trees.
+
+A save compares each file against a :class:`Baseline`: the parent entry (what
+the new entry's layers sit on) and the entry the area holds, which the area
+cache describes.  :class:`Saver` writes small files whole and large files as
+blocks (see images.py), builds the next area cache as it goes, and finally
+writes the metadata and trees.  Nothing here moves a ref: publishing the
+entry is :mod:`vml.plumbing.publish`'s job, so a save that fails leaves only
+a pack that nothing names (dropped by :meth:`Saver.abort`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dulwich.objects import Blob
+
+from vml.errors import FileChanged
+from vml.plumbing.areas import stat_signature
+from vml.plumbing.cache import BlockRecords, Cache, CachedFile, CacheWriter, records_path
+from vml.plumbing.chains import ResolvedImage, resolve_image
+from vml.plumbing.entries import (
+    FILES_NAME,
+    IMAGES_NAME,
+    META_NAME,
+    EntryMeta,
+    FileRecord,
+    git_mode,
+    store_trees,
+)
+from vml.plumbing.images import SaveInputs, image_tree, save_image
+from vml.plumbing.manifests import BLOB_MODE, TREE_MODE, Manifest
+from vml.plumbing.packs import PackReader, PackWriter
+from vml.plumbing.repository import Repository
+
+# (done, total) in bytes of the files being saved.
+Tick = Callable[[int, int], None]
+
+
+@dataclass
+class SourceFile:
+    """One file to save: its name in the entry and where to read it."""
+
+    path: str  # area-relative, posix separators
+    source: Path  # the file read: in the area, outside it, or a staged copy
+    stat: os.stat_result  # as listed; a change before or while reading is refused
+
+
+@dataclass
+class Baseline:
+    """What a save compares the files against.
+
+    ``parent`` is the new entry's parent (None: a full entry).  ``held`` is
+    the entry the area holds, which ``cache`` describes when it is valid; for
+    an incremental save the two are the same entry.
+    """
+
+    parent: bytes | None = None
+    parent_files: dict[str, FileRecord] = field(default_factory=dict)
+    held: bytes | None = None
+    held_files: dict[str, FileRecord] = field(default_factory=dict)
+    cache: Cache | None = None  # only when valid for ``held``
+
+
+def read_small(path: Path) -> tuple[bytes, os.stat_result]:
+    """A small file's bytes and its ``stat``, refusing one that changed while read."""
+    with open(path, "rb") as f:
+        before = os.fstat(f.fileno())
+        data = f.read()
+        after = os.fstat(f.fileno())
+    if stat_signature(before) != stat_signature(after) or len(data) != before.st_size:
+        raise FileChanged(f"{path.name} changed while it was read")
+    return data, after
+
+
+def checks_of(image: ResolvedImage, recs: BlockRecords) -> bytes | None:
+    """The checks of an unchanged image: its parent's, or from the area cache.
+
+    The cache describes the file exactly as the parent entry has it; a parent
+    saved before checks existed gets them here, so its descendants have them.
+    """
+    if image.checks is not None:
+        return image.checks
+    parts = []
+    for n in range(image.manifest.nblocks):
+        dg, h = recs.block_digest(n), recs.block_hash(n)
+        if dg is None or h is None:
+            return None
+        parts.append(bytes(dg) + bytes(h))
+    return b"".join(parts)
+
+
+class Saver:
+    """Saves files one by one into new packs, and the area cache next to them.
+
+    Not thread safe (it feeds one :class:`PackWriter`); hashing and
+    compression run in ``pool``.  Call :meth:`finish` once every file is
+    saved, or :meth:`abort` to drop everything written.
+    """
+
+    def __init__(
+        self,
+        repo: Repository,
+        reader: PackReader,
+        pool: Executor,
+        area: Path,
+        baseline: Baseline,
+        total: int,
+        tick: Tick,
+    ) -> None:
+        self.repo = repo
+        self.reader = reader
+        self.pool = pool
+        self.area = area
+        self.base = baseline
+        self.total = total
+        self.tick = tick
+        self.done = 0
+        self.read_bytes = 0
+        # Blobs the entry uses without writing them (a pack holds them already);
+        # the publisher checks they still exist before the ref moves.
+        self.reused: set[bytes] = set()
+        self.records: list[FileRecord] = []
+        self.small_items: dict[str, tuple[int, bytes]] = {}
+        self.image_items: dict[str, tuple[int, bytes]] = {}
+        self.writer = PackWriter(repo)
+        self.cache_writer = CacheWriter(area, repo.page_size, repo.block_size)
+        self.stored_bytes = 0
+        self._finished = False
+
+    def _advance(self, n: int) -> None:
+        self.done += n
+        self.tick(self.done, self.total)
+
+    def save(self, f: SourceFile) -> FileRecord:
+        """Save one file; small ones whole, the others as blocks."""
+        small = f.stat.st_size <= self.repo.block_size
+        rec = self._save_small(f) if small else self._save_image(f)
+        self.records.append(rec)
+        return rec
+
+    def _save_small(self, f: SourceFile) -> FileRecord:
+        data, st = read_small(f.source)
+        sha = hashlib.sha256(data).hexdigest()
+        mode = git_mode(f.stat.st_mode)
+        self.small_items[f.path] = (mode, self.writer.add_blob(data))
+        self.cache_writer.add(f.path, CachedFile("small", st.st_size, sha, stat_signature(st)))
+        self.read_bytes += st.st_size
+        self._advance(st.st_size)
+        return FileRecord(f.path, "small", mode, st.st_mtime_ns, st.st_size, sha)
+
+    def _save_image(self, f: SourceFile) -> FileRecord:
+        b = self.base
+        st = f.stat
+        pf = b.parent_files.get(f.path)
+        parent_img: ResolvedImage | None = None
+        if b.parent is not None and pf is not None and pf.kind == "image":
+            parent_img = resolve_image(self.reader, b.parent, f.path)
+        cached = b.cache.files.get(f.path) if b.cache is not None else None
+        recs = b.cache.records(f.path) if b.cache is not None and cached is not None else None
+        try:
+            if self._unchanged(parent_img, cached, recs, st):
+                assert parent_img is not None and cached is not None and recs is not None
+                tree, sha256 = self._same_as_parent(parent_img, cached, recs, st)
+                name = self.cache_writer.reuse_records(records_path(self.area, cached.pages or ""))
+            else:
+                tree, sha256, name = self._read_image(f, parent_img, recs)
+        finally:
+            if recs is not None:
+                recs.close()  # also when a step above fails
+        self.image_items[f.path] = (TREE_MODE, bytes.fromhex(tree.decode()))
+        self.cache_writer.add(
+            f.path, CachedFile("image", st.st_size, sha256, stat_signature(st), name)
+        )
+        return FileRecord(f.path, "image", git_mode(st.st_mode), st.st_mtime_ns, st.st_size, sha256)
+
+    def _unchanged(
+        self,
+        parent_img: ResolvedImage | None,
+        cached: CachedFile | None,
+        recs: BlockRecords | None,
+        st: os.stat_result,
+    ) -> bool:
+        """True when the cache vouches that the file is the parent's, unread."""
+        b = self.base
+        return (
+            b.parent is not None
+            and b.parent == b.held
+            and parent_img is not None
+            and cached is not None
+            and recs is not None
+            and cached.kind == "image"
+            and cached.stat == stat_signature(st)
+            and parent_img.manifest.size == st.st_size
+            # An empty layer inherits every block: only over a parent cut the
+            # same way (a mirror without vml.blockSize saves in the default size).
+            and parent_img.manifest.block_size == self.repo.block_size
+            and parent_img.manifest.page_size == self.repo.page_size
+        )
+
+    def _same_as_parent(
+        self, parent_img: ResolvedImage, cached: CachedFile, recs: BlockRecords, st: os.stat_result
+    ) -> tuple[bytes, str]:
+        """An unchanged image: a manifest over the parent's blocks and nothing else."""
+        man = Manifest(
+            st.st_size, cached.sha256, self.repo.block_size, self.repo.page_size, base=False
+        )
+        tree = image_tree(self.writer, man, {}, checks_of(parent_img, recs))
+        self._advance(st.st_size)
+        return tree.id, cached.sha256
+
+    def _read_image(
+        self, f: SourceFile, parent_img: ResolvedImage | None, recs: BlockRecords | None
+    ) -> tuple[bytes, str, str]:
+        """Read the file (what the cache cannot vouch for) and store what changed."""
+        b = self.base
+        held_img: ResolvedImage | None = None
+        if recs is not None and b.held != b.parent and parent_img is not None:
+            old = b.held_files.get(f.path)
+            if old is not None and old.kind == "image" and b.held is not None:
+                held_img = resolve_image(self.reader, b.held, f.path)
+
+        def match(n: int) -> bool:
+            # Do the cache's records (of the held entry) describe the parent's block n?
+            if parent_img is None:
+                return False
+            if held_img is None:
+                return b.parent == b.held
+            ln = parent_img.manifest.block_length(n)
+            return held_img.recipe(n, ln) == parent_img.recipes[n]
+
+        name, out = self.cache_writer.new_records()
+        try:
+            tree, man, nread, _ = save_image(
+                self.reader,
+                self.writer,
+                self.pool,
+                f.source,
+                f.stat.st_size,
+                self.repo.block_size,
+                self.repo.page_size,
+                SaveInputs(parent_img, recs, match, self.reused),
+                out,  # type: ignore[arg-type]
+                self._advance,
+            )
+        finally:
+            out.close()  # type: ignore[attr-defined]
+        self.read_bytes += nread
+        # The folder was listed before the file was opened: a change in
+        # between must not be saved under the listed size and time.
+        if stat_signature(os.stat(f.source)) != stat_signature(f.stat):
+            raise FileChanged(f"{f.path} changed while it was read")
+        return tree.id, man.sha256, name
+
+    def finish(self, meta: EntryMeta) -> bytes:
+        """Write the metadata and trees and seal the packs; returns the root tree's id.
+
+        The packs stay protected from a concurrent gc (a pending ``.keep``)
+        until :meth:`release`, once a ref reaches them.
+        """
+        # Stored bytes of the data objects; metadata and trees are tiny.
+        meta.stats["stored_bytes"] = self.writer.stored_bytes
+        meta_blob = Blob.from_string(meta.encode())
+        self.writer.add_object(meta_blob)
+        items: dict[str, tuple[int, bytes]] = {
+            META_NAME.decode(): (BLOB_MODE, bytes.fromhex(meta_blob.id.decode()))
+        }
+        for prefix, group in ((FILES_NAME, self.small_items), (IMAGES_NAME, self.image_items)):
+            if group:
+                items[prefix.decode()] = (TREE_MODE, store_trees(self.writer.add_object, group))
+        root = store_trees(self.writer.add_object, items)
+        self.stored_bytes = self.writer.stored_bytes
+        self.writer.finish()
+        self._finished = True
+        return root
+
+    def release(self) -> None:
+        """Refs reach the packs now (or they are garbage): drop their protection."""
+        self.writer.release()
+
+    def abort(self) -> None:
+        """Drop the new cache and, unless sealed already, the packs written."""
+        self.cache_writer.abort()
+        if not self._finished:
+            self.writer.abort()
