@@ -2,43 +2,37 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vml.errors import AreaError, CorruptRepository, DirtyArea, NoSpace
+from vml.errors import AreaError, DirtyArea
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.areas import (
     AREA_DIR,
+    AreaFile,
     AreaState,
     load_state,
     lock_area,
     save_state,
     scan_area,
-    stat_signature,
 )
-from vml.plumbing.cache import Cache, CachedFile, CacheWriter, records_path
-from vml.plumbing.chains import ResolvedImage, resolve_image
-from vml.plumbing.entries import Entry, FileRecord, check_relpath, small_blob
-from vml.plumbing.images import write_all, write_image
-from vml.plumbing.packs import BLOB, PackReader
+from vml.plumbing.cache import Cache, CacheWriter
+from vml.plumbing.entries import Entry
+from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository, fsync_dir
+from vml.plumbing.restoring import Builder, is_tmp
 from vml.plumbing.vm.ignore import IgnoreRules
 from vml.plumbing.vm.inspect import inspect_area
 from vml.porcelain.common import (
     ProgressFn,
     check_area_path,
-    label,
     make_pool,
     no_progress,
     read_entry,
 )
 from vml.porcelain.status import area_changes
 from vml.porcelain.vminfo import checkout_notes
-
-TMP_SUFFIX = ".vml-tmp"
 
 
 @dataclass
@@ -60,33 +54,80 @@ class CheckoutResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _safe_target(area: Path, rel: str) -> Path:
-    """The file's place in the area, refusing anything that would leave it."""
-    check_relpath(rel)
-    target = area / rel
-    # Parents must be real folders inside the area, never links placed there.
-    p = area
-    for part in rel.split("/")[:-1]:
-        p = p / part
-        if p.is_symlink() or (p.exists() and not p.is_dir()):
-            raise AreaError(f"{p} is in the way of {rel}", "move it away and try again")
-    return target
+def _held_entry(
+    reader: PackReader, table: refs_mod.RefTable, state: AreaState | None, target: Entry
+) -> Entry | None:
+    """The entry the area holds, if this repository has it."""
+    if state is None or not state.entry:
+        return None
+    c = bytes.fromhex(state.entry)
+    if c not in set(table.entries.values()):
+        return None
+    # Checking out the entry the area holds: it is read already.
+    return target if c == target.commit else read_entry(reader, c)
 
 
-def _is_tmp(rel: str) -> bool:
-    """A temporary file checkout writes before renaming it into place."""
-    name = rel.rsplit("/", 1)[-1]
-    return name.startswith(".") and name.endswith(TMP_SUFFIX)
+def _refuse_unsaved(
+    area: Path,
+    state: AreaState | None,
+    held: Entry | None,
+    cache: Cache,
+    present: list[AreaFile],
+) -> None:
+    """Refuse to overwrite what no entry holds (the caller skips this for --force)."""
+    if state is None or held is None:
+        if present:
+            raise DirtyArea(
+                f"{area} holds files that are in no entry ({present[0].path}, ...)",
+                "check out into an empty folder, or pass --force to replace them",
+            )
+        return
+    dirty = [c.path for c in area_changes(area, state, held, cache, detail=False, files=present)]
+    if dirty:
+        shown = ", ".join(dirty[:5]) + (", ..." if len(dirty) > 5 else "")
+        raise DirtyArea(f"{area} has unsaved changes: {shown}")
 
 
-def _finish_file(fd: int, tmp: Path | None, target: Path, rec: FileRecord) -> os.stat_result:
-    os.fchmod(fd, rec.mode & 0o7777)
-    os.fsync(fd)
-    os.close(fd)
-    if tmp is not None:
-        os.replace(tmp, target)
-    os.utime(target, ns=(rec.mtime_ns, rec.mtime_ns))
-    return os.stat(target)
+def _remove_stale(
+    area: Path,
+    target: Entry,
+    held: Entry | None,
+    present: list[AreaFile],
+    *,
+    force: bool,
+    resuming: bool,
+) -> list[str]:
+    """Remove the files the new entry does not have, and folders they leave empty."""
+    keep = {f.path for f in target.meta.files}
+    # The area was checked to hold the old entry's files (with or without a
+    # cache), so those go; --force drops whatever is there.
+    gone = {f.path for f in held.meta.files} if held is not None else set()
+    if force:
+        gone |= {af.path for af in present}
+    if resuming:
+        # A killed checkout leaves its half-written ".<name>.vml-tmp" files;
+        # finishing with another entry must not keep them.
+        gone |= {af.path for af in present if is_tmp(af.path)}
+    removed: list[str] = []
+    for p in sorted(gone - keep):
+        fp = area / p
+        if fp.is_file() and not fp.is_symlink():
+            fp.unlink()
+            removed.append(p)
+    # Folders emptied by the removals go too (unless the entry has them), so
+    # a path that was a folder can become a file.
+    wanted_dirs = set(target.meta.dirs)
+    for f in keep:
+        parts = f.split("/")[:-1]
+        wanted_dirs |= {"/".join(parts[: i + 1]) for i in range(len(parts))}
+    for d in sorted({str(Path(p).parent) for p in removed}, key=len, reverse=True):
+        while d not in (".", "") and d not in wanted_dirs:
+            try:
+                (area / d).rmdir()
+            except OSError:
+                break  # not empty: something else lives there
+            d = str(Path(d).parent)
+    return removed
 
 
 def checkout(
@@ -113,195 +154,41 @@ def checkout(
     check_area_path(repo, area)
     area.mkdir(parents=True, exist_ok=True)
     with lock_area(area):
-        state = load_state(area)
+        loaded = load_state(area)
         reader = PackReader(repo)
         pool = make_pool()
         try:
             target = read_entry(reader, commit)
-            old_entry: Entry | None = None
-            if state is not None and state.entry:
-                c = bytes.fromhex(state.entry)
-                if c in set(table.entries.values()):
-                    # Checking out the entry the area holds: it is read already.
-                    old_entry = target if c == commit else read_entry(reader, c)
+            held = _held_entry(reader, table, loaded, target)
             cache = Cache(area, repo.page_size, repo.block_size)
-            rules = IgnoreRules.load(area)
-            present, _dirs = scan_area(area, rules.is_ignored)
-            resuming = state is not None and state.pending is not None
+            present, _dirs = scan_area(area, IgnoreRules.load(area).is_ignored)
+            resuming = loaded is not None and loaded.pending is not None
             if not force and not resuming:
-                if state is None or old_entry is None:
-                    if present:
-                        raise DirtyArea(
-                            f"{area} holds files that are in no entry ({present[0].path}, ...)",
-                            "check out into an empty folder, or pass --force to replace them",
-                        )
-                else:
-                    dirty = [
-                        c.path
-                        for c in area_changes(
-                            area, state, old_entry, cache, detail=False, files=present
-                        )
-                    ]
-                    if dirty:
-                        shown = ", ".join(dirty[:5]) + (", ..." if len(dirty) > 5 else "")
-                        raise DirtyArea(f"{area} has unsaved changes: {shown}")
-            state = state or AreaState()
+                _refuse_unsaved(area, loaded, held, cache, present)
+            state = loaded or AreaState()
             # Say that the area is being rewritten before touching it, so that an
             # interruption is reported (and finished by running checkout again).
             state.pending = commit.hex()
             state.repository = str(repo.path.resolve())
             save_state(area, state)
-
             # In place only when the area is known to hold the old entry exactly.
-            clean_old = old_entry if (not resuming and cache.valid_for(state.entry)) else None
-            old_files = {f.path: f for f in clean_old.meta.files} if clean_old else {}
-            total = sum(f.size for f in target.meta.files)
-            done = 0
-            written = 0
+            clean_old = held if (not resuming and cache.valid_for(state.entry)) else None
             cwriter = CacheWriter(area, repo.page_size, repo.block_size)
-            files_written: list[str] = []
+            builder = Builder(
+                reader,
+                pool,
+                area,
+                target,
+                clean_old,
+                cache,
+                cwriter,
+                lambda done, total: progress("write", done, total),
+            )
             try:
-                keep = {f.path for f in target.meta.files}
-                removed: list[str] = []
-                # The area was checked to hold the old entry's files (with or
-                # without a cache), so those go; --force drops whatever is there.
-                gone = {f.path for f in old_entry.meta.files} if old_entry is not None else set()
-                if force:
-                    gone |= {af.path for af in present}
-                if resuming:
-                    # A killed checkout leaves its half-written ".<name>.vml-tmp"
-                    # files; finishing with another entry must not keep them.
-                    gone |= {af.path for af in present if _is_tmp(af.path)}
-                for p in sorted(gone - keep):
-                    fp = area / p
-                    if fp.is_file() and not fp.is_symlink():
-                        fp.unlink()
-                        removed.append(p)
-                # Folders emptied by the removals go too (unless the entry has
-                # them), so a path that was a folder can become a file.
-                wanted_dirs = set(target.meta.dirs)
-                for f in keep:
-                    parts = f.split("/")[:-1]
-                    wanted_dirs |= {"/".join(parts[: i + 1]) for i in range(len(parts))}
-                for d in sorted({str(Path(p).parent) for p in removed}, key=len, reverse=True):
-                    while d not in (".", "") and d not in wanted_dirs:
-                        try:
-                            (area / d).rmdir()
-                        except OSError:
-                            break  # not empty: something else lives there
-                        d = str(Path(d).parent)
+                removed = _remove_stale(area, target, held, present, force=force, resuming=resuming)
                 for rec in target.meta.files:
-                    dest = _safe_target(area, rec.path)
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    old = old_files.get(rec.path)
-                    cached = cache.files.get(rec.path) if clean_old else None
-                    if (
-                        old is not None
-                        and cached is not None
-                        and old.sha256 == rec.sha256
-                        and old.size == rec.size
-                        and dest.is_file()
-                        and cached.stat == stat_signature(dest.stat())
-                    ):
-                        # Same content already there: restore metadata only.
-                        os.chmod(dest, rec.mode & 0o7777)
-                        os.utime(dest, ns=(rec.mtime_ns, rec.mtime_ns))
-                        st = dest.stat()
-                        pages = None
-                        if cached.pages:
-                            pages = cwriter.reuse_records(records_path(area, cached.pages))
-                        cwriter.add(
-                            rec.path,
-                            CachedFile(rec.kind, rec.size, rec.sha256, stat_signature(st), pages),
-                        )
-                        done += rec.size
-                        progress("write", done, total)
-                        continue
-                    files_written.append(rec.path)
-                    if rec.kind == "small":
-                        blob = small_blob(reader.data, target, rec.path)
-                        if blob is None:
-                            raise CorruptRepository(f"entry lacks the data of {rec.path}")
-                        data = reader.read(blob, BLOB)[1]
-                        if hashlib.sha256(data).hexdigest() != rec.sha256 or len(data) != rec.size:
-                            raise CorruptRepository(
-                                f"the saved {rec.path} does not match its SHA-256"
-                            )
-                        tmp = dest.with_name(f".{dest.name}{TMP_SUFFIX}")
-                        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                        try:
-                            write_all(fd, data, 0)
-                            if os.fstat(fd).st_size != rec.size:
-                                raise NoSpace(f"{rec.path} could not be written whole")
-                        except BaseException:
-                            os.close(fd)
-                            tmp.unlink(missing_ok=True)
-                            raise
-                        st = _finish_file(fd, tmp, dest, rec)
-                        cwriter.add(
-                            rec.path, CachedFile("small", rec.size, rec.sha256, stat_signature(st))
-                        )
-                        written += rec.size
-                    else:
-                        image = resolve_image(reader, commit, rec.path)
-                        if image is None or image.manifest.sha256 != rec.sha256:
-                            raise CorruptRepository(f"entry lacks the blocks of {rec.path}")
-                        old_img: ResolvedImage | None = None
-                        # Blocks are patched in place only over a file known to hold
-                        # the old entry's bytes; one changed since (--force) is rebuilt.
-                        if (
-                            old is not None
-                            and old.kind == "image"
-                            and clean_old
-                            and cached is not None
-                            and dest.is_file()
-                            and cached.stat == stat_signature(dest.stat())
-                        ):
-                            old_img = resolve_image(reader, clean_old.commit, rec.path)
-                        # The unchanged blocks' digests and records come from the
-                        # cache: an in-place checkout then costs the changed blocks.
-                        old_recs = cache.records(rec.path) if old_img is not None else None
-                        name_rec, out = cwriter.new_records()
-
-                        def tick(n: int) -> None:
-                            nonlocal done
-                            done += n
-                            progress("write", done, total)
-
-                        try:
-                            if old_img is not None:
-                                fd = os.open(dest, os.O_RDWR)
-                                tmp = None
-                            else:
-                                tmp = dest.with_name(f".{dest.name}{TMP_SUFFIX}")
-                                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-                            try:
-                                written += write_image(
-                                    reader,
-                                    pool,
-                                    image,
-                                    fd,
-                                    old_img,
-                                    tick,
-                                    out,  # type: ignore[arg-type]
-                                    old_recs,
-                                )
-                            except BaseException:
-                                os.close(fd)
-                                if tmp is not None:
-                                    tmp.unlink(missing_ok=True)
-                                raise
-                        finally:
-                            out.close()  # type: ignore[attr-defined]
-                            if old_recs is not None:
-                                old_recs.close()
-                        st = _finish_file(fd, tmp, dest, rec)
-                        cwriter.add(
-                            rec.path,
-                            CachedFile("image", rec.size, rec.sha256, stat_signature(st), name_rec),
-                        )
-                for d in target.meta.dirs:
-                    _safe_target(area, d + "/x").parent.mkdir(parents=True, exist_ok=True)
+                    builder.build(rec)
+                builder.make_dirs(target.meta.dirs)
                 fsync_dir(area)
             except BaseException:
                 cwriter.abort()
@@ -314,14 +201,14 @@ def checkout(
             save_state(area, state)
             repo.register_area(area)
             return CheckoutResult(
-                entry=label(table, commit) or commit.hex(),
+                entry=table.label(commit) or commit.hex(),
                 commit=commit.hex(),
                 area=str(area),
                 in_place=clean_old is not None,
-                written_bytes=written,
-                logical_bytes=total,
+                written_bytes=builder.written,
+                logical_bytes=builder.total,
                 seconds=time.monotonic() - t0,
-                files_written=files_written,
+                files_written=builder.files_written,
                 files_removed=removed,
                 branch=state.branch,
                 notes=checkout_notes(target.meta.vm, target.meta.area, area, inspect_area(area)),

@@ -1,0 +1,213 @@
+"""Building an entry's files into a folder, each written once and checked.
+
+A new file is written under a temporary name, checked (a small file's
+SHA-256, an image's blocks and digest) and renamed into place only then, so
+a file under its real name is never half-written.  Over a file known to hold
+the area's previous entry (the area cache vouches for it), an image is
+patched in place, only the blocks that differ; a file whose content is the
+same keeps its bytes and gets its metadata only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from concurrent.futures import Executor
+from pathlib import Path
+
+from vml.errors import AreaError, CorruptRepository, NoSpace
+from vml.plumbing.areas import stat_signature
+from vml.plumbing.cache import Cache, CachedFile, CacheWriter, records_path
+from vml.plumbing.chains import ResolvedImage, resolve_image
+from vml.plumbing.entries import Entry, FileRecord, check_relpath, small_blob
+from vml.plumbing.images import write_all, write_image
+from vml.plumbing.packs import BLOB, PackReader
+
+TMP_SUFFIX = ".vml-tmp"
+
+# (done, total) in bytes of the entry's files.
+Tick = Callable[[int, int], None]
+
+
+def safe_target(area: Path, rel: str) -> Path:
+    """The file's place in the area, refusing anything that would leave it."""
+    check_relpath(rel)
+    target = area / rel
+    # Parents must be real folders inside the area, never links placed there.
+    p = area
+    for part in rel.split("/")[:-1]:
+        p = p / part
+        if p.is_symlink() or (p.exists() and not p.is_dir()):
+            raise AreaError(f"{p} is in the way of {rel}", "move it away and try again")
+    return target
+
+
+def is_tmp(rel: str) -> bool:
+    """A temporary file a checkout writes before renaming it into place."""
+    name = rel.rsplit("/", 1)[-1]
+    return name.startswith(".") and name.endswith(TMP_SUFFIX)
+
+
+def _tmp_for(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}{TMP_SUFFIX}")
+
+
+def _finish_file(fd: int, tmp: Path | None, target: Path, rec: FileRecord) -> os.stat_result:
+    os.fchmod(fd, rec.mode & 0o7777)
+    os.fsync(fd)
+    os.close(fd)
+    if tmp is not None:
+        os.replace(tmp, target)
+    os.utime(target, ns=(rec.mtime_ns, rec.mtime_ns))
+    return os.stat(target)
+
+
+class Builder:
+    """Writes the files of ``entry`` into ``area``, and the area cache beside them.
+
+    ``old`` is the entry the area holds when the cache vouches for its files
+    (``cache`` valid for it): only then are unchanged files kept and images
+    patched in place.
+    """
+
+    def __init__(
+        self,
+        reader: PackReader,
+        pool: Executor,
+        area: Path,
+        entry: Entry,
+        old: Entry | None,
+        cache: Cache,
+        cache_writer: CacheWriter,
+        tick: Tick,
+    ) -> None:
+        self.reader = reader
+        self.pool = pool
+        self.area = area
+        self.entry = entry
+        self.old = old
+        self.old_files = {f.path: f for f in old.meta.files} if old is not None else {}
+        self.cache = cache
+        self.cache_writer = cache_writer
+        self.tick = tick
+        self.total = sum(f.size for f in entry.meta.files)
+        self.done = 0
+        self.written = 0
+        self.files_written: list[str] = []
+
+    def _advance(self, n: int) -> None:
+        self.done += n
+        self.tick(self.done, self.total)
+
+    def build(self, rec: FileRecord) -> None:
+        """Put file ``rec`` of the entry in place (or keep it, if it is there already)."""
+        dest = safe_target(self.area, rec.path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        old = self.old_files.get(rec.path)
+        cached = self.cache.files.get(rec.path) if self.old is not None else None
+        # The file holds the old entry's bytes as the cache recorded them.
+        clean = (
+            old is not None
+            and cached is not None
+            and dest.is_file()
+            and cached.stat == stat_signature(dest.stat())
+        )
+        if clean and old is not None and old.sha256 == rec.sha256 and old.size == rec.size:
+            assert cached is not None
+            self._keep(rec, dest, cached)
+            return
+        self.files_written.append(rec.path)
+        if rec.kind == "small":
+            self._write_small(rec, dest)
+        else:
+            patch = clean and old is not None and old.kind == "image"
+            self._write_image(rec, dest, patch, cached)
+
+    def _keep(self, rec: FileRecord, dest: Path, cached: CachedFile) -> None:
+        """Same content already there: restore the metadata only."""
+        os.chmod(dest, rec.mode & 0o7777)
+        os.utime(dest, ns=(rec.mtime_ns, rec.mtime_ns))
+        st = dest.stat()
+        pages = None
+        if cached.pages:
+            pages = self.cache_writer.reuse_records(records_path(self.area, cached.pages))
+        self.cache_writer.add(
+            rec.path, CachedFile(rec.kind, rec.size, rec.sha256, stat_signature(st), pages)
+        )
+        self._advance(rec.size)
+
+    def _write_small(self, rec: FileRecord, dest: Path) -> None:
+        blob = small_blob(self.reader.data, self.entry, rec.path)
+        if blob is None:
+            raise CorruptRepository(f"entry lacks the data of {rec.path}")
+        data = self.reader.read(blob, BLOB)[1]
+        if hashlib.sha256(data).hexdigest() != rec.sha256 or len(data) != rec.size:
+            raise CorruptRepository(f"the saved {rec.path} does not match its SHA-256")
+        tmp = _tmp_for(dest)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            write_all(fd, data, 0)
+            if os.fstat(fd).st_size != rec.size:
+                raise NoSpace(f"{rec.path} could not be written whole")
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        st = _finish_file(fd, tmp, dest, rec)
+        self.cache_writer.add(
+            rec.path, CachedFile("small", rec.size, rec.sha256, stat_signature(st))
+        )
+        self.written += rec.size
+        self._advance(rec.size)
+
+    def _write_image(
+        self, rec: FileRecord, dest: Path, patch: bool, cached: CachedFile | None
+    ) -> None:
+        image = resolve_image(self.reader, self.entry.commit, rec.path)
+        if image is None or image.manifest.sha256 != rec.sha256:
+            raise CorruptRepository(f"entry lacks the blocks of {rec.path}")
+        old_img: ResolvedImage | None = None
+        if patch and self.old is not None:
+            # Blocks are patched in place only over a file known to hold the
+            # old entry's bytes; one changed since (--force) is rebuilt.
+            old_img = resolve_image(self.reader, self.old.commit, rec.path)
+        # The unchanged blocks' digests and records come from the cache: an
+        # in-place checkout then costs the changed blocks.
+        old_recs = self.cache.records(rec.path) if old_img is not None else None
+        name, out = self.cache_writer.new_records()
+        try:
+            tmp = None if old_img is not None else _tmp_for(dest)
+            if tmp is None:
+                fd = os.open(dest, os.O_RDWR)
+            else:
+                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                self.written += write_image(
+                    self.reader,
+                    self.pool,
+                    image,
+                    fd,
+                    old_img,
+                    self._advance,
+                    out,  # type: ignore[arg-type]
+                    old_recs,
+                )
+            except BaseException:
+                os.close(fd)
+                if tmp is not None:
+                    tmp.unlink(missing_ok=True)
+                raise
+        finally:
+            out.close()  # type: ignore[attr-defined]
+            if old_recs is not None:
+                old_recs.close()
+        st = _finish_file(fd, tmp, dest, rec)
+        self.cache_writer.add(
+            rec.path, CachedFile("image", rec.size, rec.sha256, stat_signature(st), name)
+        )
+
+    def make_dirs(self, dirs: list[str]) -> None:
+        """Create the entry's empty folders."""
+        for d in dirs:
+            safe_target(self.area, d + "/x").parent.mkdir(parents=True, exist_ok=True)
