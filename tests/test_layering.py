@@ -65,3 +65,12 @@ def test_vm_knowledge_touches_no_git_storage() -> None:
                 )
             if mod.startswith("dulwich"):
                 assert mod == "dulwich.ignore", f"{path.name} imports {mod}"
+
+
+def test_plumbing_tests_build_entries_without_porcelain() -> None:
+    """Plumbing is tested on its own: its tests import no porcelain or CLI."""
+    tests = sorted((ROOT.parent / "tests" / "plumbing").rglob("*.py"))
+    assert tests
+    for path in tests:
+        for mod in _imports(path):
+            assert not mod.startswith(("vml.porcelain", "vml.cli")), f"{path.name} imports {mod}"

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TEST_BLOCK, edit
+from tests.plumbing.entry_kit import save
 from vml.errors import AreaError, RepositoryBusy
 from vml.plumbing.areas import (
     AreaState,
@@ -21,7 +22,6 @@ from vml.plumbing.areas import (
 from vml.plumbing.cache import Cache, CachedFile, CacheWriter, block_hash, drop_cache, page_hashes
 from vml.plumbing.images import block_digest
 from vml.plumbing.repository import Repository
-from vml.porcelain.commit import commit
 
 
 def test_state_round_trip(tmp_path: Path) -> None:
@@ -81,7 +81,7 @@ def test_hashes() -> None:
 
 
 def test_cache_describes_the_committed_files(repo: Repository, area: Path) -> None:
-    res = commit(repo, area)
+    res = save(repo, area)
     cache = Cache(area, repo.page_size, repo.block_size)
     assert cache.valid_for(res.commit) and not cache.valid_for("00" * 20)
     assert not cache.valid_for(None)
@@ -105,7 +105,7 @@ def test_cache_describes_the_committed_files(repo: Repository, area: Path) -> No
         recs.close()
     # after an edit and a save, the new cache follows the new bytes
     edit(disk, 5000, b"\xff" * 10)
-    res2 = commit(repo, area)
+    res2 = save(repo, area)
     cache2 = Cache(area, repo.page_size, repo.block_size)
     assert cache2.valid_for(res2.commit)
     recs2 = cache2.records("disk.img")
@@ -119,7 +119,7 @@ def test_cache_describes_the_committed_files(repo: Repository, area: Path) -> No
 
 
 def test_cache_of_another_geometry_is_ignored(repo: Repository, area: Path) -> None:
-    res = commit(repo, area)
+    res = save(repo, area)
     assert not Cache(area, repo.page_size, repo.block_size * 2).valid_for(res.commit)
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.conftest import TEST_BLOCK, edit, make_area
+from tests.plumbing.entry_kit import save
 from vml.plumbing.chains import MAX_DELTA_DEPTH, ZERO, materialize, resolve_image
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
-from vml.porcelain.commit import commit
 
 
 def _cid(res: object) -> bytes:
@@ -21,13 +21,13 @@ def _blocks(path: Path) -> list[bytes]:
 
 
 def test_recipes_follow_the_chain(repo: Repository, area: Path) -> None:
-    e1 = commit(repo, area)
+    e1 = save(repo, area)
     disk = area / "disk.img"
     edit(disk, 3 * TEST_BLOCK + 4096, b"\x07" * 4096)  # one page of block 3
     edit(disk, 0, bytes(TEST_BLOCK))  # block 0 becomes zero
-    e2 = commit(repo, area)
+    e2 = save(repo, area)
     edit(disk, 3 * TEST_BLOCK + 8192, b"\x08" * 4096)
-    e3 = commit(repo, area)
+    e3 = save(repo, area)
     r = PackReader(repo)
     try:
         img1 = resolve_image(r, _cid(e1), "disk.img")
@@ -51,12 +51,12 @@ def test_recipes_follow_the_chain(repo: Repository, area: Path) -> None:
 
 
 def test_differential_resolves_against_the_base(repo: Repository, area: Path) -> None:
-    e1 = commit(repo, area)
+    e1 = save(repo, area)
     disk = area / "disk.img"
     for i in range(3):
         edit(disk, 5 * TEST_BLOCK + i * 4096, b"\x01" * 4096)
-        commit(repo, area)
-    e5 = commit(repo, area, kind="differential", allow_empty=True)
+        save(repo, area)
+    e5 = save(repo, area, base=bytes.fromhex(e1.commit), allow_empty=True)
     assert e5.parent == e1.entry
     r = PackReader(repo)
     try:
@@ -74,10 +74,10 @@ def test_delta_depth_is_bounded(repo: Repository, tmp_path: Path) -> None:
     make_area(area, disk=4 * TEST_BLOCK)
     disk = area / "disk.img"
     edit(disk, 0, b"\x11" * TEST_BLOCK)
-    last = commit(repo, area)
+    last = save(repo, area)
     for i in range(MAX_DELTA_DEPTH + 3):
         edit(disk, 4096 * (i % 16), bytes([i + 1]) * 4096)
-        last = commit(repo, area)
+        last = save(repo, area)
     r = PackReader(repo)
     try:
         img = resolve_image(r, _cid(last), "disk.img")
@@ -90,12 +90,12 @@ def test_delta_depth_is_bounded(repo: Repository, tmp_path: Path) -> None:
 
 def test_growing_and_shrinking(repo: Repository, area: Path) -> None:
     disk = area / "disk.img"
-    commit(repo, area)
+    save(repo, area)
     with open(disk, "ab") as f:
         f.write(b"\x05" * (TEST_BLOCK + 100))
-    e2 = commit(repo, area)
+    e2 = save(repo, area)
     disk.write_bytes(disk.read_bytes()[: 2 * TEST_BLOCK + 10])
-    e3 = commit(repo, area)
+    e3 = save(repo, area)
     r = PackReader(repo)
     try:
         for e, n in ((e2, 18), (e3, 3)):

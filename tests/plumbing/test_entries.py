@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.plumbing.entry_kit import save
 from vml.errors import CorruptRepository, HostileRepository
 from vml.plumbing.entries import (
     EntryMeta,
@@ -21,7 +22,6 @@ from vml.plumbing.entries import (
 )
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
-from vml.porcelain.commit import commit
 
 SHA = "cd" * 32
 
@@ -101,7 +101,7 @@ def test_entry_written_by_commit(repo: Repository, area: Path) -> None:
     (area / "sub").mkdir()
     (area / "sub" / "note.txt").write_text("x")
     (area / "empty").mkdir()
-    res = commit(repo, area, message="first state")
+    res = save(repo, area, message="first state")
     r = PackReader(repo)
     try:
         read = lambda sha, t: r.read(sha, t)[1]  # noqa: E731

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TEST_BLOCK, allocated, edit
+from tests.plumbing.entry_kit import build, save
 from vml.errors import CorruptRepository
 from vml.plumbing.cache import block_hash
 from vml.plumbing.chains import ResolvedImage, image_layer, resolve_image
@@ -18,8 +19,6 @@ from vml.plumbing.images import block_digest, data_ranges, file_digest, punch_ho
 from vml.plumbing.manifests import CHECK_SIZE, read_block_map
 from vml.plumbing.packs import BLOB, PackReader, blob_id
 from vml.plumbing.repository import Repository
-from vml.porcelain.checkout import checkout
-from vml.porcelain.commit import commit
 
 MiB = 1 << 20
 
@@ -58,11 +57,11 @@ def test_data_ranges_and_punch_hole(tmp_path: Path) -> None:
 def test_holes_are_not_read_and_come_back_as_holes(repo: Repository, tmp_path: Path) -> None:
     disk = _sparse_area(tmp_path / "a")
     assert allocated(disk) < MiB
-    res = commit(repo, tmp_path / "a")
+    res = save(repo, tmp_path / "a")
     assert res.read_bytes < 2 * MiB  # the 7.9 MiB of holes were never read
     assert res.stored_bytes < 200 << 10
     out = tmp_path / "out"
-    checkout(repo, "E1", out)
+    build(repo, "E1", out)
     got = out / "disk.img"
     assert got.stat().st_size == 8 * MiB
     assert got.read_bytes() == disk.read_bytes()
@@ -80,17 +79,17 @@ def test_written_zeros_cost_nothing_and_become_holes(repo: Repository, tmp_path:
     disk = a / "disk.img"
     disk.write_bytes(bytes(4 * MiB) + b"\x01" * TEST_BLOCK)  # allocated zeros
     assert allocated(disk) >= 4 * MiB
-    res = commit(repo, a)
+    res = save(repo, a)
     assert res.stored_bytes < 16 << 10
-    checkout(repo, "E1", tmp_path / "out")
+    build(repo, "E1", tmp_path / "out")
     assert allocated(tmp_path / "out" / "disk.img") < MiB
 
 
 def test_small_change_stores_a_small_delta(repo: Repository, area: Path) -> None:
     disk = area / "disk.img"
-    commit(repo, area)
+    save(repo, area)
     edit(disk, TEST_BLOCK + 8192, os.urandom(4096))  # block 1 holds data
-    res = commit(repo, area)
+    res = save(repo, area)
     assert res.stored_bytes < TEST_BLOCK // 4
     r = PackReader(repo)
     try:
@@ -111,15 +110,15 @@ def test_small_change_stores_a_small_delta(repo: Repository, area: Path) -> None
 
 
 def test_unchanged_image_is_not_read_again(repo: Repository, area: Path) -> None:
-    commit(repo, area)
+    save(repo, area)
     (area / "vm.vmx").write_text("changed\n")
-    res = commit(repo, area)
+    res = save(repo, area)
     assert res.read_bytes < 64 << 10  # only the small files
     assert res.changed_files == ["vm.vmx"]
 
 
 def test_manifest_digest(repo: Repository, area: Path) -> None:
-    res = commit(repo, area)
+    res = save(repo, area)
     r = PackReader(repo)
     try:
         tree = bytes.fromhex(r.read(bytes.fromhex(res.commit), 1)[1][5:45].decode())
@@ -134,7 +133,7 @@ def test_manifest_digest(repo: Repository, area: Path) -> None:
 
 def test_damaged_block_is_refused_on_checkout(repo: Repository, area: Path, tmp_path: Path) -> None:
     edit(area / "disk.img", 0, os.urandom(TEST_BLOCK))  # incompressible block 0
-    commit(repo, area)
+    save(repo, area)
     for pack in (repo.objects_dir / "pack").glob("*.pack"):
         raw = bytearray(pack.read_bytes())
         i = raw.find(b"x\x01")  # a stored (level 0) zlib stream holds raw bytes
@@ -145,7 +144,7 @@ def test_damaged_block_is_refused_on_checkout(repo: Repository, area: Path, tmp_
         pack.write_bytes(bytes(raw))
     out = tmp_path / "out"
     with pytest.raises(CorruptRepository):
-        checkout(repo, "E1", out)
+        build(repo, "E1", out)
     assert not (out / "disk.img").exists()  # no half-built file left as the real one
 
 
@@ -163,13 +162,13 @@ def _file_checks(path: Path) -> bytes:
 
 def test_every_entry_records_its_block_checks(repo: Repository, area: Path) -> None:
     disk = area / "disk.img"
-    first = commit(repo, area)  # a base layer
+    first = save(repo, area)  # a base layer
     want = [_file_checks(disk)]
     edit(disk, TEST_BLOCK + 8192, os.urandom(4096))
-    second = commit(repo, area)  # a page delta
+    second = save(repo, area)  # a page delta
     want.append(_file_checks(disk))
     (area / "vm.vmx").write_text("changed\n")
-    third = commit(repo, area)  # the image unchanged: no block stored
+    third = save(repo, area)  # the image unchanged: no block stored
     want.append(want[-1])
     r = PackReader(repo)
     try:
@@ -188,7 +187,7 @@ def test_restore_checks_blocks_with_or_without_entry_checks(
     """Entries saved before checks existed are still built and checked (by object id)."""
     disk = area / "disk.img"
     edit(disk, 0, os.urandom(TEST_BLOCK))  # incompressible block 0: stored raw
-    res = commit(repo, area)
+    res = save(repo, area)
     r = PackReader(repo)
     pool = ThreadPoolExecutor(2)
     try:
@@ -218,9 +217,9 @@ def test_restore_checks_blocks_with_or_without_entry_checks(
 def test_pages_that_become_zero_cost_no_bytes(repo: Repository, area: Path, tmp_path: Path) -> None:
     disk = area / "disk.img"
     edit(disk, TEST_BLOCK, os.urandom(TEST_BLOCK))  # block 1 full of data
-    commit(repo, area)
+    save(repo, area)
     edit(disk, TEST_BLOCK + 3 * 4096, bytes(4 * 4096))  # four of its pages zeroed
-    res = commit(repo, area)
+    res = save(repo, area)
     r = PackReader(repo)
     try:
         tree = r.read(bytes.fromhex(res.commit), 1)[1]
@@ -232,5 +231,5 @@ def test_pages_that_become_zero_cost_no_bytes(repo: Repository, area: Path, tmp_
         assert len(r.read(sha, BLOB)[1]) < 64  # a header and four page numbers
     finally:
         r.close()
-    checkout(repo, res.entry, tmp_path / "out")
+    build(repo, res.entry, tmp_path / "out")
     assert (tmp_path / "out" / "disk.img").read_bytes() == disk.read_bytes()

@@ -6,16 +6,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.plumbing.entry_kit import save
 from vml.errors import AmbiguousEntry, UnknownEntry, UsageError
 from vml.plumbing import refs
 from vml.plumbing.repository import Repository
-from vml.porcelain.commit import commit
 
 
 def test_resolution(repo: Repository, area: Path) -> None:
-    e1 = commit(repo, area)
+    e1 = save(repo, area)
     (area / "vm.vmx").write_text("changed\n")
-    e2 = commit(repo, area, tag="good")
+    e2 = save(repo, area, tag="good")
     c1, c2 = bytes.fromhex(e1.commit), bytes.fromhex(e2.commit)
     refs.set_ref(repo, refs.BRANCH_PREFIX + b"main", c1)
     t = refs.read_refs(repo)
@@ -61,9 +61,9 @@ def test_check_name() -> None:
 
 
 def test_set_ref_is_conditional(repo: Repository, area: Path) -> None:
-    c1 = bytes.fromhex(commit(repo, area).commit)
+    c1 = bytes.fromhex(save(repo, area).commit)
     (area / "vm.vmx").write_text("changed\n")
-    c2 = bytes.fromhex(commit(repo, area).commit)
+    c2 = bytes.fromhex(save(repo, area).commit)
     ref = refs.BRANCH_PREFIX + b"b"
     refs.set_ref(repo, ref, c1, create=True)
     with pytest.raises(UsageError, match="moved"):
