@@ -21,7 +21,7 @@ from vml.plumbing.entries import EntryMeta, now_iso
 from vml.plumbing.packs import PackReader
 from vml.plumbing.publish import publish_entry
 from vml.plumbing.repository import Repository
-from vml.plumbing.restoring import Builder
+from vml.plumbing.restoring import Builder, TempFiles
 from vml.plumbing.saving import Baseline, Saver, SourceFile
 
 
@@ -129,7 +129,8 @@ def build(repo: Repository, name: str, folder: Path) -> None:
         entry = read_entry(reader, commit)
         cache = Cache(folder, repo.page_size, repo.block_size)
         cwriter = CacheWriter(folder, repo.page_size, repo.block_size)
-        builder = Builder(reader, pool, folder, entry, None, cache, cwriter, _noop)
+        temps = TempFiles(folder)
+        builder = Builder(reader, pool, folder, entry, None, cache, cwriter, _noop, temps)
         try:
             for rec in entry.meta.files:
                 builder.build(rec)
@@ -137,6 +138,8 @@ def build(repo: Repository, name: str, folder: Path) -> None:
         except BaseException:
             cwriter.abort()
             raise
+        finally:
+            temps.clear()
         cwriter.abort()  # a plain folder: no cache kept
     finally:
         pool.shutdown()

@@ -87,9 +87,12 @@ def test_dirty_area_refused_then_forced(repo: Repository, area: Path) -> None:
     assert "new.txt" in str(exc.value)
     assert digest_area(area) == before  # nothing touched
     res = restore(repo, "E1", area, force=True)
-    assert digest_area(area, mtimes=True) == states[0]
-    assert "new.txt" in res.files_removed
-    assert status(repo, area).clean
+    # The entry's files come back; the user's new file, in no entry, stays.
+    got = digest_area(area, mtimes=True)
+    assert got.pop("new.txt")[0] == before["new.txt"][0]
+    assert got == states[0]
+    assert "new.txt" not in res.files_removed and res.left_alone == ["new.txt"]
+    assert [c.path for c in status(repo, area).changes] == ["new.txt"]
 
 
 def test_foreign_files_refused(repo: Repository, area: Path, tmp_path: Path) -> None:

@@ -282,8 +282,19 @@ def _print_checkout(res: CheckoutResult, verb: str) -> None:
         f"of {size(res.logical_bytes)}, {len(res.files_written)} files updated, "
         f"{len(res.files_removed)} removed, {res.seconds:.2f} s"
     )
+    if res.files_removed:
+        out.print(f"removed: {_names(res.files_removed)}")
+    if res.left_alone:
+        out.print(
+            f"[yellow]left alone[/yellow] (in no entry of this area): {_names(res.left_alone)}"
+        )
     for note in res.notes:
         out.print(f"[yellow]note:[/yellow] {escape(note)}")
+
+
+def _names(paths: list[str], most: int = 10) -> str:
+    shown = ", ".join(escape(p) for p in paths[:most])
+    return shown + (f" and {len(paths) - most} more" if len(paths) > most else "")
 
 
 @app.command()

@@ -12,19 +12,27 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from collections.abc import Callable
 from concurrent.futures import Executor
+from contextlib import suppress
 from pathlib import Path
 
-from vml.errors import AreaError, CorruptRepository, NoSpace
-from vml.plumbing.areas import stat_signature
+from vml.errors import AreaError, CorruptRepository, HostileRepository, NoSpace
+from vml.plumbing.areas import stat_signature, vml_dir
 from vml.plumbing.cache import Cache, CachedFile, CacheWriter, records_path
 from vml.plumbing.chains import ResolvedImage, resolve_image
 from vml.plumbing.entries import Entry, FileRecord, check_relpath, small_blob
 from vml.plumbing.images import write_all, write_image
 from vml.plumbing.packs import BLOB, PackReader
 
-TMP_SUFFIX = ".vml-tmp"
+# Temporary files live in the area's own .vml folder, where no user file
+# can be (scans skip it): a name of the user's can never be taken for one, and
+# a name at the file system's length limit needs no room for a suffix.
+TMP_DIR = "tmp"
+# Beside a destination on another file system than .vml (a mount inside the
+# area), where a rename from .vml cannot reach: recorded before it is made.
+_STRAY_LIST = "stray"
 
 # (done, total) in bytes of the entry's files.
 Tick = Callable[[int, int], None]
@@ -43,14 +51,44 @@ def safe_target(area: Path, rel: str) -> Path:
     return target
 
 
-def is_tmp(rel: str) -> bool:
-    """A temporary file a checkout writes before renaming it into place."""
-    name = rel.rsplit("/", 1)[-1]
-    return name.startswith(".") and name.endswith(TMP_SUFFIX)
+class TempFiles:
+    """Where files are written before they are renamed into place.
 
+    Made (and emptied of whatever a killed checkout left) when a checkout
+    starts, under the area lock; :meth:`clear` at the end.
+    """
 
-def _tmp_for(dest: Path) -> Path:
-    return dest.with_name(f".{dest.name}{TMP_SUFFIX}")
+    def __init__(self, area: Path) -> None:
+        self.area = area
+        self.dir = vml_dir(area) / TMP_DIR
+        self._n = 0
+        self.clear()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._dev = os.stat(self.dir).st_dev
+
+    def clear(self) -> None:
+        """Remove every temporary file, in .vml and the recorded strays elsewhere."""
+        stray = self.dir / _STRAY_LIST
+        try:
+            for line in stray.read_text().splitlines():
+                check_relpath(line)
+                with suppress(FileNotFoundError):
+                    (self.area / line).unlink()
+        except (OSError, ValueError, HostileRepository):
+            pass  # nothing recorded, or not by us: nothing to remove
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def new(self, dest: Path) -> Path:
+        """A fresh temporary path from which ``dest`` can be renamed into place."""
+        self._n += 1
+        if os.stat(dest.parent).st_dev == self._dev:
+            return self.dir / f"{self._n}"
+        tmp = dest.parent / f".vml-tmp-{os.getpid()}-{self._n}"
+        with open(self.dir / _STRAY_LIST, "a") as f:
+            f.write(tmp.relative_to(self.area).as_posix() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
 
 
 def _finish_file(fd: int, tmp: Path | None, target: Path, rec: FileRecord) -> os.stat_result:
@@ -81,7 +119,9 @@ class Builder:
         cache: Cache,
         cache_writer: CacheWriter,
         tick: Tick,
+        temps: TempFiles,
     ) -> None:
+        self.temps = temps
         self.reader = reader
         self.pool = pool
         self.area = area
@@ -144,7 +184,7 @@ class Builder:
         data = self.reader.read(blob, BLOB)[1]
         if hashlib.sha256(data).hexdigest() != rec.sha256 or len(data) != rec.size:
             raise CorruptRepository(f"the saved {rec.path} does not match its SHA-256")
-        tmp = _tmp_for(dest)
+        tmp = self.temps.new(dest)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             write_all(fd, data, 0)
@@ -177,7 +217,7 @@ class Builder:
         old_recs = self.cache.records(rec.path) if old_img is not None else None
         name, out = self.cache_writer.new_records()
         try:
-            tmp = None if old_img is not None else _tmp_for(dest)
+            tmp = None if old_img is not None else self.temps.new(dest)
             if tmp is None:
                 fd = os.open(dest, os.O_RDWR)
             else:

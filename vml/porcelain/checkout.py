@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from vml.plumbing.cache import Cache, CacheWriter
 from vml.plumbing.entries import Entry
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository, fsync_dir
-from vml.plumbing.restoring import Builder, is_tmp
+from vml.plumbing.restoring import Builder, TempFiles
 from vml.plumbing.vm.ignore import IgnoreRules
 from vml.plumbing.vm.inspect import inspect_area
 from vml.porcelain.common import (
@@ -48,6 +49,8 @@ class CheckoutResult:
     seconds: float
     files_written: list[str] = field(default_factory=list)
     files_removed: list[str] = field(default_factory=list)
+    # Files in the area that no entry of it holds: never removed or overwritten.
+    left_alone: list[str] = field(default_factory=list)
     branch: str | None = None
     # What the user must do for the hypervisor to run the VM here (moved
     # area, files saved from outside it, a crash-consistent entry).
@@ -88,28 +91,68 @@ def _refuse_unsaved(
         raise DirtyArea(f"{area} has unsaved changes: {shown}")
 
 
-def _remove_stale(
-    area: Path,
-    target: Entry,
+def _claimed(
+    reader: PackReader,
+    table: refs_mod.RefTable,
+    state: AreaState | None,
     held: Entry | None,
-    present: list[AreaFile],
-    *,
-    force: bool,
-    resuming: bool,
-) -> list[str]:
-    """Remove the files the new entry does not have, and folders they leave empty."""
+    target: Entry,
+) -> set[str]:
+    """The paths VML put in the area: the held entry's files, and a killed checkout's.
+
+    Only these (and the target's own) may be removed or overwritten: a file
+    the user put in the area is never VML's to delete, ``--force`` or not.
+    """
+    claimed = {f.path for f in held.meta.files} if held is not None else set()
+    if state is not None and state.pending:
+        pending = bytes.fromhex(state.pending)
+        if pending == target.commit:
+            claimed |= {f.path for f in target.meta.files}
+        elif pending in set(table.entries.values()):
+            claimed |= {f.path for f in read_entry(reader, pending).meta.files}
+    return claimed
+
+
+def _in_the_way(area: Path, target: Entry, removable: set[str]) -> None:
+    """Refuse, before anything changes, a target path that a user's file or folder blocks.
+
+    A folder where the entry has a file may go only if everything in it is
+    to be removed anyway; a file where the entry needs a folder, only if it
+    is a removable file.  A symbolic link on the way is never followed.
+    """
+
+    def refuse(where: str, rel: str) -> AreaError:
+        return AreaError(
+            f"{area / where} is in the way of {rel}, and no entry of this area holds it",
+            "move it out of the area and try again",
+        )
+
+    needed = {f.path for f in target.meta.files}
+    folders = set(target.meta.dirs)
+    for rel in needed | folders:
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            folders.add("/".join(parts[:i]))
+    for d in sorted(folders):
+        p = area / d
+        blocks = os.path.lexists(p) and (p.is_symlink() or not p.is_dir())
+        if blocks and (d not in removable or p.is_symlink()):
+            raise refuse(d, d)
+    for rel in sorted(needed):
+        p = area / rel
+        if p.is_dir() and not p.is_symlink():
+            for root, _dirs, names in os.walk(p):
+                for name in names:
+                    inner = Path(root, name).relative_to(area).as_posix()
+                    if inner not in removable:
+                        raise refuse(inner, rel)
+
+
+def _remove_stale(area: Path, target: Entry, removable: set[str]) -> list[str]:
+    """Remove the claimed files the new entry lacks, and folders they leave empty."""
     keep = {f.path for f in target.meta.files}
-    # The area was checked to hold the old entry's files (with or without a
-    # cache), so those go; --force drops whatever is there.
-    gone = {f.path for f in held.meta.files} if held is not None else set()
-    if force:
-        gone |= {af.path for af in present}
-    if resuming:
-        # A killed checkout leaves its half-written ".<name>.vml-tmp" files;
-        # finishing with another entry must not keep them.
-        gone |= {af.path for af in present if is_tmp(af.path)}
     removed: list[str] = []
-    for p in sorted(gone - keep):
+    for p in sorted(removable - keep):
         fp = area / p
         if fp.is_file() and not fp.is_symlink():
             fp.unlink()
@@ -127,6 +170,15 @@ def _remove_stale(
             except OSError:
                 break  # not empty: something else lives there
             d = str(Path(d).parent)
+    # A folder where a file goes held only removed files (_in_the_way checked):
+    # what is left of it are empty folders.
+    for rel in sorted(keep):
+        where = area / rel
+        if where.is_dir() and not where.is_symlink():
+            for root, dirs, _names in os.walk(where, topdown=False):
+                for sub in dirs:
+                    Path(root, sub).rmdir()
+            where.rmdir()
     return removed
 
 
@@ -165,6 +217,12 @@ def checkout(
             resuming = loaded is not None and loaded.pending is not None
             if not force and not resuming:
                 _refuse_unsaved(area, loaded, held, cache, present)
+            claimed = _claimed(reader, table, loaded, held, target)
+            # The target's files are written, the claimed ones removed; both
+            # may be overwritten.  Everything else stays as it is.
+            removable = claimed | {f.path for f in target.meta.files}
+            _in_the_way(area, target, removable)
+            left_alone = sorted(af.path for af in present if af.path not in removable)
             state = loaded or AreaState()
             # Say that the area is being rewritten before touching it, so that an
             # interruption is reported (and finished by running checkout again).
@@ -174,6 +232,7 @@ def checkout(
             # In place only when the area is known to hold the old entry exactly.
             clean_old = held if (not resuming and cache.valid_for(state.entry)) else None
             cwriter = CacheWriter(area, repo.page_size, repo.block_size)
+            temps = TempFiles(area)  # also drops what a killed checkout left
             builder = Builder(
                 reader,
                 pool,
@@ -183,9 +242,10 @@ def checkout(
                 cache,
                 cwriter,
                 lambda done, total: progress("write", done, total),
+                temps,
             )
             try:
-                removed = _remove_stale(area, target, held, present, force=force, resuming=resuming)
+                removed = _remove_stale(area, target, claimed)
                 for rec in target.meta.files:
                     builder.build(rec)
                 builder.make_dirs(target.meta.dirs)
@@ -193,6 +253,8 @@ def checkout(
             except BaseException:
                 cwriter.abort()
                 raise
+            finally:
+                temps.clear()
             cwriter.commit(commit.hex())
             state.entry = commit.hex()
             state.pending = None
@@ -210,6 +272,7 @@ def checkout(
                 seconds=time.monotonic() - t0,
                 files_written=builder.files_written,
                 files_removed=removed,
+                left_alone=left_alone,
                 branch=state.branch,
                 notes=checkout_notes(target.meta.vm, target.meta.area, area, inspect_area(area)),
             )
