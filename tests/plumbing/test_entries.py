@@ -50,7 +50,7 @@ def test_meta_round_trip() -> None:
 
 
 @pytest.mark.parametrize(
-    "path", ["", "/etc/passwd", "../x", "a/../b", "a//b", ".vml/area.json", "a\\b", "a\0b", "./a"]
+    "path", ["", "/etc/passwd", "../x", "a/../b", "a//b", ".vml/area.json", "a\0b", "./a"]
 )
 def test_unsafe_paths_refused(path: str) -> None:
     with pytest.raises(HostileRepository):

@@ -150,7 +150,7 @@ def test_a_user_s_path_in_the_way_is_refused_before_anything_changes(
         (tmp_path / "elsewhere").mkdir()
         os.symlink(tmp_path / "elsewhere", out / "sub")
     before = digest_area(out, mtimes=True)
-    with pytest.raises(AreaError, match="in the way|symbolic link"):
+    with pytest.raises(AreaError, match=r"in the way|symbolic link"):
         checkout(repo, "E1", out, force=True)
     assert digest_area(out, mtimes=True) == before
     assert not (out / ".vml").exists()

@@ -116,7 +116,6 @@ def _meta_path(bad: str) -> Edit:
         "/tmp/evil",
         "a/../../b",
         ".vml/area.json",
-        "a\\..\\b",
         "a\x00b",
         "",
         "a//b",

@@ -150,8 +150,6 @@ def scan_area(
                 if not walk(Path(it.path), r + "/"):
                     empty_dirs.append(r)
             elif stat_mod.S_ISREG(st.st_mode):
-                if "\\" in r or "\0" in r:
-                    raise AreaError(f"cannot save a file named {r!r}", "rename it")
                 files.append(AreaFile(r, st))
             else:
                 raise AreaError(f"{r} is not a regular file", "remove it or list it in .vmlignore")

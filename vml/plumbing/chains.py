@@ -19,7 +19,7 @@ from dulwich.objects import Commit
 
 from vml.errors import CorruptRepository
 from vml.plumbing.deltas import apply_delta
-from vml.plumbing.entries import IMAGES_NAME, Entry, load_entry, lookup_path
+from vml.plumbing.entries import IMAGES_NAME, Entry, find_in_entry, load_entry
 from vml.plumbing.manifests import (
     BLOCKS_NAME,
     CHECK_ID,
@@ -98,7 +98,7 @@ def _read_tree(reader: PackReader) -> Callable[[bytes], bytes]:
 def _image_items(
     reader: PackReader, root_tree: bytes, path: str
 ) -> dict[bytes, tuple[int, bytes]] | None:
-    found = lookup_path(reader.data, root_tree, IMAGES_NAME.decode() + "/" + path)
+    found = find_in_entry(reader.data, root_tree, IMAGES_NAME, path)
     if found is None or found[0] != TREE_MODE:
         return None
     return {name: (mode, sha) for name, mode, sha in parse_tree(reader.read(found[1], 2)[1])}

@@ -13,8 +13,10 @@ forest; the message carries the user's text and ``VML-*`` trailers.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -28,6 +30,10 @@ from vml.plumbing.manifests import BLOB_MODE, TREE_MODE, parse_tree
 META_NAME = b"vml-entry.json"
 FILES_NAME = b"files"
 IMAGES_NAME = b"images"
+# A root blob that says the names below files/ and images/ are escaped (see
+# escape_name); entries without it (older ones) hold the names as they are.
+NAMES_NAME = b"vml-names"
+NAMES_BLOB = b"escaped 1\n"
 KINDS = ("full", "incremental", "differential")
 AUTHOR = b"VML <vml@localhost>"
 MAX_META_BYTES = 64 << 20
@@ -41,20 +47,62 @@ def git_mode(st_mode: int) -> int:
     return 0o100755 if st_mode & 0o111 else 0o100644
 
 
+# Linux's limits: a name of a folder or file, and a whole path given to the kernel.
+NAME_MAX = 255
+PATH_MAX = 4096
+
+
 def check_relpath(path: str) -> str:
-    """Refuse any path that could leave the area or touch VML's own folder."""
+    """Refuse any path that could leave the area, touch VML's own folder, or not be written.
+
+    Paths are ``str`` with the file system's bytes decoded as Linux does
+    (UTF-8, undecodable bytes as surrogate escapes), so any name a Linux file
+    system accepts round-trips.
+    """
+    raw = os.fsencode(path) if "\0" not in path else b""
+    parts = raw.split(b"/")
     if (
-        not path
-        or "\0" in path
-        or "\\" in path
-        or path.startswith("/")
-        or len(path.encode()) > 4096
+        not raw
+        or raw.startswith(b"/")
+        or len(raw) >= PATH_MAX
+        or any(p in (b"", b".", b"..") for p in parts)
+        or parts[0] == b".vml"
     ):
-        raise HostileRepository(f"entry names an unsafe path {path!r}")
-    parts = path.split("/")
-    if any(p in ("", ".", "..") for p in parts) or parts[0] == ".vml":
-        raise HostileRepository(f"entry names an unsafe path {path!r}")
+        raise HostileRepository(f"entry names an unsafe path {shown(path)}")
+    if any(len(p) > NAME_MAX for p in parts):
+        raise HostileRepository(
+            f"entry names a path this file system cannot hold (a name over {NAME_MAX} bytes): "
+            f"{shown(path)}"
+        )
     return path
+
+
+def shown(path: str) -> str:
+    """A path fit for a message: quoted, undecodable bytes and controls escaped."""
+    return repr(os.fsencode(path).decode("utf-8", "backslashreplace"))
+
+
+def escape_name(part: str) -> bytes:
+    """A file or folder name as stored in an entry's tree.
+
+    git refuses trees naming ``.git`` (and its HFS and NTFS aliases) and
+    inspects files named like ``.gitmodules``; a VM's folder may hold any of
+    them.  So a leading ``.``, every ``~`` and every ``%`` are stored as
+    ``%2E``, ``%7E`` and ``%25``: no stored name can be one git treats
+    specially, and :func:`unescape_name` gives the name back exactly.
+    """
+    out = bytearray()
+    for i, b in enumerate(os.fsencode(part)):
+        if b in (0x25, 0x7E) or (i == 0 and b == 0x2E):
+            out += b"%%%02X" % b
+        else:
+            out.append(b)
+    return bytes(out)
+
+
+def unescape_name(stored: bytes) -> str:
+    """The name :func:`escape_name` stored as ``stored``."""
+    return os.fsdecode(urllib.parse.unquote_to_bytes(stored))
 
 
 @dataclass
@@ -143,8 +191,14 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def nested_trees(items: dict[str, tuple[int, bytes]]) -> tuple[Tree, list[Tree]]:
-    """Build trees for ``{"a/b/c": (mode, binary id)}``; children come first."""
+def nested_trees(
+    items: dict[str, tuple[int, bytes]], escape: bool = False
+) -> tuple[Tree, list[Tree]]:
+    """Build trees for ``{"a/b/c": (mode, binary id)}``; children come first.
+
+    With ``escape``, names are stored as :func:`escape_name` gives them.
+    """
+    encode = escape_name if escape else os.fsencode
     root: dict[str, object] = {}
     for path, value in items.items():
         node = root
@@ -162,11 +216,11 @@ def nested_trees(items: dict[str, tuple[int, bytes]]) -> tuple[Tree, list[Tree]]
         for name, value in node.items():
             if isinstance(value, dict):
                 sub = build(value)
-                tree.add(name.encode(), TREE_MODE, sub.id)
+                tree.add(encode(name), TREE_MODE, sub.id)
             else:
                 assert isinstance(value, tuple)
                 mode, sha = value
-                tree.add(name.encode(), mode, ObjectID(sha.hex().encode()))
+                tree.add(encode(name), mode, ObjectID(sha.hex().encode()))
         made.append(tree)
         return tree
 
@@ -174,12 +228,14 @@ def nested_trees(items: dict[str, tuple[int, bytes]]) -> tuple[Tree, list[Tree]]
     return top, made
 
 
-def store_trees(add: Callable[[Tree], object], items: dict[str, tuple[int, bytes]]) -> bytes:
+def store_trees(
+    add: Callable[[Tree], object], items: dict[str, tuple[int, bytes]], escape: bool = False
+) -> bytes:
     """Build and store the trees for ``items``; returns the top tree's id.
 
     Each tree goes to ``add`` children first (see :func:`nested_trees`).
     """
-    top, made = nested_trees(items)
+    top, made = nested_trees(items, escape)
     for t in made:
         add(t)
     return bytes.fromhex(top.id.decode())
@@ -204,7 +260,9 @@ def make_commit(
     c.encoding = b"UTF-8"
     body = message.strip() or "VML entry"
     lines = "\n".join(f"{k}: {v}" for k, v in trailers)
-    c.message = f"{body}\n\n{lines}\n".encode()
+    # Undecodable bytes (a path, an argument) are written as escapes: a
+    # commit message says it is UTF-8 and must be.
+    c.message = f"{body}\n\n{lines}\n".encode("utf-8", "backslashreplace")
     return c
 
 
@@ -281,21 +339,48 @@ def load_entry(read: ReadObject, commit_id: bytes) -> Entry:
 
 def small_blob(read: ReadObject, entry: Entry, path: str) -> bytes | None:
     """The blob holding small file ``path`` of ``entry``, or None if absent or not a file."""
-    found = lookup_path(read, entry.tree, f"{FILES_NAME.decode()}/{path}")
+    found = find_in_entry(read, entry.tree, FILES_NAME, path)
     if found is None or found[0] not in FILE_MODES:
         return None
     return found[1]
 
 
+def names_escaped(items: dict[bytes, tuple[int, bytes]]) -> bool:
+    """Whether an entry's root tree items say its names are escaped."""
+    return NAMES_NAME in items
+
+
+def find_in_entry(
+    read: ReadObject, root_tree: bytes, top: bytes, path: str
+) -> tuple[int, bytes] | None:
+    """Find file ``path`` below ``top`` (files/ or images/) of an entry's root tree.
+
+    Names are escaped or not as the entry's root says; returns
+    ``(mode, binary id)`` or None.
+    """
+    items = root_items(read, root_tree)
+    found = items.get(top)
+    if found is None:
+        return None
+    encode = escape_name if names_escaped(items) else os.fsencode
+    return _walk(read, found, [encode(p) for p in path.split("/")])
+
+
 def lookup_path(read: ReadObject, tree: bytes, path: str) -> tuple[int, bytes] | None:
-    """Find ``path`` below ``tree``; returns ``(mode, binary id)`` or None."""
-    mode, sha = TREE_MODE, tree
-    for part in path.split("/"):
+    """Find ``path`` below ``tree``, its names as stored; returns ``(mode, binary id)`` or None."""
+    return _walk(read, (TREE_MODE, tree), [os.fsencode(p) for p in path.split("/")])
+
+
+def _walk(
+    read: ReadObject, start: tuple[int, bytes], names: list[bytes]
+) -> tuple[int, bytes] | None:
+    mode, sha = start
+    for part in names:
         if mode != TREE_MODE:
             return None
         found = None
         for name, m, s in parse_tree(read(sha, 2)):
-            if name == part.encode():
+            if name == part:
                 found = (m, s)
                 break
         if found is None:

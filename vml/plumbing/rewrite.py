@@ -44,8 +44,9 @@ from vml.plumbing.entries import (
     IMAGES_NAME,
     META_NAME,
     Entry,
-    lookup_path,
+    find_in_entry,
     message_body,
+    names_escaped,
     parse_trailers,
     root_items,
     store_trees,
@@ -111,7 +112,7 @@ def image_trees(reader: PackReader, entry: Entry) -> dict[str, bytes]:
     for f in entry.meta.files:
         if f.kind != "image":
             continue
-        found = lookup_path(reader.data, entry.tree, f"{IMAGES_NAME.decode()}/{f.path}")
+        found = find_in_entry(reader.data, entry.tree, IMAGES_NAME, f.path)
         if found is None or found[0] != TREE_MODE:
             raise CorruptRepository(f"entry {entry.hex[:12]} lacks the blocks of {f.path}")
         out[f.path] = found[1]
@@ -183,14 +184,16 @@ def rewrite_entry(
         meta.kind = kind
     meta_blob = Blob.from_string(meta.encode())
     writer.add_object(meta_blob)
-    items = {
-        name.decode(): value
-        for name, value in root_items(reader.data, entry.tree).items()
-        if name != META_NAME
-    }
+    old_items = root_items(reader.data, entry.tree)
+    items = {name.decode(): value for name, value in old_items.items() if name != META_NAME}
     items[META_NAME.decode()] = (BLOB_MODE, bytes.fromhex(meta_blob.id.decode()))
     if images:
-        tree = store_trees(writer.add_object, {p: (TREE_MODE, t) for p, t in images.items()})
+        # The new images tree names its files the way the entry's files/ does.
+        tree = store_trees(
+            writer.add_object,
+            {p: (TREE_MODE, t) for p, t in images.items()},
+            escape=names_escaped(old_items),
+        )
         items[IMAGES_NAME.decode()] = (TREE_MODE, tree)
     root = store_trees(writer.add_object, items)
 

@@ -28,6 +28,8 @@ from vml.plumbing.entries import (
     FILES_NAME,
     IMAGES_NAME,
     META_NAME,
+    NAMES_BLOB,
+    NAMES_NAME,
     EntryMeta,
     FileRecord,
     git_mode,
@@ -267,12 +269,16 @@ class Saver:
         meta.stats["stored_bytes"] = self.writer.stored_bytes
         meta_blob = Blob.from_string(meta.encode())
         self.writer.add_object(meta_blob)
+        names = Blob.from_string(NAMES_BLOB)
+        self.writer.add_object(names)
         items: dict[str, tuple[int, bytes]] = {
-            META_NAME.decode(): (BLOB_MODE, bytes.fromhex(meta_blob.id.decode()))
+            META_NAME.decode(): (BLOB_MODE, bytes.fromhex(meta_blob.id.decode())),
+            NAMES_NAME.decode(): (BLOB_MODE, bytes.fromhex(names.id.decode())),
         }
         for prefix, group in ((FILES_NAME, self.small_items), (IMAGES_NAME, self.image_items)):
             if group:
-                items[prefix.decode()] = (TREE_MODE, store_trees(self.writer.add_object, group))
+                tree = store_trees(self.writer.add_object, group, escape=True)
+                items[prefix.decode()] = (TREE_MODE, tree)
         root = store_trees(self.writer.add_object, items)
         self.stored_bytes = self.writer.stored_bytes
         self.writer.finish()
