@@ -7,6 +7,7 @@ import errno
 import functools
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -149,6 +150,12 @@ def main_options(
     """Git-style versioning for virtual machines."""
     _ctx.repo_option = repo
     _tune_allocator()
+    # File names need not be UTF-8: one that is not is shown escaped, never
+    # a crash half way through a listing.
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
 
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,6 +184,27 @@ def _remove_stale(area: Path, target: Entry, removable: set[str]) -> list[str]:
     return removed
 
 
+@contextmanager
+def _folder_made(area: Path) -> Iterator[None]:
+    """Make ``area`` (and missing parents); a refusal inside leaves none of them behind.
+
+    A refusal raised before the area's state exists; once the checkout has
+    marked the area (``pending``), the folder is the user's to see.
+    """
+    missing = [p for p in [area, *area.parents] if not p.exists()]
+    area.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if not (area / AREA_DIR).exists():
+            for p in missing:  # the deepest first; stops at the first one not empty
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
+        raise
+
+
 def checkout(
     repo: Repository,
     name: str,
@@ -204,13 +227,13 @@ def checkout(
     if area.exists() and not area.is_dir():
         raise AreaError(f"{area} is a file, not a folder", "choose a folder for the area")
     check_area_path(repo, area)
-    area.mkdir(parents=True, exist_ok=True)
-    with lock_area(area):
-        loaded = load_state(area)
-        reader = PackReader(repo)
-        pool = make_pool()
-        try:
-            target = read_entry(reader, commit)
+    reader = PackReader(repo)
+    pool = make_pool()
+    try:
+        # A malformed or hostile entry is refused before the folder is made.
+        target = read_entry(reader, commit)
+        with _folder_made(area), lock_area(area):
+            loaded = load_state(area)
             held = _held_entry(reader, table, loaded, target)
             cache = Cache(area, repo.page_size, repo.block_size)
             present, _dirs = scan_area(area, IgnoreRules.load(area).is_ignored)
@@ -276,9 +299,9 @@ def checkout(
                 branch=state.branch,
                 notes=checkout_notes(target.meta.vm, target.meta.area, area, inspect_area(area)),
             )
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-            reader.close()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        reader.close()
 
 
 def restore(
