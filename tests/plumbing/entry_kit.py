@@ -68,8 +68,8 @@ def save(
             held_files={f.path: f for f in held_entry.meta.files} if held_entry else {},
             cache=cache if cache.valid_for(state.entry) else None,
         )
-        listed, dirs = scan_area(folder, lambda rel, is_dir: False)
-        files = [SourceFile(f.path, folder / f.path, f.stat) for f in listed]
+        scan = scan_area(folder, lambda rel, is_dir: False)
+        files = [SourceFile(f.path, folder / f.path, f.stat) for f in scan.files]
         saver = Saver(
             repo, reader, pool, folder, baseline, sum(f.stat.st_size for f in files), _noop
         )
@@ -86,7 +86,7 @@ def save(
             kind = "full" if parent is None else "incremental" if parent == held else "differential"
             meta = EntryMeta(
                 kind, parent.hex() if parent else None, str(folder), state.area_id, now_iso(),
-                message, saver.records, dirs, None, {},
+                message, saver.records, scan.empty_dirs, None, {},
             )  # fmt: skip
             root = saver.finish(meta)
             made = publish_entry(
@@ -135,6 +135,7 @@ def build(repo: Repository, name: str, folder: Path) -> None:
             for rec in entry.meta.files:
                 builder.build(rec)
             builder.make_dirs(entry.meta.dirs)
+            builder.finish_folders()
         except BaseException:
             cwriter.abort()
             raise

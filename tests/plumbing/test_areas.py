@@ -58,9 +58,10 @@ def test_scan(tmp_path: Path) -> None:
     (a / "z.img").write_bytes(b"1")
     (a / "sub" / "deep" / "f").write_bytes(b"2")
     (a / "vmware.log").write_text("ignored by default")
-    files, dirs = scan_area(a, lambda rel, is_dir: rel.endswith(".log"))
-    assert [f.path for f in files] == ["sub/deep/f", "z.img"]
-    assert dirs == ["empty"]
+    scan = scan_area(a, lambda rel, is_dir: rel.endswith(".log"))
+    assert [f.path for f in scan.files] == ["sub/deep/f", "z.img"]
+    assert scan.empty_dirs == ["empty"]
+    assert [f.path for f in scan.folders] == ["empty", "sub", "sub/deep"]
     os.symlink("z.img", a / "link")
     with pytest.raises(AreaError, match="symbolic link"):
         scan_area(a, lambda rel, is_dir: False)

@@ -115,16 +115,25 @@ class AreaFile:
     stat: os.stat_result
 
 
-def scan_area(
-    area: Path, is_ignored: Callable[[str, bool], bool]
-) -> tuple[list[AreaFile], list[str]]:
-    """The area's regular files and its empty folders, sorted, without ``.vml``.
+@dataclass
+class Scan:
+    """What an area holds, sorted by path, ``.vml`` and ignored paths aside."""
+
+    files: list[AreaFile]
+    empty_dirs: list[str]
+    folders: list[AreaFile]  # every folder, with its stat
+    root: os.stat_result  # the area's own folder
+
+
+def scan_area(area: Path, is_ignored: Callable[[str, bool], bool]) -> Scan:
+    """The area's regular files and folders, without ``.vml`` and ignored paths.
 
     Symbolic links and special files are refused: an entry must rebuild to
     exactly what was saved, and a link could point anywhere.
     """
     files: list[AreaFile] = []
     empty_dirs: list[str] = []
+    folders: list[AreaFile] = []
 
     def walk(d: Path, rel: str) -> bool:
         found = False
@@ -147,6 +156,7 @@ def scan_area(
                     "replace the link with the file it points to, or list it in .vmlignore",
                 )
             if is_dir:
+                folders.append(AreaFile(r, st))
                 if not walk(Path(it.path), r + "/"):
                     empty_dirs.append(r)
             elif stat_mod.S_ISREG(st.st_mode):
@@ -155,5 +165,6 @@ def scan_area(
                 raise AreaError(f"{r} is not a regular file", "remove it or list it in .vmlignore")
         return found
 
+    root = os.stat(area)
     walk(area, "")
-    return files, empty_dirs
+    return Scan(files, empty_dirs, sorted(folders, key=lambda f: f.path), root)

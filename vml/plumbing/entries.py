@@ -105,16 +105,68 @@ def unescape_name(stored: bytes) -> str:
     return os.fsdecode(urllib.parse.unquote_to_bytes(stored))
 
 
+# Modification times are nanoseconds since 1970; the kernel takes any whole
+# second a 64-bit signed number holds (and clamps to its file system's range).
+MTIME_RANGE = (-(1 << 63) * 10**9, ((1 << 63) - 1) * 10**9 + 999_999_999)
+PERM_BITS = 0o777
+
+
 @dataclass
 class FileRecord:
     """One file of an entry."""
 
     path: str
     kind: str  # "small" | "image"
-    mode: int
+    mode: int  # git's mode: 0o100644 or 0o100755
     mtime_ns: int
     size: int
     sha256: str
+    perm: int | None = None  # rwx bits; None: saved before VML kept them
+
+    @property
+    def permissions(self) -> int:
+        """The permission bits to restore (git's two modes for older entries)."""
+        return self.perm if self.perm is not None else self.mode & PERM_BITS
+
+
+@dataclass
+class FolderRecord:
+    """One folder of an entry: its permission bits and modification time."""
+
+    path: str
+    perm: int
+    mtime_ns: int
+
+
+def folder_record(path: str, st: os.stat_result) -> FolderRecord:
+    """A folder as an entry records it."""
+    return FolderRecord(path, st.st_mode & PERM_BITS, st.st_mtime_ns)
+
+
+def same_attributes(rec: FileRecord, st_mode: int) -> bool:
+    """True when a file's mode is what restoring ``rec`` gives (commit and status agree)."""
+    return git_mode(st_mode) == rec.mode and st_mode & PERM_BITS == rec.permissions
+
+
+def folder_changes(old: EntryMeta | None, folders: list[FolderRecord], root_perm: int) -> list[str]:
+    """Folders (as ``path/``; the area as ``./``) whose permissions differ from ``old``'s.
+
+    Entries saved before folders were recorded restore no folder modes, so
+    nothing differs from them.  Folders added or removed show as their files.
+    """
+    if old is None or (not old.folders and old.root_perm is None):
+        return []
+    before = {f.path: f.perm for f in old.folders}
+    out = [f"{f.path}/" for f in folders if before.get(f.path, f.perm) != f.perm]
+    if old.root_perm is not None and old.root_perm != root_perm:
+        out.insert(0, "./")
+    return out
+
+
+def _ranged(value: object, lo: int, hi: int, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise CorruptRepository(f"entry metadata holds an impossible {what} ({str(value)[:40]})")
+    return value
 
 
 @dataclass
@@ -128,9 +180,13 @@ class EntryMeta:
     created: str
     message: str
     files: list[FileRecord]
-    dirs: list[str] = field(default_factory=list)
+    dirs: list[str] = field(default_factory=list)  # the empty folders
     vm: dict[str, object] | None = None
     stats: dict[str, int] = field(default_factory=dict)
+    # Every folder's permissions and time, and the area's own permissions;
+    # empty and None for entries saved before VML kept them.
+    folders: list[FolderRecord] = field(default_factory=list)
+    root_perm: int | None = None
 
     def encode(self) -> bytes:
         """The metadata blob's bytes (stable key order)."""
@@ -151,12 +207,24 @@ class EntryMeta:
                     path=check_relpath(str(f["path"])),
                     kind=str(f["kind"]),
                     mode=int(f["mode"]),
-                    mtime_ns=int(f["mtime_ns"]),
+                    mtime_ns=_ranged(f["mtime_ns"], *MTIME_RANGE, "modification time"),
                     size=int(f["size"]),
                     sha256=str(f["sha256"]),
+                    perm=None
+                    if f.get("perm") is None
+                    else _ranged(f["perm"], 0, PERM_BITS, "permission"),
                 )
                 for f in doc["files"]
             ]
+            folders = [
+                FolderRecord(
+                    path=check_relpath(str(d["path"])),
+                    perm=_ranged(d["perm"], 0, PERM_BITS, "permission"),
+                    mtime_ns=_ranged(d["mtime_ns"], *MTIME_RANGE, "modification time"),
+                )
+                for d in doc.get("folders", [])
+            ]
+            root_perm = doc.get("root_perm")
             meta = cls(
                 kind=str(doc["kind"]),
                 parent=doc["parent"],
@@ -168,6 +236,10 @@ class EntryMeta:
                 dirs=[check_relpath(str(d)) for d in doc.get("dirs", [])],
                 vm=doc.get("vm"),
                 stats={str(k): int(v) for k, v in doc.get("stats", {}).items()},
+                folders=folders,
+                root_perm=None
+                if root_perm is None
+                else _ranged(root_perm, 0, PERM_BITS, "permission"),
             )
         except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
             raise CorruptRepository(f"entry metadata is malformed ({e})") from None

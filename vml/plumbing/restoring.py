@@ -92,7 +92,7 @@ class TempFiles:
 
 
 def _finish_file(fd: int, tmp: Path | None, target: Path, rec: FileRecord) -> os.stat_result:
-    os.fchmod(fd, rec.mode & 0o7777)
+    os.fchmod(fd, rec.permissions)
     os.fsync(fd)
     os.close(fd)
     if tmp is not None:
@@ -166,7 +166,7 @@ class Builder:
 
     def _keep(self, rec: FileRecord, dest: Path, cached: CachedFile) -> None:
         """Same content already there: restore the metadata only."""
-        os.chmod(dest, rec.mode & 0o7777)
+        os.chmod(dest, rec.permissions)
         os.utime(dest, ns=(rec.mtime_ns, rec.mtime_ns))
         st = dest.stat()
         pages = None
@@ -251,3 +251,18 @@ class Builder:
         """Create the entry's empty folders."""
         for d in dirs:
             safe_target(self.area, d + "/x").parent.mkdir(parents=True, exist_ok=True)
+
+    def finish_folders(self) -> None:
+        """Give every folder, and the area, the permissions and time the entry records.
+
+        Last, deepest first: writing a file changes its folder's time, and a
+        folder without write permission could take no more files.
+        """
+        meta = self.entry.meta
+        for rec in sorted(meta.folders, key=lambda f: f.path.count("/"), reverse=True):
+            where = safe_target(self.area, rec.path + "/x").parent
+            if where.is_dir() and not where.is_symlink():
+                os.chmod(where, rec.perm)
+                os.utime(where, ns=(rec.mtime_ns, rec.mtime_ns))
+        if meta.root_perm is not None:
+            os.chmod(self.area, meta.root_perm)

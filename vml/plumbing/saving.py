@@ -30,6 +30,7 @@ from vml.plumbing.entries import (
     META_NAME,
     NAMES_BLOB,
     NAMES_NAME,
+    PERM_BITS,
     EntryMeta,
     FileRecord,
     git_mode,
@@ -154,7 +155,8 @@ class Saver:
         self.cache_writer.add(f.path, CachedFile("small", st.st_size, sha, stat_signature(st)))
         self.read_bytes += st.st_size
         self._advance(st.st_size)
-        return FileRecord(f.path, "small", mode, st.st_mtime_ns, st.st_size, sha)
+        perm = f.stat.st_mode & PERM_BITS
+        return FileRecord(f.path, "small", mode, st.st_mtime_ns, st.st_size, sha, perm)
 
     def _save_image(self, f: SourceFile) -> FileRecord:
         b = self.base
@@ -179,7 +181,9 @@ class Saver:
         self.cache_writer.add(
             f.path, CachedFile("image", st.st_size, sha256, stat_signature(st), name)
         )
-        return FileRecord(f.path, "image", git_mode(st.st_mode), st.st_mtime_ns, st.st_size, sha256)
+        mode = git_mode(st.st_mode)
+        perm = st.st_mode & PERM_BITS
+        return FileRecord(f.path, "image", mode, st.st_mtime_ns, st.st_size, sha256, perm)
 
     def _unchanged(
         self,

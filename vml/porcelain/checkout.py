@@ -13,8 +13,8 @@ from vml.errors import AreaError, DirtyArea
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.areas import (
     AREA_DIR,
-    AreaFile,
     AreaState,
+    Scan,
     load_state,
     lock_area,
     save_state,
@@ -77,17 +77,17 @@ def _refuse_unsaved(
     state: AreaState | None,
     held: Entry | None,
     cache: Cache,
-    present: list[AreaFile],
+    scan: Scan,
 ) -> None:
     """Refuse to overwrite what no entry holds (the caller skips this for --force)."""
     if state is None or held is None:
-        if present:
+        if scan.files:
             raise DirtyArea(
-                f"{area} holds files that are in no entry ({present[0].path}, ...)",
+                f"{area} holds files that are in no entry ({scan.files[0].path}, ...)",
                 "check out into an empty folder, or pass --force to replace them",
             )
         return
-    dirty = [c.path for c in area_changes(area, state, held, cache, detail=False, files=present)]
+    dirty = [c.path for c in area_changes(area, state, held, cache, detail=False, scan=scan)]
     if dirty:
         shown = ", ".join(dirty[:5]) + (", ..." if len(dirty) > 5 else "")
         raise DirtyArea(f"{area} has unsaved changes: {shown}")
@@ -236,10 +236,11 @@ def checkout(
             loaded = load_state(area)
             held = _held_entry(reader, table, loaded, target)
             cache = Cache(area, repo.page_size, repo.block_size)
-            present, _dirs = scan_area(area, IgnoreRules.load(area).is_ignored)
+            scan = scan_area(area, IgnoreRules.load(area).is_ignored)
+            present = scan.files
             resuming = loaded is not None and loaded.pending is not None
             if not force and not resuming:
-                _refuse_unsaved(area, loaded, held, cache, present)
+                _refuse_unsaved(area, loaded, held, cache, scan)
             claimed = _claimed(reader, table, loaded, held, target)
             # The target's files are written, the claimed ones removed; both
             # may be overwritten.  Everything else stays as it is.
@@ -272,6 +273,7 @@ def checkout(
                 for rec in target.meta.files:
                     builder.build(rec)
                 builder.make_dirs(target.meta.dirs)
+                builder.finish_folders()
                 fsync_dir(area)
             except BaseException:
                 cwriter.abort()

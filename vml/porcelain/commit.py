@@ -11,7 +11,16 @@ from vml.errors import AreaError, CorruptRepository, NothingToCommit, UsageError
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.areas import AreaFile, AreaState, load_state, lock_area, save_state, scan_area
 from vml.plumbing.cache import Cache
-from vml.plumbing.entries import Entry, EntryMeta, FileRecord, now_iso
+from vml.plumbing.entries import (
+    PERM_BITS,
+    Entry,
+    EntryMeta,
+    FileRecord,
+    FolderRecord,
+    folder_changes,
+    folder_record,
+    now_iso,
+)
 from vml.plumbing.packs import PackReader
 from vml.plumbing.publish import Published, publish_entry
 from vml.plumbing.repack import RepackResult, auto_consolidate
@@ -146,16 +155,19 @@ class Listing:
     files: list[SourceFile]
     dirs: list[str]
     externals: list[ExternalFile]
+    folders: list[FolderRecord]
+    root_perm: int
 
 
 def list_files(area: Path, plan: Plan, sources: list[str]) -> Listing:
     """The files to save (with those from outside the area) and the empty folders."""
     rules = IgnoreRules.load(area)
-    found, dirs = scan_area(area, rules.is_ignored)
-    externals, found = _add_externals(sources, found, plan.parent, plan.held)
+    scan = scan_area(area, rules.is_ignored)
+    externals, found = _add_externals(sources, scan.files, plan.parent, plan.held)
     outside = {e.path: Path(e.source) for e in externals}
     files = [SourceFile(f.path, outside.get(f.path, area / f.path), f.stat) for f in found]
-    return Listing(files, dirs, externals)
+    folders = [folder_record(f.path, f.stat) for f in scan.folders]
+    return Listing(files, scan.empty_dirs, externals, folders, scan.root.st_mode & PERM_BITS)
 
 
 @dataclass
@@ -195,6 +207,8 @@ def _describe(
         dirs=listing.dirs,
         vm=entry_vm(vm, listing.externals),
         stats={"read_bytes": saver.read_bytes, "stored_bytes": 0, "logical_bytes": saver.total},
+        folders=listing.folders,
+        root_perm=listing.root_perm,
     )
 
 
@@ -321,7 +335,7 @@ def _save(
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         held_files = {f.path: f for f in plan.held.meta.files} if plan.held else {}
-        changed = _changed_files(saver.records, held_files, listing.dirs, plan.held)
+        changed = _changed_files(saver.records, held_files, listing, plan.held)
         if plan.held is not None and not changed and not ask.allow_empty:
             raise NothingToCommit(f"nothing changed in {area} since {table.label(plan.held_id)}")
         meta = _describe(plan, area, state, ask, saver, listing, vm)
@@ -380,18 +394,26 @@ def _add_externals(
 def _changed_files(
     records: list[FileRecord],
     old: dict[str, FileRecord],
-    dirs: list[str],
+    listing: Listing,
     old_entry: Entry | None,
 ) -> list[str]:
-    """Files that differ from the area's entry (content, mode or presence)."""
+    """Paths that differ from the area's entry (content, permissions or presence)."""
     out = []
     new = {r.path: r for r in records}
     for p, r in new.items():
         o = old.get(p)
-        if o is None or o.sha256 != r.sha256 or o.mode != r.mode or o.size != r.size:
+        if (
+            o is None
+            or o.sha256 != r.sha256
+            or o.size != r.size
+            or o.mode != r.mode
+            or o.permissions != r.permissions
+        ):
             out.append(p)
     out += [p for p in old if p not in new]
     old_dirs = old_entry.meta.dirs if old_entry is not None else []
-    if sorted(dirs) != sorted(old_dirs):
-        out += sorted(set(dirs) ^ set(old_dirs))
-    return sorted(out)
+    if sorted(listing.dirs) != sorted(old_dirs):
+        out += sorted(set(listing.dirs) ^ set(old_dirs))
+    meta = old_entry.meta if old_entry is not None else None
+    out += folder_changes(meta, listing.folders, listing.root_perm)
+    return sorted(set(out))

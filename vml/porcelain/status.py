@@ -8,9 +8,15 @@ from pathlib import Path
 
 from vml.errors import AreaError
 from vml.plumbing import refs as refs_mod
-from vml.plumbing.areas import AreaFile, AreaState, load_state, scan_area, stat_signature
+from vml.plumbing.areas import AreaState, Scan, load_state, scan_area, stat_signature
 from vml.plumbing.cache import Cache, block_hash, page_hashes
-from vml.plumbing.entries import Entry, git_mode
+from vml.plumbing.entries import (
+    PERM_BITS,
+    Entry,
+    folder_changes,
+    folder_record,
+    same_attributes,
+)
 from vml.plumbing.images import file_digest
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
@@ -95,14 +101,15 @@ def area_changes(
     cache: Cache,
     *,
     detail: bool = True,
-    files: list[AreaFile] | None = None,
+    scan: Scan | None = None,
 ) -> list[FileChange]:
     """Compare the area with its entry, reading only files whose ``stat`` changed.
 
-    ``files`` is the area's listing when the caller has just made it.
+    ``scan`` is the area's listing when the caller has just made it.
     """
-    if files is None:
-        files, _dirs = scan_area(area, IgnoreRules.load(area).is_ignored)
+    if scan is None:
+        scan = scan_area(area, IgnoreRules.load(area).is_ignored)
+    files = scan.files
     old = {f.path: f for f in entry.meta.files} if entry else {}
     cache_ok = cache.valid_for(state.entry)
     out: list[FileChange] = []
@@ -112,9 +119,9 @@ def area_changes(
         if o is None:
             out.append(FileChange(af.path, "added", st.st_size, st.st_size))
             continue
-        mode = git_mode(st.st_mode)
+        same_mode = same_attributes(o, st.st_mode)
         cached = cache.files.get(af.path) if cache_ok else None
-        if cached is not None and cached.stat == stat_signature(st) and mode == o.mode:
+        if cached is not None and cached.stat == stat_signature(st) and same_mode:
             continue
         digest = (
             file_digest(area / af.path, cache.block_size)
@@ -122,7 +129,7 @@ def area_changes(
             else _sha256_file(area / af.path)
         )
         if st.st_size == o.size and digest == o.sha256:
-            if mode != o.mode:  # only the mode changed
+            if not same_mode:  # only the permissions changed
                 out.append(FileChange(af.path, "modified", st.st_size, 0))
             continue
         changed: int | None = None
@@ -138,6 +145,10 @@ def area_changes(
         if p in outside:
             continue
         out.append(FileChange(p, "removed", o.size, o.size))
+    folders = [folder_record(f.path, f.stat) for f in scan.folders]
+    meta = entry.meta if entry is not None else None
+    for p in folder_changes(meta, folders, scan.root.st_mode & PERM_BITS):
+        out.append(FileChange(p, "modified", 0, 0))  # its permissions
     return out
 
 
