@@ -106,6 +106,12 @@ class RepositoryBusy(VMLError):
     default_remedy = "wait for the other vml command to finish, then try again"
 
 
+class ConcurrentChange(RepositoryBusy):
+    """Another command changed what this one relied on; nothing of this one was kept."""
+
+    default_remedy = "run the command again"
+
+
 class NoSpace(VMLError):
     """The disk filled up; nothing was changed."""
 

@@ -38,6 +38,9 @@ class AreaState:
     entry: str | None = None  # hex commit id of the entry the area holds
     branch: str | None = None  # branch that saving in this area advances
     pending: str | None = None  # hex commit id of an interrupted checkout
+    # Where the area last saw the branch (it set or checked it out there): it
+    # moves the branch only from there, never over another area's save.
+    branch_at: str | None = None
 
 
 def vml_dir(area: Path) -> Path:
@@ -58,7 +61,7 @@ def load_state(area: Path) -> AreaState | None:
         ) from None
     hexid = re.compile(r"^[0-9a-f]{40}$")
     ok = isinstance(doc, dict) and isinstance(doc.get("area_id", ""), str)
-    for key in ("entry", "pending"):
+    for key in ("entry", "pending", "branch_at"):
         v = doc.get(key) if ok else None
         ok = ok and (v is None or (isinstance(v, str) and bool(hexid.match(v))))
     for key in ("repository", "branch"):

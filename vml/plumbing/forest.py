@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vml.errors import CorruptRepository, RepositoryBusy, VMLError
+from vml.errors import ConcurrentChange, CorruptRepository, VMLError
 from vml.plumbing import refs as refs_mod
-from vml.plumbing.areas import AreaState, load_state, save_state, vml_dir
+from vml.plumbing.areas import AreaState, load_state, lock_area, save_state, vml_dir
 from vml.plumbing.cache import drop_cache
 from vml.plumbing.chains import MAX_CHAIN, commit_tree_parent
 from vml.plumbing.packs import PackReader
@@ -156,6 +157,9 @@ def move_names(
             if a.state.pending == old.hex():
                 a.state.pending = new.hex()
                 changed = True
+            if a.state.branch_at == old.hex():
+                a.state.branch_at = new.hex()  # its branch moves along below
+                changed = True
             if changed:
                 save_state(a.path, a.state)
                 moves.areas.append((str(a.path), old.hex(), new.hex()))
@@ -244,21 +248,38 @@ def apply_rewrite(
     mapping: dict[bytes, bytes],
     order: list[bytes],
     drop: tuple[bytes, bytes | None] | None = None,
+    *,
+    force: bool = False,
 ) -> Moves:
     """Move every name to the rewritten commits, then take the names off ``drop``.
 
     ``order`` lists the rewritten commits parents first; names move children
     first.  Every new object must already be durable.  Refuses (changing
-    nothing) when the refs moved since ``table`` was read.
+    nothing) when the refs moved since ``table`` was read, when an area whose
+    state must change is in use by another command, and (unless ``force``)
+    when an area came to hold ``drop`` meanwhile.
     """
     moves = Moves()
-    with repo.lock():
+    with repo.lock(), ExitStack() as held:
         now = refs_mod.read_refs(repo)
         if now != table:  # entries, tags and branches
-            raise RepositoryBusy(
-                "the repository's entries changed while this command ran",
-                "run the command again",
+            raise ConcurrentChange(
+                "the repository's entries changed while this command ran; nothing was changed"
             )
+        dropped = drop[0].hex() if drop is not None else None
+        touched = {c.hex() for c in mapping} | ({dropped} if dropped else set())
+        for a in repository_areas(repo):
+            if touched & {a.state.entry, a.state.pending, a.state.branch_at}:
+                # A save or checkout there must not overwrite what we write, nor
+                # finish on a commit we are replacing: wait for no one, refuse.
+                held.enter_context(lock_area(a.path))
+                fresh = load_state(a.path) or a.state
+                if dropped is not None and not force and dropped in (fresh.entry, fresh.pending):
+                    raise ConcurrentChange(
+                        f"area {a.path} took {dropped[:12]} while this command ran; "
+                        "nothing was changed",
+                        "run the command again (it needs --force to remove an entry an area holds)",
+                    )
         move_names(repo, table, mapping, reversed(order), moves)
         if drop is not None:
             drop_entry(repo, table, drop[0], drop[1], moves)

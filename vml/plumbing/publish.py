@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from vml.errors import RepositoryBusy, UsageError
+from vml.errors import ConcurrentChange, RepositoryBusy, UsageError
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.entries import make_commit
 from vml.plumbing.packs import PackReader, write_loose
@@ -27,7 +27,8 @@ class Published:
     number: int
     commit: bytes
     table: refs_mod.RefTable  # the refs as read under the lock, before the new ones
-    branch: str | None  # the branch the area follows now (None: it was deleted meanwhile)
+    branch: str | None  # the branch the area follows now (None: deleted or moved on)
+    moved_on: str | None = None  # a branch left where another area had moved it
 
 
 def publish_entry(
@@ -42,13 +43,18 @@ def publish_entry(
     area: Path,
     tag: str | None = None,
     branch: str | None = None,
+    branch_at: bytes | None = None,
 ) -> Published:
     """Give the saved entry a number, a commit and its refs; returns what was made.
 
-    ``branch`` is the branch the area follows; it moves to the new entry.
+    ``branch`` is the branch the area follows; it moves to the new entry
+    only from ``branch_at``, where the area last saw it: a branch another
+    area moved on meanwhile is left where it is (never moved backwards),
+    and the area stops following it.
     The saver's packs lose their pending protection once the refs are set
     (or the attempt failed: they are garbage then).
     """
+    moved_on: str | None = None
     try:
         with repo.lock():
             # A gc that ran while we saved may have dropped objects nothing
@@ -61,6 +67,15 @@ def publish_entry(
                     "run the same `vml commit` again",
                 )
             table = refs_mod.read_refs(repo)
+            if parent is not None and parent not in set(table.entries.values()):
+                # rm, convert or prune took it away while we saved: a child
+                # of a commit no entry names would be unreachable by name,
+                # and would keep its parent's objects alive for ever.
+                raise ConcurrentChange(
+                    f"the parent entry {parent.hex()[:12]} was removed or rewritten by another "
+                    "command while this save ran; nothing was saved",
+                    "run the same `vml commit` again",
+                )
             if tag is not None and tag in table.tags:
                 raise UsageError(f"tag {tag!r} was made while saving", "choose another name")
             n = refs_mod.next_number(table)
@@ -75,12 +90,14 @@ def publish_entry(
             refs_mod.set_ref(repo, refs_mod.entry_ref(n), cid, create=True)
             if tag is not None:
                 refs_mod.set_ref(repo, refs_mod.TAG_PREFIX + tag.encode(), cid, create=True)
-            old = table.branches.get(branch) if branch is not None else None
-            if branch is not None and old is None:
-                # Deleted since the area started following it: do not bring it back.
+            tip = table.branches.get(branch) if branch is not None else None
+            if branch is not None and (tip is None or tip != branch_at):
+                # Deleted since the area started following it (do not bring it
+                # back), or moved on by another area (never move it backwards).
+                moved_on = branch if tip is not None else None
                 branch = None
             elif branch is not None:
-                refs_mod.set_ref(repo, refs_mod.BRANCH_PREFIX + branch.encode(), cid, old)
+                refs_mod.set_ref(repo, refs_mod.BRANCH_PREFIX + branch.encode(), cid, tip)
     finally:
         saver.release()  # refs reach the packs now (or they are garbage)
-    return Published(n, cid, table, branch)
+    return Published(n, cid, table, branch, moved_on)

@@ -222,24 +222,30 @@ class Repository:
             return []
         return [str(p) for p in data.get("areas", []) if isinstance(p, str)]
 
-    def register_area(self, area: Path) -> None:
+    def register_area(self, area: Path, *, locked: bool = False) -> None:
         """Remember ``area`` so ``vml areas``, ``rm`` and ``prune`` see it.
 
-        Read-modify-write under the repository lock: two areas saving at once
-        must not drop each other (rm and prune keep what areas hold).
+        Read-modify-write under the repository lock (``locked``: the caller
+        holds it): two areas saving at once must not drop each other (rm and
+        prune keep what areas hold).
         """
         key = str(area.resolve())
         if key in self.known_areas():
             return
+        if locked:
+            self._add_area(key)
+            return
         with self.lock(what="repository (area list)"):
-            areas = self.known_areas()
-            if key in areas:
-                return
-            areas.append(key)
-            write_atomic(
-                self.vml_dir / "areas.json",
-                json.dumps({"areas": sorted(areas)}, indent=1).encode(),
-            )
+            self._add_area(key)
+
+    def _add_area(self, key: str) -> None:
+        areas = self.known_areas()
+        if key in areas:
+            return
+        areas.append(key)
+        write_atomic(
+            self.vml_dir / "areas.json", json.dumps({"areas": sorted(areas)}, indent=1).encode()
+        )
 
 
 def _config_int(cfg: ConfigFile, key: bytes, default: int) -> int:

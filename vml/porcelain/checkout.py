@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vml.errors import AreaError, DirtyArea
+from vml.errors import AreaError, ConcurrentChange, DirtyArea
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.areas import (
     AREA_DIR,
@@ -184,6 +184,28 @@ def _remove_stale(area: Path, target: Entry, removable: set[str]) -> list[str]:
     return removed
 
 
+def _claim(repo: Repository, area: Path, state: AreaState, commit: bytes) -> None:
+    """Mark the area as being rewritten to ``commit``, which must still be an entry.
+
+    Before any file is touched, so that an interruption is reported (and
+    finished by running checkout again); under the repository lock, so that
+    ``rm``, ``convert`` and ``prune`` either see the area taking the entry
+    (and leave it alone) or have removed it already (and this refuses).
+    """
+    with repo.lock():
+        now = refs_mod.read_refs(repo)
+        named = set(now.entries.values()) | set(now.tags.values()) | set(now.branches.values())
+        if commit not in named:
+            raise ConcurrentChange(
+                f"{commit.hex()[:12]} was removed or rewritten by another command before this "
+                "checkout began; nothing was changed"
+            )
+        state.pending = commit.hex()
+        state.repository = str(repo.path.resolve())
+        save_state(area, state)
+        repo.register_area(area, locked=True)
+
+
 @contextmanager
 def _folder_made(area: Path) -> Iterator[None]:
     """Make ``area`` (and missing parents); a refusal inside leaves none of them behind.
@@ -248,11 +270,7 @@ def checkout(
             _in_the_way(area, target, removable)
             left_alone = sorted(af.path for af in present if af.path not in removable)
             state = loaded or AreaState()
-            # Say that the area is being rewritten before touching it, so that an
-            # interruption is reported (and finished by running checkout again).
-            state.pending = commit.hex()
-            state.repository = str(repo.path.resolve())
-            save_state(area, state)
+            _claim(repo, area, state, commit)
             # In place only when the area is known to hold the old entry exactly.
             clean_old = held if (not resuming and cache.valid_for(state.entry)) else None
             cwriter = CacheWriter(area, repo.page_size, repo.block_size)
@@ -285,8 +303,8 @@ def checkout(
             state.pending = None
             if not keep_branch:
                 state.branch = name if name in table.branches else None
+                state.branch_at = commit.hex() if state.branch else None
             save_state(area, state)
-            repo.register_area(area)
             return CheckoutResult(
                 entry=table.label(commit) or commit.hex(),
                 commit=commit.hex(),

@@ -57,6 +57,7 @@ class CommitResult:
     external: list[ExternalFile] = field(default_factory=list)  # saved from outside the area
     repacked: RepackResult | None = None  # small packs rolled up after the save
     repack_problem: str | None = None  # why that failed (the entry is saved all the same)
+    branch_moved_on: str | None = None  # the branch another area moved on: left, no longer followed
 
 
 def _chain_root(reader: PackReader, commit: bytes) -> bytes:
@@ -219,6 +220,7 @@ def _settle_area(
     saver.cache_writer.commit(made.commit.hex())
     state.entry = made.commit.hex()
     state.branch = made.branch
+    state.branch_at = made.commit.hex() if made.branch else None
     state.repository = str(repo.path.resolve())
     save_state(area, state)
     repo.register_area(area)
@@ -297,6 +299,7 @@ def commit(
             changed_files=changed,
             tag=tag,
             branch=made.branch,
+            branch_moved_on=made.moved_on,
             crash_consistent=vm.power_state == "running",
             external=listing.externals,
             repacked=repacked,
@@ -351,6 +354,8 @@ def _save(
             area=area,
             tag=ask.tag,
             branch=state.branch,
+            # Areas saved before VML kept branch_at saw the branch at their entry.
+            branch_at=bytes.fromhex(state.branch_at) if state.branch_at else plan.held_id,
         )
     except BaseException:
         # Nothing of this save may stay behind: its cache and, before the

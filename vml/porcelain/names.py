@@ -7,7 +7,7 @@ from pathlib import Path
 
 from vml.errors import UnknownEntry, UsageError
 from vml.plumbing import refs as refs_mod
-from vml.plumbing.areas import AreaState, load_state, save_state
+from vml.plumbing.areas import AREA_DIR, AreaState, load_state, lock_area, save_state
 from vml.plumbing.repository import Repository
 from vml.porcelain.common import label
 
@@ -91,10 +91,12 @@ def create_branch(
     """Start branch ``name`` at an entry; the area follows it when it holds that entry."""
     table, commit = _create(repo, "branch", refs_mod.BRANCH_PREFIX, name, entry, area)
     current = False
-    if follow and area is not None and area.is_dir():
-        st = load_state(area) or AreaState()
-        if st.entry == commit.hex():
-            st.branch = name
-            save_state(area, st)
-            current = True
+    if follow and area is not None and (area / AREA_DIR).is_dir():
+        with lock_area(area):  # a save running there owns the area's state
+            st = load_state(area) or AreaState()
+            if st.entry == commit.hex():
+                st.branch = name
+                st.branch_at = commit.hex()
+                save_state(area, st)
+                current = True
     return NameInfo(name, label(table, commit) or commit.hex(), commit.hex(), current)

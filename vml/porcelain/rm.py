@@ -79,10 +79,11 @@ class RewriteReport:
         mapping: dict[bytes, bytes],
         order: list[bytes],
         drop: tuple[bytes, bytes | None] | None = None,
+        force: bool = False,
     ) -> None:
         """Move names and areas onto the rewritten commits; then release the pack."""
         try:
-            moves = apply_rewrite(repo, table, mapping, order, drop=drop)
+            moves = apply_rewrite(repo, table, mapping, order, drop=drop, force=force)
         finally:
             writer.release()  # the refs reach the new pack now (or it is garbage)
         self.refs_moved += moves.refs
@@ -125,8 +126,9 @@ def remove_one(
     commit: bytes,
     report: RmResult,
     progress: ProgressFn = no_progress,
+    force: bool = False,
 ) -> None:
-    """Remove one entry (no checks: see :func:`rm`)."""
+    """Remove one entry (checked by :func:`rm` or prune; ``force``: even if an area holds it)."""
     table = refs_mod.read_refs(repo)
     reader = PackReader(repo)
     writer = PackWriter(repo)
@@ -165,7 +167,7 @@ def remove_one(
     finally:
         reader.close()
     report.add_stats(stats)
-    report.move_names(repo, table, writer, mapping, order, drop=(commit, parent))
+    report.move_names(repo, table, writer, mapping, order, drop=(commit, parent), force=force)
     report.removed.append(me)
 
 
@@ -217,5 +219,5 @@ def rm(
         commit_now = now.entries.get(n)
         if commit_now is None:
             continue
-        remove_one(repo, commit_now, report, progress)
+        remove_one(repo, commit_now, report, progress, force=force)
     return report
