@@ -423,6 +423,60 @@ def verify_entries(w: World, commits: list[str]) -> None:
         repo.close()
 
 
+# Exit codes a command may give when another one ran beside it: 8, the
+# repository or area was busy or changed under it (it changed nothing).
+CONCURRENT_CODES = (8,)
+
+
+def check_pair(w: World, before: dict[int, str], saved: bool, areas: list[Path]) -> None:
+    """After two commands ran at once: the forest is whole, areas are sound, content kept.
+
+    The commands' own checks assume they ran alone; here what must hold
+    whatever ran beside what: entries rewritten in place (same E-number)
+    keep their content, a new E-number comes from a save and verifies (what
+    it holds depends on which of the two got the area first), every entry's
+    parent is an entry, and an area either holds an entry or names a
+    pending checkout that finishes.
+    """
+    after = w.entries()
+    for n, c in after.items():
+        if n in before and before[n] != c and before[n] in w.expected:
+            w.expected[c] = w.expected[before[n]]
+        elif n not in before:
+            if not saved:
+                raise StressFailure(f"E{n} appeared, but no commit ran")
+            w.vml("verify", "--read-data", f"E{n}")
+            dest = Path(tempfile.mkdtemp(prefix="pair-", dir=w.base / "scratch")) / "a"
+            w.vml("checkout", "-q", c, str(dest))
+            w.expected[c] = digest(dest)
+            shutil.rmtree(dest.parent)
+    live = set(after.values())
+    for c in list(w.expected):
+        if c not in live:
+            del w.expected[c]
+    res = subprocess.run(
+        ["git", "-C", str(w.repo), "log", "--format=%H %P", "--no-walk", *live],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for line in res.stdout.splitlines():
+        commit, *parents = line.split()
+        if any(p not in live for p in parents):
+            raise StressFailure(f"entry {commit[:12]} has a parent no entry names")
+    for area in areas:
+        st = w.state(area)
+        if st is None:
+            continue
+        if st.get("pending"):
+            w.vml("checkout", "-q", "-f", str(st["pending"]), str(area))
+            st = w.state(area)
+            assert st is not None
+        entry = st.get("entry")
+        if entry is not None and entry not in live:
+            raise StressFailure(f"area {area.name} holds {str(entry)[:12]}, which no entry names")
+
+
 def _wait_for_lock(proc: subprocess.Popen[str], area: Path) -> float:
     """When ``proc`` took the area lock (or ended); polls the lock file for its pid."""
     lock = area / ".vml" / "lock"
@@ -444,6 +498,7 @@ def run(
     full_every: int,
     only: set[str] | None,
     out: Callable[[str], None],
+    pairs: float = 0.25,
 ) -> dict[str, int]:
     rng = random.Random(seed)
     env = dict(os.environ)
@@ -477,10 +532,15 @@ def run(
     w.vml("--version")
     startup = time.monotonic() - t
     durations: dict[str, float] = {}
-    stats = {"trials": 0, "killed": 0, "finished": 0, "pending_resumed": 0}
+    stats = {"trials": 0, "killed": 0, "finished": 0, "pending_resumed": 0, "pairs": 0}
     for i in range(trials):
         weights = [p.weight for p in plugins]
         plugin = rng.choices(plugins, weights)[0]
+        if rng.random() < pairs:
+            if run_pair(w, plugins, durations, rng, out, i):
+                stats["trials"] += 1
+                stats["pairs"] += 1
+            continue
         trial = plugin.prepare(w)
         if trial is None:
             continue
@@ -540,6 +600,62 @@ def run(
     return stats
 
 
+def run_pair(
+    w: World,
+    plugins: list[Plugin],
+    durations: dict[str, float],
+    rng: random.Random,
+    out: Callable[[str], None],
+    i: int,
+) -> bool:
+    """Start two commands at once on the same repository (and often the same area).
+
+    The second starts a moment after the first; one of them is sometimes
+    killed.  Each must finish, be killed, or refuse (exit 8) having changed
+    nothing; then :func:`check_pair`.
+    """
+    before = w.entries()
+    a_plugin, b_plugin = rng.sample(plugins, 2)
+    trials = [a_plugin.prepare(w), b_plugin.prepare(w)]
+    if any(t is None for t in trials):
+        return False
+    procs = []
+    for trial in trials:
+        assert trial is not None
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "vml", "-R", str(w.repo), *trial.argv],
+                env=w.env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+        time.sleep(rng.uniform(0, 0.3))
+    victim = rng.choice([None, 0, 1])
+    if victim is not None:
+        work = durations.get((a_plugin, b_plugin)[victim].name, 0.5)
+        time.sleep(rng.uniform(0, work))
+        if procs[victim].poll() is None:
+            procs[victim].send_signal(signal.SIGKILL)
+    codes = []
+    for proc, plugin in zip(procs, (a_plugin, b_plugin), strict=True):
+        _, err = proc.communicate(timeout=300)
+        rc = proc.returncode
+        if rc not in (0, -signal.SIGKILL, *plugin.ok_codes, *CONCURRENT_CODES):
+            raise StressFailure(f"trial {i}: {plugin.name} beside another failed ({rc}): {err}")
+        codes.append(rc)
+    areas = [a for a in w.base.iterdir() if a.is_dir() and a.name not in ("repo", "scratch")]
+    check_pair(w, before, "commit" in (a_plugin.name, b_plugin.name), areas)
+    git_fsck(w)
+    verify_entries(w, sorted(w.expected))
+    out(
+        f"trial {i + 1:3d}: {a_plugin.name} + {b_plugin.name}: "
+        + ", ".join("killed" if c < 0 else f"rc {c}" for c in codes)
+    )
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--trials", type=int, default=200)
@@ -547,12 +663,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full-every", type=int, default=20, help="verify every entry this often")
     ap.add_argument("--only", help="comma-separated commands to stress (default: all available)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument(
+        "--pairs", type=float, default=0.25, help="share of trials running two commands at once"
+    )
     args = ap.parse_args(argv)
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     base = Path(tempfile.mkdtemp(prefix="vml-stress-"))
     only = set(args.only.split(",")) if args.only else None
     try:
-        stats = run(args.trials, seed, base / "w", args.full_every, only, print)
+        stats = run(args.trials, seed, base / "w", args.full_every, only, print, args.pairs)
     except StressFailure as e:
         print(f"FAIL (seed {seed}, kept {base}): {e}", file=sys.stderr)
         return 1

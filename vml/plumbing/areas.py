@@ -128,12 +128,38 @@ class Scan:
     root: os.stat_result  # the area's own folder
 
 
-def scan_area(area: Path, is_ignored: Callable[[str, bool], bool]) -> Scan:
+def folder_key(path: Path) -> tuple[int, int]:
+    """What identifies a folder whatever path reaches it (bind mounts, links)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def same_folder(a: Path, b: Path) -> bool:
+    """True when two paths reach one folder (by path, or by device and inode)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return folder_key(a) == folder_key(b)
+    except OSError:
+        return False
+
+
+def scan_area(
+    area: Path,
+    is_ignored: Callable[[str, bool], bool],
+    foreign: dict[tuple[int, int], str] | None = None,
+) -> Scan:
     """The area's regular files and folders, without ``.vml`` and ignored paths.
 
     Symbolic links and special files are refused: an entry must rebuild to
-    exactly what was saved, and a link could point anywhere.
+    exactly what was saved, and a link could point anywhere.  A folder that
+    is one of ``foreign`` (by device and inode: the repository, reached
+    through a bind mount) or the area itself again is refused too: it would
+    be saved into itself, or for ever.
     """
+    root = os.stat(area)
+    refused = dict(foreign or {})
+    refused[(root.st_dev, root.st_ino)] = f"the area {area} itself"
     files: list[AreaFile] = []
     empty_dirs: list[str] = []
     folders: list[AreaFile] = []
@@ -159,6 +185,12 @@ def scan_area(area: Path, is_ignored: Callable[[str, bool], bool]) -> Scan:
                     "replace the link with the file it points to, or list it in .vmlignore",
                 )
             if is_dir:
+                what = refused.get((st.st_dev, st.st_ino))
+                if what is not None:
+                    raise AreaError(
+                        f"the folder {r} of the area is {what} (mounted or linked there)",
+                        "unmount it or move it out of the area, or list it in .vmlignore",
+                    )
                 folders.append(AreaFile(r, st))
                 if not walk(Path(it.path), r + "/"):
                     empty_dirs.append(r)
@@ -168,6 +200,5 @@ def scan_area(area: Path, is_ignored: Callable[[str, bool], bool]) -> Scan:
                 raise AreaError(f"{r} is not a regular file", "remove it or list it in .vmlignore")
         return found
 
-    root = os.stat(area)
     walk(area, "")
     return Scan(files, empty_dirs, sorted(folders, key=lambda f: f.path), root)

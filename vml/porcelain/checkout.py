@@ -30,6 +30,7 @@ from vml.plumbing.vm.inspect import inspect_area
 from vml.porcelain.common import (
     ProgressFn,
     check_area_path,
+    foreign_folders,
     make_pool,
     no_progress,
     read_entry,
@@ -258,7 +259,7 @@ def checkout(
             loaded = load_state(area)
             held = _held_entry(reader, table, loaded, target)
             cache = Cache(area, repo.page_size, repo.block_size)
-            scan = scan_area(area, IgnoreRules.load(area).is_ignored)
+            scan = scan_area(area, IgnoreRules.load(area).is_ignored, foreign_folders(repo))
             present = scan.files
             resuming = loaded is not None and loaded.pending is not None
             if not force and not resuming:

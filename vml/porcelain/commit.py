@@ -9,7 +9,15 @@ from pathlib import Path
 
 from vml.errors import AreaError, CorruptRepository, NothingToCommit, UsageError, VMLError
 from vml.plumbing import refs as refs_mod
-from vml.plumbing.areas import AreaFile, AreaState, load_state, lock_area, save_state, scan_area
+from vml.plumbing.areas import (
+    AreaFile,
+    AreaState,
+    load_state,
+    lock_area,
+    same_folder,
+    save_state,
+    scan_area,
+)
 from vml.plumbing.cache import Cache
 from vml.plumbing.entries import (
     PERM_BITS,
@@ -28,7 +36,14 @@ from vml.plumbing.repository import Repository
 from vml.plumbing.saving import Baseline, Saver, SourceFile
 from vml.plumbing.vm.ignore import IgnoreRules
 from vml.plumbing.vm.inspect import VMInfo, check_saveable
-from vml.porcelain.common import ProgressFn, check_area_path, make_pool, no_progress, read_entry
+from vml.porcelain.common import (
+    ProgressFn,
+    check_area_path,
+    foreign_folders,
+    make_pool,
+    no_progress,
+    read_entry,
+)
 from vml.porcelain.vminfo import (
     ExternalFile,
     entry_vm,
@@ -138,13 +153,26 @@ def choose_parent(
     return Plan(kind, parent, held)
 
 
-def _area_state(area: Path) -> AreaState:
-    """The area's state, refusing an area a checkout left half-written."""
+def _area_state(repo: Repository, area: Path, move: bool) -> AreaState:
+    """The area's state, refusing an area a checkout left half-written.
+
+    An area saved to another repository moves to this one only on request
+    (``move``): its entries are elsewhere, so its next save here is full, and
+    saving it here by mistake (another ``--repo`` or ``$VML_REPO``) would
+    silently split its history in two.
+    """
     state = load_state(area) or AreaState()
     if state.pending:
         raise AreaError(
             f"a checkout of {state.pending[:12]} into {area} was interrupted",
             f"run `vml checkout {state.pending[:12]} {area}` to finish it first",
+        )
+    if state.repository and not move and not same_folder(Path(state.repository), repo.path):
+        gone = "" if Path(state.repository).is_dir() else " (no longer there)"
+        raise UsageError(
+            f"the area {area} was saved to {state.repository}{gone}, not to {repo.path}",
+            f"pass --move to save it to {repo.path} from now on, "
+            f"or --repo {state.repository} to keep saving it there",
         )
     return state
 
@@ -160,10 +188,10 @@ class Listing:
     root_perm: int
 
 
-def list_files(area: Path, plan: Plan, sources: list[str]) -> Listing:
+def list_files(repo: Repository, area: Path, plan: Plan, sources: list[str]) -> Listing:
     """The files to save (with those from outside the area) and the empty folders."""
     rules = IgnoreRules.load(area)
-    scan = scan_area(area, rules.is_ignored)
+    scan = scan_area(area, rules.is_ignored, foreign_folders(repo))
     externals, found = _add_externals(sources, scan.files, plan.parent, plan.held)
     outside = {e.path: Path(e.source) for e in externals}
     files = [SourceFile(f.path, outside.get(f.path, area / f.path), f.stat) for f in found]
@@ -247,6 +275,7 @@ def commit(
     allow_empty: bool = False,
     force_running: bool = False,
     include_external: bool = False,
+    move: bool = False,
     progress: ProgressFn = no_progress,
 ) -> CommitResult:
     """Save ``area`` as a new entry of ``repo``.
@@ -270,7 +299,7 @@ def commit(
             refs_mod.check_name("tag", tag)
             if tag in table.tags:
                 raise UsageError(f"tag {tag!r} exists already", "choose another name")
-        state = _area_state(area)
+        state = _area_state(repo, area, move)
         vm = check_saveable(area, force_running=force_running, include_external=include_external)
         # Everything the VM needs outside the area, found (or refused) before
         # anything is written: an entry missing one could not be rebuilt.
@@ -278,7 +307,7 @@ def commit(
         reader = PackReader(repo)
         try:
             plan = choose_parent(repo, reader, table, state, kind, base)
-            listing = list_files(area, plan, sources)
+            listing = list_files(repo, area, plan, sources)
             ask = _Ask(message, tag, allow_empty)
             made, saver, changed = _save(
                 repo, reader, area, plan, state, listing, vm, ask, table, progress

@@ -22,7 +22,7 @@ from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
 from vml.plumbing.vm.ignore import IgnoreRules
 from vml.plumbing.vm.inspect import inspect_area
-from vml.porcelain.common import label, read_entry
+from vml.porcelain.common import foreign_folders, label, read_entry
 from vml.porcelain.vminfo import saved_externals, vm_view
 
 
@@ -165,7 +165,8 @@ def status(repo: Repository, area: Path) -> StatusResult:
         if commit is not None and commit in set(table.entries.values()):
             entry = read_entry(reader, commit)
         cache = Cache(area, repo.page_size, repo.block_size)
-        changes = area_changes(area, state, entry, cache)
+        scan = scan_area(area, IgnoreRules.load(area).is_ignored, foreign_folders(repo))
+        changes = area_changes(area, state, entry, cache, scan=scan)
         vm = inspect_area(area)
         return StatusResult(
             area=str(area),
