@@ -634,7 +634,7 @@ def run_pair(
         time.sleep(rng.uniform(0, 0.3))
     victim = rng.choice([None, 0, 1])
     if victim is not None:
-        work = durations.get((a_plugin, b_plugin)[victim].name, 0.5)
+        work = max(0.05, durations.get((a_plugin, b_plugin)[victim].name, 0.5))
         time.sleep(rng.uniform(0, work))
         if procs[victim].poll() is None:
             procs[victim].send_signal(signal.SIGKILL)
