@@ -117,3 +117,28 @@ class NoSpace(VMLError):
 
     exit_code = 9
     default_remedy = "free some space and try again"
+
+
+class VMControlError(VMLError):
+    """Starting, stopping or talking to a VM under ``vml run`` failed."""
+
+    exit_code = 10
+    default_remedy = "see the area's .vml/run/qemu.log"
+
+
+class QMPError(VMControlError):
+    """QEMU's QMP socket did not answer, or QEMU refused a command."""
+
+
+class QMPTimeout(QMPError):
+    """QEMU did not answer on its QMP socket in time."""
+
+    default_remedy = "the VM may be hung: `vml stop --kill` ends it"
+
+
+class IncompatibleState(VMControlError):
+    """A saved running state that this QEMU cannot load."""
+
+    default_remedy = (
+        "run it with the QEMU that saved it, or boot afresh with `vml run --discard-state`"
+    )
