@@ -560,7 +560,8 @@ def demo(
 # One import line per module; keep this block at the end of the file.
 # fmt: off
 import vml.cli.forest  # noqa: E402
-import vml.cli.sharing  # noqa: E402, F401
+import vml.cli.sharing  # noqa: E402
+import vml.cli.vmcmds  # noqa: E402, F401
 
 # fmt: on
 

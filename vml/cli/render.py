@@ -92,6 +92,11 @@ def vm_brief(vm: dict[str, object] | None) -> str:
     power = str(vm.get("power_state") or "off")
     if vm.get("crash_consistent"):
         power = "running, crash-consistent"
+    elif isinstance(vm.get("live"), dict):
+        power = "running, consistent"
+    run = vm.get("vml_run")
+    if isinstance(run, dict):
+        power = f"{run.get('state')} under vml run"
     parts.append(power)
     return " ".join(parts)
 
@@ -112,8 +117,19 @@ def vm_lines(vm: dict[str, object] | None, label: str = "vm") -> list[str]:
     if isinstance(mem, int):
         head.append(f"memory {size(mem << 20)}")
     power = str(vm.get("power_state") or "off")
+    live = vm.get("live")
+    run = vm.get("vml_run")
     if vm.get("crash_consistent"):
         power = "[red]running when saved: crash-consistent[/red]"
+    elif isinstance(live, dict):
+        power = f"running when saved: consistent (saved live, paused {live.get('pause_seconds')} s)"
+    elif isinstance(run, dict) and run.get("state") in ("paused", "postmigrate"):
+        power = (
+            f"[yellow]paused under `vml run` (QEMU pid {run.get('pid')}): "
+            "`vml run --continue` continues it[/yellow]"
+        )
+    elif isinstance(run, dict):
+        power = f"{run.get('state')} under `vml run` (QEMU pid {run.get('pid')})"
     head.append(power)
     lines = [f"{label:<9} " + ", ".join(head)]
     disks = vm.get("disks")

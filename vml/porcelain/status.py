@@ -22,6 +22,7 @@ from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
 from vml.plumbing.vm.ignore import IgnoreRules
 from vml.plumbing.vm.inspect import inspect_area
+from vml.plumbing.vm.qemu import run_status
 from vml.porcelain.common import foreign_folders, label, read_entry
 from vml.porcelain.vminfo import saved_externals, vm_view
 
@@ -168,6 +169,7 @@ def status(repo: Repository, area: Path) -> StatusResult:
         scan = scan_area(area, IgnoreRules.load(area).is_ignored, foreign_folders(repo))
         changes = area_changes(area, state, entry, cache, scan=scan)
         vm = inspect_area(area)
+        run = run_status(area) if vm.power_state == "running" else None
         return StatusResult(
             area=str(area),
             entry=label(table, commit),
@@ -175,7 +177,9 @@ def status(repo: Repository, area: Path) -> StatusResult:
             branch=state.branch,
             pending=state.pending,
             changes=changes,
-            vm=vm_view({**vm.to_json(), "crash_consistent": False}),
+            vm=vm_view(
+                {**vm.to_json(), "crash_consistent": False, **({"vml_run": run} if run else {})}
+            ),
         )
     finally:
         reader.close()

@@ -128,7 +128,8 @@ def parse_vmx(path: Path) -> Config | None:
     return cfg
 
 
-def _parse_xml(path: Path) -> ET.Element | None:
+def parse_xml(path: Path) -> ET.Element | None:
+    """Parse a small XML file; ``None`` if unreadable, malformed or carrying a DTD."""
     text = _read_small(path)
     if text is None:
         return None
@@ -149,7 +150,7 @@ def parse_vbox(path: Path) -> Config | None:
     a differencing image is a ``HardDisk`` nested inside its parent.  A
     machine-level ``stateFile`` attribute means the VM is saved (suspended).
     """
-    root = _parse_xml(path)
+    root = parse_xml(path)
     if root is None or root.tag != VBOX_NS + "VirtualBox":
         return None
     machine = root.find(VBOX_NS + "Machine")
@@ -188,7 +189,7 @@ def memory_to_mib(amount: str | None, unit: str | None) -> int | None:
 
 def parse_libvirt(path: Path) -> Config | None:
     """Describe a VM from a libvirt domain XML (``virsh dumpxml`` output)."""
-    root = _parse_xml(path)
+    root = parse_xml(path)
     if root is None or root.tag != "domain":
         return None
     name = root.findtext("name")

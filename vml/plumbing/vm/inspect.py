@@ -21,14 +21,22 @@ from pathlib import Path, PurePosixPath
 
 from vml.errors import AreaError, CorruptRepository, VMRunning
 from vml.plumbing.vm.configs import Config, DiskRef, parse_libvirt, parse_vbox, parse_vmx
+from vml.plumbing.vm.description import parse_qemu_json
 from vml.plumbing.vm.formats import RawDisk, is_candidate, read_disk
 from vml.plumbing.vm.ignore import VML_DIR, IgnoreRules
 from vml.plumbing.vm.locks import image_reasons, lck_entries
+from vml.plumbing.vm.qemu import RunningVM, vml_vm
 
 #: Config suffix → (parser, rank); a lower rank wins when an area holds several.
-_CONFIG_PARSERS = {".vmx": (parse_vmx, 0), ".vbox": (parse_vbox, 1), ".xml": (parse_libvirt, 2)}
+#: ``.json`` is VML's own QEMU description (``<name>.qemu.json``).
+_CONFIG_PARSERS = {
+    ".vmx": (parse_vmx, 0),
+    ".vbox": (parse_vbox, 1),
+    ".json": (parse_qemu_json, 2),
+    ".xml": (parse_libvirt, 3),
+}
 #: Files that hold a VM's memory or device state; checked for writers like disks.
-_STATE_SUFFIXES = (".vmem", ".vmss", ".vmsn", ".sav", ".nvram")
+_STATE_SUFFIXES = (".vmem", ".vmss", ".vmsn", ".sav", ".nvram", ".ram", ".vmstate")
 #: Disk format family → hypervisor, for areas with disks but no config.
 _FAMILY = {"vmdk": "vmware", "vdi": "virtualbox"}
 _WINDOWS_ABS = re.compile(r"^[A-Za-z]:[\\/]|^\\\\")
@@ -368,11 +376,13 @@ def _inspect(root: Path, scan: _Scan, running: bool) -> VMInfo:
     )
 
 
-def _running(root: Path, scan: _Scan) -> list[str]:
+def _running(root: Path, scan: _Scan) -> tuple[list[str], RunningVM | None]:
+    """Signs that someone else runs the VM, and the QEMU VML runs for it (if any)."""
+    own = vml_vm(root)
     reasons = lck_entries(root, scan.lck_dirs + scan.files)
     watched = [f for f in scan.files if is_candidate(f) or f.lower().endswith(_STATE_SUFFIXES)]
-    reasons.extend(image_reasons(root, watched))
-    return reasons
+    reasons.extend(image_reasons(root, watched, own.pid if own is not None else None))
+    return reasons, own
 
 
 def inspect_area(root: Path) -> VMInfo:
@@ -388,40 +398,60 @@ def inspect_area(root: Path) -> VMInfo:
     if not root.is_dir():
         return VMInfo("none", None, None, None, "off", None, ())
     scan = _scan(root)
-    return _inspect(root, scan, bool(_running(root, scan)))
+    reasons, own = _running(root, scan)
+    return _inspect(root, scan, bool(reasons) or own is not None)
 
 
 def running_reasons(root: Path) -> list[str]:
     """Human-readable reasons the VM in ``root`` looks running; empty if none.
 
-    Signs: VMware ``*.lck`` folders/files; byte-range locks another process
-    holds on an image (qemu's image locking); image or state files another
-    process has open for writing (Linux ``/proc``; how VirtualBox shows).
-    See ``locks`` for why each sign means what it does.
+    Signs: a QEMU that ``vml run`` started for it; VMware ``*.lck``
+    folders/files; byte-range locks another process holds on an image
+    (qemu's image locking); image or state files another process has open
+    for writing (Linux ``/proc``; how VirtualBox shows).  See ``locks`` for
+    why each sign means what it does.
     """
     if not root.is_dir():
         return []
-    return _running(root, _scan(root))
+    reasons, own = _running(root, _scan(root))
+    if own is not None:
+        reasons.insert(0, f"it runs under `vml run` (QEMU pid {own.pid})")
+    return reasons
 
 
-def check_saveable(root: Path, *, force_running: bool, include_external: bool) -> VMInfo:
+def check_saveable(
+    root: Path, *, force_running: bool, include_external: bool, live: bool = False
+) -> VMInfo:
     """Describe the VM in ``root`` and check that it can be saved as it is.
 
     Raises ``VMRunning`` naming the locks if the VM looks running, unless
     ``force_running``; raises ``AreaError`` naming the files the VM needs
     outside the area, unless ``include_external``.  Returns the description.
+    A VM that runs under ``vml run`` (VML's own QEMU, and nobody else using
+    its files) is refused too, unless ``live`` (the caller saves it through
+    ``live.live_snapshot``) or ``force_running``.
     """
     if not root.is_dir():
         raise AreaError(f"working area {root} is not a folder", "give the folder that holds the VM")
     scan = _scan(root)
-    reasons = _running(root, scan)
+    reasons, own = _running(root, scan)
     if reasons and not force_running:
         raise VMRunning(
-            f"the VM in {root} looks running: " + "; ".join(reasons),
-            "shut down or suspend the VM first, or pass --force-running to save it anyway "
+            f"the VM in {root} looks running"
+            + (" (and not only under `vml run`)" if own is not None else "")
+            + ": "
+            + "; ".join(reasons),
+            "shut down or suspend the VM first (`vml run` runs a QEMU VM so that VML can save "
+            "it while it runs), or pass --force-running to save it anyway "
             "(the saved disks may be inconsistent)",
         )
-    info = _inspect(root, scan, bool(reasons))
+    if own is not None and not live and not force_running:
+        raise VMRunning(
+            f"the VM in {root} runs under `vml run` (QEMU pid {own.pid})",
+            "`vml stop --save` saves its running state and stops it (then commit); `vml stop` "
+            "powers it off; --force-running saves it anyway (crash-consistent)",
+        )
+    info = _inspect(root, scan, bool(reasons) or own is not None)
     external = info.external
     if external and not include_external:
         raise AreaError(

@@ -128,20 +128,44 @@ def open_for_writing(files: dict[tuple[int, int], str]) -> dict[str, list[str]]:
     return found
 
 
-def image_reasons(root: Path, rels: Iterable[str]) -> list[str]:
-    """Reasons the image/state files ``rels`` (relative to ``root``) look in use."""
+def open_files(pid: int) -> set[tuple[int, int]]:
+    """(st_dev, st_ino) of every file process ``pid`` has open (empty if unknown)."""
+    found: set[tuple[int, int]] = set()
+    fd_dir = Path("/proc", str(pid), "fd")
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return found
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            st = os.stat(fd_dir / fd)
+            found.add((st.st_dev, st.st_ino))
+    return found
+
+
+def image_reasons(root: Path, rels: Iterable[str], own_pid: int | None = None) -> list[str]:
+    """Reasons the image/state files ``rels`` (relative to ``root``) look in use.
+
+    ``own_pid`` is the QEMU that VML runs for this area: its locks and open
+    files are no reason (the caller knows it runs); anyone else's are.
+    """
     reasons: list[str] = []
     by_id: dict[tuple[int, int], str] = {}
+    own = open_files(own_pid) if own_pid is not None else set()
     for rel in rels:
         path = root / rel
         try:
             st = path.lstat()
         except OSError:
             continue
-        by_id[(st.st_dev, st.st_ino)] = rel
-        lock = held_lock(path)
+        key = (st.st_dev, st.st_ino)
+        by_id[key] = rel
+        lock = held_lock(path) if key not in own else None
         if lock is not None:
             reasons.append(f"{rel} is locked by another process ({lock}; qemu holds such locks)")
+    mine = f"(pid {own_pid})"
     for rel, holders in sorted(open_for_writing(by_id).items()):
-        reasons.append(f"{rel} is open for writing by {', '.join(holders)}")
+        others = [h for h in holders if not h.endswith(mine)]
+        if others:
+            reasons.append(f"{rel} is open for writing by {', '.join(others)}")
     return reasons

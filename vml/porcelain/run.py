@@ -1,0 +1,281 @@
+"""``vml run``: start the area's QEMU VM (or resume its saved running state).
+
+The VM is described by the area's ``<name>.qemu.json`` (``vml vm init``) or
+a libvirt domain XML; the command line comes from
+``vml.plumbing.vm.qemu.build_command``.  With a saved running state
+(``<name>.vmstate`` next to the memory file: from ``vml stop --save``, or
+an entry saved while the VM ran) QEMU starts with ``-incoming defer``, loads
+it and continues: the guest goes on where it was.  The state is then
+consumed (removed), so it can never be resumed twice against disks that
+have moved on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vml.errors import AreaError, IncompatibleState, VMControlError, VMRunning
+from vml.plumbing.areas import lock_area
+from vml.plumbing.vm.description import QemuSpec, find_spec
+from vml.plumbing.vm.inspect import running_reasons
+from vml.plumbing.vm.qemu import (
+    PAUSED,
+    QemuBuild,
+    RunPaths,
+    build_command,
+    check_loadable,
+    kvm_usable,
+    launch_detached,
+    load_device_state,
+    now_iso,
+    prepare_run_dir,
+    qemu_build,
+    read_state_header,
+    set_capabilities,
+    vml_vm,
+    wait_for_qmp,
+    write_run_info,
+)
+from vml.plumbing.vm.qmp import QMPClient
+
+ACCELS = ("kvm", "tcg")
+
+
+@dataclass
+class RunResult:
+    """What ``vml run`` did."""
+
+    area: str
+    command: list[str]
+    accel: str
+    machine: str
+    resumed: bool = False  # a saved running state was loaded
+    continued: bool = False  # --continue of a paused VM
+    already_running: bool = False
+    pid: int | None = None
+    console_log: str = ""
+    seconds: float = 0.0
+    dry_run: bool = False
+    exit_status: int | None = None  # --console: QEMU's exit status
+    notes: list[str] = field(default_factory=list)
+
+
+def need_spec(area: Path) -> QemuSpec:
+    """The area's VM description, or ``AreaError`` saying how to write one."""
+    if not area.is_dir():
+        raise AreaError(f"no working area at {area}", "check the path")
+    spec = find_spec(area)
+    if spec is None:
+        raise AreaError(
+            f"the area {area} has no QEMU VM description",
+            f"write one with `vml vm init {area} --disk FILE`",
+        )
+    return spec
+
+
+def _continue(area: Path, spec: QemuSpec) -> RunResult:
+    vm = vml_vm(area)
+    if vm is None:
+        raise AreaError(f"no VM runs under `vml run` in {area}", "start it with `vml run`")
+    res = RunResult(str(area), [], "", "", continued=True, pid=vm.pid)
+    res.console_log = str(RunPaths(area).console)
+    with QMPClient.connect(vm.qmp) as c:
+        status = str(c.execute("query-status").get("status"))
+        if status == "running":
+            res.already_running = True
+        elif status in PAUSED:
+            c.execute("cont")
+        else:
+            raise VMControlError(
+                f"the VM in {area} is {status} and cannot be continued",
+                "`vml stop --kill` ends it; `vml run` starts it again",
+            )
+    return res
+
+
+def _check_files(area: Path, spec: QemuSpec) -> None:
+    missing = [p for p in spec.files() if not (area / p).is_file()]
+    if missing:
+        raise AreaError(
+            f"the VM {spec.name} needs {', '.join(missing)}, missing from {area}",
+            "put them back, or describe the VM again with `vml vm init --force`",
+        )
+
+
+def _plan(
+    area: Path, spec: QemuSpec, build: QemuBuild, accel: str | None, discard_state: bool
+) -> tuple[str, str, int | None]:
+    """Accelerator, machine type, and the offset of a saved state to resume (or None)."""
+    state = area / spec.state_file
+    if discard_state:
+        state.unlink(missing_ok=True)
+        (area / spec.ram_file).unlink(missing_ok=True)
+    if state.exists():
+        header, offset = read_state_header(state)
+        chosen = accel or header.accel
+        check_loadable(header, spec, build, chosen)
+        ram = area / spec.ram_file
+        if not ram.is_file() or ram.stat().st_size != spec.memory_mib << 20:
+            raise IncompatibleState(
+                f"the saved state of {spec.stem} needs its memory file {spec.ram_file} "
+                f"({spec.memory_mib} MiB), which is missing or of another size",
+                "check the entry out again, or boot afresh with `vml run --discard-state`",
+            )
+        return chosen, header.machine, offset
+    chosen = accel or ("kvm" if kvm_usable() else "tcg")
+    machine = build.resolve_machine(spec.machine)
+    if machine is None:
+        raise AreaError(
+            f"QEMU {build.version} has no machine type {spec.machine!r} ({spec.source})",
+            f"choose one that `{build.binary} -machine help` lists",
+        )
+    return chosen, machine, None
+
+
+def _fresh_ram(area: Path, spec: QemuSpec) -> None:
+    """A new, empty (sparse) memory file: a booting guest owes nothing to old memory."""
+    ram = area / spec.ram_file
+    ram.unlink(missing_ok=True)
+    with open(ram, "wb") as f:
+        f.truncate(spec.memory_mib << 20)
+
+
+def _start(
+    client: QMPClient, area: Path, spec: QemuSpec, offset: int | None, res: RunResult
+) -> None:
+    set_capabilities(client)
+    if offset is not None:
+        try:
+            load_device_state(client, area / spec.state_file, offset)
+        except VMControlError as e:
+            raise IncompatibleState(
+                f"QEMU could not load the saved state of {spec.stem}: {e.message}",
+                "boot afresh with `vml run --discard-state` (the state is kept until then)",
+            ) from e
+    client.execute("cont")
+    if offset is not None:
+        # Running on: the saved state no longer matches the disks.
+        (area / spec.state_file).unlink(missing_ok=True)
+        res.resumed = True
+
+
+def _refuse_running(area: Path) -> None:
+    vm = vml_vm(area)
+    if vm is not None:
+        raise VMRunning(
+            f"the VM in {area} already runs under `vml run` (QEMU pid {vm.pid})",
+            "`vml stop` stops it; `vml run --continue` continues it if it is paused",
+        )
+    reasons = running_reasons(area)
+    if reasons:
+        raise VMRunning(
+            f"the VM in {area} looks running elsewhere: " + "; ".join(reasons),
+            "stop it where it runs first",
+        )
+
+
+def run(
+    area: Path,
+    *,
+    accel: str | None = None,
+    dry_run: bool = False,
+    console: bool = False,
+    cont: bool = False,
+    discard_state: bool = False,
+    on_console: Callable[[RunResult], None] | None = None,
+) -> RunResult:
+    """Start (or resume, or ``cont``inue) the VM of ``area``; see the module doc.
+
+    Returns once the guest runs; with ``console`` only when QEMU has ended
+    (``on_console`` is called just before the terminal is handed over).
+    """
+    t0 = time.monotonic()
+    spec = need_spec(area)
+    if accel is not None and accel not in ACCELS:
+        raise AreaError(f"unknown accelerator {accel!r}", "use --accel kvm or --accel tcg")
+    if cont:
+        return _continue(area, spec)
+    if not dry_run:
+        _refuse_running(area)
+    _check_files(area, spec)
+    build = qemu_build(spec.arch)
+    chosen, machine, offset = _plan(area, spec, build, accel, discard_state and not dry_run)
+    cmd = build_command(
+        area,
+        spec,
+        build,
+        accel=chosen,
+        machine=machine,
+        console=console,
+        incoming=offset is not None,
+    )
+    paths = RunPaths(area)
+    res = RunResult(str(area), cmd, chosen, machine, console_log=str(paths.console))
+    if dry_run:
+        res.dry_run = True
+        res.resumed = offset is not None
+        return res
+    proc: subprocess.Popen[bytes] | None = None
+    with lock_area(area):
+        _refuse_running(area)  # again, now that no other vml command can start it
+        prepare_run_dir(area)
+        if offset is None:
+            _fresh_ram(area, spec)
+        write_run_info(
+            paths,
+            {"accel": chosen, "machine": machine, "qemu": build.version, "command": cmd,
+             "description": spec.source, "started": now_iso()},
+        )  # fmt: skip
+        if console:
+            with open(paths.log, "ab") as log:
+                proc = subprocess.Popen(cmd, stderr=log)
+        else:
+            launch_detached(cmd, spec, area)
+        try:
+            with wait_for_qmp(paths, proc=proc) as client:
+                _start(client, area, spec, offset, res)
+        except BaseException:
+            if proc is not None:
+                proc.kill()
+                _ended(area, spec, proc)
+            else:
+                _kill_started(paths)
+            raise
+    if res.resumed:
+        res.notes.append("resumed from the saved running state (now consumed)")
+    if proc is not None:
+        res.pid = proc.pid
+        if on_console is not None:
+            on_console(res)
+        try:
+            res.exit_status = proc.wait()
+        finally:
+            _ended(area, spec, proc)
+    else:
+        vm = vml_vm(area)
+        res.pid = vm.pid if vm is not None else None
+    res.seconds = time.monotonic() - t0
+    return res
+
+
+def _kill_started(paths: RunPaths) -> None:
+    """End a QEMU that started but could not be set up (the saved state stays)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        pid = int(paths.pidfile.read_text().split()[0])
+        os.kill(pid, 9)
+
+
+def _ended(area: Path, spec: QemuSpec, proc: subprocess.Popen[bytes]) -> None:
+    """After a foreground QEMU: what the shell parent does for a detached one."""
+    code = proc.wait()
+    paths = RunPaths(area)
+    if not (area / spec.state_file).exists():
+        (area / spec.ram_file).unlink(missing_ok=True)
+    paths.pidfile.unlink(missing_ok=True)
+    paths.exit.write_text(f"{code}\n")

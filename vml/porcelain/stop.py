@@ -1,0 +1,143 @@
+"""``vml stop``: power the area's VM off, or save its running state and end QEMU.
+
+- plain: the ACPI power button (QMP ``system_powerdown``); the guest shuts
+  down by itself; VML waits for QEMU to end.
+- ``--save``: like a suspend.  QEMU stops the guest, writes its device
+  state into ``<name>.vmstate`` (the memory stays in ``<name>.ram``) and
+  quits; both files are flushed to disk.  ``vml run`` resumes it; ``vml
+  commit`` saves it as an entry that resumes wherever it is checked out.
+- ``--kill``: end QEMU at once, like pulling the plug.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vml.errors import AreaError, QMPError, VMControlError
+from vml.plumbing.areas import lock_area
+from vml.plumbing.vm.description import QemuSpec
+from vml.plumbing.vm.qemu import (
+    RunPaths,
+    StateHeader,
+    current_machine,
+    kill,
+    now_iso,
+    read_run_info,
+    save_device_state,
+    vml_vm,
+    wait_exit,
+)
+from vml.plumbing.vm.qmp import QMPClient
+from vml.porcelain.run import need_spec
+
+
+@dataclass
+class StopResult:
+    """What ``vml stop`` did."""
+
+    area: str
+    how: str  # "powered off" | "saved" | "killed"
+    seconds: float
+    state_file: str | None = None
+    state_bytes: int = 0
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save(area: Path, spec: QemuSpec, client: QMPClient) -> int:
+    """Stop the guest, write its device state beside the memory file, flush both."""
+    status = client.execute("query-status").get("status")
+    if status == "postmigrate":
+        # Left so by an interrupted live save: its disks must be taken back first.
+        client.execute("cont")
+    client.execute("stop")
+    info = read_run_info(area)
+    header = StateHeader(
+        qemu=str(info.get("qemu", "")),
+        machine=current_machine(client),
+        arch=spec.arch,
+        accel=str(info.get("accel", "tcg")),
+        memory_mib=spec.memory_mib,
+        ram_file=spec.ram_file,
+        saved=now_iso(),
+    )
+    final = area / spec.state_file
+    tmp = final.with_name(final.name + ".tmp")
+    try:
+        size = save_device_state(client, tmp, header)
+        _fsync(tmp)
+        _fsync(area / spec.ram_file)
+        os.replace(tmp, final)
+        _fsync(area)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        client.execute("cont")  # not saved: let it run on as before
+        raise
+    return size
+
+
+def stop(
+    area: Path, *, save: bool = False, force_kill: bool = False, timeout: float = 60.0
+) -> StopResult:
+    """Stop the VM VML runs for ``area``; see the module doc."""
+    t0 = time.monotonic()
+    spec = need_spec(area)
+    vm = vml_vm(area)
+    if vm is None:
+        raise AreaError(f"no VM runs under `vml run` in {area}", "nothing to stop")
+    res = StopResult(str(area), "killed" if force_kill else "saved" if save else "powered off", 0)
+    with lock_area(area):
+        if force_kill:
+            kill(vm.pid)
+            wait_exit(vm.pid, 10)
+        else:
+            with QMPClient.connect(vm.qmp) as client:
+                if save:
+                    res.state_bytes = _save(area, spec, client)
+                    res.state_file = spec.state_file
+                    # QEMU may close the socket before it answers.
+                    with contextlib.suppress(QMPError):
+                        client.execute("quit")
+                else:
+                    _powerdown(area, client)
+            if not wait_exit(vm.pid, timeout if not save else 30):
+                if save:
+                    kill(vm.pid)  # its state is saved; what is left is an exiting QEMU
+                    wait_exit(vm.pid, 10)
+                else:
+                    raise VMControlError(
+                        f"the guest in {area} did not power off within {timeout:.0f} s "
+                        "(it may ignore the ACPI power button, or still be shutting down)",
+                        "wait and run `vml stop` again, `vml stop --save` to save it as it is, "
+                        "or `vml stop --kill` to pull the plug",
+                    )
+        _wait_parent(RunPaths(area))
+    res.seconds = time.monotonic() - t0
+    return res
+
+
+def _powerdown(area: Path, client: QMPClient) -> None:
+    status = client.execute("query-status").get("status")
+    if status != "running":
+        raise VMControlError(
+            f"the VM in {area} is {status}: a paused guest cannot see the power button",
+            "`vml run --continue` continues it (then `vml stop`), or `vml stop --kill` ends it",
+        )
+    client.execute("system_powerdown")
+
+
+def _wait_parent(paths: RunPaths, timeout: float = 10.0) -> None:
+    """Wait for QEMU's shell parent to record the exit (and drop the memory file)."""
+    deadline = time.monotonic() + timeout
+    while not paths.exit.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)

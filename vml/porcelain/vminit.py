@@ -1,0 +1,184 @@
+"""``vml vm init``: write the area's QEMU VM description, so nobody writes one by hand.
+
+Disks must be inside the area (their paths are kept relative to it, so the
+area can be checked out anywhere).  A kernel or initrd given from outside
+the area is copied in (they are small, and an entry must hold what the VM
+boots from); ``copy_boot=False`` refuses them instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vml.errors import AreaError, UsageError
+from vml.plumbing.repository import parse_size
+from vml.plumbing.vm.description import (
+    DISK_FORMATS,
+    INTERFACES,
+    SUFFIX,
+    QemuDisk,
+    QemuSpec,
+    check_stem,
+    find_spec,
+    spec_from_json,
+    write_spec,
+)
+from vml.plumbing.vm.formats import read_disk
+
+
+@dataclass
+class VmInitResult:
+    """What ``vml vm init`` wrote."""
+
+    area: str
+    description: str  # area-relative file name
+    spec: QemuSpec
+    copied: list[str] = field(default_factory=list)  # boot files copied into the area
+
+
+def _inside(area: Path, given: Path, what: str) -> str | None:
+    """``given`` as an area-relative path, or None if it lies outside the area."""
+    real_area = os.path.realpath(area)
+    full = os.path.realpath(given if given.is_absolute() else Path.cwd() / given)
+    if not os.path.isfile(full):
+        raise AreaError(f"{what} {given} does not exist", "give the path of an existing file")
+    if full.startswith(real_area.rstrip(os.sep) + os.sep):
+        return Path(os.path.relpath(full, real_area)).as_posix()
+    return None
+
+
+def _disk(area: Path, given: Path, interface: str) -> QemuDisk:
+    if interface not in INTERFACES:
+        raise UsageError(f"unknown disk interface {interface!r}", f"use one of {INTERFACES}")
+    rel = _inside(area, given, "disk")
+    if rel is None:
+        raise AreaError(
+            f"disk {given} is outside the area {area}",
+            "move or copy it into the area first (entries hold what is in the area)",
+        )
+    raw = read_disk(area / rel)
+    fmt = raw.format if raw is not None else "raw"
+    if fmt not in DISK_FORMATS:
+        raise AreaError(
+            f"disk {rel} is {fmt}; vml run takes raw or qcow2",
+            f"convert it (qemu-img convert -O qcow2 {rel} disk.qcow2)",
+        )
+    return QemuDisk(rel, fmt, interface)
+
+
+def _boot_file(
+    area: Path, given: Path | None, what: str, copy: bool, copied: list[str]
+) -> str | None:
+    if given is None:
+        return None
+    rel = _inside(area, given, what)
+    if rel is not None:
+        return rel
+    if not copy:
+        raise AreaError(
+            f"{what} {given} is outside the area", "copy it into the area, or drop --no-copy"
+        )
+    name = given.name
+    if (area / name).exists():
+        raise AreaError(
+            f"cannot copy {what} {given} into the area: {name} exists there",
+            "copy it in under another name and give that path",
+        )
+    shutil.copyfile(given, area / name)
+    copied.append(name)
+    return name
+
+
+def memory_mib(text: str) -> int:
+    """``--memory``: ``256M``, ``1G``, or a plain number of MiB."""
+    t = text.strip()
+    try:
+        nbytes = int(t) << 20 if t.isdigit() else parse_size(t)
+    except UsageError:
+        nbytes = 0
+    if nbytes < 1 << 20 or nbytes % (1 << 20):
+        raise UsageError(
+            f"cannot read memory size {text!r} (a whole number of MiB)", "write it like 512M or 2G"
+        )
+    return nbytes >> 20
+
+
+def vm_init(
+    area: Path,
+    *,
+    disks: Sequence[Path],
+    memory: str = "1G",
+    cpus: int = 1,
+    kernel: Path | None = None,
+    initrd: Path | None = None,
+    append: str | None = None,
+    qemu_args: Sequence[str] = (),
+    name: str | None = None,
+    machine: str = "q35",
+    network: str = "user",
+    display: str = "none",
+    interface: str = "virtio",
+    copy_boot: bool = True,
+    force: bool = False,
+) -> VmInitResult:
+    """Write ``<name>.qemu.json`` in ``area``; see the module doc."""
+    if not area.is_dir():
+        raise AreaError(f"no working area at {area}", "create the folder and put the disks in it")
+    if not disks:
+        raise UsageError("a VM needs at least one disk", "pass --disk FILE")
+    if (initrd is not None or append is not None) and kernel is None:
+        raise UsageError("--initrd and --append go with --kernel", "add --kernel FILE")
+    if cpus < 1:
+        raise UsageError("--cpus must be at least 1", "")
+    try:
+        existing = find_spec(area)
+    except AreaError:
+        existing = None
+    if existing is not None and not force:
+        raise AreaError(
+            f"the area {area} has a VM description already ({existing.source})",
+            "pass --force to write a new one",
+        )
+    stem = check_stem(
+        name or re.sub(r"[^A-Za-z0-9._-]", "_", area.resolve().name).lstrip("._-") or "vm"
+    )
+    parsed = [_disk(area, Path(d), interface) for d in disks]
+    copied: list[str] = []
+    doc: dict[str, object] = {
+        "vml_qemu": 1,
+        "name": name or stem,
+        "machine": machine,
+        "memory_mib": memory_mib(memory),
+        "cpus": cpus,
+        "disks": [{"path": d.path, "format": d.format, "interface": d.interface} for d in parsed],
+        "network": network,
+        "display": display,
+        "qemu_args": list(qemu_args),
+    }
+    # Checked before boot files are copied into the area.
+    try:
+        spec_from_json(doc, stem, stem + SUFFIX)
+    except AreaError as e:
+        raise UsageError(
+            e.message.split(": ", 1)[-1],
+            "see `vml vm init --help` for what each option takes",
+        ) from None
+    kernel_rel = _boot_file(area, kernel, "kernel", copy_boot, copied)
+    initrd_rel = _boot_file(area, initrd, "initrd", copy_boot, copied)
+    for key, value in (("kernel", kernel_rel), ("initrd", initrd_rel), ("append", append)):
+        if value is not None:
+            doc[key] = value
+    spec = spec_from_json(doc, stem, stem + SUFFIX)
+    if (
+        existing is not None
+        and existing.source != spec.stem + SUFFIX
+        and existing.source.endswith(SUFFIX)
+    ):
+        (area / existing.source).unlink()
+    path = write_spec(area, spec)
+    return VmInitResult(str(area), path.name, spec, copied)
