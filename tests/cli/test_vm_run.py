@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests.cli.test_cli import vml
-from tests.conftest import need, qemu_io_open
+from tests.conftest import TEST_BLOCK, need, qemu_io_open
+from tests.reliability.helpers import git_fsck
 from vml.errors import VMRunning
 from vml.plumbing.vm.inspect import check_saveable
 from vml.plumbing.vm.live import live_snapshot
@@ -223,6 +224,86 @@ def test_live_snapshot_pauses_copies_and_continues(vm_area: Path) -> None:
     with pytest.raises(Exception, match="vml run --continue"), live_snapshot(vm_area):
         pass
     assert run_status(vm_area)["state"] == "paused"  # type: ignore[index]
+
+
+def test_commit_of_a_running_vm_is_live_and_its_checkout_resumes(
+    vm_area: Path, tmp_path: Path
+) -> None:
+    need("qemu-system-x86_64")
+    repo = tmp_path / "repo"
+    vml("init", repo, "--block-size", str(TEST_BLOCK))
+    vml("run", vm_area, "--accel", "tcg")
+    out = vml("--repo", repo, "commit", vm_area, "-m", "live", "-q")
+    assert "full entry E1" in out and "crash-consistent" not in out
+    assert vml_vm(vm_area) is not None and run_status(vm_area)["state"] == "running"  # type: ignore[index]
+    shown = json.loads(vml("--repo", repo, "show", "E1", "--json"))
+    vm = shown["vm"]
+    assert vm["crash_consistent"] is False and vm["power_state"] == "running"
+    assert vm["live"]["state_file"] == "lab.vmstate" and vm["live"]["pause_seconds"] > 0
+    assert "lab.vmstate" in [f["path"] for f in shown["files"]]
+    assert "running, consistent" in vml("--repo", repo, "log")
+    # The running area does not count its consumed state as lost.
+    assert "lab.vmstate" not in vml("--repo", repo, "status", vm_area)
+    copy = tmp_path / "copy"
+    out = vml("--repo", repo, "checkout", "E1", copy, "-q")
+    assert "`vml run" in out and "resumes it" in out
+    try:
+        assert "resumed the VM" in vml("run", copy)
+        assert run_status(copy)["state"] == "running"  # type: ignore[index]
+    finally:
+        _kill_vm(copy)
+
+
+#: ``vml commit`` that stops for good in the middle of its pause, to be killed there.
+SAVER = """
+import sys, time
+import vml.plumbing.vm.live as live
+real = live.copy_sparse
+def stuck(src, dst):
+    n = real(src, dst)
+    print("PAUSED", flush=True)
+    time.sleep(600)
+    return n
+live.copy_sparse = stuck
+from vml.cli.app import main
+sys.argv = ["vml", *sys.argv[1:]]
+main()
+"""
+
+
+def kill_saver_in_pause(repo: Path, area: Path) -> None:
+    """Run ``vml commit`` of ``area`` and kill -9 it while the VM is paused."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SAVER, "--repo", str(repo), "commit", str(area), "-q"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line == b"PAUSED\n", (line, proc.communicate())
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_saver_killed_in_the_pause_leaves_a_way_out(vm_area: Path, tmp_path: Path) -> None:
+    need("qemu-system-x86_64")
+    repo = tmp_path / "repo"
+    vml("init", repo, "--block-size", str(TEST_BLOCK))
+    vml("run", vm_area, "--accel", "tcg")
+    kill_saver_in_pause(repo, vm_area)
+    assert run_status(vm_area)["state"] in ("paused", "postmigrate")  # type: ignore[index]
+    status = vml("--repo", repo, "status", vm_area)
+    assert "paused under `vml run`" in status and "vml run --continue" in status
+    assert "vml run --continue" in vml("--repo", repo, "commit", vm_area, code=10)
+    assert vml("--repo", repo, "log", "--all", "--json").strip() == "[]"  # no entry half-made
+    git_fsck(repo)
+    assert "continues" in vml("run", vm_area, "--continue")
+    assert run_status(vm_area)["state"] == "running"  # type: ignore[index]
+    assert "full entry E1" in vml("--repo", repo, "commit", vm_area, "-q")
+    # The killed save's copies are gone with it.
+    assert not RunPaths(vm_area).stage.exists()
 
 
 def test_console_runs_in_the_foreground_until_qemu_ends(vm_area: Path) -> None:

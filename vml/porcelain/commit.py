@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,8 @@ from vml.plumbing.repository import Repository
 from vml.plumbing.saving import Baseline, Saver, SourceFile
 from vml.plumbing.vm.ignore import IgnoreRules
 from vml.plumbing.vm.inspect import VMInfo, check_saveable
+from vml.plumbing.vm.live import live_snapshot
+from vml.plumbing.vm.qemu import vml_vm
 from vml.porcelain.common import (
     ProgressFn,
     check_area_path,
@@ -73,6 +76,7 @@ class CommitResult:
     repacked: RepackResult | None = None  # small packs rolled up after the save
     repack_problem: str | None = None  # why that failed (the entry is saved all the same)
     branch_moved_on: str | None = None  # the branch another area moved on: left, no longer followed
+    live: dict[str, object] | None = None  # saved while running under `vml run` (vm.live)
 
 
 def _chain_root(reader: PackReader, commit: bytes) -> bytes:
@@ -188,13 +192,27 @@ class Listing:
     root_perm: int
 
 
-def list_files(repo: Repository, area: Path, plan: Plan, sources: list[str]) -> Listing:
-    """The files to save (with those from outside the area) and the empty folders."""
+def list_files(
+    repo: Repository,
+    area: Path,
+    plan: Plan,
+    sources: list[str],
+    read_from: Mapping[str, Path] | None = None,
+) -> Listing:
+    """The files to save (with those from outside the area) and the empty folders.
+
+    ``read_from`` maps area paths to the files to read instead (a live
+    save's copies); a path the area lacks is added.
+    """
     rules = IgnoreRules.load(area)
     scan = scan_area(area, rules.is_ignored, foreign_folders(repo))
     externals, found = _add_externals(sources, scan.files, plan.parent, plan.held)
     outside = {e.path: Path(e.source) for e in externals}
     files = [SourceFile(f.path, outside.get(f.path, area / f.path), f.stat) for f in found]
+    if read_from:
+        files = [f for f in files if f.path not in read_from]
+        files += [SourceFile(rel, src, os.stat(src)) for rel, src in read_from.items()]
+        files.sort(key=lambda f: f.path)
     folders = [folder_record(f.path, f.stat) for f in scan.folders]
     return Listing(files, scan.empty_dirs, externals, folders, scan.root.st_mode & PERM_BITS)
 
@@ -206,6 +224,7 @@ class _Ask:
     message: str
     tag: str | None
     allow_empty: bool
+    live: dict[str, object] | None = None  # a live save's record (vm.live)
 
 
 def _baseline(repo: Repository, area: Path, plan: Plan, state: AreaState) -> Baseline:
@@ -234,11 +253,19 @@ def _describe(
         message=ask.message,
         files=saver.records,
         dirs=listing.dirs,
-        vm=entry_vm(vm, listing.externals),
+        vm=_with_live(entry_vm(vm, listing.externals), ask.live),
         stats={"read_bytes": saver.read_bytes, "stored_bytes": 0, "logical_bytes": saver.total},
         folders=listing.folders,
         root_perm=listing.root_perm,
     )
+
+
+def _with_live(doc: dict[str, object], live: dict[str, object] | None) -> dict[str, object]:
+    """An entry saved live holds a consistent running state, not a crash-consistent one."""
+    if live is not None:
+        doc["crash_consistent"] = False
+        doc["live"] = live
+    return doc
 
 
 def _settle_area(
@@ -277,13 +304,27 @@ def commit(
     include_external: bool = False,
     move: bool = False,
     progress: ProgressFn = no_progress,
+    sources: Mapping[str, Path] | None = None,
+    live: dict[str, object] | None = None,
 ) -> CommitResult:
     """Save ``area`` as a new entry of ``repo``.
 
     ``kind`` is "full", "incremental" (the default) or "differential"
     (against ``base``, by default the full entry at the root of the area's
     chain).  An area's first save is always full.
+
+    A VM that runs under ``vml run`` is saved live (``live_snapshot``): its
+    memory, device state and disks are copied aside while it is paused, and
+    ``sources`` (area path -> file to read instead) points the save at the
+    copies; ``live`` is recorded as the entry's ``vm.live``.
     """
+    if sources is None and not force_running and vml_vm(area) is not None:
+        with live_snapshot(area) as snap:
+            return commit(
+                repo, area, message=message, kind=kind, base=base, tag=tag,
+                allow_empty=allow_empty, include_external=include_external, move=move,
+                progress=progress, sources=snap.files, live=snap.record(),
+            )  # fmt: skip
     t0 = time.monotonic()
     if not area.is_dir():
         raise AreaError(
@@ -300,15 +341,20 @@ def commit(
             if tag in table.tags:
                 raise UsageError(f"tag {tag!r} exists already", "choose another name")
         state = _area_state(repo, area, move)
-        vm = check_saveable(area, force_running=force_running, include_external=include_external)
+        vm = check_saveable(
+            area,
+            force_running=force_running,
+            include_external=include_external,
+            live=live is not None,
+        )
         # Everything the VM needs outside the area, found (or refused) before
         # anything is written: an entry missing one could not be rebuilt.
-        sources = external_sources(area, vm) if include_external else []
+        outside = external_sources(area, vm) if include_external else []
         reader = PackReader(repo)
         try:
             plan = choose_parent(repo, reader, table, state, kind, base)
-            listing = list_files(repo, area, plan, sources)
-            ask = _Ask(message, tag, allow_empty)
+            listing = list_files(repo, area, plan, outside, sources)
+            ask = _Ask(message, tag, allow_empty, live)
             made, saver, changed = _save(
                 repo, reader, area, plan, state, listing, vm, ask, table, progress
             )
@@ -329,10 +375,11 @@ def commit(
             tag=tag,
             branch=made.branch,
             branch_moved_on=made.moved_on,
-            crash_consistent=vm.power_state == "running",
+            crash_consistent=vm.power_state == "running" and live is None,
             external=listing.externals,
             repacked=repacked,
             repack_problem=problem,
+            live=live,
         )
 
 

@@ -142,6 +142,10 @@ def area_changes(
     # Files saved from outside the area (--include-external) are not expected
     # in the area they were saved from; a checkout puts them in .external/.
     outside = {e.path for e in saved_externals(entry.meta.vm)} if entry else set()
+    # A state saved live is consumed when `vml run` resumes it: not a loss.
+    live = entry.meta.vm.get("live") if entry and entry.meta.vm else None
+    if isinstance(live, dict) and isinstance(live.get("state_file"), str):
+        outside.add(live["state_file"])
     for p, o in sorted(old.items()):
         if p in outside:
             continue

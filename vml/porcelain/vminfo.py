@@ -249,6 +249,14 @@ def checkout_notes(vm: dict[str, object] | None, origin: str, area: Path, now: V
             "new UUIDs with `VBoxManage clonevm` or `VBoxManage internalcommands sethduuid`), "
             f"then `VBoxManage registervm {where}`"
         )
+    if isinstance(config, str) and config.endswith(".qemu.json"):
+        # VML's own description names files relative to the area: nothing to edit.
+        live = vm.get("live")
+        if isinstance(live, dict):
+            notes.append(
+                f"this entry holds the VM running (saved live): `vml run {area}` resumes it "
+                "where it was"
+            )
     elif moved and hypervisor == "qemu" and isinstance(config, str):
         notes.append(
             f"libvirt names disks by absolute path: edit the <source file=...> paths in {config} "
