@@ -1,0 +1,168 @@
+"""A real Linux guest under a real qemu-system-x86_64 (TCG): live saves, resume, stop.
+
+The guest (``tests/guest/build.py``) prints ``VML-MARK`` lines with its boot
+id and uptime on the serial console, which ``vml run`` logs to
+``.vml/run/console.log``: a resumed guest goes on with the same boot id and
+a larger uptime; a rebooted one would print ``boot`` again.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cli.test_cli import vml
+from tests.cli.test_vm_run import _kill_vm, kill_saver_in_pause
+from tests.conftest import TEST_BLOCK, need
+from tests.guest.build import Guest, GuestUnavailable, build_guest
+from tests.reliability.helpers import git_fsck
+from vml.plumbing.vm.qemu import RunPaths, run_status, vml_vm
+
+pytestmark = pytest.mark.guest
+
+MARK = re.compile(r"VML-MARK (.*?) boot=(\S+) uptime=([\d.]+)")
+WAIT = 240.0  # TCG on two busy cores: generous, never a timing assertion
+
+
+@pytest.fixture(scope="session")
+def guest() -> Guest:
+    """The built guest (cached between runs), or a skip saying why it cannot be built."""
+    need("qemu-system-x86_64")
+    need("e2fsck")
+    try:
+        return build_guest()
+    except GuestUnavailable as e:
+        pytest.skip(f"the real guest cannot be built here: {e}")
+
+
+def marks(area: Path) -> list[tuple[str, str, float]]:
+    """The guest's markers so far: (what, boot id, uptime)."""
+    try:
+        text = RunPaths(area).console.read_text(errors="replace")
+    except OSError:
+        return []
+    return [(m[1], m[2], float(m[3])) for m in MARK.finditer(text)]
+
+
+def wait_mark(area: Path, pattern: str, after: int = 0) -> int:
+    """Wait for a marker matching ``pattern`` among markers ``after`` on; return how many there are."""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        seen = marks(area)
+        if any(re.search(pattern, what) for what, _, _ in seen[after:]):
+            return len(seen)
+        if vml_vm(area) is None and not any(
+            re.search(pattern, w) for w, _, _ in marks(area)[after:]
+        ):
+            raise AssertionError(f"the VM ended before {pattern!r}: {seen[-3:]}")
+        time.sleep(0.1)
+    raise AssertionError(f"no {pattern!r} within {WAIT} s: {marks(area)[-3:]}")
+
+
+def wait_off(area: Path) -> None:
+    deadline = time.monotonic() + WAIT
+    while vml_vm(area) is not None or not RunPaths(area).exit.exists():
+        assert time.monotonic() < deadline, "the guest did not power off"
+        time.sleep(0.1)
+
+
+def fsck_clean(image: Path) -> None:
+    done = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.fixture
+def guest_area(guest: Guest, tmp_path: Path) -> Iterator[Path]:
+    """An area holding the guest: its root disk, and a description booting it for 4 sessions."""
+    area = tmp_path / "physics"
+    area.mkdir()
+    subprocess.run(["cp", "--sparse=always", str(guest.root), str(area / "root.img")], check=True)
+    vml(
+        "vm", "init", area, "--disk", area / "root.img", "--memory", "128M",
+        "--kernel", guest.kernel, "--initrd", guest.initrd,
+        "--append", guest.append(sessions=4, pause=1), "--network", "none",
+        "--qemu-arg=-no-reboot",
+    )  # fmt: skip
+    yield area
+    _kill_vm(area)
+
+
+def test_live_saves_resume_elsewhere_where_the_guest_was(guest_area: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    vml("init", repo, "--block-size", str(TEST_BLOCK))
+    assert "started the VM" in vml("run", guest_area, "--accel", "tcg")
+    n = wait_mark(guest_area, r"session=1 start")
+    boot = marks(guest_area)[0][1]
+
+    # Two live saves while the guest works; it keeps running between them.
+    out = vml("--repo", repo, "commit", guest_area, "-q", "-m", "working")
+    assert "full entry E1" in out and "crash-consistent" not in out
+    n = wait_mark(guest_area, r".", after=n)  # a new marker: it went on
+    n = wait_mark(guest_area, r"session=\d+ (untarred|compressed|done)", after=n)
+    before = marks(guest_area)
+    out = vml("--repo", repo, "commit", guest_area, "-q", "-m", "still working")
+    assert "incremental entry E2" in out
+    wait_mark(guest_area, r".", after=len(marks(guest_area)))
+    assert vml_vm(guest_area) is not None
+    _kill_vm(guest_area)
+    log = vml("--repo", repo, "log")
+    assert log.count("running, consistent") == 2
+
+    # The second save, checked out elsewhere, resumes where it was.
+    copy = tmp_path / "copy"
+    out = vml("--repo", repo, "checkout", "E2", copy, "-q")
+    assert "resumes it" in out
+    try:
+        assert "resumed the VM" in vml("run", copy)
+        wait_mark(copy, r"all-done")
+        wait_off(copy)
+    finally:
+        _kill_vm(copy)
+    after = marks(copy)
+    assert after and all(b == boot for _, b, _ in after), "the guest rebooted"
+    assert not any(what.startswith("boot") for what, _, _ in after)
+    # Its uptime continues from the save (markers printed before the pause are earlier).
+    assert after[0][2] >= before[-1][2]
+    last_session = max(int(m) for w, _, _ in before for m in re.findall(r"session=(\d+)", w))
+    first_session = int(re.findall(r"session=(\d+)", after[0][0])[0])
+    assert first_session >= last_session
+    assert after[-1][0] == "poweroff" and any(w == "all-done sessions=4" for w, _, _ in after)
+    assert not (copy / "physics.ram").exists() and not (copy / "physics.vmstate").exists()
+    fsck_clean(copy / "root.img")
+
+
+def test_a_killed_saver_leaves_the_guest_paused_and_recoverable(
+    guest_area: Path, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    vml("init", repo, "--block-size", str(TEST_BLOCK))
+    vml(
+        "vm", "init", guest_area, "--disk", guest_area / "root.img", "--memory", "128M",
+        "--kernel", guest_area / "vmlinuz", "--initrd", guest_area / "initrd.gz",
+        "--append", "console=ttyS0 quiet panic=-1 vml.sessions=0 vml.pause=0.5",
+        "--network", "none", "--qemu-arg=-no-reboot", "--force",
+    )  # fmt: skip
+    vml("run", guest_area, "--accel", "tcg")
+    wait_mark(guest_area, r"session=1 start")
+    kill_saver_in_pause(repo, guest_area)
+    state = run_status(guest_area)
+    assert state is not None and state["state"] in ("paused", "postmigrate")
+    assert "vml run --continue" in vml("--repo", repo, "status", guest_area)
+    seen = len(marks(guest_area))
+    time.sleep(1)
+    assert len(marks(guest_area)) == seen  # paused: the guest prints nothing
+    assert vml("--repo", repo, "log", "--all", "--json").strip() == "[]"
+    git_fsck(repo)
+    assert "continues" in vml("run", guest_area, "--continue")
+    wait_mark(guest_area, r".", after=seen)
+    # The ACPI power button: the guest ends its session and powers off cleanly.
+    out = vml("stop", guest_area, "--timeout", str(WAIT))
+    assert "powered off" in out
+    assert marks(guest_area)[-1][0] == "poweroff"
+    assert not (guest_area / "physics.ram").exists()
+    fsck_clean(guest_area / "root.img")
