@@ -244,6 +244,9 @@ def test_commit_of_a_running_vm_is_live_and_its_checkout_resumes(
     assert "running, consistent" in vml("--repo", repo, "log")
     # The running area does not count its consumed state as lost.
     assert "lab.vmstate" not in vml("--repo", repo, "status", vm_area)
+    # Its files are QEMU's while it runs: no checkout over them.
+    line = vml("--repo", repo, "restore", "E1", vm_area, "--force", code=6)
+    assert "runs under `vml run`" in line and "vml stop" in line
     copy = tmp_path / "copy"
     out = vml("--repo", repo, "checkout", "E1", copy, "-q")
     assert "`vml run" in out and "resumes it" in out

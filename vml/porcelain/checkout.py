@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vml.errors import AreaError, ConcurrentChange, DirtyArea
+from vml.errors import AreaError, ConcurrentChange, DirtyArea, VMRunning
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.areas import (
     AREA_DIR,
@@ -27,6 +27,7 @@ from vml.plumbing.repository import Repository, fsync_dir
 from vml.plumbing.restoring import Builder, TempFiles
 from vml.plumbing.vm.ignore import IgnoreRules
 from vml.plumbing.vm.inspect import inspect_area
+from vml.plumbing.vm.qemu import vml_vm
 from vml.porcelain.common import (
     ProgressFn,
     check_area_path,
@@ -256,6 +257,13 @@ def checkout(
         # A malformed or hostile entry is refused before the folder is made.
         target = read_entry(reader, commit)
         with _folder_made(area), lock_area(area):
+            running = vml_vm(area)
+            if running is not None:
+                # Its files are QEMU's now: rewriting them would corrupt the guest.
+                raise VMRunning(
+                    f"the VM in {area} runs under `vml run` (QEMU pid {running.pid})",
+                    "stop it first: `vml stop` (or `vml stop --save`, then commit to keep its state)",
+                )
             loaded = load_state(area)
             held = _held_entry(reader, table, loaded, target)
             cache = Cache(area, repo.page_size, repo.block_size)
