@@ -68,6 +68,8 @@ class LiveSnapshot:
             "machine": h.machine,
             "accel": h.accel,
             "saved": h.saved,
+            "steps": {k: round(v, 4) for k, v in self.steps.items()},
+            "copied_bytes": self.copied_bytes,
         }
 
 
