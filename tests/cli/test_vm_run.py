@@ -331,3 +331,39 @@ def test_console_runs_in_the_foreground_until_qemu_ends(vm_area: Path) -> None:
     assert proc.returncode == 0, err
     assert b"serial console follows" in out and b"QEMU ended" in out
     assert vml_vm(vm_area) is None and not (vm_area / "lab.ram").exists()
+
+
+def test_an_area_too_deep_for_a_unix_socket_runs_through_a_short_one(tmp_path: Path) -> None:
+    need("qemu-system-x86_64")
+    area = tmp_path / ("deep" * 10) / ("er" * 20) / "lab"
+    area.mkdir(parents=True)
+    with open(area / "disk.img", "wb") as f:
+        f.truncate(1 << 20)
+    vml("vm", "init", area, "--disk", area / "disk.img", "--memory", "16M", "--network", "none")
+    assert len(str(RunPaths(area).qmp)) > 107
+    try:
+        vml("run", area, "--accel", "tcg")
+        assert RunPaths(area).qmp.is_symlink()
+        assert run_status(area)["state"] == "running"  # type: ignore[index]
+        assert "killed" in vml("stop", area, "--kill")
+    finally:
+        _kill_vm(area)
+
+
+def test_a_libvirt_domain_in_the_area_is_run_as_its_description(tmp_path: Path) -> None:
+    need("qemu-system-x86_64")
+    area = tmp_path / "lv"
+    area.mkdir()
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", str(area / "vm.qcow2"), "1M"], check=True
+    )
+    (area / "vm.xml").write_text(
+        "<domain type='qemu'><name>physics</name><memory unit='MiB'>32</memory>"
+        "<os><type arch='x86_64' machine='q35'>hvm</type></os><devices>"
+        f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<source file='{area}/vm.qcow2'/><target dev='vda' bus='virtio'/></disk>"
+        "</devices></domain>"
+    )
+    out = vml("run", area, "--dry-run", "--accel", "tcg")
+    assert f"mem-path={area}/physics.ram,share=on" in out and "-m 32M" in out
+    assert f"file={area}/vm.qcow2,format=qcow2" in out and "-nic none" in out
