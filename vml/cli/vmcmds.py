@@ -126,6 +126,7 @@ def run(
     from vml.porcelain import run as run_mod
 
     def attach(res: RunResult) -> None:
+        """Say what is running before the terminal goes to the console."""
         _started(res)
         out.print("serial console follows; Ctrl-A X quits QEMU, Ctrl-A C its monitor")
 

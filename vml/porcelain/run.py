@@ -221,32 +221,7 @@ def run(
         res.dry_run = True
         res.resumed = offset is not None
         return res
-    proc: subprocess.Popen[bytes] | None = None
-    with lock_area(area):
-        _refuse_running(area)  # again, now that no other vml command can start it
-        prepare_run_dir(area)
-        if offset is None:
-            _fresh_ram(area, spec)
-        write_run_info(
-            paths,
-            {"accel": chosen, "machine": machine, "qemu": build.version, "command": cmd,
-             "description": spec.source, "started": now_iso()},
-        )  # fmt: skip
-        if console:
-            with open(paths.log, "ab") as log:
-                proc = subprocess.Popen(cmd, stderr=log)
-        else:
-            launch_detached(cmd, spec, area)
-        try:
-            with wait_for_qmp(paths, proc=proc) as client:
-                _start(client, area, spec, offset, res)
-        except BaseException:
-            if proc is not None:
-                proc.kill()
-                _ended(area, spec, proc)
-            else:
-                _kill_started(paths)
-            raise
+    proc = _launch(area, spec, build, offset, res, console)
     if res.resumed:
         res.notes.append("resumed from the saved running state (now consumed)")
     if proc is not None:
@@ -262,6 +237,49 @@ def run(
         res.pid = vm.pid if vm is not None else None
     res.seconds = time.monotonic() - t0
     return res
+
+
+def _launch(
+    area: Path,
+    spec: QemuSpec,
+    build: QemuBuild,
+    offset: int | None,
+    res: RunResult,
+    console: bool,
+) -> subprocess.Popen[bytes] | None:
+    """Start QEMU (in the background, or as a child with the console) and let the guest run.
+
+    Returns the foreground child, or None for a detached QEMU.  On any error
+    QEMU is ended again (a saved state stays for another try).
+    """
+    paths = RunPaths(area)
+    proc: subprocess.Popen[bytes] | None = None
+    with lock_area(area):
+        _refuse_running(area)  # again, now that no other vml command can start it
+        prepare_run_dir(area)
+        if offset is None:
+            _fresh_ram(area, spec)
+        write_run_info(
+            paths,
+            {"accel": res.accel, "machine": res.machine, "qemu": build.version,
+             "command": res.command, "description": spec.source, "started": now_iso()},
+        )  # fmt: skip
+        if console:
+            with open(paths.log, "ab") as log:
+                proc = subprocess.Popen(res.command, stderr=log)
+        else:
+            launch_detached(res.command, spec, area)
+        try:
+            with wait_for_qmp(paths, proc=proc) as client:
+                _start(client, area, spec, offset, res)
+        except BaseException:
+            if proc is not None:
+                proc.kill()
+                _ended(area, spec, proc)
+            else:
+                _kill_started(paths)
+            raise
+    return proc
 
 
 def _kill_started(paths: RunPaths) -> None:

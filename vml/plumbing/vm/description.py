@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -253,32 +255,10 @@ def parse_qemu_json(path: Path) -> Config | None:
 _BUS = {"virtio": "virtio", "ide": "ide", "sata": "ide", "scsi": "scsi", "nvme": "nvme"}
 
 
-def from_libvirt(area: Path, rel: str) -> QemuSpec:
-    """Read a libvirt domain XML of ``area`` as a description, where it can be honoured.
-
-    Used: ``name``, ``memory``, ``vcpu``, ``os/type@arch`` and ``@machine``,
-    ``os/kernel``, ``initrd``, ``cmdline``, file disks (``driver@type`` raw or
-    qcow2, ``target@bus``).  Disks must be in the area (absolute paths that
-    lead into it are fine).  Anything else that changes what the guest sees
-    (other disk kinds, UEFI ``loader``, host devices) is refused, naming it.
-    """
-    root = parse_xml(area / rel)
-    if root is None or root.tag != "domain":
-        raise _bad(rel, "not a libvirt domain XML")
-    real_area = os.path.realpath(area)
-
-    def inside(written: str, what: str) -> str:
-        full = os.path.realpath(os.path.join(area, os.path.dirname(rel), written))
-        if not (full == real_area or full.startswith(real_area.rstrip(os.sep) + os.sep)):
-            raise AreaError(
-                f"{rel}: {what} {written} is outside the area; vml run cannot honour it",
-                "move it into the area and point the XML at it, or use `vml vm init`",
-            )
-        return Path(os.path.relpath(full, real_area)).as_posix()
-
-    problems = [e.tag for e in root.findall("devices/*") if e.tag in ("hostdev", "filesystem")]
-    if root.find("os/loader") is not None:
-        problems.append("os/loader (UEFI)")
+def _libvirt_disks(
+    root: ET.Element, place: Callable[[str], str], problems: list[str]
+) -> list[QemuDisk]:
+    """The file disks of a domain, placed in the area; what cannot be honoured goes to ``problems``."""
     disks: list[QemuDisk] = []
     for disk in root.findall("devices/disk"):
         device = disk.get("device", "disk")
@@ -296,7 +276,38 @@ def from_libvirt(area: Path, rel: str) -> QemuSpec:
         if fmt not in DISK_FORMATS or bus is None:
             problems.append(f"disk {written} ({fmt})")
             continue
-        disks.append(QemuDisk(inside(written, "disk"), fmt, bus))
+        disks.append(QemuDisk(place(written), fmt, bus))
+    return disks
+
+
+def from_libvirt(area: Path, rel: str) -> QemuSpec:
+    """Read a libvirt domain XML of ``area`` as a description, where it can be honoured.
+
+    Used: ``name``, ``memory``, ``vcpu``, ``os/type@arch`` and ``@machine``,
+    ``os/kernel``, ``initrd``, ``cmdline``, file disks (``driver@type`` raw or
+    qcow2, ``target@bus``).  Disks must be in the area (absolute paths that
+    lead into it are fine).  Anything else that changes what the guest sees
+    (other disk kinds, UEFI ``loader``, host devices) is refused, naming it.
+    """
+    root = parse_xml(area / rel)
+    if root is None or root.tag != "domain":
+        raise _bad(rel, "not a libvirt domain XML")
+    real_area = os.path.realpath(area)
+
+    def inside(written: str, what: str) -> str:
+        """``written`` as an area-relative path; ``AreaError`` if it lies outside."""
+        full = os.path.realpath(os.path.join(area, os.path.dirname(rel), written))
+        if not (full == real_area or full.startswith(real_area.rstrip(os.sep) + os.sep)):
+            raise AreaError(
+                f"{rel}: {what} {written} is outside the area; vml run cannot honour it",
+                "move it into the area and point the XML at it, or use `vml vm init`",
+            )
+        return Path(os.path.relpath(full, real_area)).as_posix()
+
+    problems = [e.tag for e in root.findall("devices/*") if e.tag in ("hostdev", "filesystem")]
+    if root.find("os/loader") is not None:
+        problems.append("os/loader (UEFI)")
+    disks = _libvirt_disks(root, lambda written: inside(written, "disk"), problems)
     if problems:
         raise AreaError(
             f"{rel}: vml run cannot honour {', '.join(problems)}",
