@@ -284,7 +284,8 @@ def _rootfs(tree: Path, busybox: Path) -> None:
 
 def _build(target: Path, package: str) -> None:
     busybox = Path(BUSYBOX)
-    if not busybox.is_file():
+    # A dynamic busybox names its ELF interpreter; the initramfs has no libc for it.
+    if not busybox.is_file() or b"/lib64/ld-linux" in busybox.read_bytes()[:4096]:
         raise GuestUnavailable("busybox-static is not installed (apt-get install busybox-static)")
     for tool in ("apt-get", "dpkg-deb", "mke2fs"):
         if shutil.which(tool) is None:
