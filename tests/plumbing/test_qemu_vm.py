@@ -233,8 +233,13 @@ def test_sparse_copies_keep_holes(tmp_path: Path) -> None:
         f.write(b"a" * 8192)
         f.seek(40 << 20)
         f.write(os.urandom(65536))
+    os.chmod(src, 0o600)
+    os.utime(src, ns=(1_600_000_000_000_000_000, 1_600_000_000_123_456_789))
     dst = tmp_path / "copy"
     copied = copy_sparse(src, dst)
+    # It stands for the original in an entry: the same mode and mtime.
+    assert dst.stat().st_mode & 0o777 == 0o600
+    assert dst.stat().st_mtime_ns == 1_600_000_000_123_456_789
     assert dst.read_bytes() == src.read_bytes()
     assert copied < 1 << 20  # data, not the 64 MiB it could hold
     assert dst.stat().st_blocks * 512 < 2 << 20

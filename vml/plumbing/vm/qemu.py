@@ -627,34 +627,43 @@ _FICLONE = 0x40049409
 
 
 def copy_sparse(src: Path, dst: Path) -> int:
-    """Copy ``src`` to ``dst`` keeping holes; return the bytes of data copied.
+    """Copy ``src`` to ``dst`` keeping holes, permission bits and mtime; return bytes copied.
 
     A reflink (``FICLONE``) where the file system shares blocks (btrfs, XFS)
     costs nothing; otherwise each data extent (``SEEK_DATA``/``SEEK_HOLE``)
-    goes through ``copy_file_range``, in the kernel.  Holes stay holes.
+    goes through ``copy_file_range``, in the kernel.  Holes stay holes.  The
+    copy stands for ``src`` in an entry, so it carries ``src``'s mode and times.
     """
     with open(src, "rb") as fi, open(dst, "wb") as fo:
-        size = os.fstat(fi.fileno()).st_size
+        st = os.fstat(fi.fileno())
         try:
-            fcntl.ioctl(fo.fileno(), _FICLONE, fi.fileno())
-            return 0
-        except OSError:
-            pass
-        copied = 0
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fi.fileno(), pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: no data after pos
+            copied = _copy_data(fi.fileno(), fo.fileno(), st.st_size)
+        finally:
+            os.fchmod(fo.fileno(), st.st_mode & 0o7777)
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return copied
+
+
+def _copy_data(fi: int, fo: int, size: int) -> int:
+    """The data of ``fi`` into ``fo`` (both open, ``fo`` empty); bytes copied (0 for a reflink)."""
+    with contextlib.suppress(OSError):
+        fcntl.ioctl(fo, _FICLONE, fi)
+        return 0
+    copied = 0
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fi, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after pos
+            break
+        end = os.lseek(fi, start, os.SEEK_HOLE)
+        off = start
+        while off < end:
+            n = os.copy_file_range(fi, fo, end - off, off, off)
+            if n <= 0:
                 break
-            end = os.lseek(fi.fileno(), start, os.SEEK_HOLE)
-            off = start
-            while off < end:
-                n = os.copy_file_range(fi.fileno(), fo.fileno(), end - off, off, off)
-                if n <= 0:
-                    break
-                off += n
-            copied += off - start
-            pos = end
-        os.ftruncate(fo.fileno(), size)
+            off += n
+        copied += off - start
+        pos = end
+    os.ftruncate(fo, size)
     return copied
