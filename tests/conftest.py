@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from vml.plumbing.repository import Repository, init_repository
+from vml.plumbing.vm.locks import held_lock
 
 # Small blocks so tests exercise many blocks, deltas and fan-out with KiB of data.
 TEST_BLOCK = 64 << 10
@@ -63,6 +65,12 @@ def qemu_io_open(image: Path) -> Iterator[subprocess.Popen[bytes]]:
         stderr=subprocess.DEVNULL,
     )
     try:
+        # qemu-io locks the image a moment after it starts (later still on a
+        # busy machine): hand it over only once the lock is there.
+        deadline = time.monotonic() + 30
+        while held_lock(image) is None:
+            assert proc.poll() is None and time.monotonic() < deadline, "qemu-io took no lock"
+            time.sleep(0.01)
         yield proc
     finally:
         assert proc.stdin is not None
