@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import TEST_BLOCK, edit, make_area
 from tests.plumbing.entry_kit import save
+from vml.errors import HostileRepository
 from vml.plumbing.chains import MAX_DELTA_DEPTH, ZERO, materialize, resolve_image
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
@@ -106,5 +109,24 @@ def test_growing_and_shrinking(repo: Repository, area: Path) -> None:
         want = disk.read_bytes()[2 * TEST_BLOCK :]
         got = materialize(r, img.recipes[2], 10)
         assert (got if got is not None else bytes(10)) == want
+    finally:
+        r.close()
+
+
+def test_a_block_needing_more_deltas_than_a_reader_takes_is_refused(
+    repo: Repository, area: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vml.plumbing.chains as chains
+
+    save(repo, area)
+    disk = area / "disk.img"
+    for i in range(3):
+        edit(disk, 4096 * i, bytes([i + 1]) * 4096)  # one page of block 0 each time
+        last = save(repo, area)
+    monkeypatch.setattr(chains, "MAX_RECIPE_DELTAS", 2)
+    r = PackReader(repo)
+    try:
+        with pytest.raises(HostileRepository, match="page deltas"):
+            resolve_image(r, bytes.fromhex(last.commit), "disk.img")
     finally:
         r.close()

@@ -237,6 +237,14 @@ def test_a_manifest_not_matching_the_file_record_writes_no_file(world: tuple[Pat
     assert not (target / "disk.img").exists()
 
 
+def test_a_block_both_zero_and_stored_is_refused(world: tuple[Path, Path]) -> None:
+    """FORMAT.md: a layer never names a block in ``zero`` and in its block map."""
+    target = _refused(
+        world, _manifest_edit(lambda d: d.update(zero=[[0, 1]])), "both zero and stored"
+    )
+    assert not (target / "disk.img").exists()
+
+
 def _block_edit(name: bytes, data: bytes) -> Edit:
     def edit(git: Repo, root: Tree, meta: dict[str, object]) -> None:
         leaf_path = [b"images", b"disk.img", b"blocks", b"0000", b"00"]

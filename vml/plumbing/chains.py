@@ -9,6 +9,7 @@ then built and written once.
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Executor, Future, wait
@@ -17,7 +18,7 @@ from typing import TypeVar
 
 from dulwich.objects import Commit
 
-from vml.errors import CorruptRepository
+from vml.errors import CorruptRepository, HostileRepository
 from vml.plumbing.deltas import apply_delta
 from vml.plumbing.entries import IMAGES_NAME, Entry, find_in_entry, load_entry
 from vml.plumbing.manifests import (
@@ -26,6 +27,7 @@ from vml.plumbing.manifests import (
     CHECK_SIZE,
     CHECKS_NAME,
     MANIFEST_NAME,
+    MAX_ANCHORED_DELTAS,
     TREE_MODE,
     Anchored,
     Manifest,
@@ -39,6 +41,10 @@ from vml.plumbing.packs import BLOB, PackReader
 MAX_DELTA_DEPTH = 16
 # Guards against a ref cycle or a hostile chain in a repository.
 MAX_CHAIN = 1 << 20
+# No save stacks more than MAX_DELTA_DEPTH deltas on a block, and rm/convert
+# name at most MAX_ANCHORED_DELTAS in an anchored block (which saves then
+# store whole past MAX_DELTA_DEPTH): a block needing more is not VML's.
+MAX_RECIPE_DELTAS = MAX_ANCHORED_DELTAS
 
 
 @dataclass(frozen=True)
@@ -153,6 +159,11 @@ def resolve_image(reader: PackReader, commit: bytes, path: str) -> ResolvedImage
         # Block b starts from ``base`` (None: zeros) and ``older`` deltas, then
         # the newer deltas gathered on the way down; all zeros stays ZERO.
         deltas = older + tuple(reversed(pending.pop(b, [])))
+        if len(deltas) > MAX_RECIPE_DELTAS:
+            raise HostileRepository(
+                f"block {b} of image {path} needs {len(deltas)} page deltas; "
+                f"at most {MAX_RECIPE_DELTAS} are read"
+            )
         if base is not None or deltas:
             recipes[b] = Recipe(base, deltas)
         unresolved.discard(b)
@@ -172,6 +183,10 @@ def resolve_image(reader: PackReader, commit: bytes, path: str) -> ResolvedImage
                 settle(z, None)
         if blocks_tree is not None:
             bmap = read_block_map(_read_tree(reader), blocks_tree, manifest.nblocks)
+            if manifest.zero and any(_in_ranges(manifest.zero, b) for b in bmap):
+                raise CorruptRepository(
+                    f"image {path} of {commit.hex()[:12]} names a block both zero and stored"
+                )
             for b, entry in bmap.items():
                 if b not in unresolved:
                     continue
@@ -197,6 +212,11 @@ def resolve_image(reader: PackReader, commit: bytes, path: str) -> ResolvedImage
         layer = image_layer(reader, tree, path)
         parent = next_parent
     return ResolvedImage(target, recipes, checks)
+
+
+def _in_ranges(spans: list[tuple[int, int]], n: int) -> bool:
+    i = bisect.bisect_right(spans, (n, 1 << 62)) - 1
+    return i >= 0 and spans[i][0] <= n < spans[i][1]
 
 
 def materialize(
