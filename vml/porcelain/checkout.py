@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,6 +230,91 @@ def _folder_made(area: Path) -> Iterator[None]:
         raise
 
 
+@dataclass
+class _Plan:
+    """What a checkout found before it changes anything."""
+
+    state: AreaState
+    claimed: set[str]  # paths VML put in the area (see _claimed)
+    left_alone: list[str]
+    clean_old: Entry | None  # the held entry, when the cache vouches for its files
+    cache: Cache
+
+
+def _plan(
+    repo: Repository,
+    reader: PackReader,
+    table: refs_mod.RefTable,
+    area: Path,
+    target: Entry,
+    force: bool,
+) -> _Plan:
+    """Look at the area and refuse what checkout must not do; nothing is changed yet."""
+    running = vml_vm(area)
+    if running is not None:
+        # Its files are QEMU's now: rewriting them would corrupt the guest.
+        raise VMRunning(
+            f"the VM in {area} runs under `vml run` (QEMU pid {running.pid})",
+            "stop it first: `vml stop` (or `vml stop --save`, then commit to keep its state)",
+        )
+    loaded = load_state(area)
+    held = _held_entry(reader, table, loaded, target)
+    cache = Cache(area, repo.page_size, repo.block_size)
+    scan = scan_area(area, IgnoreRules.load(area).is_ignored, foreign_folders(repo))
+    resuming = loaded is not None and loaded.pending is not None
+    if not force and not resuming:
+        _refuse_unsaved(area, loaded, held, cache, scan)
+    claimed = _claimed(reader, table, loaded, held, target)
+    # The target's files are written, the claimed ones removed; both may be
+    # overwritten.  Everything else stays as it is.
+    removable = claimed | {f.path for f in target.meta.files}
+    _in_the_way(area, target, removable)
+    state = loaded or AreaState()
+    # In place only when the area is known to hold the old entry exactly.
+    clean = held if (not resuming and cache.valid_for(state.entry)) else None
+    left_alone = sorted(af.path for af in scan.files if af.path not in removable)
+    return _Plan(state, claimed, left_alone, clean, cache)
+
+
+def _write(
+    repo: Repository,
+    reader: PackReader,
+    pool: Executor,
+    area: Path,
+    target: Entry,
+    plan: _Plan,
+    progress: ProgressFn,
+) -> tuple[Builder, list[str]]:
+    """Remove the stale files and build the entry's; the area cache follows."""
+    cwriter = CacheWriter(area, repo.page_size, repo.block_size)
+    temps = TempFiles(area)  # also drops what a killed checkout left
+    builder = Builder(
+        reader,
+        pool,
+        area,
+        target,
+        plan.clean_old,
+        plan.cache,
+        cwriter,
+        lambda done, total: progress("write", done, total),
+        temps,
+    )
+    try:
+        removed = _remove_stale(area, target, plan.claimed)
+        for rec in target.meta.files:
+            builder.build(rec)
+        builder.make_dirs(target.meta.dirs)
+        builder.finish_folders()
+        fsync_dir(area)
+    except BaseException:
+        cwriter.abort()
+        raise
+    finally:
+        temps.clear()
+    cwriter.commit(target.commit.hex())
+    return builder, removed
+
+
 def checkout(
     repo: Repository,
     name: str,
@@ -257,57 +343,10 @@ def checkout(
         # A malformed or hostile entry is refused before the folder is made.
         target = read_entry(reader, commit)
         with _folder_made(area), lock_area(area):
-            running = vml_vm(area)
-            if running is not None:
-                # Its files are QEMU's now: rewriting them would corrupt the guest.
-                raise VMRunning(
-                    f"the VM in {area} runs under `vml run` (QEMU pid {running.pid})",
-                    "stop it first: `vml stop` (or `vml stop --save`, then commit to keep its state)",
-                )
-            loaded = load_state(area)
-            held = _held_entry(reader, table, loaded, target)
-            cache = Cache(area, repo.page_size, repo.block_size)
-            scan = scan_area(area, IgnoreRules.load(area).is_ignored, foreign_folders(repo))
-            present = scan.files
-            resuming = loaded is not None and loaded.pending is not None
-            if not force and not resuming:
-                _refuse_unsaved(area, loaded, held, cache, scan)
-            claimed = _claimed(reader, table, loaded, held, target)
-            # The target's files are written, the claimed ones removed; both
-            # may be overwritten.  Everything else stays as it is.
-            removable = claimed | {f.path for f in target.meta.files}
-            _in_the_way(area, target, removable)
-            left_alone = sorted(af.path for af in present if af.path not in removable)
-            state = loaded or AreaState()
+            plan = _plan(repo, reader, table, area, target, force)
+            state = plan.state
             _claim(repo, area, state, commit)
-            # In place only when the area is known to hold the old entry exactly.
-            clean_old = held if (not resuming and cache.valid_for(state.entry)) else None
-            cwriter = CacheWriter(area, repo.page_size, repo.block_size)
-            temps = TempFiles(area)  # also drops what a killed checkout left
-            builder = Builder(
-                reader,
-                pool,
-                area,
-                target,
-                clean_old,
-                cache,
-                cwriter,
-                lambda done, total: progress("write", done, total),
-                temps,
-            )
-            try:
-                removed = _remove_stale(area, target, claimed)
-                for rec in target.meta.files:
-                    builder.build(rec)
-                builder.make_dirs(target.meta.dirs)
-                builder.finish_folders()
-                fsync_dir(area)
-            except BaseException:
-                cwriter.abort()
-                raise
-            finally:
-                temps.clear()
-            cwriter.commit(commit.hex())
+            builder, removed = _write(repo, reader, pool, area, target, plan, progress)
             state.entry = commit.hex()
             state.pending = None
             if not keep_branch:
@@ -318,13 +357,13 @@ def checkout(
                 entry=table.label(commit) or commit.hex(),
                 commit=commit.hex(),
                 area=str(area),
-                in_place=clean_old is not None,
+                in_place=plan.clean_old is not None,
                 written_bytes=builder.written,
                 logical_bytes=builder.total,
                 seconds=time.monotonic() - t0,
                 files_written=builder.files_written,
                 files_removed=removed,
-                left_alone=left_alone,
+                left_alone=plan.left_alone,
                 branch=state.branch,
                 notes=checkout_notes(target.meta.vm, target.meta.area, area, inspect_area(area)),
             )

@@ -219,11 +219,16 @@ def list_files(
 
 @dataclass
 class _Ask:
-    """The user's choices that shape the new entry beyond its files."""
+    """What the user asked of this save."""
 
     message: str
     tag: str | None
     allow_empty: bool
+    kind: str | None
+    base: str | None
+    force_running: bool
+    include_external: bool
+    move: bool
     live: dict[str, object] | None = None  # a live save's record (vm.live)
 
 
@@ -318,14 +323,8 @@ def commit(
     ``sources`` (area path -> file to read instead) points the save at the
     copies; ``live`` is recorded as the entry's ``vm.live``.
     """
-    if sources is None and not force_running and vml_vm(area) is not None:
-        with live_snapshot(area) as snap:
-            return commit(
-                repo, area, message=message, kind=kind, base=base, tag=tag,
-                allow_empty=allow_empty, include_external=include_external, move=move,
-                progress=progress, sources=snap.files, live=snap.record(),
-            )  # fmt: skip
     t0 = time.monotonic()
+    ask = _Ask(message, tag, allow_empty, kind, base, force_running, include_external, move, live)
     if not area.is_dir():
         raise AreaError(
             f"no working area at {area}", "check the path, or `vml checkout` into it first"
@@ -334,53 +333,68 @@ def commit(
     # One command at a time may change an area (a checkout must not rewrite
     # files a commit is reading); held to the end, so the area state is ours.
     with lock_area(area):
-        kind = check_kind(kind, base)
-        table = refs_mod.read_refs(repo)
-        if tag is not None:
-            refs_mod.check_name("tag", tag)
-            if tag in table.tags:
-                raise UsageError(f"tag {tag!r} exists already", "choose another name")
-        state = _area_state(repo, area, move)
-        vm = check_saveable(
-            area,
-            force_running=force_running,
-            include_external=include_external,
-            live=live is not None,
+        if sources is None and not force_running and vml_vm(area) is not None:
+            with live_snapshot(area) as snap:
+                ask.live = snap.record()
+                return _commit_locked(repo, area, ask, progress, snap.files, t0)
+        return _commit_locked(repo, area, ask, progress, sources, t0)
+
+
+def _commit_locked(
+    repo: Repository,
+    area: Path,
+    ask: _Ask,
+    progress: ProgressFn,
+    sources: Mapping[str, Path] | None,
+    t0: float,
+) -> CommitResult:
+    """The save itself, the area lock held: choose the parent, list, save, publish, settle."""
+    kind = check_kind(ask.kind, ask.base)
+    table = refs_mod.read_refs(repo)
+    if ask.tag is not None:
+        refs_mod.check_name("tag", ask.tag)
+        if ask.tag in table.tags:
+            raise UsageError(f"tag {ask.tag!r} exists already", "choose another name")
+    state = _area_state(repo, area, ask.move)
+    vm = check_saveable(
+        area,
+        force_running=ask.force_running,
+        include_external=ask.include_external,
+        live=ask.live is not None,
+    )
+    # Everything the VM needs outside the area, found (or refused) before
+    # anything is written: an entry missing one could not be rebuilt.
+    outside = external_sources(area, vm) if ask.include_external else []
+    reader = PackReader(repo)
+    try:
+        plan = choose_parent(repo, reader, table, state, kind, ask.base)
+        listing = list_files(repo, area, plan, outside, sources)
+        made, saver, changed = _save(
+            repo, reader, area, plan, state, listing, vm, ask, table, progress
         )
-        # Everything the VM needs outside the area, found (or refused) before
-        # anything is written: an entry missing one could not be rebuilt.
-        outside = external_sources(area, vm) if include_external else []
-        reader = PackReader(repo)
-        try:
-            plan = choose_parent(repo, reader, table, state, kind, base)
-            listing = list_files(repo, area, plan, outside, sources)
-            ask = _Ask(message, tag, allow_empty, live)
-            made, saver, changed = _save(
-                repo, reader, area, plan, state, listing, vm, ask, table, progress
-            )
-            _settle_area(repo, area, state, saver, made)
-        finally:
-            reader.close()
-        repacked, problem = _consolidate(repo, progress)
-        return CommitResult(
-            entry=f"E{made.number}",
-            commit=made.commit.hex(),
-            kind=plan.kind,
-            parent=made.table.label(plan.parent_id),
-            read_bytes=saver.read_bytes,
-            stored_bytes=saver.stored_bytes,
-            logical_bytes=saver.total,
-            seconds=time.monotonic() - t0,
-            changed_files=changed,
-            tag=tag,
-            branch=made.branch,
-            branch_moved_on=made.moved_on,
-            crash_consistent=vm.power_state == "running" and live is None,
-            external=listing.externals,
-            repacked=repacked,
-            repack_problem=problem,
-            live=live,
-        )
+        _settle_area(repo, area, state, saver, made)
+    finally:
+        reader.close()
+    repacked, problem = _consolidate(repo, progress)
+    return CommitResult(
+        entry=f"E{made.number}",
+        commit=made.commit.hex(),
+        kind=plan.kind,
+        parent=made.table.label(plan.parent_id),
+        read_bytes=saver.read_bytes,
+        stored_bytes=saver.stored_bytes,
+        logical_bytes=saver.total,
+        seconds=time.monotonic() - t0,
+        changed_files=changed,
+        tag=ask.tag,
+        branch=made.branch,
+        branch_moved_on=made.moved_on,
+        crash_consistent=vm.power_state == "running" and ask.live is None,
+        external=listing.externals,
+        repacked=repacked,
+        repack_problem=problem,
+        live=ask.live,
+    )
 
 
 def _save(
