@@ -59,6 +59,43 @@ def _previous_in_area(
     return best[1] if best else None
 
 
+def _new_parent(
+    repo: Repository,
+    reader: PackReader,
+    table: refs_mod.RefTable,
+    forest: Forest,
+    commit: bytes,
+    to: str,
+    base: str | None,
+) -> bytes | None:
+    """The parent a ``to`` entry gets; refuses one inside the entry's own subtree."""
+    me = label(table, commit) or commit.hex()[:12]
+    new_parent: bytes | None
+    if to == "full":
+        new_parent = None
+    elif base is not None:
+        new_parent = entry_commit(repo, base, table)
+    elif to == "differential":
+        new_parent = forest.root(commit)
+        if new_parent == commit:
+            raise UsageError(
+                f"{me} is the full entry at the root of its chain",
+                "pass --base ENTRY to express it against another entry",
+            )
+    else:
+        new_parent = _previous_in_area(reader, table, forest, commit)
+        if new_parent is None:
+            raise UsageError(f"no entry was saved before {me} in its area", "pass --base ENTRY")
+    if new_parent is not None and (
+        new_parent == commit or new_parent in set(forest.descendants(commit))
+    ):
+        raise UsageError(
+            f"{label(table, new_parent)} depends on {me}; it cannot become its parent",
+            "choose an entry outside its subtree",
+        )
+    return new_parent
+
+
 def convert(
     repo: Repository,
     name: str,
@@ -80,29 +117,7 @@ def convert(
         forest = load_forest(reader, table)
         e = read_entry(reader, commit)
         me = label(table, commit) or commit.hex()[:12]
-        new_parent: bytes | None
-        if to == "full":
-            new_parent = None
-        elif base is not None:
-            new_parent = entry_commit(repo, base, table)
-        elif to == "differential":
-            new_parent = forest.root(commit)
-            if new_parent == commit:
-                raise UsageError(
-                    f"{me} is the full entry at the root of its chain",
-                    "pass --base ENTRY to express it against another entry",
-                )
-        else:
-            new_parent = _previous_in_area(reader, table, forest, commit)
-            if new_parent is None:
-                raise UsageError(f"no entry was saved before {me} in its area", "pass --base ENTRY")
-        if new_parent is not None and (
-            new_parent == commit or new_parent in set(forest.descendants(commit))
-        ):
-            raise UsageError(
-                f"{label(table, new_parent)} depends on {me}; it cannot become its parent",
-                "choose an entry outside its subtree",
-            )
+        new_parent = _new_parent(repo, reader, table, forest, commit, to, base)
         result = ConvertResult(
             entry=me,
             kind=to,
