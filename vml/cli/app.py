@@ -27,6 +27,7 @@ from vml.cli.render import (
     size,
     vm_brief,
     vm_lines,
+    warnings_said_once,
 )
 from vml.errors import NoSpace, VMLError
 from vml.plumbing.repository import DEFAULT_BLOCK_SIZE, Repository, open_repository, parse_size
@@ -55,7 +56,8 @@ def handled(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with warnings_said_once():
+                return fn(*args, **kwargs)
         except VMLError as e:
             report_error(e)
             raise typer.Exit(e.exit_code) from None
@@ -408,6 +410,7 @@ def status(area: AreaArg = Path("."), json_: Json = False) -> None:
             "clean": res.clean,
             "changes": [c.__dict__ for c in res.changes],
             "vm": res.vm,
+            "damage": res.damage,
         }
         print(json.dumps(doc, indent=1))
         return
@@ -421,6 +424,12 @@ def status(area: AreaArg = Path("."), json_: Json = False) -> None:
         out.print(
             f"[red]an interrupted checkout of {res.pending[:12]} must be finished: run `vml checkout {res.pending[:12]}`[/red]"
         )
+    if res.damage is not None:
+        out.print(
+            f"[red]the entry this area holds is damaged ({escape(res.damage)}): "
+            "changes cannot be listed; run `vml fsck`[/red]"
+        )
+        return
     if not res.changes:
         out.print("nothing changed")
         return
@@ -449,6 +458,8 @@ def areas(json_: Json = False) -> None:
     for a in res:
         if not a.exists:
             state = "missing"
+        elif a.damage is not None:
+            state = f"[red]its entry is damaged: {escape(a.damage)}[/red]"
         elif a.dirty is None:
             state = "unknown"
         else:

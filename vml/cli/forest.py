@@ -14,6 +14,7 @@ from vml.cli.render import out, print_repack, progress_bar, size
 from vml.errors import CorruptRepository
 
 if TYPE_CHECKING:
+    from vml.plumbing.packscan import PackRepair
     from vml.porcelain.rm import RewriteReport
     from vml.porcelain.verify import CheckResult
 
@@ -48,6 +49,12 @@ def rm(
     with opened(Path(".")) as repo, progress_bar(not quiet, "removing") as progress:
         res = rm_mod.rm(repo, entries, force=force, progress=progress)
     out.print(f"removed {', '.join(res.removed)}")
+    if res.left_damaged:
+        out.print(
+            f"[yellow]left as they were:[/yellow] {', '.join(res.left_damaged)}: they rest on a "
+            "damaged entry's data and stay damaged (remove them too, or fetch the removed entry "
+            "back from a copy of the repository)"
+        )
     _print_rewrite(res)
     out.print("run `vml gc` to give back the space of blocks no entry uses any more")
 
@@ -129,6 +136,13 @@ def gc(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", "-n", help="Only say what would be freed.")
     ] = False,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="Rebuild the index of set-aside packs, or salvage them (no collecting).",
+        ),
+    ] = False,
     quiet: Quiet = False,
     json_: Json = False,
 ) -> None:
@@ -136,7 +150,10 @@ def gc(
     from vml.porcelain import gc as gc_mod
 
     with opened(Path(".")) as repo, progress_bar(not quiet, "collecting") as progress:
-        res = gc_mod.gc(repo, dry_run=dry_run, progress=progress)
+        res = gc_mod.gc(repo, dry_run=dry_run, repair=repair, progress=progress)
+    if res.repaired is not None:
+        _print_repair(res.repaired, json_)
+        return
     if json_:
         doc = {
             "dry_run": res.dry_run,
@@ -180,6 +197,32 @@ def gc(
         )
     if res.repacked is not None:
         print_repack(res.repacked)
+
+
+def _print_repair(done: list[PackRepair], json_: bool) -> None:
+    if json_:
+        print(json.dumps({"repaired": [r.__dict__ for r in done]}, indent=1))
+        return
+    if not done:
+        out.print("no pack is set aside or without its index: nothing to repair")
+        return
+    for r in done:
+        if r.action == "reindexed":
+            out.print(f"{r.pack}: {escape(r.problem)}; rebuilt its index ({r.objects} objects)")
+        elif r.action == "salvaged":
+            into = f" into {r.new_pack}" if r.new_pack else " (all were in other packs)"
+            out.print(
+                f"{r.pack}: {escape(r.problem)}; salvaged {r.objects} objects{into}, "
+                f"{r.lost} could not be read; moved aside to {escape(', '.join(r.quarantined))}"
+            )
+        else:
+            out.print(
+                f"{r.pack}: {escape(r.problem)}; moved aside to {escape(', '.join(r.quarantined))}"
+            )
+    if all(r.action == "reindexed" for r in done):
+        out.print("every pack is whole again; `vml gc` may collect as usual")
+    else:
+        out.print("run `vml verify --all` to see which entries lost data, then `vml gc`")
 
 
 def _print_check(res: CheckResult, json_: bool, what: str) -> None:

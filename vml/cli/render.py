@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,6 +48,39 @@ def report_error(e: VMLError) -> None:
     if e.remedy:
         line += f"; {e.remedy}"
     err.print(escape(line), style="red")
+
+
+class _Collect(logging.Handler):
+    """Keeps each distinct warning the lower layers log, in order."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = record.getMessage()
+        if line not in self.lines:
+            self.lines.append(line)
+
+
+@contextmanager
+def warnings_said_once() -> Iterator[None]:
+    """Print what plumbing warned about (a pack set aside, a damaged cache), once each.
+
+    Printed when the command succeeded: a failed command prints its one
+    error line only (an error caused by the same damage names it).
+    """
+    logger = logging.getLogger("vml")
+    handler = _Collect()
+    logger.addHandler(handler)
+    propagate, logger.propagate = logger.propagate, False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+    for line in handler.lines:
+        err.print(f"[yellow]vml: warning:[/yellow] {escape(line)}")
 
 
 @contextmanager
@@ -154,6 +188,12 @@ def vm_lines(vm: dict[str, object] | None, label: str = "vm") -> list[str]:
 def _entry_line(le: LogEntry, here: set[str]) -> str:
     from vml.porcelain.log import human_time
 
+    if le.damage is not None:
+        # Only what is known: the rest of the log goes on.
+        parts = [f"[bold]{le.id}[/bold]", f"[red]damaged: {escape(le.damage)}[/red]"]
+        if le.labels:
+            parts.append("[yellow](" + ", ".join(escape(x) for x in le.labels) + ")[/yellow]")
+        return "  ".join(parts)
     parts = [f"[bold]{le.id}[/bold]", f"{le.kind:<12}", human_time(le.created)]
     parts.append(f"stored {size(le.stored_bytes)}")
     brief = vm_brief(le.vm)
@@ -182,6 +222,8 @@ def print_log(result: LogResult, graph: bool, here: set[str]) -> None:
     if not graph:
         for le in sorted(result.entries.values(), key=lambda x: _num(x.id), reverse=True):
             parent = f"parent {le.parent}" if le.parent else "no parent"
+            if le.damage is not None and not le.parent:
+                parent = "parent unknown"
             out.print(_entry_line(le, here) + f"  [dim]{parent}[/dim]")
         return
 

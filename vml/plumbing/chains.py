@@ -16,11 +16,9 @@ from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass
 from typing import TypeVar
 
-from dulwich.objects import Commit
-
 from vml.errors import CorruptRepository, HostileRepository
 from vml.plumbing.deltas import apply_delta
-from vml.plumbing.entries import IMAGES_NAME, Entry, find_in_entry, load_entry
+from vml.plumbing.entries import IMAGES_NAME, Entry, find_in_entry, load_entry, parse_commit
 from vml.plumbing.manifests import (
     BLOCKS_NAME,
     CHECK_ID,
@@ -84,8 +82,7 @@ class ResolvedImage:
 
 def commit_tree_parent(reader: PackReader, commit: bytes) -> tuple[bytes, bytes | None]:
     """The root tree and the single parent of an entry commit."""
-    c = Commit.from_raw_string(1, reader.read(commit, 1)[1])
-    assert isinstance(c, Commit)
+    c = parse_commit(commit, reader.read(commit, 1)[1])
     if len(c.parents) > 1:
         raise CorruptRepository(f"commit {commit.hex()} has several parents; not a VML entry")
     parent = bytes.fromhex(c.parents[0].decode()) if c.parents else None

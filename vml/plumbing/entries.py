@@ -382,11 +382,24 @@ def root_items(read: ReadObject, tree: bytes) -> dict[bytes, tuple[int, bytes]]:
     return {name: (mode, sha) for name, mode, sha in parse_tree(read(tree, 2))}
 
 
+def parse_commit(commit_id: bytes, raw: bytes) -> Commit:
+    """A commit object from its bytes; a malformed one is :class:`CorruptRepository`."""
+    try:
+        c = Commit.from_raw_string(1, raw)
+        assert isinstance(c, Commit)
+        # Read the fields here, where a malformed header shows.
+        _ = c.parents, c.tree, c.message, c.commit_time
+        for p in c.parents:
+            bytes.fromhex(p.decode())
+        bytes.fromhex(c.tree.decode())
+    except Exception as e:  # dulwich raises ObjectFormatException, ValueError, ...
+        raise CorruptRepository(f"commit {commit_id.hex()} is malformed ({e})") from None
+    return c
+
+
 def load_entry(read: ReadObject, commit_id: bytes) -> Entry:
     """Read an entry's commit and metadata."""
-    raw = read(commit_id, 1)
-    c = Commit.from_raw_string(1, raw)
-    assert isinstance(c, Commit)
+    c = parse_commit(commit_id, read(commit_id, 1))
     parents = [bytes.fromhex(p.decode()) for p in c.parents]
     if len(parents) > 1:
         raise CorruptRepository(f"commit {commit_id.hex()} has several parents; not a VML entry")

@@ -33,6 +33,10 @@ class Forest:
 
     parent: dict[bytes, bytes | None]
     children: dict[bytes, list[bytes]] = field(default_factory=dict)
+    # Commits a ref or a parent link names that cannot be read (missing,
+    # not a commit, several parents): why.  They are in no ``parent`` key;
+    # their children, when known, are in ``children``.
+    broken: dict[bytes, str] = field(default_factory=dict)
 
     def descendants(self, commit: bytes) -> list[bytes]:
         """Every commit below ``commit``, parents before children."""
@@ -62,14 +66,23 @@ class Forest:
 
 
 def load_forest(reader: PackReader, table: refs_mod.RefTable) -> Forest:
-    """Walk every ref's chain (commit headers only) into a :class:`Forest`."""
+    """Walk every ref's chain (commit headers only) into a :class:`Forest`.
+
+    A commit that cannot be read ends its chain and is listed in
+    ``broken``: damage to one entry must not hide the others.
+    """
     parent: dict[bytes, bytes | None] = {}
+    broken: dict[bytes, str] = {}
     starts = [*table.entries.values(), *table.tags.values(), *table.branches.values()]
     for start in starts:
         c: bytes | None = start
         depth = 0
-        while c is not None and c not in parent:
-            _tree, p = commit_tree_parent(reader, c)
+        while c is not None and c not in parent and c not in broken:
+            try:
+                _tree, p = commit_tree_parent(reader, c)
+            except CorruptRepository as err:
+                broken[c] = err.message
+                break
             parent[c] = p
             c = p
             depth += 1
@@ -82,7 +95,7 @@ def load_forest(reader: PackReader, table: refs_mod.RefTable) -> Forest:
         p = parent[c]
         if p is not None:
             children.setdefault(p, []).append(c)
-    return Forest(parent, children)
+    return Forest(parent, children, broken)
 
 
 @dataclass

@@ -32,19 +32,22 @@ from pathlib import Path
 
 from dulwich.objects import Commit, Tag
 
+from vml.errors import CorruptRepository
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.manifests import TREE_MODE, parse_tree
 from vml.plumbing.packs import (
     COMMIT,
-    PENDING_KEEP,
     TREE,
     PackReader,
     PackWriter,
     copy_object,
     deflate,
+    keep_protects,
     pack_extents,
+    pid_alive,
     unlink_counted,
 )
+from vml.plumbing.packscan import PackRepair, scan_pack
 from vml.plumbing.repack import RepackResult
 from vml.plumbing.repository import Repository, fsync_dir
 
@@ -129,6 +132,7 @@ class GcResult:
     dry_run: bool = False
     new_packs: list[str] = field(default_factory=list)
     repacked: RepackResult | None = None  # small packs rolled up afterwards
+    repaired: list[PackRepair] | None = None  # with --repair: what became of each bad pack
 
     @property
     def freed_bytes(self) -> int:
@@ -151,36 +155,6 @@ def _loose_objects(repo: Repository) -> dict[bytes, Path]:
     return out
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _kept(keep: Path) -> bool:
-    """Does this .keep protect its pack?
-
-    A VML save keeps its new pack until its refs reach it; the marker of a
-    process that died before that is stale and is removed (its pack is then
-    collected like any other).
-    """
-    try:
-        words = keep.read_text().split()
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True
-    pending = len(words) == 2 and words[0] == PENDING_KEEP and words[1].isdigit()
-    if pending and not _pid_alive(int(words[1])):
-        keep.unlink(missing_ok=True)
-        return False
-    return True
-
-
 def _temporaries(repo: Repository) -> tuple[list[Path], list[Path]]:
     """(temporary packs of live vml processes, stale ones of dead processes)."""
     live: list[Path] = []
@@ -195,7 +169,7 @@ def _temporaries(repo: Repository) -> tuple[list[Path], list[Path]]:
         pid = int(m.group(1))
         if pid == os.getpid():
             continue
-        (live if _pid_alive(pid) else stale).append(f)
+        (live if pid_alive(pid) else stale).append(f)
     return live, stale
 
 
@@ -205,7 +179,8 @@ def _orphan_packs(repo: Repository) -> list[Path]:
     A pack is invisible without its index.  A writer renames its pack into
     place just before the index, under a ``.keep`` of its live process; a
     consolidation or gc killed while deleting a pack's index and pack
-    leaves such a file for good.
+    leaves such a file for good.  (Whether one may go is decided by
+    :func:`_redundant`: an index can also be lost to damage.)
     """
     d = _pack_dir(repo)
     if not d.is_dir():
@@ -214,11 +189,11 @@ def _orphan_packs(repo: Repository) -> list[Path]:
         # A writer killed between its marker and its pack leaves the marker
         # alone: _kept drops it when its process is gone.
         if not keep.with_suffix(".pack").exists() and not keep.with_suffix(".idx").exists():
-            _kept(keep)
+            keep_protects(keep)
     return [
         p
         for p in d.glob("pack-*.pack")
-        if not p.with_suffix(".idx").exists() and not _kept(p.with_suffix(".keep"))
+        if not p.with_suffix(".idx").exists() and not keep_protects(p.with_suffix(".keep"))
     ]
 
 
@@ -237,9 +212,18 @@ def collect(
         if pack_dir.is_dir()
         else []
     )
+    set_aside = repo.packs.set_aside()
+    if set_aside:
+        # Objects only a set-aside pack holds would look unreachable, and
+        # so would everything only they reach.
+        name, why = next(iter(set_aside.items()))
+        raise CorruptRepository(
+            f"pack {name} is set aside ({why}); gc deletes nothing while a pack is set aside",
+            "run `vml gc --repair` to rebuild or salvage it, then `vml gc`",
+        )
     loose = _loose_objects(repo)
     _busy, stale_tmp = _temporaries(repo)
-    stale_tmp += _orphan_packs(repo)
+    orphans = _orphan_packs(repo)
 
     # Refs first, then the pack list: objects are on disk before any ref
     # points at them, so every object the roots reach is in a pack seen now.
@@ -249,8 +233,24 @@ def collect(
     try:
         live: set[bytes] = set()
         progress("mark", 0, 0)
-        mark(reader, roots, live)
+        try:
+            mark(reader, roots, live)
+        except CorruptRepository as err:
+            # What the unreadable commit or tree names cannot be seen, so
+            # it would look unreachable.
+            if orphans:
+                raise CorruptRepository(
+                    f"{err.message}; pack {orphans[0].name} has no index and may hold it; "
+                    "gc deletes nothing",
+                    "run `vml gc --repair` to index or salvage that pack, then `vml gc`",
+                ) from None
+            raise CorruptRepository(
+                f"{err.message}; gc deletes nothing while something refs reach is unreadable",
+                "run `vml fsck` to see which entries are damaged; `vml rm --force` them "
+                "or bring the objects back, then `vml gc`",
+            ) from None
         result.live_objects = len(live)
+        stale_tmp += [p for p in orphans if _redundant(reader, p, live)]
         extents: dict[str, list[tuple[bytes, int, int, int | None]]] = {}
         # Read once here, not again later: the ids of packs that stay (no copy
         # needed) and of packs that go whole (a rescue may need them).
@@ -262,7 +262,7 @@ def collect(
             psize = pack.stat().st_size
             ext = pack_extents(idx, psize)
             info = PackInfo(name, objects=len(ext), size=psize + idx.stat().st_size)
-            info.keep = _kept(pack_dir / f"{name}.keep")
+            info.keep = keep_protects(pack_dir / f"{name}.keep")
             for sha, _off, length, _crc in ext:
                 if sha in live:
                     info.live += 1
@@ -346,6 +346,28 @@ def collect(
         if writer is not None:
             writer.abort()
         reader.close()
+
+
+def _redundant(reader: PackReader, pack: Path, live: set[bytes]) -> bool:
+    """May a pack without an index go?  Only when no live object exists only there.
+
+    Read from its start (its ids are unknown without the index): a pack
+    left by a consolidation or gc killed between deleting an index and its
+    pack holds copies of objects that are elsewhere; one whose index was
+    lost to damage may hold the only copy, and is refused.
+    """
+    scan = scan_pack(pack)
+    if not scan.whole:
+        unread = f"it could not be read whole: {scan.stopped}"
+    else:
+        needed = [o.sha for o in scan.objects if o.sha in live and not reader.contains(o.sha)]
+        if not needed:
+            return True
+        unread = f"it holds {len(needed)} objects entries need and no other copy"
+    raise CorruptRepository(
+        f"pack {pack.name} has no index and {unread}; gc deletes nothing",
+        "run `vml gc --repair` to index or salvage it, then `vml gc`",
+    )
 
 
 def _safe_elsewhere(

@@ -324,7 +324,7 @@ class PackWriter:
 
 
 def _largest_first(idx_paths: Iterable[Path]) -> list[Path]:
-    """Indexes whose pack exists, largest pack first (name breaks ties).
+    """Indexes, largest pack first (name breaks ties; a missing pack counts as empty).
 
     A look-up tries packs in turn; most blocks of any entry sit in the big
     pack of the first save, so trying it first makes most hits cost one
@@ -335,7 +335,7 @@ def _largest_first(idx_paths: Iterable[Path]) -> list[Path]:
         try:
             size = idx.with_suffix(".pack").stat().st_size
         except FileNotFoundError:
-            continue
+            size = 0  # the health check says why (or that it vanished)
         sized.append((-size, idx.name, idx))
     return [idx for _size, _name, idx in sorted(sized)]
 
@@ -369,9 +369,15 @@ class PackReader:
         self.repo.reopen_store()
 
     def _load_all(self, pack_dir: Path) -> bool:
-        """Open every pack listed now; False when one vanished meanwhile."""
+        """Open every usable pack listed now; False when one vanished meanwhile.
+
+        A pack whose index is damaged, or disagrees with its pack, is set
+        aside (packindex.py): it is passed over and a warning names it.
+        """
         for idx_path in _largest_first(pack_dir.glob("pack-*.idx")):
             try:
+                if self.repo.packs.problem(idx_path.stem) is not None:
+                    continue
                 index = load_pack_index(str(idx_path), DEFAULT_OBJECT_FORMAT)
             except FileNotFoundError:
                 return False
@@ -467,7 +473,7 @@ class PackReader:
                 got = (type_num, bytes(data))
                 self._check_id(sha, *got)
             except KeyError:
-                raise CorruptRepository(f"object {sha.hex()} is missing") from None
+                raise self.missing(sha) from None
         type_num, data = got
         if expect_type is not None and type_num != expect_type:
             raise CorruptRepository(
@@ -475,6 +481,22 @@ class PackReader:
                 f"{TYPE_NAMES.get(expect_type, b'?').decode()}"
             )
         return type_num, data
+
+    def missing(self, sha: bytes) -> CorruptRepository:
+        """The error for an object no usable pack and no loose file holds.
+
+        When a pack is set aside, the object is probably there: say so, and
+        how to get it back.
+        """
+        bad = self.repo.packs.known_bad()
+        if not bad:
+            return CorruptRepository(f"object {sha.hex()} is missing")
+        name, why = next(iter(bad.items()))
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        return CorruptRepository(
+            f"object {sha.hex()} is missing: pack {name}{more} is set aside ({why})",
+            "run `vml gc --repair` to rebuild or salvage it",
+        )
 
     def data(self, sha: bytes, type_num: int) -> bytes:
         """The content of object ``sha``, which must be of ``type_num`` (id checked)."""
@@ -559,6 +581,37 @@ def _inflate_stored(comp: bytes, size: int) -> bytes | None:
     if total != size:
         return None
     return b"".join(parts)
+
+
+def pid_alive(pid: int) -> bool:
+    """True when process ``pid`` exists (it may belong to another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def keep_protects(keep: Path) -> bool:
+    """Does this .keep protect its pack?
+
+    A VML save keeps its new pack until its refs reach it; the marker of a
+    process that died before that is stale and is removed (its pack is then
+    collected like any other).  Any other .keep (git's, the user's) protects.
+    """
+    try:
+        words = keep.read_text().split()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    pending = len(words) == 2 and words[0] == PENDING_KEEP and words[1].isdigit()
+    if pending and not pid_alive(int(words[1])):
+        keep.unlink(missing_ok=True)
+        return False
+    return True
 
 
 def unlink_counted(path: Path) -> int:

@@ -131,10 +131,13 @@ def consolidate(
         pack = idx.with_suffix(".pack")
         try:
             size = pack.stat().st_size
+            # A set-aside pack is never merged: its index cannot be trusted
+            # to list what it holds (`vml gc --repair` deals with it).
+            usable = repo.packs.problem(idx.stem) is None
         except FileNotFoundError:
             continue
         total_packs += 1
-        if not idx.with_suffix(".keep").exists():
+        if usable and not idx.with_suffix(".keep").exists():
             packs.append((size, idx.stem))
     if total_packs <= max(limit, 1):
         return None

@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from dulwich.config import ConfigFile
 from dulwich.repo import Repo
 
 from vml.errors import RepositoryBusy, RepositoryNotFound, UsageError
+from vml.plumbing.packindex import PackHealth, guard_store
 
 FORMAT_VERSION = 1
 DEFAULT_BLOCK_SIZE = 1 << 20
@@ -177,6 +178,13 @@ class Repository:
     # A save rolls small packs up once there are more than this many
     # (`git config vml.autoPackLimit N`; 0 turns it off, as git's gc.autoPackLimit).
     auto_pack_limit: int = DEFAULT_AUTO_PACK_LIMIT
+    # Which packs may be read: a pack whose index is damaged or disagrees
+    # with it is set aside, for VML's readers and dulwich's store alike.
+    packs: PackHealth = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.packs = PackHealth(self.path / "objects" / "pack")
+        guard_store(self.git.object_store, self.packs)
 
     @property
     def vml_dir(self) -> Path:

@@ -50,22 +50,20 @@ def check_structure(
     reader: PackReader,
     table: refs_mod.RefTable,
     tick: Callable[[int, int], None] = lambda done, total: None,
-) -> tuple[Forest | None, list[Problem]]:
-    """Refs, commits, metadata, manifests, block maps and object presence."""
-    problems: list[Problem] = []
-    try:
-        forest = load_forest(reader, table)
-    except CorruptRepository as err:
-        # Name every entry whose own chain breaks (a missing commit object,
-        # a cycle), so the damage is attributed, not just announced.
-        broken: list[Problem] = []
-        for c in sorted(set(table.entries.values())):
-            try:
-                load_forest(reader, refs_mod.RefTable({1: c}, {}, {}))
-            except CorruptRepository as own:
-                broken.append(Problem(f"its chain cannot be walked: {own.message}", c))
-        return None, broken or [Problem(f"the entry chains cannot be walked: {err.message}")]
-    commits = sorted(forest.parent)
+    only: set[bytes] | None = None,
+    forest: Forest | None = None,
+) -> tuple[Forest, list[Problem]]:
+    """Refs, commits, metadata, manifests, block maps and object presence.
+
+    With ``only``, just those commits are checked (an entry and the chain
+    it needs): damage elsewhere is not theirs to report.  ``forest`` is the
+    forest when the caller has loaded it already.
+    """
+    forest = load_forest(reader, table) if forest is None else forest
+    problems = [
+        Problem(why, c) for c, why in sorted(forest.broken.items()) if only is None or c in only
+    ]
+    commits = sorted(c for c in forest.parent if only is None or c in only)
     images_of: dict[bytes, set[str]] = {}
     partial: dict[bytes, set[str]] = {}  # entry -> its images stored as partial layers
     for i, c in enumerate(commits):
@@ -268,10 +266,25 @@ def check_files(
     return problems
 
 
-def entries_using(reader: PackReader, commits: list[bytes], bad: set[bytes]) -> set[bytes]:
-    """Which of ``commits`` need one of the ``bad`` objects to be rebuilt."""
+def needed_by(forest: Forest, commits: list[bytes]) -> set[bytes]:
+    """``commits`` and every commit they are built on (their chains)."""
     out: set[bytes] = set()
-    if not bad:
+    for c in commits:
+        out.add(c)
+        out.update(forest.ancestors(c))  # up to an unreadable parent, included
+    return out
+
+
+def entries_using(
+    reader: PackReader, commits: list[bytes], bad: set[bytes], *, unreadable: bool = False
+) -> set[bytes]:
+    """Which of ``commits`` need one of the ``bad`` objects to be rebuilt.
+
+    With ``unreadable``, also those whose content cannot be resolved at all
+    (a broken chain, a missing manifest): asked once damage was found.
+    """
+    out: set[bytes] = set()
+    if not bad and not unreadable:
         return out
     for c in commits:
         try:

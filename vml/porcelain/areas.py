@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from vml.errors import VMLError
+from vml.errors import CorruptRepository, VMLError
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.areas import load_state
 from vml.plumbing.cache import Cache
@@ -28,6 +28,7 @@ class AreaSummary:
     changed: list[str]
     pending: str | None
     vm: dict[str, object] | None = None
+    damage: str | None = None  # why the entry it holds cannot be read
 
     def to_json(self) -> dict[str, object]:
         """The ``--json`` form."""
@@ -51,13 +52,21 @@ def list_areas(repo: Repository) -> list[AreaSummary]:
                 out.append(AreaSummary(p, area.is_dir(), None, None, None, [], None))
                 continue
             commit = bytes.fromhex(st.entry) if st.entry else None
-            entry = read_entry(reader, commit) if commit in known and commit else None
+            entry = None
+            damage = None
+            changed: list[str] = []
+            dirty: bool | None = None
             try:
-                changes = area_changes(
-                    area, st, entry, Cache(area, repo.page_size, repo.block_size), detail=False
-                )
-                changed = [c.path for c in changes]
-                dirty: bool | None = bool(changed) or st.pending is not None
+                entry = read_entry(reader, commit) if commit in known and commit else None
+            except CorruptRepository as err:
+                damage = err.message  # this area only: the others are listed as always
+            try:
+                if damage is None:
+                    changes = area_changes(
+                        area, st, entry, Cache(area, repo.page_size, repo.block_size), detail=False
+                    )
+                    changed = [c.path for c in changes]
+                    dirty = bool(changed) or st.pending is not None
             except VMLError:
                 changed, dirty = [], None
             out.append(
@@ -70,6 +79,7 @@ def list_areas(repo: Repository) -> list[AreaSummary]:
                     changed,
                     st.pending,
                     vm_view(entry.meta.vm) if entry else None,
+                    damage,
                 )
             )
     finally:

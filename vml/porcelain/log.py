@@ -7,6 +7,7 @@ from datetime import datetime
 
 from vml.errors import CorruptRepository
 from vml.plumbing import refs as refs_mod
+from vml.plumbing.chains import commit_tree_parent
 from vml.plumbing.entries import Entry
 from vml.plumbing.forest import repository_areas
 from vml.plumbing.packs import PackReader
@@ -37,6 +38,7 @@ class LogEntry:
     vm: dict[str, object] | None = None
     children: list[str] = field(default_factory=list)
     rewritten: list[str] = field(default_factory=list)  # what rm/convert/prune did (issue 4)
+    damage: str | None = None  # why the entry cannot be read (then kind is "damaged")
 
     def to_json(self) -> dict[str, object]:
         """The ``--json`` form."""
@@ -56,6 +58,7 @@ class LogEntry:
             "remote": self.remote,
             "vm": self.vm,
             "children": self.children,
+            "damage": self.damage,
         }
 
 
@@ -96,8 +99,41 @@ def _log_entry(
     )
 
 
+def _damaged_entry(
+    reader: PackReader,
+    commit: bytes,
+    table: refs_mod.RefTable,
+    labels: dict[bytes, list[str]],
+    held: dict[str, list[str]],
+    why: str,
+) -> LogEntry:
+    """An entry that cannot be read, shown as such (its parent when the commit says it)."""
+    try:
+        parent = commit_tree_parent(reader, commit)[1]
+    except CorruptRepository:
+        parent = None
+    return LogEntry(
+        id=label(table, commit) or commit.hex(),
+        kind="damaged",
+        parent=label(table, parent),
+        commit=commit.hex(),
+        message="",
+        created="",
+        stored_bytes=0,
+        logical_bytes=0,
+        read_bytes=0,
+        labels=labels.get(commit, []),
+        areas=held.get(commit.hex(), []),
+        damage=why,
+    )
+
+
 def log(repo: Repository, only_tree_of: str | None = None) -> LogResult:
-    """Every entry, as a forest.  With ``only_tree_of`` (a commit id), only its tree."""
+    """Every entry, as a forest.  With ``only_tree_of`` (a commit id), only its tree.
+
+    An entry that cannot be read is listed with ``damage`` set; the others
+    are listed as always.
+    """
     table = refs_mod.read_refs(repo)
     labels = table.labels()
     held = _areas_by_entry(repo)
@@ -112,8 +148,10 @@ def log(repo: Repository, only_tree_of: str | None = None) -> LogResult:
             if c in seen:
                 continue
             seen.add(c)
-            e = read_entry(reader, c)
-            le = _log_entry(e, table, labels, held)
+            try:
+                le = _log_entry(read_entry(reader, c), table, labels, held)
+            except CorruptRepository as err:
+                le = _damaged_entry(reader, c, table, labels, held, err.message)
             le.remote = origins[c].describe() if c in origins else ""
             entries[le.id] = le
             parents[le.id] = le.parent
@@ -182,7 +220,12 @@ def show(repo: Repository, name: str) -> ShowResult:
     commit = refs_mod.resolve_name(repo, name, table)
     reader = PackReader(repo)
     try:
-        e = read_entry(reader, commit)
+        try:
+            e = read_entry(reader, commit)
+        except CorruptRepository as err:
+            raise CorruptRepository(
+                f"entry {label(table, commit)} is damaged: {err.message}", err.remedy
+            ) from None
         le = _log_entry(e, table, table.labels(), _areas_by_entry(repo))
         origin = read_origins(repo).get(commit)
         le.remote = origin.describe() if origin is not None else ""
@@ -190,8 +233,14 @@ def show(repo: Repository, name: str) -> ShowResult:
         p = e.parent
         guard = 0
         while p is not None:
-            chain.append(label(table, p) or p.hex()[:12])
-            p = read_entry(reader, p).parent
+            name_p = label(table, p) or p.hex()[:12]
+            try:
+                p = read_entry(reader, p).parent
+            except CorruptRepository as err:
+                # The entry is shown; the chain says where it breaks.
+                chain.append(f"{name_p} (damaged: {err.message})")
+                break
+            chain.append(name_p)
             guard += 1
             if guard > 1 << 20:
                 raise CorruptRepository("entry chain has no end (a cycle?)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vml.errors import UnknownEntry, UsageError
+from vml.errors import CorruptRepository, UnknownEntry, UsageError
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.forest import Forest, apply_rewrite, load_forest, repository_areas
 from vml.plumbing.packs import PackReader, PackWriter
@@ -22,6 +22,7 @@ from vml.plumbing.rewrite import (
     rewrite_below,
     rewrite_entry,
 )
+from vml.plumbing.verify import entry_objects
 from vml.porcelain.common import ProgressFn, label, no_progress, read_entry
 
 
@@ -95,6 +96,9 @@ class RmResult(RewriteReport):
     """What ``vml rm`` did."""
 
     removed: list[str] = field(default_factory=list)
+    # Children of a damaged entry removed with --force: left as they were
+    # (they cannot be re-expressed without its data), so still damaged.
+    left_damaged: list[str] = field(default_factory=list)
 
 
 def finish_pack(repo: Repository, writer: PackWriter) -> int:
@@ -121,23 +125,42 @@ def check_removable(repo: Repository, table: refs_mod.RefTable, commit: bytes) -
     return why
 
 
+def damage_of(reader: PackReader, commit: bytes) -> str | None:
+    """Why entry ``commit``'s content cannot be resolved (its own or its chain's damage), or None."""
+    try:
+        for _item in entry_objects(reader, read_entry(reader, commit)):
+            pass
+    except CorruptRepository as err:
+        return err.message
+    return None
+
+
 def remove_one(
     repo: Repository,
     commit: bytes,
     report: RmResult,
     progress: ProgressFn = no_progress,
     force: bool = False,
+    *,
+    names_only: bool = False,
 ) -> None:
-    """Remove one entry (checked by :func:`rm` or prune; ``force``: even if an area holds it)."""
+    """Remove one entry (checked by :func:`rm` or prune; ``force``: even if an area holds it).
+
+    ``names_only`` (a damaged entry removed with --force): its children
+    are not rewritten, only its names go.
+    """
     table = refs_mod.read_refs(repo)
     reader = PackReader(repo)
     writer = PackWriter(repo)
     try:
         forest = load_forest(reader, table)
-        parent = forest.parent[commit]
+        parent = forest.parent.get(commit)  # None also when its commit cannot be read
         me = label(table, commit) or commit.hex()[:12]
         onto = label(table, parent) if parent is not None else None
         kids = forest.children.get(commit, [])
+        if names_only:
+            report.left_damaged += [label(table, k) or k.hex()[:12] for k in kids]
+            kids = []
         mapping: dict[bytes, bytes] = {}
         order: list[bytes] = []
         stats = ExpressStats()
@@ -188,26 +211,39 @@ def rm(
         raise UsageError("no entry to remove", "name one or more entries, e.g. `vml rm E3`")
     table = refs_mod.read_refs(repo)
     numbers: list[int] = []
+    damaged: set[int] = set()
     reader = PackReader(repo)
     try:
+        forest = load_forest(reader, table)
         for name in names:
             commit = entry_commit(repo, name, table)
             why = check_removable(repo, table, commit)
-            if any(c == commit for c in table.branches.values()):
-                _tree_parent = read_entry(reader, commit).parent
-                if _tree_parent is None:
-                    why += [
-                        f"branch {b} points at it and would be deleted"
-                        for b, c in sorted(table.branches.items())
-                        if c == commit
-                    ]
+            if any(c == commit for c in table.branches.values()) and (
+                forest.parent.get(commit) is None
+            ):
+                why += [
+                    f"branch {b} points at it and would be deleted"
+                    for b, c in sorted(table.branches.items())
+                    if c == commit
+                ]
+            n = table.number_of(commit)
+            assert n is not None
+            broken = damage_of(reader, commit)
+            kids = forest.children.get(commit, [])
+            if broken is not None and kids:
+                # Its children's layers rest on its data: they cannot be
+                # re-expressed; --force removes it alone and leaves them.
+                names_kids = ", ".join(label(table, k) or k.hex()[:12] for k in kids)
+                why.append(
+                    f"it is damaged ({broken}), so its children {names_kids} cannot be "
+                    "re-expressed without it: with --force they stay as they are, still damaged"
+                )
+                damaged.add(n)
             if why and not force:
                 raise UsageError(
                     f"{label(table, commit)} is still in use: {'; '.join(why)}",
                     "pass --force to remove it anyway",
                 )
-            n = table.number_of(commit)
-            assert n is not None
             if n not in numbers:
                 numbers.append(n)
     finally:
@@ -219,5 +255,5 @@ def rm(
         commit_now = now.entries.get(n)
         if commit_now is None:
             continue
-        remove_one(repo, commit_now, report, progress, force=force)
+        remove_one(repo, commit_now, report, progress, force=force, names_only=n in damaged)
     return report

@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vml.errors import AreaError
+from vml.errors import AreaError, CorruptRepository
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.areas import AreaState, Scan, load_state, scan_area, stat_signature
 from vml.plumbing.cache import Cache, block_hash, page_hashes
@@ -48,11 +48,13 @@ class StatusResult:
     pending: str | None
     changes: list[FileChange] = field(default_factory=list)
     vm: dict[str, object] | None = None  # the VM in the area now (not the entry's)
+    # Why the entry the area holds cannot be read (changes are then unknown).
+    damage: str | None = None
 
     @property
     def clean(self) -> bool:
-        """True when nothing changed since the entry."""
-        return not self.changes and self.pending is None
+        """True when nothing changed since the entry (False when that cannot be told)."""
+        return not self.changes and self.pending is None and self.damage is None
 
 
 def _sha256_file(path: Path) -> str:
@@ -166,12 +168,18 @@ def status(repo: Repository, area: Path) -> StatusResult:
     reader = PackReader(repo)
     try:
         entry = None
+        damage = None
         commit = bytes.fromhex(state.entry) if state.entry else None
         if commit is not None and commit in set(table.entries.values()):
-            entry = read_entry(reader, commit)
-        cache = Cache(area, repo.page_size, repo.block_size)
-        scan = scan_area(area, IgnoreRules.load(area).is_ignored, foreign_folders(repo))
-        changes = area_changes(area, state, entry, cache, scan=scan)
+            try:
+                entry = read_entry(reader, commit)
+            except CorruptRepository as err:
+                damage = err.message
+        changes: list[FileChange] = []
+        if damage is None:
+            cache = Cache(area, repo.page_size, repo.block_size)
+            scan = scan_area(area, IgnoreRules.load(area).is_ignored, foreign_folders(repo))
+            changes = area_changes(area, state, entry, cache, scan=scan)
         vm = inspect_area(area)
         run = run_status(area) if vm.power_state == "running" else None
         return StatusResult(
@@ -184,6 +192,7 @@ def status(repo: Repository, area: Path) -> StatusResult:
             vm=vm_view(
                 {**vm.to_json(), "crash_consistent": False, **({"vml_run": run} if run else {})}
             ),
+            damage=damage,
         )
     finally:
         reader.close()

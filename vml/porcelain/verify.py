@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from vml.errors import UsageError
 from vml.plumbing import refs as refs_mod
+from vml.plumbing.forest import load_forest
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
 from vml.plumbing.verify import (
@@ -14,6 +15,7 @@ from vml.plumbing.verify import (
     check_objects,
     check_structure,
     entries_using,
+    needed_by,
 )
 from vml.porcelain.common import ProgressFn, label, make_pool, no_progress
 
@@ -65,22 +67,35 @@ def findings(
     all_commits: list[bytes],
     problems: list[Problem],
 ) -> tuple[list[Finding], list[str]]:
-    """Name problems by entry, and trace bad objects to every entry they affect."""
-    out = [
-        Finding(
+    """Name problems by entry, and trace them to every entry of ``all_commits`` they affect.
+
+    An entry is affected when it needs a bad object, or when its content
+    cannot be resolved at all (it is built on a damaged entry).
+    """
+    out: list[Finding] = []
+    for p in problems:
+        f = Finding(
             label(table, p.entry) if p.entry is not None else None,
             p.path,
             p.message,
             [o.hex() for o in p.objects],
         )
-        for p in problems
-    ]
+        if f not in out:  # the structure check and the object check may meet one fault
+            out.append(f)
     bad = {o for p in problems for o in p.objects}
     hit = {p.entry for p in problems if p.entry is not None}
-    hit |= entries_using(reader, all_commits, bad)
+    hit |= entries_using(reader, all_commits, bad, unreadable=bool(problems))
     numbers = table.numbers()
     affected = sorted(hit, key=lambda c: (numbers.get(c, 1 << 62), c))
     return out, [label(table, c) or c.hex()[:12] for c in affected]
+
+
+def pack_problems(repo: Repository) -> list[Problem]:
+    """One problem per set-aside pack (its entries are named by what they miss)."""
+    return [
+        Problem(f"pack {name} is set aside: {why}; run `vml gc --repair`", None, f"{name}.idx")
+        for name, why in repo.packs.set_aside(warn=False).items()
+    ]
 
 
 def verify(
@@ -108,10 +123,17 @@ def verify(
     reader = PackReader(repo)
     pool = make_pool()
     try:
-        forest, problems = check_structure(reader, table)
-        everything = sorted(forest.parent) if forest is not None else []
+        forest = load_forest(reader, table)
         if all_entries:
             commits = sorted(set(table.entries.values()), key=lambda c: table.number_of(c) or 0)
+            everything = sorted(set(forest.parent) | set(forest.broken))
+            problems = pack_problems(repo)
+            problems += check_structure(reader, table, forest=forest)[1]
+        else:
+            # Only what these entries are built on; traced to what is built on them.
+            scope = needed_by(forest, commits)
+            everything = sorted(scope.union(*(forest.descendants(c) for c in commits)))
+            problems = check_structure(reader, table, only=scope, forest=forest)[1]
         done = 0
         if read_data:
             for c in commits:
