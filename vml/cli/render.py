@@ -70,6 +70,12 @@ def warnings_said_once() -> Iterator[None]:
     Printed when the command succeeded: a failed command prints its one
     error line only (an error caused by the same damage names it).
     """
+    # dulwich logs what it passes over (a ref to a missing object in a
+    # repository it serves): VML reports the consequences itself.
+    dulwich_log = logging.getLogger("dulwich")
+    if not dulwich_log.handlers:
+        dulwich_log.addHandler(logging.NullHandler())
+        dulwich_log.propagate = False
     logger = logging.getLogger("vml")
     handler = _Collect()
     logger.addHandler(handler)

@@ -129,6 +129,21 @@ def _print_fetch(res: FetchResult) -> None:
         out.print(f"  [yellow]tag {escape(t)} differs on {escape(res.remote)}; kept yours[/yellow]")
     if not res.new_entries:
         out.print(f"no new entries {where}")
+    for miss in res.not_arrived:
+        err.print(
+            f"[red]vml: did not arrive: {escape(miss.name)} ({miss.commit[:12]}): "
+            f"{escape(miss.reason)}[/red]"
+        )
+
+
+def _fail_if_incomplete(res: FetchResult) -> None:
+    """Exit 7 when anything the remote advertised did not arrive whole (scripts must notice)."""
+    if res.not_arrived:
+        err.print(
+            f"vml: {len(res.not_arrived)} of what {escape(res.remote or 'the remote')} advertised "
+            "did not arrive (its repository is damaged: run `vml fsck` there); the rest did"
+        )
+        raise typer.Exit(7)
 
 
 @app.command()
@@ -155,12 +170,19 @@ def clone(
             "fetch": res.fetch.to_json(),
         }
         print(json.dumps(doc, indent=1))
+        _fail_if_incomplete(res.fetch)
         return
     out.print(
         f"cloned {escape(res.url)} into {escape(res.path)}: {len(res.fetch.new_entries)} entries, "
         f"{res.fetch.objects} objects, {size(res.fetch.size)} (blocks of {size(res.block_size)})"
     )
+    for miss in res.fetch.not_arrived:
+        err.print(
+            f"[red]vml: did not arrive: {escape(miss.name)} ({miss.commit[:12]}): "
+            f"{escape(miss.reason)}[/red]"
+        )
     out.print(f"use it with `vml --repo {escape(res.path)} log --graph --all`")
+    _fail_if_incomplete(res.fetch)
 
 
 @app.command()
@@ -183,8 +205,10 @@ def fetch(
         )
     if json_:
         print(json.dumps(res.to_json(), indent=1))
+        _fail_if_incomplete(res)
         return
     _print_fetch(res)
+    _fail_if_incomplete(res)
 
 
 @app.command()
@@ -197,6 +221,7 @@ def pull(remote: RemoteArg = None, quiet: Quiet = False, json_: Json = False) ->
         res = pull_mod.pull(repo, remote, ssh_command=_ssh_command(), progress=progress)
     if json_:
         print(json.dumps(res.to_json(), indent=1))
+        _fail_if_incomplete(res.fetch)
         return
     _print_fetch(res.fetch)
     for b, e in sorted(res.created.items()):
@@ -208,6 +233,7 @@ def pull(remote: RemoteArg = None, quiet: Quiet = False, json_: Json = False) ->
             f"  [yellow]branch {escape(b)} diverged: {escape(res.fetch.remote)} has {e}; "
             f"kept yours (both are entries here)[/yellow]"
         )
+    _fail_if_incomplete(res.fetch)
 
 
 @app.command()

@@ -221,7 +221,11 @@ def drop_entry(
     Areas holding it are pointed at its parent (their next save is then a
     child of the parent) with their cache dropped; branches at it move to its
     parent (or are deleted for a root); tags and E-numbers are deleted.
+    A parent that is no entry (a damaged chain) counts as none: nothing is
+    pointed at a commit that may not exist.
     """
+    if parent is not None and parent not in set(table.entries.values()):
+        parent = None
     for a in repository_areas(repo):
         changed = False
         if a.state.entry == commit.hex():

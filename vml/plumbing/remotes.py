@@ -26,13 +26,20 @@ import json
 import os
 import re
 import tempfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dulwich.client import GitClient, HTTPUnauthorized, get_transport_and_path
-from dulwich.errors import GitProtocolError, HangupException, NotGitRepository
+from dulwich.errors import (
+    ApplyDeltaError,
+    ChecksumMismatch,
+    GitProtocolError,
+    HangupException,
+    NotGitRepository,
+)
 from dulwich.objects import ObjectID
 from dulwich.pack import UnpackedObject
 from dulwich.protocol import PEELED_TAG_SUFFIX, ZERO_SHA
@@ -220,6 +227,25 @@ def open_transport(
         ) from None
 
 
+def _source_damage(e: BaseException) -> str | None:
+    """What a local source repository failed to read, when that is why a transfer failed.
+
+    dulwich serves a local path in this process: a missing object shows as
+    a KeyError, a damaged one as a zlib or checksum error (possibly hidden
+    behind an error while closing the pack).
+    """
+    seen: BaseException | None = e
+    for _depth in range(8):
+        if seen is None:
+            return None
+        if isinstance(seen, KeyError):
+            return f"object {str(seen).strip(chr(39) + 'b')} is missing"
+        if isinstance(seen, zlib.error | ChecksumMismatch | ApplyDeltaError):
+            return f"an object does not read: {seen}"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def transport_error(url: str, e: BaseException) -> VMLError:
     """A one-line error for a failed transfer."""
     if isinstance(e, HTTPUnauthorized):
@@ -228,7 +254,18 @@ def transport_error(url: str, e: BaseException) -> VMLError:
         return RemoteError(f"no repository at {url}", "check the URL")
     if isinstance(e, HangupException | GitProtocolError):
         text = str(e).strip() or type(e).__name__
-        return RemoteError(f"{url}: {text}", "check the URL and that the server allows this")
+        return RemoteError(
+            f"{url}: {text}",
+            "check the URL and that the server allows this; if the remote's repository is "
+            "damaged (run `vml fsck` there), fetch the entries it can still send by name",
+        )
+    damage = _source_damage(e)
+    if damage is not None:  # a local repository lacks or cannot read what it advertised
+        return RemoteError(
+            f"{url} cannot send what was asked: its repository is damaged ({damage})",
+            "run `vml fsck` there; fetch the entries it can still send by name, e.g. "
+            "`vml fetch origin E1`",
+        )
     if isinstance(e, OSError):
         return RemoteError(
             f"cannot reach {url} ({e.strerror or e})", "check the URL and the network"
@@ -302,6 +339,11 @@ class Received:
     objects: int = 0
     size: int = 0  # bytes transferred
     keeps: list[Path] = field(default_factory=list)
+    packs: list[Path] = field(default_factory=list)  # the pack files that arrived
+
+    def taken(self) -> bool:
+        """True when a pack that arrived is gone already (a concurrent gc took it)."""
+        return any(not p.exists() for p in self.packs)
 
     def release(self) -> None:
         """Drop the pending markers: the new pack's objects are reachable now (or garbage)."""
@@ -436,13 +478,20 @@ def receive(
             try:
                 keeps = _add_pack_kept(repo, sink.file.read, progress)
             except Exception as e:
-                raise CorruptRepository(f"the pack from {url} is damaged ({e})") from None
+                raise CorruptRepository(
+                    f"the pack from {url} is damaged ({e}); nothing was kept",
+                    "the remote's repository is probably damaged: run `vml fsck` there, "
+                    "and fetch the entries it can still send by name",
+                ) from None
     finally:
         sink.file.close()
+    arrived: list[Path] = []
     try:
         # dulwich renames packs into place without fsync: make them durable
         # before any ref points into them.
         for name in sorted(set(os.listdir(pack_dir)) - before):
+            if name.startswith("pack-") and name.endswith(".pack"):
+                arrived.append(pack_dir / name)
             if name.startswith("pack-"):
                 fd = os.open(pack_dir / name, os.O_RDONLY)
                 try:
@@ -458,7 +507,7 @@ def receive(
     if not wanted:
         return Received(refs, keeps=keeps)
     progress("objects", sink.objects, sink.objects)
-    return Received(refs, sink.objects, sink.bytes, keeps)
+    return Received(refs, sink.objects, sink.bytes, keeps, arrived)
 
 
 @dataclass

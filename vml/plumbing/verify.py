@@ -17,11 +17,14 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
+from dulwich.objects import Tag
+
 from vml.errors import CorruptRepository
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.cache import block_hash
 from vml.plumbing.chains import (
     ResolvedImage,
+    commit_tree_parent,
     image_layer,
     materialize,
     ordered_map,
@@ -32,8 +35,11 @@ from vml.plumbing.deltas import delta_header
 from vml.plumbing.entries import Entry, small_blob
 from vml.plumbing.forest import Forest, load_forest
 from vml.plumbing.images import WINDOW, block_digest, zero_record
-from vml.plumbing.manifests import layer_block_ids, read_block_map
-from vml.plumbing.packs import BLOB, PackReader
+from vml.plumbing.manifests import TREE_MODE, layer_block_ids, parse_tree, read_block_map
+from vml.plumbing.packs import BLOB, TREE, PackReader
+
+TAG_TYPE = 4
+GITLINK_MODE = 0o160000
 
 
 @dataclass
@@ -294,3 +300,96 @@ def entries_using(
         except CorruptRepository:
             out.add(c)
     return out
+
+
+def reach_problem(
+    reader: PackReader, start: bytes, done: set[bytes], memo: dict[bytes, str | None]
+) -> str | None:
+    """Why something ``start`` reaches is not here or does not read; None when all is.
+
+    Walks commits (their parents too), tags and trees, each read (so its id
+    is checked), and looks blobs up without reading them: git's connectivity
+    check after a fetch.  Commits in ``done`` (complete here already) are not
+    walked; ``memo`` keeps each commit's and tree's verdict, so chains that
+    share entries are walked once.  A commit whose own objects are all here
+    but whose parent's are not gets the parent's reason, said as such.
+    """
+    chain: list[tuple[bytes, str | None]] = []  # (commit, what its own tree lacks)
+    below: str | None = None
+    c: bytes | None = start
+    while c is not None and c not in done:
+        if c in memo:
+            below = memo[c]
+            break
+        try:
+            type_num, data = reader.read(c)
+            if type_num == BLOB:
+                memo[c] = None
+                break
+            if type_num == TREE:
+                memo[c] = below = _tree_problem(reader, c, memo)
+                break
+            if type_num == TAG_TYPE:
+                chain.append((c, None))
+                c = tag_target(c, data)
+                continue
+            tree, parent = commit_tree_parent(reader, c)
+        except CorruptRepository as err:
+            memo[c] = below = err.message
+            break
+        chain.append((c, _tree_problem(reader, tree, memo)))
+        c = parent
+    for commit, own in reversed(chain):
+        if own is not None:
+            below = own
+        elif below is not None and not below.startswith(_BUILT_ON):
+            below = f"{_BUILT_ON}{below})"
+        memo[commit] = below
+    return below
+
+
+_BUILT_ON = "an entry it is built on is incomplete ("
+
+
+def tag_target(sha: bytes, data: bytes) -> bytes:
+    """The object an annotated tag names."""
+    try:
+        t = Tag.from_raw_string(TAG_TYPE, data)
+        assert isinstance(t, Tag)
+        return bytes.fromhex(t.object[1].decode())
+    except Exception as e:  # dulwich raises its own format errors
+        raise CorruptRepository(f"tag {sha.hex()} is malformed ({e})") from None
+
+
+def _tree_problem(reader: PackReader, tree: bytes, memo: dict[bytes, str | None]) -> str | None:
+    """What tree ``tree`` (and every tree below it) lacks, or None (iterative: trees nest deep)."""
+    own: dict[bytes, str | None] = {}
+    kids: dict[bytes, list[bytes]] = {}
+    stack: list[tuple[bytes, bool]] = [(tree, False)]
+    while stack:
+        t, expanded = stack.pop()
+        if expanded:
+            why = own[t]
+            for k in kids[t]:
+                why = why or memo.get(k)
+            memo[t] = why
+            continue
+        if t in memo or t in own:
+            continue
+        try:
+            items = parse_tree(reader.read(t, TREE)[1])
+        except CorruptRepository as err:
+            memo[t] = err.message
+            continue
+        own[t] = next(
+            (
+                f"object {sha.hex()} is missing"
+                for _name, mode, sha in items
+                if mode not in (TREE_MODE, GITLINK_MODE) and not reader.contains(sha)
+            ),
+            None,
+        )
+        kids[t] = [sha for _name, mode, sha in items if mode == TREE_MODE]
+        stack.append((t, True))
+        stack.extend((k, False) for k in kids[t])
+    return memo.get(tree)

@@ -9,17 +9,19 @@ repository (``refs/vml/shared/*``) are numbered too.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from dulwich.object_store import peel_sha
 from dulwich.objects import ObjectID
 
-from vml.errors import RepositoryBusy, UnknownEntry, UsageError
+from vml.errors import CorruptRepository, RepositoryBusy, UnknownEntry, UsageError
 from vml.plumbing import refs as refs_mod
 from vml.plumbing import remotes as rm
+from vml.plumbing.chains import read_entry
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
+from vml.plumbing.verify import reach_problem
 from vml.porcelain.common import ProgressFn, no_progress
 
 _E = re.compile(r"^[Ee]?([0-9]+)$")
@@ -36,6 +38,15 @@ class NewEntry:
 
 
 @dataclass
+class NotArrived:
+    """A ref the remote advertised whose objects did not all arrive: nothing here names it."""
+
+    name: str  # as the remote calls it: E5, branch main, tag v1, or a commit id
+    commit: str
+    reason: str
+
+
+@dataclass
 class FetchResult:
     """What ``vml fetch`` did."""
 
@@ -47,6 +58,9 @@ class FetchResult:
     branches: dict[str, str] = field(default_factory=dict)  # remote branch -> entry
     tags: list[str] = field(default_factory=list)  # new local tags
     tag_conflicts: list[str] = field(default_factory=list)  # tags kept as they were here
+    # What the remote advertised but could not send whole (its repository is
+    # damaged): left out entirely, the rest arrived.
+    not_arrived: list[NotArrived] = field(default_factory=list)
 
     def to_json(self) -> dict[str, object]:
         """The ``--json`` form."""
@@ -59,6 +73,7 @@ class FetchResult:
             "branches": self.branches,
             "tags": self.tags,
             "tag_conflicts": self.tag_conflicts,
+            "not_arrived": [e.__dict__ for e in self.not_arrived],
         }
 
 
@@ -157,6 +172,69 @@ def _check_present(repo: Repository, remote: str, chosen: dict[bytes, bytes]) ->
         reader.close()
 
 
+def _display(ref: bytes, hexid: bytes) -> str:
+    """A remote ref as a user knows it: E5, branch main, tag v1, or a commit id."""
+    if ref.startswith(_ENTRIES):
+        return "E" + ref[len(_ENTRIES) :].decode()
+    if ref.startswith(refs_mod.BRANCH_PREFIX):
+        return "branch " + ref[len(refs_mod.BRANCH_PREFIX) :].decode(errors="replace")
+    if ref.startswith(refs_mod.TAG_PREFIX):
+        return "tag " + ref[len(refs_mod.TAG_PREFIX) :].decode(errors="replace")
+    return hexid.decode()[:12]
+
+
+def arrived_whole(
+    repo: Repository,
+    remote: str,
+    wanted: dict[bytes, bytes],
+    taken: Callable[[], bool] = lambda: False,
+) -> tuple[dict[bytes, bytes], list[NotArrived]]:
+    """Split the refs a fetch asked for into those whose objects are all here, and the rest.
+
+    The rule (FORMAT.md, "Sharing"): a ref is tracked, and the entries it
+    reaches numbered, only when every object it reaches is here and reads
+    (git's connectivity check; entries already here are not walked again),
+    and an entry ref names a VML entry.  A remote with a damaged repository
+    may advertise what it cannot send (a local one then sends the rest, a
+    git server usually fails the whole transfer): whatever did not arrive
+    whole is named, never half-referenced.  ``taken()`` tells whether a pack
+    that arrived is gone meanwhile: then a concurrent gc, not the remote,
+    is to blame, and the command is to be run again.
+    """
+    reader = PackReader(repo)
+    try:
+        done = set(refs_mod.read_refs(repo).entries.values())
+        memo: dict[bytes, str | None] = {}
+        ok: dict[bytes, bytes] = {}
+        missing: list[NotArrived] = []
+        for ref, value in sorted(wanted.items()):
+            if tracking_name(remote, ref) is None:
+                continue
+            hexid = rm.hex_of(value)
+            sha = bytes.fromhex(hexid.decode())
+            if not reader.contains(sha):
+                why: str | None = "the remote did not send it (is its object missing there?)"
+            else:
+                why = reach_problem(reader, sha, done, memo)
+            if why is None and ref.startswith((_ENTRIES, rm.SHARED_PREFIX)) and sha not in done:
+                try:
+                    read_entry(reader, sha)
+                except CorruptRepository as err:
+                    why = f"it is not a VML entry ({err.message})"
+            if why is None:
+                ok[ref] = value
+                continue
+            if taken():
+                raise RepositoryBusy(
+                    f"a concurrent `vml gc` removed objects this fetch brought ({hexid.decode()})",
+                    "run the same command again",
+                )
+            missing.append(NotArrived(_display(ref, hexid), hexid.decode(), why))
+        return ok, missing
+    finally:
+        reader.close()
+
+
 def apply_fetched(
     repo: Repository,
     remote: str,
@@ -166,13 +244,25 @@ def apply_fetched(
     prune: bool,
     keep_numbers: bool = False,
     advertised: dict[bytes, bytes] | None = None,
+    names: Sequence[str] = (),
+    taken: Callable[[], bool] = lambda: False,
 ) -> FetchResult:
-    """Point tracking refs at what arrived and number new entries (takes the lock).
+    """Point tracking refs at what arrived whole and number new entries (takes the lock).
 
     ``advertised`` (every ref the remote showed) names the remote's numbers
-    of entries that came only as part of a chain.
+    of entries that came only as part of a chain, and what the fetch asked
+    for beyond what the transport let through (``names`` selects, as in
+    :func:`select`).  Refs whose objects did not all arrive are left out and
+    listed in ``not_arrived``.
     """
     res = FetchResult(remote, url)
+    asked = dict(chosen)
+    if advertised:
+        for ref, hexid in select(remote, advertised, names).items():
+            asked.setdefault(ref, hexid)
+    chosen, res.not_arrived = arrived_whole(repo, remote, asked, taken)
+    # What tracks a ref that did not arrive stays as it was (the remote still has it).
+    unchanged = {tracking_name(remote, ref) for ref in asked if ref not in chosen}
     hints: dict[bytes, int] = {}
     remote_names: dict[bytes, str] = {}
     for ref, hexid in sorted((advertised or {}).items(), reverse=True):
@@ -215,7 +305,7 @@ def apply_fetched(
                 res.branches[ref[len(refs_mod.BRANCH_PREFIX) :].decode()] = commit.hex()
         if prune:
             for ref in rm.tracking_refs(repo, remote):
-                if ref not in wanted:
+                if ref not in wanted and ref not in unchanged:
                     refs_mod.delete_ref(repo, ref)
         # entries others pushed straight into this repository
         for ref in repo.git.refs.allkeys():
@@ -264,6 +354,8 @@ def fetch_into(
             prune=not names,
             keep_numbers=keep_numbers,
             advertised=got.refs,
+            names=names,
+            taken=got.taken,
         )
     finally:
         # Refs reach the new pack now (or the fetch failed and it is
