@@ -6,26 +6,58 @@ xxh3-128 of the block, xxh3-64 of each page), so that an unchanged file is
 not read and a changed one's changed pages are found without reading the
 repository.  The cache is only an accelerator: when it is missing or stale,
 VML reads what it needs from the repository instead.
+
+A damaged cache must cost a rescan, never a wrong entry (a record's blob id
+or page hashes are trusted for blocks the file shares with its entry).  So
+``index.json`` carries the xxh3-128 of its own content, and each records
+file ``<n>.blocks`` a sidecar ``<n>.blocks.sum`` with the xxh3-128 of its
+bytes.  The index is checked when the cache is loaded, a records file when
+one of its records is first read (so an unchanged image costs nothing); one
+that does not match is ignored as if missing, and a warning says so once.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import mmap
 import os
 import shutil
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import xxhash
 
 from vml.plumbing.areas import vml_dir
 from vml.plumbing.repository import write_atomic
 
+log = logging.getLogger("vml")
+
 CACHE_NAME = "cache"
 CACHE_TMP = "cache.tmp"
 # Bumped whenever the record layout changes; older caches are ignored.
-CACHE_FORMAT = 3
+# 4: checksums over the index and each records file.
+CACHE_FORMAT = 4
+SUM_SUFFIX = ".sum"
+
+
+def _doc_check(doc: dict[str, Any]) -> str:
+    """The checksum of an index document (without its ``check`` key)."""
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    return str(xxhash.xxh3_128_hexdigest(canonical))
+
+
+def _encode_index(doc: dict[str, Any]) -> bytes:
+    body = {k: v for k, v in doc.items() if k != "check"}
+    return json.dumps({**body, "check": _doc_check(body)}).encode()
+
+
+def _damaged(area: Path, what: str) -> None:
+    log.warning(
+        "the area cache of %s is damaged (%s): VML reads those files again instead", area, what
+    )
 
 
 @dataclass
@@ -44,16 +76,49 @@ def _record_size(page_size: int, block_size: int) -> int:
 
 
 class BlockRecords:
-    """Read-only view of one image's per-block hashes (memory-mapped)."""
+    """Read-only view of one image's per-block hashes (memory-mapped).
 
-    def __init__(self, path: Path, page_size: int, block_size: int) -> None:
+    The file's checksum is checked when a record is first asked for: a
+    file that does not match answers as if it held no records (every block
+    is then read and hashed afresh).
+    """
+
+    def __init__(self, path: Path, page_size: int, block_size: int, area: Path) -> None:
         self.rec = _record_size(page_size, block_size)
+        self.path = path
+        self._area = area
         self._f = open(path, "rb")  # noqa: SIM115 (lives as long as the mmap)
         size = os.fstat(self._f.fileno()).st_size
-        self.count = size // self.rec
+        self._records = size // self.rec
+        self._count = 0  # until the checksum is checked (_check)
+        self._checked = False
+        self._lock = threading.Lock()
         self._mm: mmap.mmap | None = (
             mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         )
+
+    def _check(self) -> None:
+        # Workers of a save ask for records at once: one of them checks.
+        with self._lock:
+            if self._checked:
+                return
+            try:
+                want = self.path.with_name(self.path.name + SUM_SUFFIX).read_text().strip()
+            except (OSError, UnicodeDecodeError):
+                want = None
+            have = xxhash.xxh3_128_hexdigest(self._mm if self._mm is not None else b"")
+            if want == have:
+                self._count = self._records
+            else:
+                _damaged(self._area, f"the block records of {self.path.name}")
+            self._checked = True
+
+    @property
+    def count(self) -> int:
+        """Blocks with a record (none when the file does not match its checksum)."""
+        if not self._checked:
+            self._check()
+        return self._count
 
     def block_digest(self, n: int) -> bytes | None:
         """Blob id of block ``n`` as cached, or None beyond the cached file."""
@@ -118,16 +183,23 @@ class Cache:
         self.entry: str | None = None
         self.files: dict[str, CachedFile] = {}
         try:
-            doc = json.loads((vml_dir(area) / CACHE_NAME / "index.json").read_text())
-            if (
-                doc.get("format") == CACHE_FORMAT
-                and doc.get("page_size") == page_size
-                and doc.get("block_size") == block_size
-            ):
+            raw = (vml_dir(area) / CACHE_NAME / "index.json").read_bytes()
+        except OSError:
+            return  # no cache: callers fall back to the repository
+        try:
+            doc = json.loads(raw)
+            if doc.get("format") != CACHE_FORMAT:
+                return  # written by another version: ignored, rebuilt by the next save
+            check = doc.pop("check", None)
+            if check != _doc_check(doc):
+                _damaged(area, "its index does not match its checksum")
+                return
+            if doc.get("page_size") == page_size and doc.get("block_size") == block_size:
+                files = {p: CachedFile(**v) for p, v in doc.get("files", {}).items()}
                 self.entry = doc.get("entry")
-                self.files = {p: CachedFile(**v) for p, v in doc.get("files", {}).items()}
-        except (OSError, ValueError, TypeError, AttributeError):
-            pass  # no usable cache: callers fall back to the repository
+                self.files = files
+        except (ValueError, TypeError, AttributeError, RecursionError):
+            _damaged(area, "its index is not readable")
 
     def valid_for(self, entry: str | None) -> bool:
         """True when the cache describes the area as it was at ``entry``."""
@@ -141,7 +213,7 @@ class Cache:
         p = records_path(self.area, cf.pages)
         if not p.exists():
             return None
-        return BlockRecords(p, self.page_size, self.block_size)
+        return BlockRecords(p, self.page_size, self.block_size, self.area)
 
 
 class CacheWriter:
@@ -158,19 +230,27 @@ class CacheWriter:
         self._n = 0
 
     def new_records(self) -> tuple[str, object]:
-        """Open a new per-block record file; returns its name and a binary file."""
+        """Open a new per-block record file; returns its name and a binary file.
+
+        The file takes ``write`` and ``close``; closing writes its checksum.
+        """
         self._n += 1
         name = f"{self._n:06d}.blocks"
-        return name, open(self.dir / name, "wb")
+        return name, _SummedFile(self.dir / name)
 
     def reuse_records(self, old: Path) -> str:
-        """Carry an unchanged image's records over (a hard link: no copy)."""
+        """Carry an unchanged image's records over with their checksum (hard links: no copy)."""
         self._n += 1
         name = f"{self._n:06d}.blocks"
-        try:
-            os.link(old, self.dir / name)
-        except OSError:
-            shutil.copyfile(old, self.dir / name)
+        for suffix in ("", SUM_SUFFIX):
+            src = old.with_name(old.name + suffix)
+            dst = self.dir / (name + suffix)
+            try:
+                os.link(src, dst)
+            except FileNotFoundError:
+                continue  # no checksum: the records will not be trusted
+            except OSError:
+                shutil.copyfile(src, dst)
         return name
 
     def add(self, path: str, cf: CachedFile) -> None:
@@ -187,7 +267,7 @@ class CacheWriter:
             "files": {p: asdict(cf) for p, cf in sorted(self.files.items())},
         }
         # The cache is an accelerator: it need not survive a crash, so no fsync.
-        write_atomic(self.dir / "index.json", json.dumps(doc).encode(), durable=False)
+        write_atomic(self.dir / "index.json", _encode_index(doc), durable=False)
         live = vml_dir(self.area) / CACHE_NAME
         old = vml_dir(self.area) / "cache.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -199,6 +279,43 @@ class CacheWriter:
     def abort(self) -> None:
         """Drop the unfinished cache."""
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class _SummedFile:
+    """A records file being written; its checksum goes beside it when it is closed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f = open(path, "wb")  # noqa: SIM115 (closed by close())
+        self._sum = xxhash.xxh3_128()
+
+    def write(self, data: bytes) -> int:
+        self._sum.update(data)
+        return self._f.write(data)
+
+    def close(self) -> None:
+        if self._f.closed:
+            return
+        self._f.close()
+        self.path.with_name(self.path.name + SUM_SUFFIX).write_text(self._sum.hexdigest())
+
+
+def rekey_cache(area: Path, old: str, new: str) -> None:
+    """Point the area cache at a rewritten commit: the content it describes is unchanged.
+
+    Only a cache whose checksum holds is carried over (and checksummed again).
+    """
+    index = vml_dir(area) / CACHE_NAME / "index.json"
+    try:
+        doc = json.loads(index.read_bytes())
+        check = doc.pop("check", None)
+    except (OSError, ValueError, AttributeError):
+        return
+    if not isinstance(doc, dict) or doc.get("entry") != old or check != _doc_check(doc):
+        return
+    doc["entry"] = new
+    # The cache is an accelerator only: no fsync needed (as in CacheWriter).
+    write_atomic(index, _encode_index(doc), durable=False)
 
 
 def drop_cache(area: Path) -> None:

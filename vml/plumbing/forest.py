@@ -12,7 +12,6 @@ the same command again makes the same commits and finishes the job.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -20,11 +19,11 @@ from pathlib import Path
 
 from vml.errors import ConcurrentChange, CorruptRepository, VMLError
 from vml.plumbing import refs as refs_mod
-from vml.plumbing.areas import AreaState, load_state, lock_area, save_state, vml_dir
-from vml.plumbing.cache import drop_cache
+from vml.plumbing.areas import AreaState, load_state, lock_area, save_state
+from vml.plumbing.cache import drop_cache, rekey_cache
 from vml.plumbing.chains import MAX_CHAIN, commit_tree_parent
 from vml.plumbing.packs import PackReader
-from vml.plumbing.repository import Repository, write_atomic
+from vml.plumbing.repository import Repository
 
 
 @dataclass
@@ -124,20 +123,6 @@ def repository_areas(repo: Repository) -> list[AreaRef]:
     return out
 
 
-def _rekey_cache(area: Path, old: str, new: str) -> None:
-    """Point the area cache at the new commit: the content it describes is unchanged."""
-    index = vml_dir(area) / "cache" / "index.json"
-    try:
-        doc = json.loads(index.read_text())
-    except (OSError, ValueError):
-        return
-    if not isinstance(doc, dict) or doc.get("entry") != old:
-        return
-    doc["entry"] = new
-    # The cache is an accelerator only: no fsync needed (as in CacheWriter).
-    write_atomic(index, json.dumps(doc).encode(), durable=False)
-
-
 @dataclass
 class Moves:
     """What moving names did."""
@@ -165,7 +150,7 @@ def move_names(
             changed = False
             if a.state.entry == old.hex():
                 a.state.entry = new.hex()
-                _rekey_cache(a.path, old.hex(), new.hex())
+                rekey_cache(a.path, old.hex(), new.hex())
                 changed = True
             if a.state.pending == old.hex():
                 a.state.pending = new.hex()
