@@ -232,7 +232,12 @@ def _print_check(res: CheckResult, json_: bool, what: str) -> None:
         for p in res.problems:
             where = " ".join(x for x in (p.entry, p.path) if x)
             objs = f" [objects {', '.join(o[:12] for o in p.objects)}]" if p.objects else ""
-            out.print(f"[red]bad[/red] {escape(where)}: {escape(p.message + objs)}")
+            at = f" {escape(where)}" if where else ""
+            out.print(f"[red]bad[/red]{at}: {escape(p.message + objs)}")
+        for n in res.notes:
+            where = " ".join(x for x in (n.entry, n.path) if x)
+            at = f" {escape(where)}" if where else ""
+            out.print(f"[yellow]note[/yellow]{at}: {escape(n.message)}")
         if res.clean:
             out.print(f"{what}: {len(res.checked)} entries, no problems")
         else:

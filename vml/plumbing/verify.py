@@ -35,6 +35,7 @@ from vml.plumbing.deltas import delta_header
 from vml.plumbing.entries import Entry, small_blob
 from vml.plumbing.forest import Forest, load_forest
 from vml.plumbing.images import WINDOW, block_digest, zero_record
+from vml.plumbing.layout import layout_problems, merged_names
 from vml.plumbing.manifests import TREE_MODE, layer_block_ids, parse_tree, read_block_map
 from vml.plumbing.packs import BLOB, TREE, PackReader
 
@@ -50,6 +51,7 @@ class Problem:
     entry: bytes | None = None  # the commit it was found in
     path: str | None = None
     objects: list[bytes] = field(default_factory=list)  # the bad objects, when known
+    note: bool = False  # worth knowing, not damage (e.g. names some file systems merge)
 
 
 def check_structure(
@@ -87,6 +89,17 @@ def check_structure(
                 Problem(f"a {e.meta.kind} entry with{'out' if p is None else ''} a parent", c)
             )
         images_of[c] = {f.path for f in e.meta.files if f.kind == "image"}
+        # What a checkout would refuse, whatever the area holds.
+        problems += [Problem(f"it is malformed: {msg}", c) for msg in layout_problems(e.meta)]
+        problems += [
+            Problem(
+                f"{msg} on a file system that ignores case or Unicode normalisation "
+                "(vfat, exFAT, NTFS, APFS): check it out onto ext4, xfs or btrfs",
+                c,
+                note=True,
+            )
+            for msg in merged_names(e.meta)
+        ]
         for f in e.meta.files:
             try:
                 if f.kind == "small":

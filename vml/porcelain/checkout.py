@@ -23,6 +23,7 @@ from vml.plumbing.areas import (
 )
 from vml.plumbing.cache import Cache, CacheWriter
 from vml.plumbing.entries import Entry
+from vml.plumbing.layout import check_layout
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository, fsync_dir
 from vml.plumbing.restoring import Builder, TempFiles
@@ -342,6 +343,7 @@ def checkout(
     try:
         # A malformed or hostile entry is refused before the folder is made.
         target = read_entry(reader, commit)
+        check_layout(target.meta, table.label(commit) or commit.hex()[:12], area)
         with _folder_made(area), lock_area(area):
             plan = _plan(repo, reader, table, area, target, force)
             state = plan.state

@@ -37,7 +37,7 @@ def fsck(repo: Repository, progress: ProgressFn = no_progress) -> CheckResult:
                 msg = f"pack {d.pack}: object {d.sha.hex()} is damaged ({d.message})"
                 problems.append(Problem(msg, None, f"{d.pack}.pack", [d.sha]))
         everything = sorted(set(forest.parent) | set(forest.broken))
-        found, affected = findings(reader, table, everything, problems)
+        found, affected, notes = findings(reader, table, everything, problems)
         known = set(table.entries.values())
         for a in repository_areas(repo):
             if a.state.entry and bytes.fromhex(a.state.entry) not in known:
@@ -52,6 +52,7 @@ def fsck(repo: Repository, progress: ProgressFn = no_progress) -> CheckResult:
             checked=[label(table, c) or c.hex()[:12] for c in everything],
             problems=found,
             affected=affected,
+            notes=notes,
         )
     finally:
         reader.close()

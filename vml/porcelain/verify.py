@@ -43,10 +43,12 @@ class CheckResult:
     affected: list[str]  # every entry a bad object or a broken structure affects
     read_data: bool = False
     checked_bytes: int = 0
+    # Worth knowing, not damage: names some file systems would merge.
+    notes: list[Finding] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
-        """True when nothing is wrong."""
+        """True when nothing is wrong (notes do not count)."""
         return not self.problems
 
     def to_json(self) -> dict[str, object]:
@@ -58,6 +60,7 @@ class CheckResult:
             "affected": self.affected,
             "read_data": self.read_data,
             "checked_bytes": self.checked_bytes,
+            "notes": [n.to_json() for n in self.notes],
         }
 
 
@@ -66,13 +69,15 @@ def findings(
     table: refs_mod.RefTable,
     all_commits: list[bytes],
     problems: list[Problem],
-) -> tuple[list[Finding], list[str]]:
+) -> tuple[list[Finding], list[str], list[Finding]]:
     """Name problems by entry, and trace them to every entry of ``all_commits`` they affect.
 
     An entry is affected when it needs a bad object, or when its content
-    cannot be resolved at all (it is built on a damaged entry).
+    cannot be resolved at all (it is built on a damaged entry).  Returns the
+    problems, the affected entries, and the notes (not damage).
     """
     out: list[Finding] = []
+    notes: list[Finding] = []
     for p in problems:
         f = Finding(
             label(table, p.entry) if p.entry is not None else None,
@@ -80,14 +85,16 @@ def findings(
             p.message,
             [o.hex() for o in p.objects],
         )
-        if f not in out:  # the structure check and the object check may meet one fault
-            out.append(f)
+        into = notes if p.note else out
+        if f not in into:  # the structure check and the object check may meet one fault
+            into.append(f)
+    problems = [p for p in problems if not p.note]
     bad = {o for p in problems for o in p.objects}
     hit = {p.entry for p in problems if p.entry is not None}
     hit |= entries_using(reader, all_commits, bad, unreadable=bool(problems))
     numbers = table.numbers()
     affected = sorted(hit, key=lambda c: (numbers.get(c, 1 << 62), c))
-    return out, [label(table, c) or c.hex()[:12] for c in affected]
+    return out, [label(table, c) or c.hex()[:12] for c in affected], notes
 
 
 def pack_problems(repo: Repository) -> list[Problem]:
@@ -148,13 +155,14 @@ def verify(
             problems += check_objects(
                 reader, commits, set(), lambda i, total: progress("verify", i, total)
             )
-        found, affected = findings(reader, table, everything, problems)
+        found, affected, notes = findings(reader, table, everything, problems)
         return CheckResult(
             checked=[label(table, c) or c.hex()[:12] for c in commits],
             problems=found,
             affected=affected,
             read_data=read_data,
             checked_bytes=done,
+            notes=notes,
         )
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
