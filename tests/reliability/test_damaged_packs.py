@@ -102,6 +102,14 @@ def test_a_bad_pack_is_set_aside_and_every_other_entry_stays_usable(
     assert vml(repo, "commit", "-q", a1).code == 0
     assert vml(repo, "verify", "E3").code == 0
 
+    # Sharing sends whole entries only.
+    subprocess.run(["git", "init", "-q", "--bare", str(tmp_path / "far.git")], check=True)
+    assert vml(repo, "remote", "add", "far", tmp_path / "far.git").code == 0
+    run = vml(repo, "push", "far", "E2")
+    assert run.code == 7 and "nothing was sent" in one_line_error(run)
+    assert vml(repo, "push", "far", "E3").code == 0
+    git_fsck(tmp_path / "far.git")
+
 
 @pytest.mark.parametrize("damage", INDEX_DAMAGE, ids=IDS[:3])
 def test_gc_repair_rebuilds_the_index_of_a_whole_pack(

@@ -157,7 +157,7 @@ def _object_damage(fd: int, sha: bytes, off: int, length: int, crc: int | None) 
 # -- reading a pack from its start ------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class _Obj:
     offset: int
     length: int  # header and compressed bytes

@@ -569,6 +569,12 @@ def send(
     except VMLError:
         raise
     except Exception as e:
+        damage = _source_damage(e)
+        if damage is not None:  # what is pushed is read here: this repository is damaged
+            raise CorruptRepository(
+                f"cannot send what was asked: this repository is damaged ({damage})",
+                "run `vml fsck` to see which entries are affected",
+            ) from None
         raise transport_error(url, e) from None
     for ref, error in (result.ref_status or {}).items():
         if error is not None:

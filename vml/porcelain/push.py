@@ -11,11 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from vml.errors import UsageError
+from vml.errors import CorruptRepository, UsageError
 from vml.plumbing import refs as refs_mod
 from vml.plumbing import remotes as rm
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
+from vml.plumbing.verify import reach_problem
 from vml.porcelain.common import ProgressFn, label, no_progress
 
 
@@ -81,6 +82,15 @@ def push(
     reader = PackReader(repo)
     try:
         chain = rm.chain_entries(reader, commits, set())
+        # An entry goes whole or not at all: never one the remote could not rebuild.
+        memo: dict[bytes, str | None] = {}
+        for c in sorted(commits | set(chain)):
+            why = reach_problem(reader, c, set(), memo)
+            if why is not None:
+                raise CorruptRepository(
+                    f"{label(table, c)} cannot be sent: {why}; nothing was sent",
+                    "run `vml fsck` to see which entries are damaged; push the others by name",
+                )
         res = PushResult(remote, url)
         rejected: list[str] = []
 
