@@ -135,9 +135,11 @@ class PackHealth:
         problem = known[1]
         with self._lock:
             self._verdicts[name] = (sig, problem)
-            if problem is None or not warn or (name, problem) in self._warned:
+            if problem is None or (name, problem) in self._warned:
                 return problem
-            self._warned.add((name, problem))
+            self._warned.add((name, problem))  # without ``warn``: the caller says it
+            if not warn:
+                return problem
         log.warning("pack %s is set aside: %s; %s", name, problem, REMEDY)
         return problem
 

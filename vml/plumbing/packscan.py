@@ -394,7 +394,7 @@ class PackRepair:
 
     pack: str
     problem: str
-    action: str  # "reindexed", "salvaged", "removed" (redundant), "quarantined"
+    action: str  # "reindexed", "salvaged", "quarantined" (an index without its pack)
     objects: int = 0  # objects the rebuilt index or the new pack holds
     lost: int = 0  # objects the pack announced that could not be read
     new_pack: str | None = None
