@@ -38,7 +38,7 @@ def test_resolution(repo: Repository, area: Path) -> None:
     for bad in ("E3", "nothing", "abc", "0000000"):
         with pytest.raises(UnknownEntry):
             refs.resolve_name(repo, bad)
-    assert refs.next_number(t) == 3
+    assert refs.next_number(repo, t.entries) == 3
 
 
 def test_ambiguous_prefix(repo: Repository) -> None:
@@ -77,3 +77,13 @@ def test_set_ref_is_conditional(repo: Repository, area: Path) -> None:
     refs.delete_ref(repo, ref)
     assert "b" not in refs.read_refs(repo).branches
     assert (repo.path / "refs" / "vml" / "entries" / "1").read_text().strip() == c1.hex()
+
+
+def test_a_removed_entry_s_number_is_never_given_again(repo: Repository, area: Path) -> None:
+    save(repo, area)
+    (area / "vm.vmx").write_text("two\n")
+    e2 = save(repo, area)
+    assert e2.entry == "E2"
+    refs.delete_ref(repo, refs.entry_ref(2))  # as `vml rm E2 --force` does, last
+    (area / "vm.vmx").write_text("three\n")
+    assert save(repo, area, full=True).entry == "E3"

@@ -638,11 +638,18 @@ def run_pair(
         time.sleep(rng.uniform(0, work))
         if procs[victim].poll() is None:
             procs[victim].send_signal(signal.SIGKILL)
+    errs = [proc.communicate(timeout=300)[1] for proc in procs]
     codes = []
-    for proc, plugin in zip(procs, (a_plugin, b_plugin), strict=True):
-        _, err = proc.communicate(timeout=300)
+    after = w.entries()
+    for proc, err, plugin, trial in zip(procs, errs, (a_plugin, b_plugin), trials, strict=True):
         rc = proc.returncode
-        if rc not in (0, -signal.SIGKILL, *plugin.ok_codes, *CONCURRENT_CODES):
+        assert trial is not None
+        # Exit 4: the entry it names was removed or rewritten by the other one.
+        named = [int(a[1:]) for a in trial.argv if a[:1] == "E" and a[1:].isdigit()]
+        gone = any(before.get(n) != after.get(n) for n in named)
+        if rc not in (0, -signal.SIGKILL, *plugin.ok_codes, *CONCURRENT_CODES) and not (
+            rc == 4 and gone
+        ):
             raise StressFailure(f"trial {i}: {plugin.name} beside another failed ({rc}): {err}")
         codes.append(rc)
     areas = [a for a in w.base.iterdir() if a.is_dir() and a.name not in ("repo", "scratch")]

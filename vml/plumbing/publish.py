@@ -78,7 +78,7 @@ def publish_entry(
                 )
             if tag is not None and tag in table.tags:
                 raise UsageError(f"tag {tag!r} was made while saving", "choose another name")
-            n = refs_mod.next_number(table)
+            n = refs_mod.next_number(repo, table.entries)
             trailers = [
                 ("VML-Entry", f"E{n}"),
                 ("VML-Kind", kind),
@@ -88,6 +88,7 @@ def publish_entry(
             c = make_commit(root, parent, message, trailers)
             cid = write_loose(repo, c)
             refs_mod.set_ref(repo, refs_mod.entry_ref(n), cid, create=True)
+            refs_mod.note_numbers(repo, [n])
             if tag is not None:
                 refs_mod.set_ref(repo, refs_mod.TAG_PREFIX + tag.encode(), cid, create=True)
             tip = table.branches.get(branch) if branch is not None else None

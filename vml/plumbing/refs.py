@@ -10,14 +10,14 @@ an fsync of the folder.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from dulwich.objects import ObjectID
 from dulwich.refs import Ref, SymrefLoop, check_ref_format
 
 from vml.errors import AmbiguousEntry, HostileRepository, UnknownEntry, UsageError
-from vml.plumbing.repository import Repository, fsync_dir
+from vml.plumbing.repository import Repository, fsync_dir, write_atomic
 
 ENTRY_PREFIX = b"refs/vml/entries/"
 TAG_PREFIX = b"refs/tags/"
@@ -133,9 +133,34 @@ def resolve_name(repo: Repository, name: str, table: RefTable | None = None) -> 
     raise UnknownEntry(f"no entry named {name!r}")
 
 
-def next_number(table: RefTable) -> int:
-    """The number the next entry gets (call under the repository lock)."""
-    return max(table.entries, default=0) + 1
+# The highest E-number this repository ever gave (local, in vml/): a number
+# once given is never given to another entry, even after that entry is removed.
+_LAST_NUMBER = "last-entry-number"
+
+
+def _last_given(repo: Repository) -> int:
+    try:
+        text = (repo.vml_dir / _LAST_NUMBER).read_text().strip()
+    except OSError:
+        return 0
+    return int(text) if text.isdigit() and len(text) < 19 else 0
+
+
+def next_number(repo: Repository, taken: Iterable[int]) -> int:
+    """The number the next entry gets (call under the repository lock).
+
+    Never one given before here: after ``vml rm E7``, the next save is E8, so
+    a name a user wrote down never comes to mean another state.
+    """
+    return max(max(taken, default=0), _last_given(repo)) + 1
+
+
+def note_numbers(repo: Repository, numbers: Iterable[int]) -> None:
+    """Remember the numbers just given (call under the repository lock, after their refs)."""
+    top = max(numbers, default=0)
+    if top > _last_given(repo):
+        repo.vml_dir.mkdir(exist_ok=True)
+        write_atomic(repo.vml_dir / _LAST_NUMBER, f"{top}\n".encode())
 
 
 def check_name(kind: str, name: str) -> None:

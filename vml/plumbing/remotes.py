@@ -662,7 +662,7 @@ def number_entries(
             children.setdefault(e.parent, []).append(c)
         else:
             heapq.heappush(ready, key(c))
-    nxt = max(taken, default=0) + 1
+    nxt = refs_mod.next_number(repo, taken)
     while ready:
         c = heapq.heappop(ready)[-1]
         refs_mod.set_ref(repo, refs_mod.entry_ref(nxt), c, create=True)
@@ -670,6 +670,7 @@ def number_entries(
         nxt += 1
         for k in children.get(c, []):
             heapq.heappush(ready, key(k))
+    refs_mod.note_numbers(repo, [n for n, _c in made])
     return made
 
 
