@@ -18,7 +18,7 @@ from tests.conftest import TEST_BLOCK, three_entries
 from vml.errors import RepositoryBusy
 from vml.plumbing import gc as gc_mod
 from vml.plumbing import refs as refs_mod
-from vml.plumbing import remotes as rm
+from vml.plumbing import remotes as remotes_mod
 from vml.plumbing.packs import PENDING_KEEP
 from vml.plumbing.repository import Repository, init_repository, open_repository
 from vml.porcelain import clone as clone_mod
@@ -59,16 +59,16 @@ def gc_after_receive(
     before_gc: Callable[[Repository], None] = lambda repo: None,
 ) -> None:
     """Run a full gc right after the fetched pack landed, before any ref is set."""
-    real = rm.receive
+    real = remotes_mod.receive
 
-    def racing(repo: Repository, *args: Any, **kwargs: Any) -> rm.Received:
+    def racing(repo: Repository, *args: Any, **kwargs: Any) -> remotes_mod.Received:
         got = real(repo, *args, **kwargs)
         before_gc(repo)
         res = gc_mod.collect(repo)
         collected.append(sum(1 for p in res.packs if p.action == "delete"))
         return got
 
-    monkeypatch.setattr(rm, "receive", racing)
+    monkeypatch.setattr(remotes_mod, "receive", racing)
 
 
 def pending_keeps(repo: Repository) -> list[Path]:

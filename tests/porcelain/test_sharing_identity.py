@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import TEST_BLOCK, edit, make_area, three_entries
 from vml.errors import UnknownEntry, UsageError, VMLError
 from vml.plumbing import refs as refs_mod
-from vml.plumbing import remotes as rm
+from vml.plumbing import remotes as remotes_mod
 from vml.plumbing.repository import Repository, init_repository, open_repository
 from vml.porcelain import clone as clone_mod
 from vml.porcelain import fetch as fetch_mod
@@ -131,7 +131,7 @@ def test_push_never_touches_remote_numbers(alice: Repository, tmp_path: Path) ->
     push_mod.push(alice, "carol", ["E3"])
     carol = open_repository(tmp_path / "carol")
     assert numbers(carol) == before  # E-numbers untouched; entries wait as shared refs
-    shared = [r for r in carol.git.refs.allkeys() if r.startswith(rm.SHARED_PREFIX)]
+    shared = [r for r in carol.git.refs.allkeys() if r.startswith(remotes_mod.SHARED_PREFIX)]
     assert len(shared) == 2  # E3 and its parent E1
     # carol's next fetch (even with no remote configured) numbers them
     res = fetch_mod.fetch(carol)
@@ -197,10 +197,10 @@ def test_branches_tags_pull_and_rejected_push(alice: Repository, tmp_path: Path)
     own = commit(alice, a_area, message="mine")
     names_mod.delete_name(alice, "branch", "main")
     names_mod.create_branch(alice, "main", own.entry, tmp_path / "nowhere")
-    before = rm.ls_remote(*rm.open_transport(None, server))
+    before = remotes_mod.ls_remote(*remotes_mod.open_transport(None, server))
     with pytest.raises(VMLError, match="pull"):
         push_mod.push(alice, names=["main"])
-    assert rm.ls_remote(*rm.open_transport(None, server)) == before
+    assert remotes_mod.ls_remote(*remotes_mod.open_transport(None, server)) == before
     # bob's pull sees alice's branch as diverged only after she forces it
     push_mod.push(alice, names=["main"], force=True)
     pb = pull_mod.pull(bob)

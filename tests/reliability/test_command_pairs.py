@@ -40,6 +40,7 @@ from vml.porcelain import convert as convert_mod
 from vml.porcelain import fetch as fetch_mod
 from vml.porcelain import gc as gc_mod
 from vml.porcelain import prune as prune_mod
+from vml.porcelain import reshape as reshape_mod
 from vml.porcelain import rm as rm_mod
 from vml.porcelain.fsck import fsck
 from vml.porcelain.names import create_branch
@@ -118,9 +119,9 @@ HOLDS: dict[str, tuple[object, str]] = {
     "commit": (commit_mod, "publish_entry"),
     "checkout": (checkout_mod, "_claim"),
     "restore": (checkout_mod.Builder, "build"),
-    "rm": (rm_mod, "apply_rewrite"),
-    "convert": (rm_mod, "apply_rewrite"),
-    "prune": (rm_mod, "apply_rewrite"),
+    "rm": (reshape_mod, "apply_rewrite"),
+    "convert": (reshape_mod, "apply_rewrite"),
+    "prune": (reshape_mod, "apply_rewrite"),
     "gc": (__import__("vml.plumbing.gc", fromlist=["x"]), "pack_extents"),
     "fetch": (fetch_mod, "apply_fetched"),
 }

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
-from vml.cli.app import app, handled, opened
+from vml.cli.common import Json, Quiet, RemoteArg, handled, opened
 from vml.cli.render import err, out, size
 from vml.porcelain.common import ProgressFn, no_progress
 
@@ -24,16 +24,11 @@ if TYPE_CHECKING:
 # Commands import their porcelain (and dulwich's network client) when they run,
 # so the other commands do not pay for it at start-up.
 
+commands = typer.Typer()
 remote_app = typer.Typer(
     help="Name the repositories entries are shared with.", no_args_is_help=True
 )
-app.add_typer(remote_app, name="remote")
-
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
-Json = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-RemoteArg = Annotated[
-    str | None, typer.Argument(help="The remote (default: origin, or the only one).")
-]
+commands.add_typer(remote_app, name="remote")
 
 
 def _ssh_command() -> str | None:
@@ -146,7 +141,7 @@ def _fail_if_incomplete(res: FetchResult) -> None:
         raise typer.Exit(7)
 
 
-@app.command()
+@commands.command()
 @handled
 def clone(
     url: Annotated[str, typer.Argument(help="The repository to copy: path or URL.")],
@@ -185,7 +180,7 @@ def clone(
     _fail_if_incomplete(res.fetch)
 
 
-@app.command()
+@commands.command()
 @handled
 def fetch(
     remote: RemoteArg = None,
@@ -211,7 +206,7 @@ def fetch(
     _fail_if_incomplete(res)
 
 
-@app.command()
+@commands.command()
 @handled
 def pull(remote: RemoteArg = None, quiet: Quiet = False, json_: Json = False) -> None:
     """Fetch, then move local branches forward to the remote's."""
@@ -236,7 +231,7 @@ def pull(remote: RemoteArg = None, quiet: Quiet = False, json_: Json = False) ->
     _fail_if_incomplete(res.fetch)
 
 
-@app.command()
+@commands.command()
 @handled
 def push(
     remote: RemoteArg = None,

@@ -8,20 +8,21 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
-from vml.cli.app import AreaArg, app, handled
+from vml.cli.common import AreaArg, handled
 from vml.cli.render import out, size
 
 if TYPE_CHECKING:
     from vml.porcelain.run import RunResult
 
-# Commands import their porcelain when they run (start-up time: see app.py).
+# Commands import their porcelain when they run (start-up time: see common.py).
 
+commands = typer.Typer()
 vm_app = typer.Typer(
     name="vm",
     help="Describe the area's QEMU VM for `vml run`.",
     no_args_is_help=True,
 )
-app.add_typer(vm_app, name="vm")
+commands.add_typer(vm_app, name="vm")
 
 
 @vm_app.command("init")
@@ -99,7 +100,7 @@ def _started(res: RunResult) -> None:
     )
 
 
-@app.command()
+@commands.command()
 @handled
 def run(
     area: AreaArg = Path("."),
@@ -153,7 +154,7 @@ def run(
     out.print(f"console: {escape(res.console_log)}; `vml stop {escape(str(area))}` powers it off")
 
 
-@app.command()
+@commands.command()
 @handled
 def stop(
     area: AreaArg = Path("."),

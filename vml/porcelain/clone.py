@@ -15,7 +15,7 @@ from pathlib import Path
 
 from vml.errors import UsageError
 from vml.plumbing import refs as refs_mod
-from vml.plumbing import remotes as rm
+from vml.plumbing import remotes as remotes_mod
 from vml.plumbing.repository import (
     DEFAULT_BLOCK_SIZE,
     MAX_BLOCK_SIZE,
@@ -67,7 +67,7 @@ def clone(
     created = not target.exists()
     repo = init_repository(target, DEFAULT_BLOCK_SIZE)
     try:
-        rm.add_remote(repo, "origin", url)
+        remotes_mod.add_remote(repo, "origin", url)
         res = fetch_into(
             repo, "origin", url, keep_numbers=True, ssh_command=ssh_command, progress=progress
         )
@@ -79,7 +79,7 @@ def clone(
                 if b not in table.branches and not refs_mod._E.match(b):
                     refs_mod.set_ref(repo, refs_mod.BRANCH_PREFIX + b.encode(), commit, create=True)
                     made.append(b)
-        sizes = rm.block_size_of(repo, sorted(table.entries.values()))
+        sizes = remotes_mod.block_size_of(repo, sorted(table.entries.values()))
         block_size = repo.block_size
         if sizes is not None and MIN_BLOCK_SIZE <= sizes[0] <= MAX_BLOCK_SIZE:
             block_size = sizes[0]

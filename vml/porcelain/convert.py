@@ -26,7 +26,7 @@ from vml.plumbing.rewrite import (
     rewrite_entry,
 )
 from vml.porcelain.common import ProgressFn, label, no_progress, read_entry
-from vml.porcelain.rm import RewriteReport, Rewritten, entry_commit, finish_pack
+from vml.porcelain.reshape import RewriteReport, Rewritten, entry_commit, finish_pack
 
 
 @dataclass

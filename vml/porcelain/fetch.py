@@ -17,7 +17,7 @@ from dulwich.objects import ObjectID
 
 from vml.errors import CorruptRepository, RepositoryBusy, UnknownEntry, UsageError
 from vml.plumbing import refs as refs_mod
-from vml.plumbing import remotes as rm
+from vml.plumbing import remotes as remotes_mod
 from vml.plumbing.chains import read_entry
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
@@ -81,11 +81,13 @@ def tracking_name(remote: str, ref: bytes) -> bytes | None:
     """Where remote ref ``ref`` is kept here (None: not fetched)."""
     r = remote.encode()
     if ref.startswith(_ENTRIES) and ref[len(_ENTRIES) :].isdigit():
-        return rm.TRACK_PREFIX + r + b"/entries/" + ref[len(_ENTRIES) :]
-    if ref.startswith(rm.SHARED_PREFIX) and rm._HEX40.match(ref[len(rm.SHARED_PREFIX) :]):
-        return rm.TRACK_PREFIX + r + b"/shared/" + ref[len(rm.SHARED_PREFIX) :]
+        return remotes_mod.TRACK_PREFIX + r + b"/entries/" + ref[len(_ENTRIES) :]
+    if ref.startswith(remotes_mod.SHARED_PREFIX) and remotes_mod._HEX40.match(
+        ref[len(remotes_mod.SHARED_PREFIX) :]
+    ):
+        return remotes_mod.TRACK_PREFIX + r + b"/shared/" + ref[len(remotes_mod.SHARED_PREFIX) :]
     if ref.startswith(refs_mod.BRANCH_PREFIX):
-        return rm.GIT_TRACK_PREFIX + r + b"/" + ref[len(refs_mod.BRANCH_PREFIX) :]
+        return remotes_mod.GIT_TRACK_PREFIX + r + b"/" + ref[len(refs_mod.BRANCH_PREFIX) :]
     if ref.startswith(refs_mod.TAG_PREFIX):
         return ref
     return None
@@ -152,7 +154,7 @@ def _check_present(repo: Repository, remote: str, chosen: dict[bytes, bytes]) ->
     try:
         out: dict[bytes, bytes] = {}
         for ref, value in sorted(chosen.items()):
-            hexid = rm.hex_of(value)
+            hexid = remotes_mod.hex_of(value)
             if tracking_name(remote, ref) is None or hexid in out:
                 continue
             commit: bytes | None = None
@@ -210,13 +212,17 @@ def arrived_whole(
         for ref, value in sorted(wanted.items()):
             if tracking_name(remote, ref) is None:
                 continue
-            hexid = rm.hex_of(value)
+            hexid = remotes_mod.hex_of(value)
             sha = bytes.fromhex(hexid.decode())
             if not reader.contains(sha):
                 why: str | None = "the remote did not send it (is its object missing there?)"
             else:
                 why = reach_problem(reader, sha, done, memo)
-            if why is None and ref.startswith((_ENTRIES, rm.SHARED_PREFIX)) and sha not in done:
+            if (
+                why is None
+                and ref.startswith((_ENTRIES, remotes_mod.SHARED_PREFIX))
+                and sha not in done
+            ):
                 try:
                     read_entry(reader, sha)
                 except CorruptRepository as err:
@@ -267,7 +273,7 @@ def apply_fetched(
     remote_names: dict[bytes, str] = {}
     for ref, hexid in sorted((advertised or {}).items(), reverse=True):
         tail = ref[len(_ENTRIES) :]
-        if ref.startswith(_ENTRIES) and tail.isdigit() and rm._HEX40.match(hexid):
+        if ref.startswith(_ENTRIES) and tail.isdigit() and remotes_mod._HEX40.match(hexid):
             hints[bytes.fromhex(hexid.decode())] = int(tail)
             remote_names[bytes.fromhex(hexid.decode())] = f"E{int(tail)}"
     tips: list[bytes] = []
@@ -278,7 +284,7 @@ def apply_fetched(
         peeled = _check_present(repo, remote, chosen)
         wanted: set[bytes] = set()
         for ref, hexid in sorted(chosen.items()):
-            hexid = rm.hex_of(hexid)
+            hexid = remotes_mod.hex_of(hexid)
             target = tracking_name(remote, ref)
             if target is None:
                 continue
@@ -304,18 +310,20 @@ def apply_fetched(
             if ref.startswith(refs_mod.BRANCH_PREFIX):
                 res.branches[ref[len(refs_mod.BRANCH_PREFIX) :].decode()] = commit.hex()
         if prune:
-            for ref in rm.tracking_refs(repo, remote):
+            for ref in remotes_mod.tracking_refs(repo, remote):
                 if ref not in wanted and ref not in unchanged:
                     refs_mod.delete_ref(repo, ref)
         # entries others pushed straight into this repository
         for ref in repo.git.refs.allkeys():
-            if ref.startswith(rm.SHARED_PREFIX):
+            if ref.startswith(remotes_mod.SHARED_PREFIX):
                 value = _current(repo, ref)
-                if value is not None and rm._HEX40.match(value):
+                if value is not None and remotes_mod._HEX40.match(value):
                     tips.append(bytes.fromhex(value.decode()))
-        made = rm.number_entries(repo, tips, hints, keep_hinted=keep_numbers)
-        origins = {c: rm.Origin(remote, url, remote_names.get(c, "")) for _n, c in made if remote}
-        rm.record_origins(repo, origins)
+        made = remotes_mod.number_entries(repo, tips, hints, keep_hinted=keep_numbers)
+        origins = {
+            c: remotes_mod.Origin(remote, url, remote_names.get(c, "")) for _n, c in made if remote
+        }
+        remotes_mod.record_origins(repo, origins)
     table = refs_mod.read_refs(repo)
     for n, c in made:
         res.new_entries.append(NewEntry(f"E{n}", c.hex(), remote_names.get(c, "")))
@@ -336,7 +344,7 @@ def fetch_into(
     progress: ProgressFn = no_progress,
 ) -> FetchResult:
     """Fetch from ``url`` (remote ``remote``) and name what arrived."""
-    client, path = rm.open_transport(repo, url, ssh_command)
+    client, path = remotes_mod.open_transport(repo, url, ssh_command)
     chosen: dict[bytes, bytes] = {}
 
     def choose(refs: dict[bytes, bytes]) -> Iterable[bytes]:
@@ -344,7 +352,7 @@ def fetch_into(
         chosen.update(select(remote, refs, names))
         return list(chosen.values())
 
-    got = rm.receive(repo, client, path, url, choose, progress)
+    got = remotes_mod.receive(repo, client, path, url, choose, progress)
     try:
         res = apply_fetched(
             repo,
@@ -378,12 +386,12 @@ def fetch(
     Without any configured remote (and none named), only numbers the entries
     others pushed straight into this repository.
     """
-    remotes = rm.list_remotes(repo)
+    remotes = remotes_mod.list_remotes(repo)
     if remote is None:
         if not remotes:
             if names:
                 raise UsageError("no remote is configured", "add one with `vml remote add`")
             return apply_fetched(repo, "", "", {}, prune=False)
         remote = "origin" if "origin" in remotes else next(iter(remotes))
-    url = rm.remote_url(repo, remote)
+    url = remotes_mod.remote_url(repo, remote)
     return fetch_into(repo, remote, url, names, ssh_command=ssh_command, progress=progress)

@@ -19,7 +19,7 @@ from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
 from vml.plumbing.retention import Policy, select
 from vml.porcelain.common import ProgressFn, label, no_progress, read_entry
-from vml.porcelain.rm import RmResult, remove_one
+from vml.porcelain.reshape import RmResult, remove_one
 
 
 @dataclass

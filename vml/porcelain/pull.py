@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vml.plumbing import refs as refs_mod
-from vml.plumbing import remotes as rm
+from vml.plumbing import remotes as remotes_mod
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
 from vml.porcelain.common import ProgressFn, label, no_progress
@@ -57,9 +57,9 @@ def pull(
                 if ours is None:
                     refs_mod.set_ref(repo, ref, theirs, create=True)
                     res.created[b] = name
-                elif ours == theirs or rm.is_ancestor(reader, theirs, ours):
+                elif ours == theirs or remotes_mod.is_ancestor(reader, theirs, ours):
                     continue
-                elif rm.is_ancestor(reader, ours, theirs):
+                elif remotes_mod.is_ancestor(reader, ours, theirs):
                     refs_mod.set_ref(repo, ref, theirs, ours)
                     res.moved[b] = name
                 else:

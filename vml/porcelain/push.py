@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from vml.errors import CorruptRepository, UsageError
 from vml.plumbing import refs as refs_mod
-from vml.plumbing import remotes as rm
+from vml.plumbing import remotes as remotes_mod
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
 from vml.plumbing.verify import reach_problem
@@ -49,12 +49,12 @@ def push(
     progress: ProgressFn = no_progress,
 ) -> PushResult:
     """Push ``names`` (entries, branches, tags), or every entry and branch with ``all_entries``."""
-    remotes = rm.list_remotes(repo)
+    remotes = remotes_mod.list_remotes(repo)
     if remote is None:
         if not remotes:
             raise UsageError("no remote is configured", "add one with `vml remote add`")
         remote = "origin" if "origin" in remotes else next(iter(remotes))
-    url = rm.remote_url(repo, remote)
+    url = remotes_mod.remote_url(repo, remote)
     table = refs_mod.read_refs(repo)
     commits: set[bytes] = set()
     branches: dict[str, bytes] = {}
@@ -81,7 +81,7 @@ def push(
 
     reader = PackReader(repo)
     try:
-        chain = rm.chain_entries(reader, commits, set())
+        chain = remotes_mod.chain_entries(reader, commits, set())
         # An entry goes whole or not at all: never one the remote could not rebuild.
         memo: dict[bytes, str | None] = {}
         for c in sorted(commits | set(chain)):
@@ -101,7 +101,7 @@ def push(
             for c in sorted(chain, key=lambda c: table.number_of(c) or 1 << 62):
                 h = c.hex().encode()
                 if h not in have:
-                    new[rm.SHARED_PREFIX + h] = h
+                    new[remotes_mod.SHARED_PREFIX + h] = h
                     res.entries.append(label(table, c) or c.hex()[:12])
             for b, c in sorted(branches.items()):
                 ref = refs_mod.BRANCH_PREFIX + b.encode()
@@ -112,7 +112,7 @@ def push(
                 if (
                     old is not None
                     and not force
-                    and not rm.is_ancestor(reader, bytes.fromhex(old.decode()), c)
+                    and not remotes_mod.is_ancestor(reader, bytes.fromhex(old.decode()), c)
                 ):
                     rejected.append(b)
                     continue
@@ -129,19 +129,19 @@ def push(
                 new[ref] = value
                 res.tags.append(t)
             if rejected:
-                raise rm.RemoteError(
+                raise remotes_mod.RemoteError(
                     f"{remote} holds other entries on {', '.join(rejected)}",
                     f"run `vml pull {remote}` first, or push with --force (branches only)",
                 )
             return new
 
-        client, path = rm.open_transport(repo, url, ssh_command)
-        sent = rm.send(repo, client, path, url, update, progress)
+        client, path = remotes_mod.open_transport(repo, url, ssh_command)
+        sent = remotes_mod.send(repo, client, path, url, update, progress)
     finally:
         reader.close()
     if sent.failed:
         first = next(iter(sent.failed.items()))
-        raise rm.RemoteError(
+        raise remotes_mod.RemoteError(
             f"{remote} refused {first[0].decode()}: {first[1]}",
             "check the server's permissions and run the push again",
         )
@@ -149,13 +149,16 @@ def push(
     # Remember what the remote now holds, as git does after a push.
     with repo.lock():
         for ref, value in sorted(sent.updated.items()):
-            if ref.startswith(rm.SHARED_PREFIX):
+            if ref.startswith(remotes_mod.SHARED_PREFIX):
                 target = (
-                    rm.TRACK_PREFIX + remote.encode() + b"/shared/" + ref[len(rm.SHARED_PREFIX) :]
+                    remotes_mod.TRACK_PREFIX
+                    + remote.encode()
+                    + b"/shared/"
+                    + ref[len(remotes_mod.SHARED_PREFIX) :]
                 )
             elif ref.startswith(refs_mod.BRANCH_PREFIX):
                 target = (
-                    rm.GIT_TRACK_PREFIX
+                    remotes_mod.GIT_TRACK_PREFIX
                     + remote.encode()
                     + b"/"
                     + ref[len(refs_mod.BRANCH_PREFIX) :]

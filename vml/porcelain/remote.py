@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vml.plumbing import remotes as rm
+from vml.plumbing import remotes as remotes_mod
 from vml.plumbing.repository import Repository
 from vml.porcelain.clone import normalise_url
 
@@ -21,18 +21,18 @@ def add(repo: Repository, name: str, url: str) -> RemoteInfo:
     """Configure remote ``name`` at ``url`` (local paths are made absolute)."""
     with repo.lock():
         url = normalise_url(url)
-        rm.add_remote(repo, name, url)
+        remotes_mod.add_remote(repo, name, url)
     return RemoteInfo(name, url)
 
 
 def remove(repo: Repository, name: str) -> RemoteInfo:
     """Forget remote ``name`` and what was tracked from it; entries stay."""
     with repo.lock():
-        url = rm.remote_url(repo, name)
-        rm.remove_remote(repo, name)
+        url = remotes_mod.remote_url(repo, name)
+        remotes_mod.remove_remote(repo, name)
     return RemoteInfo(name, url)
 
 
 def list_remotes(repo: Repository) -> list[RemoteInfo]:
     """Every configured remote."""
-    return [RemoteInfo(n, u) for n, u in rm.list_remotes(repo).items()]
+    return [RemoteInfo(n, u) for n, u in remotes_mod.list_remotes(repo).items()]

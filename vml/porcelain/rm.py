@@ -1,118 +1,20 @@
 """``vml rm``: remove entries, re-parenting their children onto their parent.
 
-A metadata operation: each child of a removed entry gets a layer that merges
-its own with the removed entry's (see plumbing/rewrite.py), written as new
-manifest, tree and commit objects; descendants are rewritten to point at the
-new commits; E-numbers, tags, branches and areas follow.  Image blocks are
-only written where a page delta sat on a block the removed entry replaced.
+A metadata operation (see porcelain/reshape.py): each child of a removed
+entry is re-expressed against the removed entry's parent; descendants,
+E-numbers, tags, branches and areas follow.  No image data is copied.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from vml.errors import CorruptRepository, UnknownEntry, UsageError
+from vml.errors import CorruptRepository, UsageError
 from vml.plumbing import refs as refs_mod
-from vml.plumbing.forest import Forest, apply_rewrite, load_forest, repository_areas
-from vml.plumbing.packs import PackReader, PackWriter
+from vml.plumbing.forest import load_forest, repository_areas
+from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
-from vml.plumbing.rewrite import (
-    ExpressStats,
-    reexpress_images,
-    rewrite_below,
-    rewrite_entry,
-)
 from vml.plumbing.verify import entry_objects
 from vml.porcelain.common import ProgressFn, label, no_progress, read_entry
-
-
-@dataclass
-class Rewritten:
-    """One entry that got a new commit."""
-
-    entry: str
-    old: str
-    new: str
-    note: str | None = None
-
-
-@dataclass
-class RewriteReport:
-    """What a reshaping command wrote and moved."""
-
-    rewritten: list[Rewritten] = field(default_factory=list)
-    refs_moved: list[tuple[str, str, str]] = field(default_factory=list)
-    areas_moved: list[tuple[str, str, str]] = field(default_factory=list)
-    pack_bytes: int = 0  # size of the new pack(s): everything the command wrote
-    data_bytes: int = 0  # of which new block and delta data
-    reused_blocks: int = 0
-    anchored_blocks: int = 0
-
-    def add_stats(self, s: ExpressStats) -> None:
-        """Count what re-expressing images did (it writes no block data)."""
-        self.reused_blocks += s.reused_blocks
-        self.anchored_blocks += s.anchored_blocks
-
-    def rewrite_below(
-        self,
-        reader: PackReader,
-        writer: PackWriter,
-        forest: Forest,
-        table: refs_mod.RefTable,
-        mapping: dict[bytes, bytes],
-        order: list[bytes],
-        start: bytes,
-    ) -> None:
-        """Rewrite the descendants of ``start`` (already in ``mapping``) and list them."""
-
-        def label_of(c: bytes) -> str:
-            return label(table, c) or "none"
-
-        for d in rewrite_below(reader, writer, forest, mapping, start, label_of):
-            order.append(d)
-            self.rewritten.append(Rewritten(label_of(d), d.hex(), mapping[d].hex()))
-
-    def move_names(
-        self,
-        repo: Repository,
-        table: refs_mod.RefTable,
-        writer: PackWriter,
-        mapping: dict[bytes, bytes],
-        order: list[bytes],
-        drop: tuple[bytes, bytes | None] | None = None,
-        force: bool = False,
-    ) -> None:
-        """Move names and areas onto the rewritten commits; then release the pack."""
-        try:
-            moves = apply_rewrite(repo, table, mapping, order, drop=drop, force=force)
-        finally:
-            writer.release()  # the refs reach the new pack now (or it is garbage)
-        self.refs_moved += moves.refs
-        self.areas_moved += moves.areas
-
-
-@dataclass
-class RmResult(RewriteReport):
-    """What ``vml rm`` did."""
-
-    removed: list[str] = field(default_factory=list)
-    # Children of a damaged entry removed with --force: left as they were
-    # (they cannot be re-expressed without its data), so still damaged.
-    left_damaged: list[str] = field(default_factory=list)
-
-
-def finish_pack(repo: Repository, writer: PackWriter) -> int:
-    """Complete ``writer``'s pack; returns the bytes it holds on disk (pack + index)."""
-    writer.finish()
-    return writer.disk_bytes
-
-
-def entry_commit(repo: Repository, name: str, table: refs_mod.RefTable) -> bytes:
-    """Resolve ``name`` to a commit held by an E-number."""
-    commit = refs_mod.resolve_name(repo, name, table)
-    if commit not in set(table.entries.values()):
-        raise UnknownEntry(f"{name!r} names commit {commit.hex()[:12]}, which is not an entry")
-    return commit
+from vml.porcelain.reshape import RmResult, entry_commit, remove_one
 
 
 def check_removable(repo: Repository, table: refs_mod.RefTable, commit: bytes) -> list[str]:
@@ -133,65 +35,6 @@ def damage_of(reader: PackReader, commit: bytes) -> str | None:
     except CorruptRepository as err:
         return err.message
     return None
-
-
-def remove_one(
-    repo: Repository,
-    commit: bytes,
-    report: RmResult,
-    progress: ProgressFn = no_progress,
-    force: bool = False,
-    *,
-    names_only: bool = False,
-) -> None:
-    """Remove one entry (checked by :func:`rm` or prune; ``force``: even if an area holds it).
-
-    ``names_only`` (a damaged entry removed with --force): its children
-    are not rewritten, only its names go.
-    """
-    table = refs_mod.read_refs(repo)
-    reader = PackReader(repo)
-    writer = PackWriter(repo)
-    try:
-        forest = load_forest(reader, table)
-        parent = forest.parent.get(commit)  # None also when its commit cannot be read
-        me = label(table, commit) or commit.hex()[:12]
-        onto = label(table, parent) if parent is not None else None
-        kids = forest.children.get(commit, [])
-        if names_only:
-            report.left_damaged += [label(table, k) or k.hex()[:12] for k in kids]
-            kids = []
-        mapping: dict[bytes, bytes] = {}
-        order: list[bytes] = []
-        stats = ExpressStats()
-        for i, kid in enumerate(kids):
-            progress("rewrite", i, len(kids))
-            e = read_entry(reader, kid)
-            images = reexpress_images(reader, writer, e, parent, stats, keep_base_layers=True)
-            note = f"{me} removed, re-parented onto {onto}" if onto else f"{me} removed, made full"
-            mapping[kid] = rewrite_entry(
-                reader,
-                writer,
-                e,
-                parent,
-                parent_label=onto or "none",
-                kind=None if parent is not None else "full",
-                images=images,
-                note=note,
-            )
-            order.append(kid)
-            kid_label = label(table, kid) or "none"
-            report.rewritten.append(Rewritten(kid_label, kid.hex(), mapping[kid].hex(), note))
-            report.rewrite_below(reader, writer, forest, table, mapping, order, kid)
-        report.pack_bytes += finish_pack(repo, writer)
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        reader.close()
-    report.add_stats(stats)
-    report.move_names(repo, table, writer, mapping, order, drop=(commit, parent), force=force)
-    report.removed.append(me)
 
 
 def rm(

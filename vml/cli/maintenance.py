@@ -1,4 +1,5 @@
-"""Commands that reshape and check the entry forest: rm, convert, prune, gc, verify, fsck."""
+"""Maintenance commands: reshape the entry forest (``rm``, ``convert``, ``prune``), give back
+space (``gc``) and check the repository (``verify``, ``fsck``)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,18 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
-from vml.cli.app import Json, Quiet, app, handled, opened
+from vml.cli.common import Json, Quiet, handled, opened
 from vml.cli.render import out, print_repack, progress_bar, size
 from vml.errors import CorruptRepository
 
 if TYPE_CHECKING:
     from vml.plumbing.packscan import PackRepair
-    from vml.porcelain.rm import RewriteReport
+    from vml.porcelain.reshape import RewriteReport
     from vml.porcelain.verify import CheckResult
 
-# Commands import their porcelain when they run (start-up time: see app.py).
+# Commands import their porcelain when they run (start-up time: see common.py).
+
+commands = typer.Typer()
 
 
 def _print_rewrite(res: RewriteReport) -> None:
@@ -34,7 +37,7 @@ def _print_rewrite(res: RewriteReport) -> None:
     )
 
 
-@app.command()
+@commands.command()
 @handled
 def rm(
     entries: Annotated[list[str], typer.Argument(help="Entries to remove: E3, a tag, ...")],
@@ -59,7 +62,7 @@ def rm(
     out.print("run `vml gc` to give back the space of blocks no entry uses any more")
 
 
-@app.command()
+@commands.command()
 @handled
 def convert(
     entry: Annotated[str, typer.Argument(help="The entry to re-express.")],
@@ -84,7 +87,7 @@ def convert(
     _print_rewrite(res)
 
 
-@app.command()
+@commands.command()
 @handled
 def prune(
     keep_last: Annotated[int, typer.Option("--keep-last", help="Keep the newest N.")] = 0,
@@ -130,7 +133,7 @@ def prune(
         out.print("run `vml gc` to give back the space")
 
 
-@app.command()
+@commands.command()
 @handled
 def gc(
     dry_run: Annotated[
@@ -249,7 +252,7 @@ def _print_check(res: CheckResult, json_: bool, what: str) -> None:
         raise typer.Exit(CorruptRepository.exit_code)
 
 
-@app.command()
+@commands.command()
 @handled
 def verify(
     entries: Annotated[list[str] | None, typer.Argument(help="Entries to check.")] = None,
@@ -271,7 +274,7 @@ def verify(
     _print_check(res, json_, "verify")
 
 
-@app.command()
+@commands.command()
 @handled
 def fsck(json_: Json = False, quiet: Quiet = False) -> None:
     """Check the repository's structure quickly: refs, entries, manifests, object presence."""

@@ -1,0 +1,107 @@
+"""What every command of the ``vml`` CLI shares: the contract each one keeps.
+
+- errors: :func:`handled` turns a :class:`~vml.errors.VMLError` (and a few
+  OS errors) into one line on stderr and the error's exit code
+  (``docs/FORMAT.md``, "Exit codes");
+- the repository: :func:`opened` finds it (``--repo``, ``$VML_REPO``, the
+  area's own, the user default) and closes it however the command ends;
+- the options several commands take, as shared ``Annotated`` types.
+
+Command modules (one typer app per command group) import this module and
+``render``, never ``app.py``: the root app imports them.  They import the
+porcelain inside each command, so ``vml`` starts without loading it.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+
+from vml.cli.render import err, report_error, warnings_said_once
+from vml.errors import NoSpace, VMLError
+
+if TYPE_CHECKING:
+    from vml.plumbing.repository import Repository
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handled(fn: F) -> F:
+    """Run a command, turning VML errors (and a few OS ones) into one line and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            with warnings_said_once():
+                return fn(*args, **kwargs)
+        except VMLError as e:
+            report_error(e)
+            raise typer.Exit(e.exit_code) from None
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                report_error(NoSpace("no space left on the device"))
+                raise typer.Exit(NoSpace.exit_code) from None
+            where = f" ({e.filename})" if e.filename else ""
+            report_error(
+                VMLError(f"{e.strerror or e}{where}", "check the path and its permissions")
+            )
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("vml: interrupted; earlier entries are intact", style="red")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+# --- the repository a command works on ---------------------------------------
+
+
+class _Options:
+    """The global options (``vml --repo PATH COMMAND``), set by the root callback."""
+
+    repo: Path | None = None
+
+
+options = _Options()
+
+
+def default_repository() -> Path:
+    """``$XDG_DATA_HOME/vml``, else ``~/.local/share/vml``."""
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "vml"
+
+
+def repository_path(area: Path | None) -> Path:
+    """Where the command's repository is (see ``porcelain.common.find_repository``)."""
+    from vml.porcelain.common import find_repository
+
+    return find_repository(options.repo, os.environ.get("VML_REPO"), area, default_repository())
+
+
+@contextmanager
+def opened(area: Path | None = None) -> Iterator[Repository]:
+    """The command's repository, closed again however the command ends."""
+    from vml.plumbing.repository import open_repository
+
+    repo = open_repository(repository_path(area))
+    try:
+        yield repo
+    finally:
+        repo.close()
+
+
+# --- options several commands share ------------------------------------------
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+Json = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+AreaArg = Annotated[Path, typer.Argument(help="The working area (a folder holding one VM).")]
+RemoteArg = Annotated[
+    str | None, typer.Argument(help="The remote (default: origin, or the only one).")
+]

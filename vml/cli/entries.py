@@ -1,0 +1,223 @@
+"""Commands that make and rebuild entries: ``init``, ``commit``, ``checkout``, ``restore``, ``demo``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.markup import escape
+
+from vml.cli.common import AreaArg, Quiet, handled, opened, repository_path
+from vml.cli.render import err, out, print_log, print_repack, progress_bar, size
+from vml.errors import VMLError
+
+if TYPE_CHECKING:
+    from vml.porcelain.checkout import CheckoutResult
+
+# Each command imports the porcelain it needs when it runs: a `vml` start-up
+# pays only for what that command uses (users wait for every save).
+
+commands = typer.Typer()
+
+
+@commands.command()
+@handled
+def init(
+    path: Annotated[Path | None, typer.Argument(help="Where to create the repository.")] = None,
+    block_size: Annotated[
+        str, typer.Option("--block-size", help="Block size, e.g. 256K, 1M, 4M.")
+    ] = "1M",  # plumbing.repository.DEFAULT_BLOCK_SIZE
+) -> None:
+    """Create a repository."""
+    target = path if path is not None else repository_path(None)
+    from vml.plumbing.repository import parse_size
+    from vml.porcelain import init as init_mod
+
+    res = init_mod.init(target, parse_size(block_size))
+    out.print(
+        f"Initialised an empty VML repository in {escape(res.path)} (blocks of {size(res.block_size)})"
+    )
+
+
+@commands.command()
+@handled
+def commit(
+    area: AreaArg = Path("."),
+    message: Annotated[str, typer.Option("--message", "-m", help="What this state is.")] = "",
+    full: Annotated[bool, typer.Option("--full", help="Save the whole VM.")] = False,
+    incremental: Annotated[
+        bool, typer.Option("--incremental", help="Save changes since the area's entry (default).")
+    ] = False,
+    differential: Annotated[
+        bool, typer.Option("--differential", help="Save changes since a base entry.")
+    ] = False,
+    base: Annotated[
+        str | None,
+        typer.Option(
+            "--base", help="Base of a differential entry (default: the chain's full entry)."
+        ),
+    ] = None,
+    tag: Annotated[str | None, typer.Option("--tag", help="Tag the new entry.")] = None,
+    allow_empty: Annotated[
+        bool, typer.Option("--allow-empty", help="Make an entry even if nothing changed.")
+    ] = False,
+    force_running: Annotated[
+        bool, typer.Option("--force-running", help="Save a running VM (crash-consistent).")
+    ] = False,
+    include_external: Annotated[
+        bool,
+        typer.Option(
+            "--include-external",
+            help="Save files the VM needs outside the area too (under .external/ in the entry).",
+        ),
+    ] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Save the VM in AREA as a new entry."""
+    from vml.porcelain import commit as commit_mod
+
+    kinds = [
+        k
+        for k, on in (("full", full), ("incremental", incremental), ("differential", differential))
+        if on
+    ]
+    if len(kinds) > 1:
+        raise VMLError("choose one of --full, --incremental, --differential", "")
+    with opened(area) as repo, progress_bar(not quiet, "saving") as progress:
+        res = commit_mod.commit(
+            repo,
+            area,
+            message=message,
+            kind=kinds[0] if kinds else None,
+            base=base,
+            tag=tag,
+            allow_empty=allow_empty,
+            force_running=force_running,
+            include_external=include_external,
+            progress=progress,
+        )
+    out.print(res.entry)
+    parent = f"parent {res.parent}" if res.parent else "no parent"
+    extra = f", tag {res.tag}" if res.tag else ""
+    extra += f", branch {res.branch}" if res.branch else ""
+    out.print(
+        f"{res.kind} entry {res.entry} ({parent}{extra}): read {size(res.read_bytes)}, "
+        f"stored {size(res.stored_bytes)} of {size(res.logical_bytes)}, {res.seconds:.2f} s"
+    )
+    if res.crash_consistent:
+        out.print(
+            "[yellow]note:[/yellow] the VM was running: this entry is crash-consistent "
+            "(it boots as after a power cut)"
+        )
+    for e in res.external:
+        out.print(
+            f"[yellow]note:[/yellow] saved {escape(e.source)} (outside the area) as {escape(e.path)}"
+        )
+    if res.repacked is not None:
+        print_repack(res.repacked)
+    if res.repack_problem is not None:
+        err.print(
+            f"[yellow]warning:[/yellow] {escape(res.repack_problem)}; the entry is saved; "
+            "run `vml verify --all` and `vml gc`"
+        )
+
+
+@commands.command()
+@handled
+def checkout(
+    entry: Annotated[str, typer.Argument(help="Entry: E3, 3, a tag, a branch or a commit id.")],
+    area: AreaArg = Path("."),
+    force: Annotated[
+        bool, typer.Option("--force", "-f", help="Overwrite unsaved changes.")
+    ] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Build ENTRY into AREA (created if missing)."""
+    from vml.porcelain import checkout as checkout_mod
+
+    with opened(area) as repo, progress_bar(not quiet, "checking out") as progress:
+        res = checkout_mod.checkout(repo, entry, area, force=force, progress=progress)
+    _print_checkout(res, "checked out")
+
+
+def _print_checkout(res: CheckoutResult, verb: str) -> None:
+    how = "in place" if res.in_place else "fresh"
+    out.print(
+        f"{verb} {res.entry} into {escape(res.area)} ({how}): wrote {size(res.written_bytes)} "
+        f"of {size(res.logical_bytes)}, {len(res.files_written)} files updated, "
+        f"{len(res.files_removed)} removed, {res.seconds:.2f} s"
+    )
+    if res.files_removed:
+        out.print(f"removed: {_names(res.files_removed)}")
+    if res.left_alone:
+        out.print(
+            f"[yellow]left alone[/yellow] (in no entry of this area): {_names(res.left_alone)}"
+        )
+    for note in res.notes:
+        out.print(f"[yellow]note:[/yellow] {escape(note)}")
+
+
+def _names(paths: list[str], most: int = 10) -> str:
+    shown = ", ".join(escape(p) for p in paths[:most])
+    return shown + (f" and {len(paths) - most} more" if len(paths) > most else "")
+
+
+@commands.command()
+@handled
+def restore(
+    entry: Annotated[str, typer.Argument(help="The entry to go back to.")],
+    area: AreaArg = Path("."),
+    force: Annotated[bool, typer.Option("--force", "-f", help="Discard unsaved changes.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Go back to ENTRY in AREA; the next save branches the tree there."""
+    from vml.porcelain import checkout as checkout_mod
+
+    with opened(area) as repo, progress_bar(not quiet, "restoring") as progress:
+        res = checkout_mod.restore(repo, entry, area, force=force, progress=progress)
+    _print_checkout(res, "restored")
+    out.print(f"the next `vml commit` here makes a child of {res.entry}")
+
+
+@commands.command()
+@handled
+def demo(
+    folder: Annotated[Path, typer.Argument(help="An empty or new folder to play in.")] = Path(
+        "vml-demo"
+    ),
+    quiet: Quiet = False,
+) -> None:
+    """Make a small sample VM, save three states, check one out, show the tree."""
+    from vml.plumbing.repository import open_repository
+    from vml.porcelain import demo as demo_mod
+    from vml.porcelain import log as log_mod
+
+    with progress_bar(not quiet, "demo") as progress:
+        res = demo_mod.demo(folder, progress=progress)
+    out.print(
+        f"[bold]A sample VMware VM[/bold] in {escape(res.area)}, a repository in {escape(res.repo)}"
+    )
+    steps = [
+        "saved the fresh VM",
+        "worked in it, saved what changed",
+        "worked more, saved against the base",
+    ]
+    for text, c in zip(steps, res.commits, strict=True):
+        out.print(
+            f"  $ vml commit   -> {c.entry} {c.kind}: {text}; stored {size(c.stored_bytes)} "
+            f"of {size(c.logical_bytes)}"
+        )
+    for co in res.checkouts:
+        out.print(
+            f"  $ vml checkout {co.entry} {escape(co.area)}  -> rebuilt and verified, {co.seconds:.2f} s"
+        )
+    out.print("\n[bold]vml log --graph --all[/bold]")
+    repo = open_repository(Path(res.repo))
+    try:
+        print_log(log_mod.log(repo), True, set())
+    finally:
+        repo.close()
+    out.print(
+        f"\nTry: cd {escape(res.area)} && vml status; vml log --graph; vml checkout E1 ../e1-copy"
+    )
