@@ -166,3 +166,19 @@ def test_the_cycle_check_sees_a_cycle_through_a_function_level_import(tmp_path: 
     assert find_cycle(graph) == ["pkg.a", "pkg.sub.b", "pkg.c", "pkg.a"]
     (pkg / "c.py").write_text("import pkg.sub\n")
     assert find_cycle(import_graph(pkg)) is None
+
+
+def test_vml_starts_without_loading_porcelain_plumbing_or_dulwich() -> None:
+    """Each command imports what it needs when it runs: `vml --help` pays for none of it."""
+    import subprocess
+    import sys
+
+    code = "import sys, vml.cli.app; print(' '.join(sorted(sys.modules)))"
+    env = {"PYTHONPATH": str(ROOT.parent), "PATH": "/usr/bin:/bin"}
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    loaded = res.stdout.split()
+    assert "vml.cli.entries" in loaded
+    heavy = [m for m in loaded if m.startswith(("vml.porcelain", "vml.plumbing", "dulwich"))]
+    assert heavy == []

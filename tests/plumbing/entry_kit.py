@@ -23,6 +23,7 @@ from vml.plumbing.publish import publish_entry
 from vml.plumbing.repository import Repository
 from vml.plumbing.restoring import Builder, TempFiles
 from vml.plumbing.saving import Baseline, Saver, SourceFile
+from vml.progress import no_progress
 
 
 @dataclass
@@ -35,10 +36,6 @@ class Saved:
     stored_bytes: int
     read_bytes: int
     changed_files: list[str]  # paths whose content or mode differ from the held entry
-
-
-def _noop(done: int, total: int) -> None:
-    pass
 
 
 def save(
@@ -71,7 +68,7 @@ def save(
         scan = scan_area(folder, lambda rel, is_dir: False)
         files = [SourceFile(f.path, folder / f.path, f.stat) for f in scan.files]
         saver = Saver(
-            repo, reader, pool, folder, baseline, sum(f.stat.st_size for f in files), _noop
+            repo, reader, pool, folder, baseline, sum(f.stat.st_size for f in files), no_progress
         )
         try:
             for f in files:
@@ -130,7 +127,7 @@ def build(repo: Repository, name: str, folder: Path) -> None:
         cache = Cache(folder, repo.page_size, repo.block_size)
         cwriter = CacheWriter(folder, repo.page_size, repo.block_size)
         temps = TempFiles(folder)
-        builder = Builder(reader, pool, folder, entry, None, cache, cwriter, _noop, temps)
+        builder = Builder(reader, pool, folder, entry, None, cache, cwriter, no_progress, temps)
         try:
             for rec in entry.meta.files:
                 builder.build(rec)

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from vml.errors import VMLError
-from vml.porcelain.common import ProgressFn, no_progress
+from vml.progress import ProgressFn, no_progress
 
 if TYPE_CHECKING:
     from vml.plumbing.repack import RepackResult

@@ -16,7 +16,7 @@ from rich.markup import escape
 
 from vml.cli.common import Json, Quiet, RemoteArg, handled, opened
 from vml.cli.render import err, out, size
-from vml.porcelain.common import ProgressFn, no_progress
+from vml.progress import ProgressFn, no_progress
 
 if TYPE_CHECKING:
     from vml.porcelain.fetch import FetchResult

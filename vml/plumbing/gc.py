@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +50,7 @@ from vml.plumbing.packs import (
 from vml.plumbing.packscan import PackRepair, scan_pack
 from vml.plumbing.repack import RepackResult
 from vml.plumbing.repository import Repository, fsync_dir
+from vml.progress import ProgressFn, no_progress
 
 TAG = 4
 GITLINK_MODE = 0o160000
@@ -201,7 +202,7 @@ def collect(
     repo: Repository,
     *,
     dry_run: bool = False,
-    progress: Callable[[str, int, int], None] = lambda phase, done, total: None,
+    progress: ProgressFn = no_progress,
 ) -> GcResult:
     """Reclaim every object no ref reaches (see the module docstring)."""
     result = GcResult(dry_run=dry_run)

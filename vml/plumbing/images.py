@@ -52,8 +52,8 @@ from vml.plumbing.manifests import (
 )
 from vml.plumbing.packs import BLOB, PackReader, PackWriter, blob_id, deflate
 from vml.plumbing.repository import libc, start_writeback
+from vml.progress import Advance
 
-Progress = Callable[[int], None]
 WINDOW = 16
 # Start writeback of a file being built every this many blocks.
 _WRITEBACK_BLOCKS = 32
@@ -222,7 +222,7 @@ def save_image(
     page_size: int,
     inp: SaveInputs,
     record_out: BinaryIO | None,
-    progress: Progress,
+    progress: Advance,
 ) -> tuple[Tree, Manifest, int, int]:
     """Save one image file; returns (image tree, manifest, bytes read, blocks stored).
 
@@ -421,7 +421,7 @@ def write_image(
     image: ResolvedImage,
     fd: int,
     old: ResolvedImage | None,
-    progress: Progress,
+    progress: Advance,
     record_out: BinaryIO | None = None,
     old_records: BlockRecords | None = None,
 ) -> int:

@@ -44,19 +44,13 @@ from vml.plumbing.packs import (
     parse_object_header,
 )
 from vml.plumbing.repository import Repository, fsync_dir
+from vml.progress import ProgressFn, no_progress
 
 OFS_DELTA = 6
 REF_DELTA = 7
 _CHUNK = 1 << 20
 _BASE_CACHE = 32 << 20  # bytes of resolved delta bases kept while resolving
 QUARANTINE = "quarantine"
-
-Tick = Callable[[int, int], None]
-
-
-def _no_tick(done: int, total: int) -> None:
-    pass
-
 
 # -- fsck: every object against its index's CRC-32 -----------------------------
 
@@ -72,7 +66,7 @@ class PackDamage:
 
 
 def check_pack_objects(
-    repo: Repository, reader: PackReader, tick: Tick = _no_tick
+    repo: Repository, reader: PackReader, tick: ProgressFn = no_progress
 ) -> list[PackDamage]:
     """Compare every object of every usable pack with its CRC-32; inflate metadata objects.
 
@@ -108,7 +102,7 @@ def check_pack_objects(
         try:
             for sha, off, length, crc in ext:
                 done += 1
-                tick(done, total)
+                tick("packs", done, total)
                 why = _object_damage(fd, sha, off, length, crc)
                 if why is None:
                     continue
@@ -413,7 +407,7 @@ def candidates(repo: Repository) -> dict[str, str]:
     return out
 
 
-def repair(repo: Repository, tick: Tick = _no_tick) -> list[PackRepair]:
+def repair(repo: Repository, tick: ProgressFn = no_progress) -> list[PackRepair]:
     """Rebuild the index of every whole pack set aside; salvage the others (module docstring).
 
     Call under the maintenance lock (one gc at a time).
@@ -425,7 +419,7 @@ def repair(repo: Repository, tick: Tick = _no_tick) -> list[PackRepair]:
     return done
 
 
-def _repair_one(repo: Repository, name: str, why: str, tick: Tick) -> PackRepair:
+def _repair_one(repo: Repository, name: str, why: str, tick: ProgressFn) -> PackRepair:
     pack_dir = repo.objects_dir / "pack"
     pack = pack_dir / f"{name}.pack"
     idx = pack_dir / f"{name}.idx"
@@ -434,7 +428,7 @@ def _repair_one(repo: Repository, name: str, why: str, tick: Tick) -> PackRepair
         res.quarantined = _quarantine(repo, [idx])
         return res
     scan = scan_pack(pack)
-    tick(len(scan.objects), scan.count)
+    tick("repair", len(scan.objects), scan.count)
     if scan.whole:
         entries = sorted((o.sha, o.offset, o.crc) for o in scan.objects if o.sha is not None)
         trailer = _tail(pack)

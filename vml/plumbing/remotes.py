@@ -51,19 +51,12 @@ from vml.plumbing.chains import read_entry, resolve_image
 from vml.plumbing.entries import Entry
 from vml.plumbing.packs import PENDING_KEEP, PackReader
 from vml.plumbing.repository import Repository, fsync_dir, write_atomic
+from vml.progress import ProgressFn, no_progress
 
 SHARED_PREFIX = b"refs/vml/shared/"
 TRACK_PREFIX = b"refs/vml/remotes/"
 GIT_TRACK_PREFIX = b"refs/remotes/"
 _HEX40 = re.compile(rb"^[0-9a-f]{40}$")
-
-# (phase, done, total): "objects" counts objects, "bytes" counts bytes
-# (total 0 when unknown).
-Progress = Callable[[str, int, int], None]
-
-
-def _no_progress(phase: str, done: int, total: int) -> None:
-    pass
 
 
 class RemoteError(VMLError):
@@ -291,7 +284,7 @@ def ls_remote(client: GitClient, path: str) -> dict[bytes, bytes]:
 class _PackSink:
     """Receives a pack from the wire into a spooled temporary file, counting bytes."""
 
-    def __init__(self, repo: Repository, progress: Progress) -> None:
+    def __init__(self, repo: Repository, progress: ProgressFn) -> None:
         # Spooled in memory up to 16 MiB, then on disk in the object folder
         # (same file system as the final pack, and unnamed: a killed fetch
         # leaves nothing behind).
@@ -314,7 +307,7 @@ class _PackSink:
         return len(data)
 
 
-def _index_progress(progress: Progress) -> Callable[[bytes], None]:
+def _index_progress(progress: ProgressFn) -> Callable[[bytes], None]:
     pattern = re.compile(rb"(\d+)/(\d+)")
 
     def report(msg: bytes | str) -> None:
@@ -374,7 +367,7 @@ def _pending_keep(keep: Path) -> bool:
 
 
 def _add_pack_kept(
-    repo: Repository, data: Callable[[int], bytes], progress: Progress
+    repo: Repository, data: Callable[[int], bytes], progress: ProgressFn
 ) -> list[Path]:
     """Index the fetched pack into the store, guarded by a pending .keep.
 
@@ -432,7 +425,7 @@ def receive(
     path: str,
     url: str,
     choose: Callable[[dict[bytes, bytes]], Iterable[bytes]],
-    progress: Progress = _no_progress,
+    progress: ProgressFn = no_progress,
 ) -> Received:
     """Fetch the objects of the commits ``choose(remote refs)`` returns (hex ids).
 
@@ -526,7 +519,7 @@ def send(
     path: str,
     url: str,
     update: Callable[[dict[bytes, bytes]], dict[bytes, bytes]],
-    progress: Progress = _no_progress,
+    progress: ProgressFn = no_progress,
 ) -> Sent:
     """Push: ``update(remote refs)`` returns the remote refs to set (hex values).
 

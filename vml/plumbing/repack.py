@@ -21,13 +21,14 @@ repository's maintenance lock.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from vml.errors import RepositoryBusy
 from vml.plumbing.packs import PackReader, PackWriter, copy_object, pack_extents, unlink_counted
 from vml.plumbing.repository import Repository, fsync_dir, hold_flock
+from vml.progress import ProgressFn, no_progress
 
 FACTOR = 2
 MAINTENANCE_LOCK = "maintenance.lock"
@@ -94,9 +95,7 @@ def pack_count(repo: Repository) -> int:
     return sum(1 for idx in d.glob("pack-*.idx") if idx.with_suffix(".pack").exists())
 
 
-def auto_consolidate(
-    repo: Repository, progress: Callable[[int, int], None] = lambda done, total: None
-) -> RepackResult | None:
+def auto_consolidate(repo: Repository, progress: ProgressFn = no_progress) -> RepackResult | None:
     """After a save: consolidate if there are more than ``repo.auto_pack_limit`` packs.
 
     `vml gc` always consolidates; a save only past the limit (0: never).
@@ -117,7 +116,7 @@ def consolidate(
     repo: Repository,
     *,
     limit: int = 0,
-    progress: Callable[[int, int], None] = lambda done, total: None,
+    progress: ProgressFn = no_progress,
 ) -> RepackResult | None:
     """Roll the smallest packs up into one when more than ``limit`` packs exist.
 
@@ -166,7 +165,7 @@ def consolidate(
                     done += 1
                     if sha not in writer:
                         copy_object(reader, writer, fd, sha, off, length, crc)
-                    progress(done, total)
+                    progress("pack", done, total)
             finally:
                 os.close(fd)
         writer.finish()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from collections.abc import Callable
 from concurrent.futures import Executor
 from contextlib import suppress
 from pathlib import Path
@@ -25,6 +24,7 @@ from vml.plumbing.chains import ResolvedImage, resolve_image
 from vml.plumbing.entries import Entry, FileRecord, check_relpath, small_blob
 from vml.plumbing.images import write_all, write_image
 from vml.plumbing.packs import BLOB, PackReader
+from vml.progress import ProgressFn
 
 # Temporary files live in the area's own .vml folder, where no user file
 # can be (scans skip it): a name of the user's can never be taken for one, and
@@ -35,7 +35,6 @@ TMP_DIR = "tmp"
 _STRAY_LIST = "stray"
 
 # (done, total) in bytes of the entry's files.
-Tick = Callable[[int, int], None]
 
 
 def safe_target(area: Path, rel: str) -> Path:
@@ -118,7 +117,7 @@ class Builder:
         old: Entry | None,
         cache: Cache,
         cache_writer: CacheWriter,
-        tick: Tick,
+        progress: ProgressFn,
         temps: TempFiles,
     ) -> None:
         self.temps = temps
@@ -130,7 +129,7 @@ class Builder:
         self.old_files = {f.path: f for f in old.meta.files} if old is not None else {}
         self.cache = cache
         self.cache_writer = cache_writer
-        self.tick = tick
+        self.progress = progress
         self.total = sum(f.size for f in entry.meta.files)
         self.done = 0
         self.written = 0
@@ -138,7 +137,7 @@ class Builder:
 
     def _advance(self, n: int) -> None:
         self.done += n
-        self.tick(self.done, self.total)
+        self.progress("write", self.done, self.total)
 
     def build(self, rec: FileRecord) -> None:
         """Put file ``rec`` of the entry in place (or keep it, if it is there already)."""

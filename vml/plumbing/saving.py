@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +39,9 @@ from vml.plumbing.images import SaveInputs, image_tree, save_image
 from vml.plumbing.manifests import BLOB_MODE, TREE_MODE, Manifest
 from vml.plumbing.packs import PackReader, PackWriter
 from vml.plumbing.repository import Repository
+from vml.progress import ProgressFn
 
 # (done, total) in bytes of the files being saved.
-Tick = Callable[[int, int], None]
 
 
 @dataclass
@@ -114,7 +113,7 @@ class Saver:
         area: Path,
         baseline: Baseline,
         total: int,
-        tick: Tick,
+        progress: ProgressFn,
     ) -> None:
         self.repo = repo
         self.reader = reader
@@ -122,7 +121,7 @@ class Saver:
         self.area = area
         self.base = baseline
         self.total = total
-        self.tick = tick
+        self.progress = progress
         self.done = 0
         self.read_bytes = 0
         # Blobs the entry uses without writing them (a pack holds them already);
@@ -138,7 +137,7 @@ class Saver:
 
     def _advance(self, n: int) -> None:
         self.done += n
-        self.tick(self.done, self.total)
+        self.progress("read", self.done, self.total)
 
     def save(self, f: SourceFile) -> FileRecord:
         """Save one file; small ones whole, the others as blocks."""

@@ -13,7 +13,7 @@ entry whose content depends on it (:func:`entries_using`).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -38,6 +38,7 @@ from vml.plumbing.images import WINDOW, block_digest, zero_record
 from vml.plumbing.layout import layout_problems, merged_names
 from vml.plumbing.manifests import TREE_MODE, layer_block_ids, parse_tree, read_block_map
 from vml.plumbing.packs import BLOB, TREE, PackReader
+from vml.progress import Advance, ProgressFn, no_progress
 
 TAG_TYPE = 4
 GITLINK_MODE = 0o160000
@@ -57,7 +58,7 @@ class Problem:
 def check_structure(
     reader: PackReader,
     table: refs_mod.RefTable,
-    tick: Callable[[int, int], None] = lambda done, total: None,
+    tick: ProgressFn = no_progress,
     only: set[bytes] | None = None,
     forest: Forest | None = None,
 ) -> tuple[Forest, list[Problem]]:
@@ -75,7 +76,7 @@ def check_structure(
     images_of: dict[bytes, set[str]] = {}
     partial: dict[bytes, set[str]] = {}  # entry -> its images stored as partial layers
     for i, c in enumerate(commits):
-        tick(i, len(commits))
+        tick("check", i, len(commits))
         try:
             e = read_entry(reader, c)
         except CorruptRepository as err:
@@ -169,12 +170,12 @@ def check_objects(
     reader: PackReader,
     entries: list[bytes],
     seen: set[bytes],
-    tick: Callable[[int, int], None] = lambda done, total: None,
+    tick: ProgressFn = no_progress,
 ) -> list[Problem]:
     """Read every data object the entries need once; check ids and delta headers."""
     problems: list[Problem] = []
     for i, c in enumerate(entries):
-        tick(i, len(entries))
+        tick("verify", i, len(entries))
         try:
             e = read_entry(reader, c)
             for path, sha, is_delta in entry_objects(reader, e):
@@ -203,7 +204,7 @@ def _bad_objects(reader: PackReader, shas: list[bytes]) -> list[bytes]:
 
 
 def check_image(
-    reader: PackReader, pool: Executor, img: ResolvedImage, progress: Callable[[int], None]
+    reader: PackReader, pool: Executor, img: ResolvedImage, progress: Advance
 ) -> list[tuple[str, list[bytes]]]:
     """Rebuild one image block by block; returns (message, bad objects) found."""
     m = img.manifest
@@ -248,7 +249,7 @@ def check_files(
     reader: PackReader,
     pool: Executor,
     commit: bytes,
-    progress: Callable[[int], None] = lambda n: None,
+    progress: Advance = lambda n: None,
 ) -> list[Problem]:
     """Rebuild every file of entry ``commit`` in memory and check its digest."""
     problems: list[Problem] = []

@@ -297,7 +297,7 @@ def _write(
         plan.clean_old,
         plan.cache,
         cwriter,
-        lambda done, total: progress("write", done, total),
+        progress,
         temps,
     )
     try:

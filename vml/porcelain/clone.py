@@ -23,8 +23,8 @@ from vml.plumbing.repository import (
     init_repository,
     is_repository,
 )
-from vml.porcelain.common import ProgressFn, no_progress
 from vml.porcelain.fetch import FetchResult, fetch_into
+from vml.progress import ProgressFn, no_progress
 
 
 @dataclass

@@ -289,7 +289,7 @@ def _settle_area(
 def _consolidate(repo: Repository, progress: ProgressFn) -> tuple[RepackResult | None, str | None]:
     """Roll small packs up past the limit; the entry is saved, so this never fails it."""
     try:
-        return auto_consolidate(repo, lambda d, t: progress("pack", d, t)), None
+        return auto_consolidate(repo, progress), None
     except VMLError as e:
         return None, e.message
     except OSError as e:
@@ -419,7 +419,7 @@ def _save(
         area,
         _baseline(repo, area, plan, state),
         total,
-        lambda done, tot: progress("read", done, tot),
+        progress,
     )
     try:
         try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,13 +11,8 @@ from vml.plumbing.areas import folder_key, load_state
 from vml.plumbing.chains import read_entry as read_entry  # re-exported for the commands
 from vml.plumbing.refs import RefTable
 from vml.plumbing.repository import Repository
-
-# (phase, done, total): phases are "read", "write", "verify"; bytes.
-ProgressFn = Callable[[str, int, int], None]
-
-
-def no_progress(phase: str, done: int, total: int) -> None:
-    """A progress callback that ignores everything."""
+from vml.progress import ProgressFn as ProgressFn  # re-exported for the commands
+from vml.progress import no_progress as no_progress
 
 
 def workers() -> int:

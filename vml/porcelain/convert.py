@@ -25,8 +25,9 @@ from vml.plumbing.rewrite import (
     reexpress_images,
     rewrite_entry,
 )
-from vml.porcelain.common import ProgressFn, label, no_progress, read_entry
+from vml.porcelain.common import label, read_entry
 from vml.porcelain.reshape import RewriteReport, Rewritten, entry_commit, finish_pack
+from vml.progress import ProgressFn, no_progress
 
 
 @dataclass

@@ -11,7 +11,7 @@ from vml.errors import UsageError
 from vml.plumbing.repository import init_repository
 from vml.porcelain.checkout import CheckoutResult, checkout
 from vml.porcelain.commit import CommitResult, commit
-from vml.porcelain.common import ProgressFn, no_progress
+from vml.progress import ProgressFn, no_progress
 
 NAME = "demo-vm"
 SECTOR = 512

@@ -22,7 +22,7 @@ from vml.plumbing.chains import read_entry
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
 from vml.plumbing.verify import reach_problem
-from vml.porcelain.common import ProgressFn, no_progress
+from vml.progress import ProgressFn, no_progress
 
 _E = re.compile(r"^[Ee]?([0-9]+)$")
 _ENTRIES = b"refs/vml/entries/"

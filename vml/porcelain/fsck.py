@@ -10,8 +10,9 @@ from vml.plumbing.packs import PackReader
 from vml.plumbing.packscan import check_pack_objects
 from vml.plumbing.repository import Repository
 from vml.plumbing.verify import Problem, check_structure
-from vml.porcelain.common import ProgressFn, label, no_progress
+from vml.porcelain.common import label
 from vml.porcelain.verify import CheckResult, Finding, findings, pack_problems
+from vml.progress import ProgressFn, no_progress
 
 
 def fsck(repo: Repository, progress: ProgressFn = no_progress) -> CheckResult:
@@ -25,11 +26,9 @@ def fsck(repo: Repository, progress: ProgressFn = no_progress) -> CheckResult:
     table = refs_mod.read_refs(repo)
     reader = PackReader(repo)
     try:
-        forest, problems = check_structure(
-            reader, table, lambda i, total: progress("check", i, total)
-        )
+        forest, problems = check_structure(reader, table, progress)
         problems = pack_problems(repo) + problems
-        for d in check_pack_objects(repo, reader, lambda i, t: progress("packs", i, t)):
+        for d in check_pack_objects(repo, reader, progress):
             if d.elsewhere:
                 msg = f"pack {d.pack}: a copy of object {d.sha.hex()} is damaged ({d.message}); another copy is intact"
                 problems.append(Problem(msg, None, f"{d.pack}.pack"))

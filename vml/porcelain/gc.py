@@ -7,7 +7,7 @@ from vml.plumbing.gc import GcResult, collect
 from vml.plumbing.packscan import repair as repair_packs
 from vml.plumbing.repack import consolidate, maintenance
 from vml.plumbing.repository import Repository
-from vml.porcelain.common import ProgressFn, no_progress
+from vml.progress import ProgressFn, no_progress
 
 
 def gc(
@@ -32,10 +32,8 @@ def gc(
         if repair:
             if dry_run:
                 raise UsageError("--repair does not go with --dry-run", "drop one of them")
-            return GcResult(repaired=repair_packs(repo, lambda d, t: progress("repair", d, t)))
+            return GcResult(repaired=repair_packs(repo, progress))
         res = collect(repo, dry_run=dry_run, progress=progress)
         if not dry_run and not res.deferred:
-            res.repacked = consolidate(
-                repo, progress=lambda done, total: progress("pack", done, total)
-            )
+            res.repacked = consolidate(repo, progress=progress)
     return res

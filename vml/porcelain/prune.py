@@ -18,8 +18,9 @@ from vml.plumbing.forest import repository_areas
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
 from vml.plumbing.retention import Policy, select
-from vml.porcelain.common import ProgressFn, label, no_progress, read_entry
+from vml.porcelain.common import label, read_entry
 from vml.porcelain.reshape import RmResult, remove_one
+from vml.progress import ProgressFn, no_progress
 
 
 @dataclass

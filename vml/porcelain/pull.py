@@ -13,8 +13,9 @@ from vml.plumbing import refs as refs_mod
 from vml.plumbing import remotes as remotes_mod
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
-from vml.porcelain.common import ProgressFn, label, no_progress
+from vml.porcelain.common import label
 from vml.porcelain.fetch import FetchResult, fetch
+from vml.progress import ProgressFn, no_progress
 
 
 @dataclass

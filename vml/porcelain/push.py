@@ -17,7 +17,8 @@ from vml.plumbing import remotes as remotes_mod
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
 from vml.plumbing.verify import reach_problem
-from vml.porcelain.common import ProgressFn, label, no_progress
+from vml.porcelain.common import label
+from vml.progress import ProgressFn, no_progress
 
 
 @dataclass

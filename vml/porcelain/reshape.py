@@ -24,7 +24,8 @@ from vml.plumbing.rewrite import (
     rewrite_below,
     rewrite_entry,
 )
-from vml.porcelain.common import ProgressFn, label, no_progress, read_entry
+from vml.porcelain.common import label, read_entry
+from vml.progress import ProgressFn, no_progress
 
 
 @dataclass

@@ -13,8 +13,9 @@ from vml.plumbing.forest import load_forest, repository_areas
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
 from vml.plumbing.verify import entry_objects
-from vml.porcelain.common import ProgressFn, label, no_progress, read_entry
+from vml.porcelain.common import label, read_entry
 from vml.porcelain.reshape import RmResult, entry_commit, remove_one
+from vml.progress import ProgressFn, no_progress
 
 
 def check_removable(repo: Repository, table: refs_mod.RefTable, commit: bytes) -> list[str]:

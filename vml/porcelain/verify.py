@@ -17,7 +17,8 @@ from vml.plumbing.verify import (
     entries_using,
     needed_by,
 )
-from vml.porcelain.common import ProgressFn, label, make_pool, no_progress
+from vml.porcelain.common import label, make_pool
+from vml.progress import ProgressFn, Tally, no_progress
 
 
 @dataclass
@@ -141,27 +142,19 @@ def verify(
             scope = needed_by(forest, commits)
             everything = sorted(scope.union(*(forest.descendants(c) for c in commits)))
             problems = check_structure(reader, table, only=scope, forest=forest)[1]
-        done = 0
+        tally = Tally(progress, "verify")
         if read_data:
             for c in commits:
-
-                def tick(n: int) -> None:
-                    nonlocal done
-                    done += n
-                    progress("verify", done, 0)
-
-                problems += check_files(reader, pool, c, tick)
+                problems += check_files(reader, pool, c, tally.add)
         else:
-            problems += check_objects(
-                reader, commits, set(), lambda i, total: progress("verify", i, total)
-            )
+            problems += check_objects(reader, commits, set(), progress)
         found, affected, notes = findings(reader, table, everything, problems)
         return CheckResult(
             checked=[label(table, c) or c.hex()[:12] for c in commits],
             problems=found,
             affected=affected,
             read_data=read_data,
-            checked_bytes=done,
+            checked_bytes=tally.done,
             notes=notes,
         )
     finally:
