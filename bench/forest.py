@@ -83,7 +83,8 @@ def main() -> None:
     for i in range(1, o.entries + 1):
         if i > 1:
             run_session(area, i, spec)
-        _t, out = vml(repo, "commit", str(area), "-q", "-m", f"state {i}")
+        # No -q: it prints nothing now; without a terminal no bar is drawn anyway.
+        _t, out = vml(repo, "commit", str(area), "-m", f"state {i}")
         states[out.split()[0]] = hash_area(area)
     middle = f"E{o.entries // 2}"
     tip = f"E{o.entries}"

@@ -109,7 +109,9 @@ class VmlTool(Tool):
         self.run("init")
 
     def save(self, area: Path, state: int, *, full: bool = False) -> Measurement:
-        args = ["commit", str(area), "-m", f"state {state}", "-q"]
+        # Not -q, which prints nothing since #13 (no bar is drawn without a terminal):
+        # every VML version prints the entry id first then.
+        args = ["commit", str(area), "-m", f"state {state}"]
         if full:
             # A full entry of an unchanged state is still wanted (chain test).
             args += ["--full", "--allow-empty"]

@@ -22,8 +22,8 @@ JsonValue = None | bool | int | float | str | list["JsonValue"] | dict[str, "Jso
 class Record:
     """Base of every result dataclass with a JSON form (see the module docstring)."""
 
-    #: field name -> JSON key, where they differ
-    json_names: ClassVar[Mapping[str, str]] = {}
+    #: (field name, JSON key) where they differ
+    json_names: ClassVar[tuple[tuple[str, str], ...]] = ()
     #: properties that belong in the JSON form, after the fields
     json_extra: ClassVar[tuple[str, ...]] = ()
     #: fields left out (internal, or shown in another form)
@@ -41,7 +41,7 @@ class Record:
             if f.name in self.json_flatten and isinstance(value, dict):
                 out.update(value)
             else:
-                out[self.json_names.get(f.name, f.name)] = value
+                out[dict(self.json_names).get(f.name, f.name)] = value
         for name in self.json_extra:
             out[name] = to_json(getattr(self, name))
         return out

@@ -38,17 +38,17 @@ def cli_repo(tmp_path: Path) -> Path:
 def test_save_and_check_out(cli_repo: Path, tmp_path: Path) -> None:
     area = tmp_path / "area"
     make_area(area)
-    out = vml("--repo", cli_repo, "commit", area, "-m", "first", "-q")
+    out = vml("--repo", cli_repo, "commit", area, "-m", "first")
     assert out.splitlines()[0] == "E1" and "full entry E1" in out
     edit(area / "disk.img", 0, b"x" * 4096)
-    out = vml("--repo", cli_repo, "commit", area, "-q", "--tag", "good")
+    out = vml("--repo", cli_repo, "commit", area, "--tag", "good")
     assert "incremental entry E2 (parent E1, tag good)" in out
     saved = digest_area(area, mtimes=True)
     dest = tmp_path / "copy"
-    out = vml("--repo", cli_repo, "checkout", "good", dest, "-q")
+    out = vml("--repo", cli_repo, "checkout", "good", dest)
     assert "checked out E2" in out and "(fresh)" in out
     assert digest_area(dest, mtimes=True) == saved
-    out = vml("--repo", cli_repo, "restore", "E1", area, "-q")
+    out = vml("--repo", cli_repo, "restore", "E1", area)
     assert "restored E1" in out and "child of E1" in out
 
 
@@ -77,7 +77,7 @@ def test_errors_are_one_line_with_exit_codes(cli_repo: Path, tmp_path: Path) -> 
     # nothing to commit without --allow-empty
     line = vml("--repo", cli_repo, "commit", area, code=1)
     assert "nothing changed" in line and "--allow-empty" in line
-    out = vml("--repo", cli_repo, "commit", area, "--allow-empty", "-q")
+    out = vml("--repo", cli_repo, "commit", area, "--allow-empty")
     assert out.splitlines()[0] == "E2"
     # two kinds at once
     vml("--repo", cli_repo, "commit", area, "--full", "--differential", code=1)
@@ -94,14 +94,14 @@ def test_base_implies_differential(cli_repo: Path, tmp_path: Path) -> None:
         edit(area / "disk.img", i * 4096, b"y" * 4096)
         vml("--repo", cli_repo, "commit", area, "-q")
     edit(area / "disk.img", 3 * 4096, b"z" * 4096)
-    out = vml("--repo", cli_repo, "commit", area, "--base", "E2", "-q")
+    out = vml("--repo", cli_repo, "commit", area, "--base", "E2")
     assert "differential entry E4 (parent E2" in out
     edit(area / "disk.img", 4 * 4096, b"w" * 4096)
     line = vml("--repo", cli_repo, "commit", area, "--base", "E2", "--full", code=2)
     assert "--base goes with --differential" in line
     line = vml("--repo", cli_repo, "commit", area, "--base", "E2", "--incremental", code=2)
     assert "--base goes with --differential" in line
-    out = vml("--repo", cli_repo, "commit", area, "--differential", "-q")
+    out = vml("--repo", cli_repo, "commit", area, "--differential")
     assert "differential entry E5 (parent E1" in out
 
 
@@ -181,7 +181,7 @@ def test_tags_and_branches(cli_repo: Path, tmp_path: Path, monkeypatch: pytest.M
     out = vml("--repo", cli_repo, "branch", "main")
     assert "branch main at E1; this area follows it" in out
     edit(area / "disk.img", 0, b"x")
-    out = vml("--repo", cli_repo, "commit", ".", "-q")
+    out = vml("--repo", cli_repo, "commit", ".")
     assert "branch main" in out
     assert "* main  E2" in vml("--repo", cli_repo, "branch")
     assert "deleted tag v1 (was E1)" in vml("--repo", cli_repo, "tag", "-d", "v1")
@@ -202,7 +202,7 @@ def test_repository_from_environment_and_area(
     monkeypatch.delenv("VML_REPO")
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     edit(area / "disk.img", 0, b"x")
-    out = vml("commit", area, "-q")  # the area remembers its repository
+    out = vml("commit", area)  # the area remembers its repository
     assert out.splitlines()[0] == "E2"
     line = vml("checkout", "E1", tmp_path / "new", code=3)  # a new folder knows none
     assert "vml init" in line
@@ -210,7 +210,7 @@ def test_repository_from_environment_and_area(
 
 def test_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    out = vml("demo", "play", "-q")
+    out = vml("demo", "play")
     assert "E1" in out and "E3" in out and "vml log --graph" in out
     root = tmp_path / "play"
     assert (root / "repo").is_dir()

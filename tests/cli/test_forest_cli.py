@@ -35,16 +35,16 @@ def run(*args: str) -> tuple[int, str]:
 
 
 def test_rm_convert_prune_gc_verify_fsck(setup: tuple[Path, Path]) -> None:
-    code, out = run("rm", "E4", "-q")
+    code, out = run("rm", "E4")
     assert code == 2 and "holds it" in out and "--force" in out
-    code, out = run("rm", "E2", "-q")
+    code, out = run("rm", "E2")
     assert code == 0, out
     assert "removed E2" in out and "rewrote E3" in out and "re-parented onto E1" in out
     code, out = run("show", "E3")
     assert code == 0 and "reshaped  E2 removed, re-parented onto E1" in out, out
     code, out = run("log", "--graph", "--all")
     assert code == 0 and "(E2 removed, re-parented onto E1)" in out, out
-    code, out = run("convert", "E4", "--to", "differential", "-q")
+    code, out = run("convert", "E4", "--to", "differential")
     assert code == 0 and "E4: incremental on E3 -> differential on E1" in out, out
     code, out = run("prune", "--keep-last", "1", "--dry-run")
     assert code == 0 and "would remove" in out
@@ -53,13 +53,13 @@ def test_rm_convert_prune_gc_verify_fsck(setup: tuple[Path, Path]) -> None:
     assert [d["entry"] for d in doc["remove"]] == ["E1", "E3"]
     code, out = run("prune")
     assert code == 2 and "no retention policy" in out
-    code, out = run("gc", "-q")
+    code, out = run("gc")
     assert code == 0 and "freed" in out, out
-    code, out = run("verify", "--all", "--read-data", "-q")
+    code, out = run("verify", "--all", "--read-data")
     assert code == 0 and "no problems" in out, out
-    code, out = run("verify", "-q")
+    code, out = run("verify")
     assert code == 2
-    code, out = run("fsck", "-q")
+    code, out = run("fsck")
     assert code == 0 and "no problems" in out
 
 
@@ -89,15 +89,15 @@ def test_verify_names_the_entries_a_bad_object_affects(setup: tuple[Path, Path])
                     b = f.read(1)
                     f.seek(off + length // 2)
                     f.write(bytes([b[0] ^ 0xFF]))
-    code, out = run("verify", "--all", "-q")
+    code, out = run("verify", "--all")
     assert code == 7, out
     assert victim.hex()[:12] in out
     assert "entries affected: E1, E2, E3, E4" in out
-    code, out = run("verify", "E4", "--read-data", "-q", "--json")
+    code, out = run("verify", "E4", "--read-data", "--json")
     doc = json.loads(out)
     assert code == 7 and not doc["clean"] and "E4" in doc["affected"]
     # gc keeps whole-live packs as they are (it does not read them): the damage stays visible.
-    code, out = run("gc", "-q")
+    code, out = run("gc")
     assert code == 0
-    code, out = run("verify", "--all", "-q")
+    code, out = run("verify", "--all")
     assert code == 7

@@ -43,11 +43,11 @@ def test_share_through_a_bare_repository(run, tmp_path: Path) -> None:  # type: 
 
     assert "nothing to push" in run("alice", "push", code=2)
     assert "no remote named 'E1'" in run("alice", "push", "E1", code=2)
-    out = run("alice", "push", "origin", "--all", "-q")
+    out = run("alice", "push", "origin", "--all")
     assert "entries E1, E2" in out
     assert "up to date" in run("alice", "push", "origin", "--all")
 
-    out = run("unused", "clone", "server.git", "bob", "-q")
+    out = run("unused", "clone", "server.git", "bob")
     assert "2 entries" in out
     graph = run("bob", "log", "--graph", "--all")
     assert "E1" in graph and "E2" in graph and "from origin" in graph

@@ -24,6 +24,8 @@ VM_KEYS = {
     "config_external",
     "crash_consistent",
     "external_files",
+    "live",
+    "vml_run",
 }
 
 
@@ -55,7 +57,7 @@ def _ubuntu(tmp_path: Path) -> Path:
 
 def test_log_show_areas_status_name_the_vm(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     area = _ubuntu(tmp_path)
-    assert "E1" in cli("commit", str(area), "-m", "fresh", "-q")
+    assert "E1" in cli("commit", str(area), "-m", "fresh")
     logged = cli("log", "--all")
     assert 'vmware "Ubuntu "Dev" Box" off' in logged
     shown = cli("show", "E1")
@@ -71,12 +73,12 @@ def test_crash_consistent_entry_is_flagged(cli, tmp_path: Path) -> None:  # type
     (area / "ubuntu.vmx.lck").mkdir()
     err = cli("commit", str(area), "-q", code=6)
     assert "looks running" in err and "ubuntu.vmx.lck" in err and "--force-running" in err
-    saved = cli("commit", str(area), "-q", "--force-running")
+    saved = cli("commit", str(area), "--force-running")
     assert "crash-consistent" in saved
     assert "running, crash-consistent" in cli("log", "--all")
     assert "running when saved: crash-consistent" in cli("show", "E1")
     assert "vm now    vmware" in cli("status", str(area)) and "running" in cli("status", str(area))
-    out = cli("checkout", "E1", str(tmp_path / "elsewhere"), "-q")
+    out = cli("checkout", "E1", str(tmp_path / "elsewhere"))
     assert "note: this entry was saved while the VM was running" in out
     assert "moved or copied" in out
 
@@ -105,9 +107,9 @@ def test_external_refused_then_saved(cli, tmp_path: Path) -> None:  # type: igno
     )
     err = cli("commit", str(area), "-q", code=5)
     assert "needs files outside the area" in err and "data-flat.vmdk" in err
-    out = cli("commit", str(area), "-q", "--include-external")
+    out = cli("commit", str(area), "--include-external")
     assert "as .external/1/data-flat.vmdk" in out
     assert "outside " in cli("show", "E1") and ".external/1/data-flat.vmdk" in cli("show", "E1")
-    co = cli("checkout", "E1", str(tmp_path / "copy"), "-q")
+    co = cli("checkout", "E1", str(tmp_path / "copy"))
     assert 'edit data.vmdk to name ".external/1/data-flat.vmdk" instead' in co
     assert (tmp_path / "copy" / ".external" / "1" / "data-flat.vmdk").read_bytes() == b"\2" * 4096

@@ -233,7 +233,7 @@ def test_commit_of_a_running_vm_is_live_and_its_checkout_resumes(
     repo = tmp_path / "repo"
     vml("init", repo, "--block-size", str(TEST_BLOCK))
     vml("run", vm_area, "--accel", "tcg")
-    out = vml("--repo", repo, "commit", vm_area, "-m", "live", "-q")
+    out = vml("--repo", repo, "commit", vm_area, "-m", "live")
     assert "full entry E1" in out and "crash-consistent" not in out
     assert vml_vm(vm_area) is not None and run_status(vm_area)["state"] == "running"  # type: ignore[index]
     shown = json.loads(vml("--repo", repo, "show", "E1", "--json"))
@@ -248,7 +248,7 @@ def test_commit_of_a_running_vm_is_live_and_its_checkout_resumes(
     line = vml("--repo", repo, "restore", "E1", vm_area, "--force", code=6)
     assert "runs under `vml run`" in line and "vml stop" in line
     copy = tmp_path / "copy"
-    out = vml("--repo", repo, "checkout", "E1", copy, "-q")
+    out = vml("--repo", repo, "checkout", "E1", copy)
     assert "`vml run" in out and "resumes it" in out
     try:
         assert "resumed the VM" in vml("run", copy)
@@ -304,7 +304,7 @@ def test_a_saver_killed_in_the_pause_leaves_a_way_out(vm_area: Path, tmp_path: P
     git_fsck(repo)
     assert "continues" in vml("run", vm_area, "--continue")
     assert run_status(vm_area)["state"] == "running"  # type: ignore[index]
-    assert "full entry E1" in vml("--repo", repo, "commit", vm_area, "-q")
+    assert "full entry E1" in vml("--repo", repo, "commit", vm_area)
     # The killed save's copies are gone with it.
     assert not RunPaths(vm_area).stage.exists()
 

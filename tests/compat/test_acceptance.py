@@ -48,7 +48,7 @@ def test_history_with_branch_checks_out_identical_everywhere(tmp_path: Path) -> 
     saved: dict[str, dict[str, str]] = {}
 
     def save(*flags: str) -> str:
-        entry = vml(repo, "commit", str(area), "-q", *flags).splitlines()[0].strip()
+        entry = json.loads(vml(repo, "commit", str(area), "--json", *flags))["entry"]
         saved[entry] = hash_area(area)
         return entry
 

@@ -100,12 +100,12 @@ def test_live_saves_resume_elsewhere_where_the_guest_was(guest_area: Path, tmp_p
     boot = marks(guest_area)[0][1]
 
     # Two live saves while the guest works; it keeps running between them.
-    out = vml("--repo", repo, "commit", guest_area, "-q", "-m", "working")
+    out = vml("--repo", repo, "commit", guest_area, "-m", "working")
     assert "full entry E1" in out and "crash-consistent" not in out
     n = wait_mark(guest_area, r".", after=n)  # a new marker: it went on
     n = wait_mark(guest_area, r"session=\d+ (untarred|compressed|done)", after=n)
     before = marks(guest_area)
-    out = vml("--repo", repo, "commit", guest_area, "-q", "-m", "still working")
+    out = vml("--repo", repo, "commit", guest_area, "-m", "still working")
     assert "incremental entry E2" in out
     wait_mark(guest_area, r".", after=len(marks(guest_area)))
     assert vml_vm(guest_area) is not None
@@ -115,7 +115,7 @@ def test_live_saves_resume_elsewhere_where_the_guest_was(guest_area: Path, tmp_p
 
     # The second save, checked out elsewhere, resumes where it was.
     copy = tmp_path / "copy"
-    out = vml("--repo", repo, "checkout", "E2", copy, "-q")
+    out = vml("--repo", repo, "checkout", "E2", copy)
     assert "resumes it" in out
     try:
         assert "resumed the VM" in vml("run", copy)

@@ -45,7 +45,7 @@ def test_vmware_lock_refuses_then_force_marks_crash_consistent(
     assert res.crash_consistent
     vm = show(repo, res.entry).entry.vm
     assert vm is not None
-    assert vm["power_state"] == "running" and vm["crash_consistent"] is True
+    assert vm.info.power_state == "running" and vm.crash_consistent is True
     assert log(repo).entries[res.entry].vm == vm
     # The lock folder is never saved; a checkout says what the entry is.
     out = area.parent / "copy"
@@ -59,9 +59,9 @@ def test_clean_save_is_not_crash_consistent(repo: Repository, area: Path) -> Non
     assert not res.crash_consistent
     vm = show(repo, res.entry).entry.vm
     assert vm is not None
-    assert (vm["hypervisor"], vm["name"], vm["memory_mib"]) == ("vmware", "test", 64)
-    assert vm["power_state"] == "off" and vm["crash_consistent"] is False
-    assert vm["external_files"] == []
+    assert (vm.info.hypervisor, vm.info.name, vm.info.memory_mib) == ("vmware", "test", 64)
+    assert vm.info.power_state == "off" and vm.crash_consistent is False
+    assert vm.external_files == ()
 
 
 def test_qemu_io_holding_the_image_refuses(repo: Repository, tmp_path: Path) -> None:
@@ -118,7 +118,7 @@ def test_include_external_saves_and_rebuilds(repo: Repository, tmp_path: Path) -
     shown = show(repo, e1.entry)
     assert {f.path for f in shown.files} == {"vm.qcow2", ".external/1/base.qcow2"}
     assert shown.entry.vm is not None
-    assert shown.entry.vm["external_files"] == [
+    assert shown.entry.vm.to_json()["external_files"] == [
         {"source": str(golden.resolve()), "path": ".external/1/base.qcow2"}
     ]
     # The area it was saved from is clean: the copy is not expected there.

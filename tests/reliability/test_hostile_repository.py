@@ -298,3 +298,22 @@ def test_an_entry_ref_to_a_blob_is_refused(world: tuple[Path, Path]) -> None:
     run = vml(repo, "checkout", "E2", base / "t")
     assert run.code == 7
     assert "expected a commit" in one_line_error(run)
+
+
+@pytest.mark.parametrize("vm", ["a string", {"hypervisor": 5}, {"disks": "none"}, [1, 2]])
+def test_a_malformed_vm_description_shows_as_no_vm_and_breaks_no_listing(
+    world: tuple[Path, Path], vm: object
+) -> None:
+    repo, _base = world
+
+    def edit(git: Repo, root: Tree, meta: dict[str, object]) -> None:
+        meta["vm"] = vm
+
+    forge(repo, edit)
+    run = vml(repo, "log", "--json")
+    assert run.code == 0, run
+    by_id = {e["id"]: e for e in json.loads(run.out)}
+    assert by_id["E2"]["vm"] is None and by_id["E1"]["vm"]["hypervisor"] == "vmware"
+    run = vml(repo, "show", "E2")
+    assert run.code == 0 and "chain     E2" in run.out, run
+    assert vml(repo, "log").code == 0

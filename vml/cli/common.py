@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from vml.cli.render import err, report_error, warnings_said_once
+from vml.cli.render import err, only_errors, report_error, warnings_said_once
 from vml.errors import NoSpace, VMLError
 
 if TYPE_CHECKING:
@@ -34,12 +34,20 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def handled(fn: F) -> F:
-    """Run a command, turning VML errors (and a few OS ones) into one line and an exit code."""
+    """Run a command, turning VML errors (and a few OS ones) into one line and an exit code.
+
+    A command's ``quiet`` (``-q``) and ``json_`` (``--json``) parameters mean
+    the same everywhere: nothing on stdout but the JSON document, no progress
+    bar; errors and warnings still go to stderr.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            with warnings_said_once():
+            with (
+                warnings_said_once(),
+                only_errors(bool(kwargs.get("quiet")) or bool(kwargs.get("json_"))),
+            ):
                 return fn(*args, **kwargs)
         except VMLError as e:
             report_error(e)
@@ -99,8 +107,12 @@ def opened(area: Path | None = None) -> Iterator[Repository]:
 
 # --- options several commands share ------------------------------------------
 
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
-Json = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+Quiet = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Print nothing but errors (no progress bar).")
+]
+Json = Annotated[
+    bool, typer.Option("--json", help="Print one JSON document (docs/JSON.md), nothing else.")
+]
 AreaArg = Annotated[Path, typer.Argument(help="The working area (a folder holding one VM).")]
 RemoteArg = Annotated[
     str | None, typer.Argument(help="The remote (default: origin, or the only one).")

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
-from vml.cli.common import AreaArg, Quiet, handled, opened, repository_path
-from vml.cli.render import err, out, print_log, print_repack, progress_bar, size
+from vml.cli.common import AreaArg, Json, Quiet, handled, opened, repository_path
+from vml.cli.render import emit_json, err, out, print_log, print_repack, progress_bar, size
 from vml.errors import VMLError
 
 if TYPE_CHECKING:
@@ -28,6 +28,8 @@ def init(
     block_size: Annotated[
         str, typer.Option("--block-size", help="Block size, e.g. 256K, 1M, 4M.")
     ] = "1M",  # plumbing.repository.DEFAULT_BLOCK_SIZE
+    quiet: Quiet = False,
+    json_: Json = False,
 ) -> None:
     """Create a repository."""
     target = path if path is not None else repository_path(None)
@@ -35,6 +37,9 @@ def init(
     from vml.porcelain import init as init_mod
 
     res = init_mod.init(target, parse_size(block_size))
+    if json_:
+        emit_json(res)
+        return
     out.print(
         f"Initialised an empty VML repository in {escape(res.path)} (blocks of {size(res.block_size)})"
     )
@@ -73,6 +78,7 @@ def commit(
         ),
     ] = False,
     quiet: Quiet = False,
+    json_: Json = False,
 ) -> None:
     """Save the VM in AREA as a new entry."""
     from vml.porcelain import commit as commit_mod
@@ -84,7 +90,7 @@ def commit(
     ]
     if len(kinds) > 1:
         raise VMLError("choose one of --full, --incremental, --differential", "")
-    with opened(area) as repo, progress_bar(not quiet, "saving") as progress:
+    with opened(area) as repo, progress_bar("saving") as progress:
         res = commit_mod.commit(
             repo,
             area,
@@ -97,6 +103,14 @@ def commit(
             include_external=include_external,
             progress=progress,
         )
+    if res.repack_problem is not None:
+        err.print(
+            f"[yellow]warning:[/yellow] {escape(res.repack_problem)}; the entry is saved; "
+            "run `vml verify --all` and `vml gc`"
+        )
+    if json_:
+        emit_json(res)
+        return
     out.print(res.entry)
     parent = f"parent {res.parent}" if res.parent else "no parent"
     extra = f", tag {res.tag}" if res.tag else ""
@@ -116,11 +130,6 @@ def commit(
         )
     if res.repacked is not None:
         print_repack(res.repacked)
-    if res.repack_problem is not None:
-        err.print(
-            f"[yellow]warning:[/yellow] {escape(res.repack_problem)}; the entry is saved; "
-            "run `vml verify --all` and `vml gc`"
-        )
 
 
 @commands.command()
@@ -132,16 +141,20 @@ def checkout(
         bool, typer.Option("--force", "-f", help="Overwrite unsaved changes.")
     ] = False,
     quiet: Quiet = False,
+    json_: Json = False,
 ) -> None:
     """Build ENTRY into AREA (created if missing)."""
     from vml.porcelain import checkout as checkout_mod
 
-    with opened(area) as repo, progress_bar(not quiet, "checking out") as progress:
+    with opened(area) as repo, progress_bar("checking out") as progress:
         res = checkout_mod.checkout(repo, entry, area, force=force, progress=progress)
-    _print_checkout(res, "checked out")
+    _print_checkout(res, "checked out", json_)
 
 
-def _print_checkout(res: CheckoutResult, verb: str) -> None:
+def _print_checkout(res: CheckoutResult, verb: str, json_: bool) -> None:
+    if json_:
+        emit_json(res)
+        return
     how = "in place" if res.in_place else "fresh"
     out.print(
         f"{verb} {res.entry} into {escape(res.area)} ({how}): wrote {size(res.written_bytes)} "
@@ -170,14 +183,16 @@ def restore(
     area: AreaArg = Path("."),
     force: Annotated[bool, typer.Option("--force", "-f", help="Discard unsaved changes.")] = False,
     quiet: Quiet = False,
+    json_: Json = False,
 ) -> None:
     """Go back to ENTRY in AREA; the next save branches the tree there."""
     from vml.porcelain import checkout as checkout_mod
 
-    with opened(area) as repo, progress_bar(not quiet, "restoring") as progress:
+    with opened(area) as repo, progress_bar("restoring") as progress:
         res = checkout_mod.restore(repo, entry, area, force=force, progress=progress)
-    _print_checkout(res, "restored")
-    out.print(f"the next `vml commit` here makes a child of {res.entry}")
+    _print_checkout(res, "restored", json_)
+    if not json_:
+        out.print(f"the next `vml commit` here makes a child of {res.entry}")
 
 
 @commands.command()
@@ -193,7 +208,7 @@ def demo(
     from vml.porcelain import demo as demo_mod
     from vml.porcelain import log as log_mod
 
-    with progress_bar(not quiet, "demo") as progress:
+    with progress_bar("demo") as progress:
         res = demo_mod.demo(folder, progress=progress)
     out.print(
         f"[bold]A sample VMware VM[/bold] in {escape(res.area)}, a repository in {escape(res.repo)}"

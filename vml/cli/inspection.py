@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.markup import escape
 
-from vml.cli.common import AreaArg, Json, handled, opened
-from vml.cli.render import out, print_log, size, vm_brief, vm_lines
+from vml.cli.common import AreaArg, Json, Quiet, handled, opened
+from vml.cli.render import emit_json, out, print_log, size, vm_brief, vm_lines
 from vml.errors import VMLError
 
 # Commands import their porcelain when they run (start-up time: see common.py).
@@ -25,6 +24,7 @@ def log(
     all_: Annotated[
         bool, typer.Option("--all", help="Every tree, not only the current area's.")
     ] = False,
+    quiet: Quiet = False,
     json_: Json = False,
 ) -> None:
     """List entries; --graph draws the forest."""
@@ -45,8 +45,7 @@ def log(
         if st is not None and st.entry:
             here = {le.id for le in res.entries.values() if le.commit == st.entry}
     if json_:
-        items = sorted(res.entries.values(), key=lambda x: x.created)
-        print(json.dumps([le.to_json() for le in items], indent=1))
+        emit_json(res.oldest_first())
         return
     print_log(res, graph, here)
 
@@ -55,6 +54,7 @@ def log(
 @handled
 def show(
     entry: Annotated[str, typer.Argument(help="The entry.")],
+    quiet: Quiet = False,
     json_: Json = False,
 ) -> None:
     """An entry's metadata, files, and the chain that builds it."""
@@ -63,7 +63,7 @@ def show(
     with opened(Path(".")) as repo:
         res = log_mod.show(repo, entry)
     if json_:
-        print(json.dumps(res.to_json(), indent=1))
+        emit_json(res)
         return
     le = res.entry
     out.print(f"[bold]{le.id}[/bold]  {le.kind}  commit {le.commit}")
@@ -89,25 +89,14 @@ def show(
 
 @commands.command()
 @handled
-def status(area: AreaArg = Path("."), json_: Json = False) -> None:
+def status(area: AreaArg = Path("."), quiet: Quiet = False, json_: Json = False) -> None:
     """The area's entry and what changed since."""
     from vml.porcelain import status as status_mod
 
     with opened(area) as repo:
         res = status_mod.status(repo, area)
     if json_:
-        doc = {
-            "area": res.area,
-            "entry": res.entry,
-            "commit": res.commit,
-            "branch": res.branch,
-            "pending": res.pending,
-            "clean": res.clean,
-            "changes": [c.__dict__ for c in res.changes],
-            "vm": res.vm,
-            "damage": res.damage,
-        }
-        print(json.dumps(doc, indent=1))
+        emit_json(res)
         return
     where = res.entry or "no entry yet"
     if res.branch:
@@ -139,14 +128,14 @@ def status(area: AreaArg = Path("."), json_: Json = False) -> None:
 
 @commands.command()
 @handled
-def areas(json_: Json = False) -> None:
+def areas(quiet: Quiet = False, json_: Json = False) -> None:
     """The working areas of this repository and whether they have unsaved changes."""
     from vml.porcelain import areas as areas_mod
 
     with opened(Path(".")) as repo:
         res = areas_mod.list_areas(repo)
     if json_:
-        print(json.dumps([a.to_json() for a in res], indent=1))
+        emit_json(res)
         return
     if not res:
         out.print("no areas yet")

@@ -3,7 +3,6 @@ space (``gc``) and check the repository (``verify``, ``fsck``)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -11,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from vml.cli.common import Json, Quiet, handled, opened
-from vml.cli.render import out, print_repack, progress_bar, size
+from vml.cli.render import emit_json, out, print_repack, progress_bar, size
 from vml.errors import CorruptRepository
 
 if TYPE_CHECKING:
@@ -28,9 +27,9 @@ def _print_rewrite(res: RewriteReport) -> None:
     for r in res.rewritten:
         note = f"  ({escape(r.note)})" if r.note else ""
         out.print(f"  rewrote {r.entry}: {r.old[:12]} -> {r.new[:12]}{note}")
-    for area, old, new in res.areas_moved:
-        where = new[:12] if new else "no entry"
-        out.print(f"  area {escape(area)}: {old[:12]} -> {where}")
+    for m in res.areas_moved:
+        where = m.new[:12] if m.new else "no entry"
+        out.print(f"  area {escape(m.name)}: {m.old[:12]} -> {where}")
     out.print(
         f"wrote {size(res.pack_bytes)} ({size(res.data_bytes)} of block data; "
         f"{res.reused_blocks} blocks reused, {res.anchored_blocks} anchored)"
@@ -45,12 +44,16 @@ def rm(
         bool, typer.Option("--force", "-f", help="Remove entries areas hold or tags name.")
     ] = False,
     quiet: Quiet = False,
+    json_: Json = False,
 ) -> None:
     """Remove entries; their children move onto their parent (no image data copied)."""
     from vml.porcelain import rm as rm_mod
 
-    with opened(Path(".")) as repo, progress_bar(not quiet, "removing") as progress:
+    with opened(Path(".")) as repo, progress_bar("removing") as progress:
         res = rm_mod.rm(repo, entries, force=force, progress=progress)
+    if json_:
+        emit_json(res)
+        return
     out.print(f"removed {', '.join(res.removed)}")
     if res.left_damaged:
         out.print(
@@ -72,12 +75,16 @@ def convert(
         typer.Option("--base", help="The new parent (default: chain root / previous save)."),
     ] = None,
     quiet: Quiet = False,
+    json_: Json = False,
 ) -> None:
     """Re-express ENTRY against another parent; its content stays the same."""
     from vml.porcelain import convert as convert_mod
 
-    with opened(Path(".")) as repo, progress_bar(not quiet, "converting") as progress:
+    with opened(Path(".")) as repo, progress_bar("converting") as progress:
         res = convert_mod.convert(repo, entry, to, base=base, progress=progress)
+    if json_:
+        emit_json(res)
+        return
     if not res.changed:
         out.print(f"{res.entry} is already {res.kind} on {res.parent or 'nothing'}; nothing to do")
         return
@@ -102,6 +109,7 @@ def prune(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", "-n", help="Only say what would go.")
     ] = False,
+    quiet: Quiet = False,
     json_: Json = False,
 ) -> None:
     """Forget entries by a retention policy, per area; held, tagged and branch entries stay."""
@@ -112,12 +120,7 @@ def prune(
     with opened(Path(".")) as repo:
         res = prune_mod.prune(repo, policy, keep_tags=keep_tag or [], dry_run=dry_run)
     if json_:
-        doc = {
-            "dry_run": res.dry_run,
-            "keep": [d.__dict__ for d in res.keep],
-            "remove": [d.__dict__ for d in res.remove],
-        }
-        print(json.dumps(doc, indent=1))
+        emit_json(res)
         return
     for d in res.keep:
         out.print(f"keep    {d.entry:<6} {d.created}  {escape(', '.join(d.reasons))}")
@@ -152,33 +155,16 @@ def gc(
     """Give back the space of blocks and objects no entry reaches."""
     from vml.porcelain import gc as gc_mod
 
-    with opened(Path(".")) as repo, progress_bar(not quiet, "collecting") as progress:
+    with opened(Path(".")) as repo, progress_bar("collecting") as progress:
         res = gc_mod.gc(repo, dry_run=dry_run, repair=repair, progress=progress)
+    if json_:
+        emit_json(res)
+        return
     if res.repaired is not None:
-        _print_repair(res.repaired, json_)
+        _print_repair(res.repaired)
         return
     if json_:
-        doc = {
-            "dry_run": res.dry_run,
-            "deferred": res.deferred,
-            "live_objects": res.live_objects,
-            "dead_objects": res.dead_objects,
-            "written_bytes": res.written_bytes,
-            "deleted_bytes": res.deleted_bytes,
-            "freed_bytes": res.freed_bytes,
-            "packs": [{**p.__dict__, "action": p.action} for p in res.packs],
-            "consolidated": (
-                None
-                if res.repacked is None
-                else {
-                    "merged": res.repacked.merged,
-                    "new_packs": res.repacked.new_packs,
-                    "written_bytes": res.repacked.written_bytes,
-                    "packs_after": res.repacked.packs_after,
-                }
-            ),
-        }
-        print(json.dumps(doc, indent=1))
+        emit_json(res)
         return
     kept = sum(1 for p in res.packs if p.action == "keep")
     rewritten = sum(1 for p in res.packs if p.action == "rewrite")
@@ -202,10 +188,7 @@ def gc(
         print_repack(res.repacked)
 
 
-def _print_repair(done: list[PackRepair], json_: bool) -> None:
-    if json_:
-        print(json.dumps({"repaired": [r.__dict__ for r in done]}, indent=1))
-        return
+def _print_repair(done: list[PackRepair]) -> None:
     if not done:
         out.print("no pack is set aside or without its index: nothing to repair")
         return
@@ -230,7 +213,7 @@ def _print_repair(done: list[PackRepair], json_: bool) -> None:
 
 def _print_check(res: CheckResult, json_: bool, what: str) -> None:
     if json_:
-        print(json.dumps(res.to_json(), indent=1))
+        emit_json(res)
     else:
         for p in res.problems:
             where = " ".join(x for x in (p.entry, p.path) if x)
@@ -267,7 +250,7 @@ def verify(
     """Check that entries rebuild: every object's id (and with --read-data every file)."""
     from vml.porcelain import verify as verify_mod
 
-    with opened(Path(".")) as repo, progress_bar(not quiet, "verifying") as progress:
+    with opened(Path(".")) as repo, progress_bar("verifying") as progress:
         res = verify_mod.verify(
             repo, entries or [], all_entries=all_, read_data=read_data, progress=progress
         )
@@ -276,10 +259,10 @@ def verify(
 
 @commands.command()
 @handled
-def fsck(json_: Json = False, quiet: Quiet = False) -> None:
+def fsck(quiet: Quiet = False, json_: Json = False) -> None:
     """Check the repository's structure quickly: refs, entries, manifests, object presence."""
     from vml.porcelain import fsck as fsck_mod
 
-    with opened(Path(".")) as repo, progress_bar(not quiet, "checking") as progress:
+    with opened(Path(".")) as repo, progress_bar("checking") as progress:
         res = fsck_mod.fsck(repo, progress=progress)
     _print_check(res, json_, "fsck")

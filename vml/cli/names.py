@@ -8,8 +8,9 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from vml.cli.common import handled, opened
-from vml.cli.render import out
+from vml.cli.common import Json, Quiet, handled, opened
+from vml.cli.render import emit_json, out
+from vml.errors import UsageError
 
 # Commands import their porcelain when they run (start-up time: see common.py).
 
@@ -28,24 +29,11 @@ def branch(
     delete: Annotated[
         bool, typer.Option("--delete", "-d", help="Delete the branch (entries stay).")
     ] = False,
+    quiet: Quiet = False,
+    json_: Json = False,
 ) -> None:
     """List, create or delete branches; the area follows a branch it holds the tip of."""
-    from vml.porcelain import names as names_mod
-
-    area = Path(".")
-    with opened(area) as repo:
-        if name is None:
-            for b in names_mod.list_names(repo, "branch", area):
-                mark = "*" if b.current else " "
-                out.print(f"{mark} {escape(b.name)}  {b.entry}")
-            return
-        if delete:
-            info = names_mod.delete_name(repo, "branch", name)
-            out.print(f"deleted branch {escape(info.name)} (was {info.entry})")
-            return
-        info = names_mod.create_branch(repo, name, entry, area)
-        follows = "; this area follows it" if info.current else ""
-        out.print(f"branch {escape(info.name)} at {info.entry}{follows}")
+    _name_command("branch", name, entry, delete, json_)
 
 
 @commands.command()
@@ -54,19 +42,45 @@ def tag(
     name: Annotated[str | None, typer.Argument(help="New tag name; none lists tags.")] = None,
     entry: Annotated[str | None, typer.Argument(help="The entry (default: the area's).")] = None,
     delete: Annotated[bool, typer.Option("--delete", "-d", help="Delete the tag.")] = False,
+    quiet: Quiet = False,
+    json_: Json = False,
 ) -> None:
     """List, create or delete tags."""
+    _name_command("tag", name, entry, delete, json_)
+
+
+def _name_command(
+    kind: str, name: str | None, entry: str | None, delete: bool, json_: bool
+) -> None:
+    """``vml branch`` and ``vml tag``: list, delete or create one ``kind`` of name."""
     from vml.porcelain import names as names_mod
 
+    if delete and (name is None or entry is not None):
+        raise UsageError(
+            f"--delete takes one {kind} name and no entry", f"e.g. `vml {kind} -d NAME`"
+        )
     area = Path(".")
     with opened(area) as repo:
         if name is None:
-            for t in names_mod.list_names(repo, "tag"):
-                out.print(f"{escape(t.name)}  {t.entry}")
+            listed = names_mod.list_names(repo, kind, area)
+            if json_:
+                emit_json(listed)
+                return
+            for n in listed:
+                mark = ("* " if n.current else "  ") if kind == "branch" else ""
+                out.print(f"{mark}{escape(n.name)}  {n.entry}")
             return
         if delete:
-            info = names_mod.delete_name(repo, "tag", name)
-            out.print(f"deleted tag {escape(info.name)} (was {info.entry})")
-            return
-        info = names_mod.create_tag(repo, name, entry, area)
-        out.print(f"tag {escape(info.name)} on {info.entry}")
+            info = names_mod.delete_name(repo, kind, name)
+            said = f"deleted {kind} {escape(info.name)} (was {info.entry})"
+        elif kind == "tag":
+            info = names_mod.create_tag(repo, name, entry, area)
+            said = f"tag {escape(info.name)} on {info.entry}"
+        else:
+            info = names_mod.create_branch(repo, name, entry, area)
+            follows = "; this area follows it" if info.current else ""
+            said = f"branch {escape(info.name)} at {info.entry}{follows}"
+    if json_:
+        emit_json(info)
+    else:
+        out.print(said)

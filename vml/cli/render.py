@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Iterator
@@ -13,10 +14,12 @@ from rich.markup import escape
 
 from vml.errors import VMLError
 from vml.progress import ProgressFn, no_progress
+from vml.records import to_json
 
 if TYPE_CHECKING:
     from vml.plumbing.repack import RepackResult
     from vml.porcelain.log import LogEntry, LogResult
+    from vml.porcelain.vminfo import EntryVM
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -40,6 +43,11 @@ def print_repack(r: RepackResult) -> None:
         f"packed {len(r.merged)} small packs into {len(r.new_packs)} "
         f"({size(r.written_bytes)}); {r.packs_after} packs in the repository"
     )
+
+
+def emit_json(value: object) -> None:
+    """Print a ``--json`` document: ``value``'s JSON form (``docs/JSON.md``), on stdout."""
+    sys.stdout.write(json.dumps(to_json(value), indent=1) + "\n")
 
 
 def report_error(e: VMLError) -> None:
@@ -90,9 +98,28 @@ def warnings_said_once() -> Iterator[None]:
 
 
 @contextmanager
-def progress_bar(enabled: bool, what: str) -> Iterator[ProgressFn]:
+def only_errors(on: bool) -> Iterator[None]:
+    """With ``on`` (``-q``, ``--json``), print nothing but errors, warnings and JSON.
+
+    ``out`` falls silent and no progress bar is drawn; ``err`` still speaks.
+    """
+    before = out.quiet
+    out.quiet = on or before
+    try:
+        yield
+    finally:
+        out.quiet = before
+
+
+def bars_wanted() -> bool:
+    """Draw progress bars: on a terminal, unless ``-q`` or ``--json`` silenced ``out``."""
+    return not out.quiet and sys.stderr.isatty()
+
+
+@contextmanager
+def progress_bar(what: str) -> Iterator[ProgressFn]:
     """A rich progress bar (bytes, rate, ETA) on a terminal; nothing otherwise."""
-    if not enabled or not sys.stderr.isatty():
+    if not bars_wanted():
         yield no_progress
         return
     from rich.progress import (
@@ -122,72 +149,69 @@ def progress_bar(enabled: bool, what: str) -> Iterator[ProgressFn]:
         yield update
 
 
-def vm_brief(vm: dict[str, object] | None) -> str:
+def vm_brief(vm: EntryVM | None) -> str:
     """The VM in a few words for one-line listings: ``vmware "Ubuntu" suspended``."""
-    if not vm or vm.get("hypervisor") in (None, "none"):
+    if vm is None or not vm.known:
         return ""
-    parts = [str(vm.get("hypervisor"))]
-    if vm.get("name"):
-        parts.append(f'"{vm.get("name")}"')
-    power = str(vm.get("power_state") or "off")
-    if vm.get("crash_consistent"):
-        power = "running, crash-consistent"
-    elif isinstance(vm.get("live"), dict):
-        power = "running, consistent"
-    run = vm.get("vml_run")
-    if isinstance(run, dict):
-        power = f"{run.get('state')} under vml run"
-    parts.append(power)
+    parts = [vm.info.hypervisor]
+    if vm.info.name:
+        parts.append(f'"{vm.info.name}"')
+    parts.append(_power(vm, brief=True))
     return " ".join(parts)
 
 
-def vm_lines(vm: dict[str, object] | None, label: str = "vm") -> list[str]:
+def _power(vm: EntryVM, *, brief: bool) -> str:
+    """How the VM was (saved) running: off, suspended, crash-consistent, live, under vml run.
+
+    Plain text with ``brief`` (one-line listings), else rich markup.
+    """
+    run, live = vm.vml_run, vm.live
+    if vm.crash_consistent:
+        return (
+            "running, crash-consistent"
+            if brief
+            else "[red]running when saved: crash-consistent[/red]"
+        )
+    if live is not None:
+        if brief:
+            return "running, consistent"
+        return f"running when saved: consistent (saved live, paused {live.pause_seconds} s)"
+    if brief:  # plain text: the caller escapes the whole brief
+        return f"{run.state} under vml run" if run is not None else vm.info.power_state
+    if run is not None and run.state in ("paused", "postmigrate"):
+        return (
+            f"[yellow]paused under `vml run` (QEMU pid {run.pid}): "
+            "`vml run --continue` continues it[/yellow]"
+        )
+    if run is not None:
+        return f"{escape(run.state)} under `vml run` (QEMU pid {run.pid})"
+    return escape(vm.info.power_state)
+
+
+def vm_lines(vm: EntryVM | None, label: str = "vm") -> list[str]:
     """The VM in detail (``show``, ``status``): one line for the VM, one per disk.
 
     Returns rich markup, user text escaped; empty when there is no VM.
     """
-    if not vm or vm.get("hypervisor") in (None, "none"):
+    if vm is None or not vm.known:
         return []
-    head = [str(vm.get("hypervisor"))]
-    if vm.get("name"):
-        head.append(escape(f'"{vm.get("name")}"'))
-    if vm.get("guest_os"):
-        head.append(f"guest {escape(str(vm.get('guest_os')))}")
-    mem = vm.get("memory_mib")
-    if isinstance(mem, int):
-        head.append(f"memory {size(mem << 20)}")
-    power = str(vm.get("power_state") or "off")
-    live = vm.get("live")
-    run = vm.get("vml_run")
-    if vm.get("crash_consistent"):
-        power = "[red]running when saved: crash-consistent[/red]"
-    elif isinstance(live, dict):
-        power = f"running when saved: consistent (saved live, paused {live.get('pause_seconds')} s)"
-    elif isinstance(run, dict) and run.get("state") in ("paused", "postmigrate"):
-        power = (
-            f"[yellow]paused under `vml run` (QEMU pid {run.get('pid')}): "
-            "`vml run --continue` continues it[/yellow]"
-        )
-    elif isinstance(run, dict):
-        power = f"{run.get('state')} under `vml run` (QEMU pid {run.get('pid')})"
-    head.append(power)
+    info = vm.info
+    head = [escape(info.hypervisor)]
+    if info.name:
+        head.append(escape(f'"{info.name}"'))
+    if info.guest_os:
+        head.append(f"guest {escape(info.guest_os)}")
+    if info.memory_mib is not None:
+        head.append(f"memory {size(info.memory_mib << 20)}")
+    head.append(_power(vm, brief=False))
     lines = [f"{label:<9} " + ", ".join(head)]
-    disks = vm.get("disks")
-    for d in disks if isinstance(disks, list) else []:
-        if not isinstance(d, dict):
-            continue
-        vsize = d.get("virtual_size")
-        text = f"  disk    {escape(str(d.get('path')))}  {d.get('format')}"
-        text += f"  {size(vsize) if isinstance(vsize, int) else '?'} virtual"
-        if d.get("backing"):
-            text += f", backing {escape(str(d.get('backing')))}"
+    for d in info.disks:
+        text = f"  disk    {escape(d.path)}  {escape(d.format)}  {size(d.virtual_size)} virtual"
+        if d.backing:
+            text += f", backing {escape(d.backing)}"
         lines.append(text)
-    ext = vm.get("external_files")
-    for e in ext if isinstance(ext, list) else []:
-        if isinstance(e, dict):
-            lines.append(
-                f"  outside {escape(str(e.get('source')))} saved as {escape(str(e.get('path')))}"
-            )
+    for e in vm.external_files:
+        lines.append(f"  outside {escape(e.source)} saved as {escape(e.path)}")
     return lines
 
 
@@ -204,7 +228,7 @@ def _entry_line(le: LogEntry, here: set[str]) -> str:
     parts.append(f"stored {size(le.stored_bytes)}")
     brief = vm_brief(le.vm)
     if brief:
-        style = "red" if le.vm and le.vm.get("crash_consistent") else "cyan"
+        style = "red" if le.vm and le.vm.crash_consistent else "cyan"
         parts.append(f"[{style}]{escape(brief)}[/{style}]")
     if le.labels:
         parts.append("[yellow](" + ", ".join(escape(x) for x in le.labels) + ")[/yellow]")

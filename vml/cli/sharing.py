@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,7 +13,7 @@ import typer
 from rich.markup import escape
 
 from vml.cli.common import Json, Quiet, RemoteArg, handled, opened
-from vml.cli.render import err, out, size
+from vml.cli.render import bars_wanted, emit_json, err, out, size
 from vml.progress import ProgressFn, no_progress
 
 if TYPE_CHECKING:
@@ -37,9 +35,9 @@ def _ssh_command() -> str | None:
 
 
 @contextmanager
-def transfer_bar(enabled: bool, what: str) -> Iterator[ProgressFn]:
+def transfer_bar(what: str) -> Iterator[ProgressFn]:
     """Objects and bytes moved, on a terminal; nothing otherwise."""
-    if not enabled or not sys.stderr.isatty():
+    if not bars_wanted():
         yield no_progress
         return
     from rich.progress import BarColumn, Progress, TextColumn
@@ -72,36 +70,48 @@ def transfer_bar(enabled: bool, what: str) -> Iterator[ProgressFn]:
 def remote_add(
     name: Annotated[str, typer.Argument(help="A short name, e.g. origin or alice.")],
     url: Annotated[str, typer.Argument(help="A path, file://, git://, ssh:// or http(s):// URL.")],
+    quiet: Quiet = False,
+    json_: Json = False,
 ) -> None:
     """Add remote NAME at URL."""
     from vml.porcelain import remote as remote_mod
 
     with opened(None) as repo:
         info = remote_mod.add(repo, name, url)
+    if json_:
+        emit_json(info)
+        return
     out.print(f"remote {escape(info.name)} -> {escape(info.url)}")
 
 
 @remote_app.command("remove")
 @handled
-def remote_remove(name: Annotated[str, typer.Argument(help="The remote to forget.")]) -> None:
+def remote_remove(
+    name: Annotated[str, typer.Argument(help="The remote to forget.")],
+    quiet: Quiet = False,
+    json_: Json = False,
+) -> None:
     """Forget remote NAME (entries that came from it stay)."""
     from vml.porcelain import remote as remote_mod
 
     with opened(None) as repo:
         info = remote_mod.remove(repo, name)
+    if json_:
+        emit_json(info)
+        return
     out.print(f"removed remote {escape(info.name)} ({escape(info.url)}); its entries stay here")
 
 
 @remote_app.command("list")
 @handled
-def remote_list(json_: Json = False) -> None:
+def remote_list(quiet: Quiet = False, json_: Json = False) -> None:
     """List remotes."""
     from vml.porcelain import remote as remote_mod
 
     with opened(None) as repo:
         res = remote_mod.list_remotes(repo)
     if json_:
-        print(json.dumps([r.__dict__ for r in res], indent=1))
+        emit_json(res)
         return
     if not res:
         out.print("no remotes; add one with `vml remote add NAME URL`")
@@ -154,17 +164,10 @@ def clone(
     """Copy a remote VML repository; its entries keep their E-numbers here."""
     from vml.porcelain import clone as clone_mod
 
-    with transfer_bar(not quiet and not json_, "cloning") as progress:
+    with transfer_bar("cloning") as progress:
         res = clone_mod.clone(url, path, ssh_command=_ssh_command(), progress=progress)
     if json_:
-        doc = {
-            "path": res.path,
-            "url": res.url,
-            "block_size": res.block_size,
-            "branches": res.branches,
-            "fetch": res.fetch.to_json(),
-        }
-        print(json.dumps(doc, indent=1))
+        emit_json(res)
         _fail_if_incomplete(res.fetch)
         return
     out.print(
@@ -194,12 +197,12 @@ def fetch(
     """Get a remote's new entries; each gets a local E-number."""
     from vml.porcelain import fetch as fetch_mod
 
-    with opened(Path(".")) as repo, transfer_bar(not quiet and not json_, "fetching") as progress:
+    with opened(Path(".")) as repo, transfer_bar("fetching") as progress:
         res = fetch_mod.fetch(
             repo, remote, entries or [], ssh_command=_ssh_command(), progress=progress
         )
     if json_:
-        print(json.dumps(res.to_json(), indent=1))
+        emit_json(res)
         _fail_if_incomplete(res)
         return
     _print_fetch(res)
@@ -212,10 +215,10 @@ def pull(remote: RemoteArg = None, quiet: Quiet = False, json_: Json = False) ->
     """Fetch, then move local branches forward to the remote's."""
     from vml.porcelain import pull as pull_mod
 
-    with opened(Path(".")) as repo, transfer_bar(not quiet and not json_, "pulling") as progress:
+    with opened(Path(".")) as repo, transfer_bar("pulling") as progress:
         res = pull_mod.pull(repo, remote, ssh_command=_ssh_command(), progress=progress)
     if json_:
-        print(json.dumps(res.to_json(), indent=1))
+        emit_json(res)
         _fail_if_incomplete(res.fetch)
         return
     _print_fetch(res.fetch)
@@ -250,7 +253,7 @@ def push(
     """Send entries to a remote; only objects it lacks travel."""
     from vml.porcelain import push as push_mod
 
-    with opened(Path(".")) as repo, transfer_bar(not quiet and not json_, "pushing") as progress:
+    with opened(Path(".")) as repo, transfer_bar("pushing") as progress:
         res = push_mod.push(
             repo,
             remote,
@@ -262,7 +265,7 @@ def push(
             progress=progress,
         )
     if json_:
-        print(json.dumps(res.to_json(), indent=1))
+        emit_json(res)
         return
     if not (res.entries or res.branches or res.tags):
         out.print(f"{escape(res.remote)} is up to date")

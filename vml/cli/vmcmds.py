@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
-from vml.cli.common import AreaArg, handled
-from vml.cli.render import out, size
+from vml.cli.common import AreaArg, Json, Quiet, handled
+from vml.cli.render import emit_json, out, size
 
 if TYPE_CHECKING:
     from vml.porcelain.run import RunResult
@@ -61,6 +61,8 @@ def vm_init(
         bool, typer.Option("--no-copy", help="Refuse a kernel or initrd outside the area.")
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace the area's description.")] = False,
+    quiet: Quiet = False,
+    json_: Json = False,
 ) -> None:
     """Write AREA's VM description (<name>.qemu.json) for `vml run`."""
     from vml.porcelain.vminit import vm_init as init_mod
@@ -82,6 +84,9 @@ def vm_init(
         copy_boot=not no_copy,
         force=force,
     )
+    if json_:
+        emit_json(res)
+        return
     spec = res.spec
     disks = ", ".join(f"{d.path} ({d.format})" for d in spec.disks)
     out.print(
@@ -121,6 +126,8 @@ def run(
         bool,
         typer.Option("--discard-state", help="Drop a saved running state and boot afresh."),
     ] = False,
+    quiet: Quiet = False,
+    json_: Json = False,
 ) -> None:
     """Start the VM of AREA with QEMU (resuming a saved running state)."""
     from vml.plumbing.vm.qemu import format_command
@@ -140,8 +147,11 @@ def run(
         discard_state=discard_state,
         on_console=attach,
     )
+    if json_:
+        emit_json(res)
+        return
     if res.dry_run:
-        print(format_command(res.command))
+        out.print(format_command(res.command), markup=False)
         return
     if res.continued:
         state = "was running already" if res.already_running else "continues"
@@ -168,6 +178,8 @@ def stop(
     timeout: Annotated[
         float, typer.Option("--timeout", help="Seconds to wait for the guest to power off.")
     ] = 60.0,
+    quiet: Quiet = False,
+    json_: Json = False,
 ) -> None:
     """Power off the VM of AREA (ACPI), or save its state (--save), or end it (--kill)."""
     from vml.errors import UsageError
@@ -176,6 +188,9 @@ def stop(
     if save and kill:
         raise UsageError("choose one of --save and --kill", "")
     res = stop_mod.stop(area, save=save, force_kill=kill, timeout=timeout)
+    if json_:
+        emit_json(res)
+        return
     if res.state_file:
         out.print(
             f"saved the running state of the VM in {escape(res.area)} "

@@ -51,6 +51,7 @@ from vml.plumbing.packscan import PackRepair, scan_pack
 from vml.plumbing.repack import RepackResult
 from vml.plumbing.repository import Repository, fsync_dir
 from vml.progress import ProgressFn, no_progress
+from vml.records import Record
 
 TAG = 4
 GITLINK_MODE = 0o160000
@@ -100,7 +101,7 @@ def mark(reader: PackReader, roots: Iterable[bytes], live: set[bytes]) -> list[b
 
 
 @dataclass
-class PackInfo:
+class PackInfo(Record):
     """One pack as gc sees it."""
 
     name: str
@@ -109,6 +110,8 @@ class PackInfo:
     live_bytes: int = 0  # compressed bytes of its live objects
     size: int = 0  # .pack + .idx on disk
     keep: bool = False  # a .keep file protects it
+
+    json_extra = ("action",)
 
     @property
     def action(self) -> str:
@@ -119,7 +122,7 @@ class PackInfo:
 
 
 @dataclass
-class GcResult:
+class GcResult(Record):
     """What gc found and did."""
 
     live_objects: int = 0
@@ -134,6 +137,9 @@ class GcResult:
     new_packs: list[str] = field(default_factory=list)
     repacked: RepackResult | None = None  # small packs rolled up afterwards
     repaired: list[PackRepair] | None = None  # with --repair: what became of each bad pack
+
+    json_names = (("repacked", "consolidated"),)
+    json_extra = ("freed_bytes",)
 
     @property
     def freed_bytes(self) -> int:

@@ -45,6 +45,7 @@ from vml.plumbing.packs import (
 )
 from vml.plumbing.repository import Repository, fsync_dir
 from vml.progress import ProgressFn, no_progress
+from vml.records import Record
 
 OFS_DELTA = 6
 REF_DELTA = 7
@@ -383,7 +384,7 @@ def _resolve(p: _Pack, scan: Scan, by_id: dict[bytes, int]) -> None:
 
 
 @dataclass
-class PackRepair:
+class PackRepair(Record):
     """What ``vml gc --repair`` did to one pack."""
 
     pack: str

@@ -29,13 +29,14 @@ from vml.errors import RepositoryBusy
 from vml.plumbing.packs import PackReader, PackWriter, copy_object, pack_extents, unlink_counted
 from vml.plumbing.repository import Repository, fsync_dir, hold_flock
 from vml.progress import ProgressFn, no_progress
+from vml.records import Record
 
 FACTOR = 2
 MAINTENANCE_LOCK = "maintenance.lock"
 
 
 @dataclass
-class RepackResult:
+class RepackResult(Record):
     """What a consolidation did."""
 
     packs_before: int = 0
@@ -43,6 +44,8 @@ class RepackResult:
     new_packs: list[str] = field(default_factory=list)
     written_bytes: int = 0
     deleted_bytes: int = 0
+
+    json_extra = ("packs_after",)
 
     @property
     def packs_after(self) -> int:

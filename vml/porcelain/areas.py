@@ -13,11 +13,12 @@ from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
 from vml.porcelain.common import label, read_entry
 from vml.porcelain.status import area_changes
-from vml.porcelain.vminfo import vm_view
+from vml.porcelain.vminfo import EntryVM
+from vml.records import Record
 
 
 @dataclass
-class AreaSummary:
+class AreaSummary(Record):
     """One area: the entry it holds and whether it has unsaved changes."""
 
     path: str
@@ -27,12 +28,8 @@ class AreaSummary:
     dirty: bool | None  # None when it cannot be told (missing, unreadable)
     changed: list[str]
     pending: str | None
-    vm: dict[str, object] | None = None
+    vm: EntryVM | None = None
     damage: str | None = None  # why the entry it holds cannot be read
-
-    def to_json(self) -> dict[str, object]:
-        """The ``--json`` form."""
-        return dict(self.__dict__)
 
 
 def list_areas(repo: Repository) -> list[AreaSummary]:
@@ -78,7 +75,7 @@ def list_areas(repo: Repository) -> list[AreaSummary]:
                     dirty,
                     changed,
                     st.pending,
-                    vm_view(entry.meta.vm) if entry else None,
+                    EntryVM.from_metadata(entry.meta.vm) if entry else None,
                     damage,
                 )
             )

@@ -40,10 +40,11 @@ from vml.porcelain.common import (
 )
 from vml.porcelain.status import area_changes
 from vml.porcelain.vminfo import checkout_notes
+from vml.records import Record
 
 
 @dataclass
-class CheckoutResult:
+class CheckoutResult(Record):
     """What ``vml checkout`` did."""
 
     entry: str

@@ -25,10 +25,11 @@ from vml.plumbing.repository import (
 )
 from vml.porcelain.fetch import FetchResult, fetch_into
 from vml.progress import ProgressFn, no_progress
+from vml.records import Record
 
 
 @dataclass
-class CloneResult:
+class CloneResult(Record):
     """What ``vml clone`` made."""
 
     path: str

@@ -54,10 +54,11 @@ from vml.porcelain.vminfo import (
     plan_externals,
     saved_externals,
 )
+from vml.records import Record
 
 
 @dataclass
-class CommitResult:
+class CommitResult(Record):
     """What ``vml commit`` made."""
 
     entry: str

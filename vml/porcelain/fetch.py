@@ -23,13 +23,14 @@ from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
 from vml.plumbing.verify import reach_problem
 from vml.progress import ProgressFn, no_progress
+from vml.records import Record
 
 _E = re.compile(r"^[Ee]?([0-9]+)$")
 _ENTRIES = b"refs/vml/entries/"
 
 
 @dataclass
-class NewEntry:
+class NewEntry(Record):
     """An entry that got a local number."""
 
     entry: str  # local E-number
@@ -38,7 +39,7 @@ class NewEntry:
 
 
 @dataclass
-class NotArrived:
+class NotArrived(Record):
     """A ref the remote advertised whose objects did not all arrive: nothing here names it."""
 
     name: str  # as the remote calls it: E5, branch main, tag v1, or a commit id
@@ -47,7 +48,7 @@ class NotArrived:
 
 
 @dataclass
-class FetchResult:
+class FetchResult(Record):
     """What ``vml fetch`` did."""
 
     remote: str
@@ -62,19 +63,7 @@ class FetchResult:
     # damaged): left out entirely, the rest arrived.
     not_arrived: list[NotArrived] = field(default_factory=list)
 
-    def to_json(self) -> dict[str, object]:
-        """The ``--json`` form."""
-        return {
-            "remote": self.remote,
-            "url": self.url,
-            "objects": self.objects,
-            "bytes": self.size,
-            "new_entries": [e.__dict__ for e in self.new_entries],
-            "branches": self.branches,
-            "tags": self.tags,
-            "tag_conflicts": self.tag_conflicts,
-            "not_arrived": [e.__dict__ for e in self.not_arrived],
-        }
+    json_names = (("size", "bytes"),)
 
 
 def tracking_name(remote: str, ref: bytes) -> bytes | None:

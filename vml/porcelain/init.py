@@ -6,10 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vml.plumbing.repository import DEFAULT_BLOCK_SIZE, init_repository
+from vml.records import Record
 
 
 @dataclass
-class InitResult:
+class InitResult(Record):
     """The new repository."""
 
     path: str

@@ -15,11 +15,12 @@ from vml.plumbing.remotes import read_origins
 from vml.plumbing.repository import Repository
 from vml.plumbing.rewrite import history
 from vml.porcelain.common import label, read_entry
-from vml.porcelain.vminfo import vm_view
+from vml.porcelain.vminfo import EntryVM
+from vml.records import Record
 
 
 @dataclass
-class LogEntry:
+class LogEntry(Record):
     """One entry as ``vml log`` shows it."""
 
     id: str
@@ -35,31 +36,10 @@ class LogEntry:
     areas: list[str] = field(default_factory=list)  # areas that hold this entry
     origin_area: str = ""
     remote: str = ""  # where a fetched entry came from: "origin E5", "origin" (issue 6)
-    vm: dict[str, object] | None = None
+    vm: EntryVM | None = None
     children: list[str] = field(default_factory=list)
     rewritten: list[str] = field(default_factory=list)  # what rm/convert/prune did (issue 4)
     damage: str | None = None  # why the entry cannot be read (then kind is "damaged")
-
-    def to_json(self) -> dict[str, object]:
-        """The ``--json`` form."""
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "parent": self.parent,
-            "commit": self.commit,
-            "message": self.message,
-            "created": self.created,
-            "stored_bytes": self.stored_bytes,
-            "logical_bytes": self.logical_bytes,
-            "rewritten": self.rewritten,
-            "labels": self.labels,
-            "areas": self.areas,
-            "origin_area": self.origin_area,
-            "remote": self.remote,
-            "vm": self.vm,
-            "children": self.children,
-            "damage": self.damage,
-        }
 
 
 @dataclass
@@ -68,6 +48,10 @@ class LogResult:
 
     entries: dict[str, LogEntry]
     roots: list[str]
+
+    def oldest_first(self) -> list[LogEntry]:
+        """The entries by creation time (what ``vml log --json`` lists)."""
+        return sorted(self.entries.values(), key=lambda x: x.created)
 
 
 def _areas_by_entry(repo: Repository) -> dict[str, list[str]]:
@@ -94,7 +78,7 @@ def _log_entry(
         labels=labels.get(e.commit, []),
         areas=held.get(e.hex, []),
         origin_area=e.meta.area,
-        vm=vm_view(e.meta.vm),
+        vm=EntryVM.from_metadata(e.meta.vm),
         rewritten=history(e.trailers),
     )
 
@@ -185,7 +169,7 @@ def log(repo: Repository, only_tree_of: str | None = None) -> LogResult:
 
 
 @dataclass
-class FileInfo:
+class FileInfo(Record):
     """A file of an entry."""
 
     path: str
@@ -196,7 +180,7 @@ class FileInfo:
 
 
 @dataclass
-class ShowResult:
+class ShowResult(Record):
     """One entry in detail."""
 
     entry: LogEntry
@@ -204,14 +188,7 @@ class ShowResult:
     chain: list[str]  # this entry first, then its parent, ... down to its full root
     dirs: list[str]
 
-    def to_json(self) -> dict[str, object]:
-        """The ``--json`` form."""
-        return {
-            **self.entry.to_json(),
-            "files": [f.__dict__ for f in self.files],
-            "chain": self.chain,
-            "dirs": self.dirs,
-        }
+    json_flatten = ("entry",)
 
 
 def show(repo: Repository, name: str) -> ShowResult:

@@ -10,10 +10,11 @@ from vml.plumbing import refs as refs_mod
 from vml.plumbing.areas import AREA_DIR, AreaState, load_state, lock_area, save_state
 from vml.plumbing.repository import Repository
 from vml.porcelain.common import label
+from vml.records import Record
 
 
 @dataclass
-class NameInfo:
+class NameInfo(Record):
     """A tag or branch and the entry it names."""
 
     name: str

@@ -21,10 +21,11 @@ from vml.plumbing.retention import Policy, select
 from vml.porcelain.common import label, read_entry
 from vml.porcelain.reshape import RmResult, remove_one
 from vml.progress import ProgressFn, no_progress
+from vml.records import Record
 
 
 @dataclass
-class Decision:
+class Decision(Record):
     """One entry and why it stays (empty: it goes)."""
 
     entry: str
@@ -34,7 +35,7 @@ class Decision:
 
 
 @dataclass
-class PruneResult:
+class PruneResult(Record):
     """What ``vml prune`` kept and removed."""
 
     keep: list[Decision]

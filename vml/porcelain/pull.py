@@ -16,25 +16,17 @@ from vml.plumbing.repository import Repository
 from vml.porcelain.common import label
 from vml.porcelain.fetch import FetchResult, fetch
 from vml.progress import ProgressFn, no_progress
+from vml.records import Record
 
 
 @dataclass
-class PullResult:
+class PullResult(Record):
     """What ``vml pull`` did."""
 
     fetch: FetchResult
     moved: dict[str, str] = field(default_factory=dict)  # branch -> new entry
     created: dict[str, str] = field(default_factory=dict)
     diverged: dict[str, str] = field(default_factory=dict)  # branch -> remote's entry
-
-    def to_json(self) -> dict[str, object]:
-        """The ``--json`` form."""
-        return {
-            "fetch": self.fetch.to_json(),
-            "moved": self.moved,
-            "created": self.created,
-            "diverged": self.diverged,
-        }
 
 
 def pull(

@@ -19,10 +19,11 @@ from vml.plumbing.repository import Repository
 from vml.plumbing.verify import reach_problem
 from vml.porcelain.common import label
 from vml.progress import ProgressFn, no_progress
+from vml.records import Record
 
 
 @dataclass
-class PushResult:
+class PushResult(Record):
     """What ``vml push`` did."""
 
     remote: str
@@ -32,10 +33,6 @@ class PushResult:
     tags: list[str] = field(default_factory=list)
     objects: int = 0
     size: int = 0  # bytes transferred
-
-    def to_json(self) -> dict[str, object]:
-        """The ``--json`` form."""
-        return dict(self.__dict__)
 
 
 def push(

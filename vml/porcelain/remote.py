@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from vml.plumbing import remotes as remotes_mod
 from vml.plumbing.repository import Repository
 from vml.porcelain.clone import normalise_url
+from vml.records import Record
 
 
 @dataclass
-class RemoteInfo:
+class RemoteInfo(Record):
     """One configured remote."""
 
     name: str

@@ -26,10 +26,11 @@ from vml.plumbing.rewrite import (
 )
 from vml.porcelain.common import label, read_entry
 from vml.progress import ProgressFn, no_progress
+from vml.records import Record
 
 
 @dataclass
-class Rewritten:
+class Rewritten(Record):
     """One entry that got a new commit."""
 
     entry: str
@@ -39,12 +40,21 @@ class Rewritten:
 
 
 @dataclass
-class RewriteReport:
+class Moved(Record):
+    """A ref or an area that now names another commit (``new`` None: it was deleted)."""
+
+    name: str  # the ref (refs/tags/good), or the area's path
+    old: str
+    new: str | None
+
+
+@dataclass
+class RewriteReport(Record):
     """What a reshaping command wrote and moved."""
 
     rewritten: list[Rewritten] = field(default_factory=list)
-    refs_moved: list[tuple[str, str, str]] = field(default_factory=list)
-    areas_moved: list[tuple[str, str, str]] = field(default_factory=list)
+    refs_moved: list[Moved] = field(default_factory=list)
+    areas_moved: list[Moved] = field(default_factory=list)
     pack_bytes: int = 0  # size of the new pack(s): everything the command wrote
     data_bytes: int = 0  # of which new block and delta data
     reused_blocks: int = 0
@@ -89,8 +99,8 @@ class RewriteReport:
             moves = apply_rewrite(repo, table, mapping, order, drop=drop, force=force)
         finally:
             writer.release()  # the refs reach the new pack now (or it is garbage)
-        self.refs_moved += moves.refs
-        self.areas_moved += moves.areas
+        self.refs_moved += [Moved(name, old, new or None) for name, old, new in moves.refs]
+        self.areas_moved += [Moved(name, old, new or None) for name, old, new in moves.areas]
 
 
 @dataclass

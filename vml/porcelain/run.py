@@ -43,12 +43,13 @@ from vml.plumbing.vm.qemu import (
     write_run_info,
 )
 from vml.plumbing.vm.qmp import QMPClient
+from vml.records import Record
 
 ACCELS = ("kvm", "tcg")
 
 
 @dataclass
-class RunResult:
+class RunResult(Record):
     """What ``vml run`` did."""
 
     area: str

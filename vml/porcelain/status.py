@@ -24,11 +24,12 @@ from vml.plumbing.vm.ignore import IgnoreRules
 from vml.plumbing.vm.inspect import inspect_area
 from vml.plumbing.vm.qemu import run_status
 from vml.porcelain.common import foreign_folders, label, read_entry
-from vml.porcelain.vminfo import saved_externals, vm_view
+from vml.porcelain.vminfo import EntryVM, RunState, saved_externals
+from vml.records import Record
 
 
 @dataclass
-class FileChange:
+class FileChange(Record):
     """One file that differs from the area's entry."""
 
     path: str
@@ -38,7 +39,7 @@ class FileChange:
 
 
 @dataclass
-class StatusResult:
+class StatusResult(Record):
     """The state of an area."""
 
     area: str
@@ -47,9 +48,11 @@ class StatusResult:
     branch: str | None
     pending: str | None
     changes: list[FileChange] = field(default_factory=list)
-    vm: dict[str, object] | None = None  # the VM in the area now (not the entry's)
+    vm: EntryVM | None = None  # the VM in the area now (not the entry's)
     # Why the entry the area holds cannot be read (changes are then unknown).
     damage: str | None = None
+
+    json_extra = ("clean",)
 
     @property
     def clean(self) -> bool:
@@ -189,8 +192,8 @@ def status(repo: Repository, area: Path) -> StatusResult:
             branch=state.branch,
             pending=state.pending,
             changes=changes,
-            vm=vm_view(
-                {**vm.to_json(), "crash_consistent": False, **({"vml_run": run} if run else {})}
+            vm=EntryVM(
+                vm, vml_run=RunState(int(str(run["pid"])), str(run["state"])) if run else None
             ),
             damage=damage,
         )

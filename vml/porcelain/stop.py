@@ -33,10 +33,11 @@ from vml.plumbing.vm.qemu import (
 )
 from vml.plumbing.vm.qmp import QMPClient
 from vml.porcelain.run import need_spec
+from vml.records import Record
 
 
 @dataclass
-class StopResult:
+class StopResult(Record):
     """What ``vml stop`` did."""
 
     area: str

@@ -19,10 +19,11 @@ from vml.plumbing.verify import (
 )
 from vml.porcelain.common import label, make_pool
 from vml.progress import ProgressFn, Tally, no_progress
+from vml.records import Record
 
 
 @dataclass
-class Finding:
+class Finding(Record):
     """One problem, named for a user."""
 
     entry: str | None
@@ -30,13 +31,9 @@ class Finding:
     message: str
     objects: list[str] = field(default_factory=list)
 
-    def to_json(self) -> dict[str, object]:
-        """The ``--json`` form."""
-        return dict(self.__dict__)
-
 
 @dataclass
-class CheckResult:
+class CheckResult(Record):
     """What ``vml verify`` or ``vml fsck`` found."""
 
     checked: list[str]
@@ -47,22 +44,12 @@ class CheckResult:
     # Worth knowing, not damage: names some file systems would merge.
     notes: list[Finding] = field(default_factory=list)
 
+    json_extra = ("clean",)
+
     @property
     def clean(self) -> bool:
         """True when nothing is wrong (notes do not count)."""
         return not self.problems
-
-    def to_json(self) -> dict[str, object]:
-        """The ``--json`` form."""
-        return {
-            "checked": self.checked,
-            "clean": self.clean,
-            "problems": [p.to_json() for p in self.problems],
-            "affected": self.affected,
-            "read_data": self.read_data,
-            "checked_bytes": self.checked_bytes,
-            "notes": [n.to_json() for n in self.notes],
-        }
 
 
 def findings(

@@ -21,20 +21,105 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vml.errors import AreaError
+from vml.errors import AreaError, CorruptRepository
 from vml.plumbing.vm.formats import read_disk
 from vml.plumbing.vm.inspect import VMInfo
+from vml.records import Record
 
 EXTERNAL_DIR = ".external"
 _MAX_EXTERNAL = 4096  # a chain longer than this is a loop or a mistake
 
 
 @dataclass(frozen=True)
-class ExternalFile:
+class ExternalFile(Record):
     """A file outside the area saved with an entry, and its name inside the entry."""
 
     source: str  # absolute path where it was read
     path: str  # area-relative name: .external/<n>/<basename>
+
+
+@dataclass(frozen=True)
+class LiveSave(Record):
+    """How an entry saved while its VM ran under ``vml run`` was taken (``vm.live``)."""
+
+    pause_seconds: float
+    state_file: str  # the <name>.vmstate the entry holds
+    qemu: str
+    machine: str
+    accel: str
+    saved: str
+    steps: dict[str, float]
+    copied_bytes: int
+
+    @classmethod
+    def from_metadata(cls, live: object) -> LiveSave | None:
+        """The record, or None when absent or malformed."""
+        if not isinstance(live, dict):
+            return None
+        try:
+            steps = live.get("steps", {})
+            return cls(
+                float(live["pause_seconds"]),
+                str(live["state_file"]),
+                str(live.get("qemu", "")),
+                str(live.get("machine", "")),
+                str(live.get("accel", "")),
+                str(live.get("saved", "")),
+                {str(k): float(v) for k, v in steps.items()} if isinstance(steps, dict) else {},
+                int(live.get("copied_bytes", 0)),
+            )
+        except (KeyError, TypeError, ValueError, OverflowError):
+            return None
+
+
+@dataclass(frozen=True)
+class RunState(Record):
+    """A VM running under ``vml run`` now (``vml status``)."""
+
+    pid: int
+    state: str  # QEMU's run state: running, paused, postmigrate, ...; busy while a save holds it
+
+
+@dataclass(frozen=True)
+class EntryVM(Record):
+    """The VM as an entry recorded it (or as an area holds it now: ``vml status``).
+
+    Its JSON form is the ``vm`` metadata of the entry: ``VMInfo``'s fields
+    with ``crash_consistent``, ``external_files``, ``live`` (saved while it
+    ran under ``vml run``) and ``vml_run`` (``vml status``: it runs so now).
+    """
+
+    info: VMInfo
+    crash_consistent: bool = False
+    external_files: tuple[ExternalFile, ...] = ()
+    live: LiveSave | None = None
+    vml_run: RunState | None = None
+
+    json_flatten = ("info",)
+
+    @property
+    def known(self) -> bool:
+        """True when the area holds a VM VML recognised (not an empty or unknown folder)."""
+        return self.info.hypervisor != "none"
+
+    @classmethod
+    def from_metadata(cls, vm: object) -> EntryVM | None:
+        """An entry's ``vm`` metadata, typed; None when it has none or it is malformed.
+
+        Entries made before the crash-consistent flag and external files were
+        recorded get their defaults (saved running: crash-consistent; none).
+        A malformed description (``vml fsck`` names such entries) shows as no
+        VM rather than breaking every listing that includes the entry.
+        """
+        if not isinstance(vm, dict):
+            return None
+        try:
+            info = VMInfo.from_json(vm)
+        except CorruptRepository:
+            return None
+        live = LiveSave.from_metadata(vm.get("live"))
+        flag = vm.get("crash_consistent", info.power_state == "running" and live is None)
+        return cls(info, flag is True, tuple(saved_externals(vm)), live)
 
 
 def entry_vm(vm: VMInfo, externals: Iterable[ExternalFile] = ()) -> dict[str, object]:
@@ -56,20 +141,6 @@ def saved_externals(vm: dict[str, object] | None) -> list[ExternalFile]:
                 if isinstance(src, str) and isinstance(path, str):
                     out.append(ExternalFile(src, path))
     return out
-
-
-def vm_view(vm: dict[str, object] | None) -> dict[str, object] | None:
-    """An entry's ``vm`` in the one shape every ``--json`` output uses.
-
-    Entries made before the crash-consistent flag and external files were
-    recorded get their defaults (false, none), so readers need not care.
-    """
-    if vm is None:
-        return None
-    doc = dict(vm)
-    doc.setdefault("crash_consistent", doc.get("power_state") == "running")
-    doc["external_files"] = [{"source": e.source, "path": e.path} for e in saved_externals(vm)]
-    return doc
 
 
 def _inside(real: str, root: str) -> bool:
@@ -178,25 +249,19 @@ def plan_externals(
     return plan, replaced
 
 
-def _how_to_point(vm: dict[str, object], e: ExternalFile) -> str:
+def _how_to_point(vm: VMInfo, e: ExternalFile) -> str:
     """The command or edit that makes the VM use the saved copy instead of ``e.source``."""
-    disks = vm.get("disks")
-    for d in disks if isinstance(disks, list) else []:
-        if not isinstance(d, dict) or not isinstance(d.get("path"), str):
+    for d in vm.disks:
+        if e.source not in d.external:
             continue
-        ext = d.get("external")
-        if not isinstance(ext, list) or e.source not in ext:
-            continue
-        path = str(d["path"])
-        rel = os.path.relpath(e.path, os.path.dirname(path) or ".")
-        if d.get("backing") == e.source and d.get("format") == "qcow2":
-            return f"run `qemu-img rebase -u -b {rel} -F FORMAT {path}` (no data is copied)"
-        if str(d.get("format", "")).startswith("vmdk"):
-            return f'edit {path} to name "{rel}" instead'
-        return f"point {path} at {rel}"
-    config = vm.get("config")
-    if isinstance(config, str):
-        return f"edit {config} to name {e.path} instead"
+        rel = os.path.relpath(e.path, os.path.dirname(d.path) or ".")
+        if d.backing == e.source and d.format == "qcow2":
+            return f"run `qemu-img rebase -u -b {rel} -F FORMAT {d.path}` (no data is copied)"
+        if d.format.startswith("vmdk"):
+            return f'edit {d.path} to name "{rel}" instead'
+        return f"point {d.path} at {rel}"
+    if vm.config is not None:
+        return f"edit {vm.config} to name {e.path} instead"
     return "edit the file that names it (see docs/VMS.md)"
 
 
@@ -207,20 +272,21 @@ def checkout_notes(vm: dict[str, object] | None, origin: str, area: Path, now: V
     the area that was not saved with the entry is a path written absolutely
     (often into the area it was saved from), which the copy must not share.
     """
-    if vm is None:
+    saved_vm = EntryVM.from_metadata(vm)
+    if saved_vm is None:
         return []
     notes: list[str] = []
-    if vm.get("crash_consistent"):
+    if saved_vm.crash_consistent:
         notes.append(
             "this entry was saved while the VM was running (crash-consistent): "
             "the guest starts as after a power cut and may check its file systems"
         )
-    saved = saved_externals(vm)
+    saved = saved_vm.external_files
     for e in saved:
         there = "still there" if os.path.exists(e.source) else "missing on this host"
         notes.append(
             f"{e.path} is the saved copy of {e.source} ({there}); the VM still names "
-            f"{e.source}: to use the copy, {_how_to_point(vm, e)}"
+            f"{e.source}: to use the copy, {_how_to_point(saved_vm.info, e)}"
         )
     saved_sources = {e.source for e in saved}
     unsaved = [p for p in now.external if p not in saved_sources]
@@ -233,31 +299,30 @@ def checkout_notes(vm: dict[str, object] | None, origin: str, area: Path, now: V
             + "libvirt: `virsh edit`)"
         )
     moved = os.path.realpath(area) != os.path.realpath(origin)
-    hypervisor = vm.get("hypervisor")
-    config = vm.get("config")
+    hypervisor = saved_vm.info.hypervisor
+    config = saved_vm.info.config
     if moved and hypervisor == "vmware":
-        key = f" in {config}" if isinstance(config, str) else ""
+        key = f" in {config}" if config is not None else ""
         notes.append(
             f"VMware will ask whether this VM was moved or copied (it was saved in {origin}): "
             f'answer "I Copied It" to run it next to the original; set uuid.action = "keep"'
             f"{key} to never be asked"
         )
     elif moved and hypervisor == "virtualbox":
-        where = str(area / config) if isinstance(config, str) else str(area)
+        where = str(area / config) if config is not None else str(area)
         notes.append(
             "VirtualBox knows VMs and disks by UUID: unregister the original (or give this copy "
             "new UUIDs with `VBoxManage clonevm` or `VBoxManage internalcommands sethduuid`), "
             f"then `VBoxManage registervm {where}`"
         )
-    if isinstance(config, str) and config.endswith(".qemu.json"):
+    if config is not None and config.endswith(".qemu.json"):
         # VML's own description names files relative to the area: nothing to edit.
-        live = vm.get("live")
-        if isinstance(live, dict):
+        if saved_vm.live is not None:
             notes.append(
                 f"this entry holds the VM running (saved live): `vml run {area}` resumes it "
                 "where it was"
             )
-    elif moved and hypervisor == "qemu" and isinstance(config, str):
+    elif moved and hypervisor == "qemu" and config is not None:
         notes.append(
             f"libvirt names disks by absolute path: edit the <source file=...> paths in {config} "
             f"to point into {area}, then `virsh define` it (undefine a domain of the same name "

@@ -29,16 +29,41 @@ from vml.plumbing.vm.description import (
     write_spec,
 )
 from vml.plumbing.vm.formats import read_disk
+from vml.records import Record
 
 
 @dataclass
-class VmInitResult:
+class VmInitResult(Record):
     """What ``vml vm init`` wrote."""
 
     area: str
     description: str  # area-relative file name
     spec: QemuSpec
     copied: list[str] = field(default_factory=list)  # boot files copied into the area
+
+    # The description file holds the whole spec; the JSON form names the essentials.
+    json_omit = ("spec",)
+    json_extra = ("name", "memory_mib", "cpus", "disks")
+
+    @property
+    def name(self) -> str:
+        """The VM's name."""
+        return self.spec.name
+
+    @property
+    def memory_mib(self) -> int:
+        """Its memory."""
+        return self.spec.memory_mib
+
+    @property
+    def cpus(self) -> int:
+        """Its virtual CPUs."""
+        return self.spec.cpus
+
+    @property
+    def disks(self) -> list[str]:
+        """Its disk images, area-relative."""
+        return [d.path for d in self.spec.disks]
 
 
 def _inside(area: Path, given: Path, what: str) -> str | None:
