@@ -79,6 +79,12 @@ class FileChanged(AreaError):
     default_remedy = "stop whatever writes to it (is the VM running?) and try again"
 
 
+class RemoteError(VMLError):
+    """A remote could not be reached, or refused what was asked."""
+
+    exit_code = 1
+
+
 class NothingToCommit(VMLError):
     """The area is identical to its entry; no new entry was made."""
 

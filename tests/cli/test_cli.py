@@ -67,7 +67,7 @@ def test_errors_are_one_line_with_exit_codes(cli_repo: Path, tmp_path: Path) -> 
     assert "vm.vmx.lck" in line and "shut down" in line
     (area / "vm.vmx.lck").rmdir()
     # --base before any entry of the area
-    line = vml("--repo", cli_repo, "commit", area, "--base", "E1", code=2)
+    line = vml("--repo", cli_repo, "commit", area, "--differential", "--base", "E1", code=2)
     assert "first save is full" in line
     vml("--repo", cli_repo, "commit", area, "-q")
     # unknown entry
@@ -80,13 +80,14 @@ def test_errors_are_one_line_with_exit_codes(cli_repo: Path, tmp_path: Path) -> 
     out = vml("--repo", cli_repo, "commit", area, "--allow-empty")
     assert out.splitlines()[0] == "E2"
     # two kinds at once
-    vml("--repo", cli_repo, "commit", area, "--full", "--differential", code=1)
+    line = vml("--repo", cli_repo, "commit", area, "--full", "--differential", code=2)
+    assert "--full and --differential exclude each other" in line
     # bad block size
     vml("init", tmp_path / "r2", "--block-size", "1000", code=2)
     vml("init", cli_repo, code=2)  # already a repository
 
 
-def test_base_implies_differential(cli_repo: Path, tmp_path: Path) -> None:
+def test_base_goes_with_differential(cli_repo: Path, tmp_path: Path) -> None:
     area = tmp_path / "area"
     make_area(area)
     vml("--repo", cli_repo, "commit", area, "-q")
@@ -94,7 +95,11 @@ def test_base_implies_differential(cli_repo: Path, tmp_path: Path) -> None:
         edit(area / "disk.img", i * 4096, b"y" * 4096)
         vml("--repo", cli_repo, "commit", area, "-q")
     edit(area / "disk.img", 3 * 4096, b"z" * 4096)
-    out = vml("--repo", cli_repo, "commit", area, "--base", "E2")
+    # --base alone once silently made a differential entry: a usage error now (#14)
+    line = vml("--repo", cli_repo, "commit", area, "--base", "E2", code=2)
+    assert "--base goes with --differential" in line
+    assert vml("--repo", cli_repo, "log").count("incremental") == 2  # no entry was made
+    out = vml("--repo", cli_repo, "commit", area, "--differential", "--base", "E2")
     assert "differential entry E4 (parent E2" in out
     edit(area / "disk.img", 4 * 4096, b"w" * 4096)
     line = vml("--repo", cli_repo, "commit", area, "--base", "E2", "--full", code=2)

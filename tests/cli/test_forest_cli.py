@@ -93,9 +93,10 @@ def test_verify_names_the_entries_a_bad_object_affects(setup: tuple[Path, Path])
     assert code == 7, out
     assert victim.hex()[:12] in out
     assert "entries affected: E1, E2, E3, E4" in out
-    code, out = run("verify", "E4", "--read-data", "--json")
-    doc = json.loads(out)
-    assert code == 7 and not doc["clean"] and "E4" in doc["affected"]
+    r = runner.invoke(app, ["verify", "E4", "--read-data", "--json"])
+    doc = json.loads(r.stdout)  # the document on stdout, the error line on stderr
+    assert r.exit_code == 7 and not doc["clean"] and "E4" in doc["affected"]
+    assert r.stderr.startswith("vml: verify found ") and len(r.stderr.splitlines()) == 1
     # gc keeps whole-live packs as they are (it does not read them): the damage stays visible.
     code, out = run("gc")
     assert code == 0

@@ -117,18 +117,25 @@ def check(doc: JsonDoc, value: object, typ: str, where: str, seen: set[str]) -> 
     return errors
 
 
-def json_commands() -> set[str]:
-    """Every command (``remote add`` for subcommands) that has a ``--json`` option."""
-    found: set[str] = set()
+def command_options() -> dict[str, set[str]]:
+    """Every command (``remote add`` for subcommands) and its option names."""
+    found: dict[str, set[str]] = {}
 
     def walk(cmd: object, prefix: str) -> None:
-        for name, sub in getattr(cmd, "commands", {}).items():
+        subs = getattr(cmd, "commands", {})
+        for name, sub in subs.items():
             walk(sub, f"{prefix}{name} ")
-        if any("--json" in getattr(p, "opts", []) for p in getattr(cmd, "params", [])):
-            found.add(prefix.strip())
+        if prefix and not subs:
+            params = getattr(cmd, "params", [])
+            found[prefix.strip()] = {o for p in params for o in getattr(p, "opts", [])}
 
     walk(typer.main.get_command(app), "")
     return found
+
+
+def json_commands() -> set[str]:
+    """Every command that has a ``--json`` option."""
+    return {c for c, opts in command_options().items() if "--json" in opts}
 
 
 # --- running the commands --------------------------------------------------------
@@ -139,6 +146,7 @@ class World:
     """Where the commands run, and every ``--json`` document they printed."""
 
     base: Path
+    mode: str = "--json"  # or "-q": the same commands must then print nothing on stdout
     outputs: dict[str, list[object]] = field(default_factory=dict)
 
     def vml(self, repo: str, *args: str | Path, code: int = 0) -> str:
@@ -146,12 +154,13 @@ class World:
         assert res.exit_code == code, (args, res.output)
         return res.stdout
 
-    def json(self, command: str, repo: str, *args: str | Path, code: int = 0) -> object:
-        """Run ``vml COMMAND ARGS --json``; keep and return its document."""
-        out = self.vml(repo, *command.split(), *args, "--json", code=code)
-        doc = json.loads(out)  # the whole of stdout is the one document
-        self.outputs.setdefault(command, []).append(doc)
-        return doc
+    def json(self, command: str, repo: str, *args: str | Path, code: int = 0) -> None:
+        """Run ``vml COMMAND ARGS --json`` (or ``-q``); keep what it printed."""
+        out = self.vml(repo, *command.split(), *args, self.mode, code=code)
+        # The whole of stdout is the one document (with -q: nothing at all).
+        self.outputs.setdefault(command, []).append(
+            json.loads(out) if self.mode == "--json" else out
+        )
 
 
 def _damaged_sources(w: World) -> None:
@@ -188,9 +197,9 @@ def _flip_a_block(repo: Path) -> None:
         f.write(bytes([b[0] ^ 0xFF]))
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    w = World(tmp_path_factory.mktemp("json"))
+def make_world(base: Path, mode: str) -> World:
+    """Run every command with ``mode`` (``--json`` or ``-q``): init, saves, a remote, damage."""
+    w = World(base, mode)
     area, base = w.base / "area", w.base
     w.json("init", "repo", base / "repo", "--block-size", "64K")
     subprocess.run(["git", "-C", base / "repo", "config", "vml.autoPackLimit", "2"], check=True)
@@ -275,6 +284,11 @@ def _vm_steps(w: World) -> None:
         w.json("stop", "repo", lab, "--kill")
 
 
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    return make_world(tmp_path_factory.mktemp("json"), "--json")
+
+
 # --- the contract ------------------------------------------------------------------
 
 
@@ -298,6 +312,22 @@ def test_every_json_output_matches_the_document(world: World) -> None:
     assert errors == []
     # Every documented object met a real value (a list that stayed empty proves nothing).
     assert set(doc.objects) - doc.bases - (set() if qemu else QEMU_OBJECTS) <= seen
+
+
+def test_quiet_prints_nothing_on_stdout_on_every_command(tmp_path: Path) -> None:
+    """``-q``: the same commands as above print nothing but errors (#13)."""
+    w = make_world(tmp_path, "-q")
+    qemu = shutil.which("qemu-system-x86_64") is not None
+    expected = set(parse_doc(DOC.read_text()).commands) - (set() if qemu else QEMU_COMMANDS)
+    assert set(w.outputs) == expected
+    assert {c: [o for o in outs if o] for c, outs in w.outputs.items() if any(outs)} == {}
+
+
+def test_every_command_takes_quiet_and_json() -> None:
+    """One contract: each command has -q, and --json (but the demo, a narrated tour)."""
+    quiet = {c for c, opts in command_options().items() if "-q" in opts}
+    assert quiet == set(command_options())
+    assert json_commands() == set(command_options()) - {"demo"}
 
 
 def test_the_checker_sees_missing_extra_and_mistyped_fields() -> None:

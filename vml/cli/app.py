@@ -18,7 +18,7 @@ import typer
 
 from vml import __version__
 from vml.cli import entries, inspection, maintenance, names, sharing, vmcmds
-from vml.cli.common import options
+from vml.cli.common import VMLGroup, options
 from vml.cli.render import out
 
 app = typer.Typer(
@@ -27,6 +27,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=VMLGroup,
 )
 
 # In this order in `vml --help`.

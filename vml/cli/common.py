@@ -17,15 +17,18 @@ from __future__ import annotations
 import errno
 import functools
 import os
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
+from typer._click import exceptions as click_errors  # typer's own click (pinned: pyproject)
+from typer.core import TyperGroup
 
 from vml.cli.render import err, only_errors, report_error, warnings_said_once
-from vml.errors import NoSpace, VMLError
+from vml.errors import NoSpace, UsageError, VMLError
 
 if TYPE_CHECKING:
     from vml.plumbing.repository import Repository
@@ -66,6 +69,42 @@ def handled(fn: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class VMLGroup(TyperGroup):
+    """The root command: what the command line itself gets wrong is one line too, exit 2.
+
+    click reports a missing argument, an unknown option or a value its
+    type refuses with the usage and a framed box; VML says it in one line,
+    like every other error, with the command's ``--help`` as the remedy.
+    """
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        """Run the command line; see the class docstring."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        except click_errors.NoArgsIsHelpError:
+            sys.exit(2)  # the help is printed already
+        except click_errors.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            where = ctx.command_path if ctx is not None else "vml"
+            message = e.format_message().rstrip(".")
+            report_error(UsageError(message[:1].lower() + message[1:], f"see `{where} --help`"))
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            err.print("vml: aborted; earlier entries are intact", style="red")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 # --- the repository a command works on ---------------------------------------

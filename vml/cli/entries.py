@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from vml.cli.common import AreaArg, Json, Quiet, handled, opened, repository_path
 from vml.cli.render import emit_json, err, out, print_log, print_repack, progress_bar, size
-from vml.errors import VMLError
+from vml.errors import UsageError
 
 if TYPE_CHECKING:
     from vml.porcelain.checkout import CheckoutResult
@@ -89,7 +89,12 @@ def commit(
         if on
     ]
     if len(kinds) > 1:
-        raise VMLError("choose one of --full, --incremental, --differential", "")
+        raise UsageError(
+            f"--{kinds[0]} and --{kinds[1]} exclude each other",
+            "choose one of --full, --incremental, --differential",
+        )
+    if base is not None and kinds != ["differential"]:
+        raise UsageError("--base goes with --differential", "add --differential or drop --base")
     with opened(area) as repo, progress_bar("saving") as progress:
         res = commit_mod.commit(
             repo,

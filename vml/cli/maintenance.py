@@ -212,27 +212,28 @@ def _print_repair(done: list[PackRepair]) -> None:
 
 
 def _print_check(res: CheckResult, json_: bool, what: str) -> None:
+    """The problems on stdout (or the document); when there are any, one error line and exit 7."""
     if json_:
         emit_json(res)
-    else:
-        for p in res.problems:
-            where = " ".join(x for x in (p.entry, p.path) if x)
-            objs = f" [objects {', '.join(o[:12] for o in p.objects)}]" if p.objects else ""
-            at = f" {escape(where)}" if where else ""
-            out.print(f"[red]bad[/red]{at}: {escape(p.message + objs)}")
-        for n in res.notes:
-            where = " ".join(x for x in (n.entry, n.path) if x)
-            at = f" {escape(where)}" if where else ""
-            out.print(f"[yellow]note[/yellow]{at}: {escape(n.message)}")
-        if res.clean:
-            out.print(f"{what}: {len(res.checked)} entries, no problems")
-        else:
-            out.print(
-                f"{what}: {len(res.problems)} problems; entries affected: "
-                f"{', '.join(res.affected) or 'none'}"
-            )
-    if not res.clean:
-        raise typer.Exit(CorruptRepository.exit_code)
+    for p in res.problems:
+        where = " ".join(x for x in (p.entry, p.path) if x)
+        objs = f" [objects {', '.join(o[:12] for o in p.objects)}]" if p.objects else ""
+        at = f" {escape(where)}" if where else ""
+        out.print(f"[red]bad[/red]{at}: {escape(p.message + objs)}")
+    for n in res.notes:
+        where = " ".join(x for x in (n.entry, n.path) if x)
+        at = f" {escape(where)}" if where else ""
+        out.print(f"[yellow]note[/yellow]{at}: {escape(n.message)}")
+    if res.clean:
+        out.print(f"{what}: {len(res.checked)} entries, no problems")
+        return
+    affected = ", ".join(res.affected) or "none"
+    out.print(f"{what}: {len(res.problems)} problems; entries affected: {affected}")
+    # And one error line on stderr, which -q and --json keep too.
+    raise CorruptRepository(
+        f"{what} found {len(res.problems)} problems (entries affected: {affected})",
+        "see the problems listed (without -q); `vml fsck` checks the structure",
+    )
 
 
 @commands.command()

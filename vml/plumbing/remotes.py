@@ -45,7 +45,7 @@ from dulwich.pack import UnpackedObject
 from dulwich.protocol import PEELED_TAG_SUFFIX, ZERO_SHA
 from dulwich.refs import Ref, check_ref_format
 
-from vml.errors import CorruptRepository, UsageError, VMLError
+from vml.errors import CorruptRepository, RemoteError, UsageError, VMLError
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.chains import read_entry, resolve_image
 from vml.plumbing.entries import Entry
@@ -57,12 +57,6 @@ SHARED_PREFIX = b"refs/vml/shared/"
 TRACK_PREFIX = b"refs/vml/remotes/"
 GIT_TRACK_PREFIX = b"refs/remotes/"
 _HEX40 = re.compile(rb"^[0-9a-f]{40}$")
-
-
-class RemoteError(VMLError):
-    """A remote could not be reached or refused what was asked."""
-
-    exit_code = 1
 
 
 # -- configuration ----------------------------------------------------------

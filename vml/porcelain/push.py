@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from vml.errors import CorruptRepository, UsageError
+from vml.errors import CorruptRepository, RemoteError, UsageError
 from vml.plumbing import refs as refs_mod
 from vml.plumbing import remotes as remotes_mod
 from vml.plumbing.packs import PackReader
@@ -127,7 +127,7 @@ def push(
                 new[ref] = value
                 res.tags.append(t)
             if rejected:
-                raise remotes_mod.RemoteError(
+                raise RemoteError(
                     f"{remote} holds other entries on {', '.join(rejected)}",
                     f"run `vml pull {remote}` first, or push with --force (branches only)",
                 )
@@ -139,7 +139,7 @@ def push(
         reader.close()
     if sent.failed:
         first = next(iter(sent.failed.items()))
-        raise remotes_mod.RemoteError(
+        raise RemoteError(
             f"{remote} refused {first[0].decode()}: {first[1]}",
             "check the server's permissions and run the push again",
         )
