@@ -87,3 +87,20 @@ def test_a_removed_entry_s_number_is_never_given_again(repo: Repository, area: P
     refs.delete_ref(repo, refs.entry_ref(2))  # as `vml rm E2 --force` does, last
     (area / "vm.vmx").write_text("three\n")
     assert save(repo, area, full=True).entry == "E3"
+
+
+def test_entry_numbers_out_of_range_are_refused_or_ignored(repo: Repository) -> None:
+    """``E`` and thousands of digits once gave a traceback (int()'s digit limit)."""
+    some = bytes(range(20))
+    refs.set_ref(repo, refs.entry_ref(1), some)
+    # No number VML makes; only packed-refs holds a name this long.
+    with open(repo.path / "packed-refs", "a") as f:
+        f.write(f"{some.hex()} refs/vml/entries/{'9' * 5000}\n")
+    refs.set_ref(repo, refs.ENTRY_PREFIX + b"007", some)
+    assert refs.read_refs(repo).entries == {1: some}
+    for bad in ("E" + "9" * 5000, "E0", "e1000000000000000000"):
+        with pytest.raises(UsageError, match="out of range"):
+            refs.resolve_name(repo, bad)
+    with pytest.raises(UnknownEntry) as e:
+        refs.resolve_name(repo, "9" * 5000)  # bare digits: tried as a commit id, too long
+    assert len(e.value.message) < 100

@@ -27,6 +27,7 @@ import typer
 from typer._click import exceptions as click_errors  # typer's own click (pinned: pyproject)
 from typer.core import TyperGroup
 
+from vml.cli.params import Count, EntryName, Folder, Refused
 from vml.cli.render import err, only_errors, report_error, warnings_said_once
 from vml.errors import NoSpace, UsageError, VMLError
 
@@ -95,6 +96,9 @@ class VMLGroup(TyperGroup):
             code = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
         except click_errors.NoArgsIsHelpError:
             sys.exit(2)  # the help is printed already
+        except Refused as e:
+            report_error(e.error)
+            sys.exit(e.error.exit_code)
         except click_errors.ClickException as e:
             ctx = getattr(e, "ctx", None)
             where = ctx.command_path if ctx is not None else "vml"
@@ -152,7 +156,30 @@ Quiet = Annotated[
 Json = Annotated[
     bool, typer.Option("--json", help="Print one JSON document (docs/JSON.md), nothing else.")
 ]
-AreaArg = Annotated[Path, typer.Argument(help="The working area (a folder holding one VM).")]
 RemoteArg = Annotated[
     str | None, typer.Argument(help="The remote (default: origin, or the only one).")
 ]
+
+
+def folder_argument(help: str) -> Any:
+    """A folder argument: never empty or blank (that once meant the current folder)."""
+    return typer.Argument(help=help, click_type=Folder(), show_default=False)
+
+
+def entry_argument(help: str = "Entry: E3, 3, a tag, a branch or a commit id.") -> Any:
+    """An entry name argument (or a list of them), checked as it is read."""
+    return typer.Argument(help=help, click_type=EntryName(), show_default=False)
+
+
+def entry_option(name: str, help: str) -> Any:
+    """An option naming an entry (``--base``)."""
+    return typer.Option(name, help=help, click_type=EntryName(), show_default=False)
+
+
+def count_option(name: str, help: str) -> Any:
+    """An option counting things, from 1 (``--keep-last``); leaving it out means none."""
+    return typer.Option(name, help=help, click_type=Count(), show_default=False)
+
+
+AreaArg = Annotated[Path, folder_argument("The working area (a folder holding one VM).")]
+EntryArg = Annotated[str, entry_argument()]

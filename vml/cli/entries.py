@@ -8,7 +8,19 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
-from vml.cli.common import AreaArg, Json, Quiet, handled, opened, repository_path
+from vml.cli.common import (
+    AreaArg,
+    EntryArg,
+    Json,
+    Quiet,
+    entry_argument,
+    entry_option,
+    folder_argument,
+    handled,
+    opened,
+    repository_path,
+)
+from vml.cli.params import Size
 from vml.cli.render import emit_json, err, out, print_log, print_repack, progress_bar, size
 from vml.errors import UsageError
 
@@ -24,19 +36,21 @@ commands = typer.Typer()
 @commands.command()
 @handled
 def init(
-    path: Annotated[Path | None, typer.Argument(help="Where to create the repository.")] = None,
+    path: Annotated[Path | None, folder_argument("Where to create the repository.")] = None,
     block_size: Annotated[
-        str, typer.Option("--block-size", help="Block size, e.g. 256K, 1M, 4M.")
-    ] = "1M",  # plumbing.repository.DEFAULT_BLOCK_SIZE
+        int,
+        typer.Option(
+            "--block-size", help="Block size, a power of two: 256K, 1M, 4M.", click_type=Size()
+        ),
+    ] = "1M",  # type: ignore[assignment]  # parsed by Size; plumbing.repository.DEFAULT_BLOCK_SIZE
     quiet: Quiet = False,
     json_: Json = False,
 ) -> None:
     """Create a repository."""
     target = path if path is not None else repository_path(None)
-    from vml.plumbing.repository import parse_size
     from vml.porcelain import init as init_mod
 
-    res = init_mod.init(target, parse_size(block_size))
+    res = init_mod.init(target, block_size)
     if json_:
         emit_json(res)
         return
@@ -59,9 +73,7 @@ def commit(
     ] = False,
     base: Annotated[
         str | None,
-        typer.Option(
-            "--base", help="Base of a differential entry (default: the chain's full entry)."
-        ),
+        entry_option("--base", "Base of a differential entry (default: the chain's full entry)."),
     ] = None,
     tag: Annotated[str | None, typer.Option("--tag", help="Tag the new entry.")] = None,
     allow_empty: Annotated[
@@ -140,7 +152,7 @@ def commit(
 @commands.command()
 @handled
 def checkout(
-    entry: Annotated[str, typer.Argument(help="Entry: E3, 3, a tag, a branch or a commit id.")],
+    entry: EntryArg,
     area: AreaArg = Path("."),
     force: Annotated[
         bool, typer.Option("--force", "-f", help="Overwrite unsaved changes.")
@@ -184,7 +196,7 @@ def _names(paths: list[str], most: int = 10) -> str:
 @commands.command()
 @handled
 def restore(
-    entry: Annotated[str, typer.Argument(help="The entry to go back to.")],
+    entry: Annotated[str, entry_argument("The entry to go back to.")],
     area: AreaArg = Path("."),
     force: Annotated[bool, typer.Option("--force", "-f", help="Discard unsaved changes.")] = False,
     quiet: Quiet = False,
@@ -203,7 +215,7 @@ def restore(
 @commands.command()
 @handled
 def demo(
-    folder: Annotated[Path, typer.Argument(help="An empty or new folder to play in.")] = Path(
+    folder: Annotated[Path, folder_argument("An empty or new folder to play in.")] = Path(
         "vml-demo"
     ),
     quiet: Quiet = False,

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from vml.cli.common import AreaArg, Json, Quiet, handled, opened
+from vml.cli.common import AreaArg, EntryArg, Json, Quiet, handled, opened
 from vml.cli.render import emit_json, out, print_log, size, vm_brief, vm_lines
 from vml.errors import VMLError
 
@@ -53,7 +53,7 @@ def log(
 @commands.command()
 @handled
 def show(
-    entry: Annotated[str, typer.Argument(help="The entry.")],
+    entry: EntryArg,
     quiet: Quiet = False,
     json_: Json = False,
 ) -> None:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
-from vml.cli.common import Json, Quiet, handled, opened
+from vml.cli.common import Json, Quiet, count_option, entry_argument, entry_option, handled, opened
 from vml.cli.render import emit_json, out, print_repack, progress_bar, size
 from vml.errors import CorruptRepository
 
@@ -39,7 +39,7 @@ def _print_rewrite(res: RewriteReport) -> None:
 @commands.command()
 @handled
 def rm(
-    entries: Annotated[list[str], typer.Argument(help="Entries to remove: E3, a tag, ...")],
+    entries: Annotated[list[str], entry_argument("Entries to remove: E3, a tag, ...")],
     force: Annotated[
         bool, typer.Option("--force", "-f", help="Remove entries areas hold or tags name.")
     ] = False,
@@ -68,11 +68,11 @@ def rm(
 @commands.command()
 @handled
 def convert(
-    entry: Annotated[str, typer.Argument(help="The entry to re-express.")],
+    entry: Annotated[str, entry_argument("The entry to re-express.")],
     to: Annotated[str, typer.Option("--to", help="full, differential or incremental.")],
     base: Annotated[
         str | None,
-        typer.Option("--base", help="The new parent (default: chain root / previous save)."),
+        entry_option("--base", "The new parent (default: chain root / previous save)."),
     ] = None,
     quiet: Quiet = False,
     json_: Json = False,
@@ -97,12 +97,12 @@ def convert(
 @commands.command()
 @handled
 def prune(
-    keep_last: Annotated[int, typer.Option("--keep-last", help="Keep the newest N.")] = 0,
-    keep_hourly: Annotated[int, typer.Option("--keep-hourly", help="Keep N hourly.")] = 0,
-    keep_daily: Annotated[int, typer.Option("--keep-daily", help="Keep N daily.")] = 0,
-    keep_weekly: Annotated[int, typer.Option("--keep-weekly", help="Keep N weekly.")] = 0,
-    keep_monthly: Annotated[int, typer.Option("--keep-monthly", help="Keep N monthly.")] = 0,
-    keep_yearly: Annotated[int, typer.Option("--keep-yearly", help="Keep N yearly.")] = 0,
+    keep_last: Annotated[int | None, count_option("--keep-last", "Keep the newest N.")] = None,
+    keep_hourly: Annotated[int | None, count_option("--keep-hourly", "Keep N hourly.")] = None,
+    keep_daily: Annotated[int | None, count_option("--keep-daily", "Keep N daily.")] = None,
+    keep_weekly: Annotated[int | None, count_option("--keep-weekly", "Keep N weekly.")] = None,
+    keep_monthly: Annotated[int | None, count_option("--keep-monthly", "Keep N monthly.")] = None,
+    keep_yearly: Annotated[int | None, count_option("--keep-yearly", "Keep N yearly.")] = None,
     keep_tag: Annotated[
         list[str] | None, typer.Option("--keep-tag", help="Keep the entry this tag names.")
     ] = None,
@@ -116,7 +116,8 @@ def prune(
     from vml.plumbing.retention import Policy
     from vml.porcelain import prune as prune_mod
 
-    policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly)
+    counts = (keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly)
+    policy = Policy(*(n or 0 for n in counts))
     with opened(Path(".")) as repo:
         res = prune_mod.prune(repo, policy, keep_tags=keep_tag or [], dry_run=dry_run)
     if json_:
@@ -239,7 +240,7 @@ def _print_check(res: CheckResult, json_: bool, what: str) -> None:
 @commands.command()
 @handled
 def verify(
-    entries: Annotated[list[str] | None, typer.Argument(help="Entries to check.")] = None,
+    entries: Annotated[list[str] | None, entry_argument("Entries to check.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Check every entry.")] = False,
     read_data: Annotated[
         bool,

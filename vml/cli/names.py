@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from vml.cli.common import Json, Quiet, handled, opened
+from vml.cli.common import Json, Quiet, entry_argument, handled, opened
 from vml.cli.render import emit_json, out
 from vml.errors import UsageError
 
@@ -24,7 +24,7 @@ def branch(
         str | None, typer.Argument(help="New branch name; none lists branches.")
     ] = None,
     entry: Annotated[
-        str | None, typer.Argument(help="Where it starts (default: the area's entry).")
+        str | None, entry_argument("Where it starts (default: the area's entry).")
     ] = None,
     delete: Annotated[
         bool, typer.Option("--delete", "-d", help="Delete the branch (entries stay).")
@@ -40,7 +40,7 @@ def branch(
 @handled
 def tag(
     name: Annotated[str | None, typer.Argument(help="New tag name; none lists tags.")] = None,
-    entry: Annotated[str | None, typer.Argument(help="The entry (default: the area's).")] = None,
+    entry: Annotated[str | None, entry_argument("The entry (default: the area's).")] = None,
     delete: Annotated[bool, typer.Option("--delete", "-d", help="Delete the tag.")] = False,
     quiet: Quiet = False,
     json_: Json = False,

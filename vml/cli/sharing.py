@@ -12,7 +12,15 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
-from vml.cli.common import Json, Quiet, RemoteArg, handled, opened
+from vml.cli.common import (
+    Json,
+    Quiet,
+    RemoteArg,
+    entry_argument,
+    folder_argument,
+    handled,
+    opened,
+)
 from vml.cli.render import bars_wanted, emit_json, err, out, size
 from vml.progress import ProgressFn, no_progress
 
@@ -156,7 +164,7 @@ def _fail_if_incomplete(res: FetchResult) -> None:
 def clone(
     url: Annotated[str, typer.Argument(help="The repository to copy: path or URL.")],
     path: Annotated[
-        Path | None, typer.Argument(help="Where the new repository goes (default: from URL).")
+        Path | None, folder_argument("Where the new repository goes (default: from URL).")
     ] = None,
     quiet: Quiet = False,
     json_: Json = False,
@@ -189,7 +197,7 @@ def fetch(
     remote: RemoteArg = None,
     entries: Annotated[
         list[str] | None,
-        typer.Argument(help="Only these entries (as the remote names them) and their chains."),
+        entry_argument("Only these entries (as the remote names them) and their chains."),
     ] = None,
     quiet: Quiet = False,
     json_: Json = False,
@@ -240,7 +248,7 @@ def push(
     remote: RemoteArg = None,
     entries: Annotated[
         list[str] | None,
-        typer.Argument(help="Entries, branches or tags to send (their chains go along)."),
+        entry_argument("Entries, branches or tags to send (their chains go along)."),
     ] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every entry and every branch.")] = False,
     tags: Annotated[bool, typer.Option("--tags", help="Every tag too.")] = False,

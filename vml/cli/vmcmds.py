@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 
 from vml.cli.common import AreaArg, Json, Quiet, handled
+from vml.cli.params import Count, Memory, Seconds
 from vml.cli.render import emit_json, out, size
 
 if TYPE_CHECKING:
@@ -33,8 +34,10 @@ def vm_init(
         list[Path] | None,
         typer.Option("--disk", help="A disk image in the area (raw or qcow2); repeat for more."),
     ] = None,
-    memory: Annotated[str, typer.Option("--memory", help="RAM, e.g. 256M or 2G.")] = "1G",
-    cpus: Annotated[int, typer.Option("--cpus", help="Virtual CPUs.")] = 1,
+    memory: Annotated[
+        int, typer.Option("--memory", help="RAM, e.g. 256M or 2G.", click_type=Memory())
+    ] = "1G",  # type: ignore[assignment]  # parsed by Memory into MiB
+    cpus: Annotated[int, typer.Option("--cpus", help="Virtual CPUs.", click_type=Count())] = 1,
     kernel: Annotated[
         Path | None, typer.Option("--kernel", help="Boot this kernel (copied in if outside).")
     ] = None,
@@ -176,7 +179,10 @@ def stop(
         bool, typer.Option("--kill", help="End QEMU at once (like pulling the plug).")
     ] = False,
     timeout: Annotated[
-        float, typer.Option("--timeout", help="Seconds to wait for the guest to power off.")
+        float,
+        typer.Option(
+            "--timeout", help="Seconds to wait for the guest to power off.", click_type=Seconds()
+        ),
     ] = 60.0,
     quiet: Quiet = False,
     json_: Json = False,

@@ -18,11 +18,11 @@ from dulwich.refs import Ref, SymrefLoop, check_ref_format
 
 from vml.errors import AmbiguousEntry, HostileRepository, UnknownEntry, UsageError
 from vml.plumbing.repository import Repository, fsync_dir, write_atomic
+from vml.values import ENTRY_FORM, entry_number, shown
 
 ENTRY_PREFIX = b"refs/vml/entries/"
 TAG_PREFIX = b"refs/tags/"
 BRANCH_PREFIX = b"refs/heads/"
-_E = re.compile(r"^[Ee]?([0-9]+)$")
 
 
 def entry_ref(n: int) -> bytes:
@@ -101,7 +101,8 @@ def read_refs(repo: Repository) -> RefTable:
     for name, value in all_refs(repo):
         if name.startswith(ENTRY_PREFIX):
             tail = name[len(ENTRY_PREFIX) :]
-            if tail.isdigit():
+            # Only numbers VML could have made; another ref there is no entry.
+            if tail.isdigit() and len(tail) <= 18 and not tail.startswith(b"0"):
                 entries[int(tail)] = bytes.fromhex(value.decode())
         elif name.startswith(TAG_PREFIX):
             peeled = refs.get_peeled(Ref(name)) or value
@@ -114,9 +115,9 @@ def read_refs(repo: Repository) -> RefTable:
 def resolve_name(repo: Repository, name: str, table: RefTable | None = None) -> bytes:
     """Turn ``E7``/``e7``/``7``, a tag, a branch or a commit-id prefix into a commit id."""
     table = read_refs(repo) if table is None else table
-    m = _E.match(name.strip())
-    if m and int(m.group(1)) in table.entries:
-        return table.entries[int(m.group(1))]
+    n = entry_number(name)
+    if n is not None and n in table.entries:
+        return table.entries[n]
     if name in table.tags:
         return table.tags[name]
     if name in table.branches:
@@ -130,7 +131,7 @@ def resolve_name(repo: Repository, name: str, table: RefTable | None = None) -> 
             return hits.pop()
         if len(hits) > 1:
             raise AmbiguousEntry(f"{name!r} matches {len(hits)} entries")
-    raise UnknownEntry(f"no entry named {name!r}")
+    raise UnknownEntry(f"no entry named {shown(name)}")
 
 
 # The highest E-number this repository ever gave (local, in vml/): a number
@@ -143,7 +144,7 @@ def _last_given(repo: Repository) -> int:
         text = (repo.vml_dir / _LAST_NUMBER).read_text().strip()
     except OSError:
         return 0
-    return int(text) if text.isdigit() and len(text) < 19 else 0
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 19 else 0
 
 
 def next_number(repo: Repository, taken: Iterable[int]) -> int:
@@ -166,7 +167,7 @@ def note_numbers(repo: Repository, numbers: Iterable[int]) -> None:
 def check_name(kind: str, name: str) -> None:
     """Refuse tag and branch names git would refuse, or that look like E-numbers."""
     if (
-        _E.match(name)
+        ENTRY_FORM.fullmatch(name)
         or "/" in name
         or name.startswith("-")
         or not check_ref_format(Ref(b"refs/x/" + name.encode()))

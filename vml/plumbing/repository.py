@@ -35,22 +35,6 @@ MIN_BLOCK_SIZE = 64 << 10
 MAX_BLOCK_SIZE = 64 << 20
 
 
-def parse_size(text: str) -> int:
-    """Parse ``1M``, ``256K``, ``1MiB`` or a plain byte count."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    mult = 1
-    if t and t[-1] in "KMG":
-        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[t[-1]]
-        t = t[:-1]
-    try:
-        value = int(t) * mult
-    except ValueError:
-        raise UsageError(
-            f"cannot read size {text!r}", "write it like 1M, 256K or 1048576"
-        ) from None
-    return value
-
-
 _SYNC_FILE_RANGE_WRITE = 2
 _sync_file_range: Any = None
 

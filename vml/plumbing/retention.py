@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 
+from vml.errors import UsageError
+from vml.values import MAX_COUNT
+
 K = TypeVar("K")
 
 
@@ -26,6 +29,16 @@ class Policy:
     weekly: int = 0
     monthly: int = 0
     yearly: int = 0
+
+    def __post_init__(self) -> None:
+        # A negative count once sliced the entry list from its end: `--keep-last -1`
+        # removed entries.  Every rule is off (0) or a count in range.
+        for name, value in vars(self).items():
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+                raise UsageError(
+                    f"--keep-{name} takes a whole number from 1 to {MAX_COUNT}, not {value!r}",
+                    "write it in digits, e.g. 7",
+                )
 
     def empty(self) -> bool:
         """True when no rule is on."""

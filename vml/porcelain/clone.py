@@ -26,6 +26,7 @@ from vml.plumbing.repository import (
 from vml.porcelain.fetch import FetchResult, fetch_into
 from vml.progress import ProgressFn, no_progress
 from vml.records import Record
+from vml.values import ENTRY_FORM
 
 
 @dataclass
@@ -77,7 +78,7 @@ def clone(
         with repo.lock():
             for b, entry in sorted(res.branches.items()):
                 commit = refs_mod.resolve_name(repo, entry, table)
-                if b not in table.branches and not refs_mod._E.match(b):
+                if b not in table.branches and not ENTRY_FORM.fullmatch(b):
                     refs_mod.set_ref(repo, refs_mod.BRANCH_PREFIX + b.encode(), commit, create=True)
                     made.append(b)
         sizes = remotes_mod.block_size_of(repo, sorted(table.entries.values()))

@@ -24,8 +24,8 @@ from vml.plumbing.repository import Repository
 from vml.plumbing.verify import reach_problem
 from vml.progress import ProgressFn, no_progress
 from vml.records import Record
+from vml.values import entry_number
 
-_E = re.compile(r"^[Ee]?([0-9]+)$")
 _ENTRIES = b"refs/vml/entries/"
 
 
@@ -66,10 +66,16 @@ class FetchResult(Record):
     json_names = (("size", "bytes"),)
 
 
+def _number(tail: bytes) -> int | None:
+    """The entry number in a ref name's tail, if it is one VML could have made."""
+    ok = tail.isdigit() and len(tail) <= 18 and not tail.startswith(b"0")
+    return int(tail) if ok else None
+
+
 def tracking_name(remote: str, ref: bytes) -> bytes | None:
     """Where remote ref ``ref`` is kept here (None: not fetched)."""
     r = remote.encode()
-    if ref.startswith(_ENTRIES) and ref[len(_ENTRIES) :].isdigit():
+    if ref.startswith(_ENTRIES) and _number(ref[len(_ENTRIES) :]) is not None:
         return remotes_mod.TRACK_PREFIX + r + b"/entries/" + ref[len(_ENTRIES) :]
     if ref.startswith(remotes_mod.SHARED_PREFIX) and remotes_mod._HEX40.match(
         ref[len(remotes_mod.SHARED_PREFIX) :]
@@ -89,8 +95,8 @@ def select(remote: str, refs: dict[bytes, bytes], names: Sequence[str]) -> dict[
         return relevant
     out: dict[bytes, bytes] = {}
     for name in names:
-        m = _E.match(name.strip())
-        key = _ENTRIES + m.group(1).encode() if m else None
+        n = entry_number(name)
+        key = _ENTRIES + str(n).encode() if n is not None else None
         if key is not None and key in relevant:
             out[key] = relevant[key]
             continue
@@ -261,10 +267,10 @@ def apply_fetched(
     hints: dict[bytes, int] = {}
     remote_names: dict[bytes, str] = {}
     for ref, hexid in sorted((advertised or {}).items(), reverse=True):
-        tail = ref[len(_ENTRIES) :]
-        if ref.startswith(_ENTRIES) and tail.isdigit() and remotes_mod._HEX40.match(hexid):
-            hints[bytes.fromhex(hexid.decode())] = int(tail)
-            remote_names[bytes.fromhex(hexid.decode())] = f"E{int(tail)}"
+        n = _number(ref[len(_ENTRIES) :]) if ref.startswith(_ENTRIES) else None
+        if n is not None and remotes_mod._HEX40.match(hexid):
+            hints[bytes.fromhex(hexid.decode())] = n
+            remote_names[bytes.fromhex(hexid.decode())] = f"E{n}"
     tips: list[bytes] = []
     with repo.lock():
         # A gc that ran between the pack's arrival and now may have taken

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vml.errors import AreaError, UsageError
-from vml.plumbing.repository import parse_size
 from vml.plumbing.vm.description import (
     DISK_FORMATS,
     INTERFACES,
@@ -30,6 +29,7 @@ from vml.plumbing.vm.description import (
 )
 from vml.plumbing.vm.formats import read_disk
 from vml.records import Record
+from vml.values import parse_memory_mib
 
 
 @dataclass
@@ -120,24 +120,15 @@ def _boot_file(
 
 
 def memory_mib(text: str) -> int:
-    """``--memory``: ``256M``, ``1G``, or a plain number of MiB."""
-    t = text.strip()
-    try:
-        nbytes = int(t) << 20 if t.isdigit() else parse_size(t)
-    except UsageError:
-        nbytes = 0
-    if nbytes < 1 << 20 or nbytes % (1 << 20):
-        raise UsageError(
-            f"cannot read memory size {text!r} (a whole number of MiB)", "write it like 512M or 2G"
-        )
-    return nbytes >> 20
+    """``--memory``: ``256M``, ``1G``, or a plain number of MiB (see ``vml.values``)."""
+    return parse_memory_mib(text)
 
 
 def vm_init(
     area: Path,
     *,
     disks: Sequence[Path],
-    memory: str = "1G",
+    memory: str | int = "1G",
     cpus: int = 1,
     kernel: Path | None = None,
     initrd: Path | None = None,
@@ -178,7 +169,7 @@ def vm_init(
         "vml_qemu": 1,
         "name": name or stem,
         "machine": machine,
-        "memory_mib": memory_mib(memory),
+        "memory_mib": memory if isinstance(memory, int) else memory_mib(memory),
         "cpus": cpus,
         "disks": [{"path": d.path, "format": d.format, "interface": d.interface} for d in parsed],
         "network": network,
