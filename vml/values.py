@@ -1,4 +1,4 @@
-"""Numbers people type, parsed and range-checked in one place: counts, sizes, entry numbers.
+"""Values people type, parsed and checked in one place: counts, sizes, entry numbers, names.
 
 Every numeric value a command takes goes through one of these functions
 (the CLI's parameter types in ``cli/types.py`` call them; plumbing calls
@@ -119,6 +119,33 @@ def entry_number(name: str) -> int | None:
             "run `vml log --all` to list the entries",
         )
     return None
+
+
+#: What a tag, branch or remote name is made of: letters, digits, '_', '-' and '.'
+#: (not first); a control character, a space or a bidi mark never gets in.
+_NAME = re.compile(r"(?!\.)[\w.-]+")
+#: A name that may be read as a commit id (prefix).
+COMMIT_ID_FORM = re.compile(r"[0-9a-fA-F]{4,40}")
+
+
+def check_plain_name(name: str, kind: str, *, id_like: bool = True) -> None:
+    """Refuse a ``kind`` name outside the rule its message states.
+
+    With ``id_like`` false (tags and branches), a name that reads as an
+    E-number or a commit id is refused too: it would be ambiguous.
+    """
+    bad = (
+        not _NAME.fullmatch(name)
+        or name.startswith("-")
+        or ".." in name
+        or name.endswith((".", ".lock"))
+        or (not id_like and (ENTRY_FORM.fullmatch(name) or COMMIT_ID_FORM.fullmatch(name)))
+    )
+    if bad:
+        rule = "use letters, digits, '-', '_' and '.' (not first or last)"
+        if not id_like:
+            rule += ", not an E-number or 4 to 40 hex digits (a commit id)"
+        raise UsageError(f"{shown(name)} is not a valid {kind} name", rule)
 
 
 def check_name_text(name: str, what: str, remedy: str) -> str:

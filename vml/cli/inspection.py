@@ -67,11 +67,11 @@ def show(
         return
     le = res.entry
     out.print(f"[bold]{le.id}[/bold]  {le.kind}  commit {le.commit}")
-    out.print(f"created   {log_mod.human_time(le.created)} from {escape(le.origin_area)}")
+    out.print(f"created   {escape(log_mod.human_time(le.created))} from {escape(le.origin_area)}")
     if le.message:
         out.print(f"message   {escape(le.message)}")
     if le.labels:
-        out.print(f"names     {', '.join(le.labels)}")
+        out.print(f"names     {escape(', '.join(le.labels))}")
     if le.remote:
         out.print(f"fetched   from {escape(le.remote)}")
     out.print(f"chain     {' -> '.join(res.chain)}")
@@ -84,7 +84,7 @@ def show(
         out.print(line)
     out.print("files")
     for f in res.files:
-        out.print(f"  {size(f.size):>10}  {f.kind:<5}  {escape(f.path)}")
+        out.print(f"  {size(f.size):>10}  {escape(f.kind):<5}  {escape(f.path)}")
 
 
 @commands.command()

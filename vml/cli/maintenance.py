@@ -124,10 +124,10 @@ def prune(
         emit_json(res)
         return
     for d in res.keep:
-        out.print(f"keep    {d.entry:<6} {d.created}  {escape(', '.join(d.reasons))}")
+        out.print(f"keep    {d.entry:<6} {escape(d.created)}  {escape(', '.join(d.reasons))}")
     verb = "would remove" if dry_run else "remove"
     for d in res.remove:
-        out.print(f"{verb:<7} {d.entry:<6} {d.created}")
+        out.print(f"{verb:<7} {d.entry:<6} {escape(d.created)}")
     if not res.remove:
         out.print("nothing to remove")
     elif dry_run:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -21,8 +22,33 @@ if TYPE_CHECKING:
     from vml.porcelain.log import LogEntry, LogResult
     from vml.porcelain.vminfo import EntryVM
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# Terminal controls a repository's text must never send: C0 controls but tab and
+# newline, DEL, C1 controls (0x9b is a CSI), and the bidi marks that reorder a line.
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def harmless(text: str) -> str:
+    """``text`` with every terminal control shown as an escape (``\\x1b``), not obeyed."""
+    return _CONTROLS.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+class SafeConsole(Console):
+    """A console that prints control characters visibly instead of sending them.
+
+    Commit messages, names, paths and remote answers come from other people's
+    repositories and folders; an ESC or CSI among them could rewrite the
+    screen or the terminal's title.  Every line VML prints passes here, so
+    no caller has to remember it (rich markup in such text is escaped where
+    it is written into a line, with ``rich.markup.escape``).
+    """
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        """Print like rich, with control characters in text made harmless."""
+        super().print(*(harmless(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
+out = SafeConsole(highlight=False, soft_wrap=True)
+err = SafeConsole(stderr=True, highlight=False, soft_wrap=True)
 
 
 def size(n: int | None) -> str:
@@ -224,7 +250,7 @@ def _entry_line(le: LogEntry, here: set[str]) -> str:
         if le.labels:
             parts.append("[yellow](" + ", ".join(escape(x) for x in le.labels) + ")[/yellow]")
         return "  ".join(parts)
-    parts = [f"[bold]{le.id}[/bold]", f"{le.kind:<12}", human_time(le.created)]
+    parts = [f"[bold]{le.id}[/bold]", f"{le.kind:<12}", escape(human_time(le.created))]
     parts.append(f"stored {size(le.stored_bytes)}")
     brief = vm_brief(le.vm)
     if brief:

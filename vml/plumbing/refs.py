@@ -9,7 +9,6 @@ an fsync of the folder.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -18,7 +17,7 @@ from dulwich.refs import Ref, SymrefLoop, check_ref_format
 
 from vml.errors import AmbiguousEntry, HostileRepository, UnknownEntry, UsageError
 from vml.plumbing.repository import Repository, fsync_dir, write_atomic
-from vml.values import ENTRY_FORM, entry_number, shown
+from vml.values import COMMIT_ID_FORM, check_plain_name, entry_number, shown
 
 ENTRY_PREFIX = b"refs/vml/entries/"
 TAG_PREFIX = b"refs/tags/"
@@ -113,24 +112,31 @@ def read_refs(repo: Repository) -> RefTable:
 
 
 def resolve_name(repo: Repository, name: str, table: RefTable | None = None) -> bytes:
-    """Turn ``E7``/``e7``/``7``, a tag, a branch or a commit-id prefix into a commit id."""
+    """Turn ``E7``/``e7``/``7``, a tag, a branch or a commit-id prefix into a commit id.
+
+    A name that reads in two of these ways as two different commits (a tag
+    fetched from elsewhere named like an id prefix, ``1234`` both E1234 and
+    a prefix) is ambiguous: :class:`AmbiguousEntry` says which readings.
+    """
     table = read_refs(repo) if table is None else table
+    readings: dict[bytes, list[str]] = {}
     n = entry_number(name)
     if n is not None and n in table.entries:
-        return table.entries[n]
+        readings.setdefault(table.entries[n], []).append(f"entry E{n}")
     if name in table.tags:
-        return table.tags[name]
+        readings.setdefault(table.tags[name], []).append(f"tag {name}")
     if name in table.branches:
-        return table.branches[name]
+        readings.setdefault(table.branches[name], []).append(f"branch {name}")
     low = name.lower()
-    if len(low) >= 4 and re.fullmatch(r"[0-9a-f]+", low):
-        hits = {c for c in table.entries.values() if c.hex().startswith(low)}
-        hits |= {c for c in table.tags.values() if c.hex().startswith(low)}
-        hits |= {c for c in table.branches.values() if c.hex().startswith(low)}
-        if len(hits) == 1:
-            return hits.pop()
-        if len(hits) > 1:
-            raise AmbiguousEntry(f"{name!r} matches {len(hits)} entries")
+    if COMMIT_ID_FORM.fullmatch(low):
+        known = {*table.entries.values(), *table.tags.values(), *table.branches.values()}
+        for c in sorted(c for c in known if c.hex().startswith(low)):
+            readings.setdefault(c, []).append(f"commit {c.hex()[:12]}")
+    if len(readings) == 1:
+        return next(iter(readings))
+    if readings:
+        what = "; ".join(" = ".join(r) for r in readings.values())
+        raise AmbiguousEntry(f"{shown(name)} names {len(readings)} commits: {what}")
     raise UnknownEntry(f"no entry named {shown(name)}")
 
 
@@ -165,17 +171,10 @@ def note_numbers(repo: Repository, numbers: Iterable[int]) -> None:
 
 
 def check_name(kind: str, name: str) -> None:
-    """Refuse tag and branch names git would refuse, or that look like E-numbers."""
-    if (
-        ENTRY_FORM.fullmatch(name)
-        or "/" in name
-        or name.startswith("-")
-        or not check_ref_format(Ref(b"refs/x/" + name.encode()))
-    ):
-        raise UsageError(
-            f"{name!r} is not a valid {kind} name",
-            "use letters, digits, '-', '_' and '.', no '/', not starting with '-', and not an E-number",
-        )
+    """Refuse tag and branch names outside the rule, or that read as an E-number or commit id."""
+    check_plain_name(name, kind, id_like=False)
+    if not check_ref_format(Ref(b"refs/x/" + name.encode())):  # git's own rules, to be sure
+        raise UsageError(f"{shown(name)} is not a valid {kind} name", "git refuses it as a ref")
 
 
 def set_ref(

@@ -52,6 +52,7 @@ from vml.plumbing.entries import Entry
 from vml.plumbing.packs import PENDING_KEEP, PackReader
 from vml.plumbing.repository import Repository, fsync_dir, write_atomic
 from vml.progress import ProgressFn, no_progress
+from vml.values import check_plain_name
 
 SHARED_PREFIX = b"refs/vml/shared/"
 TRACK_PREFIX = b"refs/vml/remotes/"
@@ -63,16 +64,10 @@ _HEX40 = re.compile(rb"^[0-9a-f]{40}$")
 
 
 def check_remote_name(name: str) -> None:
-    """Refuse remote names git would refuse as a ref component."""
-    if (
-        not name
-        or "/" in name
-        or name.startswith("-")
-        or not check_ref_format(Ref(b"refs/remotes/" + name.encode()))
-    ):
-        raise UsageError(
-            f"{name!r} is not a valid remote name", "use letters, digits, '-', '_' and '.'"
-        )
+    """Refuse remote names outside the rule (and any git would refuse as a ref component)."""
+    check_plain_name(name, "remote")
+    if not check_ref_format(Ref(b"refs/remotes/" + name.encode())):
+        raise UsageError(f"{name!r} is not a valid remote name", "git refuses it as a ref")
 
 
 def refspecs(name: str) -> list[bytes]:

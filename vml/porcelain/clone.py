@@ -26,7 +26,7 @@ from vml.plumbing.repository import (
 from vml.porcelain.fetch import FetchResult, fetch_into
 from vml.progress import ProgressFn, no_progress
 from vml.records import Record
-from vml.values import ENTRY_FORM
+from vml.values import ENTRY_FORM, check_name_text
 
 
 @dataclass
@@ -48,7 +48,11 @@ def default_path(url: str) -> Path:
 
 
 def normalise_url(url: str) -> str:
-    """Local paths become absolute, so the remote works from any folder."""
+    """Local paths become absolute, so the remote works from any folder.
+
+    An empty or blank URL is refused: as a path it would be the current folder.
+    """
+    check_name_text(url, "the URL", "give a path or a URL, e.g. ssh://server/srv/vms.git")
     if "://" not in url and Path(url).exists():
         return str(Path(url).resolve())
     return url
@@ -71,7 +75,13 @@ def clone(
     try:
         remotes_mod.add_remote(repo, "origin", url)
         res = fetch_into(
-            repo, "origin", url, keep_numbers=True, ssh_command=ssh_command, progress=progress
+            repo,
+            "origin",
+            url,
+            keep_numbers=True,
+            only_vml=True,
+            ssh_command=ssh_command,
+            progress=progress,
         )
         table = refs_mod.read_refs(repo)
         made: list[str] = []

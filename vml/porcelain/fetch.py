@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 from dulwich.object_store import peel_sha
 from dulwich.objects import ObjectID
 
-from vml.errors import CorruptRepository, RepositoryBusy, UnknownEntry, UsageError
+from vml.errors import (
+    CorruptRepository,
+    RepositoryBusy,
+    RepositoryNotFound,
+    UnknownEntry,
+    UsageError,
+)
 from vml.plumbing import refs as refs_mod
 from vml.plumbing import remotes as remotes_mod
 from vml.plumbing.chains import read_entry
@@ -27,6 +33,7 @@ from vml.records import Record
 from vml.values import entry_number
 
 _ENTRIES = b"refs/vml/entries/"
+_VML_REFS = (_ENTRIES, remotes_mod.SHARED_PREFIX)
 
 
 @dataclass
@@ -335,14 +342,24 @@ def fetch_into(
     names: Sequence[str] = (),
     *,
     keep_numbers: bool = False,
+    only_vml: bool = False,
     ssh_command: str | None = None,
     progress: ProgressFn = no_progress,
 ) -> FetchResult:
-    """Fetch from ``url`` (remote ``remote``) and name what arrived."""
+    """Fetch from ``url`` (remote ``remote``) and name what arrived.
+
+    With ``only_vml`` (a clone), a remote that has refs but no entry at all
+    is refused before any object travels: it is a plain git repository.
+    """
     client, path = remotes_mod.open_transport(repo, url, ssh_command)
     chosen: dict[bytes, bytes] = {}
 
     def choose(refs: dict[bytes, bytes]) -> Iterable[bytes]:
+        if only_vml and refs and not any(r.startswith(_VML_REFS) for r in refs):
+            raise RepositoryNotFound(
+                f"{url} holds no VML entries (a plain git repository?)",
+                "clone a repository `vml init` made or `vml push` sent entries to",
+            )
         chosen.clear()
         chosen.update(select(remote, refs, names))
         return list(chosen.values())
