@@ -18,14 +18,15 @@ import typer
 
 from vml import __version__
 from vml.cli import entries, inspection, maintenance, names, sharing, vmcmds
-from vml.cli.common import VMLGroup, options
+from vml.cli.common import VMLGroup
+from vml.cli.lookup import options
 from vml.cli.render import out
 
 app = typer.Typer(
     name="vml",
     help="Git-style versioning for virtual machines: save, branch and restore VM states.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     cls=VMLGroup,
 )

@@ -3,8 +3,9 @@
 - errors: :func:`handled` turns a :class:`~vml.errors.VMLError` (and a few
   OS errors) into one line on stderr and the error's exit code
   (``docs/FORMAT.md``, "Exit codes");
-- the repository: :func:`opened` finds it (``--repo``, ``$VML_REPO``, the
-  area's own, the user default) and closes it however the command ends;
+- the repository: :func:`opened` finds it (``lookup``: ``--repo``,
+  ``$VML_REPO``, the area's own, the current area's, the user default),
+  numbers entries pushed into it, and closes it however the command ends;
 - the options several commands take, as shared ``Annotated`` types.
 
 Command modules (one typer app per command group) import this module and
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -24,11 +24,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
+from rich.markup import escape
 from typer._click import exceptions as click_errors  # typer's own click (pinned: pyproject)
 from typer.core import TyperGroup
 
+from vml.cli import completion
+from vml.cli.lookup import repository_path
 from vml.cli.params import Count, EntryName, Folder, Refused
-from vml.cli.render import err, only_errors, report_error, warnings_said_once
+from vml.cli.render import err, only_errors, out, report_error, warnings_said_once
 from vml.errors import NoSpace, UsageError, VMLError
 
 if TYPE_CHECKING:
@@ -114,28 +117,6 @@ class VMLGroup(TyperGroup):
 # --- the repository a command works on ---------------------------------------
 
 
-class _Options:
-    """The global options (``vml --repo PATH COMMAND``), set by the root callback."""
-
-    repo: Path | None = None
-
-
-options = _Options()
-
-
-def default_repository() -> Path:
-    """``$XDG_DATA_HOME/vml``, else ``~/.local/share/vml``."""
-    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(data) / "vml"
-
-
-def repository_path(area: Path | None) -> Path:
-    """Where the command's repository is (see ``porcelain.common.find_repository``)."""
-    from vml.porcelain.common import find_repository
-
-    return find_repository(options.repo, os.environ.get("VML_REPO"), area, default_repository())
-
-
 @contextmanager
 def opened(area: Path | None = None) -> Iterator[Repository]:
     """The command's repository, closed again however the command ends."""
@@ -143,9 +124,31 @@ def opened(area: Path | None = None) -> Iterator[Repository]:
 
     repo = open_repository(repository_path(area))
     try:
+        _number_pushed(repo)
         yield repo
     finally:
         repo.close()
+
+
+def _number_pushed(repo: Repository) -> None:
+    """Entries `vml push` sent here get their E-numbers on first use (see ``number_pushed``)."""
+    from vml.plumbing.refs import unnumbered_pushes
+
+    if not unnumbered_pushes(repo):
+        return
+    from vml.porcelain.fetch import number_pushed
+
+    try:
+        made = number_pushed(repo)
+    except (VMLError, OSError) as e:  # a read-only or busy repository: still usable as it is
+        err.print(
+            f"vml: note: entries pushed here have no E-number yet ({escape(str(e))}); "
+            "run `vml fetch` where you may write"
+        )
+        return
+    if made:
+        names = ", ".join(e.entry for e in made)
+        out.print(f"numbered the entries pushed here: {names}")
 
 
 # --- options several commands share ------------------------------------------
@@ -157,7 +160,10 @@ Json = Annotated[
     bool, typer.Option("--json", help="Print one JSON document (docs/JSON.md), nothing else.")
 ]
 RemoteArg = Annotated[
-    str | None, typer.Argument(help="The remote (default: origin, or the only one).")
+    str | None,
+    typer.Argument(
+        help="The remote (default: origin, or the only one).", autocompletion=completion.remotes
+    ),
 ]
 
 
@@ -168,12 +174,23 @@ def folder_argument(help: str) -> Any:
 
 def entry_argument(help: str = "Entry: E3, 3, a tag, a branch or a commit id.") -> Any:
     """An entry name argument (or a list of them), checked as it is read."""
-    return typer.Argument(help=help, click_type=EntryName(), show_default=False)
+    return typer.Argument(
+        help=help,
+        click_type=EntryName(),
+        show_default=False,
+        autocompletion=completion.entries,
+    )
 
 
 def entry_option(name: str, help: str) -> Any:
     """An option naming an entry (``--base``)."""
-    return typer.Option(name, help=help, click_type=EntryName(), show_default=False)
+    return typer.Option(
+        name,
+        help=help,
+        click_type=EntryName(),
+        show_default=False,
+        autocompletion=completion.entries,
+    )
 
 
 def count_option(name: str, help: str) -> Any:

@@ -18,8 +18,8 @@ from vml.cli.common import (
     folder_argument,
     handled,
     opened,
-    repository_path,
 )
+from vml.cli.lookup import repository_path
 from vml.cli.params import Size
 from vml.cli.render import emit_json, err, out, print_log, print_repack, progress_bar, size
 from vml.errors import UsageError
@@ -47,7 +47,7 @@ def init(
     json_: Json = False,
 ) -> None:
     """Create a repository."""
-    target = path if path is not None else repository_path(None)
+    target = path if path is not None else repository_path(None, here=False)
     from vml.porcelain import init as init_mod
 
     res = init_mod.init(target, block_size)

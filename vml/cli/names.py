@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
+from vml.cli import completion
 from vml.cli.common import Json, Quiet, entry_argument, handled, opened
 from vml.cli.render import emit_json, out
 from vml.errors import UsageError
@@ -21,7 +22,10 @@ commands = typer.Typer()
 @handled
 def branch(
     name: Annotated[
-        str | None, typer.Argument(help="New branch name; none lists branches.")
+        str | None,
+        typer.Argument(
+            help="New branch name; none lists branches.", autocompletion=completion.branches
+        ),
     ] = None,
     entry: Annotated[
         str | None, entry_argument("Where it starts (default: the area's entry).")
@@ -39,7 +43,10 @@ def branch(
 @commands.command()
 @handled
 def tag(
-    name: Annotated[str | None, typer.Argument(help="New tag name; none lists tags.")] = None,
+    name: Annotated[
+        str | None,
+        typer.Argument(help="New tag name; none lists tags.", autocompletion=completion.tags),
+    ] = None,
     entry: Annotated[str | None, entry_argument("The entry (default: the area's).")] = None,
     delete: Annotated[bool, typer.Option("--delete", "-d", help="Delete the tag.")] = False,
     quiet: Quiet = False,

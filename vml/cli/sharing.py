@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
+from vml.cli import completion
 from vml.cli.common import (
     Json,
     Quiet,
@@ -95,7 +96,9 @@ def remote_add(
 @remote_app.command("remove")
 @handled
 def remote_remove(
-    name: Annotated[str, typer.Argument(help="The remote to forget.")],
+    name: Annotated[
+        str, typer.Argument(help="The remote to forget.", autocompletion=completion.remotes)
+    ],
     quiet: Quiet = False,
     json_: Json = False,
 ) -> None:

@@ -20,6 +20,8 @@ from vml.plumbing.repository import Repository, fsync_dir, write_atomic
 from vml.values import COMMIT_ID_FORM, check_plain_name, entry_number, shown
 
 ENTRY_PREFIX = b"refs/vml/entries/"
+#: Where `vml push` puts entries on a remote: one ref per entry, named by its commit id.
+SHARED_PREFIX = b"refs/vml/shared/"
 TAG_PREFIX = b"refs/tags/"
 BRANCH_PREFIX = b"refs/heads/"
 
@@ -138,6 +140,20 @@ def resolve_name(repo: Repository, name: str, table: RefTable | None = None) -> 
         what = "; ".join(" = ".join(r) for r in readings.values())
         raise AmbiguousEntry(f"{shown(name)} names {len(readings)} commits: {what}")
     raise UnknownEntry(f"no entry named {shown(name)}")
+
+
+def unnumbered_pushes(repo: Repository) -> bool:
+    """True when an entry pushed here (``refs/vml/shared/*``) has no E-number yet.
+
+    Cheap when nothing was pushed here (one listing of ref names), which is
+    what every command pays to number such entries on first use.
+    """
+    if not repo.git.refs.subkeys(Ref(SHARED_PREFIX)):
+        return False
+    numbered = {c.hex().encode() for c in read_refs(repo).entries.values()}
+    return any(
+        name.startswith(SHARED_PREFIX) and value not in numbered for name, value in all_refs(repo)
+    )
 
 
 # The highest E-number this repository ever gave (local, in vml/): a number

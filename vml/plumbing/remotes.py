@@ -54,7 +54,7 @@ from vml.plumbing.repository import Repository, fsync_dir, write_atomic
 from vml.progress import ProgressFn, no_progress
 from vml.values import check_plain_name
 
-SHARED_PREFIX = b"refs/vml/shared/"
+SHARED_PREFIX = refs_mod.SHARED_PREFIX
 TRACK_PREFIX = b"refs/vml/remotes/"
 GIT_TRACK_PREFIX = b"refs/remotes/"
 _HEX40 = re.compile(rb"^[0-9a-f]{40}$")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,14 +29,19 @@ def make_pool() -> ThreadPoolExecutor:
 
 
 def find_repository(
-    explicit: Path | None, env: str | None, area: Path | None, default: Path
+    explicit: Path | None, env: str | None, areas: Sequence[Path], default: Path
 ) -> Path:
-    """Where the repository is: ``--repo``, ``$VML_REPO``, the area's own, the user default."""
+    """Where the repository is: ``--repo``, ``$VML_REPO``, the first of ``areas``' own, the default.
+
+    The CLI passes the area a command works on, then the current folder: from
+    inside an area, `vml checkout E1 ../copy` uses the area's repository
+    although the new folder has none yet.
+    """
     if explicit is not None:
         return explicit
     if env:
         return Path(env)
-    if area is not None:
+    for area in areas:
         try:
             state = load_state(area)
         except AreaError:

@@ -335,6 +335,18 @@ def apply_fetched(
     return res
 
 
+def number_pushed(repo: Repository) -> list[NewEntry]:
+    """Give E-numbers to entries pushed straight into this repository, as `vml fetch` does.
+
+    A bare repository that received `vml push` (or a `git clone --mirror` of
+    it) holds its entries as ``refs/vml/shared/<id>`` only; the CLI calls this
+    when it opens a repository, so such entries are listed from the first use.
+    """
+    if not refs_mod.unnumbered_pushes(repo):
+        return []
+    return apply_fetched(repo, "", "", {}, prune=False).new_entries
+
+
 def fetch_into(
     repo: Repository,
     remote: str,
