@@ -153,12 +153,14 @@ def _number_pushed(repo: Repository) -> None:
 
 # --- options several commands share ------------------------------------------
 
-Quiet = Annotated[
-    bool, typer.Option("--quiet", "-q", help="Print nothing but errors (no progress bar).")
-]
-Json = Annotated[
-    bool, typer.Option("--json", help="Print one JSON document (docs/JSON.md), nothing else.")
-]
+
+def flag(name: str, help: str, short: str | None = None) -> Any:
+    """A yes/no option (``--force``, ``-f``); it is off unless given."""
+    return typer.Option(name, *([short] if short else []), help=help)
+
+
+Quiet = Annotated[bool, flag("--quiet", "Print nothing but errors (no progress bar).", "-q")]
+Json = Annotated[bool, flag("--json", "Print one JSON document (docs/JSON.md), nothing else.")]
 RemoteArg = Annotated[
     str | None,
     typer.Argument(
@@ -169,7 +171,7 @@ RemoteArg = Annotated[
 
 def folder_argument(help: str) -> Any:
     """A folder argument: never empty or blank (that once meant the current folder)."""
-    return typer.Argument(help=help, click_type=Folder(), show_default=False)
+    return typer.Argument(help=help, click_type=Folder())
 
 
 def entry_argument(help: str = "Entry: E3, 3, a tag, a branch or a commit id.") -> Any:

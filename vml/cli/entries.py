@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.markup import escape
@@ -15,6 +15,7 @@ from vml.cli.common import (
     Quiet,
     entry_argument,
     entry_option,
+    flag,
     folder_argument,
     handled,
     opened,
@@ -23,9 +24,6 @@ from vml.cli.lookup import repository_path
 from vml.cli.params import Size
 from vml.cli.render import emit_json, err, out, print_log, print_repack, progress_bar, size
 from vml.errors import UsageError
-
-if TYPE_CHECKING:
-    from vml.porcelain.checkout import CheckoutResult
 
 # Each command imports the porcelain it needs when it runs: a `vml` start-up
 # pays only for what that command uses (users wait for every save).
@@ -64,12 +62,12 @@ def init(
 def commit(
     area: AreaArg = Path("."),
     message: Annotated[str, typer.Option("--message", "-m", help="What this state is.")] = "",
-    full: Annotated[bool, typer.Option("--full", help="Save the whole VM.")] = False,
+    full: Annotated[bool, flag("--full", "Save the whole VM.")] = False,
     incremental: Annotated[
-        bool, typer.Option("--incremental", help="Save changes since the area's entry (default).")
+        bool, flag("--incremental", "Save changes since the area's entry (default).")
     ] = False,
     differential: Annotated[
-        bool, typer.Option("--differential", help="Save changes since a base entry.")
+        bool, flag("--differential", "Save changes since a base entry.")
     ] = False,
     base: Annotated[
         str | None,
@@ -77,16 +75,16 @@ def commit(
     ] = None,
     tag: Annotated[str | None, typer.Option("--tag", help="Tag the new entry.")] = None,
     allow_empty: Annotated[
-        bool, typer.Option("--allow-empty", help="Make an entry even if nothing changed.")
+        bool, flag("--allow-empty", "Make an entry even if nothing changed.")
     ] = False,
     force_running: Annotated[
-        bool, typer.Option("--force-running", help="Save a running VM (crash-consistent).")
+        bool, flag("--force-running", "Save a running VM (crash-consistent).")
     ] = False,
     include_external: Annotated[
         bool,
-        typer.Option(
+        flag(
             "--include-external",
-            help="Save files the VM needs outside the area too (under .external/ in the entry).",
+            "Save files the VM needs outside the area too (under .external/ in the entry).",
         ),
     ] = False,
     quiet: Quiet = False,
@@ -154,38 +152,12 @@ def commit(
 def checkout(
     entry: EntryArg,
     area: AreaArg = Path("."),
-    force: Annotated[
-        bool, typer.Option("--force", "-f", help="Overwrite unsaved changes.")
-    ] = False,
+    force: Annotated[bool, flag("--force", "Overwrite unsaved changes.", "-f")] = False,
     quiet: Quiet = False,
     json_: Json = False,
 ) -> None:
     """Build ENTRY into AREA (created if missing)."""
-    from vml.porcelain import checkout as checkout_mod
-
-    with opened(area) as repo, progress_bar("checking out") as progress:
-        res = checkout_mod.checkout(repo, entry, area, force=force, progress=progress)
-    _print_checkout(res, "checked out", json_)
-
-
-def _print_checkout(res: CheckoutResult, verb: str, json_: bool) -> None:
-    if json_:
-        emit_json(res)
-        return
-    how = "in place" if res.in_place else "fresh"
-    out.print(
-        f"{verb} {res.entry} into {escape(res.area)} ({how}): wrote {size(res.written_bytes)} "
-        f"of {size(res.logical_bytes)}, {len(res.files_written)} files updated, "
-        f"{len(res.files_removed)} removed, {res.seconds:.2f} s"
-    )
-    if res.files_removed:
-        out.print(f"removed: {_names(res.files_removed)}")
-    if res.left_alone:
-        out.print(
-            f"[yellow]left alone[/yellow] (in no entry of this area): {_names(res.left_alone)}"
-        )
-    for note in res.notes:
-        out.print(f"[yellow]note:[/yellow] {escape(note)}")
+    _build(entry, area, force, json_, restore=False)
 
 
 def _names(paths: list[str], most: int = 10) -> str:
@@ -198,17 +170,40 @@ def _names(paths: list[str], most: int = 10) -> str:
 def restore(
     entry: Annotated[str, entry_argument("The entry to go back to.")],
     area: AreaArg = Path("."),
-    force: Annotated[bool, typer.Option("--force", "-f", help="Discard unsaved changes.")] = False,
+    force: Annotated[bool, flag("--force", "Discard unsaved changes.", "-f")] = False,
     quiet: Quiet = False,
     json_: Json = False,
 ) -> None:
     """Go back to ENTRY in AREA; the next save branches the tree there."""
+    _build(entry, area, force, json_, restore=True)
+
+
+def _build(entry: str, area: Path, force: bool, json_: bool, *, restore: bool) -> None:
+    """``checkout`` and ``restore``: build ``entry`` into ``area`` and say what was written."""
     from vml.porcelain import checkout as checkout_mod
 
-    with opened(area) as repo, progress_bar("restoring") as progress:
-        res = checkout_mod.restore(repo, entry, area, force=force, progress=progress)
-    _print_checkout(res, "restored", json_)
-    if not json_:
+    build = checkout_mod.restore if restore else checkout_mod.checkout
+    with opened(area) as repo, progress_bar("restoring" if restore else "checking out") as bar:
+        res = build(repo, entry, area, force=force, progress=bar)
+    if json_:
+        emit_json(res)
+        return
+    how = "in place" if res.in_place else "fresh"
+    out.print(
+        f"{'restored' if restore else 'checked out'} {res.entry} into {escape(res.area)} ({how}): "
+        f"wrote {size(res.written_bytes)} of {size(res.logical_bytes)}, "
+        f"{len(res.files_written)} files updated, {len(res.files_removed)} removed, "
+        f"{res.seconds:.2f} s"
+    )
+    if res.files_removed:
+        out.print(f"removed: {_names(res.files_removed)}")
+    if res.left_alone:
+        out.print(
+            f"[yellow]left alone[/yellow] (in no entry of this area): {_names(res.left_alone)}"
+        )
+    for note in res.notes:
+        out.print(f"[yellow]note:[/yellow] {escape(note)}")
+    if restore:
         out.print(f"the next `vml commit` here makes a child of {res.entry}")
 
 

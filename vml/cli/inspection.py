@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from vml.cli.common import AreaArg, EntryArg, Json, Quiet, handled, opened
+from vml.cli.common import AreaArg, EntryArg, Json, Quiet, flag, handled, opened
 from vml.cli.render import emit_json, out, print_log, size, vm_brief, vm_lines
 from vml.errors import VMLError
 
@@ -20,10 +20,8 @@ commands = typer.Typer()
 @commands.command()
 @handled
 def log(
-    graph: Annotated[bool, typer.Option("--graph", help="Draw the dependency trees.")] = False,
-    all_: Annotated[
-        bool, typer.Option("--all", help="Every tree, not only the current area's.")
-    ] = False,
+    graph: Annotated[bool, flag("--graph", "Draw the dependency trees.")] = False,
+    all_: Annotated[bool, flag("--all", "Every tree, not only the current area's.")] = False,
     quiet: Quiet = False,
     json_: Json = False,
 ) -> None:

@@ -9,7 +9,17 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
-from vml.cli.common import Json, Quiet, count_option, entry_argument, entry_option, handled, opened
+from vml.cli import completion
+from vml.cli.common import (
+    Json,
+    Quiet,
+    count_option,
+    entry_argument,
+    entry_option,
+    flag,
+    handled,
+    opened,
+)
 from vml.cli.render import emit_json, out, print_repack, progress_bar, size
 from vml.errors import CorruptRepository
 
@@ -41,7 +51,7 @@ def _print_rewrite(res: RewriteReport) -> None:
 def rm(
     entries: Annotated[list[str], entry_argument("Entries to remove: E3, a tag, ...")],
     force: Annotated[
-        bool, typer.Option("--force", "-f", help="Remove entries areas hold or tags name.")
+        bool, flag("--force", "Remove entries areas hold or tags name.", "-f")
     ] = False,
     quiet: Quiet = False,
     json_: Json = False,
@@ -104,11 +114,12 @@ def prune(
     keep_monthly: Annotated[int | None, count_option("--keep-monthly", "Keep N monthly.")] = None,
     keep_yearly: Annotated[int | None, count_option("--keep-yearly", "Keep N yearly.")] = None,
     keep_tag: Annotated[
-        list[str] | None, typer.Option("--keep-tag", help="Keep the entry this tag names.")
+        list[str] | None,
+        typer.Option(
+            "--keep-tag", help="Keep the entry this tag names.", autocompletion=completion.tags
+        ),
     ] = None,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", "-n", help="Only say what would go.")
-    ] = False,
+    dry_run: Annotated[bool, flag("--dry-run", "Only say what would go.", "-n")] = False,
     quiet: Quiet = False,
     json_: Json = False,
 ) -> None:
@@ -140,15 +151,10 @@ def prune(
 @commands.command()
 @handled
 def gc(
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", "-n", help="Only say what would be freed.")
-    ] = False,
+    dry_run: Annotated[bool, flag("--dry-run", "Only say what would be freed.", "-n")] = False,
     repair: Annotated[
         bool,
-        typer.Option(
-            "--repair",
-            help="Rebuild the index of set-aside packs, or salvage them (no collecting).",
-        ),
+        flag("--repair", "Rebuild the index of set-aside packs, or salvage them (no collecting)."),
     ] = False,
     quiet: Quiet = False,
     json_: Json = False,
@@ -241,10 +247,9 @@ def _print_check(res: CheckResult, json_: bool, what: str) -> None:
 @handled
 def verify(
     entries: Annotated[list[str] | None, entry_argument("Entries to check.")] = None,
-    all_: Annotated[bool, typer.Option("--all", help="Check every entry.")] = False,
+    all_: Annotated[bool, flag("--all", "Check every entry.")] = False,
     read_data: Annotated[
-        bool,
-        typer.Option("--read-data", help="Also rebuild every file in memory and check its digest."),
+        bool, flag("--read-data", "Also rebuild every file in memory and check its digest.")
     ] = False,
     quiet: Quiet = False,
     json_: Json = False,

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from vml.cli import completion
-from vml.cli.common import Json, Quiet, entry_argument, handled, opened
+from vml.cli.common import Json, Quiet, entry_argument, flag, handled, opened
 from vml.cli.render import emit_json, out
 from vml.errors import UsageError
 
@@ -30,9 +30,7 @@ def branch(
     entry: Annotated[
         str | None, entry_argument("Where it starts (default: the area's entry).")
     ] = None,
-    delete: Annotated[
-        bool, typer.Option("--delete", "-d", help="Delete the branch (entries stay).")
-    ] = False,
+    delete: Annotated[bool, flag("--delete", "Delete the branch (entries stay).", "-d")] = False,
     quiet: Quiet = False,
     json_: Json = False,
 ) -> None:
@@ -48,7 +46,7 @@ def tag(
         typer.Argument(help="New tag name; none lists tags.", autocompletion=completion.tags),
     ] = None,
     entry: Annotated[str | None, entry_argument("The entry (default: the area's).")] = None,
-    delete: Annotated[bool, typer.Option("--delete", "-d", help="Delete the tag.")] = False,
+    delete: Annotated[bool, flag("--delete", "Delete the tag.", "-d")] = False,
     quiet: Quiet = False,
     json_: Json = False,
 ) -> None:

@@ -18,6 +18,7 @@ from vml.cli.common import (
     Quiet,
     RemoteArg,
     entry_argument,
+    flag,
     folder_argument,
     handled,
     opened,
@@ -253,11 +254,9 @@ def push(
         list[str] | None,
         entry_argument("Entries, branches or tags to send (their chains go along)."),
     ] = None,
-    all_: Annotated[bool, typer.Option("--all", help="Every entry and every branch.")] = False,
-    tags: Annotated[bool, typer.Option("--tags", help="Every tag too.")] = False,
-    force: Annotated[
-        bool, typer.Option("--force", "-f", help="Move remote branches even backwards.")
-    ] = False,
+    all_: Annotated[bool, flag("--all", "Every entry and every branch.")] = False,
+    tags: Annotated[bool, flag("--tags", "Every tag too.")] = False,
+    force: Annotated[bool, flag("--force", "Move remote branches even backwards.", "-f")] = False,
     quiet: Quiet = False,
     json_: Json = False,
 ) -> None:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
-from vml.cli.common import AreaArg, Json, Quiet, handled
+from vml.cli.common import AreaArg, Json, Quiet, flag, handled
 from vml.cli.params import Count, Memory, Seconds
 from vml.cli.render import emit_json, out, size
 
@@ -61,9 +61,9 @@ def vm_init(
         str, typer.Option("--interface", help="How disks attach: virtio, ide, scsi or nvme.")
     ] = "virtio",
     no_copy: Annotated[
-        bool, typer.Option("--no-copy", help="Refuse a kernel or initrd outside the area.")
+        bool, flag("--no-copy", "Refuse a kernel or initrd outside the area.")
     ] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace the area's description.")] = False,
+    force: Annotated[bool, flag("--force", "Replace the area's description.")] = False,
     quiet: Quiet = False,
     json_: Json = False,
 ) -> None:
@@ -113,21 +113,19 @@ def _started(res: RunResult) -> None:
 def run(
     area: AreaArg = Path("."),
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print the QEMU command line, start nothing.")
+        bool, flag("--dry-run", "Print the QEMU command line, start nothing.")
     ] = False,
     console: Annotated[
-        bool,
-        typer.Option("--console", help="Stay in the foreground with the serial console here."),
+        bool, flag("--console", "Stay in the foreground with the serial console here.")
     ] = False,
     accel: Annotated[
         str | None, typer.Option("--accel", help="kvm or tcg (default: kvm where it works).")
     ] = None,
     cont: Annotated[
-        bool, typer.Option("--continue", help="Continue a VM that is paused (after a save).")
+        bool, flag("--continue", "Continue a VM that is paused (after a save).")
     ] = False,
     discard_state: Annotated[
-        bool,
-        typer.Option("--discard-state", help="Drop a saved running state and boot afresh."),
+        bool, flag("--discard-state", "Drop a saved running state and boot afresh.")
     ] = False,
     quiet: Quiet = False,
     json_: Json = False,
@@ -172,12 +170,9 @@ def run(
 def stop(
     area: AreaArg = Path("."),
     save: Annotated[
-        bool,
-        typer.Option("--save", help="Save the running state and quit (`vml run` resumes it)."),
+        bool, flag("--save", "Save the running state and quit (`vml run` resumes it).")
     ] = False,
-    kill: Annotated[
-        bool, typer.Option("--kill", help="End QEMU at once (like pulling the plug).")
-    ] = False,
+    kill: Annotated[bool, flag("--kill", "End QEMU at once (like pulling the plug).")] = False,
     timeout: Annotated[
         float,
         typer.Option(
