@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -24,6 +24,9 @@ from vml.cli.lookup import repository_path
 from vml.cli.params import Size
 from vml.cli.render import emit_json, err, out, print_log, print_repack, progress_bar, size
 from vml.errors import UsageError
+
+if TYPE_CHECKING:
+    from vml.porcelain.commit import CommitResult
 
 # Each command imports the porcelain it needs when it runs: a `vml` start-up
 # pays only for what that command uses (users wait for every save).
@@ -126,10 +129,14 @@ def commit(
     if json_:
         emit_json(res)
         return
+    _print_commit(res)
+
+
+def _print_commit(res: CommitResult) -> None:
     out.print(res.entry)
     parent = f"parent {res.parent}" if res.parent else "no parent"
-    extra = f", tag {res.tag}" if res.tag else ""
-    extra += f", branch {res.branch}" if res.branch else ""
+    extra = f", tag {escape(res.tag)}" if res.tag else ""
+    extra += f", branch {escape(res.branch)}" if res.branch else ""
     out.print(
         f"{res.kind} entry {res.entry} ({parent}{extra}): read {size(res.read_bytes)}, "
         f"stored {size(res.stored_bytes)} of {size(res.logical_bytes)}, {res.seconds:.2f} s"
