@@ -150,6 +150,11 @@ def _print_commit(res: CommitResult) -> None:
         out.print(
             f"[yellow]note:[/yellow] saved {escape(e.source)} (outside the area) as {escape(e.path)}"
         )
+    if res.branch_moved_on:
+        out.print(
+            f"[yellow]note:[/yellow] branch {escape(res.branch_moved_on)} moved on elsewhere: "
+            "it stays where it is, and this area no longer follows it"
+        )
     if res.repacked is not None:
         print_repack(res.repacked)
 
