@@ -224,3 +224,19 @@ def test_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     line = vml("demo", "play", code=2)  # not empty any more
     assert "not empty" in line
     assert os.listdir(root)  # nothing removed
+
+
+def test_commit_moves_an_area_to_another_repository_only_with_move(
+    cli_repo: Path, tmp_path: Path
+) -> None:
+    """The refusal names --move: the option is there (#14)."""
+    area = tmp_path / "area"
+    make_area(area)
+    vml("--repo", cli_repo, "commit", area, "-q")
+    other = tmp_path / "other"
+    vml("init", other, "--block-size", str(TEST_BLOCK), "-q")
+    line = vml("--repo", other, "commit", area, code=2)
+    assert "--move" in line
+    out = vml("--repo", other, "commit", area, "--move")
+    assert "full entry E1" in out
+    assert vml("--repo", other, "status", area, "--json").count('"entry": "E1"') == 1

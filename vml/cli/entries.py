@@ -90,6 +90,9 @@ def commit(
             "Save files the VM needs outside the area too (under .external/ in the entry).",
         ),
     ] = False,
+    move: Annotated[
+        bool, flag("--move", "Save to this repository from now on (the area was saved elsewhere).")
+    ] = False,
     quiet: Quiet = False,
     json_: Json = False,
 ) -> None:
@@ -119,6 +122,7 @@ def commit(
             allow_empty=allow_empty,
             force_running=force_running,
             include_external=include_external,
+            move=move,
             progress=progress,
         )
     if res.repack_problem is not None:
