@@ -8,7 +8,7 @@ only forward unless ``force``; tags are created, never moved.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from vml.errors import CorruptRepository, RemoteError, UsageError
@@ -35,6 +35,124 @@ class PushResult(Record):
     size: int = 0  # bytes transferred
 
 
+@dataclass
+class _Wanted:
+    """What a push sends: entries (with their chains), branches and tags."""
+
+    commits: set[bytes] = field(default_factory=set)
+    branches: dict[str, bytes] = field(default_factory=dict)
+    tags: dict[str, bytes] = field(default_factory=dict)  # tag -> raw ref value (annotated kept)
+
+
+def _wanted(
+    repo: Repository, table: refs_mod.RefTable, names: Sequence[str], all_entries: bool, tags: bool
+) -> _Wanted:
+    """Resolve what the command line names; refuses an empty push."""
+    w = _Wanted()
+    tag_names: set[str] = set(table.tags) if tags else set()
+    if all_entries:
+        w.commits |= set(table.entries.values())
+        w.branches.update(table.branches)
+    for name in names:
+        if name in table.branches:
+            w.branches[name] = table.branches[name]
+        elif name in table.tags:
+            tag_names.add(name)
+        else:
+            w.commits.add(refs_mod.resolve_name(repo, name, table))
+    w.commits |= set(w.branches.values())
+    w.commits |= {table.tags[t] for t in tag_names}
+    if not w.commits:
+        raise UsageError(
+            "nothing to push", "name the entries, branches or tags to push, or use --all"
+        )
+    w.tags = {t: bytes(repo.git.refs[refs_mod.TAG_PREFIX + t.encode()]) for t in tag_names}  # type: ignore[index]
+    return w
+
+
+def _check_whole(reader: PackReader, table: refs_mod.RefTable, commits: set[bytes]) -> None:
+    """An entry goes whole or not at all: never one the remote could not rebuild."""
+    memo: dict[bytes, str | None] = {}
+    for c in sorted(commits):
+        why = reach_problem(reader, c, set(), memo)
+        if why is not None:
+            raise CorruptRepository(
+                f"{label(table, c)} cannot be sent: {why}; nothing was sent",
+                "run `vml fsck` to see which entries are damaged; push the others by name",
+            )
+
+
+def _updates(
+    reader: PackReader,
+    table: refs_mod.RefTable,
+    chain: Sequence[bytes],
+    w: _Wanted,
+    remote: str,
+    force: bool,
+    res: PushResult,
+) -> Callable[[dict[bytes, bytes]], dict[bytes, bytes]]:
+    """The ref updates to ask of the remote, given the refs it holds; fills ``res``."""
+
+    def update(remote_refs: dict[bytes, bytes]) -> dict[bytes, bytes]:
+        have = set(remote_refs.values())
+        new: dict[bytes, bytes] = {}
+        rejected: list[str] = []
+        res.entries.clear()
+        for c in sorted(chain, key=lambda c: table.number_of(c) or 1 << 62):
+            h = c.hex().encode()
+            if h not in have:
+                new[remotes_mod.SHARED_PREFIX + h] = h
+                res.entries.append(label(table, c) or c.hex()[:12])
+        for b, c in sorted(w.branches.items()):
+            ref = refs_mod.BRANCH_PREFIX + b.encode()
+            old = remote_refs.get(ref)
+            h = c.hex().encode()
+            if old == h:
+                continue
+            if (
+                old is not None
+                and not force
+                and not remotes_mod.is_ancestor(reader, bytes.fromhex(old.decode()), c)
+            ):
+                rejected.append(b)
+                continue
+            new[ref] = h
+            res.branches[b] = label(table, c) or c.hex()[:12]
+        for t, value in sorted(w.tags.items()):
+            ref = refs_mod.TAG_PREFIX + t.encode()
+            old = remote_refs.get(ref)
+            if old == value:
+                continue
+            if old is not None:
+                rejected.append(f"tag {t}")
+                continue
+            new[ref] = value
+            res.tags.append(t)
+        if rejected:
+            raise RemoteError(
+                f"{remote} holds other entries on {', '.join(rejected)}",
+                f"run `vml pull {remote}` first, or push with --force (branches only)",
+            )
+        return new
+
+    return update
+
+
+def _track(repo: Repository, remote: str, updated: dict[bytes, bytes]) -> None:
+    """Remember what the remote now holds, as git does after a push."""
+    with repo.lock():
+        for ref, value in sorted(updated.items()):
+            if ref.startswith(remotes_mod.SHARED_PREFIX):
+                tail = ref[len(remotes_mod.SHARED_PREFIX) :]
+                target = remotes_mod.TRACK_PREFIX + remote.encode() + b"/shared/" + tail
+            elif ref.startswith(refs_mod.BRANCH_PREFIX):
+                tail = ref[len(refs_mod.BRANCH_PREFIX) :]
+                target = remotes_mod.GIT_TRACK_PREFIX + remote.encode() + b"/" + tail
+            else:
+                continue
+            refs_mod.set_ref(repo, target, bytes.fromhex(value.decode()))
+
+
 def push(
     repo: Repository,
     remote: str | None = None,
@@ -54,85 +172,13 @@ def push(
         remote = "origin" if "origin" in remotes else next(iter(remotes))
     url = remotes_mod.remote_url(repo, remote)
     table = refs_mod.read_refs(repo)
-    commits: set[bytes] = set()
-    branches: dict[str, bytes] = {}
-    tag_names: set[str] = set()
-    if all_entries:
-        commits |= set(table.entries.values())
-        branches.update(table.branches)
-    if tags:
-        tag_names |= set(table.tags)
-    for name in names:
-        if name in table.branches:
-            branches[name] = table.branches[name]
-        elif name in table.tags:
-            tag_names.add(name)
-        else:
-            commits.add(refs_mod.resolve_name(repo, name, table))
-    commits |= set(branches.values())
-    commits |= {table.tags[t] for t in tag_names}
-    if not commits:
-        raise UsageError(
-            "nothing to push", "name the entries, branches or tags to push, or use --all"
-        )
-    raw_tags = {t: bytes(repo.git.refs[refs_mod.TAG_PREFIX + t.encode()]) for t in tag_names}  # type: ignore[index]
-
+    w = _wanted(repo, table, names, all_entries, tags)
     reader = PackReader(repo)
     try:
-        chain = remotes_mod.chain_entries(reader, commits, set())
-        # An entry goes whole or not at all: never one the remote could not rebuild.
-        memo: dict[bytes, str | None] = {}
-        for c in sorted(commits | set(chain)):
-            why = reach_problem(reader, c, set(), memo)
-            if why is not None:
-                raise CorruptRepository(
-                    f"{label(table, c)} cannot be sent: {why}; nothing was sent",
-                    "run `vml fsck` to see which entries are damaged; push the others by name",
-                )
+        chain = remotes_mod.chain_entries(reader, w.commits, set())
+        _check_whole(reader, table, w.commits | set(chain))
         res = PushResult(remote, url)
-        rejected: list[str] = []
-
-        def update(remote_refs: dict[bytes, bytes]) -> dict[bytes, bytes]:
-            have = set(remote_refs.values())
-            new: dict[bytes, bytes] = {}
-            res.entries.clear()
-            for c in sorted(chain, key=lambda c: table.number_of(c) or 1 << 62):
-                h = c.hex().encode()
-                if h not in have:
-                    new[remotes_mod.SHARED_PREFIX + h] = h
-                    res.entries.append(label(table, c) or c.hex()[:12])
-            for b, c in sorted(branches.items()):
-                ref = refs_mod.BRANCH_PREFIX + b.encode()
-                old = remote_refs.get(ref)
-                h = c.hex().encode()
-                if old == h:
-                    continue
-                if (
-                    old is not None
-                    and not force
-                    and not remotes_mod.is_ancestor(reader, bytes.fromhex(old.decode()), c)
-                ):
-                    rejected.append(b)
-                    continue
-                new[ref] = h
-                res.branches[b] = label(table, c) or c.hex()[:12]
-            for t, value in sorted(raw_tags.items()):
-                ref = refs_mod.TAG_PREFIX + t.encode()
-                old = remote_refs.get(ref)
-                if old == value:
-                    continue
-                if old is not None:
-                    rejected.append(f"tag {t}")
-                    continue
-                new[ref] = value
-                res.tags.append(t)
-            if rejected:
-                raise RemoteError(
-                    f"{remote} holds other entries on {', '.join(rejected)}",
-                    f"run `vml pull {remote}` first, or push with --force (branches only)",
-                )
-            return new
-
+        update = _updates(reader, table, list(chain), w, remote, force, res)
         client, path = remotes_mod.open_transport(repo, url, ssh_command)
         sent = remotes_mod.send(repo, client, path, url, update, progress)
     finally:
@@ -144,24 +190,5 @@ def push(
             "check the server's permissions and run the push again",
         )
     res.objects, res.size = sent.objects, sent.size
-    # Remember what the remote now holds, as git does after a push.
-    with repo.lock():
-        for ref, value in sorted(sent.updated.items()):
-            if ref.startswith(remotes_mod.SHARED_PREFIX):
-                target = (
-                    remotes_mod.TRACK_PREFIX
-                    + remote.encode()
-                    + b"/shared/"
-                    + ref[len(remotes_mod.SHARED_PREFIX) :]
-                )
-            elif ref.startswith(refs_mod.BRANCH_PREFIX):
-                target = (
-                    remotes_mod.GIT_TRACK_PREFIX
-                    + remote.encode()
-                    + b"/"
-                    + ref[len(refs_mod.BRANCH_PREFIX) :]
-                )
-            else:
-                continue
-            refs_mod.set_ref(repo, target, bytes.fromhex(value.decode()))
+    _track(repo, remote, sent.updated)
     return res
