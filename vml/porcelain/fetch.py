@@ -271,56 +271,18 @@ def apply_fetched(
     chosen, res.not_arrived = arrived_whole(repo, remote, asked, taken)
     # What tracks a ref that did not arrive stays as it was (the remote still has it).
     unchanged = {tracking_name(remote, ref) for ref in asked if ref not in chosen}
-    hints: dict[bytes, int] = {}
-    remote_names: dict[bytes, str] = {}
-    for ref, hexid in sorted((advertised or {}).items(), reverse=True):
-        n = _number(ref[len(_ENTRIES) :]) if ref.startswith(_ENTRIES) else None
-        if n is not None and remotes_mod._HEX40.match(hexid):
-            hints[bytes.fromhex(hexid.decode())] = n
-            remote_names[bytes.fromhex(hexid.decode())] = f"E{n}"
-    tips: list[bytes] = []
+    hints, remote_names = _remote_numbers(advertised or {})
     with repo.lock():
         # A gc that ran between the pack's arrival and now may have taken
         # objects no ref held yet (a pack without its marker, or objects that
         # were already here unreferenced): never point a ref at a missing one.
         peeled = _check_present(repo, remote, chosen)
-        wanted: set[bytes] = set()
-        for ref, hexid in sorted(chosen.items()):
-            hexid = remotes_mod.hex_of(hexid)
-            target = tracking_name(remote, ref)
-            if target is None:
-                continue
-            commit = peeled[hexid]
-            tips.append(commit)
-            if ref.startswith(_ENTRIES):
-                n = int(ref[len(_ENTRIES) :])
-                if commit not in hints or n < hints[commit]:
-                    hints[commit] = n
-                    remote_names[commit] = f"E{n}"
-            if ref.startswith(refs_mod.TAG_PREFIX):
-                old = _current(repo, ref)
-                name = ref[len(refs_mod.TAG_PREFIX) :].decode()
-                if old is None:
-                    refs_mod.set_ref(repo, ref, bytes.fromhex(hexid.decode()), create=True)
-                    res.tags.append(name)
-                elif old != hexid:
-                    res.tag_conflicts.append(name)
-                continue
-            wanted.add(target)
-            if _current(repo, target) != hexid:
-                refs_mod.set_ref(repo, target, bytes.fromhex(hexid.decode()))
-            if ref.startswith(refs_mod.BRANCH_PREFIX):
-                res.branches[ref[len(refs_mod.BRANCH_PREFIX) :].decode()] = commit.hex()
+        tips, wanted = _point_refs(repo, remote, chosen, peeled, hints, remote_names, res)
         if prune:
             for ref in remotes_mod.tracking_refs(repo, remote):
                 if ref not in wanted and ref not in unchanged:
                     refs_mod.delete_ref(repo, ref)
-        # entries others pushed straight into this repository
-        for ref in repo.git.refs.allkeys():
-            if ref.startswith(remotes_mod.SHARED_PREFIX):
-                value = _current(repo, ref)
-                if value is not None and remotes_mod._HEX40.match(value):
-                    tips.append(bytes.fromhex(value.decode()))
+        tips += _pushed_here(repo)
         made = remotes_mod.number_entries(repo, tips, hints, keep_hinted=keep_numbers)
         origins = {
             c: remotes_mod.Origin(remote, url, remote_names.get(c, "")) for _n, c in made if remote
@@ -333,6 +295,74 @@ def apply_fetched(
         num = table.number_of(bytes.fromhex(tip))
         res.branches[b] = f"E{num}" if num is not None else tip[:12]
     return res
+
+
+def _remote_numbers(advertised: dict[bytes, bytes]) -> tuple[dict[bytes, int], dict[bytes, str]]:
+    """The remote's E-number of each entry it advertised (the lowest, if several)."""
+    hints: dict[bytes, int] = {}
+    remote_names: dict[bytes, str] = {}
+    for ref, hexid in sorted(advertised.items(), reverse=True):
+        n = _number(ref[len(_ENTRIES) :]) if ref.startswith(_ENTRIES) else None
+        if n is not None and remotes_mod._HEX40.match(hexid):
+            hints[bytes.fromhex(hexid.decode())] = n
+            remote_names[bytes.fromhex(hexid.decode())] = f"E{n}"
+    return hints, remote_names
+
+
+def _point_refs(
+    repo: Repository,
+    remote: str,
+    chosen: dict[bytes, bytes],
+    peeled: dict[bytes, bytes],
+    hints: dict[bytes, int],
+    remote_names: dict[bytes, str],
+    res: FetchResult,
+) -> tuple[list[bytes], set[bytes]]:
+    """Point tracking refs (and new tags) at what arrived; the tips to number, the refs set.
+
+    Under the repository lock.  A tag that exists here on another commit is
+    left as it is and reported as a conflict.
+    """
+    tips: list[bytes] = []
+    wanted: set[bytes] = set()
+    for ref, hexid in sorted(chosen.items()):
+        hexid = remotes_mod.hex_of(hexid)
+        target = tracking_name(remote, ref)
+        if target is None:
+            continue
+        commit = peeled[hexid]
+        tips.append(commit)
+        if ref.startswith(_ENTRIES):
+            n = int(ref[len(_ENTRIES) :])
+            if commit not in hints or n < hints[commit]:
+                hints[commit] = n
+                remote_names[commit] = f"E{n}"
+        if ref.startswith(refs_mod.TAG_PREFIX):
+            old = _current(repo, ref)
+            name = ref[len(refs_mod.TAG_PREFIX) :].decode()
+            if old is None:
+                refs_mod.set_ref(repo, ref, bytes.fromhex(hexid.decode()), create=True)
+                res.tags.append(name)
+            elif old != hexid:
+                res.tag_conflicts.append(name)
+            continue
+        wanted.add(target)
+        if _current(repo, target) != hexid:
+            refs_mod.set_ref(repo, target, bytes.fromhex(hexid.decode()))
+        if ref.startswith(refs_mod.BRANCH_PREFIX):
+            res.branches[ref[len(refs_mod.BRANCH_PREFIX) :].decode()] = commit.hex()
+    return tips, wanted
+
+
+def _pushed_here(repo: Repository) -> list[bytes]:
+    """Entries others pushed straight into this repository (``refs/vml/shared/*``)."""
+    out = []
+    for ref in repo.git.refs.allkeys():
+        if ref.startswith(remotes_mod.SHARED_PREFIX):
+            value = _current(repo, ref)
+            if value is not None and remotes_mod._HEX40.match(value):
+                out.append(bytes.fromhex(value.decode()))
+    return out
 
 
 def number_pushed(repo: Repository) -> list[NewEntry]:
