@@ -408,6 +408,26 @@ def local_heads(repo: Repository) -> list[ObjectID]:
     return [ObjectID(v) for v in sorted(out)]
 
 
+def _make_durable(repo: Repository, pack_dir: Path, before: set[str]) -> list[Path]:
+    """fsync the pack files that arrived (dulwich renames them without); returns the packs.
+
+    Before any ref points into them.
+    """
+    arrived: list[Path] = []
+    for name in sorted(set(os.listdir(pack_dir)) - before):
+        if name.startswith("pack-") and name.endswith(".pack"):
+            arrived.append(pack_dir / name)
+        if name.startswith("pack-"):
+            fd = os.open(pack_dir / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fsync_dir(pack_dir)
+    repo.reopen_store()
+    return arrived
+
+
 def receive(
     repo: Repository,
     client: GitClient,
@@ -467,21 +487,8 @@ def receive(
                 ) from None
     finally:
         sink.file.close()
-    arrived: list[Path] = []
     try:
-        # dulwich renames packs into place without fsync: make them durable
-        # before any ref points into them.
-        for name in sorted(set(os.listdir(pack_dir)) - before):
-            if name.startswith("pack-") and name.endswith(".pack"):
-                arrived.append(pack_dir / name)
-            if name.startswith("pack-"):
-                fd = os.open(pack_dir / name, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        fsync_dir(pack_dir)
-        repo.reopen_store()
+        arrived = _make_durable(repo, pack_dir, before)
     except BaseException:
         _release(keeps)
         raise
