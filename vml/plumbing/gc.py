@@ -204,6 +204,147 @@ def _orphan_packs(repo: Repository) -> list[Path]:
     ]
 
 
+@dataclass
+class _Survey:
+    """What gc found in the packs, given the live objects."""
+
+    extents: dict[str, list[tuple[bytes, int, int, int | None]]]  # packs to rewrite
+    kept_ids: set[bytes]  # objects of packs that stay as they are
+    ids_of: dict[str, list[bytes]]  # objects of packs that go whole
+    going: list[PackInfo]
+
+
+def _refuse_set_aside(repo: Repository) -> None:
+    set_aside = repo.packs.set_aside()
+    if set_aside:
+        # Objects only a set-aside pack holds would look unreachable, and
+        # so would everything only they reach.
+        name, why = next(iter(set_aside.items()))
+        raise CorruptRepository(
+            f"pack {name} is set aside ({why}); gc deletes nothing while a pack is set aside",
+            "run `vml gc --repair` to rebuild or salvage it, then `vml gc`",
+        )
+
+
+def _mark_all(reader: PackReader, roots: list[bytes], orphans: list[Path]) -> set[bytes]:
+    """Every object the refs reach; refuses when one of them cannot be read."""
+    live: set[bytes] = set()
+    try:
+        mark(reader, roots, live)
+    except CorruptRepository as err:
+        # What the unreadable commit or tree names cannot be seen, so it
+        # would look unreachable.
+        if orphans:
+            raise CorruptRepository(
+                f"{err.message}; pack {orphans[0].name} has no index and may hold it; "
+                "gc deletes nothing",
+                "run `vml gc --repair` to index or salvage that pack, then `vml gc`",
+            ) from None
+        raise CorruptRepository(
+            f"{err.message}; gc deletes nothing while something refs reach is unreadable",
+            "run `vml fsck` to see which entries are damaged; `vml rm --force` them "
+            "or bring the objects back, then `vml gc`",
+        ) from None
+    return live
+
+
+def _survey(
+    pack_dir: Path, pack_names: list[str], live: set[bytes], dry_run: bool, result: GcResult
+) -> _Survey:
+    """Each pack's live share and fate: kept, rewritten, or deleted whole."""
+    extents: dict[str, list[tuple[bytes, int, int, int | None]]] = {}
+    # Read once here, not again later: the ids of packs that stay (no copy
+    # needed) and of packs that go whole (a rescue may need them).
+    kept_ids: set[bytes] = set()
+    ids_of: dict[str, list[bytes]] = {}
+    for name in pack_names:
+        pack = pack_dir / f"{name}.pack"
+        idx = pack_dir / f"{name}.idx"
+        psize = pack.stat().st_size
+        ext = pack_extents(idx, psize)
+        info = PackInfo(name, objects=len(ext), size=psize + idx.stat().st_size)
+        info.keep = keep_protects(pack_dir / f"{name}.keep")
+        for sha, _off, length, _crc in ext:
+            if sha in live:
+                info.live += 1
+                info.live_bytes += length
+        result.packs.append(info)
+        if info.action == "rewrite":
+            extents[name] = ext
+        elif not dry_run and info.action == "keep":
+            kept_ids.update(sha for sha, *_ in ext)
+        elif not dry_run:
+            ids_of[name] = [sha for sha, *_ in ext]
+    going = [p for p in result.packs if p.action != "keep"]
+    return _Survey(extents, kept_ids, ids_of, going)
+
+
+def _copy_live(
+    repo: Repository,
+    reader: PackReader,
+    pack_dir: Path,
+    survey: _Survey,
+    live: set[bytes],
+    result: GcResult,
+    progress: ProgressFn,
+) -> None:
+    """Copy the live objects of the packs to rewrite into one new pack, still compressed."""
+    writer = PackWriter(repo)
+    try:
+        total = sum(len(e) for e in survey.extents.values())
+        done = 0
+        for name, ext in survey.extents.items():
+            fd = os.open(pack_dir / f"{name}.pack", os.O_RDONLY)
+            try:
+                for sha, off, length, crc in ext:
+                    done += 1
+                    progress("copy", done, total)
+                    if sha not in live or sha in survey.kept_ids or sha in writer:
+                        continue
+                    copy_object(reader, writer, fd, sha, off, length, crc)
+            finally:
+                os.close(fd)
+        result.written_bytes += _finish(writer, result)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _rescue(
+    repo: Repository,
+    reader: PackReader,
+    survey: _Survey,
+    live: set[bytes],
+    loose: dict[bytes, Path],
+    dead_loose: dict[bytes, Path],
+    result: GcResult,
+) -> None:
+    """Under the lock: keep what refs moved onto while we copied (a save finished meanwhile)."""
+    reader.refresh()
+    added = mark(reader, ref_roots(repo), live)
+    rescue = [s for s in added if not _safe_elsewhere(s, survey.kept_ids, loose, dead_loose)]
+    doomed_ids: set[bytes] = set()
+    for name in survey.extents:
+        doomed_ids.update(s for s, *_ in survey.extents[name])
+    for p in survey.going:
+        if p.name not in survey.extents:
+            doomed_ids.update(survey.ids_of[p.name])
+    rescue = [s for s in rescue if s in doomed_ids or s in dead_loose]
+    if not rescue:
+        return
+    writer = PackWriter(repo)
+    try:
+        for sha in rescue:
+            type_num, data = reader.read(sha)
+            writer.add_compressed(type_num, sha, len(data), deflate(data))
+        result.written_bytes += _finish(writer, result)
+    except BaseException:
+        writer.abort()
+        raise
+    for sha in rescue:
+        dead_loose.pop(sha, None)
+
+
 def collect(
     repo: Repository,
     *,
@@ -219,129 +360,47 @@ def collect(
         if pack_dir.is_dir()
         else []
     )
-    set_aside = repo.packs.set_aside()
-    if set_aside:
-        # Objects only a set-aside pack holds would look unreachable, and
-        # so would everything only they reach.
-        name, why = next(iter(set_aside.items()))
-        raise CorruptRepository(
-            f"pack {name} is set aside ({why}); gc deletes nothing while a pack is set aside",
-            "run `vml gc --repair` to rebuild or salvage it, then `vml gc`",
-        )
+    _refuse_set_aside(repo)
     loose = _loose_objects(repo)
     _busy, stale_tmp = _temporaries(repo)
     orphans = _orphan_packs(repo)
-
     # Refs first, then the pack list: objects are on disk before any ref
     # points at them, so every object the roots reach is in a pack seen now.
     roots = ref_roots(repo)
     reader = PackReader(repo)
-    writer: PackWriter | None = None
     try:
-        live: set[bytes] = set()
         progress("mark", 0, 0)
-        try:
-            mark(reader, roots, live)
-        except CorruptRepository as err:
-            # What the unreadable commit or tree names cannot be seen, so
-            # it would look unreachable.
-            if orphans:
-                raise CorruptRepository(
-                    f"{err.message}; pack {orphans[0].name} has no index and may hold it; "
-                    "gc deletes nothing",
-                    "run `vml gc --repair` to index or salvage that pack, then `vml gc`",
-                ) from None
-            raise CorruptRepository(
-                f"{err.message}; gc deletes nothing while something refs reach is unreadable",
-                "run `vml fsck` to see which entries are damaged; `vml rm --force` them "
-                "or bring the objects back, then `vml gc`",
-            ) from None
+        live = _mark_all(reader, roots, orphans)
         result.live_objects = len(live)
         stale_tmp += [p for p in orphans if _redundant(reader, p, live)]
-        extents: dict[str, list[tuple[bytes, int, int, int | None]]] = {}
-        # Read once here, not again later: the ids of packs that stay (no copy
-        # needed) and of packs that go whole (a rescue may need them).
-        kept_ids: set[bytes] = set()
-        ids_of: dict[str, list[bytes]] = {}
-        for name in pack_names:
-            pack = pack_dir / f"{name}.pack"
-            idx = pack_dir / f"{name}.idx"
-            psize = pack.stat().st_size
-            ext = pack_extents(idx, psize)
-            info = PackInfo(name, objects=len(ext), size=psize + idx.stat().st_size)
-            info.keep = keep_protects(pack_dir / f"{name}.keep")
-            for sha, _off, length, _crc in ext:
-                if sha in live:
-                    info.live += 1
-                    info.live_bytes += length
-            result.packs.append(info)
-            if info.action == "rewrite":
-                extents[name] = ext
-            elif not dry_run and info.action == "keep":
-                kept_ids.update(sha for sha, *_ in ext)
-            elif not dry_run:
-                ids_of[name] = [sha for sha, *_ in ext]
+        survey = _survey(pack_dir, pack_names, live, dry_run, result)
         dead_loose = {sha: p for sha, p in loose.items() if sha not in live}
         result.loose_dead = len(dead_loose)
         result.loose_dead_bytes = sum(p.stat().st_size for p in dead_loose.values())
         result.dead_objects = sum(p.objects - p.live for p in result.packs if not p.keep) + len(
             dead_loose
         )
-        going = [p for p in result.packs if p.action != "keep"]
         if dry_run:
             result.deleted_bytes = (
-                sum(p.size for p in going)
+                sum(p.size for p in survey.going)
                 + result.loose_dead_bytes
                 + sum(f.stat().st_size for f in stale_tmp)
             )
             # The rewritten packs' live objects go into a new pack (headers aside).
-            result.written_bytes = sum(p.live_bytes for p in going)
+            result.written_bytes = sum(p.live_bytes for p in survey.going)
             return result
-
         # Objects that stay where they are need no copy.
-        writer = PackWriter(repo)
-        total = sum(len(e) for e in extents.values())
-        done = 0
-        for name, ext in extents.items():
-            fd = os.open(pack_dir / f"{name}.pack", os.O_RDONLY)
-            try:
-                for sha, off, length, crc in ext:
-                    done += 1
-                    progress("copy", done, total)
-                    if sha not in live or sha in kept_ids or sha in writer:
-                        continue
-                    copy_object(reader, writer, fd, sha, off, length, crc)
-            finally:
-                os.close(fd)
-        result.written_bytes += _finish(writer, result)
-        writer = None
-
+        _copy_live(repo, reader, pack_dir, survey, live, result, progress)
         with repo.lock(what="repository (gc)"):
             # Refs may have moved while we copied: whatever they reach now stays.
-            reader.refresh()
-            added = mark(reader, ref_roots(repo), live)
-            rescue = [s for s in added if not _safe_elsewhere(s, kept_ids, loose, dead_loose)]
-            doomed_ids: set[bytes] = set()
-            for name in extents:
-                doomed_ids.update(s for s, *_ in extents[name])
-            for p in going:
-                if p.name not in extents:
-                    doomed_ids.update(ids_of[p.name])
-            rescue = [s for s in rescue if s in doomed_ids or s in dead_loose]
-            if rescue:
-                writer = PackWriter(repo)
-                for sha in rescue:
-                    type_num, data = reader.read(sha)
-                    writer.add_compressed(type_num, sha, len(data), deflate(data))
-                result.written_bytes += _finish(writer, result)
-                writer = None
-                for sha in rescue:
-                    dead_loose.pop(sha, None)
+            _rescue(repo, reader, survey, live, loose, dead_loose, result)
             busy, _stale = _temporaries(repo)
             if busy:
                 result.deferred = True
                 return result
-            going_files = [pack_dir / f"{p.name}{e}" for p in going for e in (".idx", ".pack")]
+            going_files = [
+                pack_dir / f"{p.name}{e}" for p in survey.going for e in (".idx", ".pack")
+            ]
             for f in [*going_files, *dead_loose.values(), *stale_tmp]:
                 result.deleted_bytes += unlink_counted(f)
             if pack_dir.is_dir():
@@ -350,8 +409,6 @@ def collect(
             repo.reopen_store()
         return result
     finally:
-        if writer is not None:
-            writer.abort()
         reader.close()
 
 
