@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 from hypothesis import HealthCheck, event, settings
@@ -25,10 +26,13 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 
 from tests.conftest import TEST_BLOCK, edit
 from tests.porcelain.test_forest_rm import snapshot
-from vml.errors import NothingToCommit, UsageError
+from vml.errors import ConcurrentChange, NothingToCommit, RepositoryBusy, UsageError, VMLError
 from vml.plumbing import refs as refs_mod
-from vml.plumbing.repository import init_repository
+from vml.plumbing.chains import commit_tree_parent
+from vml.plumbing.packs import PackReader
+from vml.plumbing.repository import init_repository, open_repository
 from vml.plumbing.retention import Policy
+from vml.porcelain import commit as commit_mod
 from vml.porcelain.checkout import checkout, restore
 from vml.porcelain.commit import commit
 from vml.porcelain.convert import convert
@@ -107,6 +111,10 @@ class Forest(RuleBasedStateMachine):
         kind=st.sampled_from(["incremental", "incremental", "differential", "full"]),
     )
     def edit_and_save(self, changes: list[tuple[str, int, int, int]], kind: str) -> None:
+        self._edit(changes)
+        self._save(kind)
+
+    def _edit(self, changes: list[tuple[str, int, int, int]]) -> None:
         disk = self.area / "disk.img"
         for what, a, b, c in changes:
             if what == "pages":
@@ -119,7 +127,78 @@ class Forest(RuleBasedStateMachine):
             else:
                 with open(disk, "r+b") as f:
                     f.truncate(a * TEST_BLOCK - 1000)
-        self._save(kind)
+
+    @rule(
+        changes=edits,
+        what=st.sampled_from(["rm", "rm --force", "convert", "prune"]),
+        data=st.data(),
+    )
+    def save_while_reshaping(
+        self, changes: list[tuple[str, int, int, int]], what: str, data: st.DataObject
+    ) -> None:
+        """A save held just before it publishes while rm, convert or prune runs.
+
+        The new locks: never both succeed when one invalidates the other.  The
+        save either publishes on a parent that is still an entry, or refuses
+        having saved nothing; the reshape either happens whole or not at all.
+        """
+        self._edit(changes)
+        saved = snapshot(self.area)
+        nums = self.numbers()
+        n = data.draw(st.sampled_from(nums))
+        out: dict[str, object] = {}
+        held, go = threading.Event(), threading.Event()
+        real = commit_mod.publish_entry
+        saver: list[int] = []
+
+        def hold(*args: object, **kwargs: object) -> object:
+            if threading.get_ident() in saver:
+                held.set()
+                go.wait(30)
+            return real(*args, **kwargs)  # type: ignore[arg-type]
+
+        def save() -> None:
+            saver.append(threading.get_ident())
+            own = open_repository(self.repo.path)
+            try:
+                out["res"] = commit(own, self.area, allow_empty=True)
+            except VMLError as e:
+                out["err"] = e
+            finally:
+                own.close()
+                held.set()
+
+        commit_mod.publish_entry = hold  # type: ignore[assignment]
+        thread = threading.Thread(target=save)
+        thread.start()
+        try:
+            assert held.wait(60)
+            removed: list[int] = []
+            try:
+                if what.startswith("rm"):
+                    rm(self.repo, [f"E{n}"], force=what.endswith("force"))
+                    removed = [n]
+                elif what == "convert":
+                    convert(self.repo, f"E{n}", "full")
+                else:
+                    res = prune(self.repo, Policy(last=2))
+                    removed = [int(e[1:]) for e in (res.rm.removed if res.rm else [])]
+                event(f"{what} beside a save: done")
+            except (UsageError, RepositoryBusy) as e:
+                event(f"{what} beside a save: refused ({type(e).__name__})")
+            for m in removed:
+                del self.states[m]
+        finally:
+            go.set()
+            thread.join(60)
+            commit_mod.publish_entry = real  # type: ignore[assignment]
+        if "res" in out:
+            r = out["res"]
+            self.states[int(r.entry[1:])] = saved  # type: ignore[attr-defined]
+            event("the save published")
+        else:
+            assert isinstance(out.get("err"), ConcurrentChange), out
+            event("the save refused")
 
     @rule(data=st.data())
     def restore_older(self, data: st.DataObject) -> None:
@@ -181,6 +260,14 @@ class Forest(RuleBasedStateMachine):
     def check_everything(self) -> None:
         self.checks += 1
         assert set(self.numbers()) == set(self.states)
+        entries = set(refs_mod.read_refs(self.repo).entries.values())
+        reader = PackReader(self.repo)
+        try:
+            for c in entries:  # no entry's parent is left without a name
+                parent = commit_tree_parent(reader, c)[1]
+                assert parent is None or parent in entries
+        finally:
+            reader.close()
         for n in self.numbers():
             out = self.tmp / f"co-{n}-{self.checks}"
             checkout(self.repo, f"E{n}", out)
