@@ -75,7 +75,7 @@ def test_verify_names_the_entries_a_bad_object_affects(setup: tuple[Path, Path])
     try:
         img = resolve_image(reader, refs_mod.read_refs(r).entries[1], "disk.img")
         assert img is not None
-        victim = next(x.base for x in img.recipes if x.base is not None)
+        victim = next(x.base for x in img.recipes.values() if x.base is not None)
     finally:
         reader.close()
         r.close()

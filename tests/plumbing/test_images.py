@@ -13,9 +13,10 @@ import pytest
 from tests.conftest import TEST_BLOCK, allocated, edit
 from tests.plumbing.entry_kit import build, save
 from vml.errors import CorruptRepository
+from vml.plumbing.building import punch_hole, write_image
 from vml.plumbing.cache import block_hash
 from vml.plumbing.chains import ResolvedImage, image_layer, resolve_image
-from vml.plumbing.images import block_digest, data_ranges, file_digest, punch_hole, write_image
+from vml.plumbing.images import block_digest, data_ranges, file_digest
 from vml.plumbing.manifests import CHECK_SIZE, read_block_map
 from vml.plumbing.packs import BLOB, PackReader, blob_id
 from vml.plumbing.repository import Repository

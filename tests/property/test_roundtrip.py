@@ -28,8 +28,8 @@ from hypothesis.stateful import (
 
 from tests.conftest import TEST_BLOCK, allocated, digest_area, edit
 from vml.errors import DirtyArea, NothingToCommit
+from vml.plumbing.building import punch_hole
 from vml.plumbing.cache import drop_cache
-from vml.plumbing.images import punch_hole
 from vml.plumbing.repository import init_repository
 from vml.porcelain.checkout import checkout, restore
 from vml.porcelain.commit import commit

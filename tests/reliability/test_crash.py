@@ -73,7 +73,9 @@ def two_entries(tmp_path: Path, cli_repo: Path) -> tuple[Path, Path, Path]:
     return cli_repo, a1, a2
 
 
-@pytest.mark.parametrize("n", [1, 4, 12])
+# Progress comes once per block read or written and once per run of holes:
+# E1's disk is calls 1-5 of a checkout, 1-9 of the commit below.
+@pytest.mark.parametrize("n", [1, 4, 6])
 def test_killed_checkout_is_marked_and_resumes(
     tmp_path: Path, two_entries: tuple[Path, Path, Path], n: int
 ) -> None:
@@ -97,13 +99,13 @@ def test_redo_after_a_killed_checkout_leaves_only_the_new_entry(
     """Finishing with another entry must not keep the killed one's half-written files."""
     repo, _a1, a2 = two_entries
     target = tmp_path / "target"
-    assert killed("checkout", repo, 6, "E1", target)  # inside disk.img
+    assert killed("checkout", repo, 3, "E1", target)  # inside disk.img
     assert vml(repo, "checkout", "-q", "E2", target).code == 0
     assert digest_area(target) == digest_area(a2)
     assert vml(repo, "status", target).out.strip().endswith("nothing changed")
 
 
-@pytest.mark.parametrize("n", [1, 3, 9, 14])
+@pytest.mark.parametrize("n", [1, 3, 9, 11])
 def test_killed_commit_loses_nothing(two_entries: tuple[Path, Path, Path], n: int) -> None:
     repo, a1, _a2 = two_entries
     edit(a1 / "disk.img", 70_000, os.urandom(200_000))

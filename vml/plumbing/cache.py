@@ -1,11 +1,15 @@
 """The area cache: what an area's files looked like when they matched its entry.
 
 It lives in ``<area>/.vml/cache/``: per file its ``stat`` signature and
-digest, and per large file one record per block (the block's git blob id,
-xxh3-128 of the block, xxh3-64 of each page), so that an unchanged file is
-not read and a changed one's changed pages are found without reading the
-repository.  The cache is only an accelerator: when it is missing or stale,
-VML reads what it needs from the repository instead.
+digest, and per large file a records file with one record for each block
+that holds data (the block's git blob id, xxh3-128 of the block, xxh3-64
+of each page), so that an unchanged file is not read and a changed one's
+changed pages are found without reading the repository.  A block without a
+record is all zero: holes and zero blocks cost nothing, so the cache of a
+1 TiB disk holding 4 MiB is a few KiB.  The cache is only an accelerator:
+when it is missing or stale, VML reads what it needs from the repository
+instead, and when it cannot be written (no space left), the command says so
+and carries on without it.
 
 A damaged cache must cost a rescan, never a wrong entry (a record's blob id
 or page hashes are trusted for blocks the file shares with its entry).  So
@@ -18,12 +22,19 @@ that does not match is ignored as if missing, and a warning says so once.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import logging
 import mmap
 import os
 import shutil
+import struct
+import sys
 import threading
+from array import array
+from bisect import bisect_left
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +50,12 @@ CACHE_NAME = "cache"
 CACHE_TMP = "cache.tmp"
 # Bumped whenever the record layout changes; older caches are ignored.
 # 4: checksums over the index and each records file.
-CACHE_FORMAT = 4
+# 5: records only for blocks that hold data, with an index and a trailer.
+CACHE_FORMAT = 5
 SUM_SUFFIX = ".sum"
+# The records file's trailer: magic, version, file size, records, block and page size.
+_TRAILER = struct.Struct("<4sIQQII")
+_MAGIC = b"VMLR"
 
 
 def _doc_check(doc: dict[str, Any]) -> str:
@@ -75,27 +90,45 @@ def _record_size(page_size: int, block_size: int) -> int:
     return 36 + 8 * (block_size // page_size)
 
 
+_ZERO_RECORDS: dict[tuple[int, int, int], bytes] = {}
+
+
+def zero_block_record(length: int, page_size: int, block_size: int) -> bytes:
+    """The record of an all-zero block of ``length`` bytes (never stored: implied)."""
+    key = (length, page_size, block_size)
+    rec = _ZERO_RECORDS.get(key)
+    if rec is None:
+        z = bytes(length)
+        blob = hashlib.sha1(b"blob %d\0" % length + z).digest()
+        rec = blob + block_hash(z) + page_hashes(z, page_size, block_size // page_size)
+        _ZERO_RECORDS[key] = rec
+    return rec
+
+
 class BlockRecords:
     """Read-only view of one image's per-block hashes (memory-mapped).
 
-    The file's checksum is checked when a record is first asked for: a
-    file that does not match answers as if it held no records (every block
-    is then read and hashed afresh).
+    Only blocks holding data have a record; every other block of the file
+    (``nblocks`` of them in all) is all zero and answers the zero record.
+    The file's checksum is checked when it is first asked anything: a file
+    that does not match answers as if it held no records (every block is
+    then read and hashed afresh).
     """
 
     def __init__(self, path: Path, page_size: int, block_size: int, area: Path) -> None:
         self.rec = _record_size(page_size, block_size)
+        self.page_size = page_size
+        self.block_size = block_size
         self.path = path
         self._area = area
         self._f = open(path, "rb")  # noqa: SIM115 (lives as long as the mmap)
-        size = os.fstat(self._f.fileno()).st_size
-        self._records = size // self.rec
-        self._count = 0  # until the checksum is checked (_check)
+        self._bytes = os.fstat(self._f.fileno()).st_size
+        self._mm: mmap.mmap | None = None
+        self._size = 0
+        self._nblocks = 0
+        self._index = array("I")
         self._checked = False
         self._lock = threading.Lock()
-        self._mm: mmap.mmap | None = (
-            mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-        )
 
     def _check(self) -> None:
         # Workers of a save ask for records at once: one of them checks.
@@ -106,51 +139,169 @@ class BlockRecords:
                 want = self.path.with_name(self.path.name + SUM_SUFFIX).read_text().strip()
             except (OSError, UnicodeDecodeError):
                 want = None
-            have = xxhash.xxh3_128_hexdigest(self._mm if self._mm is not None else b"")
-            if want == have:
-                self._count = self._records
-            else:
-                _damaged(self._area, f"the block records of {self.path.name}")
+            try:
+                if self._bytes:
+                    self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
+                have = xxhash.xxh3_128_hexdigest(self._mm if self._mm is not None else b"")
+                if want != have:
+                    _damaged(self._area, f"the block records of {self.path.name}")
+                else:
+                    self._parse(self._bytes)
+            except (ValueError, OSError, struct.error):
+                self._index = array("I")
+                self._nblocks = 0  # unreadable: answers nothing, as if missing
             self._checked = True
+
+    def _parse(self, size: int) -> None:
+        if self._mm is None or size < _TRAILER.size:
+            raise ValueError("no trailer")
+        magic, version, fsize, count, bs, ps = _TRAILER.unpack_from(self._mm, size - _TRAILER.size)
+        if (magic, version, bs, ps) != (_MAGIC, 1, self.block_size, self.page_size):
+            raise ValueError("another layout")
+        if count * (self.rec + 4) + _TRAILER.size != size:
+            raise ValueError("truncated")
+        at = count * self.rec
+        self._index.frombytes(self._mm[at : at + 4 * count])
+        if sys.byteorder == "big":
+            self._index.byteswap()
+        self._size = fsize
+        self._nblocks = (fsize + self.block_size - 1) // self.block_size
+
+    @property
+    def nblocks(self) -> int:
+        """Blocks of the file the records describe (0 when they cannot be trusted)."""
+        if not self._checked:
+            self._check()
+        return self._nblocks
+
+    @property
+    def size(self) -> int:
+        """The size of the file the records describe."""
+        if not self._checked:
+            self._check()
+        return self._size
 
     @property
     def count(self) -> int:
-        """Blocks with a record (none when the file does not match its checksum)."""
+        """Blocks of the file the records describe (zero blocks included)."""
+        return self.nblocks
+
+    def data_blocks(self) -> array[int]:
+        """The blocks that hold data, in increasing order."""
         if not self._checked:
             self._check()
-        return self._count
+        return self._index
+
+    def _slot(self, n: int) -> int | None:
+        i = bisect_left(self._index, n)
+        return i if i < len(self._index) and self._index[i] == n else None
+
+    def _length(self, n: int) -> int:
+        return min(self.block_size, self._size - n * self.block_size)
+
+    def record(self, n: int) -> bytes | None:
+        """Block ``n``'s whole record (the zero record for a zero block), None beyond the file."""
+        if n >= self.nblocks:
+            return None
+        i = self._slot(n)
+        if i is None or self._mm is None:
+            return zero_block_record(self._length(n), self.page_size, self.block_size)
+        return self._mm[i * self.rec : (i + 1) * self.rec]
+
+    def stored(self, n: int) -> bytes | None:
+        """Block ``n``'s record if it holds data (None for a zero block or beyond the file)."""
+        if n >= self.nblocks or self._mm is None:
+            return None
+        i = self._slot(n)
+        return None if i is None else self._mm[i * self.rec : (i + 1) * self.rec]
 
     def block_digest(self, n: int) -> bytes | None:
         """Blob id of block ``n`` as cached, or None beyond the cached file."""
-        if n >= self.count or self._mm is None:
-            return None
-        off = n * self.rec
-        return self._mm[off : off + 20]
+        r = self.record(n)
+        return None if r is None else r[:20]
 
     def block_hash(self, n: int) -> bytes | None:
         """xxh3-128 of block ``n`` as cached, or None beyond the cached file."""
-        if n >= self.count or self._mm is None:
-            return None
-        off = n * self.rec + 20
-        return self._mm[off : off + 16]
+        r = self.record(n)
+        return None if r is None else r[20:36]
 
     def page_hashes(self, n: int) -> bytes:
         """The xxh3-64 of every page of block ``n``, concatenated."""
-        assert self._mm is not None
-        off = n * self.rec + 36
-        return self._mm[off : off + self.rec - 36]
-
-    def record(self, n: int) -> bytes:
-        """The whole cached record of block ``n``."""
-        assert self._mm is not None
-        off = n * self.rec
-        return self._mm[off : off + self.rec]
+        r = self.record(n)
+        assert r is not None
+        return r[36:]
 
     def close(self) -> None:
         """Unmap and close."""
         if self._mm is not None:
             self._mm.close()
         self._f.close()
+
+
+class RecordsWriter:
+    """Writes one image's records file: records of the blocks that hold data, in order.
+
+    ``add`` takes block numbers in increasing order; ``close`` writes the
+    index and the trailer.  Write errors (no space left) do not stop the
+    command: the cache writer is told and drops the cache at the end.
+    """
+
+    def __init__(self, owner: CacheWriter, path: Path, size: int) -> None:
+        self.owner = owner
+        self.path = path
+        self.size = size
+        self._index = array("I")
+        self._f: Any = None
+        self._closed = False
+        self._sum = xxhash.xxh3_128()
+        try:
+            self._f = open(path, "wb")  # noqa: SIM115 (closed by close())
+        except OSError as e:
+            owner.failed(e)
+
+    def add(self, n: int, record: bytes | memoryview) -> None:
+        """The record of block ``n``, which holds data."""
+        if self._f is None or self.owner.problem is not None:
+            return
+        if len(record) != _record_size(self.owner.page_size, self.owner.block_size):
+            # An image cut another way than the cache (a mirror without
+            # vml.blockSize): its records would be useless, so none are kept.
+            self._f.close()
+            self._f = None
+            return
+        self._index.append(n)
+        try:
+            self._sum.update(record)
+            self._f.write(record)
+        except OSError as e:
+            self.owner.failed(e)
+
+    def close(self) -> None:
+        """Write the index and the trailer (once)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._f is None:
+            return
+        try:
+            if self.owner.problem is None:
+                idx = array("I", self._index)
+                if sys.byteorder == "big":
+                    idx.byteswap()
+                o = self.owner
+                tail = idx.tobytes() + _TRAILER.pack(
+                    _MAGIC, 1, self.size, len(self._index), o.block_size, o.page_size
+                )
+                self._sum.update(tail)
+                self._f.write(tail)
+            self._f.close()
+            if self.owner.problem is None:
+                # The checksum goes last: a records file without it is not trusted.
+                self.path.with_name(self.path.name + SUM_SUFFIX).write_text(self._sum.hexdigest())
+        except OSError as e:
+            self.owner.failed(e)
+            with contextlib.suppress(OSError):
+                self._f.close()
 
 
 def records_path(area: Path, name: str) -> Path:
@@ -217,31 +368,46 @@ class Cache:
 
 
 class CacheWriter:
-    """Builds the next cache in ``.vml/cache.tmp`` and swaps it in at the end."""
+    """Builds the next cache in ``.vml/cache.tmp`` and swaps it in at the end.
+
+    The cache is an accelerator: when it cannot be written (no space left,
+    a read-only ``.vml``), ``problem`` says why, nothing more is written,
+    and :meth:`commit` drops the old cache (it describes another entry)
+    instead of installing a new one; the command itself carries on.
+    """
 
     def __init__(self, area: Path, page_size: int, block_size: int) -> None:
         self.area = area
         self.page_size = page_size
         self.block_size = block_size
         self.dir = vml_dir(area) / CACHE_TMP
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir.mkdir(parents=True)
         self.files: dict[str, CachedFile] = {}
+        self.problem: str | None = None
         self._n = 0
+        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            self.dir.mkdir(parents=True)
+        except OSError as e:
+            self.failed(e)
 
-    def new_records(self) -> tuple[str, object]:
-        """Open a new per-block record file; returns its name and a binary file.
+    def failed(self, e: OSError) -> None:
+        """Note that the cache cannot be written (the first reason is kept)."""
+        if self.problem is None:
+            why = "no space left" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror
+            self.problem = f"the area cache was not written ({why or e}); the next save reads more"
 
-        The file takes ``write`` and ``close``; closing writes its checksum.
-        """
+    def new_records(self, size: int) -> tuple[str, RecordsWriter]:
+        """Start the records file of an image of ``size`` bytes; returns its name and writer."""
         self._n += 1
         name = f"{self._n:06d}.blocks"
-        return name, _SummedFile(self.dir / name)
+        return name, RecordsWriter(self, self.dir / name, size)
 
     def reuse_records(self, old: Path) -> str:
-        """Carry an unchanged image's records over with their checksum (hard links: no copy)."""
+        """Carry an unchanged image's records over (a hard link: no copy)."""
         self._n += 1
         name = f"{self._n:06d}.blocks"
+        if self.problem is not None:
+            return name
         for suffix in ("", SUM_SUFFIX):
             src = old.with_name(old.name + suffix)
             dst = self.dir / (name + suffix)
@@ -250,7 +416,10 @@ class CacheWriter:
             except FileNotFoundError:
                 continue  # no checksum: the records will not be trusted
             except OSError:
-                shutil.copyfile(src, dst)
+                try:
+                    shutil.copyfile(src, dst)
+                except OSError as e:
+                    self.failed(e)
         return name
 
     def add(self, path: str, cf: CachedFile) -> None:
@@ -258,7 +427,7 @@ class CacheWriter:
         self.files[path] = cf
 
     def commit(self, entry: str) -> None:
-        """Write the index and replace the old cache with this one."""
+        """Write the index and replace the old cache with this one (or drop both)."""
         doc = {
             "format": CACHE_FORMAT,
             "entry": entry,
@@ -266,11 +435,20 @@ class CacheWriter:
             "block_size": self.block_size,
             "files": {p: asdict(cf) for p, cf in sorted(self.files.items())},
         }
-        # The cache is an accelerator: it need not survive a crash, so no fsync.
-        write_atomic(self.dir / "index.json", _encode_index(doc), durable=False)
         live = vml_dir(self.area) / CACHE_NAME
         old = vml_dir(self.area) / "cache.old"
+        if self.problem is None:
+            try:
+                # An accelerator: it need not survive a crash, so no fsync.
+                write_atomic(self.dir / "index.json", _encode_index(doc), durable=False)
+            except OSError as e:
+                self.failed(e)
         shutil.rmtree(old, ignore_errors=True)
+        if self.problem is not None:
+            # The old cache describes the entry the area held before: it must go.
+            shutil.rmtree(live, ignore_errors=True)
+            self.abort()
+            return
         if live.exists():
             os.replace(live, old)
         os.replace(self.dir, live)
@@ -279,25 +457,6 @@ class CacheWriter:
     def abort(self) -> None:
         """Drop the unfinished cache."""
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class _SummedFile:
-    """A records file being written; its checksum goes beside it when it is closed."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._f = open(path, "wb")  # noqa: SIM115 (closed by close())
-        self._sum = xxhash.xxh3_128()
-
-    def write(self, data: bytes) -> int:
-        self._sum.update(data)
-        return self._f.write(data)
-
-    def close(self) -> None:
-        if self._f.closed:
-            return
-        self._f.close()
-        self.path.with_name(self.path.name + SUM_SUFFIX).write_text(self._sum.hexdigest())
 
 
 def rekey_cache(area: Path, old: str, new: str) -> None:

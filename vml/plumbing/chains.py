@@ -9,7 +9,7 @@ then built and written once.
 
 from __future__ import annotations
 
-import bisect
+from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Executor, Future, wait
@@ -56,15 +56,30 @@ class Recipe:
 ZERO = Recipe(None)
 
 
+class Recipes(dict[int, Recipe]):
+    """Block number -> recipe, holding only blocks that are not all zero.
+
+    A block absent from it is zero (``recipes[n]`` answers ``ZERO``), so a
+    1 TiB image holding a few MiB costs a few entries, not a million.
+    Iterating gives the non-zero blocks only.
+    """
+
+    def __missing__(self, key: int) -> Recipe:
+        return ZERO
+
+
 @dataclass
 class ResolvedImage:
     """An image of one entry, resolved to one recipe per block."""
 
     manifest: Manifest
-    recipes: list[Recipe]
+    recipes: Recipes
     # The entry's check of every block (blob id and xxh3-128, CHECK_SIZE
     # bytes each), or None for an entry written before checks existed.
     checks: bytes | None = None
+    _sorted: list[int] | None = None
+    # The checks blob's id (binary): an unchanged image names it again.
+    checks_id: bytes | None = None
 
     def check(self, n: int) -> tuple[bytes, bytes] | None:
         """Block ``n``'s ``(blob id, xxh3-128)``, or None when the entry has no checks."""
@@ -75,9 +90,29 @@ class ResolvedImage:
 
     def recipe(self, n: int, length: int) -> Recipe | None:
         """Block ``n``'s recipe if it exists with exactly ``length`` bytes."""
-        if n >= len(self.recipes) or self.manifest.block_length(n) != length:
+        if n >= self.manifest.nblocks or self.manifest.block_length(n) != length:
             return None
         return self.recipes[n]
+
+    def nonzero(self) -> list[int]:
+        """The blocks that are not all zero, in increasing order."""
+        if self._sorted is None:
+            self._sorted = sorted(self.recipes)
+        return self._sorted
+
+    def nonzero_in(self, start: int, end: int) -> list[int]:
+        """The blocks in ``[start, end)`` that are not all zero, in order."""
+        s = self.nonzero()
+        return s[bisect_left(s, start) : bisect_left(s, end)]
+
+
+def same_length_end(parent: ResolvedImage | None, size: int, block_size: int) -> int:
+    """Blocks below this have a block of the same length in ``parent``."""
+    if parent is None or parent.manifest.block_size != block_size:
+        return 0  # cut another way: no block lines up
+    if parent.manifest.size == size:
+        return (size + block_size - 1) // block_size
+    return min(size, parent.manifest.size) // block_size
 
 
 def commit_tree_parent(reader: PackReader, commit: bytes) -> tuple[bytes, bytes | None]:
@@ -138,8 +173,63 @@ def _checks(
     return data
 
 
+def _subtract(spans: list[tuple[int, int]], cuts: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted disjoint ``spans`` minus sorted (possibly touching) ``cuts``, in one pass."""
+    out: list[tuple[int, int]] = []
+    i = 0
+    for a, b in spans:
+        while i < len(cuts) and cuts[i][1] <= a:
+            i += 1
+        j = i
+        while a < b and j < len(cuts) and cuts[j][0] < b:
+            ca, cb = cuts[j]
+            if ca > a:
+                out.append((a, ca))
+            a = max(a, cb)
+            j += 1
+        if a < b:
+            out.append((a, b))
+    return out
+
+
+class _Unresolved:
+    """The blocks not yet resolved, as sorted disjoint ``[start, end)`` spans.
+
+    Sized by what the layers name, not by the image: a block nobody names
+    costs nothing until the base layer settles it as zero.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.spans = [(0, n)] if n else []
+        self._starts = [a for a, _ in self.spans]
+
+    def __contains__(self, b: int) -> bool:
+        i = bisect_right(self._starts, b) - 1
+        return i >= 0 and b < self.spans[i][1]
+
+    def overlap(self, a: int, b: int) -> list[tuple[int, int]]:
+        """The unresolved parts of ``[a, b)``."""
+        out = []
+        i = max(bisect_right(self._starts, a) - 1, 0)
+        while i < len(self.spans) and self.spans[i][0] < b:
+            lo, hi = max(a, self.spans[i][0]), min(b, self.spans[i][1])
+            if lo < hi:
+                out.append((lo, hi))
+            i += 1
+        return out
+
+    def remove(self, cuts: list[tuple[int, int]]) -> None:
+        if cuts:
+            self.spans = _subtract(self.spans, sorted(cuts))
+            self._starts = [a for a, _ in self.spans]
+
+
 def resolve_image(reader: PackReader, commit: bytes, path: str) -> ResolvedImage | None:
-    """Resolve image ``path`` of entry ``commit`` (None if it is not an image there)."""
+    """Resolve image ``path`` of entry ``commit`` (None if it is not an image there).
+
+    The work follows the blocks the layers name (and the zero ranges they
+    list), never the image's size: holes and zero blocks cost nothing.
+    """
     tree, parent = commit_tree_parent(reader, commit)
     items = _image_items(reader, tree, path)
     if items is None:
@@ -147,14 +237,13 @@ def resolve_image(reader: PackReader, commit: bytes, path: str) -> ResolvedImage
     top = _layer(reader, items, path)
     target = top[0]
     checks = _checks(reader, items, target, path)
-    n = target.nblocks
     pending: dict[int, list[bytes]] = {}  # block -> deltas found so far (newest first)
-    recipes: list[Recipe] = [ZERO] * n
-    unresolved = set(range(n))
+    recipes = Recipes()
+    unresolved = _Unresolved(target.nblocks)
 
     def settle(b: int, base: bytes | None, older: tuple[bytes, ...] = ()) -> None:
         # Block b starts from ``base`` (None: zeros) and ``older`` deltas, then
-        # the newer deltas gathered on the way down; all zeros stays ZERO.
+        # the newer deltas gathered on the way down; all zeros stays absent.
         deltas = older + tuple(reversed(pending.pop(b, [])))
         if len(deltas) > MAX_RECIPE_DELTAS:
             raise HostileRepository(
@@ -163,11 +252,10 @@ def resolve_image(reader: PackReader, commit: bytes, path: str) -> ResolvedImage
             )
         if base is not None or deltas:
             recipes[b] = Recipe(base, deltas)
-        unresolved.discard(b)
 
     layer: tuple[Manifest, bytes | None] | None = top
     depth = 0
-    while unresolved:
+    while unresolved.spans:
         if layer is None:
             raise CorruptRepository(
                 f"image {path} of {commit.hex()[:12]} depends on an entry that lacks it"
@@ -175,29 +263,39 @@ def resolve_image(reader: PackReader, commit: bytes, path: str) -> ResolvedImage
         manifest, blocks_tree = layer
         if manifest.block_size != target.block_size:
             raise CorruptRepository(f"image {path} changes block size along its chain")
-        for z in manifest.zero_blocks():
-            if z in unresolved:
-                settle(z, None)
+        done: list[tuple[int, int]] = []
+        for za, zb in manifest.zero:
+            done += unresolved.overlap(za, zb)
+        if done:
+            # Zero from here down; blocks with newer deltas are built on zeros.
+            for b in [b for b in pending if _within(done, b)]:
+                settle(b, None)
+            unresolved.remove(done)
+            done = []
         if blocks_tree is not None:
             bmap = read_block_map(_read_tree(reader), blocks_tree, manifest.nblocks)
-            if manifest.zero and any(_in_ranges(manifest.zero, b) for b in bmap):
+            if manifest.zero and any(_within(manifest.zero, b) for b in bmap):
                 raise CorruptRepository(
                     f"image {path} of {commit.hex()[:12]} names a block both zero and stored"
                 )
-            for b, entry in bmap.items():
+            for b in sorted(bmap):
                 if b not in unresolved:
                     continue
+                entry = bmap[b]
                 if isinstance(entry, Anchored):
                     # Self-contained: its own base and deltas, then the newer ones.
                     settle(b, entry.base, entry.deltas)
+                    done.append((b, b + 1))
                     continue
                 is_delta, sha = entry
                 if is_delta:
                     pending.setdefault(b, []).append(sha)
                 else:
                     settle(b, sha)
+                    done.append((b, b + 1))
+            unresolved.remove(done)
         if manifest.base:
-            for b in list(unresolved):
+            for b in list(pending):
                 settle(b, None)
             break
         if parent is None:
@@ -208,12 +306,14 @@ def resolve_image(reader: PackReader, commit: bytes, path: str) -> ResolvedImage
         tree, next_parent = commit_tree_parent(reader, parent)
         layer = image_layer(reader, tree, path)
         parent = next_parent
-    return ResolvedImage(target, recipes, checks)
+    found = items.get(CHECKS_NAME)
+    return ResolvedImage(target, recipes, checks, checks_id=found[1] if found else None)
 
 
-def _in_ranges(spans: list[tuple[int, int]], n: int) -> bool:
-    i = bisect.bisect_right(spans, (n, 1 << 62)) - 1
-    return i >= 0 and spans[i][0] <= n < spans[i][1]
+def _within(spans: list[tuple[int, int]], b: int) -> bool:
+    """Whether block ``b`` lies in one of the sorted disjoint ``spans``."""
+    i = bisect_right(spans, (b, 1 << 62)) - 1
+    return i >= 0 and spans[i][0] <= b < spans[i][1]
 
 
 def materialize(

@@ -13,21 +13,21 @@ image's digest (a hash list of its blocks' ids) as it is written.
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import errno
 import hashlib
 import os
+from bisect import bisect_left
 from collections.abc import Callable, Generator, Iterator, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
-from dulwich.objects import Blob, Tree
+from dulwich.objects import Blob, ObjectID, Tree
 
-from vml.errors import AreaError, CorruptRepository, FileChanged, NoSpace
+from vml.errors import AreaError, FileChanged
 from vml.plumbing.areas import stat_signature
-from vml.plumbing.cache import BlockRecords, block_hash, page_hashes
+from vml.plumbing.cache import BlockRecords, RecordsWriter, block_hash, page_hashes
 from vml.plumbing.chains import (
     MAX_DELTA_DEPTH,
     ZERO,
@@ -35,6 +35,7 @@ from vml.plumbing.chains import (
     ResolvedImage,
     materialize,
     ordered_map,
+    same_length_end,
 )
 from vml.plumbing.deltas import encode_delta
 from vml.plumbing.manifests import (
@@ -48,10 +49,8 @@ from vml.plumbing.manifests import (
     LayerBlock,
     Manifest,
     block_trees,
-    ranges,
 )
 from vml.plumbing.packs import BLOB, PackReader, PackWriter, blob_id, deflate
-from vml.plumbing.repository import libc, start_writeback
 from vml.progress import Advance
 
 WINDOW = 16
@@ -135,13 +134,24 @@ def file_digest(path: Path, block_size: int) -> str:
     The digest of an image is the SHA-256 of the concatenated git blob ids
     of its blocks (a hash list).  It covers every byte like a whole-file
     hash, but a save hashes only the blocks that changed, a restore checks
-    each block as it reads it, and zero blocks cost nothing.
+    each block as it reads it, and zero blocks cost nothing: only blocks
+    holding data (``SEEK_DATA``) are read here.
     """
-    out = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block_size):
-            out.update(block_digest(chunk if chunk != zeros(len(chunk)) else None, len(chunk)))
-    return out.hexdigest()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        nb = (size + block_size - 1) // block_size
+        out = Digests(size, block_size, min(block_size, 4096), checks=False)
+        for a, b in block_spans(data_ranges(fd, size), block_size, nb):
+            for n in range(a, b):
+                length = min(block_size, size - n * block_size)
+                chunk = os.pread(fd, length, n * block_size)
+                if chunk != zeros(len(chunk)):
+                    out.block(n, block_digest(chunk, len(chunk)), b"")
+        out.zeros_until(nb)
+    finally:
+        os.close(fd)
+    return out.hash.hexdigest()
 
 
 def _zero_pages(data: bytes, candidates: list[int], page_size: int, hashes: bytes) -> list[int]:
@@ -167,6 +177,7 @@ _ZERO_PAGE_HASH: dict[int, bytes] = {}
 
 @dataclass
 class _Outcome:
+    n: int
     data: bytes | None  # None: all zero
     digest: bytes
     bhash: bytes
@@ -176,6 +187,31 @@ class _Outcome:
     zdata: bytes | None = None
     raw_len: int = 0
     read: int = 0
+
+
+@dataclass
+class _Run:
+    """Blocks ``[start, end)`` that are not read: holes, or vouched for by the area cache."""
+
+    start: int
+    end: int
+    records: list[tuple[int, bytes]]  # (block, cache record) of those holding data
+    zero: list[tuple[int, int]]  # ranges listed as zero in the new layer
+    length: int  # bytes the run spans
+
+
+@dataclass(frozen=True)
+class Changed:
+    """Where a file may differ from its parent's version: sorted byte ranges.
+
+    Outside them the file holds exactly the parent's bytes, as the area
+    cache's records say (the caller makes sure they describe the parent).
+    ``partial``: the source holds only these ranges (a live save's copies),
+    so nothing else of it may be read.
+    """
+
+    ranges: list[tuple[int, int]]
+    partial: bool = False
 
 
 @dataclass
@@ -189,6 +225,8 @@ class SaveInputs:
     # holds them; the caller re-checks they still exist before moving refs
     # (a concurrent gc may have dropped them while nothing referenced them).
     reused: set[bytes] = field(default_factory=set)
+    # What may have changed since the parent (a dirty bitmap's word); None: read all data.
+    changed: Changed | None = None
 
 
 def _parent_hashes(
@@ -212,6 +250,121 @@ def _parent_hashes(
     return block_hash(data), page_hashes(data, page_size, ppb)
 
 
+def block_spans(
+    byte_ranges: list[tuple[int, int]], block_size: int, nblocks: int
+) -> list[tuple[int, int]]:
+    """The blocks ``[a, b)`` that sorted byte ranges touch, merged."""
+    out: list[tuple[int, int]] = []
+    for start, end in byte_ranges:
+        a = start // block_size
+        b = min((end + block_size - 1) // block_size, nblocks)
+        if a >= b:
+            continue
+        if out and out[-1][1] >= a:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if out and out[-1][1] >= a:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+class Digests:
+    """An image's digest and checks, fed in block order; zero blocks go in bulk (C speed)."""
+
+    _CHUNK = 1 << 16
+
+    def __init__(self, size: int, block_size: int, page_size: int, checks: bool = True) -> None:
+        self.keep_checks = checks
+        self.size = size
+        self.bs = block_size
+        self.ps = page_size
+        self.hash = hashlib.sha256()
+        self.checks = bytearray()
+        self.next = 0
+        self.full = size // block_size
+
+    def _zero(self, length: int) -> tuple[bytes, bytes]:
+        if not self.keep_checks:
+            return block_digest(None, length), b""
+        return block_digest(None, length), zero_record(length, self.ps, self.bs // self.ps)[0]
+
+    def zeros_until(self, end: int) -> None:
+        """Blocks from the last one fed up to ``end`` are all zero."""
+        if end <= self.next:
+            return
+        k = min(end, self.full) - self.next
+        if k > 0:
+            zid, zh = self._zero(self.bs)
+            while k > 0:
+                c = min(k, self._CHUNK)
+                self.hash.update(zid * c)
+                if self.keep_checks:
+                    self.checks += (zid + zh) * c
+                k -= c
+        if end > self.full >= self.next:  # the short last block
+            zid, zh = self._zero(self.size - self.full * self.bs)
+            self.hash.update(zid)
+            if self.keep_checks:
+                self.checks += zid + zh
+        self.next = end
+
+    def block(self, n: int, digest: bytes, bhash: bytes) -> None:
+        """Block ``n``'s id and xxh3-128 (blocks before it not fed yet are zero)."""
+        self.zeros_until(n)
+        self.hash.update(digest)
+        if self.keep_checks:
+            self.checks += digest
+            self.checks += bhash
+        self.next = n + 1
+
+
+class _Ranges:
+    """Increasing ``[start, end)`` block ranges, adjacent ones merged."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[int, int]] = []
+
+    def add(self, a: int, b: int) -> None:
+        if self.items and self.items[-1][1] == a:
+            self.items[-1] = (self.items[-1][0], b)
+        else:
+            self.items.append((a, b))
+
+
+def _read_spans(
+    fd: int, size: int, block_size: int, inp: SaveInputs, sle: int
+) -> list[tuple[int, int]]:
+    """The blocks to read: those holding data, or with a bitmap's word, those it names.
+
+    With ``changed``, every other block is vouched for by the cache's
+    records, except where the parent has no block of that length (the file
+    grew) and, for a real file, where the cache knows data but the file now
+    has none (a hole punched behind the bitmap's back).
+    """
+    nb = (size + block_size - 1) // block_size
+    ch = inp.changed
+    if ch is None:
+        return block_spans(data_ranges(fd, size), block_size, nb)
+    spans = block_spans(ch.ranges, block_size, nb)
+    if sle < nb:
+        spans.append((sle, nb))
+    if not ch.partial and inp.records is not None:
+        holes = _HoleMap(data_ranges(fd, size))
+        for n in inp.records.data_blocks():
+            if n < sle and not holes.has_data(n * block_size, min((n + 1) * block_size, size)):
+                spans.append((n, n + 1))
+    return _merge(spans)
+
+
 def save_image(
     reader: PackReader,
     writer: PackWriter,
@@ -221,15 +374,17 @@ def save_image(
     block_size: int,
     page_size: int,
     inp: SaveInputs,
-    record_out: BinaryIO | None,
+    record_out: RecordsWriter | None,
     progress: Advance,
 ) -> tuple[Tree, Manifest, int, int]:
     """Save one image file; returns (image tree, manifest, bytes read, blocks stored).
 
-    Every object is added to ``writer``; the per-block cache records for the
-    file as read are written to ``record_out``.
+    Only blocks holding data (``SEEK_DATA``) are read, or with
+    ``inp.changed`` only those it names; the rest go in bulk, with no work
+    per block: holes are zero, vouched blocks take the cache's records.
+    Every object is added to ``writer``; the cache records of the blocks
+    holding data go to ``record_out``.
     """
-    ppb = block_size // page_size
     nblocks = (size + block_size - 1) // block_size
     if nblocks > MAX_BLOCKS:
         raise AreaError(
@@ -237,98 +392,81 @@ def save_image(
             "save it in a repository made with a larger --block-size",
         )
     base_layer = inp.parent is None
+    parent = inp.parent
+    sle = same_length_end(parent, size, block_size)
+    if inp.changed is not None and (parent is None or inp.records is None):
+        raise AreaError(f"{path.name}: a list of changes needs the parent's cache records", "")
     fd = os.open(path, os.O_RDONLY)
-    results: Generator[_Outcome, None, None] | None = None
+    results: Generator[_Outcome | _Run, None, None] | None = None
     try:
         before = stat_signature(os.fstat(fd))
-        holes = _HoleMap(data_ranges(fd, size))
+        with contextlib.suppress(OSError, AttributeError):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        spans = _read_spans(fd, size, block_size, inp, sle)
 
-        def spans() -> Iterator[tuple[int, int, int, bool]]:
-            # A generator, consumed in order: memory stays flat for any size.
-            for n in range(nblocks):
-                off = n * block_size
-                length = min(block_size, size - off)
-                yield n, off, length, holes.has_data(off, off + length)
+        def items() -> Iterator[tuple[int, int, bool]]:
+            # (start, end, read?): runs not read go whole, read blocks one by one.
+            pos = 0
+            for a, b in spans:
+                if pos < a:
+                    yield pos, a, False
+                for n in range(a, b):
+                    yield n, n + 1, True
+                pos = b
+            if pos < nblocks:
+                yield pos, nblocks, False
 
-        def work(span: tuple[int, int, int, bool]) -> _Outcome:
-            n, off, length, has_data = span
-            data: bytes | None = None
-            if has_data:
-                data = os.pread(fd, length, off)
-                if len(data) != length:
-                    raise FileChanged(f"{path.name} shrank while it was read")
-            read = length if data is not None else 0
-            if data is not None and data == zeros(length):
-                data = None
-            if data is None:
-                bh, pages = zero_record(length, page_size, ppb)
-            else:
-                bh = block_hash(data)
-                pages = b""
-            pr = None if inp.parent is None else inp.parent.recipe(n, length)
-            if pr is not None:
-                ph, ppages = _parent_hashes(reader, inp, n, pr, length, page_size, ppb)
-                if ph == bh:
-                    # Unchanged: the cached digest saves hashing the block again.
-                    dg = None
-                    if data is not None and inp.records is not None and inp.records_match(n):
-                        dg = inp.records.block_digest(n)
-                    if dg is None:
-                        dg = block_digest(data, length)
-                    return _Outcome(data, bytes(dg), bh, bytes(ppages), "same", read=read)
-            if data is None:
-                return _Outcome(None, block_digest(None, length), bh, pages, "zero", read=read)
-            digest = block_digest(data, length)
-            pages = page_hashes(data, page_size, ppb)
-            if pr is not None and len(pr.deltas) < MAX_DELTA_DEPTH:
-                # Deltas stack on one block across entries; once they would
-                # add up to half a block, store the block whole, so building
-                # any block reads at most about one and a half blocks.
-                # Pages that became zero carry no bytes and do not count: a
-                # restore only writes zeros for them.
-                npages = (length + page_size - 1) // page_size
-                changed = [
-                    k
-                    for k in range(npages)
-                    if pages[8 * k : 8 * k + 8] != ppages[8 * k : 8 * k + 8]
-                ]
-                zero_pages = _zero_pages(data, changed, page_size, pages)
-                if zero_pages:
-                    gone = set(zero_pages)
-                    changed = [k for k in changed if k not in gone]
-                # The stacked deltas' sizes cost a look-up each: only asked
-                # when the new delta alone would fit.
-                fresh = len(changed) * page_size
-                if fresh <= length // 2 and (
-                    fresh + sum(reader.object_size(d) or length for d in pr.deltas) <= length // 2
-                ):
-                    delta = encode_delta(data, changed, page_size, zero_pages)
-                    sha = blob_id(delta)
-                    z = None if reader.in_packs(sha) else deflate(delta)
-                    return _Outcome(data, digest, bh, pages, "delta", sha, z, len(delta), read)
-            sha = digest  # a whole block's blob id is its digest
-            z = None if reader.in_packs(sha) else deflate(data)
-            return _Outcome(data, digest, bh, pages, "whole", sha, z, length, read)
+        def run(a: int, b: int) -> _Run:
+            length = min(b * block_size, size) - a * block_size
+            if inp.changed is not None:
+                # Vouched for: the parent's bytes, as the cache records them.
+                recs = inp.records
+                assert recs is not None
+                idx = recs.data_blocks()
+                found = idx[bisect_left(idx, a) : bisect_left(idx, b)]
+                return _Run(a, b, [(n, bytes(recs.stored(n) or b"")) for n in found], [], length)
+            zero: list[tuple[int, int]] = []
+            if parent is not None:
+                # Holes over a parent with data there become zero ranges.
+                zero = [(n, n + 1) for n in parent.nonzero_in(a, min(b, sle))]
+                if b > sle:
+                    zero.append((max(a, sle), b))
+            return _Run(a, b, [], zero, length)
 
-        file_hash = hashlib.sha256()
-        checks = bytearray()
+        def work(item: tuple[int, int, bool]) -> _Outcome | _Run:
+            a, b, read = item
+            if not read:
+                return run(a, b)
+            return _read_block(reader, fd, path, a, size, block_size, page_size, inp)
+
+        digests = Digests(size, block_size, page_size)
+        zero_blocks = _Ranges()
         blocks: dict[int, BlockRef] = {}
-        zero_blocks: list[int] = []
         read_total = 0
-        results = ordered_map(pool, work, spans(), WINDOW)
-        for n, out in enumerate(results):
+        results = ordered_map(pool, work, items(), WINDOW)
+        for out in results:
+            if isinstance(out, _Run):
+                for n, rec in out.records:
+                    digests.block(n, rec[:20], rec[20:36])
+                    if record_out is not None:
+                        record_out.add(n, rec)
+                digests.zeros_until(out.end)
+                for za, zb in out.zero:
+                    zero_blocks.add(za, zb)
+                progress(out.length)
+                continue
+            n = out.n
             length = min(block_size, size - n * block_size)
-            file_hash.update(out.digest)
-            checks += out.digest + out.bhash
-            if record_out is not None:
-                record_out.write(out.digest + out.bhash + out.pages)
+            digests.block(n, out.digest, out.bhash)
+            if record_out is not None and out.data is not None:
+                record_out.add(n, out.digest + out.bhash + out.pages)
             read_total += out.read
             progress(length)
             if out.kind == "zero":
                 # Over a parent that already has zeros here, the block comes
                 # out "same", never "zero": a base layer just omits it.
                 if not base_layer:
-                    zero_blocks.append(n)
+                    zero_blocks.add(n, n + 1)
             elif out.kind in ("whole", "delta"):
                 assert out.sha is not None
                 if out.zdata is not None:
@@ -336,6 +474,7 @@ def save_image(
                 elif out.sha not in writer:
                     inp.reused.add(out.sha)
                 blocks[n] = (out.kind == "delta", out.sha)
+        digests.zeros_until(nblocks)
         after = stat_signature(os.fstat(fd))
         if after != before:
             raise FileChanged(f"{path.name} changed while it was read")
@@ -345,14 +484,83 @@ def save_image(
         os.close(fd)
     manifest = Manifest(
         size=size,
-        sha256=file_hash.hexdigest(),
+        sha256=digests.hash.hexdigest(),
         block_size=block_size,
         page_size=page_size,
         base=base_layer,
-        zero=ranges(zero_blocks),
+        zero=zero_blocks.items,
     )
-    tree = image_tree(writer, manifest, blocks, bytes(checks))
+    tree = image_tree(writer, manifest, blocks, bytes(digests.checks))
     return tree, manifest, read_total, len(blocks)
+
+
+def _read_block(
+    reader: PackReader,
+    fd: int,
+    path: Path,
+    n: int,
+    size: int,
+    block_size: int,
+    page_size: int,
+    inp: SaveInputs,
+) -> _Outcome:
+    """Read block ``n``, compare it with the parent's, and prepare what to store."""
+    ppb = block_size // page_size
+    off = n * block_size
+    length = min(block_size, size - off)
+    data: bytes | None = os.pread(fd, length, off)
+    if data is None or len(data) != length:
+        raise FileChanged(f"{path.name} shrank while it was read")
+    read = length
+    if data == zeros(length):
+        data = None
+    if data is None:
+        bh, pages = zero_record(length, page_size, ppb)
+    else:
+        bh = block_hash(data)
+        pages = b""
+    pr = None if inp.parent is None else inp.parent.recipe(n, length)
+    if pr is not None:
+        ph, ppages = _parent_hashes(reader, inp, n, pr, length, page_size, ppb)
+        if ph == bh:
+            # Unchanged: the cached digest saves hashing the block again.
+            dg = None
+            if data is not None and inp.records is not None and inp.records_match(n):
+                dg = inp.records.block_digest(n)
+            if dg is None:
+                dg = block_digest(data, length)
+            return _Outcome(n, data, bytes(dg), bh, bytes(ppages), "same", read=read)
+    if data is None:
+        return _Outcome(n, None, block_digest(None, length), bh, pages, "zero", read=read)
+    digest = block_digest(data, length)
+    pages = page_hashes(data, page_size, ppb)
+    if pr is not None and len(pr.deltas) < MAX_DELTA_DEPTH:
+        # Deltas stack on one block across entries; once they would
+        # add up to half a block, store the block whole, so building
+        # any block reads at most about one and a half blocks.
+        # Pages that became zero carry no bytes and do not count: a
+        # restore only writes zeros for them.
+        npages = (length + page_size - 1) // page_size
+        changed = [
+            k for k in range(npages) if pages[8 * k : 8 * k + 8] != ppages[8 * k : 8 * k + 8]
+        ]
+        zero_pages = _zero_pages(data, changed, page_size, pages)
+        if zero_pages:
+            gone = set(zero_pages)
+            changed = [k for k in changed if k not in gone]
+        # The stacked deltas' sizes cost a look-up each: only asked
+        # when the new delta alone would fit.
+        fresh = len(changed) * page_size
+        if fresh <= length // 2 and (
+            fresh + sum(reader.object_size(d) or length for d in pr.deltas) <= length // 2
+        ):
+            delta = encode_delta(data, changed, page_size, zero_pages)
+            sha = blob_id(delta)
+            z = None if reader.in_packs(sha) else deflate(delta)
+            return _Outcome(n, data, digest, bh, pages, "delta", sha, z, len(delta), read)
+    sha = digest  # a whole block's blob id is its digest
+    z = None if reader.in_packs(sha) else deflate(data)
+    return _Outcome(n, data, digest, bh, pages, "whole", sha, z, length, read)
 
 
 def image_tree(
@@ -360,17 +568,23 @@ def image_tree(
     manifest: Manifest,
     blocks: Mapping[int, LayerBlock],
     checks: bytes | None,
+    checks_id: bytes | None = None,
 ) -> Tree:
     """Write an image's manifest, checks and block map; returns its tree.
 
     ``checks`` is the blob id and xxh3-128 of every block of the file (None:
     unknown, as for an entry rewritten from one saved before checks existed).
+    ``checks_id`` names a checks blob a pack holds already instead (an
+    unchanged image: 36 bytes per block need not be written again; the
+    caller makes sure it stays there).
     """
     man = Blob.from_string(manifest.encode())
     writer.add_object(man)
     tree = Tree()
     tree.add(MANIFEST_NAME, BLOB_MODE, man.id)
-    if checks is not None:
+    if checks_id is not None:
+        tree.add(CHECKS_NAME, BLOB_MODE, ObjectID(checks_id.hex().encode()))
+    elif checks is not None:
         chk = Blob.from_string(checks)
         writer.add_object(chk)
         tree.add(CHECKS_NAME, BLOB_MODE, chk.id)
@@ -381,153 +595,3 @@ def image_tree(
         tree.add(BLOCKS_NAME, TREE_MODE, top.id)
     writer.add_object(tree)
     return tree
-
-
-# -- building images back --
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-
-
-def punch_hole(fd: int, offset: int, length: int) -> None:
-    """Turn a range into a hole (zeros that take no space), or write zeros."""
-    fallocate = libc().fallocate
-    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-    if fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        write_all(fd, zeros(length), offset)
-
-
-def write_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    """Write every byte at ``offset`` (a write may be short), or raise NoSpace."""
-    mv = memoryview(data)
-    while mv:
-        try:
-            n = os.pwrite(fd, mv, offset)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise NoSpace("no space left while writing the area") from None
-            if e.errno == errno.EFBIG:
-                raise NoSpace(
-                    "a file grew beyond what this file system or process may write"
-                ) from None
-            raise
-        mv = mv[n:]
-        offset += n
-
-
-def write_image(
-    reader: PackReader,
-    pool: Executor,
-    image: ResolvedImage,
-    fd: int,
-    old: ResolvedImage | None,
-    progress: Advance,
-    record_out: BinaryIO | None = None,
-    old_records: BlockRecords | None = None,
-) -> int:
-    """Write ``image`` into the open file ``fd`` and check its digest.
-
-    With ``old`` (what the file holds now, known to be clean), only blocks
-    whose recipe differs are written; the others are taken as they are, with
-    their digests from ``old_records`` (the area cache) or, without it, read
-    back and hashed.  Without ``old``, ``fd`` must be an empty file and is
-    written in full, zero blocks left as holes.  Blocks are built, written and
-    hashed by the pool's workers; the area cache's per-block records go to
-    ``record_out``.  Returns the bytes written.
-    """
-    m = image.manifest
-    bs = m.block_size
-    ps = m.page_size
-    ppb = bs // ps
-    in_place = old is not None
-    try:
-        os.ftruncate(fd, m.size)  # sparse: unwritten blocks stay holes
-    except OSError as e:
-        if e.errno in (errno.EFBIG, errno.ENOSPC, errno.EINVAL):
-            raise NoSpace(f"cannot make a file of {m.size} bytes here ({e.strerror})") from None
-        raise
-    want_records = record_out is not None
-
-    def build(n: int) -> tuple[int, bytes, bytes | None]:
-        # Workers write their own block (pwrite at an offset is thread safe)
-        # and hash it, so the ordered consumer below only combines digests.
-        length = m.block_length(n)
-        if old is not None and old.recipe(n, length) == image.recipes[n]:
-            if old_records is not None and old_records.block_digest(n) is not None:
-                return (
-                    0,
-                    bytes(old_records.block_digest(n) or b""),
-                    (bytes(old_records.record(n)) if want_records else None),
-                )
-            data = os.pread(fd, length, n * bs)
-            if len(data) != length:
-                raise CorruptRepository("the area's file is shorter than its entry says")
-            if data == zeros(length):
-                return 0, block_digest(None, length), _zero_rec(length) if want_records else None
-            dg = block_digest(data, length)
-            if not want_records:
-                return 0, dg, None
-            return 0, dg, dg + block_hash(data) + page_hashes(data, ps, ppb)
-        recipe = image.recipes[n]
-        check = image.check(n)
-        # With the entry's checks, each block is checked once, built, with the
-        # xxh3 the area cache needs anyway, and its id is read, not hashed;
-        # without them, each object is checked by id as it is read.
-        built = materialize(reader, recipe, length, verify=check is None)
-        if built is None:
-            if check is not None and check != (
-                block_digest(None, length),
-                zero_record(length, ps, ppb)[0],
-            ):
-                raise CorruptRepository(_damaged(n))
-            if in_place:
-                punch_hole(fd, n * bs, length)
-            return 0, block_digest(None, length), _zero_rec(length) if want_records else None
-        bh = block_hash(built) if check is not None or want_records else b""
-        if check is not None and bh != check[1]:
-            # Damage somewhere: build again checking every object id, which
-            # passes over a damaged copy when another pack holds a good one.
-            built = materialize(reader, recipe, length)
-            bh = block_hash(built) if built is not None else b""
-            if bh != check[1]:
-                raise CorruptRepository(_damaged(n))
-            assert built is not None
-        write_all(fd, built, n * bs)
-        if n % _WRITEBACK_BLOCKS == _WRITEBACK_BLOCKS - 1:
-            start_writeback(fd)  # the final fsync then waits for little
-        # The block's id: from its checks, or the block map for a whole block
-        # (checked as it was read), else hashed.  The image's digest over
-        # these ids is checked at the end.
-        if check is not None:
-            dg = check[0]
-        elif recipe.base is not None and not recipe.deltas:
-            dg = recipe.base
-        else:
-            dg = block_digest(built, length)
-        if not want_records:
-            return length, dg, None
-        return length, dg, dg + bh + page_hashes(built, ps, ppb)
-
-    def _damaged(n: int) -> str:
-        return f"block {n} of a file does not match its check; the repository is damaged"
-
-    def _zero_rec(length: int) -> bytes:
-        return block_digest(None, length) + b"".join(zero_record(length, ps, ppb))
-
-    file_hash = hashlib.sha256()
-    written = 0
-    results = ordered_map(pool, build, iter(range(m.nblocks)), WINDOW)
-    try:
-        for n, (nw, dg, rec) in enumerate(results):
-            written += nw
-            file_hash.update(dg)
-            if record_out is not None and rec is not None:
-                record_out.write(rec)
-            progress(m.block_length(n))
-    finally:
-        results.close()  # workers stop before the caller closes the file
-    if file_hash.hexdigest() != m.sha256:
-        raise CorruptRepository(
-            "a rebuilt image does not match its digest; the repository is damaged"
-        )
-    return written

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from vml.errors import AreaError, CorruptRepository, HostileRepository, NoSpace
 from vml.plumbing.areas import stat_signature, vml_dir
+from vml.plumbing.building import write_all, write_image
 from vml.plumbing.cache import Cache, CachedFile, CacheWriter, records_path
 from vml.plumbing.chains import ResolvedImage, resolve_image
 from vml.plumbing.entries import Entry, FileRecord, check_relpath, small_blob
-from vml.plumbing.images import write_all, write_image
 from vml.plumbing.packs import BLOB, PackReader
 from vml.progress import ProgressFn
 
@@ -214,7 +214,7 @@ class Builder:
         # The unchanged blocks' digests and records come from the cache: an
         # in-place checkout then costs the changed blocks.
         old_recs = self.cache.records(rec.path) if old_img is not None else None
-        name, out = self.cache_writer.new_records()
+        name, out = self.cache_writer.new_records(rec.size)
         try:
             tmp = None if old_img is not None else self.temps.new(dest)
             if tmp is None:
@@ -229,7 +229,7 @@ class Builder:
                     fd,
                     old_img,
                     self._advance,
-                    out,  # type: ignore[arg-type]
+                    out,
                     old_recs,
                 )
             except BaseException:
@@ -238,7 +238,7 @@ class Builder:
                     tmp.unlink(missing_ok=True)
                 raise
         finally:
-            out.close()  # type: ignore[attr-defined]
+            out.close()
             if old_recs is not None:
                 old_recs.close()
         st = _finish_file(fd, tmp, dest, rec)

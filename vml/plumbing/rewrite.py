@@ -39,6 +39,7 @@ from vml.plumbing.chains import (
     image_layer,
     read_entry,
     resolve_image,
+    same_length_end,
 )
 from vml.plumbing.entries import (
     IMAGES_NAME,
@@ -52,7 +53,7 @@ from vml.plumbing.entries import (
     store_trees,
 )
 from vml.plumbing.forest import Forest
-from vml.plumbing.manifests import BLOB_MODE, TREE_MODE, Anchored, LayerBlock, Manifest, ranges
+from vml.plumbing.manifests import BLOB_MODE, TREE_MODE, Anchored, LayerBlock, Manifest
 from vml.plumbing.packs import PackReader, PackWriter
 
 REWRITTEN_TRAILER = "VML-Rewritten"
@@ -81,8 +82,17 @@ def express_image(
     m = x.manifest
     base = q is None
     blocks: dict[int, LayerBlock] = {}
-    zero: list[int] = []
-    for n in range(m.nblocks):
+    zero = _ZeroRanges()
+    # Only blocks that hold data in x or q need a look; where both are zero
+    # with the same length, the layer inherits.  Blocks q lacks (x grew,
+    # or its last block changed length) are listed as zero in bulk.
+    sle = m.nblocks if q is None else same_length_end(q, m.size, m.block_size)
+    todo = x.nonzero() if q is None else sorted(set(x.nonzero()).union(q.nonzero_in(0, sle)))
+    pos = 0
+    for n in todo:
+        if not base and n > max(pos, sle):
+            zero.add(max(pos, sle), n)
+        pos = n + 1
         length = m.block_length(n)
         r = x.recipes[n]
         qr = q.recipe(n, length) if q is not None else None
@@ -90,7 +100,7 @@ def express_image(
             continue
         if r == ZERO:
             if not base:
-                zero.append(n)
+                zero.add(n, n + 1)
             continue
         if not r.deltas:
             assert r.base is not None
@@ -102,8 +112,23 @@ def express_image(
         else:
             blocks[n] = Anchored(r.base, r.deltas)
             stats.anchored_blocks += 1
-    manifest = Manifest(m.size, m.sha256, m.block_size, m.page_size, base, ranges(sorted(zero)))
+    if not base and m.nblocks > max(pos, sle):
+        zero.add(max(pos, sle), m.nblocks)
+    manifest = Manifest(m.size, m.sha256, m.block_size, m.page_size, base, zero.items)
     return manifest, blocks
+
+
+class _ZeroRanges:
+    """Increasing ``[start, end)`` block ranges, adjacent ones merged."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[int, int]] = []
+
+    def add(self, a: int, b: int) -> None:
+        if self.items and self.items[-1][1] >= a:
+            self.items[-1] = (self.items[-1][0], max(b, self.items[-1][1]))
+        else:
+            self.items.append((a, b))
 
 
 def image_trees(reader: PackReader, entry: Entry) -> dict[str, bytes]:

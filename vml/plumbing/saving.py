@@ -19,7 +19,7 @@ from pathlib import Path
 
 from dulwich.objects import Blob
 
-from vml.errors import FileChanged
+from vml.errors import ConcurrentChange, FileChanged
 from vml.plumbing.areas import stat_signature
 from vml.plumbing.cache import BlockRecords, Cache, CachedFile, CacheWriter, records_path
 from vml.plumbing.chains import ResolvedImage, resolve_image
@@ -35,7 +35,7 @@ from vml.plumbing.entries import (
     git_mode,
     store_trees,
 )
-from vml.plumbing.images import SaveInputs, image_tree, save_image
+from vml.plumbing.images import Changed, Digests, SaveInputs, image_tree, save_image
 from vml.plumbing.manifests import BLOB_MODE, TREE_MODE, Manifest
 from vml.plumbing.packs import PackReader, PackWriter
 from vml.plumbing.repository import Repository
@@ -51,6 +51,9 @@ class SourceFile:
     path: str  # area-relative, posix separators
     source: Path  # the file read: in the area, outside it, or a staged copy
     stat: os.stat_result  # as listed; a change before or while reading is refused
+    # Where the file may differ from the area's entry (a dirty bitmap's word,
+    # or a live save's partial copy); None: read every block holding data.
+    changed: Changed | None = None
 
 
 @dataclass
@@ -85,16 +88,20 @@ def checks_of(image: ResolvedImage, recs: BlockRecords) -> bytes | None:
 
     The cache describes the file exactly as the parent entry has it; a parent
     saved before checks existed gets them here, so its descendants have them.
+    Zero blocks (no record) go in bulk.
     """
     if image.checks is not None:
         return image.checks
-    parts = []
-    for n in range(image.manifest.nblocks):
-        dg, h = recs.block_digest(n), recs.block_hash(n)
-        if dg is None or h is None:
-            return None
-        parts.append(bytes(dg) + bytes(h))
-    return b"".join(parts)
+    m = image.manifest
+    if recs.nblocks != m.nblocks:
+        return None
+    out = Digests(m.size, m.block_size, m.page_size)
+    for n in recs.data_blocks():
+        rec = recs.stored(n)
+        assert rec is not None
+        out.block(n, rec[:20], rec[20:36])
+    out.zeros_until(m.nblocks)
+    return bytes(out.checks)
 
 
 class Saver:
@@ -134,6 +141,8 @@ class Saver:
         self.cache_writer = CacheWriter(area, repo.page_size, repo.block_size)
         self.stored_bytes = 0
         self._finished = False
+        # Images read only where a list of changes said (a dirty bitmap).
+        self.vouched: list[str] = []
 
     def _advance(self, n: int) -> None:
         self.done += n
@@ -215,7 +224,12 @@ class Saver:
         man = Manifest(
             st.st_size, cached.sha256, self.repo.block_size, self.repo.page_size, base=False
         )
-        tree = image_tree(self.writer, man, {}, checks_of(parent_img, recs))
+        if parent_img.checks_id is not None:
+            # The parent's checks blob, named again: it must still exist at publishing.
+            self.reused.add(parent_img.checks_id)
+            tree = image_tree(self.writer, man, {}, None, parent_img.checks_id)
+        else:
+            tree = image_tree(self.writer, man, {}, checks_of(parent_img, recs))
         self._advance(st.st_size)
         return tree.id, cached.sha256
 
@@ -239,7 +253,8 @@ class Saver:
             ln = parent_img.manifest.block_length(n)
             return held_img.recipe(n, ln) == parent_img.recipes[n]
 
-        name, out = self.cache_writer.new_records()
+        changed = self._changed(f, parent_img, recs)
+        name, out = self.cache_writer.new_records(f.stat.st_size)
         try:
             tree, man, nread, _ = save_image(
                 self.reader,
@@ -249,18 +264,51 @@ class Saver:
                 f.stat.st_size,
                 self.repo.block_size,
                 self.repo.page_size,
-                SaveInputs(parent_img, recs, match, self.reused),
-                out,  # type: ignore[arg-type]
+                SaveInputs(parent_img, recs, match, self.reused, changed),
+                out,
                 self._advance,
             )
         finally:
-            out.close()  # type: ignore[attr-defined]
+            out.close()
         self.read_bytes += nread
         # The folder was listed before the file was opened: a change in
         # between must not be saved under the listed size and time.
         if stat_signature(os.stat(f.source)) != stat_signature(f.stat):
             raise FileChanged(f"{f.path} changed while it was read")
         return tree.id, man.sha256, name
+
+    def _changed(
+        self, f: SourceFile, parent_img: ResolvedImage | None, recs: BlockRecords | None
+    ) -> Changed | None:
+        """``f.changed`` when the cache vouches for every block outside it, else None.
+
+        It must describe the parent itself (an incremental save over the
+        entry the area holds), cut the same way, at the file's recorded
+        size.  A partial source (a live save's copy) cannot be read whole
+        instead: the save stops, and nothing is stored.
+        """
+        ch = f.changed
+        if ch is None:
+            return None
+        b = self.base
+        ok = (
+            b.parent is not None
+            and b.parent == b.held
+            and parent_img is not None
+            and recs is not None
+            and recs.nblocks == parent_img.manifest.nblocks
+            and recs.size == parent_img.manifest.size
+            and parent_img.manifest.block_size == self.repo.block_size
+            and parent_img.manifest.page_size == self.repo.page_size
+        )
+        if ok:
+            self.vouched.append(f.path)
+            return ch
+        if ch.partial:
+            raise ConcurrentChange(
+                f"the area cache no longer describes {f.path} as the save began; nothing was saved"
+            )
+        return None
 
     def finish(self, meta: EntryMeta) -> bytes:
         """Write the metadata and trees and seal the packs; returns the root tree's id.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from vml.plumbing.entries import (
     folder_record,
     same_attributes,
 )
-from vml.plumbing.images import file_digest
+from vml.plumbing.images import block_spans, data_ranges, file_digest
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
 from vml.plumbing.vm.ignore import IgnoreRules
@@ -69,7 +70,10 @@ def _sha256_file(path: Path) -> str:
 
 
 def _changed_bytes(path: Path, cache: Cache, rel: str, size: int) -> int | None:
-    """Bytes in blocks whose hash differs from the cache's (None without records)."""
+    """Bytes in pages whose hash differs from the cache's (None without records).
+
+    Only blocks that hold data now or did then are looked at.
+    """
     recs = cache.records(rel)
     if recs is None:
         return None
@@ -77,24 +81,26 @@ def _changed_bytes(path: Path, cache: Cache, rel: str, size: int) -> int | None:
     ps = cache.page_size
     changed = 0
     try:
-        with open(path, "rb") as f:
-            n = 0
-            while True:
-                data = f.read(bs)
-                if not data:
-                    break
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            nb = (size + bs - 1) // bs
+            now = [n for a, b in block_spans(data_ranges(fd, size), bs, nb) for n in range(a, b)]
+            for n in sorted(set(now).union(recs.data_blocks())):
+                if n >= nb:
+                    continue
+                data = os.pread(fd, min(bs, size - n * bs), n * bs)
                 old = recs.block_hash(n)
-                if old is None or old != block_hash(data):
-                    if old is None:
-                        changed += len(data)
-                    else:
-                        new_pages = page_hashes(data, ps, bs // ps)
-                        old_pages = recs.page_hashes(n)
-                        for k in range(0, len(data), ps):
-                            i = 8 * (k // ps)
-                            if new_pages[i : i + 8] != old_pages[i : i + 8]:
-                                changed += min(ps, len(data) - k)
-                n += 1
+                if old is None:
+                    changed += len(data)
+                elif old != block_hash(data):
+                    new_pages = page_hashes(data, ps, bs // ps)
+                    old_pages = recs.page_hashes(n)
+                    for k in range(0, len(data), ps):
+                        i = 8 * (k // ps)
+                        if new_pages[i : i + 8] != old_pages[i : i + 8]:
+                            changed += min(ps, len(data) - k)
+        finally:
+            os.close(fd)
     finally:
         recs.close()
     return changed
