@@ -17,7 +17,12 @@ from vml.plumbing.building import punch_hole, write_image
 from vml.plumbing.cache import block_hash
 from vml.plumbing.chains import ResolvedImage, image_layer, resolve_image
 from vml.plumbing.images import block_digest, data_ranges, file_digest
-from vml.plumbing.manifests import CHECK_SIZE, read_block_map
+from vml.plumbing.manifests import (
+    SPARSE_CHECK_SIZE,
+    BlockChecks,
+    read_block_map,
+    zero_check,
+)
 from vml.plumbing.packs import BLOB, PackReader, blob_id
 from vml.plumbing.repository import Repository
 
@@ -155,10 +160,10 @@ def _image(r: PackReader, commit_hex: str) -> ResolvedImage:
     return img
 
 
-def _file_checks(path: Path) -> bytes:
+def _file_checks(path: Path) -> list[tuple[bytes, bytes]]:
     data = path.read_bytes()
     blocks = [data[i : i + TEST_BLOCK] for i in range(0, len(data), TEST_BLOCK)]
-    return b"".join(blob_id(b) + block_hash(b) for b in blocks)
+    return [(blob_id(b), block_hash(b)) for b in blocks]
 
 
 def test_every_entry_records_its_block_checks(repo: Repository, area: Path) -> None:
@@ -171,12 +176,37 @@ def test_every_entry_records_its_block_checks(repo: Repository, area: Path) -> N
     (area / "vm.vmx").write_text("changed\n")
     third = save(repo, area)  # the image unchanged: no block stored
     want.append(want[-1])
+    zero = zero_check(TEST_BLOCK)
     r = PackReader(repo)
     try:
         for res, checks in zip((first, second, third), want, strict=True):
             img = _image(r, res.commit)
-            assert img.checks == checks
-            assert len(checks) == img.manifest.nblocks * CHECK_SIZE
+            assert img.checks is not None and img.checks.sparse
+            assert [img.check(n) for n in range(img.manifest.nblocks)] == checks
+            # Only the blocks holding data are listed, 40 bytes each.
+            listed = [n for n, c in enumerate(checks) if c != zero]
+            assert list(img.checks.numbers) == listed
+            assert len(img.checks.data) == len(listed) * SPARSE_CHECK_SIZE
+    finally:
+        r.close()
+
+
+def test_dense_checks_of_older_entries_are_read(repo: Repository, area: Path) -> None:
+    """Entries saved before sparse checks hold ``checks``: every block, 36 bytes each."""
+    res = save(repo, area)
+    dense = b"".join(a + b for a, b in _file_checks(area / "disk.img"))
+    r = PackReader(repo)
+    try:
+        img = _image(r, res.commit)
+        old = BlockChecks(img.manifest, dense, sparse=False)
+        assert old.name == b"checks"
+        assert [old.get(n) for n in range(img.manifest.nblocks)] == [
+            img.check(n) for n in range(img.manifest.nblocks)
+        ]
+        with pytest.raises(CorruptRepository):
+            BlockChecks(img.manifest, dense[:-1], sparse=False)
+        with pytest.raises(CorruptRepository):  # out of order
+            BlockChecks(img.manifest, img.checks.data[40:80] + img.checks.data[:40], sparse=True)
     finally:
         r.close()
 

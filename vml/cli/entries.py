@@ -154,6 +154,8 @@ def _print_commit(res: CommitResult) -> None:
         out.print(
             f"[yellow]note:[/yellow] saved {escape(e.source)} (outside the area) as {escape(e.path)}"
         )
+    for note in res.notes:
+        out.print(f"[yellow]note:[/yellow] {escape(note)}")
     if res.branch_moved_on:
         out.print(
             f"[yellow]note:[/yellow] branch {escape(res.branch_moved_on)} moved on elsewhere: "

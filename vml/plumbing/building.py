@@ -164,7 +164,7 @@ def write_image(
         rec = dg + bh + page_hashes(built, ps, ppb) if want_records else None
         return n, length, dg, bh, rec
 
-    digests = Digests(m.size, bs, ps, checks=False)
+    digests = Digests(m.size, bs)
     written = 0
     blocks_written = 0
     done = 0

@@ -386,7 +386,8 @@ class CacheWriter:
         self._n = 0
         shutil.rmtree(self.dir, ignore_errors=True)
         try:
-            self.dir.mkdir(parents=True)
+            # (exist_ok: what rmtree could not remove is overwritten as we go)
+            self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             self.failed(e)
 

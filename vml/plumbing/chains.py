@@ -21,13 +21,13 @@ from vml.plumbing.deltas import apply_delta
 from vml.plumbing.entries import IMAGES_NAME, Entry, find_in_entry, load_entry, parse_commit
 from vml.plumbing.manifests import (
     BLOCKS_NAME,
-    CHECK_ID,
-    CHECK_SIZE,
     CHECKS_NAME,
     MANIFEST_NAME,
     MAX_ANCHORED_DELTAS,
+    SPARSE_CHECKS_NAME,
     TREE_MODE,
     Anchored,
+    BlockChecks,
     Manifest,
     parse_tree,
     read_block_map,
@@ -74,19 +74,16 @@ class ResolvedImage:
 
     manifest: Manifest
     recipes: Recipes
-    # The entry's check of every block (blob id and xxh3-128, CHECK_SIZE
-    # bytes each), or None for an entry written before checks existed.
-    checks: bytes | None = None
+    # The entry's check of every block (blob id and xxh3-128), or None for
+    # an entry written before checks existed.
+    checks: BlockChecks | None = None
     _sorted: list[int] | None = None
     # The checks blob's id (binary): an unchanged image names it again.
     checks_id: bytes | None = None
 
     def check(self, n: int) -> tuple[bytes, bytes] | None:
         """Block ``n``'s ``(blob id, xxh3-128)``, or None when the entry has no checks."""
-        if self.checks is None:
-            return None
-        at = n * CHECK_SIZE
-        return self.checks[at : at + CHECK_ID], self.checks[at + CHECK_ID : at + CHECK_SIZE]
+        return None if self.checks is None else self.checks.get(n)
 
     def recipe(self, n: int, length: int) -> Recipe | None:
         """Block ``n``'s recipe if it exists with exactly ``length`` bytes."""
@@ -163,14 +160,17 @@ def image_layer(
 
 def _checks(
     reader: PackReader, items: dict[bytes, tuple[int, bytes]], manifest: Manifest, path: str
-) -> bytes | None:
-    found = items.get(CHECKS_NAME)
-    if found is None:
-        return None
-    data = reader.read(found[1], BLOB)[1]
-    if len(data) != manifest.nblocks * CHECK_SIZE:
-        raise CorruptRepository(f"image {path} has checks for the wrong number of blocks")
-    return data
+) -> tuple[BlockChecks, bytes] | None:
+    """The image's checks (sparse or dense, whichever it has) and their blob's id."""
+    for name, sparse in ((SPARSE_CHECKS_NAME, True), (CHECKS_NAME, False)):
+        found = items.get(name)
+        if found is None:
+            continue
+        try:
+            return BlockChecks(manifest, reader.read(found[1], BLOB)[1], sparse), found[1]
+        except CorruptRepository as e:
+            raise CorruptRepository(f"image {path}: {e.message}") from None
+    return None
 
 
 def _subtract(spans: list[tuple[int, int]], cuts: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -236,7 +236,7 @@ def resolve_image(reader: PackReader, commit: bytes, path: str) -> ResolvedImage
         return None
     top = _layer(reader, items, path)
     target = top[0]
-    checks = _checks(reader, items, target, path)
+    found_checks = _checks(reader, items, target, path)
     pending: dict[int, list[bytes]] = {}  # block -> deltas found so far (newest first)
     recipes = Recipes()
     unresolved = _Unresolved(target.nblocks)
@@ -306,8 +306,8 @@ def resolve_image(reader: PackReader, commit: bytes, path: str) -> ResolvedImage
         tree, next_parent = commit_tree_parent(reader, parent)
         layer = image_layer(reader, tree, path)
         parent = next_parent
-    found = items.get(CHECKS_NAME)
-    return ResolvedImage(target, recipes, checks, checks_id=found[1] if found else None)
+    checks, checks_id = found_checks if found_checks is not None else (None, None)
+    return ResolvedImage(target, recipes, checks, checks_id=checks_id)
 
 
 def _within(spans: list[tuple[int, int]], b: int) -> bool:

@@ -41,10 +41,10 @@ from vml.plumbing.deltas import encode_delta
 from vml.plumbing.manifests import (
     BLOB_MODE,
     BLOCKS_NAME,
-    CHECKS_NAME,
     MANIFEST_NAME,
     MAX_BLOCKS,
     TREE_MODE,
+    BlockChecks,
     BlockRef,
     LayerBlock,
     Manifest,
@@ -141,13 +141,13 @@ def file_digest(path: Path, block_size: int) -> str:
     try:
         size = os.fstat(fd).st_size
         nb = (size + block_size - 1) // block_size
-        out = Digests(size, block_size, min(block_size, 4096), checks=False)
+        out = Digests(size, block_size)
         for a, b in block_spans(data_ranges(fd, size), block_size, nb):
             for n in range(a, b):
                 length = min(block_size, size - n * block_size)
                 chunk = os.pread(fd, length, n * block_size)
                 if chunk != zeros(len(chunk)):
-                    out.block(n, block_digest(chunk, len(chunk)), b"")
+                    out.block(n, block_digest(chunk, len(chunk)), b"", zero=True)
         out.zeros_until(nb)
     finally:
         os.close(fd)
@@ -278,24 +278,18 @@ def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 class Digests:
-    """An image's digest and checks, fed in block order; zero blocks go in bulk (C speed)."""
+    """An image's digest, fed in block order (zero blocks in bulk, at C speed),
+    and the checks of its blocks that hold data (sparse checks)."""
 
     _CHUNK = 1 << 16
 
-    def __init__(self, size: int, block_size: int, page_size: int, checks: bool = True) -> None:
-        self.keep_checks = checks
+    def __init__(self, size: int, block_size: int) -> None:
         self.size = size
         self.bs = block_size
-        self.ps = page_size
         self.hash = hashlib.sha256()
-        self.checks = bytearray()
+        self.found: list[tuple[int, bytes, bytes]] = []
         self.next = 0
         self.full = size // block_size
-
-    def _zero(self, length: int) -> tuple[bytes, bytes]:
-        if not self.keep_checks:
-            return block_digest(None, length), b""
-        return block_digest(None, length), zero_record(length, self.ps, self.bs // self.ps)[0]
 
     def zeros_until(self, end: int) -> None:
         """Blocks from the last one fed up to ``end`` are all zero."""
@@ -303,28 +297,26 @@ class Digests:
             return
         k = min(end, self.full) - self.next
         if k > 0:
-            zid, zh = self._zero(self.bs)
+            zid = block_digest(None, self.bs)
             while k > 0:
                 c = min(k, self._CHUNK)
                 self.hash.update(zid * c)
-                if self.keep_checks:
-                    self.checks += (zid + zh) * c
                 k -= c
         if end > self.full >= self.next:  # the short last block
-            zid, zh = self._zero(self.size - self.full * self.bs)
-            self.hash.update(zid)
-            if self.keep_checks:
-                self.checks += zid + zh
+            self.hash.update(block_digest(None, self.size - self.full * self.bs))
         self.next = end
 
-    def block(self, n: int, digest: bytes, bhash: bytes) -> None:
+    def block(self, n: int, digest: bytes, bhash: bytes, zero: bool = False) -> None:
         """Block ``n``'s id and xxh3-128 (blocks before it not fed yet are zero)."""
         self.zeros_until(n)
         self.hash.update(digest)
-        if self.keep_checks:
-            self.checks += digest
-            self.checks += bhash
+        if not zero:
+            self.found.append((n, digest, bhash))
         self.next = n + 1
+
+    def checks(self, manifest: Manifest) -> BlockChecks:
+        """The sparse checks of the blocks fed as holding data."""
+        return BlockChecks.from_blocks(manifest, self.found)
 
 
 class _Ranges:
@@ -439,7 +431,7 @@ def save_image(
                 return run(a, b)
             return _read_block(reader, fd, path, a, size, block_size, page_size, inp)
 
-        digests = Digests(size, block_size, page_size)
+        digests = Digests(size, block_size)
         zero_blocks = _Ranges()
         blocks: dict[int, BlockRef] = {}
         read_total = 0
@@ -457,7 +449,7 @@ def save_image(
                 continue
             n = out.n
             length = min(block_size, size - n * block_size)
-            digests.block(n, out.digest, out.bhash)
+            digests.block(n, out.digest, out.bhash, zero=out.data is None)
             if record_out is not None and out.data is not None:
                 record_out.add(n, out.digest + out.bhash + out.pages)
             read_total += out.read
@@ -490,7 +482,7 @@ def save_image(
         base=base_layer,
         zero=zero_blocks.items,
     )
-    tree = image_tree(writer, manifest, blocks, bytes(digests.checks))
+    tree = image_tree(writer, manifest, blocks, digests.checks(manifest))
     return tree, manifest, read_total, len(blocks)
 
 
@@ -567,27 +559,26 @@ def image_tree(
     writer: PackWriter,
     manifest: Manifest,
     blocks: Mapping[int, LayerBlock],
-    checks: bytes | None,
+    checks: BlockChecks | None,
     checks_id: bytes | None = None,
 ) -> Tree:
     """Write an image's manifest, checks and block map; returns its tree.
 
-    ``checks`` is the blob id and xxh3-128 of every block of the file (None:
-    unknown, as for an entry rewritten from one saved before checks existed).
-    ``checks_id`` names a checks blob a pack holds already instead (an
-    unchanged image: 36 bytes per block need not be written again; the
-    caller makes sure it stays there).
+    ``checks`` are the blocks' blob ids and xxh3-128 (None: unknown, as for
+    an entry rewritten from one saved before checks existed).  With
+    ``checks_id``, a pack holds their blob already (an unchanged image: it
+    is named again, not written; the caller makes sure it stays there).
     """
     man = Blob.from_string(manifest.encode())
     writer.add_object(man)
     tree = Tree()
     tree.add(MANIFEST_NAME, BLOB_MODE, man.id)
-    if checks_id is not None:
-        tree.add(CHECKS_NAME, BLOB_MODE, ObjectID(checks_id.hex().encode()))
-    elif checks is not None:
-        chk = Blob.from_string(checks)
-        writer.add_object(chk)
-        tree.add(CHECKS_NAME, BLOB_MODE, chk.id)
+    if checks is not None:
+        if checks_id is None:
+            chk = Blob.from_string(checks.data)
+            writer.add_object(chk)
+            checks_id = bytes.fromhex(chk.id.decode())
+        tree.add(checks.name, BLOB_MODE, ObjectID(checks_id.hex().encode()))
     top, made = block_trees(blocks)
     for t in made:
         writer.add_object(t)

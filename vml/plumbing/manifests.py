@@ -23,11 +23,15 @@ partial entry), where an absent block is zero.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+from array import array
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+import xxhash
 from dulwich.objects import ObjectID, Tree
 
 from vml.errors import CorruptRepository, HostileRepository
@@ -35,8 +39,11 @@ from vml.errors import CorruptRepository, HostileRepository
 MANIFEST_NAME = b"manifest"
 BLOCKS_NAME = b"blocks"
 CHECKS_NAME = b"checks"
+# Checks of the blocks holding data only (others are zero); what saves write now.
+SPARSE_CHECKS_NAME = b"sparse-checks"
 CHECK_SIZE = 36  # one block's check: its git blob id (20 bytes), then its xxh3-128 (16)
 CHECK_ID = 20
+SPARSE_CHECK_SIZE = 4 + CHECK_SIZE  # the block's number (u32, big-endian), then its check
 TREE_MODE = 0o040000
 BLOB_MODE = 0o100644
 # Far beyond any disk image, small enough that a hostile manifest cannot make
@@ -134,6 +141,77 @@ class Manifest:
             prev = item[1]
             m.zero.append((item[0], item[1]))
         return m
+
+
+_ZERO_CHECKS: dict[int, tuple[bytes, bytes]] = {}
+
+
+def zero_check(length: int) -> tuple[bytes, bytes]:
+    """The check (git blob id, xxh3-128) of ``length`` zero bytes."""
+    c = _ZERO_CHECKS.get(length)
+    if c is None:
+        z = bytes(length)
+        blob = hashlib.sha1(b"blob %d\0" % length + z).digest()
+        c = _ZERO_CHECKS[length] = (blob, bytes(xxhash.xxh3_128_digest(z)))
+    return c
+
+
+class BlockChecks:
+    """Every block's check (git blob id, xxh3-128) of one image in one entry.
+
+    Two encodings: ``checks`` lists all blocks, 36 bytes each, zero blocks
+    included; ``sparse-checks`` lists only blocks that are not all zero,
+    each as its number (u32, big-endian) and its check, in increasing order:
+    an unlisted block is zero, so a 1 TiB image holding 4 MiB has 4 entries,
+    not a million.
+    """
+
+    def __init__(self, manifest: Manifest, data: bytes, sparse: bool) -> None:
+        self.manifest = manifest
+        self.data = data
+        self.sparse = sparse
+        self.numbers = array("I")
+        if not sparse:
+            if len(data) != manifest.nblocks * CHECK_SIZE:
+                raise CorruptRepository("an image has checks for the wrong number of blocks")
+            return
+        if len(data) % SPARSE_CHECK_SIZE:
+            raise CorruptRepository("an image's sparse checks have a bad length")
+        prev = -1
+        for at in range(0, len(data), SPARSE_CHECK_SIZE):
+            n = int.from_bytes(data[at : at + 4], "big")
+            if n <= prev or n >= manifest.nblocks:
+                raise CorruptRepository("an image's sparse checks are out of order")
+            self.numbers.append(n)
+            prev = n
+
+    @property
+    def name(self) -> bytes:
+        """The name of its blob in the image's tree."""
+        return SPARSE_CHECKS_NAME if self.sparse else CHECKS_NAME
+
+    def get(self, n: int) -> tuple[bytes, bytes]:
+        """Block ``n``'s ``(blob id, xxh3-128)``."""
+        if not self.sparse:
+            at = n * CHECK_SIZE
+            return self.data[at : at + CHECK_ID], self.data[at + CHECK_ID : at + CHECK_SIZE]
+        i = bisect_left(self.numbers, n)
+        if i < len(self.numbers) and self.numbers[i] == n:
+            at = i * SPARSE_CHECK_SIZE + 4
+            return self.data[at : at + CHECK_ID], self.data[at + CHECK_ID : at + CHECK_SIZE]
+        return zero_check(self.manifest.block_length(n))
+
+    @classmethod
+    def from_blocks(
+        cls, manifest: Manifest, blocks: Iterable[tuple[int, bytes, bytes]]
+    ) -> BlockChecks:
+        """Sparse checks from ``(block, blob id, xxh3-128)`` of the blocks holding data, in order."""
+        out = bytearray()
+        for n, blob, xxh in blocks:
+            out += n.to_bytes(4, "big")
+            out += blob
+            out += xxh
+        return cls(manifest, bytes(out), sparse=True)
 
 
 def ranges(numbers: Iterable[int]) -> list[tuple[int, int]]:

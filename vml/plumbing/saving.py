@@ -35,8 +35,8 @@ from vml.plumbing.entries import (
     git_mode,
     store_trees,
 )
-from vml.plumbing.images import Changed, Digests, SaveInputs, image_tree, save_image
-from vml.plumbing.manifests import BLOB_MODE, TREE_MODE, Manifest
+from vml.plumbing.images import Changed, SaveInputs, image_tree, save_image
+from vml.plumbing.manifests import BLOB_MODE, TREE_MODE, BlockChecks, Manifest
 from vml.plumbing.packs import PackReader, PackWriter
 from vml.plumbing.repository import Repository
 from vml.progress import ProgressFn
@@ -83,25 +83,23 @@ def read_small(path: Path) -> tuple[bytes, os.stat_result]:
     return data, after
 
 
-def checks_of(image: ResolvedImage, recs: BlockRecords) -> bytes | None:
+def checks_of(image: ResolvedImage, recs: BlockRecords) -> BlockChecks | None:
     """The checks of an unchanged image: its parent's, or from the area cache.
 
     The cache describes the file exactly as the parent entry has it; a parent
     saved before checks existed gets them here, so its descendants have them.
-    Zero blocks (no record) go in bulk.
     """
     if image.checks is not None:
         return image.checks
     m = image.manifest
     if recs.nblocks != m.nblocks:
         return None
-    out = Digests(m.size, m.block_size, m.page_size)
+    found = []
     for n in recs.data_blocks():
         rec = recs.stored(n)
         assert rec is not None
-        out.block(n, rec[:20], rec[20:36])
-    out.zeros_until(m.nblocks)
-    return bytes(out.checks)
+        found.append((n, rec[:20], rec[20:36]))
+    return BlockChecks.from_blocks(m, found)
 
 
 class Saver:
@@ -224,10 +222,10 @@ class Saver:
         man = Manifest(
             st.st_size, cached.sha256, self.repo.block_size, self.repo.page_size, base=False
         )
-        if parent_img.checks_id is not None:
+        if parent_img.checks is not None and parent_img.checks_id is not None:
             # The parent's checks blob, named again: it must still exist at publishing.
             self.reused.add(parent_img.checks_id)
-            tree = image_tree(self.writer, man, {}, None, parent_img.checks_id)
+            tree = image_tree(self.writer, man, {}, parent_img.checks, parent_img.checks_id)
         else:
             tree = image_tree(self.writer, man, {}, checks_of(parent_img, recs))
         self._advance(st.st_size)
@@ -309,6 +307,10 @@ class Saver:
                 f"the area cache no longer describes {f.path} as the save began; nothing was saved"
             )
         return None
+
+    def notes(self) -> list[str]:
+        """What the user should know about this save beyond its numbers."""
+        return [self.cache_writer.problem] if self.cache_writer.problem else []
 
     def finish(self, meta: EntryMeta) -> bytes:
         """Write the metadata and trees and seal the packs; returns the root tree's id.

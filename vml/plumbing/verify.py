@@ -230,7 +230,7 @@ def check_image(
             return n, None, b"", "it does not match its check"
         return n, digest, have, None
 
-    digests = Digests(m.size, m.block_size, m.page_size, checks=False)
+    digests = Digests(m.size, m.block_size)
     broken = False
     done = 0
     for n, digest, have, error in ordered_map(pool, build, iter(img.nonzero()), WINDOW):

@@ -368,7 +368,8 @@ def checkout(
                 files_removed=removed,
                 left_alone=plan.left_alone,
                 branch=state.branch,
-                notes=checkout_notes(target.meta.vm, target.meta.area, area, inspect_area(area)),
+                notes=checkout_notes(target.meta.vm, target.meta.area, area, inspect_area(area))
+                + ([builder.cache_writer.problem] if builder.cache_writer.problem else []),
             )
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -78,6 +78,9 @@ class CommitResult(Record):
     repack_problem: str | None = None  # why that failed (the entry is saved all the same)
     branch_moved_on: str | None = None  # the branch another area moved on: left, no longer followed
     live: dict[str, object] | None = None  # saved while running under `vml run` (vm.live)
+    # What the user should know about how the save went (the area cache not
+    # written, a dirty bitmap not used and why); the entry is saved all the same.
+    notes: list[str] = field(default_factory=list)
 
 
 def _chain_root(reader: PackReader, commit: bytes) -> bytes:
@@ -395,6 +398,7 @@ def _commit_locked(
         repacked=repacked,
         repack_problem=problem,
         live=ask.live,
+        notes=saver.notes(),
     )
 
 
