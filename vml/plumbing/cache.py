@@ -352,6 +352,15 @@ class Cache:
         except (ValueError, TypeError, AttributeError, RecursionError):
             _damaged(area, "its index is not readable")
 
+    @classmethod
+    def peek(cls, area: Path) -> Cache:
+        """The cache in whatever geometry it was written (for its ``stat`` records only)."""
+        try:
+            doc = json.loads((vml_dir(area) / CACHE_NAME / "index.json").read_text())
+            return cls(area, int(doc["page_size"]), int(doc["block_size"]))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return cls(area, 0, 0)
+
     def valid_for(self, entry: str | None) -> bool:
         """True when the cache describes the area as it was at ``entry``."""
         return entry is not None and self.entry == entry

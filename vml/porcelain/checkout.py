@@ -27,6 +27,7 @@ from vml.plumbing.layout import check_layout
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository, fsync_dir
 from vml.plumbing.restoring import Builder, TempFiles
+from vml.plumbing.vm.bitmaps import drop_records
 from vml.plumbing.vm.ignore import IgnoreRules
 from vml.plumbing.vm.inspect import inspect_area
 from vml.plumbing.vm.qemu import vml_vm
@@ -208,6 +209,8 @@ def _claim(repo: Repository, area: Path, state: AreaState, commit: bytes) -> Non
         state.pending = commit.hex()
         state.repository = str(repo.path.resolve())
         save_state(area, state)
+        # The disks are about to be rewritten: no dirty bitmap counts for them.
+        drop_records(area)
         repo.register_area(area, locked=True)
 
 

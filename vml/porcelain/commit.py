@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vml.errors import AreaError, CorruptRepository, NothingToCommit, UsageError, VMLError
+from vml.plumbing import dirty
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.areas import (
     AreaFile,
@@ -18,6 +19,7 @@ from vml.plumbing.areas import (
     same_folder,
     save_state,
     scan_area,
+    stat_signature,
 )
 from vml.plumbing.cache import Cache
 from vml.plumbing.entries import (
@@ -30,14 +32,16 @@ from vml.plumbing.entries import (
     folder_record,
     now_iso,
 )
+from vml.plumbing.images import Changed
 from vml.plumbing.packs import PackReader
 from vml.plumbing.publish import Published, publish_entry
 from vml.plumbing.repack import RepackResult, auto_consolidate
 from vml.plumbing.repository import Repository
 from vml.plumbing.saving import Baseline, Saver, SourceFile
+from vml.plumbing.vm.description import find_spec
 from vml.plumbing.vm.ignore import IgnoreRules
 from vml.plumbing.vm.inspect import VMInfo, check_saveable
-from vml.plumbing.vm.live import live_snapshot
+from vml.plumbing.vm.live import live_snapshot, settle_rotations
 from vml.plumbing.vm.qemu import vml_vm
 from vml.porcelain.common import (
     ProgressFn,
@@ -234,6 +238,9 @@ class _Ask:
     include_external: bool
     move: bool
     live: dict[str, object] | None = None  # a live save's record (vm.live)
+    # What may have changed in each file (dirty bitmaps, a live save's copies).
+    changes: dict[str, Changed] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # how the save read the disks
 
 
 def _baseline(repo: Repository, area: Path, plan: Plan, state: AreaState) -> Baseline:
@@ -338,10 +345,64 @@ def commit(
     # files a commit is reading); held to the end, so the area state is ours.
     with lock_area(area):
         if sources is None and not force_running and vml_vm(area) is not None:
-            with live_snapshot(area) as snap:
-                ask.live = snap.record()
-                return _commit_locked(repo, area, ask, progress, snap.files, t0)
+            return _commit_live(repo, area, ask, progress, t0)
         return _commit_locked(repo, area, ask, progress, sources, t0)
+
+
+def _held_for_changes(repo: Repository, area: Path, ask: _Ask) -> str | None:
+    """The entry an incremental save would sit on (what dirty bitmaps count from), or None."""
+    state = load_state(area)
+    if state is None or not state.entry or ask.kind not in (None, "incremental"):
+        return None
+    if ask.base is not None or ask.move:
+        return None
+    table = refs_mod.read_refs(repo)
+    return state.entry if bytes.fromhex(state.entry) in set(table.entries.values()) else None
+
+
+def _commit_live(
+    repo: Repository, area: Path, ask: _Ask, progress: ProgressFn, t0: float
+) -> CommitResult:
+    """Save a VM running under ``vml run``: pause, copy what changed, continue, then save.
+
+    The disks' dirty bitmaps are rotated in the pause; once the save is
+    published (or failed) they are settled and recorded for the next one.
+    """
+    spec = find_spec(area)
+    assert spec is not None
+    held = _held_for_changes(repo, area, ask)
+    refs = dirty.live_refs(area, spec, Cache(area, repo.page_size, repo.block_size), held)
+    try:
+        with live_snapshot(area, refs.refs) as snap:
+            ask.live = snap.record()
+            ask.changes = {rel: Changed(r, partial=True) for rel, r in snap.changed.items()}
+            ask.notes = refs.notes + snap.notes
+            saved: str | None = None
+            try:
+                res = _commit_locked(repo, area, ask, progress, snap.files, t0)
+                saved = res.commit
+                return res
+            finally:
+                settled = settle_rotations(area, snap.rotations, saved is not None)
+                dirty.settle_live(area, spec, snap.rotations, settled, saved)
+    finally:
+        refs.close()
+
+
+def _at_rest_changes(repo: Repository, area: Path, ask: _Ask, plan: Plan, listing: Listing) -> None:
+    """Where a VM at rest keeps dirty bitmaps (qcow2), read only what they mark."""
+    spec = find_spec(area)
+    if spec is None or plan.held is None or plan.parent_id != plan.held_id:
+        return
+    cache = Cache(area, repo.page_size, repo.block_size)
+    read = set()
+    for f in listing.files:
+        cf = cache.files.get(f.path)
+        if cf is None or cf.stat != stat_signature(f.stat):
+            read.add(f.path)
+    changes, notes = dirty.at_rest(area, spec, cache, plan.held.commit.hex(), read)
+    ask.changes.update(changes)
+    ask.notes += notes
 
 
 def _commit_locked(
@@ -373,6 +434,10 @@ def _commit_locked(
     try:
         plan = choose_parent(repo, reader, table, state, kind, ask.base)
         listing = list_files(repo, area, plan, outside, sources)
+        if sources is None and vm.power_state != "running":
+            _at_rest_changes(repo, area, ask, plan, listing)
+        for f in listing.files:
+            f.changed = ask.changes.get(f.path)
         made, saver, changed = _save(
             repo, reader, area, plan, state, listing, vm, ask, table, progress
         )
@@ -398,7 +463,7 @@ def _commit_locked(
         repacked=repacked,
         repack_problem=problem,
         live=ask.live,
-        notes=saver.notes(),
+        notes=ask.notes + saver.notes(),
     )
 
 

@@ -20,8 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vml.errors import AreaError, IncompatibleState, VMControlError, VMRunning
+from vml.errors import AreaError, IncompatibleState, QMPError, VMControlError, VMRunning
+from vml.plumbing import dirty
 from vml.plumbing.areas import lock_area
+from vml.plumbing.vm.bitmaps import drop_records
 from vml.plumbing.vm.description import QemuSpec, find_spec
 from vml.plumbing.vm.inspect import running_reasons
 from vml.plumbing.vm.qemu import (
@@ -33,6 +35,7 @@ from vml.plumbing.vm.qemu import (
     kvm_usable,
     launch_detached,
     load_device_state,
+    note_closed,
     now_iso,
     prepare_run_dir,
     qemu_build,
@@ -148,7 +151,12 @@ def _fresh_ram(area: Path, spec: QemuSpec) -> None:
 
 
 def _start(
-    client: QMPClient, area: Path, spec: QemuSpec, offset: int | None, res: RunResult
+    client: QMPClient,
+    area: Path,
+    spec: QemuSpec,
+    offset: int | None,
+    res: RunResult,
+    plan: dirty.StartPlan,
 ) -> None:
     set_capabilities(client)
     if offset is not None:
@@ -159,6 +167,12 @@ def _start(
                 f"QEMU could not load the saved state of {spec.stem}: {e.message}",
                 "boot afresh with `vml run --discard-state` (the state is kept until then)",
             ) from e
+    try:
+        # Before the guest runs, so that every write it makes is recorded.
+        dirty.start_bitmaps(client, area, spec, plan)
+    except (QMPError, OSError) as e:
+        drop_records(area)
+        res.notes.append(f"the disks' dirty bitmaps were not started ({e}): saves read them whole")
     client.execute("cont")
     if offset is not None:
         # Running on: the saved state no longer matches the disks.
@@ -257,6 +271,8 @@ def _launch(
     proc: subprocess.Popen[bytes] | None = None
     with lock_area(area):
         _refuse_running(area)  # again, now that no other vml command can start it
+        # What the disks' dirty bitmaps may count from, before QEMU touches them.
+        plan = dirty.start_plan(area, spec)
         prepare_run_dir(area)
         if offset is None:
             _fresh_ram(area, spec)
@@ -272,7 +288,7 @@ def _launch(
             launch_detached(res.command, spec, area)
         try:
             with wait_for_qmp(paths, proc=proc) as client:
-                _start(client, area, spec, offset, res)
+                _start(client, area, spec, offset, res, plan)
         except BaseException:
             if proc is not None:
                 proc.kill()
@@ -297,4 +313,6 @@ def _ended(area: Path, spec: QemuSpec, proc: subprocess.Popen[bytes]) -> None:
     if not (area / spec.state_file).exists():
         (area / spec.ram_file).unlink(missing_ok=True)
     paths.pidfile.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        note_closed(area, spec)
     paths.exit.write_text(f"{code}\n")

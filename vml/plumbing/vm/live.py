@@ -6,7 +6,12 @@
 2. ``migrate`` the device state (``x-ignore-shared``: the RAM file is left
    out, ~0.5 MB) to ``<area>/.vml/stage/<pid>/``;
 3. copy the memory file and every disk image aside into that stage
-   (holes stay holes; a reflink where the file system can);
+   (holes stay holes; a reflink where the file system can) -- or, given
+   a :class:`Reference` of what the area's entry held, only what changed
+   since: a disk's dirty clusters (its bitmap is rotated in one QMP
+   ``transaction`` and the disabled one read through NBD), the memory
+   file's blocks whose xxh3 differs from the entry's, each at its own
+   offset in a sparse copy (``LiveSnapshot.changed`` lists those ranges);
 4. ``cont``: the guest goes on, and the caller reads the copies at leisure.
 
 It yields a ``LiveSnapshot``: ``files`` maps the area-relative name each
@@ -21,15 +26,21 @@ die while the guest is paused, ``vml run --continue`` continues it (and
 from __future__ import annotations
 
 import contextlib
+import errno
+import mmap
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import xxhash
+
 from vml.errors import AreaError, QMPError, VMControlError
+from vml.plumbing.vm import bitmaps
 from vml.plumbing.vm.description import STATE_SUFFIX, QemuSpec, find_spec
+from vml.plumbing.vm.qcow2 import Unmappable, merge_ranges
 from vml.plumbing.vm.qemu import (
     RunPaths,
     StateHeader,
@@ -41,6 +52,32 @@ from vml.plumbing.vm.qemu import (
     vml_vm,
 )
 from vml.plumbing.vm.qmp import QMPClient
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What the area's entry held of one file, so that only what changed since is copied.
+
+    ``size`` and ``block_size`` are the file's then; a memory file gives
+    ``hashes`` (the xxh3-128 of its block ``n`` then, None if unknown), a
+    disk the ``bitmap`` that has recorded every write to it since.
+    """
+
+    block_size: int
+    size: int
+    hashes: Callable[[int], bytes | None] | None = None
+    bitmap: str | None = None
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """A disk's bitmaps after the pause: ``new`` records from it on, ``old`` (if any) up to it."""
+
+    path: str
+    device: str
+    old: str | None
+    new: str
+    persistent: bool
 
 
 @dataclass
@@ -57,6 +94,13 @@ class LiveSnapshot:
     copied_bytes: int = 0
     #: Time of each step while paused: stop, device state, copies, cont.
     steps: dict[str, float] = field(default_factory=dict)
+    #: Area path -> the byte ranges copied (whole blocks); the copy holds
+    #: nothing else.  A file not listed was copied whole.
+    changed: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    #: The disks' bitmaps as the pause left them (see ``settle_rotations``).
+    rotations: list[Rotation] = field(default_factory=list)
+    #: Why a file was copied whole although a reference was given.
+    notes: list[str] = field(default_factory=list)
 
     def record(self) -> dict[str, object]:
         """What an entry records of this save (``vm.live`` in its metadata)."""
@@ -100,39 +144,219 @@ def _staged_name(stage: Path, rel: str) -> Path:
     return dest
 
 
-def _pause_and_copy(
-    client: QMPClient, area: Path, spec: QemuSpec, stage: Path
-) -> tuple[dict[str, Path], StateHeader, int, dict[str, float]]:
-    """Stop, save device state, copy memory and disks aside; the caller continues the VM."""
-    info = read_run_info(area)
-    to_copy = [spec.ram_file, *_disk_files(area, spec)]
-    steps: dict[str, float] = {}
+@dataclass
+class _Pause:
+    """What happens while the guest is paused, and what it leaves."""
+
+    area: Path
+    spec: QemuSpec
+    stage: Path
+    refs: Mapping[str, Reference]
+    files: dict[str, Path] = field(default_factory=dict)
+    changed: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    rotations: list[Rotation] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    steps: dict[str, float] = field(default_factory=dict)
+    copied: int = 0
+
+
+def _plan_rotations(client: QMPClient, p: _Pause) -> dict[str, str]:
+    """Each disk's rotation (a new bitmap; the old one when it can be trusted); device -> node."""
+    present, nodes = bitmaps.live_bitmaps(client)
+    for i, d in enumerate(p.spec.disks):
+        dev = f"vml-disk{i}"
+        ref = p.refs.get(d.path)
+        old = ref.bitmap if ref is not None else None
+        if old is not None:
+            found = next((b for b in present.get(dev, []) if b.name == old), None)
+            why = None
+            if found is None:
+                why = "QEMU has no such bitmap (was it restarted?)"
+            elif found.inconsistent:
+                why = "it is flagged inconsistent"
+            elif not found.recording or found.granularity != bitmaps.GRANULARITY:
+                why = "it is not recording"
+            if why is not None:
+                p.notes.append(
+                    f"{d.path}: read whole: its dirty bitmap {old} cannot be used ({why})"
+                )
+                old = None
+        new = bitmaps.new_name()
+        p.rotations.append(Rotation(d.path, dev, old, new, d.format == "qcow2"))
+    return nodes
+
+
+def _rotate(client: QMPClient, p: _Pause) -> None:
+    try:
+        bitmaps.rotate(client, [(r.device, r.old, r.new, r.persistent) for r in p.rotations])
+    except QMPError as e:
+        p.notes.append(f"the disks' dirty bitmaps could not be rotated ({e.message}): read whole")
+        p.rotations = []
+
+
+def _dirty_disks(
+    client: QMPClient, p: _Pause, nodes: dict[str, str]
+) -> dict[str, list[tuple[int, int]]]:
+    """File ranges that changed, per disk whose old bitmap is read (guest offsets mapped)."""
+    wanted = [(r.device, nodes.get(r.device, r.device), r.old) for r in p.rotations if r.old]
+    if not wanted:
+        return {}
+    try:
+        dirty = bitmaps.dirty_live(client, [(dev, node, str(old)) for dev, node, old in wanted])
+    except (QMPError, VMControlError) as e:
+        p.notes.append(f"the disks' dirty bitmaps could not be read ({e.message}): read whole")
+        return {}
+    out: dict[str, list[tuple[int, int]]] = {}
+    fmt = {d.path: d.format for d in p.spec.disks}
+    for r in p.rotations:
+        if r.device not in dirty:
+            continue
+        src = p.area / r.path
+        try:
+            ranges = bitmaps.file_ranges(src, fmt[r.path], dirty[r.device])
+        except (Unmappable, OSError) as e:
+            p.notes.append(f"{r.path}: read whole: {e}")
+            continue
+        ref = p.refs[r.path]
+        size = src.stat().st_size
+        if size > ref.size:
+            ranges.append((ref.size, size))  # the file grew
+        out[r.path] = _aligned(ranges, ref.block_size, size)
+    return out
+
+
+def _aligned(ranges: list[tuple[int, int]], block: int, size: int) -> list[tuple[int, int]]:
+    """Whole blocks covering ``ranges``, merged, within ``size``."""
+    return merge_ranges(
+        [(a // block * block, min(-(-b // block) * block, size)) for a, b in ranges if a < size]
+    )
+
+
+def _changed_blocks(path: Path, ref: Reference) -> list[tuple[int, int]]:
+    """The blocks of a memory file whose xxh3-128 differs from the reference's (memory speed)."""
+    assert ref.hashes is not None
+    bs = ref.block_size
+    out: list[tuple[int, int]] = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return []
+        with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mm:
+            data = _data_spans(fd, size)
+            i = 0
+            for n in range((size + bs - 1) // bs):
+                start, end = n * bs, min((n + 1) * bs, size)
+                while i < len(data) and data[i][1] <= start:
+                    i += 1
+                if i < len(data) and data[i][0] < end:
+                    h = xxhash.xxh3_128_digest(memoryview(mm)[start:end])
+                else:
+                    h = _zero_hash(end - start)  # a hole: zeros, never read
+                if h != ref.hashes(n):
+                    out.append((start, end))
+    finally:
+        os.close(fd)
+    return merge_ranges(out)
+
+
+_ZERO_HASHES: dict[int, bytes] = {}
+
+
+def _zero_hash(length: int) -> bytes:
+    h = _ZERO_HASHES.get(length)
+    if h is None:
+        h = _ZERO_HASHES[length] = xxhash.xxh3_128_digest(bytes(length))
+    return h
+
+
+def _data_spans(fd: int, size: int) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    pos = 0
+    try:
+        while pos < size:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            out.append((start, end))
+            pos = end
+    except OSError as e:
+        return out if e.errno == errno.ENXIO else [(0, size)]
+    return out
+
+
+def copy_ranges(src: Path, dst: Path, ranges: list[tuple[int, int]]) -> int:
+    """A sparse copy of ``src`` holding only ``ranges`` (at their offsets); bytes copied.
+
+    Like ``copy_sparse`` it carries ``src``'s permission bits and times;
+    everything outside ``ranges`` is a hole, which the caller must not read.
+    """
+    copied = 0
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        st = os.fstat(fi.fileno())
+        try:
+            os.ftruncate(fo.fileno(), st.st_size)
+            for a, b in ranges:
+                off = a
+                while off < b:
+                    n = os.copy_file_range(fi.fileno(), fo.fileno(), b - off, off, off)
+                    if n <= 0:
+                        break
+                    off += n
+                copied += off - a
+        finally:
+            os.fchmod(fo.fileno(), st.st_mode & 0o7777)
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return copied
+
+
+def _copy_files(p: _Pause, dirty: dict[str, list[tuple[int, int]]]) -> None:
+    """Copy the memory file and the disks aside: only what changed, where a reference says."""
+    for rel in [p.spec.ram_file, *_disk_files(p.area, p.spec)]:
+        dest = _staged_name(p.stage, rel)
+        ref = p.refs.get(rel)
+        ranges = dirty.get(rel)
+        src = p.area / rel
+        if ranges is None and ref is not None and ref.hashes and src.stat().st_size == ref.size:
+            ranges = _changed_blocks(src, ref)
+        if ranges is None:
+            p.copied += copy_sparse(p.area / rel, dest)
+        else:
+            p.copied += copy_ranges(p.area / rel, dest, ranges)
+            p.changed[rel] = ranges
+        p.files[rel] = dest
+
+
+def _pause_and_copy(client: QMPClient, p: _Pause) -> StateHeader:
+    """Stop, rotate the bitmaps, save device state, copy what changed; the caller continues."""
+    info = read_run_info(p.area)
+    nodes = _plan_rotations(client, p)
     t = time.monotonic()
     client.execute("stop")
-    steps["stop"] = time.monotonic() - t
+    p.steps["stop"] = time.monotonic() - t
+    t = time.monotonic()
+    _rotate(client, p)
+    p.steps["bitmaps"] = time.monotonic() - t
     header = StateHeader(
         qemu=str(info.get("qemu", "")) or _version(client),
         machine=current_machine(client),
-        arch=spec.arch,
+        arch=p.spec.arch,
         accel=str(info.get("accel", "tcg")),
-        memory_mib=spec.memory_mib,
-        ram_file=spec.ram_file,
+        memory_mib=p.spec.memory_mib,
+        ram_file=p.spec.ram_file,
         saved=now_iso(),
     )
-    files: dict[str, Path] = {}
     t = time.monotonic()
-    state = _staged_name(stage, spec.state_file)
+    state = _staged_name(p.stage, p.spec.state_file)
     save_device_state(client, state, header)
-    files[spec.state_file] = state
-    steps["device_state"] = time.monotonic() - t
+    p.files[p.spec.state_file] = state
+    p.steps["device_state"] = time.monotonic() - t
     t = time.monotonic()
-    copied = 0
-    for rel in to_copy:
-        dest = _staged_name(stage, rel)
-        copied += copy_sparse(area / rel, dest)
-        files[rel] = dest
-    steps["copy"] = time.monotonic() - t
-    return files, header, copied, steps
+    dirty = _dirty_disks(client, p, nodes)
+    p.steps["dirty_map"] = time.monotonic() - t
+    t = time.monotonic()
+    _copy_files(p, dirty)
+    p.steps["copy"] = time.monotonic() - t
+    return header
 
 
 def _version(client: QMPClient) -> str:
@@ -141,12 +365,16 @@ def _version(client: QMPClient) -> str:
 
 
 @contextlib.contextmanager
-def live_snapshot(area: Path, *, timeout: float = 30.0) -> Iterator[LiveSnapshot]:
+def live_snapshot(
+    area: Path, refs: Mapping[str, Reference] | None = None, *, timeout: float = 30.0
+) -> Iterator[LiveSnapshot]:
     """Pause the VM VML runs for ``area``, copy its state aside, continue it; see the module doc.
 
-    The caller holds the area's lock.  Raises ``VMControlError`` when no VM
-    runs under ``vml run`` here, or it is paused after an interrupted save
-    (``vml run --continue`` first).
+    ``refs`` (area path -> what the area's entry held of it) lets the
+    pause copy only what changed since.  The caller holds the area's lock,
+    and settles the disks' bitmaps afterwards (``settle_rotations``).
+    Raises ``VMControlError`` when no VM runs under ``vml run`` here, or it
+    is paused after an interrupted save (``vml run --continue`` first).
     """
     spec = find_spec(area)
     running = vml_vm(area)
@@ -157,6 +385,7 @@ def live_snapshot(area: Path, *, timeout: float = 30.0) -> Iterator[LiveSnapshot
     stage = paths.stage / str(os.getpid())
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
+    p = _Pause(area, spec, stage, refs or {})
     try:
         with QMPClient.connect(paths.qmp, timeout=timeout) as client:
             status = client.execute("query-status").get("status")
@@ -167,7 +396,7 @@ def live_snapshot(area: Path, *, timeout: float = 30.0) -> Iterator[LiveSnapshot
                 )
             t0 = time.monotonic()
             try:
-                files, header, copied, steps = _pause_and_copy(client, area, spec, stage)
+                header = _pause_and_copy(client, p)
             finally:
                 # Whatever happened, the guest goes on (a QMP failure here is
                 # reported, and `vml run --continue` is the way out).
@@ -180,9 +409,46 @@ def live_snapshot(area: Path, *, timeout: float = 30.0) -> Iterator[LiveSnapshot
                         "run `vml run --continue`",
                     ) from e
                 pause = time.monotonic() - t0
-            steps["cont"] = time.monotonic() - t
-        yield LiveSnapshot(files, pause, header, copied, steps)
+            p.steps["cont"] = time.monotonic() - t
+        yield LiveSnapshot(
+            p.files, pause, header, p.copied, p.steps, p.changed, p.rotations, p.notes
+        )
     finally:
         shutil.rmtree(stage, ignore_errors=True)
         with contextlib.suppress(OSError):
             paths.stage.rmdir()  # when no other save uses it
+
+
+def settle_rotations(area: Path, rotations: list[Rotation], saved: bool) -> list[Rotation]:
+    """After the save: keep only each disk's new bitmap, or fold the old one back into it.
+
+    ``saved``: the new bitmaps start at the new entry; every other ``vml-``
+    bitmap of the disk goes.  Otherwise each new bitmap takes its old one's
+    bits (QMP ``block-dirty-bitmap-merge``), so it covers everything since
+    the area's entry again, or goes where no old one was trusted.  Returns
+    the rotations settled; those not (QEMU gone or refusing) must not be
+    trusted.
+    """
+    done: list[Rotation] = []
+    if not rotations:
+        return done
+    try:
+        with QMPClient.connect(RunPaths(area).qmp, timeout=10.0) as client:
+            present, _nodes = bitmaps.live_bitmaps(client)
+            for r in rotations:
+                try:
+                    if r.old is not None and not saved:
+                        bitmaps.merge_back(client, r.device, r.old, r.new)
+                    keep = r.new if saved or r.old is not None else None
+                    for b in present.get(r.device, []):
+                        if b.name.startswith(bitmaps.PREFIX) and b.name not in (keep, r.old):
+                            bitmaps.remove(client, r.device, b.name)
+                    if r.old is not None and saved:
+                        bitmaps.remove(client, r.device, r.old)
+                    if keep is not None:
+                        done.append(r)
+                except QMPError:
+                    continue
+    except QMPError:
+        pass
+    return done

@@ -96,6 +96,16 @@ class RunPaths:
         return self.dir / "exit"
 
     @property
+    def disk_list(self) -> Path:
+        """The VM's disk images (NUL-separated), whose ``stat`` is taken when QEMU ends."""
+        return self.dir / "disks"
+
+    @property
+    def closed(self) -> Path:
+        """Each disk's size, mtime, ctime and inode as QEMU left them (written when it ended)."""
+        return self.dir / "closed"
+
+    @property
     def info(self) -> Path:
         """``run.json``: how the VM was started."""
         return self.dir / "run.json"
@@ -383,20 +393,67 @@ def format_command(cmd: list[str]) -> str:
 # --- starting, watching, stopping ----------------------------------------------
 
 #: The shell parent of a detached QEMU: wait for it, drop the memory file
-#: unless a saved state needs it, then record QEMU's exit status (last: who
-#: sees ``exit`` sees the clean-up done).
+#: unless a saved state needs it, note each disk's ``stat`` as QEMU left
+#: it (a later write by anything else shows), then record QEMU's exit
+#: status (last: who sees ``exit`` sees the clean-up done).
 _WRAPPER = (
     '( run=$1 ram=$2 state=$3; shift 3; "$@" >>"$run/qemu.log" 2>&1 </dev/null; '
     'rc=$?; [ -e "$state" ] || rm -f "$ram"; rm -f "$run/qemu.pid"; '
+    'xargs -0 stat -c "%s %.9Y %.9Z %i" -- <"$run/disks" >"$run/closed.tmp" '
+    '&& mv "$run/closed.tmp" "$run/closed"; '
     'echo $rc >"$run/exit.tmp"; mv "$run/exit.tmp" "$run/exit" ) </dev/null >/dev/null 2>&1 &'
 )
+
+
+def write_disk_list(area: Path, spec: QemuSpec) -> None:
+    """Name the disks whose ``stat`` the shell parent takes when QEMU ends."""
+    paths = RunPaths(area)
+    names = b"".join(os.fsencode((area / d.path).absolute()) + b"\0" for d in spec.disks)
+    paths.disk_list.write_bytes(names)
+
+
+def note_closed(area: Path, spec: QemuSpec) -> None:
+    """Note each disk's ``stat`` now that QEMU ended (what the shell parent does, from Python)."""
+    lines = []
+    for d in spec.disks:
+        st = os.stat(area / d.path)
+        lines.append(
+            f"{st.st_size} {st.st_mtime_ns // 10**9}.{st.st_mtime_ns % 10**9:09d} "
+            f"{st.st_ctime_ns // 10**9}.{st.st_ctime_ns % 10**9:09d} {st.st_ino}\n"
+        )
+    tmp = RunPaths(area).closed.with_suffix(".tmp")
+    tmp.write_text("".join(lines))
+    os.replace(tmp, RunPaths(area).closed)
+
+
+def closed_stats(area: Path, spec: QemuSpec) -> dict[str, list[int]] | None:
+    """Disk path -> ``[size, mtime_ns, ctime_ns, inode]`` as QEMU left it; None if unknown."""
+    try:
+        lines = RunPaths(area).closed.read_text().splitlines()
+    except OSError:
+        return None
+    if len(lines) != len(spec.disks):
+        return None
+    out: dict[str, list[int]] = {}
+    try:
+        for d, line in zip(spec.disks, lines, strict=True):
+            size, mtime, ctime, ino = line.split()
+            out[d.path] = [int(size), _ns(mtime), _ns(ctime), int(ino)]
+    except ValueError:
+        return None
+    return out
+
+
+def _ns(text: str) -> int:
+    sec, _, frac = text.partition(".")
+    return int(sec) * 10**9 + int((frac + "000000000")[:9])
 
 
 def prepare_run_dir(area: Path) -> RunPaths:
     """Clear what a previous run left in ``.vml/run`` and make the socket's place."""
     paths = RunPaths(area)
     paths.dir.mkdir(parents=True, exist_ok=True)
-    for p in (paths.qmp, paths.pidfile, paths.exit, paths.info, paths.log):
+    for p in (paths.qmp, paths.pidfile, paths.exit, paths.info, paths.log, paths.closed):
         p.unlink(missing_ok=True)
     target = paths.socket_target()
     if target != paths.qmp.absolute():
@@ -411,6 +468,7 @@ def launch_detached(cmd: list[str], spec: QemuSpec, area: Path) -> None:
     paths = RunPaths(area)
     ram = (area / spec.ram_file).absolute()
     state = (area / spec.state_file).absolute()
+    write_disk_list(area, spec)
     with contextlib.suppress(OSError):
         paths.console.open("ab").close()
     parent = subprocess.Popen(

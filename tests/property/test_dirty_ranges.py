@@ -1,0 +1,117 @@
+"""What a dirty bitmap says, mapped to the image file, covers every byte that changed.
+
+Real qcow2 and raw images, real ``qemu-io`` writes (through QEMU's block
+layer, so an enabled persistent bitmap records them), real bitmap churn
+(bitmaps added and removed, which makes QEMU rewrite and free metadata),
+and the bitmap read back through ``qemu-nbd -B``.  Whatever the writes,
+every byte of the file that differs from its copy taken when the bitmap
+started must lie in the ranges ``file_ranges`` answers (or past the old
+end of the file): a bitmap may over-report, never hide a change.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import need
+from vml.plumbing.vm import bitmaps
+
+MiB = 1 << 20
+SIZE = 64 * MiB
+
+writes = st.lists(
+    st.tuples(
+        st.integers(min_value=0, max_value=SIZE // 512 - 1).map(lambda s: s * 512),
+        st.sampled_from([512, 4096, 65536, 200_000]),
+        st.sampled_from(["write -P {p}", "write -z", "write -c"]),
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+def _io(image: Path, fmt: str, cmds: list[str]) -> None:
+    args = [a for c in cmds for a in ("-c", c)]
+    subprocess.run(["qemu-io", "-f", fmt, *args, str(image)], check=True, capture_output=True)
+
+
+def _commands(ops: list[tuple[int, int, str]], fmt: str) -> list[str]:
+    out = []
+    for i, (off, length, kind) in enumerate(ops):
+        length = min(length, SIZE - off)
+        if kind == "write -c" and (fmt != "qcow2" or off % 65536 or length != 65536):
+            kind = "write -P {p}"  # compressed writes: whole clusters of a qcow2 only
+        out.append(f"{kind.format(p=i + 1)} {off} {length}")
+    return out
+
+
+def _differences(old: bytes, new: bytes) -> list[tuple[int, int]]:
+    """``[first, last]`` differing bytes of each 4 KiB chunk that differs."""
+    step = 4096
+    out = []
+    for i in range(0, min(len(old), len(new)), step):
+        x, y = old[i : i + step], new[i : i + step]
+        if x != y:
+            diff = [k for k in range(min(len(x), len(y))) if x[k] != y[k]]
+            out.append((i + diff[0], i + diff[-1]))
+    return out
+
+
+def _covered(ranges: list[tuple[int, int]], start: int, end: int) -> bool:
+    """Every byte of [start, end) lies in one of ``ranges`` (sorted, merged)."""
+    for a, b in ranges:
+        if a <= start < b:
+            if end <= b:
+                return True
+            start = b
+    return False
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(before=writes, after=writes, churn=st.booleans())
+def test_dirty_ranges_cover_every_change(
+    tmp_path: Path,
+    fmt: str,
+    before: list[tuple[int, int, str]],
+    after: list[tuple[int, int, str]],
+    churn: bool,
+) -> None:
+    for tool in ("qemu-img", "qemu-io", "qemu-nbd"):
+        need(tool)
+    work = tmp_path / "w"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    image = work / f"d.{fmt}"
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(image), str(SIZE)], check=True)
+    _io(image, fmt, _commands(before, fmt))
+    if fmt == "raw":
+        # No bitmap lives in a raw file: the guest ranges are the file's.
+        old = image.read_bytes()
+        ops = _commands(after, fmt)
+        _io(image, fmt, ops)
+        dirty = [(int(c.split()[-2]), int(c.split()[-2]) + int(c.split()[-1])) for c in ops]
+        ranges = bitmaps.file_ranges(image, fmt, sorted(dirty))
+    else:
+        subprocess.run(
+            ["qemu-img", "bitmap", "--add", "-g", "65536", str(image), "mark"], check=True
+        )
+        if churn:  # another bitmap that lives and dies: QEMU stores, moves and frees metadata
+            subprocess.run(["qemu-img", "bitmap", "--add", str(image), "other"], check=True)
+        old = image.read_bytes()
+        _io(image, fmt, _commands(after, fmt))
+        if churn:
+            subprocess.run(["qemu-img", "bitmap", "--remove", str(image), "other"], check=True)
+        dirty = bitmaps.dirty_at_rest(image, "mark")
+        ranges = bitmaps.file_ranges(image, fmt, dirty)
+    new = image.read_bytes()
+    for first, last in _differences(old, new):
+        assert _covered(ranges, first, last + 1), (first, last, ranges)

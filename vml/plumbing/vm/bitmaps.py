@@ -1,0 +1,349 @@
+"""Dirty bitmaps: QEMU's record of the disk clusters a guest wrote, so a save reads only those.
+
+For a VM that VML runs, each disk gets a dirty bitmap (``vml-<random>``,
+64 KiB granularity), persistent on qcow2 (QEMU stores it in the image when
+it closes it; a bitmap still flagged *in use* afterwards means QEMU did not
+close it cleanly and it is not trusted); on a raw disk QEMU keeps it only
+while it runs.  VML remembers, in ``.vml/bitmaps.json``, which bitmap of
+which disk has recorded every write since the disk held which entry
+(``since``), with the disk's inode and virtual size then.  A save trusts a
+bitmap only when that entry is the one the area holds and its cache
+vouches for (and the save's parent), the inode and size still match, and
+QEMU (or the image) says the bitmap is there, recording and consistent;
+otherwise the disk is read whole, and the save says why.
+
+At each live save the bitmaps are rotated in one QMP ``transaction``
+(disable the current one, add the next), and the disabled one is read
+through an NBD export of the disk (``block-export-add`` with
+``bitmaps``) by ``qemu-img map --output=json`` with ``x-dirty-bitmap``,
+which reports dirty extents as ``"data": false``.  A VM at rest with a
+persistent bitmap is read the same way through ``qemu-nbd -r -B NAME``.
+Bitmaps count guest offsets; :func:`file_ranges` turns them into ranges of
+the image file (the same for raw, mapped through qcow2's tables).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from vml.errors import QMPError, VMControlError
+from vml.plumbing.vm import qcow2
+from vml.plumbing.vm.ignore import VML_DIR
+from vml.plumbing.vm.qmp import QMPClient
+
+GRANULARITY = 1 << 16
+PREFIX = "vml-"
+RECORDS = "bitmaps.json"
+_TIMEOUT = 30.0
+
+
+def new_name() -> str:
+    """A fresh bitmap name: random, so a copy of another area's image never matches."""
+    return PREFIX + secrets.token_hex(8)
+
+
+@dataclass
+class Record:
+    """A bitmap that has recorded every write to one disk since it held entry ``since``."""
+
+    name: str
+    since: str | None  # entry id (hex); None: not yet known (a save in progress)
+    inode: int
+    size: int  # the disk's virtual size when it started
+    persistent: bool
+
+
+def _records_path(area: Path) -> Path:
+    return area / VML_DIR / RECORDS
+
+
+def load_records(area: Path) -> dict[str, Record]:
+    """Disk path -> its bitmap record (empty when none or unreadable)."""
+    try:
+        doc = json.loads(_records_path(area).read_text())
+        return {p: Record(**r) for p, r in doc.get("disks", {}).items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+
+
+def save_records(area: Path, records: dict[str, Record]) -> None:
+    """Write the records (atomically; an accelerator: no fsync)."""
+    path = _records_path(area)
+    if not records:
+        path.unlink(missing_ok=True)
+        return
+    doc = {"vml_bitmaps": 1, "disks": {p: asdict(r) for p, r in sorted(records.items())}}
+    tmp = path.with_name(path.name + ".tmp")
+    with contextlib.suppress(OSError):
+        tmp.write_text(json.dumps(doc) + "\n")
+        os.replace(tmp, path)
+
+
+def drop_records(area: Path) -> None:
+    """Forget every bitmap record (the disks were rewritten by a checkout)."""
+    _records_path(area).unlink(missing_ok=True)
+
+
+# --- what QEMU says --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QemuBitmap:
+    """One dirty bitmap as QEMU (``query-block``) or the image (``qemu-img info``) lists it."""
+
+    name: str
+    recording: bool
+    inconsistent: bool
+    granularity: int
+    persistent: bool
+
+
+def live_bitmaps(client: QMPClient) -> tuple[dict[str, list[QemuBitmap]], dict[str, str]]:
+    """Device -> its bitmaps, and device -> its top node's name, from a running QEMU."""
+    out: dict[str, list[QemuBitmap]] = {}
+    nodes: dict[str, str] = {}
+    for b in client.execute("query-block"):
+        ins = b.get("inserted")
+        if not isinstance(ins, dict):
+            continue
+        dev = str(b.get("device"))
+        nodes[dev] = str(ins.get("node-name"))
+        out[dev] = [
+            QemuBitmap(
+                str(m.get("name")),
+                bool(m.get("recording")),
+                bool(m.get("inconsistent", False)),
+                int(m.get("granularity", 0)),
+                bool(m.get("persistent", False)),
+            )
+            for m in ins.get("dirty-bitmaps", [])
+        ]
+    return out, nodes
+
+
+def image_bitmaps(path: Path) -> list[QemuBitmap]:
+    """The persistent bitmaps a qcow2 image at rest holds (``qemu-img info``)."""
+    try:
+        done = subprocess.run(
+            ["qemu-img", "info", "-U", "--output=json", "-f", "qcow2", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=_TIMEOUT,
+        )
+        doc = json.loads(done.stdout) if done.returncode == 0 else {}
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return []
+    data = doc.get("format-specific", {}).get("data", {})
+    out = []
+    for m in data.get("bitmaps", []) if isinstance(data, dict) else []:
+        flags = m.get("flags", [])
+        out.append(
+            QemuBitmap(
+                str(m.get("name")),
+                "auto" in flags,
+                "in-use" in flags,
+                int(m.get("granularity", 0)),
+                True,
+            )
+        )
+    return out
+
+
+def virtual_size(path: Path, fmt: str) -> int | None:
+    """The disk's size as the guest sees it (the file's size for raw)."""
+    if fmt == "raw":
+        return path.stat().st_size
+    with contextlib.suppress(OSError, qcow2.Unmappable):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return qcow2.read_header(fd).size
+        finally:
+            os.close(fd)
+    return None
+
+
+def add(client: QMPClient, device: str, name: str, persistent: bool) -> None:
+    """Start a bitmap on ``device`` (recording from now)."""
+    client.execute(
+        "block-dirty-bitmap-add",
+        {"node": device, "name": name, "persistent": persistent, "granularity": GRANULARITY},
+    )
+
+
+def remove(client: QMPClient, device: str, name: str) -> None:
+    """Drop a bitmap (from the image too, for a persistent one)."""
+    client.execute("block-dirty-bitmap-remove", {"node": device, "name": name})
+
+
+def rotate(client: QMPClient, steps: list[tuple[str, str | None, str, bool]]) -> None:
+    """In one transaction, per ``(device, old, new, persistent)``: disable ``old``, add ``new``.
+
+    Atomic: every write lands in exactly one of the two, and none is lost.
+    """
+    actions: list[dict[str, Any]] = []
+    for device, old, new, persistent in steps:
+        if old is not None:
+            actions.append(
+                {"type": "block-dirty-bitmap-disable", "data": {"node": device, "name": old}}
+            )
+        actions.append(
+            {
+                "type": "block-dirty-bitmap-add",
+                "data": {
+                    "node": device,
+                    "name": new,
+                    "persistent": persistent,
+                    "granularity": GRANULARITY,
+                },
+            }
+        )
+    if actions:
+        client.execute("transaction", {"actions": actions})
+
+
+def merge_back(client: QMPClient, device: str, old: str, new: str) -> None:
+    """Undo a rotation whose save failed: ``new`` takes ``old``'s bits, ``old`` goes."""
+    client.execute("block-dirty-bitmap-merge", {"node": device, "target": new, "bitmaps": [old]})
+    remove(client, device, old)
+
+
+# --- reading a bitmap --------------------------------------------------------------
+
+
+def parse_map(text: str) -> list[tuple[int, int]]:
+    """Dirty ``[start, end)`` guest ranges from ``qemu-img map --output=json`` over NBD.
+
+    With ``x-dirty-bitmap`` the map reports the bitmap instead of the
+    allocation: a dirty extent is one with ``"data": false``.
+    """
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise VMControlError(f"qemu-img map said something unreadable: {e}", "") from None
+    out: list[tuple[int, int]] = []
+    for ext in doc:
+        if not ext.get("data", True):
+            start, length = int(ext["start"]), int(ext["length"])
+            if out and out[-1][1] == start:
+                out[-1] = (out[-1][0], start + length)
+            else:
+                out.append((start, start + length))
+    return out
+
+
+def _map(socket: Path, export: str, bitmap: str) -> list[tuple[int, int]]:
+    opts = (
+        f"driver=nbd,server.type=unix,server.path={socket},export={export},"
+        f"x-dirty-bitmap=qemu:dirty-bitmap:{bitmap}"
+    )
+    try:
+        done = subprocess.run(
+            ["qemu-img", "map", "--output=json", "--image-opts", opts],
+            capture_output=True,
+            text=True,
+            timeout=_TIMEOUT,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise VMControlError(f"cannot run qemu-img map: {e}", "install qemu-utils") from e
+    if done.returncode != 0:
+        raise VMControlError(f"qemu-img map failed: {done.stderr.strip()}", "")
+    return parse_map(done.stdout)
+
+
+@contextlib.contextmanager
+def _socket_dir() -> Iterator[Path]:
+    """A private folder for NBD sockets (short path: a unix socket's is limited)."""
+    d = Path(tempfile.mkdtemp(prefix="vml-nbd-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def dirty_live(
+    client: QMPClient, exports: list[tuple[str, str, str]]
+) -> dict[str, list[tuple[int, int]]]:
+    """Dirty guest ranges of each ``(device, node, bitmap)`` of a running (paused) QEMU."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    if not exports:
+        return out
+    with _socket_dir() as d:
+        sock = d / "nbd.sock"
+        client.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}}})
+        try:
+            for i, (device, node, bitmap) in enumerate(exports):
+                eid = f"vml-export{i}"
+                client.execute(
+                    "block-export-add",
+                    {"type": "nbd", "id": eid, "node-name": node, "name": device,
+                     "bitmaps": [bitmap], "writable": False},
+                )  # fmt: skip
+                try:
+                    out[device] = _map(sock, device, bitmap)
+                finally:
+                    client.execute("block-export-del", {"id": eid})
+        finally:
+            with contextlib.suppress(QMPError):
+                client.execute("nbd-server-stop")
+    return out
+
+
+def dirty_at_rest(path: Path, bitmap: str) -> list[tuple[int, int]]:
+    """Dirty guest ranges of a qcow2 image at rest, through ``qemu-nbd -r -B``."""
+    with _socket_dir() as d:
+        sock = d / "nbd.sock"
+        try:
+            proc = subprocess.Popen(
+                ["qemu-nbd", "-r", "-f", "qcow2", "-B", bitmap, "-k", str(sock),
+                 "-x", "disk", str(path)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )  # fmt: skip
+        except OSError as e:
+            raise VMControlError(f"cannot run qemu-nbd: {e}", "install qemu-utils") from e
+        try:
+            deadline = time.monotonic() + _TIMEOUT
+            while not sock.exists():
+                if proc.poll() is not None:
+                    why = (proc.stderr.read() if proc.stderr else b"").decode(errors="replace")
+                    raise VMControlError(f"qemu-nbd did not start: {why.strip()}", "")
+                if time.monotonic() > deadline:
+                    raise VMControlError("qemu-nbd did not start in time", "")
+                time.sleep(0.002)
+            return _map(sock, "disk", bitmap)
+        finally:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=_TIMEOUT)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc.stderr is not None:
+                proc.stderr.close()
+
+
+def file_ranges(path: Path, fmt: str, dirty: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The ranges of the image *file* that may differ, given the dirty *guest* ranges.
+
+    Raw: the same offsets.  qcow2: the dirty clusters' host clusters and the
+    metadata (see ``qcow2``); raises ``qcow2.Unmappable`` for an image that
+    cannot be mapped.
+    """
+    if fmt == "raw":
+        return list(dirty)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return qcow2.changed_ranges(fd, dirty)
+    finally:
+        os.close(fd)
