@@ -3,6 +3,8 @@
     python bench/live_pause.py                  # 256 MiB guest, 6 live commits ~4 s apart
     python bench/live_pause.py --memory 512 --saves 10 --interval 2
     python bench/live_pause.py --rebuild        # also time building the guest afresh
+    python bench/live_pause.py --format qcow2 --extra-disk 1024   # a qcow2 root, and a 1 GiB
+                                                # data disk the guest never writes
 
 Builds (or reuses) the guest of ``tests/guest/build.py``, starts it with
 ``vml run`` (TCG) working in a loop (untar, compress, overwrite, delete,
@@ -79,16 +81,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temp dir)")
     p.add_argument("--rebuild", action="store_true", help="build the guest afresh and time it")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--format", choices=("raw", "qcow2"), default="raw", help="the root disk's")
+    p.add_argument(
+        "--extra-disk",
+        type=int,
+        default=0,
+        metavar="MIB",
+        help="add a raw disk holding this many MiB of data the guest never writes",
+    )
     args = p.parse_args(argv)
 
     guest = build_guest(force=args.rebuild)
     scratch = Path(tempfile.mkdtemp(prefix="vml-live-", dir=args.dir))
     area, repo_path = scratch / "physics", scratch / "repo"
     area.mkdir()
-    subprocess.run(["cp", "--sparse=always", str(guest.root), str(area / "root.img")], check=True)
+    root = area / ("root.img" if args.format == "raw" else "root.qcow2")
+    if args.format == "raw":
+        subprocess.run(["cp", "--sparse=always", str(guest.root), str(root)], check=True)
+    else:
+        subprocess.run(
+            ["qemu-img", "convert", "-O", "qcow2", str(guest.root), str(root)], check=True
+        )
+    disks = [root]
+    if args.extra_disk:
+        with open(area / "data.img", "wb") as f:
+            for _ in range(args.extra_disk):
+                f.write(os.urandom(1 << 20))
+        disks.append(area / "data.img")
     vm_init(
         area,
-        disks=[area / "root.img"],
+        disks=disks,
         memory=f"{args.memory}M",
         kernel=guest.kernel,
         initrd=guest.initrd,
@@ -111,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds = time.monotonic() - t0
             live = res.live or {}
             # The disk as the guest has it now, against the previous save's copy.
-            subprocess.run(["cp", "--sparse=always", str(area / "root.img"), str(disk_now)])
+            subprocess.run(["cp", "--sparse=always", str(root), str(disk_now)])
             rows.append(
                 {
                     "save": n,
@@ -119,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                     "pause_s": live.get("pause_seconds"),
                     "steps": live.get("steps"),
                     "copied_bytes": live.get("copied_bytes"),
+                    "read_bytes": res.read_bytes,
+                    "notes": getattr(res, "notes", []),
                     "commit_s": round(seconds, 3),
                     "stored_bytes": res.stored_bytes,
                     "disk_changed_bytes": _changed_bytes(previous, disk_now),
@@ -139,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     pauses = [float(r["pause_s"]) for r in rows]  # type: ignore[arg-type]
     summary = {
         "memory_mib": args.memory,
-        "disk_mib": (area / "root.img").stat().st_size >> 20,
+        "disk_mib": root.stat().st_size >> 20,
+        "format": args.format,
+        "extra_disk_mib": args.extra_disk,
         "guest_build_seconds": round(guest.build_seconds, 2),
         "guest_kernel": guest.kernel_version,
         "pause_median_s": round(statistics.median(pauses), 4),
@@ -147,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         "saves": rows,
         "cpus": os.cpu_count(),
     }
-    print(f"guest {guest.kernel_version}, {args.memory} MiB RAM, 64 MiB raw disk, TCG")
+    extra = f", {args.extra_disk} MiB data disk" if args.extra_disk else ""
+    print(f"guest {guest.kernel_version}, {args.memory} MiB RAM, {args.format} root{extra}, TCG")
     print(f"guest build: {guest.build_seconds:.1f} s ({'afresh' if args.rebuild else 'cached'})")
     print(
         f"{'save':>4} {'entry':>6} {'pause s':>8} {'commit s':>9} {'stored':>10} {'disk changed':>13}"
@@ -158,7 +185,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{int(r['stored_bytes']) / 2**20:>8.1f}Mi {int(r['disk_changed_bytes']) / 2**20:>11.1f}Mi"  # type: ignore[call-overload]
         )
     for r in rows:
-        print(f"  save {r['save']}: steps {r['steps']}, copied {r['copied_bytes']} bytes")
+        print(
+            f"  save {r['save']}: steps {r['steps']}, copied {r['copied_bytes']} bytes, "
+            f"read {r['read_bytes']} bytes"
+        )
+        for note in r["notes"]:  # type: ignore[attr-defined]
+            print(f"    note: {note}")
     print(f"pause: median {summary['pause_median_s']} s, max {summary['pause_max_s']} s")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1) + "\n")

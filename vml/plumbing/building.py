@@ -65,6 +65,100 @@ def _damaged(n: int) -> str:
 _Built = tuple[int, int, bytes, bytes, bytes | None]
 
 
+class _ImageBuild:
+    """Builds the blocks of one image into an open file (workers call :meth:`build`)."""
+
+    def __init__(
+        self,
+        reader: PackReader,
+        image: ResolvedImage,
+        fd: int,
+        old: ResolvedImage | None,
+        old_records: BlockRecords | None,
+        want_records: bool,
+    ) -> None:
+        self.reader = reader
+        self.image = image
+        self.m = image.manifest
+        self.fd = fd
+        self.old = old
+        self.old_records = old_records
+        self.want_records = want_records
+
+    def zero(self, n: int, length: int) -> _Built:
+        return n, 0, block_digest(None, length), b"", None
+
+    def keep(self, n: int, length: int) -> _Built:
+        """The file holds this block already; its record (or its bytes) says what it is."""
+        recs = self.old_records
+        if recs is not None and recs.nblocks > n:
+            rec = recs.stored(n)
+            if rec is None:
+                return self.zero(n, length)
+            return n, 0, bytes(rec[:20]), bytes(rec[20:36]), bytes(rec)
+        data = os.pread(self.fd, length, n * self.m.block_size)
+        if len(data) != length:
+            raise CorruptRepository("the area's file is shorter than its entry says")
+        if data == zeros(length):
+            return self.zero(n, length)
+        dg = block_digest(data, length)
+        bh = block_hash(data)
+        if not self.want_records:
+            return n, 0, dg, bh, None
+        ps = self.m.page_size
+        return n, 0, dg, bh, dg + bh + page_hashes(data, ps, self.m.block_size // ps)
+
+    def build(self, n: int) -> _Built:
+        """Build block ``n``, check it, write it (or punch a hole); its id and record."""
+        # Workers write their own block (pwrite at an offset is thread safe)
+        # and hash it, so the ordered consumer only combines digests.
+        m = self.m
+        length = m.block_length(n)
+        recipe = self.image.recipes[n]
+        if self.old is not None and self.old.recipe(n, length) == recipe:
+            return self.keep(n, length)
+        check = self.image.check(n)
+        # With the entry's checks, each block is checked once, built, with the
+        # xxh3 the area cache needs anyway, and its id is read, not hashed;
+        # without them, each object is checked by id as it is read.
+        built = materialize(self.reader, recipe, length, verify=check is None)
+        if built is None or built == zeros(length):
+            # All zero (deltas may zero a whole block): a hole, never data.
+            if check is not None and check[0] != block_digest(None, length):
+                raise CorruptRepository(_damaged(n))
+            if self.old is not None:
+                punch_hole(self.fd, n * m.block_size, length)
+            return self.zero(n, length)
+        bh = block_hash(built) if check is not None or self.want_records else b""
+        if check is not None and bh != check[1]:
+            # Damage somewhere: build again checking every object id, which
+            # passes over a damaged copy when another pack holds a good one.
+            built = materialize(self.reader, recipe, length)
+            bh = block_hash(built) if built is not None else b""
+            if bh != check[1]:
+                raise CorruptRepository(_damaged(n))
+            assert built is not None
+        write_all(self.fd, built, n * m.block_size)
+        # The block's id: from its checks, or the block map for a whole block
+        # (checked as it was read), else hashed.  The image's digest over
+        # these ids is checked at the end.
+        if check is not None:
+            dg = check[0]
+        elif recipe.base is not None and not recipe.deltas:
+            dg = recipe.base
+        else:
+            dg = block_digest(built, length)
+        if not self.want_records:
+            return n, length, dg, bh, None
+        return (
+            n,
+            length,
+            dg,
+            bh,
+            dg + bh + page_hashes(built, m.page_size, m.block_size // m.page_size),
+        )
+
+
 def write_image(
     reader: PackReader,
     pool: Executor,
@@ -87,10 +181,6 @@ def write_image(
     bytes written.
     """
     m = image.manifest
-    bs = m.block_size
-    ps = m.page_size
-    ppb = bs // ps
-    want_records = record_out is not None
     try:
         os.ftruncate(fd, m.size)  # sparse: unwritten blocks stay holes
     except OSError as e:
@@ -103,72 +193,10 @@ def write_image(
     if old is not None:
         # (blocks beyond the new size went with the ftruncate)
         todo = sorted(set(todo).union(old.nonzero_in(0, m.nblocks)))
-
-    def zero(n: int, length: int) -> _Built:
-        return n, 0, block_digest(None, length), b"", None
-
-    def keep(n: int, length: int) -> _Built:
-        # The file holds this block already; its record says what it is.
-        if old_records is not None and old_records.nblocks > n:
-            rec = old_records.stored(n)
-            if rec is None:
-                return zero(n, length)
-            return n, 0, bytes(rec[:20]), bytes(rec[20:36]), bytes(rec)
-        data = os.pread(fd, length, n * bs)
-        if len(data) != length:
-            raise CorruptRepository("the area's file is shorter than its entry says")
-        if data == zeros(length):
-            return zero(n, length)
-        dg = block_digest(data, length)
-        bh = block_hash(data)
-        return n, 0, dg, bh, (dg + bh + page_hashes(data, ps, ppb)) if want_records else None
-
-    def build(n: int) -> _Built:
-        # Workers write their own block (pwrite at an offset is thread safe)
-        # and hash it, so the ordered consumer below only combines digests.
-        length = m.block_length(n)
-        recipe = image.recipes[n]
-        if old is not None and old.recipe(n, length) == recipe:
-            return keep(n, length)
-        check = image.check(n)
-        # With the entry's checks, each block is checked once, built, with the
-        # xxh3 the area cache needs anyway, and its id is read, not hashed;
-        # without them, each object is checked by id as it is read.
-        built = materialize(reader, recipe, length, verify=check is None)
-        if built is None or built == zeros(length):
-            # All zero (deltas may zero a whole block): a hole, never data.
-            if check is not None and check[0] != block_digest(None, length):
-                raise CorruptRepository(_damaged(n))
-            if old is not None:
-                punch_hole(fd, n * bs, length)
-            return zero(n, length)
-        bh = block_hash(built) if check is not None or want_records else b""
-        if check is not None and bh != check[1]:
-            # Damage somewhere: build again checking every object id, which
-            # passes over a damaged copy when another pack holds a good one.
-            built = materialize(reader, recipe, length)
-            bh = block_hash(built) if built is not None else b""
-            if bh != check[1]:
-                raise CorruptRepository(_damaged(n))
-            assert built is not None
-        write_all(fd, built, n * bs)
-        # The block's id: from its checks, or the block map for a whole block
-        # (checked as it was read), else hashed.  The image's digest over
-        # these ids is checked at the end.
-        if check is not None:
-            dg = check[0]
-        elif recipe.base is not None and not recipe.deltas:
-            dg = recipe.base
-        else:
-            dg = block_digest(built, length)
-        rec = dg + bh + page_hashes(built, ps, ppb) if want_records else None
-        return n, length, dg, bh, rec
-
-    digests = Digests(m.size, bs)
-    written = 0
-    blocks_written = 0
-    done = 0
-    results = ordered_map(pool, build, iter(todo), WINDOW)
+    job = _ImageBuild(reader, image, fd, old, old_records, record_out is not None)
+    digests = Digests(m.size, m.block_size)
+    written = blocks_written = done = 0
+    results = ordered_map(pool, job.build, iter(todo), WINDOW)
     try:
         for n, nw, dg, bh, rec in results:
             digests.block(n, dg, bh)
@@ -179,7 +207,7 @@ def write_image(
                     start_writeback(fd)  # the final fsync then waits for little
             if record_out is not None and rec is not None:
                 record_out.add(n, rec)
-            end = min((n + 1) * bs, m.size)
+            end = min((n + 1) * m.block_size, m.size)
             progress(end - done)
             done = end
     finally:

@@ -28,6 +28,7 @@ from vml.plumbing.manifests import (
     TREE_MODE,
     Anchored,
     BlockChecks,
+    LayerBlock,
     Manifest,
     parse_tree,
     read_block_map,
@@ -224,6 +225,57 @@ class _Unresolved:
             self._starts = [a for a, _ in self.spans]
 
 
+class _Resolution:
+    """The blocks settled so far, walking an image's layers from the newest."""
+
+    def __init__(self, path: str, nblocks: int) -> None:
+        self.path = path
+        self.pending: dict[int, list[bytes]] = {}  # block -> deltas found so far (newest first)
+        self.recipes = Recipes()
+        self.unresolved = _Unresolved(nblocks)
+
+    def settle(self, b: int, base: bytes | None, older: tuple[bytes, ...] = ()) -> None:
+        """Block ``b`` starts from ``base`` (None: zeros) and ``older`` deltas, then the newer ones."""
+        deltas = older + tuple(reversed(self.pending.pop(b, [])))
+        if len(deltas) > MAX_RECIPE_DELTAS:
+            raise HostileRepository(
+                f"block {b} of image {self.path} needs {len(deltas)} page deltas; "
+                f"at most {MAX_RECIPE_DELTAS} are read"
+            )
+        if base is not None or deltas:
+            self.recipes[b] = Recipe(base, deltas)  # all zeros stays absent
+
+    def zero_ranges(self, manifest: Manifest) -> None:
+        """The layer's zero ranges: zero from here down (newer deltas built on zeros)."""
+        done: list[tuple[int, int]] = []
+        for za, zb in manifest.zero:
+            done += self.unresolved.overlap(za, zb)
+        if done:
+            for b in [b for b in self.pending if _within(done, b)]:
+                self.settle(b, None)
+            self.unresolved.remove(done)
+
+    def block_map(self, bmap: dict[int, LayerBlock]) -> None:
+        """The layer's blocks: whole and anchored ones settle, deltas wait for what is below."""
+        done: list[tuple[int, int]] = []
+        for b in sorted(bmap):
+            if b not in self.unresolved:
+                continue
+            entry = bmap[b]
+            if isinstance(entry, Anchored):
+                # Self-contained: its own base and deltas, then the newer ones.
+                self.settle(b, entry.base, entry.deltas)
+                done.append((b, b + 1))
+                continue
+            is_delta, sha = entry
+            if is_delta:
+                self.pending.setdefault(b, []).append(sha)
+            else:
+                self.settle(b, sha)
+                done.append((b, b + 1))
+        self.unresolved.remove(done)
+
+
 def resolve_image(reader: PackReader, commit: bytes, path: str) -> ResolvedImage | None:
     """Resolve image ``path`` of entry ``commit`` (None if it is not an image there).
 
@@ -237,25 +289,10 @@ def resolve_image(reader: PackReader, commit: bytes, path: str) -> ResolvedImage
     top = _layer(reader, items, path)
     target = top[0]
     found_checks = _checks(reader, items, target, path)
-    pending: dict[int, list[bytes]] = {}  # block -> deltas found so far (newest first)
-    recipes = Recipes()
-    unresolved = _Unresolved(target.nblocks)
-
-    def settle(b: int, base: bytes | None, older: tuple[bytes, ...] = ()) -> None:
-        # Block b starts from ``base`` (None: zeros) and ``older`` deltas, then
-        # the newer deltas gathered on the way down; all zeros stays absent.
-        deltas = older + tuple(reversed(pending.pop(b, [])))
-        if len(deltas) > MAX_RECIPE_DELTAS:
-            raise HostileRepository(
-                f"block {b} of image {path} needs {len(deltas)} page deltas; "
-                f"at most {MAX_RECIPE_DELTAS} are read"
-            )
-        if base is not None or deltas:
-            recipes[b] = Recipe(base, deltas)
-
+    res = _Resolution(path, target.nblocks)
     layer: tuple[Manifest, bytes | None] | None = top
     depth = 0
-    while unresolved.spans:
+    while res.unresolved.spans:
         if layer is None:
             raise CorruptRepository(
                 f"image {path} of {commit.hex()[:12]} depends on an entry that lacks it"
@@ -263,40 +300,17 @@ def resolve_image(reader: PackReader, commit: bytes, path: str) -> ResolvedImage
         manifest, blocks_tree = layer
         if manifest.block_size != target.block_size:
             raise CorruptRepository(f"image {path} changes block size along its chain")
-        done: list[tuple[int, int]] = []
-        for za, zb in manifest.zero:
-            done += unresolved.overlap(za, zb)
-        if done:
-            # Zero from here down; blocks with newer deltas are built on zeros.
-            for b in [b for b in pending if _within(done, b)]:
-                settle(b, None)
-            unresolved.remove(done)
-            done = []
+        res.zero_ranges(manifest)
         if blocks_tree is not None:
             bmap = read_block_map(_read_tree(reader), blocks_tree, manifest.nblocks)
             if manifest.zero and any(_within(manifest.zero, b) for b in bmap):
                 raise CorruptRepository(
                     f"image {path} of {commit.hex()[:12]} names a block both zero and stored"
                 )
-            for b in sorted(bmap):
-                if b not in unresolved:
-                    continue
-                entry = bmap[b]
-                if isinstance(entry, Anchored):
-                    # Self-contained: its own base and deltas, then the newer ones.
-                    settle(b, entry.base, entry.deltas)
-                    done.append((b, b + 1))
-                    continue
-                is_delta, sha = entry
-                if is_delta:
-                    pending.setdefault(b, []).append(sha)
-                else:
-                    settle(b, sha)
-                    done.append((b, b + 1))
-            unresolved.remove(done)
+            res.block_map(bmap)
         if manifest.base:
-            for b in list(pending):
-                settle(b, None)
+            for b in list(res.pending):
+                res.settle(b, None)
             break
         if parent is None:
             raise CorruptRepository(f"image {path} of {commit.hex()[:12]} has no base entry")
@@ -307,7 +321,7 @@ def resolve_image(reader: PackReader, commit: bytes, path: str) -> ResolvedImage
         layer = image_layer(reader, tree, path)
         parent = next_parent
     checks, checks_id = found_checks if found_checks is not None else (None, None)
-    return ResolvedImage(target, recipes, checks, checks_id=checks_id)
+    return ResolvedImage(target, res.recipes, checks, checks_id=checks_id)
 
 
 def _within(spans: list[tuple[int, int]], b: int) -> bool:

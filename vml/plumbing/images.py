@@ -357,6 +357,85 @@ def _read_spans(
     return _merge(spans)
 
 
+class _ImageSave:
+    """One image being saved: what to read, what goes in bulk, and what the layer stores."""
+
+    def __init__(self, path: Path, size: int, block_size: int, inp: SaveInputs) -> None:
+        self.path = path
+        self.size = size
+        self.bs = block_size
+        self.inp = inp
+        self.nblocks = (size + block_size - 1) // block_size
+        self.sle = same_length_end(inp.parent, size, block_size)
+        self.digests = Digests(size, block_size)
+        self.zero = _Ranges()
+        self.blocks: dict[int, BlockRef] = {}
+        self.read = 0
+
+    def items(self, spans: list[tuple[int, int]]) -> Iterator[tuple[int, int, bool]]:
+        """``(start, end, read?)``: runs not read go whole, blocks to read one by one."""
+        pos = 0
+        for a, b in spans:
+            if pos < a:
+                yield pos, a, False
+            for n in range(a, b):
+                yield n, n + 1, True
+            pos = b
+        if pos < self.nblocks:
+            yield pos, self.nblocks, False
+
+    def run(self, a: int, b: int) -> _Run:
+        """Blocks ``[a, b)`` not read: holes, or with a list of changes, the parent's bytes."""
+        length = min(b * self.bs, self.size) - a * self.bs
+        inp = self.inp
+        if inp.changed is not None:
+            # Vouched for: the parent's bytes, as the cache records them.
+            recs = inp.records
+            assert recs is not None
+            idx = recs.data_blocks()
+            found = idx[bisect_left(idx, a) : bisect_left(idx, b)]
+            return _Run(a, b, [(n, bytes(recs.stored(n) or b"")) for n in found], [], length)
+        zero: list[tuple[int, int]] = []
+        if inp.parent is not None:
+            # Holes over a parent with data there become zero ranges.
+            zero = [(n, n + 1) for n in inp.parent.nonzero_in(a, min(b, self.sle))]
+            if b > self.sle:
+                zero.append((max(a, self.sle), b))
+        return _Run(a, b, [], zero, length)
+
+    def take_run(self, out: _Run, record_out: RecordsWriter | None) -> None:
+        """Fold a run into the digest, the records and the zero ranges."""
+        for n, rec in out.records:
+            self.digests.block(n, rec[:20], rec[20:36])
+            if record_out is not None:
+                record_out.add(n, rec)
+        self.digests.zeros_until(out.end)
+        for za, zb in out.zero:
+            self.zero.add(za, zb)
+
+    def take_block(
+        self, out: _Outcome, writer: PackWriter, record_out: RecordsWriter | None
+    ) -> None:
+        """Fold a block read into the digest and the records, and store what it needs."""
+        n = out.n
+        self.digests.block(n, out.digest, out.bhash, zero=out.data is None)
+        if record_out is not None and out.data is not None:
+            record_out.add(n, out.digest + out.bhash + out.pages)
+        self.read += out.read
+        if out.kind == "zero":
+            # Over a parent that already has zeros here, the block comes
+            # out "same", never "zero": a base layer just omits it.
+            if self.inp.parent is not None:
+                self.zero.add(n, n + 1)
+        elif out.kind in ("whole", "delta"):
+            assert out.sha is not None
+            if out.zdata is not None:
+                writer.add_compressed(BLOB, out.sha, out.raw_len, out.zdata)
+            elif out.sha not in writer:
+                self.inp.reused.add(out.sha)
+            self.blocks[n] = (out.kind == "delta", out.sha)
+
+
 def save_image(
     reader: PackReader,
     writer: PackWriter,
@@ -377,16 +456,13 @@ def save_image(
     Every object is added to ``writer``; the cache records of the blocks
     holding data go to ``record_out``.
     """
-    nblocks = (size + block_size - 1) // block_size
-    if nblocks > MAX_BLOCKS:
+    job = _ImageSave(path, size, block_size, inp)
+    if job.nblocks > MAX_BLOCKS:
         raise AreaError(
-            f"{path.name} has {nblocks} blocks of {block_size >> 10} KiB, more than a block map holds",
+            f"{path.name} has {job.nblocks} blocks of {block_size >> 10} KiB, more than a block map holds",
             "save it in a repository made with a larger --block-size",
         )
-    base_layer = inp.parent is None
-    parent = inp.parent
-    sle = same_length_end(parent, size, block_size)
-    if inp.changed is not None and (parent is None or inp.records is None):
+    if inp.changed is not None and (inp.parent is None or inp.records is None):
         raise AreaError(f"{path.name}: a list of changes needs the parent's cache records", "")
     fd = os.open(path, os.O_RDONLY)
     results: Generator[_Outcome | _Run, None, None] | None = None
@@ -394,81 +470,24 @@ def save_image(
         before = stat_signature(os.fstat(fd))
         with contextlib.suppress(OSError, AttributeError):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        spans = _read_spans(fd, size, block_size, inp, sle)
-
-        def items() -> Iterator[tuple[int, int, bool]]:
-            # (start, end, read?): runs not read go whole, read blocks one by one.
-            pos = 0
-            for a, b in spans:
-                if pos < a:
-                    yield pos, a, False
-                for n in range(a, b):
-                    yield n, n + 1, True
-                pos = b
-            if pos < nblocks:
-                yield pos, nblocks, False
-
-        def run(a: int, b: int) -> _Run:
-            length = min(b * block_size, size) - a * block_size
-            if inp.changed is not None:
-                # Vouched for: the parent's bytes, as the cache records them.
-                recs = inp.records
-                assert recs is not None
-                idx = recs.data_blocks()
-                found = idx[bisect_left(idx, a) : bisect_left(idx, b)]
-                return _Run(a, b, [(n, bytes(recs.stored(n) or b"")) for n in found], [], length)
-            zero: list[tuple[int, int]] = []
-            if parent is not None:
-                # Holes over a parent with data there become zero ranges.
-                zero = [(n, n + 1) for n in parent.nonzero_in(a, min(b, sle))]
-                if b > sle:
-                    zero.append((max(a, sle), b))
-            return _Run(a, b, [], zero, length)
 
         def work(item: tuple[int, int, bool]) -> _Outcome | _Run:
             a, b, read = item
             if not read:
-                return run(a, b)
+                return job.run(a, b)
             return _read_block(reader, fd, path, a, size, block_size, page_size, inp)
 
-        digests = Digests(size, block_size)
-        zero_blocks = _Ranges()
-        blocks: dict[int, BlockRef] = {}
-        read_total = 0
-        results = ordered_map(pool, work, items(), WINDOW)
+        spans = _read_spans(fd, size, block_size, inp, job.sle)
+        results = ordered_map(pool, work, job.items(spans), WINDOW)
         for out in results:
             if isinstance(out, _Run):
-                for n, rec in out.records:
-                    digests.block(n, rec[:20], rec[20:36])
-                    if record_out is not None:
-                        record_out.add(n, rec)
-                digests.zeros_until(out.end)
-                for za, zb in out.zero:
-                    zero_blocks.add(za, zb)
+                job.take_run(out, record_out)
                 progress(out.length)
-                continue
-            n = out.n
-            length = min(block_size, size - n * block_size)
-            digests.block(n, out.digest, out.bhash, zero=out.data is None)
-            if record_out is not None and out.data is not None:
-                record_out.add(n, out.digest + out.bhash + out.pages)
-            read_total += out.read
-            progress(length)
-            if out.kind == "zero":
-                # Over a parent that already has zeros here, the block comes
-                # out "same", never "zero": a base layer just omits it.
-                if not base_layer:
-                    zero_blocks.add(n, n + 1)
-            elif out.kind in ("whole", "delta"):
-                assert out.sha is not None
-                if out.zdata is not None:
-                    writer.add_compressed(BLOB, out.sha, out.raw_len, out.zdata)
-                elif out.sha not in writer:
-                    inp.reused.add(out.sha)
-                blocks[n] = (out.kind == "delta", out.sha)
-        digests.zeros_until(nblocks)
-        after = stat_signature(os.fstat(fd))
-        if after != before:
+            else:
+                job.take_block(out, writer, record_out)
+                progress(min(block_size, size - out.n * block_size))
+        job.digests.zeros_until(job.nblocks)
+        if stat_signature(os.fstat(fd)) != before:
             raise FileChanged(f"{path.name} changed while it was read")
     finally:
         if results is not None:
@@ -476,14 +495,14 @@ def save_image(
         os.close(fd)
     manifest = Manifest(
         size=size,
-        sha256=digests.hash.hexdigest(),
+        sha256=job.digests.hash.hexdigest(),
         block_size=block_size,
         page_size=page_size,
-        base=base_layer,
-        zero=zero_blocks.items,
+        base=inp.parent is None,
+        zero=job.zero.items,
     )
-    tree = image_tree(writer, manifest, blocks, digests.checks(manifest))
-    return tree, manifest, read_total, len(blocks)
+    tree = image_tree(writer, manifest, job.blocks, job.digests.checks(manifest))
+    return tree, manifest, job.read, len(job.blocks)
 
 
 def _read_block(

@@ -139,8 +139,6 @@ class Saver:
         self.cache_writer = CacheWriter(area, repo.page_size, repo.block_size)
         self.stored_bytes = 0
         self._finished = False
-        # Images read only where a list of changes said (a dirty bitmap).
-        self.vouched: list[str] = []
 
     def _advance(self, n: int) -> None:
         self.done += n
@@ -300,7 +298,6 @@ class Saver:
             and parent_img.manifest.page_size == self.repo.page_size
         )
         if ok:
-            self.vouched.append(f.path)
             return ch
         if ch.partial:
             raise ConcurrentChange(

@@ -219,8 +219,8 @@ def _dirty_disks(
             continue
         ref = p.refs[r.path]
         size = src.stat().st_size
-        if size > ref.size:
-            ranges.append((ref.size, size))  # the file grew
+        if size != ref.size:  # the file grew (or shrank): its new end is read whole
+            ranges.append((min(size, ref.size) // ref.block_size * ref.block_size, size))
         out[r.path] = _aligned(ranges, ref.block_size, size)
     return out
 
