@@ -225,6 +225,11 @@ class BlockRecords:
         r = self.record(n)
         return None if r is None else r[20:36]
 
+    def page_hashes_or_none(self, n: int) -> bytes | None:
+        """The xxh3-64 of every page of block ``n``, or None beyond the cached file."""
+        r = self.record(n)
+        return None if r is None else r[36:]
+
     def page_hashes(self, n: int) -> bytes:
         """The xxh3-64 of every page of block ``n``, concatenated."""
         r = self.record(n)

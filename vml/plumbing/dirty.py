@@ -91,7 +91,17 @@ def live_refs(area: Path, spec: QemuSpec, cache: Cache, held: str | None) -> Liv
         why = _distrust(area, disk, cf, records.get(disk.path), held)
         if why is None and cf is not None:
             rec = records[disk.path]
-            out.refs[disk.path] = Reference(cache.block_size, cf.size, bitmap=rec.name)
+            pages = cache.records(disk.path)
+            if pages is not None:
+                out.opened.append(pages)
+                pages.nblocks  # noqa: B018 (its checksum checked now, not in the pause)
+            out.refs[disk.path] = Reference(
+                cache.block_size,
+                cf.size,
+                bitmap=rec.name,
+                pages=pages.page_hashes_or_none if pages is not None else None,
+                page_size=cache.page_size,
+            )
         elif cf is not None and cf.kind == "image":
             out.notes.append(f"{disk.path}: read whole: {why}")
     return out
@@ -152,7 +162,7 @@ def at_rest(
             # Written since QEMU closed it: by something its bitmap did not see.
             why = "it changed since QEMU closed it"
         if why is None and rec is not None and cf is not None:
-            why = _at_rest_ranges(area, disk, rec, cf, out)
+            why = _at_rest_ranges(area, disk, rec, cf, cache, out)
         if why is not None and cf is not None and cf.kind == "image":
             notes.append(f"{disk.path}: read whole: {why}")
     return out, notes
@@ -165,8 +175,30 @@ def _signature(area: Path, disk: QemuDisk) -> list[int] | None:
         return None
 
 
+def _pages_that_changed(
+    cache: Cache, path: Path, rel: str, ranges: list[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """Of ``ranges`` (a qcow2's metadata and such), the pages that differ from the cache's."""
+    recs = cache.records(rel)
+    if recs is None or not recs.nblocks:
+        return ranges
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return bitmaps.changed_pages(
+            fd, ranges, cache.block_size, cache.page_size, recs.page_hashes_or_none
+        )
+    finally:
+        os.close(fd)
+        recs.close()
+
+
 def _at_rest_ranges(
-    area: Path, disk: QemuDisk, rec: bitmaps.Record, cf: CachedFile, out: dict[str, Changed]
+    area: Path,
+    disk: QemuDisk,
+    rec: bitmaps.Record,
+    cf: CachedFile,
+    cache: Cache,
+    out: dict[str, Changed],
 ) -> str | None:
     path = area / disk.path
     found = next((b for b in bitmaps.image_bitmaps(path) if b.name == rec.name), None)
@@ -178,9 +210,12 @@ def _at_rest_ranges(
         return f"its dirty bitmap {rec.name} is not recording"
     try:
         dirty = bitmaps.dirty_at_rest(path, rec.name)
-        ranges = bitmaps.file_ranges(path, disk.format, dirty)
+        written, rest = bitmaps.file_ranges(path, disk.format, dirty)
+        if rest:
+            rest = _pages_that_changed(cache, path, disk.path, rest)
     except (VMControlError, Unmappable, OSError) as e:
         return f"its dirty bitmap could not be read ({e})"
+    ranges = written + rest
     size = path.stat().st_size
     if size > cf.size:
         ranges.append((cf.size, size))  # the file grew

@@ -332,6 +332,75 @@ class _Ranges:
             self.items.append((a, b))
 
 
+def _gaps(ranges: list[tuple[int, int]], i: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The parts of ``[start, end)`` that sorted merged ``ranges`` (from index ``i``) leave out."""
+    gaps = []
+    pos = start
+    while i < len(ranges) and ranges[i][0] < end:
+        ra, rb = ranges[i]
+        if ra > pos:
+            gaps.append((pos, ra))
+        pos = max(pos, rb)
+        i += 1
+    if pos < end:
+        gaps.append((pos, end))
+    return gaps
+
+
+def fill_partial(
+    reader: PackReader,
+    pool: Executor,
+    path: Path,
+    size: int,
+    block_size: int,
+    parent: ResolvedImage,
+    ranges: list[tuple[int, int]],
+) -> list[tuple[int, int]]:
+    """Complete a partial copy: what ``ranges`` leave of each block they touch, from the parent.
+
+    A live save copies only the bytes that changed (a dirty cluster is a
+    fraction of a block); the rest of each block they touch is the
+    parent's, built from the repository into the copy (a hole stays a hole
+    where the parent's block is zero).  Returns the whole blocks, as byte
+    ranges, that the copy now holds.
+    """
+    nb = (size + block_size - 1) // block_size
+    spans = block_spans(ranges, block_size, nb)
+    todo: list[tuple[int, list[tuple[int, int]]]] = []
+    i = 0
+    for a, b in spans:
+        for n in range(a, b):
+            start, end = n * block_size, min((n + 1) * block_size, size)
+            while i < len(ranges) and ranges[i][1] <= start:
+                i += 1
+            gaps = _gaps(ranges, i, start, end)
+            if gaps:
+                todo.append((n, gaps))
+    fd = os.open(path, os.O_RDWR)
+
+    def fill(item: tuple[int, list[tuple[int, int]]]) -> None:
+        n, gaps = item
+        length = min(block_size, size - n * block_size)
+        recipe = parent.recipe(n, length)
+        if recipe is None:
+            raise AreaError(
+                f"{path.name}: block {n} was not copied whole and its parent has none", ""
+            )
+        data = materialize(reader, recipe, length)
+        if data is None:
+            return  # zeros: the copy's hole says so already
+        for ga, gb in gaps:
+            off = ga - n * block_size
+            os.pwrite(fd, memoryview(data)[off : off + gb - ga], ga)
+
+    try:
+        for _ in ordered_map(pool, fill, iter(todo), WINDOW):
+            pass
+    finally:
+        os.close(fd)
+    return [(a * block_size, min(b * block_size, size)) for a, b in spans]
+
+
 def _read_spans(
     fd: int, size: int, block_size: int, inp: SaveInputs, sle: int
 ) -> list[tuple[int, int]]:

@@ -35,7 +35,7 @@ from vml.plumbing.entries import (
     git_mode,
     store_trees,
 )
-from vml.plumbing.images import Changed, SaveInputs, image_tree, save_image
+from vml.plumbing.images import Changed, SaveInputs, fill_partial, image_tree, save_image
 from vml.plumbing.manifests import BLOB_MODE, TREE_MODE, BlockChecks, Manifest
 from vml.plumbing.packs import PackReader, PackWriter
 from vml.plumbing.repository import Repository
@@ -250,6 +250,15 @@ class Saver:
             return held_img.recipe(n, ln) == parent_img.recipes[n]
 
         changed = self._changed(f, parent_img, recs)
+        if changed is not None and changed.partial:
+            assert parent_img is not None
+            # The copy holds the changed bytes; the rest of their blocks is the parent's.
+            whole = fill_partial(
+                self.reader, self.pool, f.source, f.stat.st_size, self.repo.block_size,
+                parent_img, changed.ranges,
+            )  # fmt: skip
+            changed = Changed(whole, partial=True)
+            f.stat = os.stat(f.source)  # filled in by us, not changed by anyone
         name, out = self.cache_writer.new_records(f.stat.st_size)
         try:
             tree, man, nread, _ = save_image(

@@ -32,10 +32,12 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import xxhash
 
 from vml.errors import QMPError, VMControlError
 from vml.plumbing.vm import qcow2
@@ -242,23 +244,42 @@ def parse_map(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def _map(socket: Path, export: str, bitmap: str) -> list[tuple[int, int]]:
+def _map_command(socket: Path, export: str, bitmap: str) -> list[str]:
     opts = (
         f"driver=nbd,server.type=unix,server.path={socket},export={export},"
         f"x-dirty-bitmap=qemu:dirty-bitmap:{bitmap}"
     )
+    return ["qemu-img", "map", "--output=json", "--image-opts", opts]
+
+
+def _maps(commands: list[list[str]]) -> list[list[tuple[int, int]]]:
+    """Run the ``qemu-img map`` commands side by side; each one's dirty ranges."""
+    procs: list[subprocess.Popen[str]] = []
     try:
-        done = subprocess.run(
-            ["qemu-img", "map", "--output=json", "--image-opts", opts],
-            capture_output=True,
-            text=True,
-            timeout=_TIMEOUT,
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
+        for cmd in commands:
+            procs.append(
+                subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            )
+        out = []
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=_TIMEOUT)
+            if proc.returncode != 0:
+                raise VMControlError(f"qemu-img map failed: {stderr.strip()}", "")
+            out.append(parse_map(stdout))
+        return out
+    except OSError as e:
         raise VMControlError(f"cannot run qemu-img map: {e}", "install qemu-utils") from e
-    if done.returncode != 0:
-        raise VMControlError(f"qemu-img map failed: {done.stderr.strip()}", "")
-    return parse_map(done.stdout)
+    except subprocess.TimeoutExpired as e:
+        raise VMControlError("qemu-img map did not answer in time", "") from e
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _map(socket: Path, export: str, bitmap: str) -> list[tuple[int, int]]:
+    return _maps([_map_command(socket, export, bitmap)])[0]
 
 
 @contextlib.contextmanager
@@ -274,13 +295,16 @@ def _socket_dir() -> Iterator[Path]:
 def dirty_live(
     client: QMPClient, exports: list[tuple[str, str, str]]
 ) -> dict[str, list[tuple[int, int]]]:
-    """Dirty guest ranges of each ``(device, node, bitmap)`` of a running (paused) QEMU."""
-    out: dict[str, list[tuple[int, int]]] = {}
+    """Dirty guest ranges of each ``(device, node, bitmap)`` of a running (paused) QEMU.
+
+    Every disk is exported at once and mapped side by side.
+    """
     if not exports:
-        return out
+        return {}
     with _socket_dir() as d:
         sock = d / "nbd.sock"
         client.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}}})
+        added: list[str] = []
         try:
             for i, (device, node, bitmap) in enumerate(exports):
                 eid = f"vml-export{i}"
@@ -289,14 +313,15 @@ def dirty_live(
                     {"type": "nbd", "id": eid, "node-name": node, "name": device,
                      "bitmaps": [bitmap], "writable": False},
                 )  # fmt: skip
-                try:
-                    out[device] = _map(sock, device, bitmap)
-                finally:
-                    client.execute("block-export-del", {"id": eid})
+                added.append(eid)
+            found = _maps([_map_command(sock, dev, bitmap) for dev, _node, bitmap in exports])
         finally:
+            for eid in added:
+                with contextlib.suppress(QMPError):
+                    client.execute("block-export-del", {"id": eid})
             with contextlib.suppress(QMPError):
                 client.execute("nbd-server-stop")
-    return out
+    return {dev: ranges for (dev, _node, _b), ranges in zip(exports, found, strict=True)}
 
 
 def dirty_at_rest(path: Path, bitmap: str) -> list[tuple[int, int]]:
@@ -333,17 +358,64 @@ def dirty_at_rest(path: Path, bitmap: str) -> list[tuple[int, int]]:
                 proc.stderr.close()
 
 
-def file_ranges(path: Path, fmt: str, dirty: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def file_ranges(
+    path: Path,
+    fmt: str,
+    dirty: list[tuple[int, int]],
+    known_data: set[tuple[int, int]] | None = None,
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """The ranges of the image *file* that may differ, given the dirty *guest* ranges.
 
-    Raw: the same offsets.  qcow2: the dirty clusters' host clusters and the
-    metadata (see ``qcow2``); raises ``qcow2.Unmappable`` for an image that
+    Two lists: what the guest wrote, and what may have changed besides
+    (worth comparing before copying).  Raw: the same offsets, and nothing
+    besides.  qcow2: the dirty clusters' data, and all the rest but the
+    clean clusters' data (see ``qcow2``; ``known_data``: its data clusters
+    as read a moment before); raises ``qcow2.Unmappable`` for an image that
     cannot be mapped.
     """
     if fmt == "raw":
-        return list(dirty)
+        return list(dirty), []
     fd = os.open(path, os.O_RDONLY)
     try:
-        return qcow2.changed_ranges(fd, dirty)
+        return qcow2.changed_ranges(fd, dirty, known_data)
+    finally:
+        os.close(fd)
+
+
+def changed_pages(
+    fd: int,
+    ranges: list[tuple[int, int]],
+    block_size: int,
+    page_size: int,
+    page_hashes: Callable[[int], bytes | None],
+) -> list[tuple[int, int]]:
+    """The pages of ``ranges`` whose xxh3-64 differs from ``page_hashes(block)`` (the cache's).
+
+    A qcow2's metadata is a few MiB and mostly unchanged between saves:
+    comparing it page by page with what the area's entry held keeps the
+    copy, and the save, to the pages that really changed.
+    """
+    out: list[tuple[int, int]] = []
+    per = block_size // page_size
+    for start, end in ranges:
+        a = start // page_size * page_size
+        data = os.pread(fd, end - a + page_size, a)
+        for off in range(a, min(end, a + len(data)), page_size):
+            page = data[off - a : off - a + page_size]
+            n, k = divmod(off // page_size, per)
+            old = page_hashes(n)
+            if old is None or old[8 * k : 8 * k + 8] != xxhash.xxh3_64_digest(page):
+                if out and out[-1][1] == off:
+                    out[-1] = (out[-1][0], off + len(page))
+                else:
+                    out.append((off, off + len(page)))
+    return out
+
+
+def data_clusters(path: Path) -> set[tuple[int, int]]:
+    """A qcow2 image's data clusters (host ranges), its L2 tables read whole."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return qcow2.data_clusters(fd)
     finally:
         os.close(fd)

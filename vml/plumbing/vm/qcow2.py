@@ -167,24 +167,62 @@ def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def changed_ranges(fd: int, dirty: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def data_clusters(fd: int) -> set[tuple[int, int]]:
+    """Host ranges of every data cluster the image maps now (its L2 tables read whole).
+
+    Read before a live save's pause, from a running QEMU's image: QEMU may
+    not have written its newest L2 entries yet, so this may lack clusters
+    allocated last, never hold one that is not data (clusters never move):
+    what it lacks is copied, which costs bytes, never correctness.
+    """
+    h = read_header(fd)
+    return _all_data(h, _l2_tables(fd, h, _l1(fd, h)))
+
+
+def changed_ranges(
+    fd: int, dirty: list[tuple[int, int]], known_data: set[tuple[int, int]] | None = None
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """File ranges of a qcow2 image that may differ where only ``dirty`` guest ranges were written.
 
-    ``dirty`` are guest ``[start, end)`` ranges: the answer is the whole
-    file but the clean guest clusters' data (see the module doc).  Raises
-    ``Unmappable`` with the reason for an image this cannot map.
+    ``dirty`` are guest ``[start, end)`` ranges; the answer is the whole
+    file but the clean guest clusters' data (see the module doc), in two
+    parts: the dirty clusters' data (written by the guest), and the rest
+    (metadata, bitmaps, freed clusters: mostly unchanged, worth comparing
+    page by page before copying).  ``known_data`` is :func:`data_clusters`
+    read a moment before (so a pause reads only the L2 tables of the dirty
+    clusters).  Raises ``Unmappable`` with the reason for an image this
+    cannot map.
     """
     h = read_header(fd)
     l1 = _l1(fd, h)
-    tables = _l2_tables(fd, h, l1)
-    clean = merge_ranges(sorted(_all_data(h, tables) - _dirty_data(h, l1, tables, dirty)))
-    out: list[tuple[int, int]] = []
+    if known_data is None:
+        tables = _l2_tables(fd, h, l1)
+        known_data = _all_data(h, tables)
+    else:
+        tables = _dirty_tables(fd, h, l1, dirty)
+    written = _dirty_data(h, l1, tables, dirty)
+    taken = merge_ranges(sorted(known_data | written))
+    rest: list[tuple[int, int]] = []
     pos = 0
-    for a, b in clean:
+    for a, b in taken:
         if pos < a:
-            out.append((pos, a))
+            rest.append((pos, a))
         pos = max(pos, b)
     size = os.fstat(fd).st_size
     if pos < size:
-        out.append((pos, size))
-    return out
+        rest.append((pos, size))
+    return merge_ranges(sorted(written)), rest
+
+
+def _dirty_tables(
+    fd: int, h: Header, l1: list[int], dirty: list[tuple[int, int]]
+) -> dict[int, bytes]:
+    """The L2 tables that map the dirty guest ranges."""
+    span = h.cluster_size * (h.cluster_size // 8)  # guest bytes one L2 table maps
+    wanted = {
+        l1[i] & _OFFSET_MASK
+        for start, end in dirty
+        for i in range(start // span, min((end + span - 1) // span, len(l1)))
+        if l1[i] & _OFFSET_MASK
+    }
+    return {off: _pread(fd, h.cluster_size, off) for off in wanted}
