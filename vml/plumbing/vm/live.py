@@ -2,16 +2,20 @@
 
 ``live_snapshot(area)`` is a context manager for a VM under ``vml run``:
 
-1. QMP ``stop`` (QEMU drains and flushes its block layer);
-2. ``migrate`` the device state (``x-ignore-shared``: the RAM file is left
-   out, ~0.5 MB) to ``<area>/.vml/stage/<pid>/``;
-3. copy the memory file and every disk image aside into that stage
-   (holes stay holes; a reflink where the file system can) -- or, given
-   a :class:`Reference` of what the area's entry held, only what changed
-   since: a disk's dirty clusters (its bitmap is rotated in one QMP
-   ``transaction`` and the disabled one read through NBD), the memory
-   file's blocks whose xxh3 differs from the entry's, each at its own
-   offset in a sparse copy (``LiveSnapshot.changed`` lists those ranges);
+1. QMP ``stop`` (QEMU drains and flushes its block layer), then each
+   disk's dirty bitmap is rotated in one QMP ``transaction`` (disable the
+   current one, start the next);
+2. copy the memory file and every disk image aside into
+   ``<area>/.vml/stage/<pid>/`` (holes stay holes; a reflink where the
+   file system can) -- or, given a :class:`Reference` of what the area's
+   entry held, only what changed since, at its own offset in a sparse
+   copy: a disk's dirty clusters (the disabled bitmap read through NBD)
+   and, for a qcow2, the metadata pages whose xxh3 differs from the
+   entry's; the memory file's blocks whose xxh3 differs from the entry's
+   (``LiveSnapshot.changed`` lists the ranges copied);
+3. ``migrate`` the device state (``x-ignore-shared``: the RAM file is left
+   out, ~0.5 MB) there too (after the copies: the migration ends by
+   handing the disks over, which drops their page cache);
 4. ``cont``: the guest goes on, and the caller reads the copies at leisure.
 
 It yields a ``LiveSnapshot``: ``files`` maps the area-relative name each
