@@ -90,53 +90,7 @@ def check_structure(
                 Problem(f"a {e.meta.kind} entry with{'out' if p is None else ''} a parent", c)
             )
         images_of[c] = {f.path for f in e.meta.files if f.kind == "image"}
-        # What a checkout would refuse, whatever the area holds.
-        problems += [Problem(f"it is malformed: {msg}", c) for msg in layout_problems(e.meta)]
-        problems += [
-            Problem(
-                f"{msg} on a file system that ignores case or Unicode normalisation "
-                "(vfat, exFAT, NTFS, APFS): check it out onto ext4, xfs or btrfs",
-                c,
-                note=True,
-            )
-            for msg in merged_names(e.meta)
-        ]
-        for f in e.meta.files:
-            try:
-                if f.kind == "small":
-                    sha = small_blob(reader.data, e, f.path)
-                    if sha is None:
-                        problems.append(Problem("its data is missing", c, f.path))
-                    elif not reader.contains(sha):
-                        problems.append(Problem("its data object is missing", c, f.path, [sha]))
-                    continue
-                layer = image_layer(reader, e.tree, f.path)
-                if layer is None:
-                    problems.append(Problem("its blocks are missing", c, f.path))
-                    continue
-                man, blocks = layer
-                if man.size != f.size or man.sha256 != f.sha256:
-                    problems.append(Problem("its manifest disagrees with the metadata", c, f.path))
-                if not man.base:
-                    partial.setdefault(c, set()).add(f.path)
-                    if p is None:
-                        problems.append(
-                            Problem("a partial layer in an entry without parent", c, f.path)
-                        )
-                if blocks is not None:
-                    bmap = read_block_map(lambda s: reader.data(s, 2), blocks, man.nblocks)
-                    missing = [
-                        sha
-                        for entry in bmap.values()
-                        for sha in layer_block_ids(entry)
-                        if not reader.contains(sha)
-                    ]
-                    if missing:
-                        problems.append(
-                            Problem(f"{len(missing)} block objects are missing", c, f.path, missing)
-                        )
-            except CorruptRepository as err:
-                problems.append(Problem(err.message, c, f.path))
+        problems += _entry_problems(reader, e, p, partial)
     # A partial layer needs the same image in its parent (both known from above).
     for c in commits:
         p = forest.parent[c]
@@ -145,6 +99,72 @@ def check_structure(
         for path in sorted(partial[c] - images_of[p]):
             problems.append(Problem("a partial layer whose parent lacks the file", c, path))
     return forest, problems
+
+
+def _entry_problems(
+    reader: PackReader, e: Entry, p: bytes | None, partial: dict[bytes, set[str]]
+) -> list[Problem]:
+    """One entry's layout, and each file's data, manifest and block objects."""
+    c = e.commit
+    # What a checkout would refuse, whatever the area holds.
+    problems = [Problem(f"it is malformed: {msg}", c) for msg in layout_problems(e.meta)]
+    problems += [
+        Problem(
+            f"{msg} on a file system that ignores case or Unicode normalisation "
+            "(vfat, exFAT, NTFS, APFS): check it out onto ext4, xfs or btrfs",
+            c,
+            note=True,
+        )
+        for msg in merged_names(e.meta)
+    ]
+    for f in e.meta.files:
+        try:
+            if f.kind == "small":
+                sha = small_blob(reader.data, e, f.path)
+                if sha is None:
+                    problems.append(Problem("its data is missing", c, f.path))
+                elif not reader.contains(sha):
+                    problems.append(Problem("its data object is missing", c, f.path, [sha]))
+                continue
+            problems += _image_problems(reader, e, f.path, f.size, f.sha256, p, partial)
+        except CorruptRepository as err:
+            problems.append(Problem(err.message, c, f.path))
+    return problems
+
+
+def _image_problems(
+    reader: PackReader,
+    e: Entry,
+    path: str,
+    size: int,
+    sha256: str,
+    p: bytes | None,
+    partial: dict[bytes, set[str]],
+) -> list[Problem]:
+    """An image's layer: its manifest against the metadata, and its block objects present."""
+    c = e.commit
+    layer = image_layer(reader, e.tree, path)
+    if layer is None:
+        return [Problem("its blocks are missing", c, path)]
+    out: list[Problem] = []
+    man, blocks = layer
+    if man.size != size or man.sha256 != sha256:
+        out.append(Problem("its manifest disagrees with the metadata", c, path))
+    if not man.base:
+        partial.setdefault(c, set()).add(path)
+        if p is None:
+            out.append(Problem("a partial layer in an entry without parent", c, path))
+    if blocks is not None:
+        bmap = read_block_map(lambda s: reader.data(s, 2), blocks, man.nblocks)
+        missing = [
+            sha
+            for entry in bmap.values()
+            for sha in layer_block_ids(entry)
+            if not reader.contains(sha)
+        ]
+        if missing:
+            out.append(Problem(f"{len(missing)} block objects are missing", c, path, missing))
+    return out
 
 
 def entry_objects(reader: PackReader, entry: Entry) -> Iterator[tuple[str, bytes, bool]]:
