@@ -182,3 +182,24 @@ def test_vml_starts_without_loading_porcelain_plumbing_or_dulwich() -> None:
     assert "vml.cli.entries" in loaded
     heavy = [m for m in loaded if m.startswith(("vml.porcelain", "vml.plumbing", "dulwich"))]
     assert heavy == []
+
+
+def test_functions_and_files_stay_small() -> None:
+    """Functions under ~80 lines (or a ``# long:`` comment saying why), files under ~800.
+
+    The code changes most where it is largest; keeping each piece readable
+    at once is what lets a newcomer change it safely.
+    """
+    too_long = []
+    for path in sorted(ROOT.rglob("*.py")):
+        text = path.read_text()
+        lines = text.splitlines()
+        assert len(lines) <= 850, f"{path.name} has {len(lines)} lines: split it by concept"
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                assert node.end_lineno is not None
+                size = node.end_lineno - node.lineno + 1
+                body = "\n".join(lines[node.lineno - 1 : node.end_lineno])
+                if size > 80 and "# long:" not in body:
+                    too_long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({size})")
+    assert not too_long, too_long
