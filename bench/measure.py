@@ -6,6 +6,24 @@ reaped, and ``ru_maxrss`` is the largest resident set of any single process
 in that tree. That is the memory a user sees the tool take, including the
 helpers it forks (bup and borg spawn subprocesses).
 
+Bytes read (``io=True``, used by the real-guest workload W2) come from
+``/proc/PID/io`` of a ``/bin/sh`` wrapper between ``time`` and the command:
+the wrapper runs the command, waits for it, and copies its own ``/proc/$$/io``
+to a file. When a process reaps a child, Linux adds the child's I/O
+counters (and those of the children *it* reaped) to the parent's, exactly as
+it does for CPU times, so the wrapper's counters hold the whole tree that
+was waited for (a daemon that double-forks away would be missed; none of the
+tools measured does that). The shell itself reads nothing (its script is an
+argument; ``cat`` is still running when it reads the file, so it is not
+counted either). Two counters are kept:
+
+* ``rchar``: bytes the tree asked ``read``/``pread``/``readv``,
+  ``copy_file_range`` and ``sendfile`` for, whether the page cache served them
+  or the disk: what a tool *reads*. Reads through ``mmap`` are not in it.
+* ``read_bytes``: bytes the tree made the block layer fetch from storage
+  (readahead included; page faults of mapped files too). With a warm page
+  cache this is near zero, so it is reported but is not the headline.
+
 Why not ``os.wait4`` on our own child: a child forked from this Python
 process inherits its memory map until ``exec``, and Linux folds that
 pre-exec high-water mark into ``ru_maxrss``, so even ``cp`` would show the
@@ -42,6 +60,23 @@ class Measurement:
     # The sync right after the command, timed apart: tools that fsync pay
     # for durability inside ``seconds``, tools that do not (cp) pay it here.
     sync_seconds: float = 0.0
+    # /proc/PID/io of the command's tree (``io=True`` only): rchar, read_bytes.
+    read_chars: int | None = None
+    read_bytes: int | None = None
+
+
+IO_WRAPPER = 'io=$1; shift; "$@"; rc=$?; cat /proc/$$/io > "$io"; exit $rc'
+"""Runs ``"$@"``, then saves its own I/O counters, which now include the reaped tree's."""
+
+
+def parse_proc_io(text: str) -> dict[str, int]:
+    """The fields of a ``/proc/PID/io`` text (``rchar: 123`` lines) as a dict."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if value.strip().isdigit():
+            out[key.strip()] = int(value)
+    return out
 
 
 def run_measured(
@@ -49,12 +84,14 @@ def run_measured(
     *,
     cwd: Path | None = None,
     env: Mapping[str, str] | None = None,
+    io: bool = False,
 ) -> Measurement:
     """Run ``cmd`` to completion; return its wall time, peak RSS and stdout.
 
     ``os.sync()`` runs first (untimed) so that dirty pages written by the
     previous step are not flushed on this command's clock, and again after
-    it, timed apart in ``sync_seconds``.
+    it, timed apart in ``sync_seconds``. ``io``: also count the bytes the
+    command's tree read (see the module doc).
     """
     os.sync()
     full_env = dict(os.environ)
@@ -65,10 +102,12 @@ def run_measured(
         tempfile.TemporaryFile() as out,
         tempfile.TemporaryFile() as err,
         tempfile.NamedTemporaryFile("r") as rss,
+        tempfile.NamedTemporaryFile("r") as iofile,
     ):
+        wrapped = ["/bin/sh", "-c", IO_WRAPPER, "sh", iofile.name, *cmd] if io else list(cmd)
         start = time.perf_counter()
         proc = subprocess.run(
-            [TIME, "-f", "%M", "-o", rss.name, *cmd],
+            [TIME, "-f", "%M", "-o", rss.name, *wrapped],
             cwd=cwd,
             env=full_env,
             stdout=out,
@@ -87,8 +126,14 @@ def run_measured(
             raise CommandError(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")
         # On failure time writes a status line first; the number is last.
         peak_kib = int(rss.read().split()[-1])
+        counters = parse_proc_io(iofile.read()) if io else {}
     return Measurement(
-        seconds=seconds, peak_rss=peak_kib * 1024, stdout=stdout, sync_seconds=sync_seconds
+        seconds=seconds,
+        peak_rss=peak_kib * 1024,
+        stdout=stdout,
+        sync_seconds=sync_seconds,
+        read_chars=counters.get("rchar"),
+        read_bytes=counters.get("read_bytes"),
     )
 
 

@@ -1,8 +1,14 @@
 """Benchmark VML against the tools a user would pick instead, on one workload, in one run.
 
-    python bench/run.py                 # standard size (~5-15 minutes, up to ~12 GiB scratch)
-    python bench/run.py --smoke         # tiny, under a minute
+    python bench/run.py                 # W1, standard size (~5-15 minutes, up to ~12 GiB scratch)
+    python bench/run.py --smoke         # W1, tiny, under a minute
     python bench/run.py --tools borg,cp --states 4 --skip-big
+    python bench/run.py --workload w2   # W2: the real guest, 64 GiB disks, qcow2 and raw
+    python bench/run.py --workload w2 --smoke   # W2, tiny: a couple of minutes
+
+W1 (the synthetic workload, unchanged so runs compare with earlier ones)
+is described here; W2 (a real Linux guest at work, issue 12) in
+``bench/w2.py``.
 
 Steps: build the working area (see ``bench/workload.py``), then for each
 state run a work session, record the sha256 of every file, and save the area
@@ -36,6 +42,9 @@ if __package__ in (None, ""):
 from bench.measure import CommandError, Measurement, disk_usage, median
 from bench.report import attach_targets, draw_chart, format_table, write_json
 from bench.tools import TOOLS, Tool, VmlTool
+from bench.w2 import W2Params, run_w2
+from bench.w2report import attach as attach_w2_targets
+from bench.w2report import format_w2
 from bench.workload import (
     WorkloadSpec,
     find_area_root,
@@ -92,9 +101,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--smoke",
         action="store_true",
-        help="tiny run: 64 MiB disk, 16 MiB files, 8 MiB memory, 1 MiB changes, 3 states, "
-        "chain depth 5, skip big (explicit flags override these)",
+        help="tiny run: W1 64 MiB disk, 16 MiB files, 8 MiB memory, 1 MiB changes, 3 states, "
+        "chain depth 5, skip big; W2 256 MiB disks, 24 MiB files, 128 MiB RAM, 1 session, "
+        "scale test 1 MiB on 256 vs 64 MiB (explicit flags override these)",
     )
+    _w2_args(p)
     if p.parse_known_args(argv)[0].smoke:
         # Smoke sizes are defaults, so explicit flags still win (--smoke --states 5).
         p.set_defaults(
@@ -107,16 +118,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             chain_change_mib=1,
             skip_big=True,
             restore_runs=1,
+            w2_disk_mib=256,
+            w2_fill_mib=24,
+            w2_ram_mib=128,
+            w2_sessions=1,
+            w2_scale_mib=1,
+            w2_scale_small_mib=64,
         )
     args = p.parse_args(argv)
-    unknown = set(args.tools.split(",")) - set(TOOLS)
-    if unknown:
-        p.error(f"unknown tools: {', '.join(sorted(unknown))} (known: {', '.join(TOOLS)})")
+    for tools in (args.tools, args.w2_raw_tools or args.tools):
+        unknown = set(tools.split(",")) - set(TOOLS)
+        if unknown:
+            p.error(f"unknown tools: {', '.join(sorted(unknown))} (known: {', '.join(TOOLS)})")
+    if set(args.w2_formats.split(",")) - {"qcow2", "raw"}:
+        p.error("--w2-formats takes qcow2, raw or both")
     if args.states < 1:
         p.error("--states must be at least 1")
     if args.restore_runs < 1:
         p.error("--restore-runs must be at least 1")
     return args
+
+
+def _w2_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workload",
+        choices=("w1", "w2", "both"),
+        default="w1",
+        help="w1: the synthetic VMware-style workload (as before); w2: the real guest",
+    )
+    g = p.add_argument_group("W2, the real guest (--workload w2)")
+    g.add_argument("--w2-disk-mib", type=int, default=65536, help="virtual disk size")
+    g.add_argument("--w2-fill-mib", type=int, default=512, help="real files in the guest's ext4")
+    g.add_argument("--w2-ram-mib", type=int, default=256, help="guest RAM (the physics.ram file)")
+    g.add_argument("--w2-sessions", type=int, default=5, help="work sessions (states = +1)")
+    g.add_argument("--w2-formats", default="qcow2,raw", help="disk formats, each run in turn")
+    g.add_argument(
+        "--w2-rest",
+        choices=("save", "off"),
+        default="save",
+        help="between sessions: saved with vml stop --save (RAM kept), or powered off",
+    )
+    g.add_argument("--w2-raw-tools", default=None, help="tools on the raw disk (default: --tools)")
+    g.add_argument("--w2-scale-mib", type=int, default=16, help="scale test change (0: skip)")
+    g.add_argument("--w2-scale-small-mib", type=int, default=2048, help="scale test small disk")
+    g.add_argument("--w2-no-live", action="store_true", help="skip VML's live saves")
+    g.add_argument("--w2-accel", default=None, help="kvm or tcg (default: vml run's choice)")
 
 
 def machine_info() -> dict[str, Any]:
@@ -385,10 +431,66 @@ def vml_source() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; print the report; write results.json and chart.png."""
+    """Run the benchmark(s) ``--workload`` names; print the reports; write the JSON."""
     args = parse_args(argv)
     if args.vml_src:
         VmlTool.src = args.vml_src.resolve()
+    if args.workload in ("w1", "both"):
+        main_w1(args)
+    if args.workload in ("w2", "both"):
+        main_w2(args)
+    return 0
+
+
+def main_w2(args: argparse.Namespace) -> None:
+    """W2: the real guest; print its report, write ``OUT/results-w2.json``."""
+    out: Path = args.out.resolve()
+    scratch: Path = (args.scratch or out / "scratch").resolve()
+    work = _fresh(scratch / "vml-bench-w2")
+    params = W2Params(
+        disk_mib=args.w2_disk_mib,
+        fill_mib=args.w2_fill_mib,
+        ram_mib=args.w2_ram_mib,
+        sessions=args.w2_sessions,
+        formats=tuple(args.w2_formats.split(",")),
+        rest=args.w2_rest,
+        scale_mib=args.w2_scale_mib,
+        scale_small_mib=args.w2_scale_small_mib,
+        live=not args.w2_no_live,
+        accel=args.w2_accel,
+        seed=args.seed,
+    )
+    names = args.tools.split(",")
+    raw_names = (args.w2_raw_tools or args.tools).split(",")
+    if "vml" in names + raw_names and (why := vml_usable()):
+        raise SystemExit(f"vml is not usable, W2 needs it to run the guest: {why}")
+    restore = (args.restore_dir or work) / "vml-bench-restore"
+    results: dict[str, Any] = {
+        "machine": machine_info(),
+        "vml_source": vml_source(),
+        "cache": "warm (page caches not dropped; sync before each measured command)",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "load_avg_start": os.getloadavg()[0],
+    }
+    started = time.perf_counter()
+    try:
+        results.update(
+            run_w2(params, names, raw_names, work, (restore, args.restore_runs), VmlTool.src, log)
+        )
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(restore, ignore_errors=True)
+    results["elapsed_s"] = time.perf_counter() - started
+    results["load_avg_end"] = os.getloadavg()[0]
+    attach_w2_targets(results)
+    write_json(results, out / "results-w2.json")
+    print(format_w2(results))
+    print(f"\nwrote {out / 'results-w2.json'}")
+
+
+def main_w1(args: argparse.Namespace) -> None:
+    """W1: the synthetic workload; print the report; write results.json and chart.png."""
     names = args.tools.split(",")
     out: Path = args.out.resolve()
     scratch: Path = (args.scratch or out / "scratch").resolve()
@@ -456,7 +558,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {out / 'results.json'}" + (f" and {out / 'chart.png'}" if charted else ""))
     if not charted:
         print("matplotlib missing: no chart (bench/setup.sh installs it)")
-    return 0
 
 
 if __name__ == "__main__":

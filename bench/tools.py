@@ -8,6 +8,7 @@ file with the same relative names.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -22,13 +23,19 @@ from bench.workload import VML_DIR
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def _sum_known(values: list[int | None]) -> int | None:
+    return None if any(v is None for v in values) else sum(v or 0 for v in values)
+
+
 def _combine(*steps: Measurement) -> Measurement:
-    """One logical operation made of several commands: times add, peaks max."""
+    """One logical operation made of several commands: times and bytes add, peaks max."""
     return Measurement(
         seconds=sum(s.seconds for s in steps),
         peak_rss=max(s.peak_rss for s in steps),
         stdout="".join(s.stdout for s in steps),
         sync_seconds=sum(s.sync_seconds for s in steps),
+        read_chars=_sum_known([s.read_chars for s in steps]),
+        read_bytes=_sum_known([s.read_bytes for s in steps]),
     )
 
 
@@ -42,15 +49,30 @@ class Tool(ABC):
 
     name: str = ""
 
+    restores_holes: bool = True
+    """Whether its restore can leave holes where the saved file had them (W2 asks)."""
+
     def __init__(self, repo: Path, home: Path) -> None:
         self.repo = repo
         self.home = home
         # state number -> the tool's handle for it (entry id, snapshot id, path)
         self.handles: dict[int, str] = {}
+        # W2 sets these: count the bytes each command reads (measure.py), and
+        # restore sparse files sparse where the tool needs to be told so.
+        self.measure_io = False
+        self.sparse = False
 
     def env(self) -> dict[str, str]:
         """Environment variables the tool's commands need."""
         return {}
+
+    def measured(
+        self, cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None
+    ) -> Measurement:
+        """``run_measured`` with this tool's environment and I/O counting."""
+        return run_measured(
+            cmd, cwd=cwd, env=self.env() if env is None else env, io=self.measure_io
+        )
 
     @abstractmethod
     def init(self) -> None:
@@ -90,10 +112,8 @@ class VmlTool(Tool):
         """Run ``vml --repo REPO ARGS``, measured."""
         # cwd too: ``python -m`` puts the cwd first on sys.path, and a vml
         # folder there would shadow the chosen source.
-        return run_measured(
-            [sys.executable, "-m", "vml", "--repo", str(self.repo), *args],
-            cwd=self.src,
-            env=self.env(),
+        return self.measured(
+            [sys.executable, "-m", "vml", "--repo", str(self.repo), *args], cwd=self.src
         )
 
     def init(self) -> None:
@@ -157,12 +177,12 @@ class BorgTool(Tool):
         }
 
     def init(self) -> None:
-        run_measured(["borg", "init", "-e", "none", str(self.repo)], env=self.env())
+        self.measured(["borg", "init", "-e", "none", str(self.repo)])
 
     def save(self, area: Path, state: int) -> Measurement:
         name = f"s{state}"
         # cd into the area and save "." so the archive holds relative names.
-        m = run_measured(
+        m = self.measured(
             [
                 "borg",
                 "create",
@@ -174,23 +194,36 @@ class BorgTool(Tool):
                 ".",
             ],
             cwd=area,
-            env=self.env(),
         )
         self.handles[state] = name
         return m
 
     def restore(self, state: int, dest: Path) -> Measurement:
-        return run_measured(
-            ["borg", "extract", "--sparse", f"{self.repo}::{self.handles[state]}"],
-            cwd=dest,
-            env=self.env(),
+        return self.measured(
+            ["borg", "extract", "--sparse", f"{self.repo}::{self.handles[state]}"], cwd=dest
         )
+
+
+@functools.cache
+def _restic_has_sparse_restore() -> bool:
+    try:
+        done = subprocess.run(
+            ["restic", "restore", "--help"], capture_output=True, text=True, check=False
+        )
+    except OSError:
+        return False
+    return "--sparse" in done.stdout
 
 
 class ResticTool(Tool):
     """restic with its default repository format (v2, compression auto)."""
 
     name = "restic"
+
+    @property
+    def restores_holes(self) -> bool:  # type: ignore[override]
+        """restic 0.14 writes holes as zeros; later versions have ``restore --sparse``."""
+        return _restic_has_sparse_restore()
 
     def env(self) -> dict[str, str]:
         return {
@@ -200,13 +233,12 @@ class ResticTool(Tool):
         }
 
     def init(self) -> None:
-        run_measured(["restic", "init"], env=self.env())
+        self.measured(["restic", "init"])
 
     def save(self, area: Path, state: int) -> Measurement:
-        m = run_measured(
+        m = self.measured(
             ["restic", "backup", "--json", "--exclude", VML_DIR, "--tag", f"s{state}", "."],
             cwd=area,
-            env=self.env(),
         )
         # --json prints progress lines then one summary with the snapshot id.
         snapshot = None
@@ -224,8 +256,9 @@ class ResticTool(Tool):
 
     def restore(self, state: int, dest: Path) -> Measurement:
         # restic keeps the absolute path of "."; find_area_root copes with it.
-        return run_measured(
-            ["restic", "restore", self.handles[state], "--target", str(dest)], env=self.env()
+        sparse = ["--sparse"] if self.sparse and self.restores_holes else []
+        return self.measured(
+            ["restic", "restore", *sparse, self.handles[state], "--target", str(dest)]
         )
 
 
@@ -238,25 +271,21 @@ class BupTool(Tool):
         return {"BUP_DIR": str(self.repo)}
 
     def init(self) -> None:
-        run_measured(["bup", "init"], env=self.env())
+        self.measured(["bup", "init"])
 
     def save(self, area: Path, state: int) -> Measurement:
         name = f"s{state}"
         # A save is "index then save": both are what a user runs, both count.
-        index = run_measured(
-            ["bup", "index", "--exclude", str(area / VML_DIR), str(area)], env=self.env()
-        )
-        save = run_measured(
-            ["bup", "save", "-n", name, f"--strip-path={area}", str(area)], env=self.env()
-        )
+        index = self.measured(["bup", "index", "--exclude", str(area / VML_DIR), str(area)])
+        save = self.measured(["bup", "save", "-n", name, f"--strip-path={area}", str(area)])
         self.handles[state] = name
         return _combine(index, save)
 
     def restore(self, state: int, dest: Path) -> Measurement:
         # The trailing "/." restores the saved tree's contents, not the dir.
-        return run_measured(
-            ["bup", "restore", "-q", "-C", str(dest), f"/{self.handles[state]}/latest/."],
-            env=self.env(),
+        sparse = ["--sparse"] if self.sparse else []
+        return self.measured(
+            ["bup", "restore", "-q", *sparse, "-C", str(dest), f"/{self.handles[state]}/latest/."]
         )
 
 
@@ -273,12 +302,12 @@ class CopyTool(Tool):
         target.mkdir()
         # cp has no exclude: name the area's entries, all but VML's folder.
         entries = sorted(str(p) for p in area.iterdir() if p.name != VML_DIR)
-        m = run_measured(["cp", "-r", "--sparse=always", *entries, str(target)])
+        m = self.measured(["cp", "-r", "--sparse=always", *entries, str(target)])
         self.handles[state] = str(target)
         return m
 
     def restore(self, state: int, dest: Path) -> Measurement:
-        return run_measured(
+        return self.measured(
             ["cp", "-r", "--sparse=always", self.handles[state], str(dest / "area")]
         )
 
