@@ -163,6 +163,12 @@ def _w2_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--w2-scale-small-mib", type=int, default=2048, help="scale test small disk")
     g.add_argument("--w2-no-live", action="store_true", help="skip VML's live saves")
     g.add_argument("--w2-accel", default=None, help="kvm or tcg (default: vml run's choice)")
+    g.add_argument(
+        "--w2-cold",
+        action="store_true",
+        help="drop the area's files from the page cache before each save (read_bytes then "
+        "counts what each tool read from the disk, mmap included)",
+    )
 
 
 def machine_info() -> dict[str, Any]:
@@ -459,6 +465,7 @@ def main_w2(args: argparse.Namespace) -> None:
         live=not args.w2_no_live,
         accel=args.w2_accel,
         seed=args.seed,
+        cold=args.w2_cold,
     )
     names = args.tools.split(",")
     raw_names = (args.w2_raw_tools or args.tools).split(",")

@@ -46,6 +46,7 @@ from bench.sparse import (
     area_digest,
     changed_bytes,
     copy_area,
+    evict,
     guest_view,
     holes_lost,
     remove,
@@ -76,6 +77,7 @@ class W2Params:
     live: bool = True
     accel: str | None = None
     seed: int = 1
+    cold: bool = False  # evict the area's files from the page cache before each save
 
 
 class VmlW2Tool(VmlTool):
@@ -198,7 +200,7 @@ def _save(tool: Tool, area: Path, state: int) -> dict[str, Any]:
 
 
 def save_states(
-    names: list[str], work: Path, sessions: Sessions, states: int, log: Log
+    names: list[str], work: Path, sessions: Sessions, states: int, log: Log, cold: bool = False
 ) -> tuple[dict[str, dict[str, Any]], dict[int, dict[str, Any]]]:
     """Every state saved by every tool; per state, the area's facts and what changed."""
     tools = {n: _tool(n, work) for n in names}
@@ -232,6 +234,8 @@ def save_states(
                 continue
             log(f"W2 {sessions.fmt} state {state}: {name} save")
             try:
+                if cold:
+                    evict(area)
                 r["saves"].append(_save(tool, area, state))
             except (CommandError, OSError, RuntimeError) as e:
                 r["error"] = f"save {state}: {e}"
@@ -442,7 +446,9 @@ def run_format(
         sessions.settle()
         if "vml" in names and params.live:
             copy_area(area, pristine)  # state 1, for the live saves
-        results, per_state = save_states(names, base, sessions, params.sessions + 1, log)
+        results, per_state = save_states(
+            names, base, sessions, params.sessions + 1, log, params.cold
+        )
         vm.kill()
         restore_states(results, per_state, params.sessions + 1, restore[0], restore[1], log)
     finally:

@@ -227,6 +227,13 @@ def _details(fr: dict[str, Any]) -> list[str]:
             f"{_fmt(last.get('allocated_bytes'), MIB, 1)} MiB allocated, "
             f"{_fmt(last.get('apparent_bytes'), 2**30, 1)} GiB apparent"
         )
+    disk_reads = []
+    for name, e in fr["tools"].items():
+        rb = [s["read_bytes"] for s in e.get("saves", [])[1:] if s.get("read_bytes") is not None]
+        if rb:
+            disk_reads.append(f"{name} {_fmt(median(rb), MIB, 1)}")
+    if disk_reads:
+        out.append("read from storage per later save (read_bytes, MiB): " + ", ".join(disk_reads))
     vml = fr["tools"].get("vml") or {}
     if vml.get("cache_allocated") is not None:
         out.append(f"vml .vml/cache: {_fmt(vml['cache_allocated'], MIB, 2)} MiB")
@@ -283,7 +290,8 @@ def format_w2(results: dict[str, Any]) -> str:
         out += [
             f"W2 {fmt}: real guest, {p['disk_mib'] / 1024:g} GiB virtual disk, {p['fill_mib']} MiB "
             f"files, {p['ram_mib']} MiB RAM, {p['sessions']} sessions, at rest: {p['rest']} "
-            "(warm cache; read = rchar of the tool's process tree)",
+            f"({'area evicted before each save' if p.get('cold') else 'warm cache'}; "
+            "read = rchar of the tool's process tree)",
             "",
             *_table(fr),
             "",

@@ -22,7 +22,14 @@ from tests.conftest import need
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.measure import run_measured
 from bench.run import parse_args
-from bench.sparse import area_digest, changed_bytes, file_digest, guest_view, holes_lost
+from bench.sparse import (
+    area_digest,
+    changed_bytes,
+    evict,
+    file_digest,
+    guest_view,
+    holes_lost,
+)
 from bench.w2guest import GuestData
 
 pytestmark = pytest.mark.compat
@@ -51,6 +58,18 @@ def test_bytes_read_count_the_whole_process_tree(tmp_path: Path) -> None:
     assert run_measured(["true"], io=True).read_chars < 64 * KIB  # type: ignore[operator]
     # Without io the command runs unwrapped, as W1 always did.
     assert run_measured(["true"]).read_chars is None
+
+
+def test_evicted_area_is_read_from_storage(tmp_path: Path) -> None:
+    need("/usr/bin/time")
+    data = tmp_path / "disk.raw"
+    data.write_bytes(os.urandom(512 * KIB))
+    evict(tmp_path)
+    cold = run_measured(["cat", str(data)], io=True)
+    warm = run_measured(["cat", str(data)], io=True)
+    assert cold.read_bytes is not None and cold.read_bytes >= 512 * KIB
+    assert warm.read_bytes is not None and warm.read_bytes < 512 * KIB
+    assert cold.read_chars == warm.read_chars
 
 
 def test_digest_is_content_only_and_holes_are_counted_apart(tmp_path: Path) -> None:
