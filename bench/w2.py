@@ -51,6 +51,7 @@ from bench.sparse import (
     holes_lost,
     remove,
     same_content,
+    warm,
 )
 from bench.tools import TOOLS, Tool, VmlTool
 from bench.w2guest import NAME, GuestData, GuestVM, append_line, make_disk, make_tree
@@ -236,6 +237,8 @@ def save_states(
             try:
                 if cold:
                     evict(area)
+                else:
+                    warm(area)  # bup evicts what it read; nobody inherits that
                 r["saves"].append(_save(tool, area, state))
             except (CommandError, OSError, RuntimeError) as e:
                 r["error"] = f"save {state}: {e}"
