@@ -7,19 +7,21 @@ in that tree. That is the memory a user sees the tool take, including the
 helpers it forks (bup and borg spawn subprocesses).
 
 Bytes read (``io=True``, used by the real-guest workload W2) come from
-``/proc/PID/io`` of a ``/bin/sh`` wrapper between ``time`` and the command:
-the wrapper runs the command, waits for it, and copies its own ``/proc/$$/io``
-to a file. When a process reaps a child, Linux adds the child's I/O
-counters (and those of the children *it* reaped) to the parent's, exactly as
-it does for CPU times, so the wrapper's counters hold the whole tree that
-was waited for (a daemon that double-forks away would be missed; none of the
-tools measured does that). The shell itself reads nothing (its script is an
-argument; ``cat`` is still running when it reads the file, so it is not
-counted either). Two counters are kept:
+``/proc/PID/io``: ``bench/iowrap.py`` (a small Python program, started with
+``-S -I``) runs ``time`` and the command, waits for the whole tree, and
+writes the difference of its own counters before and after. When a process
+reaps a child, Linux adds the child's I/O counters (and those of the
+children *it* reaped) to the parent's, exactly as it does for CPU times, so
+the difference is the whole tree's. The wrapper is a child subreaper, so a
+descendant that daemonizes is re-parented to it and counted when it ends.
+It also times the command itself (its own start-up is not in ``seconds``);
+``time`` still reports the peak RSS, of the command's tree only. Two
+counters are kept:
 
 * ``rchar``: bytes the tree asked ``read``/``pread``/``readv``,
   ``copy_file_range`` and ``sendfile`` for, whether the page cache served them
-  or the disk: what a tool *reads*. Reads through ``mmap`` are not in it.
+  or the disk: what a tool *reads*. Reads through ``mmap``, and ``recv`` on
+  sockets, are not in it.
 * ``read_bytes``: bytes the tree made the block layer fetch from storage
   (readahead included; page faults of mapped files too). With a warm page
   cache this is near zero, so it is reported but is not the headline.
@@ -33,9 +35,11 @@ starts tiny.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -65,18 +69,8 @@ class Measurement:
     read_bytes: int | None = None
 
 
-IO_WRAPPER = 'io=$1; shift; "$@"; rc=$?; cat /proc/$$/io > "$io"; exit $rc'
-"""Runs ``"$@"``, then saves its own I/O counters, which now include the reaped tree's."""
-
-
-def parse_proc_io(text: str) -> dict[str, int]:
-    """The fields of a ``/proc/PID/io`` text (``rchar: 123`` lines) as a dict."""
-    out: dict[str, int] = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if value.strip().isdigit():
-            out[key.strip()] = int(value)
-    return out
+IOWRAP = Path(__file__).resolve().parent / "iowrap.py"
+"""Runs a command and writes its tree's I/O counters and its time (see the module doc)."""
 
 
 def run_measured(
@@ -104,10 +98,12 @@ def run_measured(
         tempfile.NamedTemporaryFile("r") as rss,
         tempfile.NamedTemporaryFile("r") as iofile,
     ):
-        wrapped = ["/bin/sh", "-c", IO_WRAPPER, "sh", iofile.name, *cmd] if io else list(cmd)
+        timed = [TIME, "-f", "%M", "-o", rss.name, *cmd]
+        if io:
+            timed = [sys.executable, "-S", "-I", str(IOWRAP), iofile.name, *timed]
         start = time.perf_counter()
         proc = subprocess.run(
-            [TIME, "-f", "%M", "-o", rss.name, *wrapped],
+            timed,
             cwd=cwd,
             env=full_env,
             stdout=out,
@@ -126,9 +122,13 @@ def run_measured(
             raise CommandError(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")
         # On failure time writes a status line first; the number is last.
         peak_kib = int(rss.read().split()[-1])
-        counters = parse_proc_io(iofile.read()) if io else {}
+        counters = json.loads(iofile.read()) if io else {}
+        # A daemon the command left (re-parented to the wrapper) is the tool's memory too.
+        peak_kib = max(peak_kib, counters.get("orphans_peak_rss_kib", 0))
+    if counters.get("orphans_left"):
+        raise CommandError(f"{' '.join(cmd)} left {counters['orphans_left']} processes running")
     return Measurement(
-        seconds=seconds,
+        seconds=counters.get("seconds", seconds),
         peak_rss=peak_kib * 1024,
         stdout=stdout,
         sync_seconds=sync_seconds,

@@ -56,6 +56,10 @@ def test_bytes_read_count_the_whole_process_tree(tmp_path: Path) -> None:
     assert m.read_chars is not None and 900 * KIB <= m.read_chars < 1000 * KIB
     assert m.read_bytes is not None
     assert run_measured(["true"], io=True).read_chars < 64 * KIB  # type: ignore[operator]
+    # A descendant that daemonizes (re-parented away from the tree) still counts.
+    daemon = f"(sleep 0.3; cat {data} > /dev/null) & exit 0"
+    m = run_measured(["sh", "-c", daemon], io=True)
+    assert m.read_chars is not None and m.read_chars >= 300 * KIB
     # Without io the command runs unwrapped, as W1 always did.
     assert run_measured(["true"]).read_chars is None
 
