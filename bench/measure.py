@@ -67,6 +67,9 @@ class Measurement:
     # /proc/PID/io of the command's tree (``io=True`` only): rchar, read_bytes.
     read_chars: int | None = None
     read_bytes: int | None = None
+    # Descendants that daemonized, re-parented to the wrapper and reaped there.
+    orphans: int = 0
+    orphans_peak_rss: int = 0  # bytes
 
 
 IOWRAP = Path(__file__).resolve().parent / "iowrap.py"
@@ -134,6 +137,8 @@ def run_measured(
         sync_seconds=sync_seconds,
         read_chars=counters.get("rchar"),
         read_bytes=counters.get("read_bytes"),
+        orphans=counters.get("orphans_reaped", 0),
+        orphans_peak_rss=counters.get("orphans_peak_rss_kib", 0) * 1024,
     )
 
 

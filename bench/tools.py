@@ -36,6 +36,8 @@ def _combine(*steps: Measurement) -> Measurement:
         sync_seconds=sum(s.sync_seconds for s in steps),
         read_chars=_sum_known([s.read_chars for s in steps]),
         read_bytes=_sum_known([s.read_bytes for s in steps]),
+        orphans=sum(s.orphans for s in steps),
+        orphans_peak_rss=max(s.orphans_peak_rss for s in steps),
     )
 
 

@@ -191,12 +191,15 @@ def _save(tool: Tool, area: Path, state: int) -> dict[str, Any]:
         "peak_rss": m.peak_rss,
         "read_chars": m.read_chars,
         "read_bytes": m.read_bytes,
+        "orphans": m.orphans,
+        "orphans_peak_rss": m.orphans_peak_rss,
         "repo_allocated": du.allocated,
         "repo_apparent": du.apparent,
     }
     if isinstance(tool, VmlW2Tool):
         rec["cache_allocated"] = tool.cache_bytes()
-        rec["summary"] = m.stdout.strip().splitlines()[-1] if m.stdout.strip() else ""
+        # The entry id, then the summary and its notes (which path the save took).
+        rec["summary"] = " | ".join(m.stdout.strip().splitlines()[1:])
     return rec
 
 
