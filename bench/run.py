@@ -102,8 +102,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--smoke",
         action="store_true",
         help="tiny run: W1 64 MiB disk, 16 MiB files, 8 MiB memory, 1 MiB changes, 3 states, "
-        "chain depth 5, skip big; W2 256 MiB disks, 24 MiB files, 128 MiB RAM, 1 session, "
-        "scale test 1 MiB on 256 vs 64 MiB (explicit flags override these)",
+        "chain depth 5, skip big; W2 128 MiB disks, 24 MiB files, 96 MiB RAM, 1 session, "
+        "scale test 1 MiB on 128 vs 64 MiB (explicit flags override these)",
     )
     _w2_args(p)
     if p.parse_known_args(argv)[0].smoke:
@@ -118,9 +118,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             chain_change_mib=1,
             skip_big=True,
             restore_runs=1,
-            w2_disk_mib=256,
+            w2_disk_mib=128,
             w2_fill_mib=24,
-            w2_ram_mib=128,
+            w2_ram_mib=96,
             w2_sessions=1,
             w2_scale_mib=1,
             w2_scale_small_mib=64,
