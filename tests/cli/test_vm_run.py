@@ -100,8 +100,10 @@ def test_init_refusals_change_nothing(tmp_path: Path) -> None:
 def test_run_without_a_description_says_how_to_write_one(tmp_path: Path) -> None:
     line = vml("run", tmp_path, code=5)
     assert "no QEMU VM description" in line and "vml vm init" in line
+    # Nothing runs there: stop needs no description (a QEMU resumed from a
+    # --qmp save has none), it says so.
     line = vml("stop", tmp_path, code=5)
-    assert "no QEMU VM description" in line
+    assert "no VM runs under `vml run`" in line and "nothing to stop" in line
 
 
 def test_dry_run_prints_the_command_and_starts_nothing(vm_area: Path) -> None:

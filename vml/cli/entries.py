@@ -21,7 +21,7 @@ from vml.cli.common import (
     opened,
 )
 from vml.cli.lookup import repository_path
-from vml.cli.params import Size
+from vml.cli.params import Folder, Size
 from vml.cli.render import emit_json, err, out, print_log, print_repack, progress_bar, size
 from vml.errors import UsageError
 
@@ -93,10 +93,25 @@ def commit(
     move: Annotated[
         bool, flag("--move", "Save to this repository from now on (the area was saved elsewhere).")
     ] = False,
+    qmp: Annotated[
+        Path | None,
+        typer.Option(
+            "--qmp",
+            help="Save the running QEMU on this QMP socket live (one VML did not start).",
+            click_type=Folder(),
+            show_default=False,
+        ),
+    ] = None,
+    connect: Annotated[
+        str | None,
+        typer.Option(
+            "--connect", "-c", help="libvirt URI of a running domain (default qemu:///system)."
+        ),
+    ] = None,
     quiet: Quiet = False,
     json_: Json = False,
 ) -> None:
-    """Save the VM in AREA as a new entry."""
+    """Save the VM in AREA as a new entry (live, memory and all, when it runs)."""
     from vml.porcelain import commit as commit_mod
 
     kinds = [
@@ -124,6 +139,8 @@ def commit(
             include_external=include_external,
             move=move,
             progress=progress,
+            qmp=qmp,
+            libvirt_uri=connect or None,
         )
     if res.repack_problem is not None:
         err.print(
@@ -141,9 +158,11 @@ def _print_commit(res: CommitResult) -> None:
     parent = f"parent {res.parent}" if res.parent else "no parent"
     extra = f", tag {escape(res.tag)}" if res.tag else ""
     extra += f", branch {escape(res.branch)}" if res.branch else ""
+    live = _live_phrase(res.live)
     out.print(
         f"{res.kind} entry {res.entry} ({parent}{extra}): read {size(res.read_bytes)}, "
         f"stored {size(res.stored_bytes)} of {size(res.logical_bytes)}, {res.seconds:.2f} s"
+        + (f"; {live}" if live else "")
     )
     if res.crash_consistent:
         out.print(
@@ -163,6 +182,16 @@ def _print_commit(res: CommitResult) -> None:
         )
     if res.repacked is not None:
         print_repack(res.repacked)
+
+
+def _live_phrase(live: dict[str, object] | None) -> str:
+    """``saved running (live through libvirt), paused 0.31 s`` for a live save, else ''."""
+    if live is None:
+        return ""
+    via = {"qmp": " through QMP", "libvirt": " through libvirt"}.get(str(live.get("via")), "")
+    pause = live.get("pause_seconds")
+    paused = f", guest paused {pause:.2f} s" if isinstance(pause, int | float) else ""
+    return f"saved running{via}{paused}"
 
 
 @commands.command()

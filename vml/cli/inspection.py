@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from vml.cli.common import AreaArg, EntryArg, Json, Quiet, flag, handled, opened
-from vml.cli.render import emit_json, out, print_log, size, vm_brief, vm_lines
+from vml.cli.render import emit_json, out, print_log, saved_state, size, vm_brief, vm_lines
 from vml.errors import VMLError
 
 # Commands import their porcelain when they run (start-up time: see common.py).
@@ -99,7 +99,8 @@ def status(area: AreaArg = Path("."), quiet: Quiet = False, json_: Json = False)
     where = res.entry or "no entry yet"
     if res.branch:
         where += f" on branch {res.branch}"
-    out.print(f"area {escape(res.area)} holds {where}")
+    saved = saved_state(res.entry_vm)
+    out.print(f"area {escape(res.area)} holds {where}" + (f" ({saved})" if saved else ""))
     for line in vm_lines(res.vm, "vm now"):
         out.print(line)
     if res.pending:
@@ -148,4 +149,6 @@ def areas(quiet: Quiet = False, json_: Json = False) -> None:
             state = "unsaved changes" if a.dirty else "clean"
         br = f" on {a.branch}" if a.branch else ""
         brief = f"  {escape(vm_brief(a.vm))}" if vm_brief(a.vm) else ""
+        if a.vml_run is not None:
+            brief += f"  [green]{escape(a.vml_run.state)} under vml run now[/green]"
         out.print(f"{escape(a.path)}  {a.entry or '-'}{br}  {state}{brief}")

@@ -186,6 +186,18 @@ def vm_brief(vm: EntryVM | None) -> str:
     return " ".join(parts)
 
 
+def saved_state(vm: EntryVM | None) -> str:
+    """How an entry holds its VM, in words: ``saved running, consistent``; '' if unknown."""
+    if vm is None or not vm.known:
+        return ""
+    if vm.crash_consistent:
+        return "saved running, crash-consistent"
+    if vm.live is not None:
+        via = f" through {vm.live.via}" if vm.live.via != "vml run" else ""
+        return f"saved running{via}, consistent"
+    return f"saved {vm.info.power_state}"
+
+
 def _power(vm: EntryVM, *, brief: bool) -> str:
     """How the VM was (saved) running: off, suspended, crash-consistent, live, under vml run.
 
@@ -201,7 +213,8 @@ def _power(vm: EntryVM, *, brief: bool) -> str:
     if live is not None:
         if brief:
             return "running, consistent"
-        return f"running when saved: consistent (saved live, paused {live.pause_seconds} s)"
+        via = f" through {live.via}" if live.via != "vml run" else ""
+        return f"running when saved: consistent (saved live{via}, paused {live.pause_seconds} s)"
     if brief:  # plain text: the caller escapes the whole brief
         return f"{run.state} under vml run" if run is not None else vm.info.power_state
     if run is not None and run.state in ("paused", "postmigrate"):

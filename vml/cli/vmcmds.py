@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from vml.cli.common import AreaArg, Json, Quiet, flag, handled
-from vml.cli.params import Count, Memory, Seconds
+from vml.cli.params import Count, Folder, Memory, Seconds
 from vml.cli.render import emit_json, out, size
 
 if TYPE_CHECKING:
@@ -103,6 +103,12 @@ def vm_init(
 
 def _started(res: RunResult) -> None:
     how = "resumed" if res.resumed else "started"
+    if res.domain is not None:
+        out.print(
+            f"resumed the VM in {escape(res.area)} as libvirt domain {escape(res.domain)} "
+            f"({escape(res.machine)})"
+        )
+        return
     out.print(
         f"{how} the VM in {escape(res.area)} under QEMU (pid {res.pid}, {res.accel}, {res.machine})"
     )
@@ -127,6 +133,21 @@ def run(
     discard_state: Annotated[
         bool, flag("--discard-state", "Drop a saved running state and boot afresh.")
     ] = False,
+    qmp: Annotated[
+        Path | None,
+        typer.Option(
+            "--qmp",
+            help="With --continue: the QMP socket of a QEMU VML did not start.",
+            click_type=Folder(),
+            show_default=False,
+        ),
+    ] = None,
+    connect: Annotated[
+        str | None,
+        typer.Option(
+            "--connect", "-c", help="libvirt URI to resume a domain in (default qemu:///system)."
+        ),
+    ] = None,
     quiet: Quiet = False,
     json_: Json = False,
 ) -> None:
@@ -147,6 +168,8 @@ def run(
         cont=cont,
         discard_state=discard_state,
         on_console=attach,
+        qmp=qmp,
+        libvirt_uri=connect or None,
     )
     if json_:
         emit_json(res)
@@ -156,12 +179,19 @@ def run(
         return
     if res.continued:
         state = "was running already" if res.already_running else "continues"
-        out.print(f"the VM in {escape(res.area)} {state} (QEMU pid {res.pid})")
+        pid = f" (QEMU pid {res.pid})" if res.pid else ""
+        out.print(f"the VM in {escape(res.area)} {state}{pid}")
         return
     if console:
         out.print(f"QEMU ended (exit status {res.exit_status})")
         return
     _started(res)
+    if res.domain is not None:
+        out.print(
+            f"`virsh console {escape(res.domain)}` or virt-manager shows it; "
+            f"`virsh shutdown {escape(res.domain)}` powers it off"
+        )
+        return
     out.print(f"console: {escape(res.console_log)}; `vml stop {escape(str(area))}` powers it off")
 
 

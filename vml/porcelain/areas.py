@@ -11,9 +11,10 @@ from vml.plumbing.areas import load_state
 from vml.plumbing.cache import Cache
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
+from vml.plumbing.vm.qemu import run_status
 from vml.porcelain.common import label, read_entry
 from vml.porcelain.status import area_changes
-from vml.porcelain.vminfo import EntryVM
+from vml.porcelain.vminfo import EntryVM, RunState
 from vml.records import Record
 
 
@@ -30,6 +31,13 @@ class AreaSummary(Record):
     pending: str | None
     vm: EntryVM | None = None
     damage: str | None = None  # why the entry it holds cannot be read
+    vml_run: RunState | None = None  # its VM runs under `vml run` now
+
+
+def _running(area: Path) -> RunState | None:
+    """The QEMU ``vml run`` runs for ``area``, and its run state, if any."""
+    run = run_status(area)
+    return RunState(int(str(run["pid"])), str(run["state"])) if run is not None else None
 
 
 def list_areas(repo: Repository) -> list[AreaSummary]:
@@ -77,6 +85,7 @@ def list_areas(repo: Repository) -> list[AreaSummary]:
                     st.pending,
                     EntryVM.from_metadata(entry.meta.vm) if entry else None,
                     damage,
+                    _running(area),
                 )
             )
     finally:

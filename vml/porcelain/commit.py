@@ -43,6 +43,7 @@ from vml.plumbing.vm.ignore import IgnoreRules
 from vml.plumbing.vm.inspect import VMInfo, check_saveable
 from vml.plumbing.vm.live import live_snapshot, settle_rotations
 from vml.plumbing.vm.qemu import vml_vm
+from vml.plumbing.vm.saves import FOREIGN, foreign_source
 from vml.porcelain.common import (
     ProgressFn,
     check_area_path,
@@ -322,6 +323,8 @@ def commit(
     progress: ProgressFn = no_progress,
     sources: Mapping[str, Path] | None = None,
     live: dict[str, object] | None = None,
+    qmp: Path | None = None,
+    libvirt_uri: str | None = None,
 ) -> CommitResult:
     """Save ``area`` as a new entry of ``repo``.
 
@@ -332,7 +335,9 @@ def commit(
     A VM that runs under ``vml run`` is saved live (``live_snapshot``): its
     memory, device state and disks are copied aside while it is paused, and
     ``sources`` (area path -> file to read instead) points the save at the
-    copies; ``live`` is recorded as the entry's ``vm.live``.
+    copies; ``live`` is recorded as the entry's ``vm.live``.  So is a QEMU
+    VML did not start, through its QMP socket ``qmp``, and a running libvirt
+    domain (``libvirt_uri``, default ``qemu:///system``): ``saves.live_source``.
     """
     t0 = time.monotonic()
     ask = _Ask(message, tag, allow_empty, kind, base, force_running, include_external, move, live)
@@ -341,11 +346,19 @@ def commit(
             f"no working area at {area}", "check the path, or `vml checkout` into it first"
         )
     check_area_path(repo, area)
+    if qmp is not None and force_running:
+        raise UsageError("--qmp and --force-running exclude each other", "choose one")
     # One command at a time may change an area (a checkout must not rewrite
     # files a commit is reading); held to the end, so the area state is ours.
     with lock_area(area):
-        if sources is None and not force_running and vml_vm(area) is not None:
-            return _commit_live(repo, area, ask, progress, t0)
+        if sources is None and not force_running:
+            if qmp is None and vml_vm(area) is not None and find_spec(area) is not None:
+                return _commit_live(repo, area, ask, progress, t0)
+            source = foreign_source(area, qmp=qmp, libvirt_uri=libvirt_uri)
+            if source is not None:
+                with source as snap:
+                    ask.live = snap.record()
+                    return _commit_locked(repo, area, ask, progress, snap.files, t0)
         return _commit_locked(repo, area, ask, progress, sources, t0)
 
 
@@ -414,6 +427,8 @@ def _commit_locked(
     t0: float,
 ) -> CommitResult:
     """The save itself, the area lock held: choose the parent, list, save, publish, settle."""
+    if ask.live is not None:  # vm.live says through what it was saved
+        ask.live = {"via": "vml run", "resume_file": None, "domain": None, **ask.live}
     kind = check_kind(ask.kind, ask.base)
     table = refs_mod.read_refs(repo)
     if ask.tag is not None:
@@ -421,9 +436,12 @@ def _commit_locked(
         if ask.tag in table.tags:
             raise UsageError(f"tag {ask.tag!r} exists already", "choose another name")
     state = _area_state(repo, area, ask.move)
+    # A QEMU saved through its QMP socket or libvirt holds the area's images
+    # (the save checked they are the ones it writes): its locks are expected.
+    foreign = ask.live is not None and ask.live.get("via") in FOREIGN
     vm = check_saveable(
         area,
-        force_running=ask.force_running,
+        force_running=ask.force_running or foreign,
         include_external=ask.include_external,
         live=ask.live is not None,
     )

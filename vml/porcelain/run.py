@@ -7,7 +7,9 @@ a libvirt domain XML; the command line comes from
 an entry saved while the VM ran) QEMU starts with ``-incoming defer``, loads
 it and continues: the guest goes on where it was.  The state is then
 consumed (removed), so it can never be resumed twice against disks that
-have moved on.
+have moved on.  A state saved through a QEMU's own QMP socket or through
+libvirt (``<stem>.resume.json``, ``vml.plumbing.vm.resume``) resumes with
+that QEMU's command line again, or with ``virsh restore``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from vml.plumbing import dirty
 from vml.plumbing.areas import lock_area
 from vml.plumbing.vm.bitmaps import drop_records
 from vml.plumbing.vm.description import QemuSpec, find_spec
+from vml.plumbing.vm.foreign import check_qemu, continue_qmp, resume_command, resume_qmp
 from vml.plumbing.vm.inspect import running_reasons
+from vml.plumbing.vm.libvirt import SYSTEM_URI, restore_command, resume_domain
 from vml.plumbing.vm.qemu import (
     PAUSED,
     QemuBuild,
@@ -46,6 +50,7 @@ from vml.plumbing.vm.qemu import (
     write_run_info,
 )
 from vml.plumbing.vm.qmp import QMPClient
+from vml.plumbing.vm.resume import discard, find_resume, read_resume
 from vml.records import Record
 
 ACCELS = ("kvm", "tcg")
@@ -68,6 +73,7 @@ class RunResult(Record):
     dry_run: bool = False
     exit_status: int | None = None  # --console: QEMU's exit status
     notes: list[str] = field(default_factory=list)
+    domain: str | None = None  # resumed through libvirt: the domain's name
 
 
 def need_spec(area: Path) -> QemuSpec:
@@ -83,7 +89,12 @@ def need_spec(area: Path) -> QemuSpec:
     return spec
 
 
-def _continue(area: Path, spec: QemuSpec) -> RunResult:
+def _continue(area: Path, qmp: Path | None) -> RunResult:
+    """``cont`` the VM VML runs for ``area`` (or the QEMU on ``qmp``) if it is paused."""
+    if qmp is not None:
+        res = RunResult(str(area), [], "", "", continued=True)
+        res.already_running = continue_qmp(qmp)
+        return res
     vm = vml_vm(area)
     if vm is None:
         raise AreaError(f"no VM runs under `vml run` in {area}", "start it with `vml run`")
@@ -100,6 +111,42 @@ def _continue(area: Path, spec: QemuSpec) -> RunResult:
                 f"the VM in {area} is {status} and cannot be continued",
                 "`vml stop --kill` ends it; `vml run` starts it again",
             )
+    return res
+
+
+def _resume_foreign(
+    area: Path, rel: str, dry_run: bool, libvirt_uri: str | None, t0: float
+) -> RunResult:
+    """Resume a running state saved through QMP (QEMU again) or libvirt (``virsh restore``)."""
+    info = read_resume(area, rel)
+    if not (area / info.state).is_file():
+        raise IncompatibleState(
+            f"{rel} names the saved state {info.state}, which is missing from {area}",
+            f"check the entry out again, or remove {rel} to start afresh",
+        )
+    if info.via == "qmp":
+        cmd = resume_command(area, info)
+    else:
+        cmd = restore_command(area, info, libvirt_uri or SYSTEM_URI)
+    res = RunResult(str(area), cmd, info.accel, info.machine, resumed=True)
+    res.domain = info.domain or None
+    if dry_run:
+        res.dry_run = True
+        return res
+    _refuse_running(area)
+    if info.via == "qmp":
+        check_qemu(info, cmd[0])
+    with lock_area(area):
+        _refuse_running(area)
+        if info.via == "qmp":
+            resume_qmp(area, rel, info, cmd)
+            vm = vml_vm(area)
+            res.pid = vm.pid if vm is not None else None
+            res.console_log = str(RunPaths(area).log)
+        else:
+            resume_domain(area, rel, info, libvirt_uri)
+    res.notes.append(f"resumed from the saved running state {info.state} (now consumed)")
+    res.seconds = time.monotonic() - t0
     return res
 
 
@@ -204,18 +251,29 @@ def run(
     cont: bool = False,
     discard_state: bool = False,
     on_console: Callable[[RunResult], None] | None = None,
+    qmp: Path | None = None,
+    libvirt_uri: str | None = None,
 ) -> RunResult:
     """Start (or resume, or ``cont``inue) the VM of ``area``; see the module doc.
+
+    An area holding a running state saved through QMP or libvirt
+    (``<stem>.resume.json``) resumes that way instead.  ``qmp`` with
+    ``cont``: continue the QEMU on that socket (after a killed ``--qmp`` save).
 
     Returns once the guest runs; with ``console`` only when QEMU has ended
     (``on_console`` is called just before the terminal is handed over).
     """
     t0 = time.monotonic()
-    spec = need_spec(area)
     if accel is not None and accel not in ACCELS:
         raise AreaError(f"unknown accelerator {accel!r}", "use --accel kvm or --accel tcg")
     if cont:
-        return _continue(area, spec)
+        return _continue(area, qmp)
+    saved = find_resume(area) if area.is_dir() else None
+    if saved is not None and not (discard_state and not dry_run):
+        return _resume_foreign(area, saved, dry_run, libvirt_uri, t0)
+    spec = need_spec(area)
+    if saved is not None:  # --discard-state: boot from the description instead
+        discard(area, saved)
     if not dry_run:
         _refuse_running(area)
     _check_files(area, spec)

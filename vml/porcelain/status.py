@@ -52,6 +52,7 @@ class StatusResult(Record):
     vm: EntryVM | None = None  # the VM in the area now (not the entry's)
     # Why the entry the area holds cannot be read (changes are then unknown).
     damage: str | None = None
+    entry_vm: EntryVM | None = None  # the VM as the entry recorded it (saved running? how?)
 
     json_extra = ("clean",)
 
@@ -155,8 +156,10 @@ def area_changes(
     outside = {e.path for e in saved_externals(entry.meta.vm)} if entry else set()
     # A state saved live is consumed when `vml run` resumes it: not a loss.
     live = entry.meta.vm.get("live") if entry and entry.meta.vm else None
-    if isinstance(live, dict) and isinstance(live.get("state_file"), str):
-        outside.add(live["state_file"])
+    if isinstance(live, dict):
+        outside.update(
+            live[k] for k in ("state_file", "resume_file") if isinstance(live.get(k), str)
+        )
     for p, o in sorted(old.items()):
         if p in outside:
             continue
@@ -202,6 +205,7 @@ def status(repo: Repository, area: Path) -> StatusResult:
                 vm, vml_run=RunState(int(str(run["pid"])), str(run["state"])) if run else None
             ),
             damage=damage,
+            entry_vm=EntryVM.from_metadata(entry.meta.vm) if entry is not None else None,
         )
     finally:
         reader.close()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from vml.errors import AreaError, QMPError, VMControlError
 from vml.plumbing.areas import lock_area
-from vml.plumbing.vm.description import QemuSpec
+from vml.plumbing.vm.description import QemuSpec, find_spec
 from vml.plumbing.vm.qemu import (
     RunPaths,
     StateHeader,
@@ -92,7 +92,9 @@ def stop(
 ) -> StopResult:
     """Stop the VM VML runs for ``area``; see the module doc."""
     t0 = time.monotonic()
-    spec = need_spec(area)
+    # A QEMU resumed from a --qmp save has no description: it can be powered
+    # off or killed, and saved live by `vml commit`, not saved here.
+    spec = need_spec(area) if save or find_spec(area) is not None else None
     vm = vml_vm(area)
     if vm is None:
         raise AreaError(f"no VM runs under `vml run` in {area}", "nothing to stop")
@@ -103,7 +105,7 @@ def stop(
             wait_exit(vm.pid, 10)
         else:
             with QMPClient.connect(vm.qmp) as client:
-                if save:
+                if spec is not None and save:
                     res.state_bytes = _save(area, spec, client)
                     res.state_file = spec.state_file
                     # QEMU may close the socket before it answers.

@@ -40,7 +40,11 @@ class ExternalFile(Record):
 
 @dataclass(frozen=True)
 class LiveSave(Record):
-    """How an entry saved while its VM ran under ``vml run`` was taken (``vm.live``)."""
+    """How an entry saved while its VM ran was taken (``vm.live``).
+
+    ``via`` says through what: ``vml run`` (VML's own QEMU, memory as a file),
+    ``qmp`` (``vml commit --qmp``) or ``libvirt`` (a running libvirt domain).
+    """
 
     pause_seconds: float
     state_file: str  # the <name>.vmstate the entry holds
@@ -50,6 +54,9 @@ class LiveSave(Record):
     saved: str
     steps: dict[str, float]
     copied_bytes: int
+    via: str = "vml run"  # or "qmp" (--qmp), "libvirt" (a libvirt domain)
+    resume_file: str | None = None  # qmp, libvirt: the <name>.resume.json the entry holds
+    domain: str | None = None  # libvirt: the domain's name
 
     @classmethod
     def from_metadata(cls, live: object) -> LiveSave | None:
@@ -67,9 +74,16 @@ class LiveSave(Record):
                 str(live.get("saved", "")),
                 {str(k): float(v) for k, v in steps.items()} if isinstance(steps, dict) else {},
                 int(live.get("copied_bytes", 0)),
+                str(live.get("via", "vml run")),
+                _opt_str(live.get("resume_file")),
+                _opt_str(live.get("domain")),
             )
         except (KeyError, TypeError, ValueError, OverflowError):
             return None
+
+
+def _opt_str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 @dataclass(frozen=True)
@@ -315,9 +329,21 @@ def checkout_notes(vm: dict[str, object] | None, origin: str, area: Path, now: V
             "new UUIDs with `VBoxManage clonevm` or `VBoxManage internalcommands sethduuid`), "
             f"then `VBoxManage registervm {where}`"
         )
+    live = saved_vm.live
+    if live is not None and live.via in ("qmp", "libvirt"):
+        how = (
+            f"`vml run {area}` resumes it through libvirt as domain {live.domain} "
+            "(which must not run elsewhere)"
+            if live.via == "libvirt"
+            else f"`vml run {area}` resumes it with the command line of the QEMU it was saved from"
+        )
+        notes.append(
+            f"this entry holds the VM running (saved live through {live.via}): {how}; "
+            f"{live.resume_file} says how to resume it by hand"
+        )
     if config is not None and config.endswith(".qemu.json"):
         # VML's own description names files relative to the area: nothing to edit.
-        if saved_vm.live is not None:
+        if saved_vm.live is not None and saved_vm.live.via == "vml run":
             notes.append(
                 f"this entry holds the VM running (saved live): `vml run {area}` resumes it "
                 "where it was"

@@ -26,6 +26,7 @@ from vml.plumbing.vm.formats import RawDisk, is_candidate, read_disk
 from vml.plumbing.vm.ignore import VML_DIR, IgnoreRules
 from vml.plumbing.vm.locks import image_reasons, lck_entries
 from vml.plumbing.vm.qemu import RunningVM, vml_vm
+from vml.plumbing.vm.resume import RESUME_SUFFIX
 
 #: Config suffix → (parser, rank); a lower rank wins when an area holds several.
 #: ``.json`` is VML's own QEMU description (``<name>.qemu.json``).
@@ -363,6 +364,8 @@ def _inspect(root: Path, scan: _Scan, running: bool) -> VMInfo:
     suspended = cfg.suspended if cfg is not None else False
     if hypervisor == "vmware" and cfg is None:
         suspended = any(f.lower().endswith(".vmss") for f in visible)
+    # A running state saved through QMP or libvirt (`vml run` resumes it).
+    suspended = suspended or any(f.endswith(RESUME_SUFFIX) and "/" not in f for f in visible)
     power = "running" if running else ("suspended" if suspended else "off")
     return VMInfo(
         hypervisor=hypervisor,

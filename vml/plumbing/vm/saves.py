@@ -1,7 +1,8 @@
-"""Which way ``vml commit`` saves a running VM consistently, if any.
+"""Which way ``vml commit`` saves a running VM that VML did not start, if any.
 
-- a QEMU that ``vml run`` started from a description: ``live.live_snapshot``
-  (memory as a file, device state apart);
+(A QEMU that ``vml run`` started from a description is saved by
+``live.live_snapshot``, memory as a file; the commit porcelain sees to it.)
+
 - a QEMU reached through a QMP socket (``--qmp``, or one ``vml run`` resumed
   from such a save, which has no description): ``foreign.qmp_snapshot``;
 - an active libvirt domain using the area's disks: ``libvirt.libvirt_snapshot``.
@@ -17,11 +18,9 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
 
-from vml.plumbing.vm.description import find_spec
 from vml.plumbing.vm.foreign import qmp_snapshot
 from vml.plumbing.vm.inspect import running_reasons
 from vml.plumbing.vm.libvirt import find_domain, libvirt_snapshot
-from vml.plumbing.vm.live import live_snapshot
 from vml.plumbing.vm.qemu import vml_vm
 
 
@@ -40,23 +39,23 @@ class Snapshot(Protocol):
 FOREIGN = ("qmp", "libvirt")
 
 
-def live_source(
+def foreign_source(
     area: Path, *, qmp: Path | None = None, libvirt_uri: str | None = None
 ) -> AbstractContextManager[Snapshot] | None:
-    """The live save that fits ``area`` now, or None (save it as its files are).
+    """The live save of a VM VML did not start that fits ``area`` now, or None.
 
-    ``qmp`` names the QMP socket of a QEMU VML did not start.  A libvirt
-    domain is looked for (``libvirt_uri``, default ``qemu:///system``) when
-    ``libvirt_uri`` is given, or ``virsh`` is installed and the area's files
-    look in use (so an area at rest costs no call to libvirt).
+    ``qmp`` names the QMP socket of a QEMU VML did not start.  A QEMU that
+    ``vml run`` runs without a description (resumed from such a save) is
+    saved through its socket.  A libvirt domain is looked for
+    (``libvirt_uri``, default ``qemu:///system``) when ``libvirt_uri`` is
+    given, or ``virsh`` is installed and the area's files look in use (so
+    an area at rest costs no call to libvirt).
     """
     if qmp is not None:
         return qmp_snapshot(area, qmp)
     own = vml_vm(area)
     if own is not None:
-        if find_spec(area) is not None:
-            return live_snapshot(area)
-        return qmp_snapshot(area, own.qmp)  # a QEMU `vml run` resumed from a --qmp save
+        return qmp_snapshot(area, own.qmp)
     if libvirt_uri is None and (shutil.which("virsh") is None or not running_reasons(area)):
         return None
     dom = find_domain(area, libvirt_uri)

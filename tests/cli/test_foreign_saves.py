@@ -1,0 +1,177 @@
+"""Live saves of a QEMU that VML did not start (``vml commit --qmp``) and of libvirt domains.
+
+Real QEMU and a real libvirt daemon (``tests/libvirtd.py``), with an empty
+disk: SeaBIOS finds nothing to boot and waits, a running VM all the same
+(the real Linux guest is in ``tests/guest``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cli.test_cli import vml
+from tests.cli.test_vm_run import _kill_vm
+from tests.conftest import TEST_BLOCK, need
+from tests.libvirtd import destroy, disks, domain, domain_xml, libvirt_uri, state
+from tests.reliability.helpers import git_fsck, snapshot
+from vml.plumbing.vm.qemu import run_status
+from vml.plumbing.vm.qmp import QMPClient, is_listening
+
+__all__ = ["libvirt_uri"]  # the fixture
+
+
+def user_qemu(area: Path, sock: Path, disk: Path) -> subprocess.Popen[bytes]:
+    """A QEMU started the user's way: their command line, their QMP socket."""
+    need("qemu-system-x86_64")
+    proc = subprocess.Popen(
+        ["qemu-system-x86_64", "-name", "lab", "-machine", "q35", "-accel", "tcg", "-m", "16",
+         "-nodefaults", "-display", "none", "-drive", f"file={disk},format=raw,if=virtio",
+         "-qmp", f"unix:{sock},server=on,wait=off"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not is_listening(sock):
+        assert proc.poll() is None and time.monotonic() < deadline, "QEMU did not start"
+        time.sleep(0.05)
+    return proc
+
+
+def qmp_state(sock: Path) -> str:
+    with QMPClient.connect(sock) as c:
+        return str(c.execute("query-status")["status"])
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Path]:
+    area = tmp_path / "lab"
+    area.mkdir()
+    with open(area / "disk.img", "wb") as f:
+        f.truncate(1 << 20)
+        f.write(b"boot sector of sorts")
+    yield area
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    vml("init", repo, "--block-size", str(TEST_BLOCK))
+    return repo
+
+
+def test_qmp_save_is_live_and_its_checkout_resumes(lab: Path, repo: Path, tmp_path: Path) -> None:
+    sock = tmp_path / "user.sock"
+    proc = user_qemu(lab, sock, lab / "disk.img")
+    copy = tmp_path / "copy"
+    try:
+        out = vml("--repo", repo, "commit", lab, "--qmp", sock, "-m", "live")
+        assert "full entry E1" in out and "saved running through QMP, guest paused" in out
+        assert qmp_state(sock) == "running"  # it went on
+        shown = json.loads(vml("--repo", repo, "show", "E1", "--json"))
+        live = shown["vm"]["live"]
+        assert live["via"] == "qmp" and live["state_file"] == "lab.migstream"
+        assert live["resume_file"] == "lab.resume.json" and live["pause_seconds"] > 0
+        assert shown["vm"]["crash_consistent"] is False
+        files = {f["path"] for f in shown["files"]}
+        assert files == {"disk.img", "lab.migstream", "lab.resume.json"}
+        assert "running, consistent" in vml("--repo", repo, "log")
+        status = vml("--repo", repo, "status", lab)
+        assert "holds E1 (saved running through qmp, consistent)" in status
+        assert "lab.migstream" not in status  # not in the area, and not lost
+        assert not (lab / ".vml" / "stage").exists()
+
+        out = vml("--repo", repo, "checkout", "E1", copy)
+        assert "saved live through qmp" in out and f"`vml run {copy}` resumes it" in out
+        assert "suspended" in vml("--repo", repo, "status", copy)
+        dry = vml("run", copy, "--dry-run")
+        assert f"file={copy}/disk.img" in dry and "-incoming defer" in dry
+        assert str(sock) not in dry  # the user's socket gives way to VML's own
+    finally:
+        proc.kill()
+        proc.wait()
+    try:
+        assert "resumed the VM" in vml("run", copy)
+        assert run_status(copy)["state"] == "running"  # type: ignore[index]
+        assert not (copy / "lab.migstream").exists() and not (copy / "lab.resume.json").exists()
+        # Under `vml run` now, without a description: saved live again, through its socket.
+        out = vml("--repo", repo, "commit", copy, "-m", "again")
+        assert "incremental entry E2" in out and "through QMP" in out
+        assert "running under vml run now" in vml("--repo", repo, "areas")
+        assert "killed" in vml("stop", copy, "--kill")
+    finally:
+        _kill_vm(copy)
+    git_fsck(repo)
+
+
+def test_qmp_saves_refused_change_nothing(lab: Path, repo: Path, tmp_path: Path) -> None:
+    sock = tmp_path / "user.sock"
+    outside = tmp_path / "scratch.img"
+    outside.write_bytes(b"\0" * 65536)
+    proc = user_qemu(lab, sock, outside)
+    try:
+        before = snapshot(lab)
+        line = vml("--repo", repo, "commit", lab, "--qmp", sock, code=5)
+        assert "outside the area" in line and str(outside) in line
+        assert snapshot(lab) == before and qmp_state(sock) == "running"
+        line = vml("--repo", repo, "commit", lab, "--qmp", sock, "--force-running", code=2)
+        assert "exclude each other" in line
+        with QMPClient.connect(sock) as c:
+            c.execute("stop")
+        line = vml("--repo", repo, "commit", lab, "--qmp", sock, code=10)
+        assert "paused" in line and "vml run --continue --qmp" in line
+        assert "continues" in vml("run", lab, "--continue", "--qmp", sock)
+        assert qmp_state(sock) == "running"
+        assert json.loads(vml("--repo", repo, "log", "--all", "--json")) == []
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# --- libvirt ---------------------------------------------------------------------------
+
+
+def test_libvirt_domain_is_saved_through_libvirt_and_resumed_elsewhere(
+    lab: Path, repo: Path, tmp_path: Path, libvirt_uri: str
+) -> None:
+    need("qemu-system-x86_64")
+    name = f"vml-test-{os.getpid()}-{time.monotonic_ns()}"
+    (tmp_path / "dom.xml").write_text(domain_xml(name, lab, "disk.img"))
+    copy = tmp_path / "copy"
+    with domain(libvirt_uri, tmp_path / "dom.xml"):
+        # A domain is found by its disks: no option needed.
+        out = vml("--repo", repo, "commit", lab, "-m", "libvirt")
+        assert "full entry E1" in out and "saved running through libvirt, guest paused" in out
+        assert state(libvirt_uri, name) == "running"
+        assert disks(libvirt_uri, name) == [str(lab / "disk.img")]  # back on its image
+        assert not (lab / ".vml" / "overlays").exists() and not (lab / ".vml" / "stage").exists()
+        shown = json.loads(vml("--repo", repo, "show", "E1", "--json"))
+        live = shown["vm"]["live"]
+        assert live["via"] == "libvirt" and live["domain"] == name
+        stem = live["state_file"].removesuffix(".libvirt-save")
+        assert {f["path"] for f in shown["files"]} == {
+            "disk.img",
+            "console.log",
+            f"{stem}.libvirt-save",
+            f"{stem}.resume.json",
+        }
+        vml("--repo", repo, "checkout", "E1", copy)
+        # The same domain (name, UUID) runs: the copy cannot run beside it.
+        line = vml("run", copy, code=6)
+        assert f"virsh destroy {name}" in line
+        assert (copy / f"{stem}.libvirt-save").exists()
+    assert state(libvirt_uri, name) == ""
+    try:
+        out = vml("run", copy)
+        assert f"as libvirt domain {name}" in out
+        assert state(libvirt_uri, name) == "running"
+        assert disks(libvirt_uri, name) == [str(copy / "disk.img")]
+        assert not (copy / f"{stem}.libvirt-save").exists()
+    finally:
+        destroy(libvirt_uri, name)
+    git_fsck(repo)
