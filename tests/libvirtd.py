@@ -199,7 +199,8 @@ def domain_xml(
   <devices>
     <disk type='file' device='disk'><driver name='qemu' type='raw'/>
       <source file='{area / disk}'/><target dev='vda' bus='virtio'/></disk>
-    <serial type='file'><source path='{area / "console.log"}'/><target port='0'/></serial>
+    <serial type='file'><source path='{area / "console.log"}' append='on'/>
+      <target port='0'/></serial>
     <memballoon model='none'/>
   </devices>
   <seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli.test_cli import vml
-from tests.cli.test_vm_run import _kill_vm
+from tests.cli.test_vm_run import ROOT, _kill_vm
 from tests.conftest import TEST_BLOCK, need
 from tests.libvirtd import destroy, disks, domain, domain_xml, libvirt_uri, state
 from tests.reliability.helpers import git_fsck, snapshot
@@ -48,6 +49,42 @@ def qmp_state(sock: Path) -> str:
         return str(c.execute("query-status")["status"])
 
 
+def qmp_images(sock: Path) -> list[str]:
+    with QMPClient.connect(sock) as c:
+        return [d["inserted"]["file"] for d in c.execute("query-block") if "inserted" in d]
+
+
+#: ``vml commit`` that stops for good while it saves (the guest runs on its overlays).
+SAVER = """
+import sys, time
+import vml.porcelain.commit as commit
+def stuck(*args, **kw):
+    print("SAVING", flush=True)
+    time.sleep(600)
+commit._commit_locked = stuck
+from vml.cli.app import main
+sys.argv = ["vml", *sys.argv[1:]]
+main()
+"""
+
+
+def kill_saver_while_saving(repo: Path, area: Path, *args: object) -> None:
+    """Run ``vml commit`` of ``area`` and kill -9 it while it reads the frozen images."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SAVER, "--repo", str(repo), "commit", str(area), "-q",
+         *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line == b"SAVING\n", (line, proc.communicate())
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Path]:
     area = tmp_path / "lab"
@@ -73,6 +110,8 @@ def test_qmp_save_is_live_and_its_checkout_resumes(lab: Path, repo: Path, tmp_pa
         out = vml("--repo", repo, "commit", lab, "--qmp", sock, "-m", "live")
         assert "full entry E1" in out and "saved running through QMP, guest paused" in out
         assert qmp_state(sock) == "running"  # it went on
+        assert qmp_images(sock) == [str(lab / "disk.img")]  # back on its image
+        assert not (lab / ".vml" / "overlays").exists()
         shown = json.loads(vml("--repo", repo, "show", "E1", "--json"))
         live = shown["vm"]["live"]
         assert live["via"] == "qmp" and live["state_file"] == "lab.migstream"
@@ -133,6 +172,28 @@ def test_qmp_saves_refused_change_nothing(lab: Path, repo: Path, tmp_path: Path)
         proc.wait()
 
 
+def test_a_qmp_save_killed_while_saving_leaves_the_guest_running_and_is_mended(
+    lab: Path, repo: Path, tmp_path: Path
+) -> None:
+    sock = tmp_path / "user.sock"
+    proc = user_qemu(lab, sock, lab / "disk.img")
+    try:
+        kill_saver_while_saving(repo, lab, "--qmp", sock)
+        # The guest runs on, on an overlay; the area's image is as at the pause.
+        assert qmp_state(sock) == "running"
+        [image] = qmp_images(sock)
+        assert Path(image).parent == (lab / ".vml" / "overlays").resolve()
+        assert json.loads(vml("--repo", repo, "log", "--all", "--json")) == []
+        git_fsck(repo)
+        # The next save merges it back first.
+        assert "full entry E1" in vml("--repo", repo, "commit", lab, "--qmp", sock)
+        assert qmp_images(sock) == [str(lab / "disk.img")]
+        assert not Path(image).exists() and not (lab / ".vml" / "overlays").exists()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 # --- libvirt ---------------------------------------------------------------------------
 
 
@@ -175,3 +236,20 @@ def test_libvirt_domain_is_saved_through_libvirt_and_resumed_elsewhere(
     finally:
         destroy(libvirt_uri, name)
     git_fsck(repo)
+
+
+def test_a_libvirt_save_killed_while_saving_is_mended_by_the_next(
+    lab: Path, repo: Path, tmp_path: Path, libvirt_uri: str
+) -> None:
+    need("qemu-system-x86_64")
+    name = f"vml-test-{os.getpid()}-{time.monotonic_ns()}"
+    (tmp_path / "dom.xml").write_text(domain_xml(name, lab, "disk.img"))
+    with domain(libvirt_uri, tmp_path / "dom.xml"):
+        kill_saver_while_saving(repo, lab)
+        assert state(libvirt_uri, name) == "running"
+        [image] = disks(libvirt_uri, name)
+        assert Path(image).parent == lab / ".vml" / "overlays"
+        assert json.loads(vml("--repo", repo, "log", "--all", "--json")) == []
+        assert "full entry E1" in vml("--repo", repo, "commit", lab)
+        assert disks(libvirt_uri, name) == [str(lab / "disk.img")]
+        assert not Path(image).exists()

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from vml.errors import AreaError, IncompatibleState
-from vml.plumbing.vm.foreign import _machine_arg, resume_command
 from vml.plumbing.vm.libvirt import Domain, DomainDisk, _plan, parse_domain, remap_xml
+from vml.plumbing.vm.rerun import _machine_arg, resume_command
 from vml.plumbing.vm.resume import (
     ResumeInfo,
     discard,

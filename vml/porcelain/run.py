@@ -27,7 +27,6 @@ from vml.plumbing import dirty
 from vml.plumbing.areas import lock_area
 from vml.plumbing.vm.bitmaps import drop_records
 from vml.plumbing.vm.description import QemuSpec, find_spec
-from vml.plumbing.vm.foreign import check_qemu, continue_qmp, resume_command, resume_qmp
 from vml.plumbing.vm.inspect import running_reasons
 from vml.plumbing.vm.libvirt import SYSTEM_URI, restore_command, resume_domain
 from vml.plumbing.vm.qemu import (
@@ -50,6 +49,7 @@ from vml.plumbing.vm.qemu import (
     write_run_info,
 )
 from vml.plumbing.vm.qmp import QMPClient
+from vml.plumbing.vm.rerun import check_qemu, continue_qmp, resume_command, resume_qmp
 from vml.plumbing.vm.resume import discard, find_resume, read_resume
 from vml.records import Record
 

@@ -1,27 +1,34 @@
-"""Save a running QEMU that VML did not start, through its QMP socket; resume it.
+"""Save a running QEMU that VML did not start, through its QMP socket.
 
 ``qmp_snapshot(area, socket)`` (``vml commit --qmp SOCKET``):
 
 1. ask QEMU which images it writes (``query-block``): each must be a file
    of the area (the entry holds them); read-only ones are left alone;
 2. ``migrate`` its whole state, devices and RAM, to a file in the area's
-   stage *while the guest runs* (precopy; the bandwidth limit is lifted for
-   the save and put back after): QEMU pauses the guest by itself for the
-   last round (its ``downtime-limit``), and a guest that dirties memory
-   faster than the stream is written is stopped after ``converge`` seconds
-   so the migration ends;
-3. while it is paused (``postmigrate``), copy the area's disk images aside
-   (holes stay holes; a reflink where the file system shares blocks);
-4. ``cont``: the guest goes on, and the caller saves the copies.
+   stage *while the guest runs* (precopy, the bandwidth limit lifted), with
+   ``pause-before-switchover``: QEMU pauses the guest for the last round
+   and waits, its images still in its hands (a guest that dirties memory
+   faster than the stream goes is stopped after ``converge`` seconds);
+3. in that pause, one ``transaction`` of ``blockdev-snapshot-sync`` puts a
+   qcow2 overlay (``.vml/overlays/``) over each image it writes; then the
+   migration ends (``migrate-continue``) and ``cont``: the guest goes on,
+   writing into the overlays, while the area's images stay exactly as they
+   were at the pause, consistent with the memory, and the save reads them
+   where they are;
+4. after the save, ``block-commit`` merges each overlay back into its image
+   (``base-node``: only that layer, never the user's own backing chain) and
+   the overlay is deleted.  A save killed in between leaves QEMU on its
+   overlays: the next save merges them back first (``recover``).
 
-The pause is the last round of the migration plus the copy of the disks'
-data (``docs/VMS.md`` has measurements).  Unlike a VM under ``vml run``,
-RAM is not a file here: every save writes and reads the whole stream.
+The pause is the last round of the migration and the overlays' creation,
+whatever the disks' size (``docs/VMS.md``: 0.03 s; copying the disks in the
+pause instead cost 1-4 s per GiB of data here).  Unlike a VM under ``vml
+run``, RAM is not a file: every save writes and reads the whole stream.
+The settings changed for the save (bandwidth, capabilities) are put back.
 
 The state is QEMU's own stream (``<stem>.migstream``), so the user's own
 command line with ``-incoming "exec:cat FILE"`` resumes it; the resume file
-(``resume``) records that command line, read from the QEMU process, and
-``resume_qmp`` (``vml run``) runs it again with the area's paths.
+records that command line, read from the QEMU process (``rerun`` runs it).
 """
 
 from __future__ import annotations
@@ -29,27 +36,19 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import socket
 import struct
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vml.errors import AreaError, IncompatibleState, QMPError, VMControlError
+from vml.errors import AreaError, QMPError, VMControlError
+from vml.plumbing.vm.ignore import VML_DIR
 from vml.plumbing.vm.qemu import (
-    RunPaths,
-    copy_sparse,
     current_machine,
-    load_device_state,
     now_iso,
-    prepare_run_dir,
-    version_tuple,
-    wait_for_qmp,
-    write_run_info,
 )
 from vml.plumbing.vm.qmp import QMPClient
 from vml.plumbing.vm.resume import (
@@ -57,10 +56,8 @@ from vml.plumbing.vm.resume import (
     STATE_SUFFIXES,
     ForeignSnapshot,
     ResumeInfo,
-    discard,
     drop_stage,
     new_stage,
-    remap,
     stem_for,
 )
 
@@ -142,12 +139,14 @@ def _started_in(who: Peer, area: Path) -> str:
     return str(area.resolve()) if daemonized and who.cwd == "/" else who.cwd
 
 
-def written_disks(client: QMPClient, area: Path, who: Peer) -> tuple[list[str], str | None]:
-    """Area-relative names of the images QEMU writes, and the folder QEMU started in if known.
+def written_disks(
+    client: QMPClient, area: Path, who: Peer
+) -> tuple[list[tuple[str, str]], str | None]:
+    """(area-relative image, its node) for each image QEMU writes, and QEMU's start folder.
 
     ``AreaError`` for an image it writes outside the area.
     """
-    out: list[str] = []
+    out: list[tuple[str, str]] = []
     outside: list[str] = []
     started: str | None = None
     for dev in client.execute("query-block"):
@@ -162,8 +161,8 @@ def written_disks(client: QMPClient, area: Path, who: Peer) -> tuple[list[str], 
             rel = _inside(area, path)
         if rel is None:
             outside.append(name or str(dev.get("device") or dev.get("qdev")))
-        elif rel not in out:
-            out.append(rel)
+        elif rel not in [r for r, _ in out]:
+            out.append((rel, str(inserted.get("node-name"))))
     if outside:
         raise AreaError(
             f"the QEMU writes images outside the area {area}: {', '.join(outside)}",
@@ -195,32 +194,36 @@ def _name(client: QMPClient, area: Path) -> str:
 
 @contextlib.contextmanager
 def _migration_settings(client: QMPClient) -> Iterator[None]:
-    """No bandwidth limit and RAM in the stream for the save; the user's settings after."""
+    """Bandwidth unlimited, RAM in the stream, a stop before the switch-over; then as before."""
     params = client.execute("query-migrate-parameters")
     caps = {c["capability"]: c["state"] for c in client.execute("query-migrate-capabilities")}
+    wanted = {"pause-before-switchover": True, "x-ignore-shared": False}
+    changed = {k: v for k, v in wanted.items() if caps.get(k, not v) != v}
     client.execute("migrate-set-parameters", {"max-bandwidth": SAVE_BANDWIDTH})
-    if caps.get("x-ignore-shared"):  # RAM in a shared file would be left out
-        _set_cap(client, "x-ignore-shared", False)
+    _set_caps(client, changed)
     try:
         yield
     finally:
         with contextlib.suppress(QMPError):
             client.execute("migrate-set-parameters", {"max-bandwidth": params["max-bandwidth"]})
-            if caps.get("x-ignore-shared"):
-                _set_cap(client, "x-ignore-shared", True)
+            _set_caps(client, {k: not v for k, v in changed.items()})
 
 
-def _set_cap(client: QMPClient, name: str, state: bool) -> None:
-    client.execute(
-        "migrate-set-capabilities", {"capabilities": [{"capability": name, "state": state}]}
-    )
+def _set_caps(client: QMPClient, caps: dict[str, bool]) -> None:
+    if caps:
+        client.execute(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": k, "state": v} for k, v in caps.items()]},
+        )
 
 
-def _migrate_live(client: QMPClient, dest: Path, converge: float, timeout: float) -> dict[str, Any]:
-    """Migrate to ``dest`` while the guest runs; return QEMU's final ``query-migrate``.
+def _migrate_until_switchover(
+    client: QMPClient, dest: Path, converge: float, timeout: float
+) -> None:
+    """Migrate to ``dest`` while the guest runs, until QEMU paused it before the switch-over.
 
-    QEMU stops the guest for the last round.  One that has not converged after
-    ``converge`` seconds is stopped, so the rest goes at once.
+    A guest that has not converged after ``converge`` seconds is stopped, so
+    the rest goes at once.
     """
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
@@ -228,18 +231,23 @@ def _migrate_live(client: QMPClient, dest: Path, converge: float, timeout: float
     finally:
         os.close(fd)
     client.execute("migrate", {"uri": f"fd:{FD_NAME}"})
+    _wait_status(client, ("pre-switchover",), converge, timeout)
+
+
+def _wait_status(
+    client: QMPClient, want: tuple[str, ...], converge: float, timeout: float
+) -> dict[str, Any]:
     start = time.monotonic()
     stopped = False
-    delay = 0.002
+    delay = 0.001
     while True:
         info = client.execute("query-migrate")
         status = info.get("status") if isinstance(info, dict) else None
-        if status == "completed":
+        if status in want:
             return info  # type: ignore[no-any-return]
-        if status in ("failed", "cancelled"):
-            raise VMControlError(f"QEMU could not save its state: {info.get('error-desc', status)}")
-        if status == "pre-switchover":  # the user's pause-before-switchover capability
-            client.execute("migrate-continue", {"state": "pre-switchover"})
+        if status in ("failed", "cancelled", "completed", None):
+            why = info.get("error-desc", status) if isinstance(info, dict) else status
+            raise VMControlError(f"QEMU could not save its state: {why or 'no reason given'}")
         elapsed = time.monotonic() - start
         if not stopped and elapsed > converge:
             client.execute("stop")
@@ -249,7 +257,7 @@ def _migrate_live(client: QMPClient, dest: Path, converge: float, timeout: float
                 client.execute("migrate_cancel")
             raise VMControlError(f"QEMU did not save its state in {timeout:.0f} s")
         time.sleep(delay)
-        delay = min(delay * 2, 0.05)
+        delay = min(delay * 2, 0.02)
 
 
 def _stamp(event: dict[str, Any] | None) -> float | None:
@@ -268,34 +276,59 @@ def _pause(client: QMPClient, fallback: float) -> float:
     return fallback
 
 
+@dataclass(frozen=True)
+class _Disk:
+    rel: str  # the image, area-relative
+    node: str  # the node QEMU writes it through: the overlay goes over it
+    overlay: Path
+
+
+@dataclass(frozen=True)
+class _Plan:
+    info: ResumeInfo
+    disks: list[tuple[str, str]]  # (image, node)
+    hint: str | None  # why a migration may fail: said if it does
+
+
 @contextlib.contextmanager
 def qmp_snapshot(
     area: Path, qmp: Path, *, converge: float = 30.0, timeout: float = 600.0
 ) -> Iterator[ForeignSnapshot]:
     """Save the QEMU on the QMP socket ``qmp`` running the VM of ``area``; see the module doc.
 
-    Yields the staged state, resume file and disk copies; the stage is
-    removed on exit.  The guest is continued on any error.  A QEMU that is
-    not running, or writes images outside the area, is refused before
-    anything is paused or written.
+    Yields the staged state and resume file: the area's images themselves
+    are the consistent disks until the context ends, when QEMU goes back
+    onto them.  The guest is continued on any error.  A QEMU that is not
+    running, or writes images outside the area, is refused before anything
+    is paused or written.  The QMP socket is free while the caller saves.
     """
     stage: Path | None = None
+    disks: list[_Disk] = []
     try:
         with QMPClient.connect(qmp, timeout=30.0) as client:
+            recover(client, area)
             plan = _plan(client, area)
             stage = new_stage(area)
-            snap = _save(client, stage, plan, converge, timeout)
+            stamp = f"{os.getpid()}-{time.time_ns()}"
+            disks = [  # absolute: QEMU opens them from where it runs
+                _Disk(rel, node, overlay_dir(area.resolve()) / f"disk{i}-{stamp}.qcow2")
+                for i, (rel, node) in enumerate(plan.disks)
+            ]
+            snap = _save(client, stage, plan, disks, converge, timeout)
         yield snap
     finally:
-        if stage is not None:
-            drop_stage(stage)
+        try:
+            if disks:
+                with QMPClient.connect(qmp, timeout=60.0) as client:
+                    _merge_back(client, area, disks)
+        finally:
+            if stage is not None:
+                drop_stage(stage)
 
 
-@dataclass(frozen=True)
-class _Plan:
-    info: ResumeInfo
-    disks: list[str]
-    hint: str | None  # why a migration may fail: said if it does
+def overlay_dir(area: Path) -> Path:
+    """``<area>/.vml/overlays``: where a save puts the guest's writes meanwhile."""
+    return area / VML_DIR / "overlays"
 
 
 def _plan(client: QMPClient, area: Path) -> _Plan:
@@ -330,29 +363,54 @@ def _plan(client: QMPClient, area: Path) -> _Plan:
     return _Plan(_with_how(info), disks, hint)
 
 
+def _overlays(client: QMPClient, disks: list[_Disk]) -> None:
+    """One overlay over each written image, all at once."""
+    if not disks:
+        return
+    disks[0].overlay.parent.mkdir(parents=True, exist_ok=True)
+    actions = [
+        {"type": "blockdev-snapshot-sync",
+         "data": {"node-name": d.node, "snapshot-file": str(d.overlay),
+                  "snapshot-node-name": f"vml-overlay-{i}", "format": "qcow2"}}
+        for i, d in enumerate(disks)
+    ]  # fmt: skip
+    client.execute("transaction", {"actions": actions})
+
+
 def _save(
-    client: QMPClient, stage: Path, plan: _Plan, converge: float, timeout: float
+    client: QMPClient,
+    stage: Path,
+    plan: _Plan,
+    disks: list[_Disk],
+    converge: float,
+    timeout: float,
 ) -> ForeignSnapshot:
-    """Migrate live, copy the disks while QEMU is paused at the end, continue it."""
-    info, area = plan.info, Path(plan.info.area)
-    files: dict[str, Path] = {info.state: stage / info.state}
+    """Migrate live, put overlays over the disks in the pause, continue the guest."""
+    info = plan.info
+    state = stage / info.state
     steps: dict[str, float] = {}
-    copied = 0
     t = time.monotonic()
     with _migration_settings(client):
         try:
             try:
-                mig = _migrate_live(client, files[info.state], converge, timeout)
+                _migrate_until_switchover(client, state, converge, timeout)
             except VMControlError as e:
                 e.remedy = plan.hint or e.remedy
                 raise
             steps["live"] = time.monotonic() - t
             t = time.monotonic()
-            for rel in plan.disks:
-                files[rel] = stage / "disks" / rel
-                files[rel].parent.mkdir(parents=True, exist_ok=True)
-                copied += copy_sparse(area / rel, files[rel])
-            steps["copy"] = time.monotonic() - t
+            _overlays(client, disks)
+            steps["overlays"] = time.monotonic() - t
+            client.execute("migrate-continue", {"state": "pre-switchover"})
+            mig = _wait_status(client, ("completed",), timeout, timeout)
+            steps["switchover"] = time.monotonic() - t - steps["overlays"]
+        except BaseException:
+            with contextlib.suppress(QMPError):
+                client.execute("migrate_cancel")
+            for d in disks:  # a failed transaction made none
+                if not _in_use(client, d.overlay):
+                    d.overlay.unlink(missing_ok=True)
+            raise
         finally:
             t2 = time.monotonic()
             try:
@@ -364,18 +422,90 @@ def _save(
                 ) from e
             steps["cont"] = time.monotonic() - t2
     steps["downtime"] = float(mig.get("downtime", 0)) / 1000
-    pause = _pause(client, steps["downtime"] + steps["copy"] + steps["cont"])
+    pause = _pause(client, steps["downtime"] + steps["overlays"] + steps["cont"])
     resume = stage / (Path(info.state).stem + RESUME_SUFFIX)
     info.write(resume)
-    files[resume.name] = resume
     record: dict[str, object] = {
         "via": "qmp", "pause_seconds": round(pause, 4), "state_file": info.state,
         "resume_file": resume.name, "qemu": info.qemu, "machine": info.machine,
         "accel": info.accel, "saved": info.saved,
-        "steps": {k: round(v, 4) for k, v in steps.items()}, "copied_bytes": copied,
+        "steps": {k: round(v, 4) for k, v in steps.items()}, "copied_bytes": 0,
         "domain": None,
     }  # fmt: skip
-    return ForeignSnapshot(files, pause, record)
+    return ForeignSnapshot({info.state: state, resume.name: resume}, pause, record)
+
+
+def _in_use(client: QMPClient, path: Path) -> bool:
+    """Whether QEMU has ``path`` in its block graph."""
+    with contextlib.suppress(QMPError):
+        for dev in client.execute("query-block"):
+            inserted = dev.get("inserted") if isinstance(dev, dict) else None
+            if isinstance(inserted, dict) and inserted.get("file") == str(path):
+                return True
+    return False
+
+
+def _commit_job(client: QMPClient, args: dict[str, Any], timeout: float = 3600.0) -> None:
+    """Run one active ``block-commit`` to its end (ready, then complete)."""
+    job = str(args["job-id"])
+    client.execute("block-commit", args)
+    deadline = time.monotonic() + timeout
+    completing = False
+    while True:
+        jobs = {j.get("device"): j for j in client.execute("query-block-jobs")}
+        mine = jobs.get(job)
+        if mine is None:
+            return  # done (and dismissed); the caller checks the graph
+        if mine.get("ready") and not completing:
+            client.execute("block-job-complete", {"device": job})
+            completing = True
+        if time.monotonic() > deadline:
+            raise VMControlError(f"merging {job} back did not end in {timeout:.0f} s")
+        time.sleep(0.02)
+
+
+def _merge_back(client: QMPClient, area: Path, disks: list[_Disk]) -> None:
+    """Merge each overlay back into the image under it; delete it."""
+    problems = []
+    for i, d in enumerate(disks):
+        if not _in_use(client, d.overlay):
+            d.overlay.unlink(missing_ok=True)
+            continue
+        try:
+            _commit_job(
+                client,
+                {"job-id": f"vml-merge-{i}", "device": f"vml-overlay-{i}", "base-node": d.node},
+            )
+        except (QMPError, VMControlError) as e:
+            problems.append(f"{d.rel}: {e.message}")
+            continue
+        if _in_use(client, d.overlay):
+            problems.append(f"{d.rel}: still on {d.overlay.name}")
+        else:
+            d.overlay.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        overlay_dir(area).rmdir()
+    if problems:
+        raise VMControlError(
+            f"the QEMU still runs on overlays in {overlay_dir(area)} ({'; '.join(problems)})",
+            "the next `vml commit --qmp` merges them back (QMP block-commit does it by hand)",
+        )
+
+
+def recover(client: QMPClient, area: Path) -> None:
+    """Merge back the overlays a killed save left QEMU on (images in ``.vml/overlays``)."""
+    left = []
+    for dev in client.execute("query-block"):
+        inserted = dev.get("inserted") if isinstance(dev, dict) else None
+        if not isinstance(inserted, dict):
+            continue
+        name = str(inserted.get("file", ""))
+        if os.path.dirname(name) == str(overlay_dir(area).resolve()):
+            left.append((str(inserted.get("node-name")), str(inserted.get("backing_file")), name))
+    for i, (node, base, name) in enumerate(left):
+        _commit_job(client, {"job-id": f"vml-recover-{i}", "device": node, "base": base})
+        if not _in_use(client, Path(name)):
+            Path(name).unlink(missing_ok=True)
 
 
 def _with_how(info: ResumeInfo) -> ResumeInfo:
@@ -384,139 +514,3 @@ def _with_how(info: ResumeInfo) -> ResumeInfo:
         f"this area, -machine {info.machine}, and -incoming 'exec:cat {info.state}'"
     )
     return ResumeInfo(**{**info.__dict__, "resume": how})
-
-
-# --- resuming ---------------------------------------------------------------------
-
-
-def _machine_arg(value: str, machine: str) -> str:
-    """A ``-machine`` argument with its type replaced by ``machine``."""
-    parts = re.split(r"(?<!,),(?!,)", value)
-    for i, p in enumerate(parts):
-        if p.startswith("type="):
-            parts[i] = f"type={machine}"
-            return ",".join(parts)
-    if parts and "=" not in parts[0]:
-        parts[0] = machine
-    else:
-        parts.insert(0, machine)
-    return ",".join(parts)
-
-
-def resume_command(area: Path, info: ResumeInfo) -> list[str]:
-    """The command line that resumes ``info`` in ``area``: the saved one, adapted.
-
-    Paths into the area it was saved from point into ``area``; the machine
-    type is the concrete one the state was saved with; the user's QMP and
-    monitor sockets, pid file, ``-daemonize`` and ``-S`` give way to VML's
-    own (``.vml/run/``), and it waits for the state (``-incoming defer``).
-    """
-    if not info.command:
-        raise IncompatibleState(
-            "the saved running state does not record QEMU's command line "
-            "(it could not be read when it was saved)",
-            info.resume.replace("`vml run AREA` resumes it; by hand: ", "resume it with "),
-        )
-    old, new = info.area, str(area.absolute())
-    cmd: list[str] = []
-    args = list(info.command)
-    machine_seen = False
-    i = 0
-    while i < len(args):
-        a = args[i]
-        opt = "-" + a.lstrip("-") if a.startswith("-") else a
-        if opt in _REPLACED_WITH_ARG:
-            i += 2
-            continue
-        if opt in _REPLACED:
-            i += 1
-            continue
-        if opt in ("-machine", "-M") and i + 1 < len(args):
-            cmd += [a, _machine_arg(remap(args[i + 1], old, new), info.machine)]
-            machine_seen = True
-            i += 2
-            continue
-        cmd.append(remap(a, old, new))
-        i += 1
-    if not machine_seen:
-        cmd += ["-machine", info.machine]
-    paths = RunPaths(area)
-    cmd += ["-qmp", f"unix:{paths.socket_target()},server=on,wait=off"]
-    cmd += ["-pidfile", str(paths.pidfile.absolute()), "-S", "-incoming", "defer"]
-    return cmd
-
-
-def check_qemu(info: ResumeInfo, binary: str) -> None:
-    """Refuse a QEMU that is missing or older than the one that saved ``info``."""
-    found = shutil.which(binary)
-    if found is None:
-        raise IncompatibleState(
-            f"the saved running state needs {binary}, which is not here",
-            "install QEMU, or resume it by hand (see the area's *.resume.json)",
-        )
-    done = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=30)
-    m = re.search(r"version (\d+\.\d+(?:\.\d+)?)", done.stdout)
-    if m is None or version_tuple(m.group(1)) < version_tuple(info.qemu):
-        raise IncompatibleState(
-            f"the saved running state was made by QEMU {info.qemu}; {found} is "
-            f"{m.group(1) if m else 'of unknown version'} and cannot load it"
-        )
-
-
-#: The shell parent of a resumed QEMU: wait for it, then record its exit status.
-_WRAPPER = (
-    '( run=$1; shift; "$@" >>"$run/qemu.log" 2>&1 </dev/null; rc=$?; rm -f "$run/qemu.pid"; '
-    'echo $rc >"$run/exit.tmp"; mv "$run/exit.tmp" "$run/exit" ) </dev/null >/dev/null 2>&1 &'
-)
-
-
-def resume_qmp(area: Path, rel: str, info: ResumeInfo, cmd: list[str]) -> None:
-    """Start ``cmd`` (``resume_command``) in the background, load the state, continue.
-
-    The caller holds the area's lock.  The state and resume file are deleted
-    once the guest runs; on failure QEMU is ended and both stay.
-    """
-    paths = prepare_run_dir(area)
-    write_run_info(
-        paths,
-        {"accel": info.accel, "machine": info.machine, "qemu": info.qemu, "command": cmd,
-         "description": rel, "started": now_iso()},
-    )  # fmt: skip
-    # Relative names in the command line are relative to QEMU's folder then.
-    cwd = remap(info.cwd, info.area, str(area.absolute())) if info.cwd else ""
-    subprocess.Popen(
-        ["/bin/sh", "-c", _WRAPPER, "sh", str(paths.dir.absolute()), *cmd],
-        cwd=cwd if os.path.isdir(cwd) else area,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        close_fds=True,
-    ).wait()
-    try:
-        with wait_for_qmp(paths) as client:
-            try:
-                load_device_state(client, area / info.state, 0)
-            except VMControlError as e:
-                raise IncompatibleState(
-                    f"QEMU could not load the saved running state: {e.message}",
-                    "remove the area's *.resume.json and state to start afresh",
-                ) from e
-            client.execute("cont")
-    except BaseException:
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            os.kill(int(paths.pidfile.read_text().split()[0]), 9)
-        raise
-    discard(area, rel)
-
-
-def continue_qmp(qmp: Path) -> bool:
-    """``cont`` the QEMU on ``qmp`` if it is paused; whether it was running already."""
-    with QMPClient.connect(qmp) as c:
-        status = c.execute("query-status").get("status")
-        if status == "running":
-            return True
-        if status not in ("paused", "postmigrate", "prelaunch"):
-            raise VMControlError(f"the QEMU on {qmp} is {status} and cannot be continued")
-        c.execute("cont")
-    return False

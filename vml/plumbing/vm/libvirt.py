@@ -38,6 +38,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 import xml.etree.ElementTree as ET
@@ -241,15 +242,24 @@ class _Lifecycle:
         with contextlib.suppress(OSError):
             self.proc = subprocess.Popen(
                 ["virsh", *(["-c", dom.uri] if dom.uri else []), "event", "--domain", dom.name,
-                 "--event", "lifecycle", "--loop", "--timestamp", "--count", "2"],
+                 "--event", "lifecycle", "--loop", "--timestamp", "--timeout", "3600"],
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
             )  # fmt: skip
             time.sleep(0.2)  # registered: it connects and subscribes in a few ms
+
+    def close(self) -> None:
+        """End it without reading (the snapshot failed)."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.communicate()
 
     def pause(self) -> float | None:
         """Seconds from "Suspended" to "Resumed", or None when not seen."""
         if self.proc is None:
             return None
+        time.sleep(0.1)  # the last event on its way
+        # SIGINT ends its loop normally, so what it buffered is written out.
+        self.proc.send_signal(signal.SIGINT)
         try:
             out, _ = self.proc.communicate(timeout=5)
         except subprocess.TimeoutExpired:
@@ -306,6 +316,7 @@ def libvirt_snapshot(
         try:
             virsh(dom.uri, *args, timeout=timeout)
         except BaseException:
+            watch.close()
             for _, overlay in overlays:  # --atomic: libvirt made none of them
                 overlay.unlink(missing_ok=True)
             overlays.clear()
