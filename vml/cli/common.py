@@ -202,3 +202,17 @@ def count_option(name: str, help: str) -> Any:
 
 AreaArg = Annotated[Path, folder_argument("The working area (a folder holding one VM).")]
 EntryArg = Annotated[str, entry_argument()]
+
+
+def qmp_option(help: str) -> Any:
+    """``--qmp SOCKET``: the QMP socket of a QEMU VML did not start."""
+    return typer.Option(
+        "--qmp", help=help, click_type=Folder(), show_default=False, metavar="SOCKET"
+    )
+
+
+#: ``--connect URI``: the libvirt daemon a running domain is looked for in.
+Connect = Annotated[
+    str | None,
+    typer.Option("--connect", "-c", help="libvirt URI (default qemu:///system)."),
+]

@@ -10,6 +10,7 @@ from rich.markup import escape
 
 from vml.cli.common import (
     AreaArg,
+    Connect,
     EntryArg,
     Json,
     Quiet,
@@ -19,9 +20,10 @@ from vml.cli.common import (
     folder_argument,
     handled,
     opened,
+    qmp_option,
 )
 from vml.cli.lookup import repository_path
-from vml.cli.params import Folder, Size
+from vml.cli.params import Size
 from vml.cli.render import emit_json, err, out, print_log, print_repack, progress_bar, size
 from vml.errors import UsageError
 
@@ -95,19 +97,9 @@ def commit(
     ] = False,
     qmp: Annotated[
         Path | None,
-        typer.Option(
-            "--qmp",
-            help="Save the running QEMU on this QMP socket live (one VML did not start).",
-            click_type=Folder(),
-            show_default=False,
-        ),
+        qmp_option("Save the running QEMU on this QMP socket live (VML did not start it)."),
     ] = None,
-    connect: Annotated[
-        str | None,
-        typer.Option(
-            "--connect", "-c", help="libvirt URI of a running domain (default qemu:///system)."
-        ),
-    ] = None,
+    connect: Connect = None,
     quiet: Quiet = False,
     json_: Json = False,
 ) -> None:

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
-from vml.cli.common import AreaArg, Json, Quiet, flag, handled
-from vml.cli.params import Count, Folder, Memory, Seconds
+from vml.cli.common import AreaArg, Connect, Json, Quiet, flag, handled, qmp_option
+from vml.cli.params import Count, Memory, Seconds
 from vml.cli.render import emit_json, out, size
 
 if TYPE_CHECKING:
@@ -134,20 +134,9 @@ def run(
         bool, flag("--discard-state", "Drop a saved running state and boot afresh.")
     ] = False,
     qmp: Annotated[
-        Path | None,
-        typer.Option(
-            "--qmp",
-            help="With --continue: the QMP socket of a QEMU VML did not start.",
-            click_type=Folder(),
-            show_default=False,
-        ),
+        Path | None, qmp_option("With --continue: the QMP socket of a QEMU VML did not start.")
     ] = None,
-    connect: Annotated[
-        str | None,
-        typer.Option(
-            "--connect", "-c", help="libvirt URI to resume a domain in (default qemu:///system)."
-        ),
-    ] = None,
+    connect: Connect = None,
     quiet: Quiet = False,
     json_: Json = False,
 ) -> None:
