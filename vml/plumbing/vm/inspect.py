@@ -445,8 +445,8 @@ def check_saveable(
             + ": "
             + "; ".join(reasons),
             "shut down or suspend the VM first (`vml run` runs a QEMU VM so that VML can save "
-            "it while it runs), or pass --force-running to save it anyway "
-            "(the saved disks may be inconsistent)",
+            "it while it runs; --qmp SOCKET saves a QEMU of yours through its QMP socket), or "
+            "pass --force-running to save it anyway (the saved disks may be inconsistent)",
         )
     if own is not None and not live and not force_running:
         raise VMRunning(
