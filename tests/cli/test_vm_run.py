@@ -237,6 +237,7 @@ def test_commit_of_a_running_vm_is_live_and_its_checkout_resumes(
     vml("run", vm_area, "--accel", "tcg")
     out = vml("--repo", repo, "commit", vm_area, "-m", "live")
     assert "full entry E1" in out and "crash-consistent" not in out
+    assert "; saved running, guest paused " in out.splitlines()[1]  # the summary line
     assert vml_vm(vm_area) is not None and run_status(vm_area)["state"] == "running"  # type: ignore[index]
     shown = json.loads(vml("--repo", repo, "show", "E1", "--json"))
     vm = shown["vm"]
@@ -244,6 +245,7 @@ def test_commit_of_a_running_vm_is_live_and_its_checkout_resumes(
     assert vm["live"]["state_file"] == "lab.vmstate" and vm["live"]["pause_seconds"] > 0
     assert "lab.vmstate" in [f["path"] for f in shown["files"]]
     assert "running, consistent" in vml("--repo", repo, "log")
+    assert "holds E1 (saved running, consistent)" in vml("--repo", repo, "status", vm_area)
     # The running area does not count its consumed state as lost.
     assert "lab.vmstate" not in vml("--repo", repo, "status", vm_area)
     # Its files are QEMU's while it runs: no checkout over them.
