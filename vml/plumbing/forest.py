@@ -12,8 +12,8 @@ the same command again makes the same commits and finishes the job.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from contextlib import ExitStack
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,6 +121,27 @@ def repository_areas(repo: Repository) -> list[AreaRef]:
             continue
         out.append(AreaRef(area, st))
     return out
+
+
+@contextmanager
+def hold_areas(repo: Repository, forest: Forest, commits: Iterable[bytes]) -> Iterator[None]:
+    """Lock, without waiting, every area holding one of ``commits`` or a commit below one.
+
+    A change made of several rewrites (``rm`` of several entries, ``prune``)
+    takes them all before its first rewrite, so a save or checkout running
+    in one of them refuses the whole command before anything changed, never
+    its third step after two were done.  Each rewrite takes them again
+    (:func:`lock_area` is re-entrant in a thread).  Raises RepositoryBusy.
+    """
+    touched: set[str] = set()
+    for c in commits:
+        touched.add(c.hex())
+        touched.update(d.hex() for d in forest.descendants(c))
+    with ExitStack() as held:
+        for a in repository_areas(repo):
+            if touched & {a.state.entry, a.state.pending, a.state.branch_at}:
+                held.enter_context(lock_area(a.path))
+        yield
 
 
 @dataclass

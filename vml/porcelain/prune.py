@@ -14,12 +14,12 @@ from datetime import UTC, datetime
 
 from vml.errors import UsageError
 from vml.plumbing import refs as refs_mod
-from vml.plumbing.forest import repository_areas
+from vml.plumbing.forest import load_forest, repository_areas
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
 from vml.plumbing.retention import Policy, select
 from vml.porcelain.common import label, read_entry
-from vml.porcelain.reshape import RmResult, remove_one
+from vml.porcelain.reshape import RmResult, remove_entries
 from vml.progress import ProgressFn, no_progress
 from vml.records import Record
 
@@ -86,6 +86,7 @@ def prune(
     groups: dict[str, list[tuple[bytes, datetime]]] = {}
     info: dict[bytes, tuple[str, str]] = {}
     try:
+        forest = load_forest(reader, table)
         for c in sorted(set(table.entries.values()), key=lambda x: table.number_of(x) or 0):
             e = read_entry(reader, c)
             groups.setdefault(e.meta.area_id, []).append((c, _when(e.meta.created, e.commit_time)))
@@ -106,11 +107,6 @@ def prune(
         return result
     report = RmResult()
     numbers = [int(d.entry[1:]) for d in remove if d.entry.startswith("E")]
-    for i, n in enumerate(numbers):
-        progress("prune", i, len(numbers))
-        now = refs_mod.read_refs(repo)
-        commit = now.entries.get(n)
-        if commit is not None:
-            remove_one(repo, commit, report)
+    remove_entries(repo, forest, numbers, report, progress)
     result.rm = report
     return result

@@ -6,16 +6,16 @@ written as new manifest, tree and commit objects; descendants are rewritten
 to point at the new commits; E-numbers, tags, branches and areas follow.
 Image blocks are only written where a page delta sat on a block the old
 parent replaced.  :class:`RewriteReport` says what was written and moved;
-:func:`remove_one` is the removal ``rm`` and ``prune`` both make.
+:func:`remove_entries` is the removal ``rm`` and ``prune`` both make.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vml.errors import UnknownEntry
+from vml.errors import UnknownEntry, VMLError
 from vml.plumbing import refs as refs_mod
-from vml.plumbing.forest import Forest, apply_rewrite, load_forest
+from vml.plumbing.forest import Forest, apply_rewrite, hold_areas, load_forest
 from vml.plumbing.packs import PackReader, PackWriter
 from vml.plumbing.repository import Repository
 from vml.plumbing.rewrite import (
@@ -184,3 +184,38 @@ def remove_one(
     report.add_stats(stats)
     report.move_names(repo, table, writer, mapping, order, drop=(commit, parent), force=force)
     report.removed.append(me)
+
+
+def remove_entries(
+    repo: Repository,
+    forest: Forest,
+    numbers: list[int],
+    report: RmResult,
+    progress: ProgressFn = no_progress,
+    *,
+    force: bool = False,
+    damaged: frozenset[int] = frozenset(),
+) -> None:
+    """Remove the entries ``numbers`` (checked by the caller), one rewrite each.
+
+    The areas any of them touches are locked before the first: a command
+    running there refuses the whole removal, with nothing changed.  Should a
+    later removal fail all the same (an area that appeared meanwhile, a full
+    disk), the error says which entries were already removed.
+    """
+    table = refs_mod.read_refs(repo)
+    commits = [table.entries[n] for n in numbers if n in table.entries]
+    with hold_areas(repo, forest, commits):
+        for i, n in enumerate(numbers):
+            progress("remove", i, len(numbers))
+            # Each removal rewrites commits, so look the entry up again by its number.
+            commit = refs_mod.read_refs(repo).entries.get(n)
+            if commit is None:
+                continue
+            try:
+                remove_one(repo, commit, report, progress, force=force, names_only=n in damaged)
+            except VMLError as e:
+                if report.removed:
+                    e.message += f" (already removed before this: {', '.join(report.removed)})"
+                    e.args = (e.message,)
+                raise

@@ -14,7 +14,7 @@ from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
 from vml.plumbing.verify import entry_objects
 from vml.porcelain.common import label, read_entry
-from vml.porcelain.reshape import RmResult, entry_commit, remove_one
+from vml.porcelain.reshape import RmResult, entry_commit, remove_entries
 from vml.progress import ProgressFn, no_progress
 
 
@@ -93,11 +93,5 @@ def rm(
     finally:
         reader.close()
     report = RmResult()
-    for n in numbers:
-        # Each removal rewrites commits, so look the entry up again by its number.
-        now = refs_mod.read_refs(repo)
-        commit_now = now.entries.get(n)
-        if commit_now is None:
-            continue
-        remove_one(repo, commit_now, report, progress, force=force, names_only=n in damaged)
+    remove_entries(repo, forest, numbers, report, progress, force=force, damaged=frozenset(damaged))
     return report
