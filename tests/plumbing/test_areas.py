@@ -11,6 +11,7 @@ from tests.conftest import TEST_BLOCK, edit
 from tests.plumbing.entry_kit import save
 from vml.errors import AreaError, RepositoryBusy
 from vml.plumbing.areas import (
+    AreaLocks,
     AreaState,
     load_state,
     lock_area,
@@ -47,6 +48,18 @@ def test_area_lock(tmp_path: Path) -> None:
     with lock_area(tmp_path):
         pass
     assert (vml_dir(tmp_path) / "area.json").exists()
+
+
+def test_area_locks_hold_across_steps(tmp_path: Path) -> None:
+    """One command's AreaLocks takes an area once; others are refused until it closes."""
+    save_state(tmp_path, AreaState())
+    with AreaLocks() as locks:
+        locks.take(tmp_path)
+        locks.take(tmp_path / ".")  # held already: no second flock (which would refuse)
+        with pytest.raises(RepositoryBusy), lock_area(tmp_path):
+            pass
+    with lock_area(tmp_path):  # released
+        pass
 
 
 def test_scan(tmp_path: Path) -> None:

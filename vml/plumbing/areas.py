@@ -15,10 +15,9 @@ import json
 import os
 import re
 import stat as stat_mod
-import threading
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -83,41 +82,59 @@ def save_state(area: Path, state: AreaState) -> None:
     write_atomic(d / STATE_NAME, json.dumps(asdict(state), indent=1).encode() + b"\n")
 
 
-# The areas each thread holds locked: a command that holds an area for a whole
-# multi-step change (prune, rm of several entries) takes it again in each step.
-_held = threading.local()
-
-
 @contextmanager
 def lock_area(area: Path, timeout: float = 0.0) -> Iterator[None]:
     """Hold the area's lock, so one vml command at a time changes the area.
 
     Raises :class:`RepositoryBusy` when another command holds it (after
-    ``timeout`` seconds).  Re-entrant within a thread: taking a lock this
-    thread already holds succeeds at once (``flock`` alone would refuse, as
-    it refuses another thread).  A folder VML has not used yet gets no lasting
+    ``timeout`` seconds).  A folder VML has not used yet gets no lasting
     ``.vml`` folder from a command that fails: when there is no ``area.json``
     on release, the lock file and the then empty ``.vml`` are removed.
     """
     d = vml_dir(area)
     d.mkdir(exist_ok=True)
-    held: set[tuple[int, int]] = _held.__dict__.setdefault("areas", set())
-    key = folder_key(area)
-    if key in held:
-        yield
-        return
     lock = d / LOCK_NAME
     with hold_flock(lock, timeout, f"the area {area} is in use by another vml command"):
-        held.add(key)
         try:
             yield
         finally:
-            held.discard(key)
             if not (d / STATE_NAME).exists():
                 # Still locked: a waiter re-checks the file it locked (hold_flock).
                 lock.unlink(missing_ok=True)
                 with suppress(OSError):
                     d.rmdir()
+
+
+class AreaLocks:
+    """The areas one command holds locked across several steps, until it closes this.
+
+    ``flock`` is not re-entrant (a second lock of one area, even from this
+    process, is refused): a command made of several rewrites (``prune``,
+    ``rm`` of several entries) takes its areas once, here, and each step
+    takes through this what it needs, the held ones at no cost.
+    """
+
+    def __init__(self) -> None:
+        self._stack = ExitStack()
+        self._keys: set[tuple[int, int]] = set()
+
+    def take(self, area: Path) -> None:
+        """Lock ``area`` unless held already (RepositoryBusy when another command holds it)."""
+        key = folder_key(area)
+        if key not in self._keys:
+            self._stack.enter_context(lock_area(area))
+            self._keys.add(key)
+
+    def close(self) -> None:
+        """Release every lock taken."""
+        self._stack.close()
+        self._keys.clear()
+
+    def __enter__(self) -> AreaLocks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def stat_signature(st: os.stat_result) -> list[int]:

@@ -12,14 +12,14 @@ the same command again makes the same commits and finishes the job.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vml.errors import ConcurrentChange, CorruptRepository, VMLError
 from vml.plumbing import refs as refs_mod
-from vml.plumbing.areas import AreaState, load_state, lock_area, save_state
+from vml.plumbing.areas import AreaLocks, AreaState, load_state, save_state
 from vml.plumbing.cache import drop_cache, rekey_cache
 from vml.plumbing.chains import MAX_CHAIN, commit_tree_parent
 from vml.plumbing.packs import PackReader
@@ -123,25 +123,23 @@ def repository_areas(repo: Repository) -> list[AreaRef]:
     return out
 
 
-@contextmanager
-def hold_areas(repo: Repository, forest: Forest, commits: Iterable[bytes]) -> Iterator[None]:
-    """Lock, without waiting, every area holding one of ``commits`` or a commit below one.
+def hold_areas(
+    repo: Repository, forest: Forest, commits: Iterable[bytes], locks: AreaLocks
+) -> None:
+    """Lock into ``locks``, without waiting, every area holding one of ``commits`` or below.
 
     A change made of several rewrites (``rm`` of several entries, ``prune``)
     takes them all before its first rewrite, so a save or checkout running
     in one of them refuses the whole command before anything changed, never
-    its third step after two were done.  Each rewrite takes them again
-    (:func:`lock_area` is re-entrant in a thread).  Raises RepositoryBusy.
+    its third step after two were done.  Raises RepositoryBusy.
     """
     touched: set[str] = set()
     for c in commits:
         touched.add(c.hex())
         touched.update(d.hex() for d in forest.descendants(c))
-    with ExitStack() as held:
-        for a in repository_areas(repo):
-            if touched & {a.state.entry, a.state.pending, a.state.branch_at}:
-                held.enter_context(lock_area(a.path))
-        yield
+    for a in repository_areas(repo):
+        if touched & {a.state.entry, a.state.pending, a.state.branch_at}:
+            locks.take(a.path)
 
 
 @dataclass
@@ -273,6 +271,7 @@ def apply_rewrite(
     drop: tuple[bytes, bytes | None] | None = None,
     *,
     force: bool = False,
+    locks: AreaLocks | None = None,
 ) -> Moves:
     """Move every name to the rewritten commits, then take the names off ``drop``.
 
@@ -280,10 +279,12 @@ def apply_rewrite(
     first.  Every new object must already be durable.  Refuses (changing
     nothing) when the refs moved since ``table`` was read, when an area whose
     state must change is in use by another command, and (unless ``force``)
-    when an area came to hold ``drop`` meanwhile.
+    when an area came to hold ``drop`` meanwhile.  The areas it locks are
+    released on return, or, given ``locks`` (the command's), when that closes.
     """
     moves = Moves()
-    with repo.lock(), ExitStack() as held:
+    with repo.lock(), ExitStack() as own:
+        held = locks if locks is not None else own.enter_context(AreaLocks())
         now = refs_mod.read_refs(repo)
         if now != table:  # entries, tags and branches
             raise ConcurrentChange(
@@ -295,7 +296,7 @@ def apply_rewrite(
             if touched & {a.state.entry, a.state.pending, a.state.branch_at}:
                 # A save or checkout there must not overwrite what we write, nor
                 # finish on a commit we are replacing: wait for no one, refuse.
-                held.enter_context(lock_area(a.path))
+                held.take(a.path)
                 fresh = load_state(a.path) or a.state
                 if dropped is not None and not force and dropped in (fresh.entry, fresh.pending):
                     raise ConcurrentChange(

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from vml.errors import UnknownEntry, VMLError
 from vml.plumbing import refs as refs_mod
+from vml.plumbing.areas import AreaLocks
 from vml.plumbing.forest import Forest, apply_rewrite, hold_areas, load_forest
 from vml.plumbing.packs import PackReader, PackWriter
 from vml.plumbing.repository import Repository
@@ -93,10 +94,11 @@ class RewriteReport(Record):
         order: list[bytes],
         drop: tuple[bytes, bytes | None] | None = None,
         force: bool = False,
+        locks: AreaLocks | None = None,
     ) -> None:
         """Move names and areas onto the rewritten commits; then release the pack."""
         try:
-            moves = apply_rewrite(repo, table, mapping, order, drop=drop, force=force)
+            moves = apply_rewrite(repo, table, mapping, order, drop=drop, force=force, locks=locks)
         finally:
             writer.release()  # the refs reach the new pack now (or it is garbage)
         self.refs_moved += [Moved(name, old, new or None) for name, old, new in moves.refs]
@@ -135,11 +137,13 @@ def remove_one(
     force: bool = False,
     *,
     names_only: bool = False,
+    locks: AreaLocks | None = None,
 ) -> None:
     """Remove one entry (checked by :func:`rm` or prune; ``force``: even if an area holds it).
 
     ``names_only`` (a damaged entry removed with --force): its children
-    are not rewritten, only its names go.
+    are not rewritten, only its names go.  ``locks``: the areas the command
+    holds (see :func:`apply_rewrite`).
     """
     table = refs_mod.read_refs(repo)
     reader = PackReader(repo)
@@ -182,7 +186,9 @@ def remove_one(
     finally:
         reader.close()
     report.add_stats(stats)
-    report.move_names(repo, table, writer, mapping, order, drop=(commit, parent), force=force)
+    report.move_names(
+        repo, table, writer, mapping, order, drop=(commit, parent), force=force, locks=locks
+    )
     report.removed.append(me)
 
 
@@ -205,7 +211,8 @@ def remove_entries(
     """
     table = refs_mod.read_refs(repo)
     commits = [table.entries[n] for n in numbers if n in table.entries]
-    with hold_areas(repo, forest, commits):
+    with AreaLocks() as locks:
+        hold_areas(repo, forest, commits, locks)
         for i, n in enumerate(numbers):
             progress("remove", i, len(numbers))
             # Each removal rewrites commits, so look the entry up again by its number.
@@ -213,7 +220,15 @@ def remove_entries(
             if commit is None:
                 continue
             try:
-                remove_one(repo, commit, report, progress, force=force, names_only=n in damaged)
+                remove_one(
+                    repo,
+                    commit,
+                    report,
+                    progress,
+                    force=force,
+                    names_only=n in damaged,
+                    locks=locks,
+                )
             except VMLError as e:
                 if report.removed:
                     e.message += f" (already removed before this: {', '.join(report.removed)})"
