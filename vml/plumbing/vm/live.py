@@ -267,32 +267,72 @@ def _aligned(ranges: list[tuple[int, int]], block: int, size: int) -> list[tuple
     )
 
 
+#: Bytes of a memory file mapped at once while hashing it: its pages count in
+#: the process's resident set while mapped (RSS stays flat whatever the RAM).
+HASH_WINDOW = 16 << 20
+
+
 def _changed_blocks(path: Path, ref: Reference) -> list[tuple[int, int]]:
-    """The blocks of a memory file whose xxh3-128 differs from the reference's (memory speed)."""
+    """The blocks of a memory file whose xxh3-128 differs from the reference's (memory speed).
+
+    The file is mapped a window at a time (reading it would copy every byte
+    in the guest's pause; one mapping of it whole would put the guest's RAM
+    in VML's resident set).
+    """
     assert ref.hashes is not None
     bs = ref.block_size
     out: list[tuple[int, int]] = []
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
-        if size == 0:
-            return []
-        with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mm:
-            data = _data_spans(fd, size)
-            i = 0
-            for n in range((size + bs - 1) // bs):
-                start, end = n * bs, min((n + 1) * bs, size)
-                while i < len(data) and data[i][1] <= start:
-                    i += 1
-                if i < len(data) and data[i][0] < end:
-                    h = xxhash.xxh3_128_digest(memoryview(mm)[start:end])
-                else:
-                    h = _zero_hash(end - start)  # a hole: zeros, never read
-                if h != ref.hashes(n):
-                    out.append((start, end))
+        data = _data_spans(fd, size) if size else []
+        window = max(1, HASH_WINDOW // bs) * bs
+        if window % mmap.ALLOCATIONGRANULARITY:
+            window = bs * mmap.ALLOCATIONGRANULARITY  # offsets must be page-aligned
+        i = 0
+        for w in range(0, size, window):
+            w_end = min(w + window, size)
+            while i < len(data) and data[i][1] <= w:
+                i += 1
+            if i < len(data) and data[i][0] < w_end:
+                with mmap.mmap(fd, w_end - w, access=mmap.ACCESS_READ, offset=w) as mm:
+                    out += _changed_in_window(memoryview(mm), w, bs, data[i:], ref)
+            else:  # the whole window is a hole
+                out += _changed_in_window(None, w, bs, [], ref, w_end)
     finally:
         os.close(fd)
     return merge_ranges(out)
+
+
+def _changed_in_window(
+    view: memoryview | None,
+    base: int,
+    bs: int,
+    data: list[tuple[int, int]],
+    ref: Reference,
+    end: int | None = None,
+) -> list[tuple[int, int]]:
+    """The changed blocks of one window at ``base`` (``view`` None: a hole up to ``end``)."""
+    assert ref.hashes is not None
+    stop = base + len(view) if view is not None else end
+    assert stop is not None
+    out: list[tuple[int, int]] = []
+    i = 0
+    try:
+        for start in range(base, stop, bs):
+            blk_end = min(start + bs, stop)
+            while i < len(data) and data[i][1] <= start:
+                i += 1
+            if view is not None and i < len(data) and data[i][0] < blk_end:
+                h = xxhash.xxh3_128_digest(view[start - base : blk_end - base])
+            else:
+                h = _zero_hash(blk_end - start)  # a hole: zeros, never read
+            if h != ref.hashes(start // bs):
+                out.append((start, blk_end))
+    finally:
+        if view is not None:
+            view.release()  # the mapping closes only with no view left
+    return out
 
 
 _ZERO_HASHES: dict[int, bytes] = {}
