@@ -57,6 +57,60 @@ def write_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> Non
         offset += n
 
 
+#: Zeros this long inside a block are left (or made) a hole, not written.
+HOLE_GRAIN = 4096
+
+
+def zero_pages(data: bytes, grain: int = HOLE_GRAIN) -> set[int]:
+    """The indices of ``data``'s whole ``grain``-byte pages that are all zero.
+
+    Cheap on data without them: only pages whose first and last bytes are
+    zero are compared (one in 65536 of random pages).
+    """
+    z = zeros(grain)
+    firsts = data[: len(data) - len(data) % grain : grain]
+    lasts = data[grain - 1 :: grain]
+    out: set[int] = set()
+    k = firsts.find(0)
+    while k >= 0:
+        if lasts[k] == 0 and data[k * grain : (k + 1) * grain] == z:
+            out.add(k)
+        k = firsts.find(0, k + 1)
+    return out
+
+
+def write_sparse(fd: int, data: bytes, offset: int, fresh: bool) -> int:
+    """Write a block, leaving its zero ``HOLE_GRAIN`` pages as holes; bytes written.
+
+    A block holding a little data (a file system's metadata in a big disk)
+    comes back taking that data's space, as it was saved.  ``fresh``: the
+    range is a hole already (a new file); otherwise its zero runs are
+    punched, since they may hold the file's old bytes.
+    """
+    g = HOLE_GRAIN
+    zero = zero_pages(data, g)
+    if not zero:
+        write_all(fd, data, offset)
+        return len(data)
+    mv = memoryview(data)
+    pages = -(-len(data) // g)
+    written = 0
+    k = 0
+    while k < pages:
+        is_zero = k in zero
+        e = k
+        while e < pages and (e in zero) == is_zero:
+            e += 1
+        a, b = k * g, min(e * g, len(data))
+        if not is_zero:
+            write_all(fd, mv[a:b], offset + a)
+            written += b - a
+        elif not fresh:
+            punch_hole(fd, offset + a, b - a)
+        k = e
+    return written
+
+
 def _damaged(n: int) -> str:
     return f"block {n} of a file does not match its check; the repository is damaged"
 
@@ -138,7 +192,7 @@ class _ImageBuild:
             if bh != check[1]:
                 raise CorruptRepository(_damaged(n))
             assert built is not None
-        write_all(self.fd, built, n * m.block_size)
+        written = write_sparse(self.fd, built, n * m.block_size, fresh=self.old is None)
         # The block's id: from its checks, or the block map for a whole block
         # (checked as it was read), else hashed.  The image's digest over
         # these ids is checked at the end.
@@ -149,10 +203,10 @@ class _ImageBuild:
         else:
             dg = block_digest(built, length)
         if not self.want_records:
-            return n, length, dg, bh, None
+            return n, written, dg, bh, None
         return (
             n,
-            length,
+            written,
             dg,
             bh,
             dg + bh + page_hashes(built, m.page_size, m.block_size // m.page_size),

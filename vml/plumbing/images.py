@@ -17,7 +17,7 @@ import contextlib
 import errno
 import hashlib
 import os
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Generator, Iterator, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -89,6 +89,45 @@ class _HoleMap:
         return self.i < len(self.data) and self.data[self.i][0] < end
 
 
+class DataExtents:
+    """The data ranges of a file, asked per block from any thread (no cursor)."""
+
+    def __init__(self, data: list[tuple[int, int]]) -> None:
+        self.data = data
+        self.ends = [b for _, b in data]
+
+    def within(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The parts of ``[start, end)`` that hold data, clipped to it."""
+        out: list[tuple[int, int]] = []
+        for a, b in self.data[bisect_right(self.ends, start) :]:
+            if a >= end:
+                break
+            out.append((max(a, start), min(b, end)))
+        return out
+
+
+def read_data(fd: int, off: int, length: int, extents: DataExtents | None) -> tuple[bytes, int]:
+    """``length`` bytes at ``off`` and the bytes read: only the parts ``extents`` says hold data.
+
+    A block that straddles a hole costs what its data holds, not the block:
+    the hole's zeros are filled in, never read (``None``: read it all).  A
+    file that shrank meanwhile gives fewer bytes than ``length``.
+    """
+    parts = [(off, off + length)] if extents is None else extents.within(off, off + length)
+    if parts == [(off, off + length)]:
+        data = os.pread(fd, length, off)
+        return data, len(data)
+    buf = bytearray(length)
+    view = memoryview(buf)
+    got = 0
+    for a, b in parts:
+        n = os.preadv(fd, [view[a - off : b - off]], a)
+        got += n
+        if n != b - a:
+            return b"", got
+    return bytes(buf), got
+
+
 _ZEROS: dict[int, bytes] = {}
 _ZERO_HASHES: dict[tuple[int, int, int], tuple[bytes, bytes]] = {}
 
@@ -142,10 +181,11 @@ def file_digest(path: Path, block_size: int) -> str:
         size = os.fstat(fd).st_size
         nb = (size + block_size - 1) // block_size
         out = Digests(size, block_size)
-        for a, b in block_spans(data_ranges(fd, size), block_size, nb):
+        extents = DataExtents(data_ranges(fd, size))
+        for a, b in block_spans(extents.data, block_size, nb):
             for n in range(a, b):
                 length = min(block_size, size - n * block_size)
-                chunk = os.pread(fd, length, n * block_size)
+                chunk = read_data(fd, n * block_size, length, extents)[0]
                 if chunk != zeros(len(chunk)):
                     out.block(n, block_digest(chunk, len(chunk)), b"", zero=True)
         out.zeros_until(nb)
@@ -544,9 +584,12 @@ def save_image(
             a, b, read = item
             if not read:
                 return job.run(a, b)
-            return _read_block(reader, fd, path, a, size, block_size, page_size, inp)
+            return _read_block(reader, fd, path, a, size, block_size, page_size, inp, extents)
 
         spans = _read_spans(fd, size, block_size, inp, job.sle)
+        # A full scan reads only the data of each block holding some (a disk
+        # at rest without a bitmap: its allocated data, not whole blocks).
+        extents = DataExtents(data_ranges(fd, size)) if inp.changed is None else None
         results = ordered_map(pool, work, job.items(spans), WINDOW)
         for out in results:
             if isinstance(out, _Run):
@@ -583,15 +626,19 @@ def _read_block(
     block_size: int,
     page_size: int,
     inp: SaveInputs,
+    extents: DataExtents | None = None,
 ) -> _Outcome:
-    """Read block ``n``, compare it with the parent's, and prepare what to store."""
+    """Read block ``n``, compare it with the parent's, and prepare what to store.
+
+    Given ``extents``, only the block's data is read (its holes are zeros).
+    """
     ppb = block_size // page_size
     off = n * block_size
     length = min(block_size, size - off)
-    data: bytes | None = os.pread(fd, length, off)
-    if data is None or len(data) != length:
+    data: bytes | None
+    data, read = read_data(fd, off, length, extents)
+    if len(data) != length:
         raise FileChanged(f"{path.name} shrank while it was read")
-    read = length
     if data == zeros(length):
         data = None
     if data is None:
