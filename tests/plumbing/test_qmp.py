@@ -6,6 +6,7 @@ a peer that never answers, or one that speaks something other than QMP.
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import threading
@@ -123,3 +124,38 @@ def test_a_long_socket_path_is_reached_through_its_short_target(tmp_path: Path) 
     assert len(str(link)) > SUN_PATH_MAX
     assert socket_address(link) == str(tmp_path / "short.sock")
     assert socket_address(tmp_path / "short.sock") == str(tmp_path / "short.sock")
+
+
+def test_a_late_reply_is_never_taken_for_the_next_command(tmp_path: Path) -> None:
+    """A command times out; its answer comes late, before the next one's: it is dropped."""
+    path = tmp_path / "slow.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(1)
+    go = threading.Event()
+
+    def run() -> None:
+        conn, _ = srv.accept()
+        f = conn.makefile("rwb", buffering=0)
+        f.write(b'{"QMP": {"version": {}, "capabilities": []}}\n')
+        for line in f:
+            msg = json.loads(line)
+            if msg["execute"] == "query-block":
+                go.wait(10)  # answered only after the client gave up on it
+                f.write(json.dumps({"return": [], "id": msg["id"]}).encode() + b"\n")
+            else:
+                f.write(json.dumps({"return": {"running": True}, "id": msg["id"]}).encode() + b"\n")
+        conn.close()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        with QMPClient.connect(path, timeout=5) as c:
+            with pytest.raises(QMPTimeout):
+                c.execute("query-block", timeout=0.2)
+            go.set()
+            assert c.execute("query-status") == {"running": True}
+    finally:
+        go.set()
+        srv.close()
+        t.join(5)

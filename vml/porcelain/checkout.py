@@ -29,7 +29,7 @@ from vml.plumbing.repository import Repository, fsync_dir
 from vml.plumbing.restoring import Builder, TempFiles
 from vml.plumbing.vm.bitmaps import drop_records
 from vml.plumbing.vm.ignore import IgnoreRules
-from vml.plumbing.vm.inspect import inspect_area
+from vml.plumbing.vm.inspect import inspect_area, stranded_error, stranded_overlays
 from vml.plumbing.vm.qemu import vml_vm
 from vml.porcelain.common import (
     ProgressFn,
@@ -268,6 +268,9 @@ def _plan(
     scan = scan_area(area, IgnoreRules.load(area).is_ignored, foreign_folders(repo))
     resuming = loaded is not None and loaded.pending is not None
     if not force and not resuming:
+        stranded = stranded_overlays(area)
+        if stranded:
+            raise stranded_error(area, stranded, "a checkout without --force")
         _refuse_unsaved(area, loaded, held, cache, scan)
     claimed = _claimed(reader, table, loaded, held, target)
     # The target's files are written, the claimed ones removed; both may be
@@ -353,6 +356,10 @@ def checkout(
             state = plan.state
             _claim(repo, area, state, commit)
             builder, removed = _write(repo, reader, pool, area, target, plan, progress)
+            # --force: the overlays rested on the images just replaced.
+            for rel in stranded_overlays(area):
+                (area / rel).unlink(missing_ok=True)
+                removed.append(rel)
             state.entry = commit.hex()
             state.pending = None
             if not keep_branch:

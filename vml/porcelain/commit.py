@@ -5,10 +5,18 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vml.errors import AreaError, CorruptRepository, NothingToCommit, UsageError, VMLError
+from vml.errors import (
+    AreaError,
+    CorruptRepository,
+    NothingToCommit,
+    UsageError,
+    VMControlError,
+    VMLError,
+)
 from vml.plumbing import dirty
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.areas import (
@@ -43,7 +51,7 @@ from vml.plumbing.vm.ignore import IgnoreRules
 from vml.plumbing.vm.inspect import VMInfo, check_saveable
 from vml.plumbing.vm.live import live_snapshot, settle_rotations
 from vml.plumbing.vm.qemu import vml_vm
-from vml.plumbing.vm.saves import FOREIGN, foreign_source
+from vml.plumbing.vm.saves import FOREIGN, Snapshot, foreign_source
 from vml.porcelain.common import (
     ProgressFn,
     check_area_path,
@@ -356,10 +364,32 @@ def commit(
                 return _commit_live(repo, area, ask, progress, t0)
             source = foreign_source(area, qmp=qmp, libvirt_uri=libvirt_uri)
             if source is not None:
-                with source as snap:
-                    ask.live = snap.record()
-                    return _commit_locked(repo, area, ask, progress, snap.files, t0)
+                return _commit_foreign(repo, area, ask, progress, source, t0)
         return _commit_locked(repo, area, ask, progress, sources, t0)
+
+
+def _commit_foreign(
+    repo: Repository,
+    area: Path,
+    ask: _Ask,
+    progress: ProgressFn,
+    source: AbstractContextManager[Snapshot],
+    t0: float,
+) -> CommitResult:
+    """Save through QMP or libvirt; the overlays are merged back when ``source`` closes."""
+    res: CommitResult | None = None
+    try:
+        with source as snap:
+            ask.live = snap.record()
+            res = _commit_locked(repo, area, ask, progress, snap.files, t0)
+    except VMControlError as e:
+        if res is None:
+            raise
+        # The entry is published: a failure to merge back is said, not an
+        # error (a script retrying the save would make a second entry).
+        res.notes.append(f"{e.message}; {e.remedy}" if e.remedy else e.message)
+    assert res is not None
+    return res
 
 
 def _held_for_changes(repo: Repository, area: Path, ask: _Ask) -> str | None:

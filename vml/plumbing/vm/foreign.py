@@ -408,7 +408,7 @@ def _save(
             with contextlib.suppress(QMPError):
                 client.execute("migrate_cancel")
             for d in disks:  # a failed transaction made none
-                if not _in_use(client, d.overlay):
+                if _in_use(client, d.overlay) is False:
                     d.overlay.unlink(missing_ok=True)
             raise
         finally:
@@ -435,14 +435,21 @@ def _save(
     return ForeignSnapshot({info.state: state, resume.name: resume}, pause, record)
 
 
-def _in_use(client: QMPClient, path: Path) -> bool:
-    """Whether QEMU has ``path`` in its block graph."""
-    with contextlib.suppress(QMPError):
-        for dev in client.execute("query-block"):
-            inserted = dev.get("inserted") if isinstance(dev, dict) else None
-            if isinstance(inserted, dict) and inserted.get("file") == str(path):
-                return True
-    return False
+def _in_use(client: QMPClient, path: Path) -> bool | None:
+    """Whether QEMU has ``path`` in its block graph; None when it cannot be told.
+
+    Callers delete an overlay only on a sure False: one QEMU still writes
+    holds every write the guest made since the pause.
+    """
+    try:
+        devices = client.execute("query-block")
+    except QMPError:
+        return None
+    for dev in devices if isinstance(devices, list) else []:
+        inserted = dev.get("inserted") if isinstance(dev, dict) else None
+        if isinstance(inserted, dict) and inserted.get("file") == str(path):
+            return True
+    return False if isinstance(devices, list) else None
 
 
 def _commit_job(client: QMPClient, args: dict[str, Any], timeout: float = 3600.0) -> None:
@@ -468,7 +475,11 @@ def _merge_back(client: QMPClient, area: Path, disks: list[_Disk]) -> None:
     """Merge each overlay back into the image under it; delete it."""
     problems = []
     for i, d in enumerate(disks):
-        if not _in_use(client, d.overlay):
+        used = _in_use(client, d.overlay)
+        if used is None:
+            problems.append(f"{d.rel}: QEMU did not say whether it still writes {d.overlay.name}")
+            continue
+        if not used:
             d.overlay.unlink(missing_ok=True)
             continue
         try:
@@ -479,10 +490,10 @@ def _merge_back(client: QMPClient, area: Path, disks: list[_Disk]) -> None:
         except (QMPError, VMControlError) as e:
             problems.append(f"{d.rel}: {e.message}")
             continue
-        if _in_use(client, d.overlay):
-            problems.append(f"{d.rel}: still on {d.overlay.name}")
-        else:
+        if _in_use(client, d.overlay) is False:
             d.overlay.unlink(missing_ok=True)
+        else:
+            problems.append(f"{d.rel}: still on {d.overlay.name}")
     with contextlib.suppress(OSError):
         overlay_dir(area).rmdir()
     if problems:
@@ -492,8 +503,37 @@ def _merge_back(client: QMPClient, area: Path, disks: list[_Disk]) -> None:
         )
 
 
+def _finish_jobs(client: QMPClient, timeout: float = 3600.0) -> None:
+    """End the merges a killed save left running: complete the ready ones, wait for all.
+
+    A block job still there keeps its nodes busy: every later merge of
+    those disks would be refused until it ends.
+    """
+    deadline = time.monotonic() + timeout
+    completed: set[str] = set()
+    while True:
+        jobs = [
+            j
+            for j in client.execute("query-block-jobs")
+            if isinstance(j, dict) and str(j.get("device", "")).startswith("vml-")
+        ]
+        if not jobs:
+            return
+        for j in jobs:
+            job = str(j["device"])
+            if j.get("ready") and job not in completed:
+                client.execute("block-job-complete", {"device": job})
+                completed.add(job)
+        if time.monotonic() > deadline:
+            raise VMControlError(
+                f"a merge a killed save left ({jobs[0]['device']}) did not end in {timeout:.0f} s"
+            )
+        time.sleep(0.02)
+
+
 def recover(client: QMPClient, area: Path) -> None:
     """Merge back the overlays a killed save left QEMU on (images in ``.vml/overlays``)."""
+    _finish_jobs(client)
     left = []
     for dev in client.execute("query-block"):
         inserted = dev.get("inserted") if isinstance(dev, dict) else None
@@ -504,7 +544,7 @@ def recover(client: QMPClient, area: Path) -> None:
             left.append((str(inserted.get("node-name")), str(inserted.get("backing_file")), name))
     for i, (node, base, name) in enumerate(left):
         _commit_job(client, {"job-id": f"vml-recover-{i}", "device": node, "base": base})
-        if not _in_use(client, Path(name)):
+        if _in_use(client, Path(name)) is False:
             Path(name).unlink(missing_ok=True)
 
 

@@ -422,6 +422,38 @@ def running_reasons(root: Path) -> list[str]:
     return reasons
 
 
+OVERLAY_DIR = ".vml/overlays"
+
+
+def stranded_overlays(root: Path) -> list[str]:
+    """Overlays a live save left that no process holds any more (area-relative).
+
+    A save through QMP or libvirt runs the guest on overlays in
+    ``.vml/overlays`` and merges them back after; when the VM stopped in
+    between, they hold every write the guest made since the pause, which
+    the area's images lack.  Empty while a QEMU still runs on them (the
+    next save merges them back).
+    """
+    d = root / OVERLAY_DIR
+    try:
+        rels = sorted(f"{OVERLAY_DIR}/{p.name}" for p in d.iterdir() if p.is_file())
+    except OSError:
+        return []
+    if not rels or image_reasons(root, rels):
+        return []
+    return rels
+
+
+def stranded_error(root: Path, rels: list[str], what: str) -> AreaError:
+    """The refusal of ``what`` (a save, a checkout) over stranded overlays."""
+    return AreaError(
+        f"{root} holds {', '.join(rels)}: the VM's writes after a live save whose QEMU "
+        f"stopped before they were merged back, which its images lack; {what} would lose them",
+        "if the VM has not run on its images since, merge each into its image "
+        "(`qemu-img commit FILE`) and delete it; otherwise delete them; then run the command again",
+    )
+
+
 def check_saveable(
     root: Path, *, force_running: bool, include_external: bool, live: bool = False
 ) -> VMInfo:
@@ -436,6 +468,9 @@ def check_saveable(
     """
     if not root.is_dir():
         raise AreaError(f"working area {root} is not a folder", "give the folder that holds the VM")
+    stranded = stranded_overlays(root)
+    if stranded:
+        raise stranded_error(root, stranded, "saving the images")
     scan = _scan(root)
     reasons, own = _running(root, scan)
     if reasons and not force_running:

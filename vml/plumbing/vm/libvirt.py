@@ -21,7 +21,7 @@ files of the area, if any.
    memory and while it makes the overlays, then the guest runs on, writing
    into them: the area's images stay exactly as they were at the pause,
    consistent with the memory, and the save reads them where they are.
-2. After the save, ``virsh blockcommit --active --pivot`` merges each
+2. After the save, ``virsh blockcommit --active --shallow --pivot`` merges each
    overlay back into its image; the domain runs on the area's images again
    and the overlays are deleted.  A save killed in between leaves the
    domain on its overlays: the next save (``recover``) merges them first.
@@ -103,6 +103,7 @@ class DomainDisk:
     device: str  # disk, cdrom, floppy, lun
     source: str | None  # the file or block device, None when empty
     readonly: bool
+    network: bool = False  # served over the network (rbd, nbd, iscsi...): no file here
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ def parse_domain(text: str, uri: str | None = None) -> Domain:
                 d.get("device", "disk"),
                 path,
                 d.find("readonly") is not None,
+                d.get("type") == "network" or (src is not None and path is None),
             )
         )
     os_type = root.find("os/type")
@@ -193,22 +195,49 @@ def _overlay_dir(area: Path) -> Path:
 
 def _merge(dom: Domain, target: str, overlay: Path) -> None:
     """Merge ``overlay`` (the disk ``target`` runs on) back into its image; delete it."""
-    virsh(dom.uri, "blockcommit", dom.name, target, "--active", "--pivot", "--wait", timeout=3600)
+    # --shallow: only VML's overlay goes into the image under it; without it
+    # virsh flattens the whole chain into its bottom file (the user's own
+    # base image, maybe outside the area or shared with other VMs).
+    virsh(
+        dom.uri,
+        "blockcommit",
+        dom.name,
+        target,
+        "--active",
+        "--shallow",
+        "--pivot",
+        "--wait",
+        timeout=3600,
+    )
     overlay.unlink(missing_ok=True)
 
 
 def recover(area: Path, dom: Domain) -> Domain:
     """Merge back the overlays a killed save left the domain on; the domain as it is then."""
-    left = [
+    left = _on_overlays(area, dom)
+    if not left:
+        return dom
+    for target, _ in left:
+        # A merge a killed save left ready: pivot it (none there: virsh says so).
+        with contextlib.suppress(VMControlError):
+            virsh(dom.uri, "blockjob", dom.name, target, "--pivot", timeout=600)
+    dom = parse_domain(virsh(dom.uri, "dumpxml", dom.name), dom.uri)
+    still = _on_overlays(area, dom)
+    for _, overlay in left:
+        if overlay not in {o for _, o in still}:
+            overlay.unlink(missing_ok=True)  # pivoted: the domain is off it
+    for target, overlay in still:
+        _merge(dom, target, overlay)
+    return parse_domain(virsh(dom.uri, "dumpxml", dom.name), dom.uri)
+
+
+def _on_overlays(area: Path, dom: Domain) -> list[tuple[str, Path]]:
+    """The disks of ``dom`` running on VML's overlays in ``area``: (target, overlay)."""
+    return [
         (d.target, Path(d.source))
         for d in dom.disks
         if d.source and (inside(area, d.source) or "").startswith(f"{VML_DIR}/{OVERLAYS}/")
     ]
-    for target, overlay in left:
-        _merge(dom, target, overlay)
-    if not left:
-        return dom
-    return parse_domain(virsh(dom.uri, "dumpxml", dom.name), dom.uri)
 
 
 def _spec(path: Path) -> str:
@@ -220,7 +249,9 @@ def _plan(area: Path, dom: Domain) -> tuple[list[DomainDisk], list[DomainDisk]]:
     """The disks to snapshot (the area's, written) and those to leave; refuse others."""
     ours, left, outside = [], [], []
     for d in dom.disks:
-        if d.device in ("cdrom", "floppy") or d.readonly or not d.source:
+        if d.network and not d.readonly and d.device not in ("cdrom", "floppy"):
+            outside.append(f"{d.target} (a network disk)")
+        elif d.device in ("cdrom", "floppy") or d.readonly or not d.source:
             left.append(d)
         elif inside(area, d.source) is None:
             outside.append(f"{d.target} ({d.source})")
@@ -317,8 +348,12 @@ def libvirt_snapshot(
             virsh(dom.uri, *args, timeout=timeout)
         except BaseException:
             watch.close()
-            for _, overlay in overlays:  # --atomic: libvirt made none of them
-                overlay.unlink(missing_ok=True)
+            # --atomic makes all or none, but a virsh killed or timed out
+            # leaves libvirtd's job going: it may have put the domain on
+            # them since.  Those are merged back, the others deleted; what
+            # cannot be told now, the next save's recover finds.
+            with contextlib.suppress(VMControlError):
+                _merge_all(area, dom, overlays)
             overlays.clear()
             raise
         took = time.monotonic() - t
@@ -341,10 +376,21 @@ def libvirt_snapshot(
 
 
 def _merge_all(area: Path, dom: Domain, overlays: list[tuple[str, Path]]) -> None:
+    """Merge back each of ``overlays`` the domain runs on now; delete those it does not."""
+    if not overlays:
+        return
+    now = parse_domain(virsh(dom.uri, "dumpxml", dom.name), dom.uri)
+    # Only a disk on VML's overlay is merged: a blockcommit of any other
+    # would merge the user's own image into its backing file.
+    on = {os.path.realpath(o): t for t, o in _on_overlays(area, now)}
     problems = []
-    for target, overlay in overlays:
+    for _, overlay in overlays:
+        target = on.get(os.path.realpath(overlay))
+        if target is None:
+            overlay.unlink(missing_ok=True)  # libvirt made none, or it is merged already
+            continue
         try:
-            _merge(dom, target, overlay)
+            _merge(now, target, overlay)
         except VMControlError as e:
             problems.append(f"{target}: {e.message}")
     with contextlib.suppress(OSError):
@@ -354,7 +400,7 @@ def _merge_all(area: Path, dom: Domain, overlays: list[tuple[str, Path]]) -> Non
             f"the domain {dom.name} still runs on overlays in {_overlay_dir(area)} "
             f"({'; '.join(problems)})",
             "the next `vml commit` merges them back; or `virsh blockcommit "
-            f"{dom.name} TARGET --active --pivot` for each",
+            f"{dom.name} TARGET --active --shallow --pivot` for each",
         )
 
 

@@ -86,6 +86,7 @@ class QMPClient:
     greeting: dict[str, Any]
     events: list[dict[str, Any]] = field(default_factory=list)
     _buffer: bytes = b""
+    _sent: int = 0  # commands sent, for their ids
 
     @classmethod
     def connect(cls, path: Path, timeout: float = DEFAULT_TIMEOUT) -> QMPClient:
@@ -180,7 +181,11 @@ class QMPClient:
         passed along with the command (``getfd``).  Raises ``QMPError`` when
         QEMU answers with an error or not in ``timeout`` seconds.
         """
-        msg: dict[str, Any] = {"execute": command}
+        self._sent += 1
+        # QEMU echoes the id: a late reply to an earlier command that timed
+        # out is then told apart and dropped, never taken for this one's.
+        ident = f"vml-{self._sent}"
+        msg: dict[str, Any] = {"execute": command, "id": ident}
         if arguments:
             msg["arguments"] = arguments
         data = json.dumps(msg).encode() + b"\n"
@@ -200,6 +205,8 @@ class QMPClient:
             if "event" in reply:
                 self.events.append(reply)
                 continue
+            if "id" in reply and reply["id"] != ident:
+                continue  # the answer to a command that timed out before
             if "error" in reply:
                 err = reply["error"]
                 desc = err.get("desc", err) if isinstance(err, dict) else err
