@@ -85,3 +85,34 @@ def test_a_merge_a_killed_save_left_is_finished_first(
         foreign.recover(c, tmp_path / "area")
     assert seen.count("block-job-complete") == 1
     assert seen.index("block-job-complete") < seen.index("query-block")
+
+
+def test_capabilities_are_put_back_once_a_cancelled_migration_ended(
+    peer: tuple[Path, list[str], dict[str, Answer]],
+) -> None:
+    path, seen, answers = peer
+    status = ["cancelling", "cancelling", "cancelled"]
+    answers["query-migrate-parameters"] = lambda m: {"return": {"max-bandwidth": 1000}}
+    answers["query-migrate-capabilities"] = lambda m: {"return": []}
+    answers["migrate-set-parameters"] = lambda m: {"return": {}}
+    answers["query-migrate"] = lambda m: {
+        "return": {"status": status.pop(0) if status else "cancelled"}
+    }
+
+    def caps(m: dict[str, Any]) -> dict[str, Any]:
+        if 0 < len(status) < 3:  # QEMU refuses while the migration is still cancelling
+            return {
+                "error": {
+                    "class": "GenericError",
+                    "desc": "There's a migration process in progress",
+                }
+            }
+        return {"return": {}}
+
+    answers["migrate-set-capabilities"] = caps
+    with QMPClient.connect(path) as c, foreign._migration_settings(c):
+        pass
+    # Set on entry, and put back (pause-before-switchover off) only after "cancelled".
+    assert seen.count("migrate-set-capabilities") == 2
+    assert seen[-1] == "migrate-set-capabilities" and seen[-2] == "migrate-set-parameters"
+    assert seen.count("query-migrate") == 3

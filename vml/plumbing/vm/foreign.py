@@ -204,9 +204,28 @@ def _migration_settings(client: QMPClient) -> Iterator[None]:
     try:
         yield
     finally:
+        # QEMU refuses capability changes while a cancelled migration is
+        # still cancelling: wait for it to end (a capability left on would
+        # stop the user's own next migration before its switch-over).
+        _migration_ended(client)
         with contextlib.suppress(QMPError):
             client.execute("migrate-set-parameters", {"max-bandwidth": params["max-bandwidth"]})
             _set_caps(client, {k: not v for k, v in changed.items()})
+
+
+def _migration_ended(client: QMPClient, timeout: float = 30.0) -> bool:
+    """Wait until no migration is under way; False when it still is after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            info = client.execute("query-migrate")
+        except QMPError:
+            return False
+        status = info.get("status") if isinstance(info, dict) else None
+        if status in (None, "none", "completed", "failed", "cancelled"):
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def _set_caps(client: QMPClient, caps: dict[str, bool]) -> None:
