@@ -253,3 +253,33 @@ def test_a_libvirt_save_killed_while_saving_is_mended_by_the_next(
         assert "full entry E1" in vml("--repo", repo, "commit", lab)
         assert disks(libvirt_uri, name) == [str(lab / "disk.img")]
         assert not Path(image).exists()
+
+
+# --- a resume file from someone else ---------------------------------------------------
+
+
+def _saved(area: Path, command: list[str], cwd: str = "") -> None:
+    """A QMP save's files in ``area``, as a checkout writes them (the state is not read)."""
+    (area / "lab.migstream").write_bytes(b"QEVM")
+    doc = {"vml_resume": 1, "via": "qmp", "state": "lab.migstream", "area": "/vms/lab",
+           "saved": "2026-01-01T00:00:00Z", "qemu": "1.0.0", "machine": "pc", "accel": "tcg",
+           "command": command, "cwd": cwd}  # fmt: skip
+    (area / "lab.resume.json").write_text(json.dumps(doc))
+
+
+def test_a_resume_file_that_would_run_another_program_or_touch_other_files_is_refused(
+    lab: Path, tmp_path: Path
+) -> None:
+    ran = tmp_path / "ran"
+    cases = [
+        (["/bin/sh", "-c", f"touch {ran}"], 7, "not a QEMU"),
+        (["qemu-system-x86_64", "-drive", f"file={tmp_path}/other.img"], 5, "outside the area"),
+        (["qemu-system-x86_64", "-drive", "file=vms/lab/disk.img"], 5, "outside the area"),
+    ]
+    for command, code, says in cases:
+        _saved(lab, command, cwd=str(tmp_path))
+        line = vml("run", lab, code=code)
+        assert says in line
+        assert vml("run", lab, "--dry-run", code=code) == line
+        assert not ran.exists() and not (lab / ".vml" / "run").exists()
+        assert (lab / "lab.resume.json").exists() and (lab / "lab.migstream").exists()

@@ -7,9 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from vml.errors import AreaError, IncompatibleState
+from vml.errors import AreaError, HostileRepository, IncompatibleState
 from vml.plumbing.vm.libvirt import Domain, DomainDisk, _plan, parse_domain, remap_xml
-from vml.plumbing.vm.rerun import _machine_arg, resume_command
+from vml.plumbing.vm.rerun import (
+    _machine_arg,
+    check_qemu,
+    check_restore_xml,
+    resume_command,
+    resume_cwd,
+)
 from vml.plumbing.vm.resume import (
     ResumeInfo,
     discard,
@@ -159,3 +165,167 @@ def test_the_saved_domain_xml_points_into_the_new_area() -> None:
     assert "/vms/lab" not in text
     with pytest.raises(Exception, match="DTD"):
         remap_xml("<!DOCTYPE x [<!ENTITY a 'b'>]><domain/>", "/a", "/b")
+
+
+# --- a resume touches no file outside the area it resumes in (#11) ----------------------
+
+
+def _areas(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A home folder holding the area saved from (``vms/lab``), and the new area."""
+    home = tmp_path / "home"
+    old = home / "vms" / "lab"
+    old.mkdir(parents=True)
+    new = tmp_path / "copy"
+    new.mkdir()
+    return home, old, new
+
+
+def _run(new: Path, old: Path, *args: str, cwd: str = "") -> list[str]:
+    info = _info(area=str(old), cwd=cwd, command=("qemu-system-x86_64", *args))
+    return resume_command(new, info)
+
+
+def test_paths_reaching_the_old_area_relative_or_through_a_link_move_into_the_new(
+    tmp_path: Path,
+) -> None:
+    home, old, new = _areas(tmp_path)
+    # QEMU started in the home folder, with paths relative to it.
+    cmd = _run(new, old, "-drive", "file=vms/lab/disk.qcow2,if=virtio", "-kernel",
+               "vms/lab/vmlinuz", "vms/lab/hda.img", cwd=str(home))  # fmt: skip
+    assert f"file={new}/disk.qcow2,if=virtio" in cmd
+    assert cmd[cmd.index("-kernel") + 1] == f"{new}/vmlinuz" and f"{new}/hda.img" in cmd
+    assert resume_cwd(new, _info(area=str(old), cwd=str(home))) == new
+    # The old area reached through a symbolic link (the resume file holds its real path).
+    (tmp_path / "link").symlink_to(home)
+    cmd = _run(new, old, "-drive", f"file={tmp_path}/link/vms/lab/d,,1.img,format=raw",
+               "-object", f"memory-backend-file,id=m,mem-path={tmp_path}/link/vms/lab/ram",
+               "-serial", f"file:{tmp_path}/link/vms/lab/console.log")  # fmt: skip
+    assert f"file={new}/d,,1.img,format=raw" in cmd
+    assert f"memory-backend-file,id=m,mem-path={new}/ram" in cmd
+    assert f"file:{new}/console.log" in cmd
+    # Started inside the area: its folder moves along, and relative paths stay inside.
+    (old / "sub").mkdir()
+    (new / "sub").mkdir()
+    cmd = _run(new, old, "-drive", "file=../disk.img", cwd=str(old / "sub"))
+    assert f"file={new}/disk.img" in cmd
+    assert resume_cwd(new, _info(area=str(old), cwd=str(old / "sub"))) == new / "sub"
+    # Devices hold no data (a random source, a remote disk): they stay.
+    cmd = _run(new, old, "-object", "rng-random,id=r,filename=/dev/urandom", "-cdrom", "nbd:h:1")
+    assert "rng-random,id=r,filename=/dev/urandom" in cmd and "nbd:h:1" in cmd
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("-drive", "file=vms/lab/../../other.qcow2,if=virtio"),  # relative to QEMU's old folder
+        ("-drive", "if=none,id=d,file=/etc/hostname"),
+        ("-drive", 'file=json:{"driver":"file",,"filename":"/srv/x.img"}'),
+        ("-drive", "file=file:/srv/x.img"),
+        ("-blockdev", '{"driver":"qcow2","file":{"driver":"file","filename":"/srv/x.qcow2"}}'),
+        ("-blockdev", "driver=file,node-name=f,filename=/srv/x.img"),
+        ("-object", "memory-backend-file,id=m,mem-path=/dev/shm/ram,share=on"),
+        ("-mem-path", "/dev/shm"),
+        ("-pflash", "/usr/share/OVMF/OVMF_VARS.fd"),
+        ("-initrd", "../initrd.img"),
+        ("-set", "drive.d0.file=/srv/x.img"),
+        ("-chardev", "socket,id=c,path=/tmp/some.sock,server=on"),
+        ("-serial", "unix:/tmp/s.sock,server=on"),
+        ("-D", "/tmp/qemu.log"),
+        ("-fsdev", "local,id=f,path=/home,security_model=none"),
+        ("/srv/hda.img",),  # a word after no option: a disk image
+        ("-unknown-option", "/srv/x"),  # perhaps a file
+    ],
+)
+def test_a_command_naming_a_file_outside_the_new_area_is_refused(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    home, old, new = _areas(tmp_path)
+    with pytest.raises(AreaError) as e:
+        _run(new, old, "-m", "64", *args, cwd=str(home))
+    assert "outside the area" in e.value.message and "by hand" in e.value.remedy
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("/bin/sh", "-c", "rm -rf ~"),
+        ("rm", "-rf", "/"),
+        ("/vms/lab/qemu-system-x86_64.sh",),
+        ("",),
+        ("python3", "-m", "qemu-system-x86_64"),
+    ],
+)
+def test_a_saved_program_that_is_not_qemu_is_never_run(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    info = _info(command=command)
+    with pytest.raises(HostileRepository):
+        resume_command(tmp_path, info)
+    # Nor asked its version.
+    with pytest.raises(HostileRepository):
+        check_qemu(info, command[0], tmp_path, "lab.resume.json")
+
+
+def test_a_qemu_of_the_area_or_one_that_runs_other_programs_is_refused(tmp_path: Path) -> None:
+    area = tmp_path / "area"
+    area.mkdir()
+    fake = area / "qemu-system-x86_64"
+    fake.write_text("#!/bin/sh\necho pwned > $0.ran\n")
+    fake.chmod(0o755)
+    with pytest.raises(HostileRepository, match="a file of the area"):
+        check_qemu(_info(), str(fake), area, "lab.resume.json")
+    assert not Path(f"{fake}.ran").exists()
+    for args in (("-plugin", "file=/area/x.so"), ("-readconfig", "q.cfg"),
+                 ("-netdev", "tap,id=n,script=/area/up.sh"),
+                 ("-nic", "tap,helper=/area/helper")):  # fmt: skip
+        with pytest.raises(IncompatibleState, match="VML does not"):
+            resume_command(area, _info(command=("qemu-system-x86_64", *args)))
+    ok = resume_command(
+        area, _info(command=("qemu-system-x86_64", "-netdev", "tap,id=n,script=no"))
+    )
+    assert "tap,id=n,script=no" in ok
+
+
+def _fake_qemu(where: Path, body: str) -> Path:
+    where.mkdir(exist_ok=True)
+    qemu = where / "qemu-system-x86_64"
+    qemu.write_text(f"#!/bin/sh\n{body}\n")
+    qemu.chmod(0o755)
+    return qemu
+
+
+def test_a_qemu_that_hangs_or_is_too_old_says_what_works_for_this_entry(tmp_path: Path) -> None:
+    area = tmp_path / "area"
+    area.mkdir()
+    hangs = _fake_qemu(tmp_path / "hangs", "sleep 5")
+    with pytest.raises(IncompatibleState) as e:
+        check_qemu(_info(), str(hangs), area, "lab.resume.json", timeout=0.2)
+    assert "did not answer" in e.value.message
+    for err in (e,):
+        assert "lab.resume.json" in err.value.remedy and "lab.migstream" in err.value.remedy
+    old = _fake_qemu(tmp_path / "old", "echo 'QEMU emulator version 6.0.0'")
+    with pytest.raises(IncompatibleState) as e2:
+        check_qemu(_info(), str(old), area, "lab.resume.json")
+    # Not `vml run --discard-state`: an area saved through QMP has no description to boot.
+    assert "--discard-state" not in e2.value.remedy
+    assert "lab.resume.json" in e2.value.remedy and "lab.migstream" in e2.value.remedy
+    new = _fake_qemu(tmp_path / "new", "echo 'QEMU emulator version 7.2.0'")
+    assert check_qemu(_info(), str(new), area, "lab.resume.json") == str(new)
+
+
+def test_a_restored_domain_writes_no_file_outside_the_new_area(tmp_path: Path) -> None:
+    new = tmp_path / "copy"
+    new.mkdir()
+    ours = DOMAIN.replace("<disk type='file' device='disk'><source file='/data/scratch.img'/>"
+                          "<target dev='vdb'/></disk>", "")  # fmt: skip
+    check_restore_xml(new, remap_xml(ours, "/vms/lab", str(new)))  # the ISO is read-only
+    with pytest.raises(AreaError, match="vdb"):
+        check_restore_xml(new, remap_xml(DOMAIN, "/vms/lab", str(new)))
+    # A path to the old area the remapping misses (through a link) would write the old disk.
+    via_link = ours.replace("/vms/lab/root.qcow2", "/home/me/lab/root.qcow2")
+    with pytest.raises(AreaError, match=r"root\.qcow2"):
+        check_restore_xml(new, remap_xml(via_link, "/vms/lab", str(new)))
+    log = ours.replace("/vms/lab/console.log", "/home/me/.bashrc")
+    with pytest.raises(AreaError, match="bashrc"):
+        check_restore_xml(new, remap_xml(log, "/vms/lab", str(new)))

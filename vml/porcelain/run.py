@@ -49,7 +49,14 @@ from vml.plumbing.vm.qemu import (
     write_run_info,
 )
 from vml.plumbing.vm.qmp import QMPClient
-from vml.plumbing.vm.rerun import check_qemu, continue_qmp, resume_command, resume_qmp
+from vml.plumbing.vm.rerun import (
+    check_qemu,
+    check_restore_xml,
+    continue_qmp,
+    restored_xml,
+    resume_command,
+    resume_qmp,
+)
 from vml.plumbing.vm.resume import discard, find_resume, read_resume
 from vml.records import Record
 
@@ -135,7 +142,7 @@ def _resume_foreign(
         return res
     _refuse_running(area)
     if info.via == "qmp":
-        check_qemu(info, cmd[0])
+        cmd[0] = check_qemu(info, cmd[0], area, rel)  # the QEMU checked is the one run
     with lock_area(area):
         _refuse_running(area)
         if info.via == "qmp":
@@ -144,6 +151,7 @@ def _resume_foreign(
             res.pid = vm.pid if vm is not None else None
             res.console_log = str(RunPaths(area).log)
         else:
+            check_restore_xml(area, restored_xml(area, info, libvirt_uri or SYSTEM_URI))
             resume_domain(area, rel, info, libvirt_uri)
     res.notes.append(f"resumed from the saved running state {info.state} (now consumed)")
     res.seconds = time.monotonic() - t0
