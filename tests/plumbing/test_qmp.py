@@ -1,7 +1,8 @@
 """The QMP client against a real QEMU (``-machine none`` starts in milliseconds).
 
 A fake server is used only where a real QEMU cannot be made to misbehave:
-a peer that never answers, or one that speaks something other than QMP.
+a peer that never answers, or one that speaks something other than QMP, or
+one a killed save left in the middle of a migration.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import need
-from vml.errors import QMPError, QMPTimeout
+from vml.errors import QMPError, QMPTimeout, VMControlError
 from vml.plumbing.vm.qmp import SUN_PATH_MAX, QMPClient, is_listening, socket_address
+from vml.plumbing.vm.rerun import continue_qmp
 
 
 @pytest.fixture
@@ -159,3 +162,107 @@ def test_a_late_reply_is_never_taken_for_the_next_command(tmp_path: Path) -> Non
         go.set()
         srv.close()
         t.join(5)
+
+
+class FakeQEMU:
+    """A QMP peer with a scripted migration: what a saver killed mid-migration leaves.
+
+    ``query-migrate`` says ``migration`` until ``migrate_cancel``, then
+    ``cancelling`` once and ``cancelled``; ``cont`` is refused while a
+    migration runs, as QEMU does.  ``commands`` lists what it was sent.
+    """
+
+    def __init__(self, path: Path, status: str, migration: str, held: bool) -> None:
+        self.status, self.migration, self.held = status, migration, held
+        self.commands: list[tuple[str, object]] = []
+        self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.srv.bind(str(path))
+        self.srv.listen(1)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _answer(self, cmd: str, args: dict[str, Any]) -> object:
+        if cmd == "query-status":
+            return {"status": self.status, "running": self.status == "running"}
+        if cmd == "query-migrate":
+            if self.migration == "cancelling":
+                self.migration = "cancelled"
+                return {"status": "cancelling"}
+            return {"status": self.migration} if self.migration != "none" else {}
+        if cmd == "query-migrate-capabilities":
+            return [{"capability": "pause-before-switchover", "state": self.held},
+                    {"capability": "events", "state": False}]  # fmt: skip
+        if cmd == "migrate_cancel":
+            self.migration = "cancelling"
+            return {}
+        if cmd == "migrate-set-capabilities":
+            if self.migration in ("active", "pre-switchover", "cancelling"):
+                return {"error": {"class": "GenericError", "desc": "migration in progress"}}
+            for c in args["capabilities"]:
+                if c["capability"] == "pause-before-switchover":
+                    self.held = c["state"]
+            return {}
+        if cmd == "cont":
+            if self.migration in ("active", "pre-switchover", "cancelling"):
+                return {"error": {"class": "GenericError", "desc": "migration in progress"}}
+            self.status = "running"
+            return {}
+        return {}
+
+    def _serve(self) -> None:
+        conn, _ = self.srv.accept()
+        with conn, conn.makefile("rwb") as f:
+            f.write(b'{"QMP": {"version": {}, "capabilities": []}}\n')
+            f.flush()
+            for line in f:
+                msg = json.loads(line)
+                cmd, args = msg["execute"], msg.get("arguments", {})
+                self.commands.append((cmd, args))
+                out = self._answer(cmd, args)
+                reply = out if isinstance(out, dict) and "error" in out else {"return": out}
+                reply = {**reply, "id": msg.get("id")}
+                f.write(json.dumps(reply).encode() + b"\n")
+                f.flush()
+
+    def close(self) -> None:
+        self.srv.close()
+        self.thread.join(5)
+
+
+@pytest.mark.parametrize(
+    ("status", "migration"),
+    [("finish-migrate", "pre-switchover"), ("paused", "active"), ("running", "active")],
+)
+def test_continue_ends_a_killed_savers_migration_and_continues(
+    tmp_path: Path, status: str, migration: str
+) -> None:
+    fake = FakeQEMU(tmp_path / "q.sock", status, migration, held=True)
+    try:
+        assert continue_qmp(tmp_path / "q.sock", timeout=5) is (status == "running")
+    finally:
+        fake.close()
+    sent = [c for c, _ in fake.commands]
+    assert "migrate_cancel" in sent
+    # The capability goes off once no migration runs, and the guest runs on.
+    assert sent.index("migrate-set-capabilities") > sent.index("migrate_cancel")
+    assert not fake.held and fake.migration == "cancelled" and fake.status == "running"
+    assert sent[-1] == ("cont" if status != "running" else "query-status")
+
+
+def test_continue_leaves_a_running_guests_own_migration_alone(tmp_path: Path) -> None:
+    fake = FakeQEMU(tmp_path / "q.sock", "running", "active", held=False)
+    try:
+        assert continue_qmp(tmp_path / "q.sock", timeout=5) is True
+    finally:
+        fake.close()
+    assert [c for c, _ in fake.commands if c in ("migrate_cancel", "cont")] == []
+    assert fake.migration == "active"
+
+
+def test_continue_refuses_a_qemu_that_cannot_be_continued(tmp_path: Path) -> None:
+    fake = FakeQEMU(tmp_path / "q.sock", "internal-error", "none", held=False)
+    try:
+        with pytest.raises(VMControlError, match="internal-error"):
+            continue_qmp(tmp_path / "q.sock", timeout=5)
+    finally:
+        fake.close()

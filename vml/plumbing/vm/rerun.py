@@ -15,6 +15,7 @@ import re
 import shutil
 import stat
 import subprocess
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
@@ -511,13 +512,60 @@ def resume_qmp(area: Path, rel: str, info: ResumeInfo, cmd: list[str]) -> None:
     discard(area, rel)
 
 
-def continue_qmp(qmp: Path) -> bool:
-    """``cont`` the QEMU on ``qmp`` if it is paused; whether it was running already."""
+#: Migration states in which a migration still runs (``query-migrate``).
+_MIGRATING = ("setup", "active", "pre-switchover", "device", "wait-unplug", "cancelling")
+#: Run states ``cont`` continues from.
+_CONTINUABLE = ("paused", "postmigrate", "prelaunch", "finish-migrate")
+
+
+def continue_qmp(qmp: Path, *, timeout: float = 30.0) -> bool:
+    """``cont`` the QEMU on ``qmp`` if it is paused; whether it was running already.
+
+    A ``vml commit --qmp`` killed mid-migration can leave QEMU migrating,
+    or paused before the switch-over (``finish-migrate``, ``pre-switchover``)
+    with ``pause-before-switchover`` on: that migration (a save's, whose
+    saver is gone) is cancelled first, waiting up to ``timeout`` seconds,
+    and the capability is turned off again, so the next migration is not
+    held up either.
+    """
     with QMPClient.connect(qmp) as c:
         status = c.execute("query-status").get("status")
-        if status == "running":
-            return True
-        if status not in ("paused", "postmigrate", "prelaunch"):
-            raise VMControlError(f"the QEMU on {qmp} is {status} and cannot be continued")
+        migration = str(c.execute("query-migrate").get("status", "none"))
+        caps = {
+            x.get("capability"): x.get("state") for x in c.execute("query-migrate-capabilities")
+        }
+        held = bool(caps.get("pause-before-switchover"))
+        if migration in _MIGRATING and (held or status != "running"):
+            if migration != "cancelling":
+                c.execute("migrate_cancel")
+            migration = _wait_migration_end(c, qmp, timeout)
+        if held and migration not in _MIGRATING:
+            c.execute(
+                "migrate-set-capabilities",
+                {"capabilities": [{"capability": "pause-before-switchover", "state": False}]},
+            )
+        now = c.execute("query-status").get("status")
+        if now == "running":
+            return bool(status == "running")
+        if now not in _CONTINUABLE:
+            raise VMControlError(
+                f"the QEMU on {qmp} is {now} and cannot be continued",
+                "see QEMU's own output; `query-status` on its QMP socket says more",
+            )
         c.execute("cont")
     return False
+
+
+def _wait_migration_end(c: QMPClient, qmp: Path, timeout: float) -> str:
+    """Wait until the migration on ``c`` is over (cancelled, failed, completed); its status."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = str(c.execute("query-migrate").get("status", "none"))
+        if status not in _MIGRATING:
+            return status
+        if time.monotonic() > deadline:
+            raise VMControlError(
+                f"the migration of the QEMU on {qmp} did not end in {timeout:.0f} s ({status})",
+                "try again, or end it with QMP `migrate_cancel` and continue it with `cont`",
+            )
+        time.sleep(0.02)
