@@ -225,8 +225,12 @@ def test_paths_reaching_the_old_area_relative_or_through_a_link_move_into_the_ne
         ("-blockdev", "driver=file,node-name=f,filename=/srv/x.img"),
         ("-object", "memory-backend-file,id=m,mem-path=/dev/shm/ram,share=on"),
         ("-mem-path", "/dev/shm"),
-        ("-pflash", "/usr/share/OVMF/OVMF_VARS.fd"),
-        ("-initrd", "../initrd.img"),
+        ("-pflash", "/usr/share/OVMF/OVMF_VARS.fd"),  # the guest's UEFI variables: written
+        ("-drive", "if=pflash,format=raw,file=/srv/vars.fd"),
+        (
+            "-blockdev",
+            '{"driver":"file","node-name":"f","filename":"/srv/x.img","read-only":false}',
+        ),
         ("-set", "drive.d0.file=/srv/x.img"),
         ("-chardev", "socket,id=c,path=/tmp/some.sock,server=on"),
         ("-serial", "unix:/tmp/s.sock,server=on"),
@@ -244,6 +248,27 @@ def test_a_command_naming_a_file_outside_the_new_area_is_refused(
         _run(new, old, "-m", "64", *args, cwd=str(home))
     assert "outside the area" in e.value.message and "by hand" in e.value.remedy
     assert "\n" not in str(e.value)
+
+
+def test_files_qemu_only_reads_may_stay_outside_the_new_area(tmp_path: Path) -> None:
+    """Firmware code, a kernel, an ISO: the resumed guest reads the same file, losing nothing."""
+    home, old, new = _areas(tmp_path)
+    ro = (
+        "-drive", "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE.fd",
+        "-cdrom", "/isos/debian.iso",
+        "-drive", "file=/isos/tools.iso,media=cdrom,if=ide",
+        "-kernel", "/boot/vmlinuz", "-initrd", "../initrd.img",
+        "-blockdev", '{"driver":"file","node-name":"ro","filename":"/srv/ro.img","read-only":true}',
+        "-drive", f"file={old}/disk.qcow2,if=virtio",
+        "-drive", f"file={old}/seed.iso,readonly=on",
+    )  # fmt: skip
+    cmd = _run(new, old, *ro, cwd=str(home))
+    for kept in ("/usr/share/OVMF/OVMF_CODE.fd", "/isos/debian.iso", "/isos/tools.iso",
+                 "/boot/vmlinuz", "/srv/ro.img"):  # fmt: skip
+        assert any(kept in a for a in cmd), kept
+    # Read-only or not, what was in the old area is the new area's file.
+    assert f"file={new}/seed.iso,readonly=on" in cmd and f"file={new}/disk.qcow2,if=virtio" in cmd
+    assert not any(str(old) in a for a in cmd)
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ import stat
 import subprocess
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,8 @@ _FILE_OPTS = _words(
     "-kernel -initrd -dtb -bios -pflash -hda -hdb -hdc -hdd -cdrom -fda -fdb -sd -mtdblock "
     "-mem-path -D -option-rom -dump-vmstate -writeconfig"
 )
+#: Of those, the ones QEMU only reads (a kernel, firmware code, a CD-ROM image).
+_READONLY_OPTS = _words("-kernel -initrd -dtb -bios -cdrom -option-rom")
 #: Of those, the ones that take an image name (``file:``, ``json:``, ``nbd:``...), as ``-drive file=``.
 _IMAGE_OPTS = _words("-hda -hdb -hdc -hdd -cdrom -fda -fdb -sd -mtdblock -pflash")
 #: Options whose argument is a character device: ``file:PATH``, ``unix:PATH``, a device node.
@@ -114,10 +116,27 @@ PathFn = Callable[[str], str]
 
 
 class _CommandPaths:
-    """Finds the files a QEMU command line names, and maps each through ``fn``."""
+    """Finds the files a QEMU command line names, and maps each through ``fn``.
 
-    def __init__(self, fn: PathFn) -> None:
+    Files QEMU only reads (``-cdrom``, ``-kernel``, a ``-drive`` with
+    ``readonly=on`` or ``media=cdrom``, a read-only ``-blockdev``) go through
+    ``readonly`` instead.
+    """
+
+    def __init__(self, fn: PathFn, readonly: PathFn | None = None) -> None:
         self.fn = fn
+        self.readonly = readonly or fn
+
+    @contextlib.contextmanager
+    def _reading(self, only: bool) -> Iterator[None]:
+        """Within: files are mapped as read-only ones when ``only``."""
+        fn = self.fn
+        if only:
+            self.fn = self.readonly
+        try:
+            yield
+        finally:
+            self.fn = fn
 
     def image(self, value: str) -> str:
         """An image name: a path, or ``file:``/``json:`` one; other protocols are not files."""
@@ -155,6 +174,10 @@ class _CommandPaths:
                 f"the saved command line has a {opt} argument VML cannot read: {text[:60]}",
                 "resume it by hand (the area's *.resume.json says how)",
             ) from None
+        with self._reading(isinstance(doc, dict) and doc.get("read-only") is True):
+            return self._json(doc, opt)
+
+    def _json(self, doc: Any, opt: str) -> str:
 
         def walk(node: Any) -> Any:
             if isinstance(node, list):
@@ -173,14 +196,19 @@ class _CommandPaths:
         if value.lstrip().startswith("{"):
             return self.json(value, opt)
         parts = _split_opts(value)
-        for i, part in enumerate(parts):
-            key, eq, raw = part.partition("=")
-            if not eq:
-                continue
-            val = raw.replace(",,", ",")
-            new = self.keyed(opt, key, val)
-            if new != val:
-                parts[i] = f"{key}={new.replace(',', ',,')}"
+        flags = {p.strip().lower() for p in parts}
+        only = opt == "-drive" and bool(
+            flags & {"readonly=on", "readonly=true", "readonly=yes", "media=cdrom"}
+        )
+        with self._reading(only):
+            for i, part in enumerate(parts):
+                key, eq, raw = part.partition("=")
+                if not eq:
+                    continue
+                val = raw.replace(",,", ",")
+                new = self.keyed(opt, key, val)
+                if new != val:
+                    parts[i] = f"{key}={new.replace(',', ',,')}"
         return ",".join(parts)
 
     def chardev(self, value: str) -> str:
@@ -202,10 +230,11 @@ class _CommandPaths:
                 "(it loads code or files VML cannot check)",
                 "resume it by hand (the area's *.resume.json says how)",
             )
-        if opt in _IMAGE_OPTS:
-            return self.image(value)
-        if opt in _FILE_OPTS:
-            return self.fn(value)
+        with self._reading(opt in _READONLY_OPTS):
+            if opt in _IMAGE_OPTS:
+                return self.image(value)
+            if opt in _FILE_OPTS:
+                return self.fn(value)
         if opt in _CHARDEV_OPTS:
             return self.chardev(value)
         if opt in _PLAIN_OPTS:
@@ -214,14 +243,17 @@ class _CommandPaths:
         return self.opts(opt, value)
 
 
-def map_command_paths(args: list[str], fn: PathFn, bare: PathFn) -> list[str]:
+def map_command_paths(
+    args: list[str], fn: PathFn, bare: PathFn, readonly: PathFn | None = None
+) -> list[str]:
     """``args`` (a QEMU command line without its program) with each file it names mapped.
 
     ``fn`` maps the files of known options, and the words that follow no
     option (QEMU takes them for disk images); ``bare`` maps the arguments
-    of options VML does not know, which might be files.
+    of options VML does not know, which might be files; ``readonly`` (by
+    default ``fn``) the files QEMU only reads.
     """
-    paths, out, i = _CommandPaths(fn), [], 0
+    paths, out, i = _CommandPaths(fn, readonly), [], 0
     while i < len(args):
         a = args[i]
         if not a.startswith("-"):
@@ -295,6 +327,18 @@ class _Remap:
             path = os.path.join(self.old_cwd, path)
         return self._check(self.into_area(path) if os.path.isabs(path) else path)
 
+    def read_only(self, path: str) -> str:
+        """A file QEMU only reads: moved into the new area if it was in the old; may be elsewhere.
+
+        A firmware image from ``/usr/share`` or an ISO in a shared folder is
+        the same file for the resumed guest; reading it loses nothing.
+        """
+        if not path:
+            return path
+        if not os.path.isabs(path) and self.old_cwd:
+            path = os.path.join(self.old_cwd, path)
+        return self.into_area(path) if os.path.isabs(path) else path
+
     def word(self, value: str) -> str:
         """A word that may be a file: moved if it is an absolute path into the old area; checked.
 
@@ -362,7 +406,7 @@ def resume_command(area: Path, info: ResumeInfo) -> list[str]:
     if not machine_seen:
         cmd += ["-machine", info.machine]
     moved = _Remap(area, info)
-    cmd = [info.command[0], *map_command_paths(cmd, moved.file, moved.word)]
+    cmd = [info.command[0], *map_command_paths(cmd, moved.file, moved.word, moved.read_only)]
     if moved.outside:
         raise AreaError(
             f"the saved command line names files outside the area {area}: "
