@@ -116,3 +116,28 @@ def test_capabilities_are_put_back_once_a_cancelled_migration_ended(
     assert seen.count("migrate-set-capabilities") == 2
     assert seen[-1] == "migrate-set-capabilities" and seen[-2] == "migrate-set-parameters"
     assert seen.count("query-migrate") == 3
+
+
+def test_an_overlay_that_cannot_be_deleted_does_not_stop_the_others(
+    tmp_path: Path, peer: tuple[Path, list[str], dict[str, Answer]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _, answers = peer
+    answers["query-block"] = lambda m: {"return": []}  # QEMU runs on none of them any more
+    area = tmp_path / "area"
+    stuck = area / ".vml" / "overlays" / "a.qcow2"
+    other = area / ".vml" / "overlays" / "b.qcow2"
+    stuck.parent.mkdir(parents=True)
+    stuck.write_bytes(b"a")
+    other.write_bytes(b"b")
+    real = Path.unlink
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        if self == stuck:
+            raise PermissionError(13, "Permission denied")
+        real(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    disks = [foreign._Disk("a.qcow2", "n0", stuck), foreign._Disk("b.qcow2", "n1", other)]
+    with QMPClient.connect(path) as c, pytest.raises(VMControlError, match="never merge it again"):
+        foreign._merge_back(c, area, disks)
+    assert stuck.exists() and not other.exists()

@@ -56,6 +56,7 @@ from vml.plumbing.vm.resume import (
     STATE_SUFFIXES,
     ForeignSnapshot,
     ResumeInfo,
+    drop_overlay,
     drop_stage,
     new_stage,
     stem_for,
@@ -492,14 +493,14 @@ def _commit_job(client: QMPClient, args: dict[str, Any], timeout: float = 3600.0
 
 def _merge_back(client: QMPClient, area: Path, disks: list[_Disk]) -> None:
     """Merge each overlay back into the image under it; delete it."""
-    problems = []
+    problems: list[str] = []
     for i, d in enumerate(disks):
         used = _in_use(client, d.overlay)
         if used is None:
             problems.append(f"{d.rel}: QEMU did not say whether it still writes {d.overlay.name}")
             continue
         if not used:
-            d.overlay.unlink(missing_ok=True)
+            problems += filter(None, [drop_overlay(d.overlay)])
             continue
         try:
             _commit_job(
@@ -510,7 +511,7 @@ def _merge_back(client: QMPClient, area: Path, disks: list[_Disk]) -> None:
             problems.append(f"{d.rel}: {e.message}")
             continue
         if _in_use(client, d.overlay) is False:
-            d.overlay.unlink(missing_ok=True)
+            problems += filter(None, [drop_overlay(d.overlay)])
         else:
             problems.append(f"{d.rel}: still on {d.overlay.name}")
     with contextlib.suppress(OSError):
@@ -564,7 +565,7 @@ def recover(client: QMPClient, area: Path) -> None:
     for i, (node, base, name) in enumerate(left):
         _commit_job(client, {"job-id": f"vml-recover-{i}", "device": node, "base": base})
         if _in_use(client, Path(name)) is False:
-            Path(name).unlink(missing_ok=True)
+            drop_overlay(Path(name))  # (left: the stranded check names it)
 
 
 def _with_how(info: ResumeInfo) -> ResumeInfo:

@@ -56,6 +56,7 @@ from vml.plumbing.vm.resume import (
     ForeignSnapshot,
     ResumeInfo,
     discard,
+    drop_overlay,
     drop_stage,
     new_stage,
     remap,
@@ -209,7 +210,9 @@ def _merge(dom: Domain, target: str, overlay: Path) -> None:
         "--wait",
         timeout=3600,
     )
-    overlay.unlink(missing_ok=True)
+    problem = drop_overlay(overlay)
+    if problem is not None:
+        raise VMControlError(problem)
 
 
 def recover(area: Path, dom: Domain) -> Domain:
@@ -225,7 +228,7 @@ def recover(area: Path, dom: Domain) -> Domain:
     still = _on_overlays(area, dom)
     for _, overlay in left:
         if overlay not in {o for _, o in still}:
-            overlay.unlink(missing_ok=True)  # pivoted: the domain is off it
+            drop_overlay(overlay)  # pivoted: the domain is off it
     for target, overlay in still:
         _merge(dom, target, overlay)
     return parse_domain(virsh(dom.uri, "dumpxml", dom.name), dom.uri)
@@ -383,11 +386,12 @@ def _merge_all(area: Path, dom: Domain, overlays: list[tuple[str, Path]]) -> Non
     # Only a disk on VML's overlay is merged: a blockcommit of any other
     # would merge the user's own image into its backing file.
     on = {os.path.realpath(o): t for t, o in _on_overlays(area, now)}
-    problems = []
+    problems: list[str] = []
     for _, overlay in overlays:
         target = on.get(os.path.realpath(overlay))
         if target is None:
-            overlay.unlink(missing_ok=True)  # libvirt made none, or it is merged already
+            # libvirt made none, or it is merged already
+            problems += filter(None, [drop_overlay(overlay)])
             continue
         try:
             _merge(now, target, overlay)

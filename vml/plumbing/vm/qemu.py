@@ -576,9 +576,18 @@ def save_device_state(
     return dest.stat().st_size
 
 
+#: The slowest a saved state is expected to load (bytes/s): sets the wait for a big one.
+LOAD_FLOOR_RATE = 20e6
+
+
 def load_device_state(client: QMPClient, path: Path, offset: int, timeout: float = 120.0) -> None:
-    """Feed QEMU (started with ``-incoming defer``) the saved device state in ``path``."""
+    """Feed QEMU (started with ``-incoming defer``) the saved device state in ``path``.
+
+    ``timeout`` grows with the state: a stream holding a big guest's RAM
+    (a save through QMP) loads at the disk's pace, not in a fixed time.
+    """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    timeout = max(timeout, os.fstat(fd).st_size / LOAD_FLOOR_RATE)
     try:
         os.lseek(fd, offset, os.SEEK_SET)
         client.execute("getfd", {"fdname": STATE_FD}, fds=[fd])

@@ -191,3 +191,19 @@ class ForeignSnapshot:
     def record(self) -> dict[str, object]:
         """``vm.live`` of the entry."""
         return self.live
+
+
+def drop_overlay(overlay: Path) -> str | None:
+    """Delete an overlay the VM no longer runs on; what went wrong, or None.
+
+    A merge loop goes on to the next disk whatever happens here: one file
+    that cannot be deleted must not leave the other disks on overlays.
+    """
+    try:
+        overlay.unlink(missing_ok=True)
+    except OSError as e:
+        return (
+            f"{overlay.name} is merged back but could not be deleted ({e.strerror}): delete it; "
+            "never merge it again, the images are newer"
+        )
+    return None
