@@ -99,3 +99,35 @@ def test_a_merge_back_that_fails_after_the_save_is_a_note(
     out = vml("-R", repo, "commit", area, "-m", "live")
     assert "full entry E1" in out and "the QEMU still runs on overlays" in out
     assert "E1" in vml("-R", repo, "log")
+
+
+def test_a_failed_save_says_its_own_error_before_the_merge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vml.errors import FileChanged
+    from vml.porcelain import commit as commit_mod
+
+    repo, area = tmp_path / "repo", tmp_path / "vm"
+    make_area(area)
+    vml("init", repo, "--block-size", str(TEST_BLOCK))
+
+    class Snap:
+        files = None
+
+        def record(self) -> dict[str, object]:
+            return {"via": "qmp", "pause_seconds": 0.03}
+
+    @contextmanager
+    def source() -> Iterator[Snap]:
+        try:
+            yield Snap()
+        finally:
+            raise VMControlError("the QEMU still runs on overlays", "the next save merges them")
+
+    def failing(*args: object, **kwargs: object) -> None:
+        raise FileChanged("disk.img changed while it was read")
+
+    monkeypatch.setattr(commit_mod, "foreign_source", lambda *a, **k: source())
+    monkeypatch.setattr(commit_mod, "_commit_locked", failing)
+    line = vml("-R", repo, "commit", area, code=FileChanged.exit_code)
+    assert line.startswith("vml: disk.img changed while it was read (then: the QEMU still runs")

@@ -383,6 +383,13 @@ def _commit_foreign(
             ask.live = snap.record()
             res = _commit_locked(repo, area, ask, progress, snap.files, t0)
     except VMControlError as e:
+        first = e.__context__
+        if res is None and isinstance(first, VMLError) and first is not e:
+            # The save failed, then merging back failed too: the save's own
+            # error is what to read first; the merge is said after it.
+            first.message += f" (then: {e.message})"
+            first.args = (first.message,)
+            raise first from None
         if res is None:
             raise
         # The entry is published: a failure to merge back is said, not an
