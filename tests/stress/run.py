@@ -533,7 +533,12 @@ def run(
     startup = time.monotonic() - t
     durations: dict[str, float] = {}
     stats = {"trials": 0, "killed": 0, "finished": 0, "pending_resumed": 0, "pairs": 0}
-    for i in range(trials):
+    # Some draws find nothing to do (rm with one entry left, a pair of which
+    # one cannot start): draw again, so that ``trials`` trials run whatever
+    # the timing of the kills made of the repository.
+    for i in range(trials * 4):
+        if stats["trials"] >= trials:
+            break
         weights = [p.weight for p in plugins]
         plugin = rng.choices(plugins, weights)[0]
         if rng.random() < pairs:
