@@ -74,28 +74,41 @@ def test_overlays_a_qemu_still_runs_on_are_not_stranded(tmp_path: Path) -> None:
         assert stranded_overlays(area) == []
 
 
+class _Snap:
+    """What a save through QMP yields: no files of its own, a record."""
+
+    files = None
+
+    def record(self) -> dict[str, object]:
+        return {"via": "qmp", "pause_seconds": 0.03}
+
+
+def _merge_fails(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[Path, Path]:
+    """An area whose save goes through a stand-in for QMP whose merge back always fails.
+
+    A real QEMU cannot be made to fail a block-commit on demand.
+    """
+    from vml.porcelain import commit as commit_mod
+
+    @contextmanager
+    def source() -> Iterator[_Snap]:
+        try:
+            yield _Snap()
+        finally:
+            raise VMControlError("the QEMU still runs on overlays", "the next save merges them")
+
+    monkeypatch.setattr(commit_mod, "foreign_source", lambda *a, **k: source())
+    repo, area = tmp_path / "repo", tmp_path / "vm"
+    make_area(area)
+    vml("init", repo, "--block-size", str(TEST_BLOCK))
+    return repo, area
+
+
 def test_a_merge_back_that_fails_after_the_save_is_a_note(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The entry is published: the failure to merge the overlays back is said, exit 0."""
-    from vml.porcelain import commit as commit_mod
-
-    repo, area = tmp_path / "repo", tmp_path / "vm"
-    make_area(area)
-    vml("init", repo, "--block-size", str(TEST_BLOCK))
-
-    class Snap:
-        files = None
-
-        def record(self) -> dict[str, object]:
-            return {"via": "qmp", "pause_seconds": 0.03}
-
-    @contextmanager
-    def source() -> Iterator[Snap]:
-        yield Snap()
-        raise VMControlError("the QEMU still runs on overlays", "the next save merges them back")
-
-    monkeypatch.setattr(commit_mod, "foreign_source", lambda *a, **k: source())
+    repo, area = _merge_fails(monkeypatch, tmp_path)
     out = vml("-R", repo, "commit", area, "-m", "live")
     assert "full entry E1" in out and "the QEMU still runs on overlays" in out
     assert "E1" in vml("-R", repo, "log")
@@ -107,27 +120,11 @@ def test_a_failed_save_says_its_own_error_before_the_merge(
     from vml.errors import FileChanged
     from vml.porcelain import commit as commit_mod
 
-    repo, area = tmp_path / "repo", tmp_path / "vm"
-    make_area(area)
-    vml("init", repo, "--block-size", str(TEST_BLOCK))
-
-    class Snap:
-        files = None
-
-        def record(self) -> dict[str, object]:
-            return {"via": "qmp", "pause_seconds": 0.03}
-
-    @contextmanager
-    def source() -> Iterator[Snap]:
-        try:
-            yield Snap()
-        finally:
-            raise VMControlError("the QEMU still runs on overlays", "the next save merges them")
+    repo, area = _merge_fails(monkeypatch, tmp_path)
 
     def failing(*args: object, **kwargs: object) -> None:
         raise FileChanged("disk.img changed while it was read")
 
-    monkeypatch.setattr(commit_mod, "foreign_source", lambda *a, **k: source())
     monkeypatch.setattr(commit_mod, "_commit_locked", failing)
     line = vml("-R", repo, "commit", area, code=FileChanged.exit_code)
     assert line.startswith("vml: disk.img changed while it was read (then: the QEMU still runs")
