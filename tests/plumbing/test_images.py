@@ -16,7 +16,7 @@ from vml.errors import CorruptRepository
 from vml.plumbing.building import punch_hole, write_image
 from vml.plumbing.cache import block_hash
 from vml.plumbing.chains import ResolvedImage, image_layer, resolve_image
-from vml.plumbing.images import block_digest, data_ranges, file_digest
+from vml.plumbing.images import block_digest, file_digest
 from vml.plumbing.manifests import (
     SPARSE_CHECK_SIZE,
     BlockChecks,
@@ -25,6 +25,7 @@ from vml.plumbing.manifests import (
 )
 from vml.plumbing.packs import BLOB, PackReader, blob_id
 from vml.plumbing.repository import Repository
+from vml.plumbing.vm.formats import data_ranges
 
 MiB = 1 << 20
 

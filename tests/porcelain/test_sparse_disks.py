@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import allocated, edit
-from vml.plumbing.images import data_ranges
 from vml.plumbing.repository import Repository, init_repository
+from vml.plumbing.vm.formats import data_ranges
 from vml.porcelain.checkout import checkout, restore
 from vml.porcelain.commit import commit
 from vml.porcelain.status import status

@@ -14,7 +14,6 @@ image's digest (a hash list of its blocks' ids) as it is written.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 from bisect import bisect_left, bisect_right
@@ -51,28 +50,12 @@ from vml.plumbing.manifests import (
     block_trees,
 )
 from vml.plumbing.packs import BLOB, PackReader, PackWriter, blob_id, deflate
+from vml.plumbing.vm.formats import data_ranges
 from vml.progress import Advance
 
 WINDOW = 16
 # Start writeback of a file being built every this many blocks.
 _WRITEBACK_BLOCKS = 32
-
-
-def data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
-    """The ``[start, end)`` ranges of ``fd`` that hold data (not holes)."""
-    out: list[tuple[int, int]] = []
-    pos = 0
-    try:
-        while pos < size:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-            out.append((start, end))
-            pos = end
-    except OSError as e:
-        if e.errno == errno.ENXIO:  # no data after pos
-            return out
-        return [(0, size)]  # filesystem without SEEK_DATA: everything is data
-    return out
 
 
 class _HoleMap:
@@ -442,9 +425,9 @@ def fill_partial(
 
 
 def _read_spans(
-    fd: int, size: int, block_size: int, inp: SaveInputs, sle: int
+    fd: int, size: int, block_size: int, inp: SaveInputs, sle: int, data: DataExtents | None
 ) -> list[tuple[int, int]]:
-    """The blocks to read: those holding data, or with a bitmap's word, those it names.
+    """The blocks to read: those holding ``data``, or with a bitmap's word, those it names.
 
     With ``changed``, every other block is vouched for by the cache's
     records, except where the parent has no block of that length (the file
@@ -454,7 +437,8 @@ def _read_spans(
     nb = (size + block_size - 1) // block_size
     ch = inp.changed
     if ch is None:
-        return block_spans(data_ranges(fd, size), block_size, nb)
+        assert data is not None
+        return block_spans(data.data, block_size, nb)
     spans = block_spans(ch.ranges, block_size, nb)
     if sle < nb:
         spans.append((sle, nb))
@@ -586,10 +570,10 @@ def save_image(
                 return job.run(a, b)
             return _read_block(reader, fd, path, a, size, block_size, page_size, inp, extents)
 
-        spans = _read_spans(fd, size, block_size, inp, job.sle)
         # A full scan reads only the data of each block holding some (a disk
         # at rest without a bitmap: its allocated data, not whole blocks).
         extents = DataExtents(data_ranges(fd, size)) if inp.changed is None else None
+        spans = _read_spans(fd, size, block_size, inp, job.sle, extents)
         results = ordered_map(pool, work, job.items(spans), WINDOW)
         for out in results:
             if isinstance(out, _Run):

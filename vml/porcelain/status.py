@@ -18,9 +18,10 @@ from vml.plumbing.entries import (
     folder_record,
     same_attributes,
 )
-from vml.plumbing.images import block_spans, data_ranges, file_digest
+from vml.plumbing.images import block_spans, file_digest
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
+from vml.plumbing.vm.formats import data_ranges
 from vml.plumbing.vm.ignore import IgnoreRules
 from vml.plumbing.vm.inspect import inspect_area
 from vml.plumbing.vm.qemu import run_status

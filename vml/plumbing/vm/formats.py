@@ -25,6 +25,7 @@ Formats, with the layout each reader relies on:
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import struct
@@ -289,3 +290,20 @@ def read_disk(path: Path) -> RawDisk | None:
 def is_candidate(name: str) -> bool:
     """Whether a file name has a suffix worth probing as a disk image."""
     return os.path.splitext(name)[1].lower() in DISK_SUFFIXES
+
+
+def data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
+    """The ``[start, end)`` ranges of ``fd`` that hold data (not holes)."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    try:
+        while pos < size:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            out.append((start, end))
+            pos = end
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # no data after pos
+            return out
+        return [(0, size)]  # filesystem without SEEK_DATA: everything is data
+    return out

@@ -30,7 +30,6 @@ die while the guest is paused, ``vml run --continue`` continues it (and
 from __future__ import annotations
 
 import contextlib
-import errno
 import mmap
 import os
 import shutil
@@ -44,6 +43,7 @@ import xxhash
 from vml.errors import AreaError, QMPError, VMControlError
 from vml.plumbing.vm import bitmaps
 from vml.plumbing.vm.description import STATE_SUFFIX, QemuSpec, find_spec
+from vml.plumbing.vm.formats import data_ranges
 from vml.plumbing.vm.qcow2 import Unmappable, merge_ranges
 from vml.plumbing.vm.qemu import (
     RunPaths,
@@ -285,7 +285,7 @@ def _changed_blocks(path: Path, ref: Reference) -> list[tuple[int, int]]:
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
-        data = _data_spans(fd, size) if size else []
+        data = data_ranges(fd, size) if size else []
         window = max(1, HASH_WINDOW // bs) * bs
         if window % mmap.ALLOCATIONGRANULARITY:
             window = bs * mmap.ALLOCATIONGRANULARITY  # offsets must be page-aligned
@@ -296,9 +296,9 @@ def _changed_blocks(path: Path, ref: Reference) -> list[tuple[int, int]]:
                 i += 1
             if i < len(data) and data[i][0] < w_end:
                 with mmap.mmap(fd, w_end - w, access=mmap.ACCESS_READ, offset=w) as mm:
-                    out += _changed_in_window(memoryview(mm), w, bs, data[i:], ref)
+                    out += _changed_in_window(memoryview(mm), w, w_end, bs, data[i:], ref)
             else:  # the whole window is a hole
-                out += _changed_in_window(None, w, bs, [], ref, w_end)
+                out += _changed_in_window(None, w, w_end, bs, [], ref)
     finally:
         os.close(fd)
     return merge_ranges(out)
@@ -307,15 +307,13 @@ def _changed_blocks(path: Path, ref: Reference) -> list[tuple[int, int]]:
 def _changed_in_window(
     view: memoryview | None,
     base: int,
+    stop: int,
     bs: int,
     data: list[tuple[int, int]],
     ref: Reference,
-    end: int | None = None,
 ) -> list[tuple[int, int]]:
-    """The changed blocks of one window at ``base`` (``view`` None: a hole up to ``end``)."""
+    """The changed blocks of the window ``[base, stop)`` (``view`` None: it is a hole)."""
     assert ref.hashes is not None
-    stop = base + len(view) if view is not None else end
-    assert stop is not None
     out: list[tuple[int, int]] = []
     i = 0
     try:
@@ -343,20 +341,6 @@ def _zero_hash(length: int) -> bytes:
     if h is None:
         h = _ZERO_HASHES[length] = xxhash.xxh3_128_digest(bytes(length))
     return h
-
-
-def _data_spans(fd: int, size: int) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    pos = 0
-    try:
-        while pos < size:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-            out.append((start, end))
-            pos = end
-    except OSError as e:
-        return out if e.errno == errno.ENXIO else [(0, size)]
-    return out
 
 
 def copy_ranges(src: Path, dst: Path, ranges: list[tuple[int, int]]) -> int:
