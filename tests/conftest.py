@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import subprocess
@@ -126,3 +127,34 @@ def three_entries(repo_path: Path, area: Path) -> Repository:
     edit(area / "disk.img", 600_000, b"y" * 70_000)
     commit(r, area, message="diff", kind="differential")
     return r
+
+
+def fstype(folder: Path) -> str:
+    """The file system type of ``folder`` (``findmnt``), or ``"unknown"``."""
+    done = subprocess.run(
+        ["findmnt", "-n", "-o", "FSTYPE", "-T", str(folder)], capture_output=True, text=True
+    )
+    lines = done.stdout.split()
+    return lines[0] if lines else "unknown"
+
+
+def need_unwritten_extents(folder: Path) -> None:
+    """Skip the test unless ``folder``'s file system keeps fallocated space as unwritten extents.
+
+    ext4, XFS and btrfs do (``FIEMAP_EXTENT_UNWRITTEN``); tmpfs, NFS and FUSE
+    have no ``FIEMAP``, and some file systems write zeros instead.
+    """
+    from vml.plumbing.vm.formats import fiemap_extents, plain_unwritten
+
+    probe = folder / ".unwritten-probe"
+    fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+    try:
+        os.posix_fallocate(fd, 0, 64 << 10)
+        flags = [f for _, _, f in fiemap_extents(fd, 64 << 10, 0)]
+    except OSError as e:
+        pytest.skip(f"{fstype(folder)} at {folder} has no FIEMAP or fallocate ({e.strerror})")
+    finally:
+        os.close(fd)
+        probe.unlink()
+    if not flags or not all(plain_unwritten(f) for f in flags):
+        pytest.skip(f"{fstype(folder)} at {folder} keeps no unwritten extents")

@@ -266,8 +266,8 @@ SAVER = """
 import sys, time
 import vml.plumbing.vm.live as live
 real = live.copy_sparse
-def stuck(src, dst):
-    n = real(src, dst)
+def stuck(src, dst, **kw):
+    n = real(src, dst, **kw)
     print("PAUSED", flush=True)
     time.sleep(600)
     return n

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import allocated, need_unwritten_extents
 from vml.errors import AreaError, IncompatibleState
 from vml.plumbing.vm.description import (
     QemuDisk,
@@ -243,3 +244,23 @@ def test_sparse_copies_keep_holes(tmp_path: Path) -> None:
     assert dst.read_bytes() == src.read_bytes()
     assert copied < 1 << 20  # data, not the 64 MiB it could hold
     assert dst.stat().st_blocks * 512 < 2 << 20
+
+
+def test_sparse_copies_of_disks_leave_unwritten_extents_out(tmp_path: Path) -> None:
+    """Fallocated space whose zeros are cached is not copied; a page written in it is."""
+    need_unwritten_extents(tmp_path)
+    src = tmp_path / "disk"
+    fd = os.open(src, os.O_RDWR | os.O_CREAT)
+    try:
+        os.ftruncate(fd, 8 << 20)
+        os.posix_fallocate(fd, 1 << 20, 4 << 20)
+        os.pwrite(fd, b"b" * 4096, 2 << 20)  # dirty, in the unwritten extent
+        assert os.pread(fd, 1 << 20, 3 << 20) == bytes(1 << 20)  # cached zeros
+    finally:
+        os.close(fd)
+    kept = copy_sparse(src, tmp_path / "copy")
+    left = copy_sparse(src, tmp_path / "copy2", skip_unwritten=True)
+    for dst in (tmp_path / "copy", tmp_path / "copy2"):
+        assert dst.read_bytes() == src.read_bytes()
+    assert kept >= (1 << 20) + 4096  # SEEK_DATA: the cached zeros too
+    assert left == 4096 and allocated(tmp_path / "copy2") <= 8192

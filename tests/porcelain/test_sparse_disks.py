@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import allocated, edit
+from tests.conftest import allocated, edit, need_unwritten_extents
 from vml.plumbing.repository import Repository, init_repository
 from vml.plumbing.vm.formats import data_ranges
 from vml.porcelain.checkout import checkout, restore
@@ -213,3 +213,45 @@ def test_a_cache_that_cannot_be_written_is_said_once_and_the_checkout_goes_on(
         saved = commit(repo, out)
         assert saved.read_bytes <= 4 * MiB + 1024
         assert any("area cache" in n for n in saved.notes)
+
+
+def test_fallocated_space_is_not_read_and_comes_back_as_holes(tmp_path: Path) -> None:
+    """Unwritten extents (fallocated, or mke2fs's journal) read as zeros: never read, never stored.
+
+    A page written into the fallocated space is data, though the page is
+    still dirty in the page cache and the extent on disk unwritten; zeros of
+    that space read into the cache (which SEEK_DATA then reports as data)
+    are not.  The file comes back byte for byte, the unwritten space as holes.
+    """
+    need_unwritten_extents(tmp_path)
+    repo = init_repository(tmp_path / "repo")
+    area = tmp_path / "area"
+    area.mkdir()
+    disk = area / "disk.img"
+    fd = os.open(disk, os.O_RDWR | os.O_CREAT)
+    try:
+        os.ftruncate(fd, 4 * MiB)
+        os.posix_fallocate(fd, MiB, 2 * MiB)
+        os.pwrite(fd, b"\x01" * 4096, MiB + MiB // 2)  # in the fallocated space
+        os.pwrite(fd, b"\x02" * 8192, 3 * MiB + MiB // 2)  # after a hole
+        assert os.pread(fd, MiB // 2, 2 * MiB) == bytes(MiB // 2)  # cached zeros
+    finally:
+        os.close(fd)
+    e1 = commit(repo, area)
+    assert e1.read_bytes == 4096 + 8192
+    assert status(repo, area).clean
+    out = tmp_path / "out"
+    checkout(repo, e1.entry, out)
+    got = out / "disk.img"
+    assert got.read_bytes() == disk.read_bytes()
+    assert allocated(got) <= 12 << 10
+    # Data written into what is left of the unwritten space is found.
+    edit(disk, 2 * MiB + 4096, b"\x03" * 4096)
+    assert not status(repo, area).clean
+    e2 = commit(repo, area)
+    assert e2.read_bytes == 2 * 4096 + 8192  # both pages and the data, nothing else
+    assert status(repo, area).clean
+    restore(repo, e2.entry, out)
+    assert got.read_bytes() == disk.read_bytes()
+    assert allocated(got) <= 16 << 10
+    assert status(repo, out).clean

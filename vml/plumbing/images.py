@@ -2,8 +2,9 @@
 
 Saving streams the file block by block through a thread pool (hashing and
 compression release the GIL, so both cores work) with a bounded window, so
-memory stays flat whatever the image size.  Holes are found with
-``SEEK_DATA``/``SEEK_HOLE`` and never read; zero blocks cost nothing.
+memory stays flat whatever the image size.  Holes (and, in a save,
+unwritten extents: ``FIEMAP``) are found without reading and never read;
+zero blocks cost nothing.
 
 Building resolves every block first (see chains.py), then writes each block
 once, checking each built block against the entry's block checks (or, for an
@@ -543,9 +544,10 @@ def save_image(
 ) -> tuple[Tree, Manifest, int, int]:
     """Save one image file; returns (image tree, manifest, bytes read, blocks stored).
 
-    Only blocks holding data (``SEEK_DATA``) are read, or with
-    ``inp.changed`` only those it names; the rest go in bulk, with no work
-    per block: holes are zero, vouched blocks take the cache's records.
+    Only blocks holding data are read, or with ``inp.changed`` only those it
+    names; the rest go in bulk, with no work per block: holes and unwritten
+    extents are zero (and come back as holes), vouched blocks take the
+    cache's records.
     Every object is added to ``writer``; the cache records of the blocks
     holding data go to ``record_out``.
     """
@@ -571,8 +573,11 @@ def save_image(
             return _read_block(reader, fd, path, a, size, block_size, page_size, inp, extents)
 
         # A full scan reads only the data of each block holding some (a disk
-        # at rest without a bitmap: its allocated data, not whole blocks).
-        extents = DataExtents(data_ranges(fd, size)) if inp.changed is None else None
+        # at rest without a bitmap: its written data, not whole blocks, nor
+        # the unwritten extents SEEK_DATA reports once their zeros are cached).
+        extents = (
+            DataExtents(data_ranges(fd, size, skip_unwritten=True)) if inp.changed is None else None
+        )
         spans = _read_spans(fd, size, block_size, inp, job.sle, extents)
         results = ordered_map(pool, work, job.items(spans), WINDOW)
         for out in results:

@@ -378,7 +378,11 @@ def _copy_files(p: _Pause, dirty: dict[str, list[tuple[int, int]]]) -> None:
         if ranges is None and ref is not None and ref.hashes and src.stat().st_size == ref.size:
             ranges = _changed_blocks(src, ref)
         if ranges is None:
-            p.copied += copy_sparse(p.area / rel, dest)
+            # A disk's unwritten extents (an ext4 journal mke2fs made) stay
+            # holes: QEMU's `stop` flushed the disks, so this writes nothing
+            # back; the memory file's dirty pages are the guest's RAM.
+            disk = rel != p.spec.ram_file
+            p.copied += copy_sparse(p.area / rel, dest, skip_unwritten=disk)
         else:
             p.copied += copy_ranges(p.area / rel, dest, ranges)
             p.changed[rel] = ranges

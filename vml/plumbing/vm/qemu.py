@@ -46,6 +46,7 @@ from typing import Any
 
 from vml.errors import AreaError, IncompatibleState, QMPError, VMControlError
 from vml.plumbing.vm.description import QemuSpec
+from vml.plumbing.vm.formats import data_ranges
 from vml.plumbing.vm.ignore import VML_DIR
 from vml.plumbing.vm.qmp import SUN_PATH_MAX, QMPClient, is_listening
 
@@ -693,37 +694,34 @@ def now_iso() -> str:
 _FICLONE = 0x40049409
 
 
-def copy_sparse(src: Path, dst: Path) -> int:
+def copy_sparse(src: Path, dst: Path, *, skip_unwritten: bool = False) -> int:
     """Copy ``src`` to ``dst`` keeping holes, permission bits and mtime; return bytes copied.
 
     A reflink (``FICLONE``) where the file system shares blocks (btrfs, XFS)
-    costs nothing; otherwise each data extent (``SEEK_DATA``/``SEEK_HOLE``)
-    goes through ``copy_file_range``, in the kernel.  Holes stay holes.  The
-    copy stands for ``src`` in an entry, so it carries ``src``'s mode and times.
+    costs nothing; otherwise each data extent (``data_ranges``) goes through
+    ``copy_file_range``, in the kernel.  Holes stay holes, and with
+    ``skip_unwritten`` so do unwritten extents (they read as zeros; a file
+    that has some has its dirty pages written back first: see
+    ``data_ranges``).  The copy stands for ``src`` in an entry, so it
+    carries ``src``'s mode and times.
     """
     with open(src, "rb") as fi, open(dst, "wb") as fo:
         st = os.fstat(fi.fileno())
         try:
-            copied = _copy_data(fi.fileno(), fo.fileno(), st.st_size)
+            copied = _copy_data(fi.fileno(), fo.fileno(), st.st_size, skip_unwritten)
         finally:
             os.fchmod(fo.fileno(), st.st_mode & 0o7777)
     os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
     return copied
 
 
-def _copy_data(fi: int, fo: int, size: int) -> int:
+def _copy_data(fi: int, fo: int, size: int, skip_unwritten: bool) -> int:
     """The data of ``fi`` into ``fo`` (both open, ``fo`` empty); bytes copied (0 for a reflink)."""
     with contextlib.suppress(OSError):
         fcntl.ioctl(fo, _FICLONE, fi)
         return 0
     copied = 0
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fi, pos, os.SEEK_DATA)
-        except OSError:  # ENXIO: no data after pos
-            break
-        end = os.lseek(fi, start, os.SEEK_HOLE)
+    for start, end in data_ranges(fi, size, skip_unwritten=skip_unwritten):
         off = start
         while off < end:
             n = os.copy_file_range(fi, fo, end - off, off, off)
@@ -731,6 +729,5 @@ def _copy_data(fi: int, fo: int, size: int) -> int:
                 break
             off += n
         copied += off - start
-        pos = end
     os.ftruncate(fo, size)
     return copied
