@@ -201,7 +201,10 @@ def _at_rest_ranges(
     out: dict[str, Changed],
 ) -> str | None:
     path = area / disk.path
-    found = next((b for b in bitmaps.image_bitmaps(path) if b.name == rec.name), None)
+    try:
+        found = next((b for b in bitmaps.image_bitmaps(path) if b.name == rec.name), None)
+    except (Unmappable, OSError) as e:
+        return f"its dirty bitmap could not be read ({e})"
     if found is None:
         return f"its dirty bitmap {rec.name} is missing from the image"
     if found.inconsistent:
