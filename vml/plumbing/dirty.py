@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vml.errors import VMControlError
 from vml.plumbing.areas import load_state, stat_signature
@@ -27,10 +28,12 @@ from vml.plumbing.cache import BlockRecords, Cache, CachedFile
 from vml.plumbing.images import Changed
 from vml.plumbing.vm import bitmaps
 from vml.plumbing.vm.description import QemuDisk, QemuSpec
-from vml.plumbing.vm.live import Reference, Rotation
 from vml.plumbing.vm.qcow2 import Unmappable
 from vml.plumbing.vm.qemu import closed_stats
-from vml.plumbing.vm.qmp import QMPClient
+
+if TYPE_CHECKING:  # a save at rest does not import what only live saves use
+    from vml.plumbing.vm.live import Reference, Rotation
+    from vml.plumbing.vm.qmp import QMPClient
 
 
 def _distrust(
@@ -73,6 +76,8 @@ class LiveRefs:
 
 def live_refs(area: Path, spec: QemuSpec, cache: Cache, held: str | None) -> LiveRefs:
     """References for a live save incremental on ``held`` (nothing when the cache is not valid)."""
+    from vml.plumbing.vm.live import Reference
+
     out = LiveRefs(held=held)
     if held is None:
         return out

@@ -35,14 +35,16 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import xxhash
 
 from vml.errors import QMPError, VMControlError
 from vml.plumbing.vm import qcow2
 from vml.plumbing.vm.ignore import VML_DIR
-from vml.plumbing.vm.qmp import QMPClient
+
+if TYPE_CHECKING:
+    from vml.plumbing.vm.qmp import QMPClient
 
 GRANULARITY = 1 << 16
 PREFIX = "vml-"
