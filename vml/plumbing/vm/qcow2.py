@@ -133,8 +133,8 @@ def _l2_tables(fd: int, h: Header, l1: list[int]) -> dict[int, bytes]:
     }
 
 
-def _all_data(h: Header, tables: dict[int, bytes]) -> set[tuple[int, int]]:
-    """Host ranges of every data cluster some guest cluster maps."""
+def _entries(tables: dict[int, bytes]) -> set[int]:
+    """Every distinct non-zero L2 entry of ``tables``."""
     entries: set[int] = set()
     for table in tables.values():
         arr = array("Q", table)
@@ -142,7 +142,32 @@ def _all_data(h: Header, tables: dict[int, bytes]) -> set[tuple[int, int]]:
             arr.byteswap()  # L2 entries are big-endian
         entries.update(arr)  # C speed: the set is as large as the data, not the disk
     entries.discard(0)
-    return {r for e in entries if (r := _host_range(h, e)) is not None}
+    return entries
+
+
+def _all_data(h: Header, tables: dict[int, bytes]) -> set[tuple[int, int]]:
+    """Host ranges of every data cluster some guest cluster maps."""
+    return {r for e in _entries(tables) if (r := _host_range(h, e)) is not None}
+
+
+def _data_runs(h: Header, tables: dict[int, bytes]) -> list[tuple[int, int]]:
+    """:func:`_all_data` as sorted merged ranges, at a fraction of its cost.
+
+    Plain clusters (all but compressed ones) are whole clusters at their
+    offset: sorted offsets make runs in one pass, with no range per cluster.
+    """
+    entries = _entries(tables)
+    cs = h.cluster_size
+    runs: list[tuple[int, int]] = []
+    for off in sorted({e & _OFFSET_MASK for e in entries if not e & _COMPRESSED}):
+        if not off:
+            continue  # unallocated (a zero cluster without a host cluster)
+        if runs and runs[-1][1] == off:
+            runs[-1] = (runs[-1][0], off + cs)
+        else:
+            runs.append((off, off + cs))
+    packed = [r for e in entries if e & _COMPRESSED and (r := _host_range(h, e)) is not None]
+    return merge_ranges(runs + packed) if packed else runs
 
 
 def _dirty_data(
@@ -205,11 +230,12 @@ def changed_ranges(
     l1 = _l1(fd, h)
     if known_data is None:
         tables = _l2_tables(fd, h, l1)
-        known_data = _all_data(h, tables)
+        written = _dirty_data(h, l1, tables, dirty)
+        taken = merge_ranges(_data_runs(h, tables) + sorted(written))
     else:
         tables = _dirty_tables(fd, h, l1, dirty)
-    written = _dirty_data(h, l1, tables, dirty)
-    taken = merge_ranges(sorted(known_data | written))
+        written = _dirty_data(h, l1, tables, dirty)
+        taken = merge_ranges(sorted(known_data | written))
     rest: list[tuple[int, int]] = []
     pos = 0
     for a, b in taken:
