@@ -18,6 +18,12 @@ set at C speed), never the data.  Features that break the reasoning above
 (an external data file, extended L2 entries, internal snapshots, whose
 deletion frees shared clusters) make it raise ``Unmappable`` with the
 reason: the caller then reads the whole file.
+
+It also reads the persistent dirty bitmaps an image at rest holds
+(:func:`stored_bitmaps`, :func:`stored_dirty_ranges`): the header's bitmaps
+extension, the bitmap directory, each bitmap's table and its clusters of
+bits, as QEMU stores them when it closes the image.  That is what
+``qemu-img info`` and ``qemu-nbd -B`` would answer, without starting them.
 """
 
 from __future__ import annotations
@@ -43,7 +49,11 @@ _BITMAP_IN_USE = 1
 _BITMAP_AUTO = 2
 _BITMAP_EXTRA_OK = 4
 _DIRTY_TRACKING = 1
+# QEMU's own limits: a bitmap directory or table beyond them is damaged (and
+# is not read into memory).
 _MAX_BITMAPS = 65535
+_MAX_BITMAP_DIRECTORY = 64 << 20
+_MAX_BITMAP_TABLE = 0x8000000  # entries
 
 
 class Unmappable(Exception):
@@ -324,7 +334,7 @@ def stored_bitmaps(fd: int) -> list[StoredBitmap]:
     if len(ext) < 24:
         raise Unmappable("a truncated bitmaps extension")
     count, _reserved, dir_size, dir_offset = struct.unpack_from(">IIQQ", ext)
-    if count > _MAX_BITMAPS or dir_size > count * (_BITMAP_ENTRY.size + 65535 + 65535 + 8):
+    if count > _MAX_BITMAPS or dir_size > _MAX_BITMAP_DIRECTORY:
         raise Unmappable("an impossible bitmap directory")
     directory = _pread(fd, dir_size, dir_offset)
     consistent = bool(autoclear & _AUTOCLEAR_BITMAPS)
@@ -370,6 +380,8 @@ def stored_dirty_ranges(fd: int, bitmap: StoredBitmap) -> list[tuple[int, int]]:
     per_cluster = cs * 8  # bits one data cluster holds
     if bitmap.table_size != (nbits + per_cluster - 1) // per_cluster:
         raise Unmappable(f"bitmap {bitmap.name} does not cover the disk")
+    if bitmap.table_size > _MAX_BITMAP_TABLE:
+        raise Unmappable(f"bitmap {bitmap.name} has an impossible table")
     raw = _pread(fd, 8 * bitmap.table_size, bitmap.table_offset)
     out: list[tuple[int, int]] = []
 
