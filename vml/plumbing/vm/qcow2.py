@@ -395,7 +395,7 @@ def stored_dirty_ranges(fd: int, bitmap: StoredBitmap) -> list[tuple[int, int]]:
     for i, (e,) in enumerate(struct.iter_unpack(">Q", raw)):
         base = i * per_cluster
         off = e & _OFFSET_MASK
-        if e & ~(_OFFSET_MASK | 1) or (off and e & 1):
+        if e & ~(_OFFSET_MASK | 1) or (off and e & 1) or off & (cs - 1):
             raise Unmappable(f"bitmap {bitmap.name} has a damaged table entry")
         if not off:
             if e & 1:  # every bit of this cluster set
