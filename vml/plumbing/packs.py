@@ -304,6 +304,10 @@ class PackWriter:
             f.seek(8)
             f.write(struct.pack(">L", len(seg.entries)))
             f.flush()
+            if self.durable:
+                # The disk writes what is still dirty while the pack is hashed
+                # (read back from the page cache): the fsync below waits less.
+                start_writeback(f.fileno())
             f.seek(0)
             checksum = hashlib.file_digest(f, "sha1").digest()
             f.seek(0, os.SEEK_END)
