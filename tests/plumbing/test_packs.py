@@ -11,7 +11,16 @@ from dulwich.objects import Blob, Tree
 
 from tests.conftest import need
 from vml.errors import CorruptRepository
-from vml.plumbing.packs import BLOB, PackReader, PackWriter, blob_id, deflate, write_loose
+from vml.plumbing.packs import (
+    BLOB,
+    PackReader,
+    PackWriter,
+    _inflate_stored,
+    blob_id,
+    deflate,
+    stored,
+    write_loose,
+)
 from vml.plumbing.repository import Repository
 
 
@@ -28,6 +37,16 @@ def test_deflate_is_zlib_and_stores_random_data() -> None:
     z = deflate(rnd)
     assert zlib.decompress(z) == rnd
     assert len(z) < len(rnd) + 1024  # stored, not inflated by compression
+
+
+@pytest.mark.parametrize("size", [0, 1, 65534, 65535, 65536, 3 * 65535, 1 << 20])
+def test_stored_is_a_zlib_stream_of_the_bytes(size: int) -> None:
+    data = os.urandom(size)
+    z = stored(data)
+    assert zlib.decompress(z) == data
+    assert _inflate_stored(z, size) == data  # the fast reading path takes it
+    assert len(z) == 2 + 5 * max(1, -(-size // 65535)) + size + 4
+    assert zlib.decompress(stored(memoryview(data)[1:])) == data[1:]
 
 
 def test_write_and_read_back(repo: Repository) -> None:

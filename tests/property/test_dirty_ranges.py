@@ -146,6 +146,9 @@ def test_dirty_ranges_cover_every_change(
             subprocess.run(["qemu-img", "bitmap", "--remove", str(image), "other"], check=True)
         dirty = bitmaps.dirty_at_rest(image, "mark")
         written, rest = bitmaps.file_ranges(image, fmt, dirty)
+        # The data clusters as runs (at rest) or as a set read before (a live save's pause).
+        known = bitmaps.data_clusters(image)
+        assert bitmaps.file_ranges(image, fmt, dirty, known) == (written, rest)
     ranges = merge_ranges(written + rest)
     for first, last in _differences(old, image):
         assert _covered(ranges, first, last + 1), (first, last, ranges)

@@ -10,11 +10,13 @@ script.
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.main import get_command_name
 
 from vml import __version__
 from vml.cli import entries, inspection, maintenance, names, sharing, vmcmds
@@ -22,17 +24,23 @@ from vml.cli.common import VMLGroup
 from vml.cli.lookup import options
 from vml.cli.render import out
 
-app = typer.Typer(
-    name="vml",
-    help="Git-style versioning for virtual machines: save, branch and restore VM states.",
-    no_args_is_help=True,
-    add_completion=True,
-    pretty_exceptions_enable=False,
-    cls=VMLGroup,
-)
-
 # In this order in `vml --help`.
-for group in (entries, inspection, names, maintenance, sharing, vmcmds):
+GROUPS = (entries, inspection, names, maintenance, sharing, vmcmds)
+
+
+def _root() -> typer.Typer:
+    return typer.Typer(
+        name="vml",
+        help="Git-style versioning for virtual machines: save, branch and restore VM states.",
+        no_args_is_help=True,
+        add_completion=True,
+        pretty_exceptions_enable=False,
+        cls=VMLGroup,
+    )
+
+
+app = _root()
+for group in GROUPS:
     app.add_typer(group.commands)
 
 
@@ -88,6 +96,35 @@ def main_options(
             reconfigure(errors="backslashreplace")
 
 
+def _one_command(argv: list[str]) -> typer.Typer | None:
+    """The root app holding only the command ``argv`` runs, or None when it needs the whole app.
+
+    typer turns every command's signature into click parameters at each
+    start, ~40 ms for all of them: a command run (``vml commit ...``)
+    needs its own alone.  The root's options before it are skipped; the
+    root's help, ``--version``, completion, an unknown or nested command
+    (``vml vm init``) get the whole app.
+    """
+    if any(k.startswith("_VML_COMPLETE") for k in os.environ):
+        return None
+    i = 0
+    while i < len(argv) and argv[i] in ("--repo", "-R"):
+        i += 2
+    if i >= len(argv) or argv[i].startswith("-"):
+        return None
+    for group in GROUPS:
+        for info in group.commands.registered_commands:
+            name = info.name or get_command_name(getattr(info.callback, "__name__", ""))
+            if name == argv[i]:
+                one = _root()
+                one.registered_callback = app.registered_callback
+                sub = typer.Typer()
+                sub.registered_commands.append(info)
+                one.add_typer(sub)
+                return one
+    return None
+
+
 def main() -> None:
     """Console-script entry point."""
-    app()
+    (_one_command(sys.argv[1:]) or app)()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vml.errors import VMControlError
 from vml.plumbing.areas import load_state, stat_signature
@@ -27,10 +28,12 @@ from vml.plumbing.cache import BlockRecords, Cache, CachedFile
 from vml.plumbing.images import Changed
 from vml.plumbing.vm import bitmaps
 from vml.plumbing.vm.description import QemuDisk, QemuSpec
-from vml.plumbing.vm.live import Reference, Rotation
 from vml.plumbing.vm.qcow2 import Unmappable
 from vml.plumbing.vm.qemu import closed_stats
-from vml.plumbing.vm.qmp import QMPClient
+
+if TYPE_CHECKING:  # a save at rest does not import what only live saves use
+    from vml.plumbing.vm.live import Reference, Rotation
+    from vml.plumbing.vm.qmp import QMPClient
 
 
 def _distrust(
@@ -73,6 +76,8 @@ class LiveRefs:
 
 def live_refs(area: Path, spec: QemuSpec, cache: Cache, held: str | None) -> LiveRefs:
     """References for a live save incremental on ``held`` (nothing when the cache is not valid)."""
+    from vml.plumbing.vm.live import Reference
+
     out = LiveRefs(held=held)
     if held is None:
         return out
@@ -201,7 +206,10 @@ def _at_rest_ranges(
     out: dict[str, Changed],
 ) -> str | None:
     path = area / disk.path
-    found = next((b for b in bitmaps.image_bitmaps(path) if b.name == rec.name), None)
+    try:
+        found = next((b for b in bitmaps.image_bitmaps(path) if b.name == rec.name), None)
+    except (Unmappable, OSError) as e:
+        return f"its dirty bitmap could not be read ({e})"
     if found is None:
         return f"its dirty bitmap {rec.name} is missing from the image"
     if found.inconsistent:

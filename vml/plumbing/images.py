@@ -199,6 +199,15 @@ def _zero_pages(data: bytes, candidates: list[int], page_size: int, hashes: byte
 _ZERO_PAGE_HASH: dict[int, bytes] = {}
 
 
+def _differing(hashes: bytes, old: bytes | memoryview, count: int) -> list[int]:
+    """The pages ``k < count`` whose 8-byte hashes differ between ``hashes`` and ``old``."""
+    if hashes[: 8 * count] == old[: 8 * count]:
+        return []
+    # Compared as 64-bit words: a third of the time of comparing 8-byte slices.
+    a, b = memoryview(hashes).cast("Q"), memoryview(old).cast("Q")
+    return [k for k in range(count) if a[k] != b[k]]
+
+
 @dataclass
 class _Outcome:
     n: int
@@ -657,9 +666,7 @@ def _read_block(
         # Pages that became zero carry no bytes and do not count: a
         # restore only writes zeros for them.
         npages = (length + page_size - 1) // page_size
-        changed = [
-            k for k in range(npages) if pages[8 * k : 8 * k + 8] != ppages[8 * k : 8 * k + 8]
-        ]
+        changed = _differing(pages, ppages, npages)
         zero_pages = _zero_pages(data, changed, page_size, pages)
         if zero_pages:
             gone = set(zero_pages)

@@ -49,7 +49,6 @@ from vml.plumbing.saving import Baseline, Saver, SourceFile
 from vml.plumbing.vm.description import find_spec
 from vml.plumbing.vm.ignore import IgnoreRules
 from vml.plumbing.vm.inspect import VMInfo, check_saveable
-from vml.plumbing.vm.live import live_snapshot, settle_rotations
 from vml.plumbing.vm.qemu import vml_vm
 from vml.plumbing.vm.saves import FOREIGN, Snapshot, foreign_source
 from vml.porcelain.common import (
@@ -418,6 +417,9 @@ def _commit_live(
     The disks' dirty bitmaps are rotated in the pause; once the save is
     published (or failed) they are settled and recorded for the next one.
     """
+    # Only a live save needs these (a save at rest does not pay for importing them).
+    from vml.plumbing.vm.live import live_snapshot, settle_rotations
+
     spec = find_spec(area)
     assert spec is not None
     held = _held_for_changes(repo, area, ask)

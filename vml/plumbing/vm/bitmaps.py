@@ -17,7 +17,8 @@ At each live save the bitmaps are rotated in one QMP ``transaction``
 through an NBD export of the disk (``block-export-add`` with
 ``bitmaps``) by ``qemu-img map --output=json`` with ``x-dirty-bitmap``,
 which reports dirty extents as ``"data": false``.  A VM at rest with a
-persistent bitmap is read the same way through ``qemu-nbd -r -B NAME``.
+persistent bitmap has it in the qcow2 file, read there (``qcow2``: what
+``qemu-nbd -r -B NAME`` would export, without starting QEMU's tools).
 Bitmaps count guest offsets; :func:`file_ranges` turns them into ranges of
 the image file (the same for raw, mapped through qcow2's tables).
 """
@@ -31,18 +32,19 @@ import secrets
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import xxhash
 
 from vml.errors import QMPError, VMControlError
 from vml.plumbing.vm import qcow2
 from vml.plumbing.vm.ignore import VML_DIR
-from vml.plumbing.vm.qmp import QMPClient
+
+if TYPE_CHECKING:
+    from vml.plumbing.vm.qmp import QMPClient
 
 GRANULARITY = 1 << 16
 PREFIX = "vml-"
@@ -135,31 +137,19 @@ def live_bitmaps(client: QMPClient) -> tuple[dict[str, list[QemuBitmap]], dict[s
 
 
 def image_bitmaps(path: Path) -> list[QemuBitmap]:
-    """The persistent bitmaps a qcow2 image at rest holds (``qemu-img info``)."""
+    """The persistent bitmaps a qcow2 image at rest holds (its bitmap directory, as ``qemu-img info`` lists it).
+
+    Read here, not by starting ``qemu-img``; a bitmap is *inconsistent*
+    when flagged in use or when the image's bitmaps extension is not
+    flagged consistent.  Raises ``qcow2.Unmappable`` or ``OSError`` for an
+    image whose bitmaps cannot be read.
+    """
+    fd = os.open(path, os.O_RDONLY)
     try:
-        done = subprocess.run(
-            ["qemu-img", "info", "-U", "--output=json", "-f", "qcow2", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=_TIMEOUT,
-        )
-        doc = json.loads(done.stdout) if done.returncode == 0 else {}
-    except (OSError, ValueError, subprocess.TimeoutExpired):
-        return []
-    data = doc.get("format-specific", {}).get("data", {})
-    out = []
-    for m in data.get("bitmaps", []) if isinstance(data, dict) else []:
-        flags = m.get("flags", [])
-        out.append(
-            QemuBitmap(
-                str(m.get("name")),
-                "auto" in flags,
-                "in-use" in flags,
-                int(m.get("granularity", 0)),
-                True,
-            )
-        )
-    return out
+        found = qcow2.stored_bitmaps(fd)
+    finally:
+        os.close(fd)
+    return [QemuBitmap(b.name, b.auto, b.in_use, b.granularity, True) for b in found]
 
 
 def virtual_size(path: Path, fmt: str) -> int | None:
@@ -278,10 +268,6 @@ def _maps(commands: list[list[str]]) -> list[list[tuple[int, int]]]:
                 proc.wait()
 
 
-def _map(socket: Path, export: str, bitmap: str) -> list[tuple[int, int]]:
-    return _maps([_map_command(socket, export, bitmap)])[0]
-
-
 @contextlib.contextmanager
 def _socket_dir() -> Iterator[Path]:
     """A private folder for NBD sockets (short path: a unix socket's is limited)."""
@@ -325,37 +311,20 @@ def dirty_live(
 
 
 def dirty_at_rest(path: Path, bitmap: str) -> list[tuple[int, int]]:
-    """Dirty guest ranges of a qcow2 image at rest, through ``qemu-nbd -r -B``."""
-    with _socket_dir() as d:
-        sock = d / "nbd.sock"
-        try:
-            proc = subprocess.Popen(
-                ["qemu-nbd", "-r", "-f", "qcow2", "-B", bitmap, "-k", str(sock),
-                 "-x", "disk", str(path)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-            )  # fmt: skip
-        except OSError as e:
-            raise VMControlError(f"cannot run qemu-nbd: {e}", "install qemu-utils") from e
-        try:
-            deadline = time.monotonic() + _TIMEOUT
-            while not sock.exists():
-                if proc.poll() is not None:
-                    why = (proc.stderr.read() if proc.stderr else b"").decode(errors="replace")
-                    raise VMControlError(f"qemu-nbd did not start: {why.strip()}", "")
-                if time.monotonic() > deadline:
-                    raise VMControlError("qemu-nbd did not start in time", "")
-                time.sleep(0.002)
-            return _map(sock, "disk", bitmap)
-        finally:
-            proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=_TIMEOUT)
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            if proc.stderr is not None:
-                proc.stderr.close()
+    """Dirty guest ranges of a qcow2 image at rest: its stored bitmap ``bitmap``, read here.
+
+    What ``qemu-nbd -r -B`` and ``qemu-img map`` answer (a test holds the
+    two to the same answer), without starting either.  Raises
+    ``qcow2.Unmappable`` for a bitmap that is missing or cannot be read.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        found = next((b for b in qcow2.stored_bitmaps(fd) if b.name == bitmap), None)
+        if found is None:
+            raise qcow2.Unmappable(f"its dirty bitmap {bitmap} is missing from the image")
+        return qcow2.stored_dirty_ranges(fd, found)
+    finally:
+        os.close(fd)
 
 
 def file_ranges(

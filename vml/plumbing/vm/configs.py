@@ -10,9 +10,12 @@ foreign files and describing the VM must still work.
 from __future__ import annotations
 
 import re
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where XML is parsed: a VM without XML does not pay for it
+    import xml.etree.ElementTree as ET
 
 #: Config files are small; anything bigger is not one and is not read whole.
 MAX_CONFIG = 4 * 1024 * 1024
@@ -137,6 +140,8 @@ def parse_xml(path: Path) -> ET.Element | None:
     # a hostile file could exhaust memory.
     if "<!DOCTYPE" in text or "<!ENTITY" in text:
         return None
+    import xml.etree.ElementTree as ET
+
     try:
         return ET.fromstring(text)
     except ET.ParseError:

@@ -21,13 +21,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from vml.errors import AreaError
 from vml.plumbing.vm.configs import Config, DiskRef, memory_to_mib, parse_xml
+
+if TYPE_CHECKING:
+    import xml.etree.ElementTree as ET
 
 SUFFIX = ".qemu.json"
 FORMAT_VERSION = 1

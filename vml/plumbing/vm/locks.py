@@ -111,14 +111,15 @@ def open_for_writing(files: dict[tuple[int, int], str]) -> dict[str, list[str]]:
     except OSError:
         return found
     for pid in pids:
-        fd_dir = Path("/proc", pid, "fd")
+        # Plain strings, not Path objects: every open fd of the host is looked at.
+        fd_dir = f"/proc/{pid}/fd/"
         try:
             fds = os.listdir(fd_dir)
         except OSError:
             continue  # gone, or another user's process
         for fd in fds:
             with contextlib.suppress(OSError):
-                st = os.stat(fd_dir / fd)
+                st = os.stat(fd_dir + fd)
                 rel = files.get((st.st_dev, st.st_ino))
                 if rel is None or not _fd_writable(Path("/proc", pid, "fdinfo", fd)):
                     continue

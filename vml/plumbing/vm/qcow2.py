@@ -18,6 +18,12 @@ set at C speed), never the data.  Features that break the reasoning above
 (an external data file, extended L2 entries, internal snapshots, whose
 deletion frees shared clusters) make it raise ``Unmappable`` with the
 reason: the caller then reads the whole file.
+
+It also reads the persistent dirty bitmaps an image at rest holds
+(:func:`stored_bitmaps`, :func:`stored_dirty_ranges`): the header's bitmaps
+extension, the bitmap directory, each bitmap's table and its clusters of
+bits, as QEMU stores them when it closes the image.  That is what
+``qemu-img info`` and ``qemu-nbd -B`` would answer, without starting them.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import os
 import struct
 import sys
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 MAGIC = b"QFI\xfb"
@@ -33,9 +40,20 @@ _OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00  # bits 9-55
 _COMPRESSED = 1 << 62
 _INCOMPAT_DATA_FILE = 1 << 2
 _INCOMPAT_EXTL2 = 1 << 4
-_BITMAP_ENTRY = struct.Struct(
-    ">QIIBBHI"
-)  # table offset, table size, flags, type, gran, name, extra
+# A bitmap directory entry: table offset, table size, flags, type, granularity
+# bits, name size, extra data size (then the extra data and the name).
+_BITMAP_ENTRY = struct.Struct(">QIIBBHI")
+_EXT_BITMAPS = 0x23852875
+_AUTOCLEAR_BITMAPS = 1  # the bitmaps extension is consistent
+_BITMAP_IN_USE = 1
+_BITMAP_AUTO = 2
+_BITMAP_EXTRA_OK = 4
+_DIRTY_TRACKING = 1
+# QEMU's own limits: a bitmap directory or table beyond them is damaged (and
+# is not read into memory).
+_MAX_BITMAPS = 65535
+_MAX_BITMAP_DIRECTORY = 64 << 20
+_MAX_BITMAP_TABLE = 0x8000000  # entries
 
 
 class Unmappable(Exception):
@@ -125,8 +143,8 @@ def _l2_tables(fd: int, h: Header, l1: list[int]) -> dict[int, bytes]:
     }
 
 
-def _all_data(h: Header, tables: dict[int, bytes]) -> set[tuple[int, int]]:
-    """Host ranges of every data cluster some guest cluster maps."""
+def _entries(tables: dict[int, bytes]) -> set[int]:
+    """Every distinct non-zero L2 entry of ``tables``."""
     entries: set[int] = set()
     for table in tables.values():
         arr = array("Q", table)
@@ -134,7 +152,32 @@ def _all_data(h: Header, tables: dict[int, bytes]) -> set[tuple[int, int]]:
             arr.byteswap()  # L2 entries are big-endian
         entries.update(arr)  # C speed: the set is as large as the data, not the disk
     entries.discard(0)
-    return {r for e in entries if (r := _host_range(h, e)) is not None}
+    return entries
+
+
+def _all_data(h: Header, tables: dict[int, bytes]) -> set[tuple[int, int]]:
+    """Host ranges of every data cluster some guest cluster maps."""
+    return {r for e in _entries(tables) if (r := _host_range(h, e)) is not None}
+
+
+def _data_runs(h: Header, tables: dict[int, bytes]) -> list[tuple[int, int]]:
+    """:func:`_all_data` as sorted merged ranges, at a fraction of its cost.
+
+    Plain clusters (all but compressed ones) are whole clusters at their
+    offset: sorted offsets make runs in one pass, with no range per cluster.
+    """
+    entries = _entries(tables)
+    cs = h.cluster_size
+    runs: list[tuple[int, int]] = []
+    for off in sorted({e & _OFFSET_MASK for e in entries if not e & _COMPRESSED}):
+        if not off:
+            continue  # unallocated (a zero cluster without a host cluster)
+        if runs and runs[-1][1] == off:
+            runs[-1] = (runs[-1][0], off + cs)
+        else:
+            runs.append((off, off + cs))
+    packed = [r for e in entries if e & _COMPRESSED and (r := _host_range(h, e)) is not None]
+    return merge_ranges(runs + packed) if packed else runs
 
 
 def _dirty_data(
@@ -197,11 +240,12 @@ def changed_ranges(
     l1 = _l1(fd, h)
     if known_data is None:
         tables = _l2_tables(fd, h, l1)
-        known_data = _all_data(h, tables)
+        written = _dirty_data(h, l1, tables, dirty)
+        taken = merge_ranges(_data_runs(h, tables) + sorted(written))
     else:
         tables = _dirty_tables(fd, h, l1, dirty)
-    written = _dirty_data(h, l1, tables, dirty)
-    taken = merge_ranges(sorted(known_data | written))
+        written = _dirty_data(h, l1, tables, dirty)
+        taken = merge_ranges(sorted(known_data | written))
     rest: list[tuple[int, int]] = []
     pos = 0
     for a, b in taken:
@@ -226,3 +270,146 @@ def _dirty_tables(
         if l1[i] & _OFFSET_MASK
     }
     return {off: _pread(fd, h.cluster_size, off) for off in wanted}
+
+
+# --- persistent dirty bitmaps ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredBitmap:
+    """One persistent bitmap of a qcow2 image at rest, as its bitmap directory lists it.
+
+    ``in_use``: a QEMU had the image open with it and did not store it back
+    (it crashed, or still runs): its bits are not to be trusted.  So is every
+    bitmap of an image whose bitmaps extension is not flagged consistent (a
+    program that does not know bitmaps wrote the image since).
+    """
+
+    name: str
+    in_use: bool
+    auto: bool  # recording: QEMU updates it with every write
+    granularity: int
+    table_offset: int
+    table_size: int
+
+
+def _extensions(fd: int, h: Header) -> Iterator[tuple[int, bytes]]:
+    """The header extensions of a v3 image: ``(type, data)``, within the first cluster."""
+    area = os.pread(fd, h.cluster_size - h.header_length, h.header_length)
+    pos = 0
+    while pos + 8 <= len(area):
+        kind, length = struct.unpack_from(">II", area, pos)
+        if kind == 0:
+            return
+        data = area[pos + 8 : pos + 8 + length]
+        if len(data) != length:
+            raise Unmappable("a header extension runs past the first cluster")
+        yield kind, data
+        pos += 8 + (length + 7) // 8 * 8
+    raise Unmappable("the header extensions have no end")
+
+
+def stored_bitmaps(fd: int) -> list[StoredBitmap]:
+    """The persistent bitmaps of a qcow2 image at rest (its bitmap directory, read here).
+
+    What ``qemu-img info`` lists, without starting it.  Raises
+    ``Unmappable`` for an image whose bitmap directory cannot be read.
+    """
+    head = os.pread(fd, 104, 0)
+    if len(head) < 104 or head[:4] != MAGIC:
+        raise Unmappable("not a qcow2 image")
+    version, cbits = struct.unpack_from(">I", head, 4)[0], struct.unpack_from(">I", head, 20)[0]
+    if version < 3:
+        return []  # bitmaps need qcow2 v3
+    if not 9 <= cbits <= 21:
+        raise Unmappable("an impossible cluster size")
+    autoclear = struct.unpack_from(">Q", head, 88)[0]
+    hlen = struct.unpack_from(">I", head, 100)[0]
+    if not 104 <= hlen < 1 << cbits:
+        raise Unmappable("an impossible header length")
+    h = Header(3, cbits, 0, 0, 0, 0, 0, 0, 0, 0, hlen)
+    ext = next((d for kind, d in _extensions(fd, h) if kind == _EXT_BITMAPS), None)
+    if ext is None:
+        return []
+    if len(ext) < 24:
+        raise Unmappable("a truncated bitmaps extension")
+    count, _reserved, dir_size, dir_offset = struct.unpack_from(">IIQQ", ext)
+    if count > _MAX_BITMAPS or dir_size > _MAX_BITMAP_DIRECTORY:
+        raise Unmappable("an impossible bitmap directory")
+    directory = _pread(fd, dir_size, dir_offset)
+    consistent = bool(autoclear & _AUTOCLEAR_BITMAPS)
+    out = []
+    pos = 0
+    for _ in range(count):
+        if pos + _BITMAP_ENTRY.size > len(directory):
+            raise Unmappable("a truncated bitmap directory")
+        t_off, t_size, flags, kind, gbits, nlen, extra = _BITMAP_ENTRY.unpack_from(directory, pos)
+        start = pos + _BITMAP_ENTRY.size + extra
+        name = directory[start : start + nlen]
+        if len(name) != nlen or kind != _DIRTY_TRACKING or not 9 <= gbits <= 31:
+            raise Unmappable("an impossible bitmap directory entry")
+        if extra and not flags & _BITMAP_EXTRA_OK:
+            raise Unmappable("a bitmap with extra data this reader does not know")
+        out.append(
+            StoredBitmap(
+                name.decode("utf-8", errors="replace"),
+                bool(flags & _BITMAP_IN_USE) or not consistent,
+                bool(flags & _BITMAP_AUTO),
+                1 << gbits,
+                t_off,
+                t_size,
+            )
+        )
+        pos = (start + nlen + 7) // 8 * 8
+    return out
+
+
+def stored_dirty_ranges(fd: int, bitmap: StoredBitmap) -> list[tuple[int, int]]:
+    """The guest ``[start, end)`` ranges a stored bitmap marks dirty, merged.
+
+    Its bitmap table names one cluster of bits per ``cluster_size * 8``
+    chunks of ``granularity`` bytes (an entry of 0: none set, 1: all set);
+    bit ``k`` of the bitmap (least significant bit of each byte first)
+    covers guest bytes ``[k * granularity, (k + 1) * granularity)``.
+    """
+    head = _pread(fd, 32, 0)
+    cbits, size = struct.unpack_from(">IQ", head, 20)
+    cs = 1 << cbits
+    gran = bitmap.granularity
+    nbits = (size + gran - 1) // gran
+    per_cluster = cs * 8  # bits one data cluster holds
+    if bitmap.table_size != (nbits + per_cluster - 1) // per_cluster:
+        raise Unmappable(f"bitmap {bitmap.name} does not cover the disk")
+    if bitmap.table_size > _MAX_BITMAP_TABLE:
+        raise Unmappable(f"bitmap {bitmap.name} has an impossible table")
+    raw = _pread(fd, 8 * bitmap.table_size, bitmap.table_offset)
+    out: list[tuple[int, int]] = []
+
+    def mark(first: int, last: int) -> None:  # bits [first, last), merged with the last run
+        a, b = first * gran, min(last, nbits) * gran
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+
+    for i, (e,) in enumerate(struct.iter_unpack(">Q", raw)):
+        base = i * per_cluster
+        off = e & _OFFSET_MASK
+        if e & ~(_OFFSET_MASK | 1) or (off and e & 1) or off & (cs - 1):
+            raise Unmappable(f"bitmap {bitmap.name} has a damaged table entry")
+        if not off:
+            if e & 1:  # every bit of this cluster set
+                mark(base, base + per_cluster)
+            continue
+        words = array("Q", _pread(fd, cs, off))
+        if sys.byteorder != "little":
+            words.byteswap()  # the bits are stored least significant byte first
+        for k, w in [(k, w) for k, w in enumerate(words) if w]:
+            at = base + 64 * k
+            while w:
+                low = (w & -w).bit_length() - 1  # the first set bit
+                run = (~(w >> low) & ((w >> low) + 1)).bit_length() - 1  # how many follow it
+                mark(at + low, at + low + run)
+                w &= ~(((1 << run) - 1) << low)
+    # Clip to the disk: bits past its end (the last cluster's) mark nothing.
+    return [(a, min(b, size)) for a, b in out if a < size]

@@ -18,15 +18,16 @@ from __future__ import annotations
 import errno
 import json
 import os
-import select
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vml.errors import QMPError, QMPTimeout
+
+if TYPE_CHECKING:
+    import socket
 
 #: Longest path a unix socket address holds on Linux (sun_path, with its NUL).
 SUN_PATH_MAX = 107
@@ -60,6 +61,8 @@ def is_listening(path: Path) -> bool:
     Connecting succeeds as soon as the kernel queues the connection, even
     while QEMU serves another client, so this never waits for QEMU.
     """
+    import socket  # only where a VM runs: a save at rest does not import it
+
     try:
         address = socket_address(path)
     except QMPError:
@@ -95,6 +98,8 @@ class QMPClient:
         QEMU serves one QMP client at a time on a socket: a second client
         waits (up to ``timeout``) until the first one leaves.
         """
+        import socket  # only where a VM runs: a save at rest does not import it
+
         address = socket_address(path)
         deadline = time.monotonic() + timeout
         while True:
@@ -139,6 +144,8 @@ class QMPClient:
         self.close()
 
     def _read_message(self, deadline: float) -> dict[str, Any]:
+        import select
+
         while b"\n" not in self._buffer:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -181,6 +188,8 @@ class QMPClient:
         passed along with the command (``getfd``).  Raises ``QMPError`` when
         QEMU answers with an error or not in ``timeout`` seconds.
         """
+        import socket
+
         self._sent += 1
         # QEMU echoes the id: a late reply to an earlier command that timed
         # out is then told apart and dropped, never taken for this one's.

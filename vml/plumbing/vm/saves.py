@@ -18,9 +18,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
 
-from vml.plumbing.vm.foreign import qmp_snapshot
 from vml.plumbing.vm.inspect import running_reasons
-from vml.plumbing.vm.libvirt import find_domain, libvirt_snapshot
 from vml.plumbing.vm.qemu import vml_vm
 
 
@@ -51,12 +49,17 @@ def foreign_source(
     given, or ``virsh`` is installed and the area's files look in use (so
     an area at rest costs no call to libvirt).
     """
-    if qmp is not None:
-        return qmp_snapshot(area, qmp)
-    own = vml_vm(area)
-    if own is not None:
-        return qmp_snapshot(area, own.qmp)
+    # foreign and libvirt are imported only for a VM that runs: a save at
+    # rest does not pay for them.
+    own = vml_vm(area) if qmp is None else None
+    socket = qmp if qmp is not None else own.qmp if own is not None else None
+    if socket is not None:
+        from vml.plumbing.vm.foreign import qmp_snapshot
+
+        return qmp_snapshot(area, socket)
     if libvirt_uri is None and (shutil.which("virsh") is None or not running_reasons(area)):
         return None
+    from vml.plumbing.vm.libvirt import find_domain, libvirt_snapshot
+
     dom = find_domain(area, libvirt_uri)
     return libvirt_snapshot(area, dom) if dom is not None else None
