@@ -22,11 +22,12 @@ from vml.plumbing.cache import BlockRecords, RecordsWriter, block_hash, page_has
 from vml.plumbing.chains import ResolvedImage, materialize, ordered_map
 from vml.plumbing.images import WINDOW, Digests, block_digest, zeros
 from vml.plumbing.packs import PackReader
-from vml.plumbing.repository import libc, start_writeback
+from vml.plumbing.repository import WriteBehind, libc
 from vml.progress import Advance
 
-# Start writeback of a file being built every this many blocks written.
-_WRITEBACK_BLOCKS = 32
+# Send a file being built to the disk, and out of the page cache, this many
+# bytes at a time (see WriteBehind).
+_WRITE_BEHIND = 32 << 20
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -249,16 +250,15 @@ def write_image(
         todo = sorted(set(todo).union(old.nonzero_in(0, m.nblocks)))
     job = _ImageBuild(reader, image, fd, old, old_records, record_out is not None)
     digests = Digests(m.size, m.block_size)
-    written = blocks_written = done = 0
+    written = done = 0
+    behind = WriteBehind(fd, max(_WRITE_BEHIND, m.block_size))
     results = ordered_map(pool, job.build, iter(todo), WINDOW)
     try:
         for n, nw, dg, bh, rec in results:
             digests.block(n, dg, bh)
-            if nw:
-                written += nw
-                blocks_written += 1
-                if blocks_written % _WRITEBACK_BLOCKS == 0:
-                    start_writeback(fd)  # the final fsync then waits for little
+            written += nw
+            # Results come in block order: every block up to n is written.
+            behind.advance((n + 1) * m.block_size)
             if record_out is not None and rec is not None:
                 record_out.add(n, rec)
             end = min((n + 1) * m.block_size, m.size)
