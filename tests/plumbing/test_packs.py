@@ -194,3 +194,47 @@ def test_a_damaged_stream_is_reported_without_the_id_check(repo: Repository) -> 
             r.close()
         w = PackWriter(repo)
     w.abort()
+
+
+@pytest.mark.parametrize("claimed", [4096, 1 << 20])
+def test_a_stream_inflating_past_its_declared_size_is_refused_holding_at_most_that(
+    repo: Repository, claimed: int
+) -> None:
+    # A hostile pack: an object that says it holds `claimed` bytes whose
+    # stream inflates to 64 MiB (deflate reaches ~1000x).  It is refused,
+    # and the reader never holds more than the declared size of output.
+    import tracemalloc
+
+    bomb = zlib.compress(bytes(64 << 20), 9)
+    w = PackWriter(repo)
+    sha = blob_id(b"bomb %d" % claimed)
+    w.add_compressed(BLOB, sha, claimed, bomb)
+    w.finish()
+    r = PackReader(repo)
+    try:
+        tracemalloc.start()
+        with pytest.raises(CorruptRepository, match="wrong size"):
+            r.read(sha, BLOB, verify=False)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < claimed + (4 << 20)
+    finally:
+        r.close()
+
+
+def test_a_header_claiming_more_than_the_pack_holds_reads_no_more_than_the_pack(
+    repo: Repository,
+) -> None:
+    # pread allocates what it is asked for: a header claiming 2^50 bytes must
+    # not make the reader ask for them.
+    data = b"small object"
+    w = PackWriter(repo)
+    sha = blob_id(data)
+    w.add_compressed(BLOB, sha, 1 << 50, deflate(data))
+    w.finish()
+    r = PackReader(repo)
+    try:
+        with pytest.raises(CorruptRepository):
+            r.read(sha, BLOB, verify=False)
+    finally:
+        r.close()

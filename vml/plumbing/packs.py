@@ -24,7 +24,7 @@ from pathlib import Path
 from dulwich.object_format import DEFAULT_OBJECT_FORMAT
 from dulwich.objects import RawObjectID, ShaFile, sha_to_hex
 from dulwich.pack import load_pack_index, write_pack_index_v2
-from isal import isal_zlib
+from isal import igzip_lib, isal_zlib
 
 from vml.errors import CorruptRepository
 from vml.plumbing.repository import Repository, fsync_dir, start_writeback
@@ -540,45 +540,42 @@ class PackReader:
         if type_num not in TYPE_NAMES:
             return None  # a delta git made: let dulwich resolve it
         pos = offset + i
-        want = size + (size >> 6) + 64
+        # Never ask for more than the pack holds: a hostile header may claim
+        # any size, and pread allocates what it is asked for.
+        left = max(0, os.fstat(fd).st_size - pos)
+        want = min(size + (size >> 6) + 64, left)
         first = os.pread(fd, want, pos)
         stored = _inflate_stored(first, size)
         if stored is not None:
             return type_num, stored
-        # The whole stream is (nearly always) in the bytes read: inflate it
-        # in one call into one buffer of the object's size (+1, or a full
-        # buffer makes isal grow it once more), the GIL released throughout:
-        # less CPU than a decompressor object growing its output from 16 KiB
-        # a copy at a time.  Trailing bytes of the next object are ignored.
-        # A stream longer than what was read, or one that does not inflate
-        # (isal's own IsalError), takes the path below, which says what is
-        # wrong.
-        try:
-            whole: bytes | None = isal_zlib.decompress(first, bufsize=size + 1)
-        except Exception:
-            whole = None
-        if whole is not None:
-            if len(whole) != size:
-                raise CorruptRepository(f"object at pack offset {offset} has the wrong size")
-            return type_num, whole
-        d = isal_zlib.decompressobj()
+        # One decompressor for the whole object, each call bounded by what is
+        # still to come (+1 to see a stream that runs past the declared
+        # size): a hostile stream inflates ~1000x, and an unbounded call would
+        # hold all of it before the size check.  The stream is (nearly always)
+        # whole in the first read: one call, the GIL released, output in one
+        # buffer.  Trailing bytes of the next object are left unconsumed.
+        d = igzip_lib.IgzipDecompressor(flag=igzip_lib.DECOMP_ZLIB)
         parts: list[bytes] = []
         total = 0
         try:
             comp: bytes | None = first
             while not d.eof:
                 if comp is None:
-                    comp = os.pread(fd, want, pos)
+                    comp = os.pread(fd, min(1 << 20, left), pos)
                 if not comp:
                     raise CorruptRepository(f"pack truncated inside object at offset {offset}")
                 pos += len(comp)
-                out = d.decompress(comp)
+                left -= len(comp)
+                out = d.decompress(comp, size + 1 - total)
                 comp = None
                 parts.append(out)
                 total += len(out)
                 if total > size:
                     break
-                want = 1 << 20
+                if not d.eof and not d.needs_input:
+                    break  # output bound reached without the end: wrong size
+        except CorruptRepository:
+            raise
         except Exception as e:  # isal raises its own IsalError
             raise CorruptRepository(
                 f"object at pack offset {offset} does not inflate: {e}"
