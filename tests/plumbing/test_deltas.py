@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vml.errors import CorruptRepository
+from vml.errors import CorruptRepository, NewerFormat
 from vml.plumbing.deltas import MAGIC, ZERO_PAGE, apply_delta, delta_header, encode_delta
 
 PAGE = 4096
@@ -100,3 +100,11 @@ def _raw(page: int, length: int, pages: list[int], body: bytes, version: int = 1
 def test_hostile_deltas_refused(blob: bytes) -> None:
     with pytest.raises(CorruptRepository):
         delta_header(blob)
+
+
+def test_a_delta_of_a_newer_version_says_so() -> None:
+    with pytest.raises(NewerFormat, match="delta blob format 3 is newer"):
+        delta_header(_raw(PAGE, 2 * PAGE, [], b"", 3))
+    with pytest.raises(CorruptRepository) as e:
+        delta_header(_raw(PAGE, 2 * PAGE, [], b"", 0))
+    assert not isinstance(e.value, NewerFormat)

@@ -23,7 +23,7 @@ import operator
 import struct
 from collections.abc import Sequence
 
-from vml.errors import CorruptRepository
+from vml.errors import CorruptRepository, newer_or_unknown
 
 MAGIC = b"VMLD"
 _HEAD = struct.Struct(">4sBBHIII")
@@ -67,8 +67,10 @@ def delta_header(blob: bytes) -> tuple[int, int, list[int]]:
     if len(blob) < _HEAD.size:
         raise CorruptRepository("delta blob is truncated")
     magic, version, _r1, _r2, page_size, length, count = _HEAD.unpack_from(blob)
-    if magic != MAGIC or version not in (1, 2):
+    if magic != MAGIC:
         raise CorruptRepository("delta blob has an unknown format")
+    if version not in (1, 2):
+        raise newer_or_unknown("delta blob", version, 2)
     if page_size < 512 or page_size & (page_size - 1) or page_size > MAX_LENGTH:
         raise CorruptRepository("delta blob has a bad page size")
     if length == 0 or length > MAX_LENGTH:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import xxhash
 from dulwich.objects import ObjectID, Tree
 
-from vml.errors import CorruptRepository, HostileRepository
+from vml.errors import CorruptRepository, HostileRepository, newer_or_unknown
 
 MANIFEST_NAME = b"manifest"
 BLOCKS_NAME = b"blocks"
@@ -102,8 +102,11 @@ class Manifest:
             doc = json.loads(data)
         except (ValueError, RecursionError):
             raise CorruptRepository("image manifest is not valid JSON") from None
-        if not isinstance(doc, dict) or doc.get("vml_manifest") != 1:
+        if not isinstance(doc, dict):
             raise CorruptRepository("image manifest has an unknown format")
+        version = doc.get("vml_manifest")
+        if version != 1:
+            raise newer_or_unknown("image manifest", version, 1)
         try:
             size = doc["size"]
             bs = doc["block_size"]
