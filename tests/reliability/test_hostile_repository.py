@@ -294,8 +294,8 @@ def test_a_manifest_of_a_newer_format_says_so(world: tuple[Path, Path]) -> None:
 
 
 def test_a_delta_of_a_newer_format_says_so(world: tuple[Path, Path]) -> None:
-    delta = struct.pack(">4sBBHIII", MAGIC, 3, 0, 0, 4096, 65536, 0)
-    target = _refused(world, _block_edit(b"00.d", delta), "delta blob format 3 " + NEWER)
+    delta = struct.pack(">4sBBHIII", MAGIC, 4, 0, 0, 4096, 65536, 0)
+    target = _refused(world, _block_edit(b"00.d", delta), "delta blob format 4 " + NEWER)
     assert not (target / "disk.img").exists()
 
 
