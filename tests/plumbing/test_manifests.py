@@ -55,7 +55,7 @@ def _doc(**kw: object) -> bytes:
     ("doc", "err"),
     [
         (b"not json", CorruptRepository),
-        (_doc(vml_manifest=2), NewerFormat),
+        (_doc(vml_manifest=3), NewerFormat),
         (_doc(size=-1), HostileRepository),
         (_doc(size=1 << 60), HostileRepository),
         (_doc(size="big"), CorruptRepository),
@@ -110,7 +110,7 @@ def test_block_map_round_trip_and_fan_out() -> None:
     assert block_trees({}) == (None, [])
 
 
-@pytest.mark.parametrize("version", [0, -1, "2", 2.0, None, 10**6, 10**400])
+@pytest.mark.parametrize("version", [0, -1, "2", 2.0, True, None, 10**6, 10**400])
 def test_only_a_plausible_larger_version_is_called_newer(version: object) -> None:
     """A newer VML's manifest says "upgrade"; anything else is an unknown format, never "newer"."""
     with pytest.raises(CorruptRepository) as e:

@@ -19,7 +19,7 @@ from concurrent.futures import Executor
 
 from vml.errors import CorruptRepository, NoSpace
 from vml.plumbing.cache import BlockRecords, RecordsWriter, block_hash, page_hashes
-from vml.plumbing.chains import ResolvedImage, materialize, ordered_map
+from vml.plumbing.chains import ResolvedImage, SourceReader, materialize, ordered_map
 from vml.plumbing.images import WINDOW, Digests, block_digest, zeros
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import WriteBehind, libc
@@ -139,6 +139,8 @@ class _ImageBuild:
         self.old = old
         self.old_records = old_records
         self.want_records = want_records
+        # Reference pages of version-3 deltas: their sources, read once while cached.
+        self.sources = SourceReader(reader)
 
     def zero(self, n: int, length: int) -> _Built:
         return n, 0, block_digest(None, length), b"", None
@@ -176,7 +178,7 @@ class _ImageBuild:
         # With the entry's checks, each block is checked once, built, with the
         # xxh3 the area cache needs anyway, and its id is read, not hashed;
         # without them, each object is checked by id as it is read.
-        built = materialize(self.reader, recipe, length, verify=check is None)
+        built = materialize(self.reader, recipe, length, verify=check is None, sources=self.sources)
         if built is None or built == zeros(length):
             # All zero (deltas may zero a whole block): a hole, never data.
             if check is not None and check[0] != block_digest(None, length):
@@ -188,7 +190,7 @@ class _ImageBuild:
         if check is not None and bh != check[1]:
             # Damage somewhere: build again checking every object id, which
             # passes over a damaged copy when another pack holds a good one.
-            built = materialize(self.reader, recipe, length)
+            built = materialize(self.reader, recipe, length, sources=SourceReader(self.reader))
             bh = block_hash(built) if built is not None else b""
             if bh != check[1]:
                 raise CorruptRepository(_damaged(n))

@@ -15,6 +15,7 @@ image's digest (a hash list of its blocks' ids) as it is written.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 from bisect import bisect_left, bisect_right
@@ -30,6 +31,7 @@ from vml.plumbing.areas import stat_signature
 from vml.plumbing.cache import BlockRecords, RecordsWriter, block_hash, page_hashes
 from vml.plumbing.chains import (
     MAX_DELTA_DEPTH,
+    NO_SOURCES,
     ZERO,
     Recipe,
     ResolvedImage,
@@ -43,12 +45,14 @@ from vml.plumbing.manifests import (
     BLOCKS_NAME,
     MANIFEST_NAME,
     MAX_BLOCKS,
+    SOURCES_NAME,
     TREE_MODE,
     BlockChecks,
     BlockRef,
     LayerBlock,
     Manifest,
     block_trees,
+    sources_tree,
 )
 from vml.plumbing.packs import BLOB, PackReader, PackWriter, blob_id, deflate
 from vml.plumbing.vm.formats import data_ranges
@@ -692,18 +696,27 @@ def image_tree(
     blocks: Mapping[int, LayerBlock],
     checks: BlockChecks | None,
     checks_id: bytes | None = None,
+    sources: frozenset[bytes] = NO_SOURCES,
 ) -> Tree:
-    """Write an image's manifest, checks and block map; returns its tree.
+    """Write an image's manifest, checks, block map and sources; returns its tree.
+
+    ``sources``: every blob the version-3 deltas the layer names may take
+    reference pages from; named in a ``sources`` tree (so git reaches them),
+    and the manifest then says version 2.
 
     ``checks`` are the blocks' blob ids and xxh3-128 (None: unknown, as for
     an entry rewritten from one saved before checks existed).  With
     ``checks_id``, a pack holds their blob already (an unchanged image: it
     is named again, not written; the caller makes sure it stays there).
     """
-    man = Blob.from_string(manifest.encode())
+    man = Blob.from_string(dataclasses.replace(manifest, version=2 if sources else 1).encode())
     writer.add_object(man)
     tree = Tree()
     tree.add(MANIFEST_NAME, BLOB_MODE, man.id)
+    if sources:
+        src = sources_tree(sources)
+        writer.add_object(src)
+        tree.add(SOURCES_NAME, TREE_MODE, src.id)
     if checks is not None:
         if checks_id is None:
             chk = Blob.from_string(checks.data)
