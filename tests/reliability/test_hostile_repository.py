@@ -287,8 +287,8 @@ def test_a_manifest_of_a_newer_format_says_so(world: tuple[Path, Path]) -> None:
     """An image written by a newer VML: the user is told to upgrade, not to hunt for damage."""
     target = _refused(
         world,
-        _manifest_edit(lambda d: d.update(vml_manifest=2)),
-        "image manifest format 2 " + NEWER,
+        _manifest_edit(lambda d: d.update(vml_manifest=3)),
+        "image manifest format 3 " + NEWER,
     )
     assert not (target / "disk.img").exists()
 

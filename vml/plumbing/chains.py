@@ -15,10 +15,10 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass, field
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 from vml.errors import CorruptRepository, HostileRepository
-from vml.plumbing.deltas import apply_delta
+from vml.plumbing.deltas import apply_delta, overwritten, parse_delta
 from vml.plumbing.entries import IMAGES_NAME, Entry, find_in_entry, load_entry, parse_commit
 from vml.plumbing.manifests import (
     BLOCKS_NAME,
@@ -170,7 +170,7 @@ def _layer(reader: PackReader, items: dict[bytes, tuple[int, bytes]], path: str)
     if (found is not None) != (manifest.version == 2) or (
         found is not None and found[0] != TREE_MODE
     ):
-        raise HostileRepository(f"image {path} has sources exactly when its manifest says not")
+        raise HostileRepository(f"image {path}: its sources tree and its manifest version disagree")
     sources = NO_SOURCES if found is None else read_sources(_read_tree(reader), found[1])
     return Layer(manifest, blocks[1] if blocks else None, sources)
 
@@ -364,6 +364,14 @@ def _within(spans: list[tuple[int, int]], b: int) -> bool:
     return i >= 0 and spans[i][0] <= b < spans[i][1]
 
 
+class Sources(Protocol):
+    """Where building takes a reference page's bytes from (version-3 deltas)."""
+
+    def read(self, sha: bytes, offset: int, length: int, verify: bool = True) -> bytes:
+        """``length`` bytes of blob ``sha`` at ``offset`` (fewer when it does not hold them)."""
+        ...
+
+
 class SourceReader:
     """Serves reference pages (version-3 deltas) from their source blobs.
 
@@ -406,7 +414,7 @@ def materialize(
     length: int,
     *,
     verify: bool = True,
-    sources: SourceReader | None = None,
+    sources: Sources | None = None,
 ) -> bytes | None:
     """Build one block; None means all zero.
 
@@ -429,7 +437,7 @@ def materialize(
             return data
         buf = bytearray(data)
     allowed = recipe.sources
-    src = sources
+    src: Sources | None = sources
 
     def source(sha: bytes, offset: int, n: int) -> bytes:
         nonlocal src
@@ -441,8 +449,13 @@ def materialize(
             src = SourceReader(reader, budget=8 * length)
         return src.read(sha, offset, n, verify)
 
-    for d in recipe.deltas:
-        apply_delta(buf, reader.read(d, BLOB, verify=verify)[1], source)
+    blobs = [reader.read(d, BLOB, verify=verify)[1] for d in recipe.deltas]
+    skips: list[set[int]] = [set() for _ in blobs]
+    if allowed and len(blobs) > 1:
+        # Reference pages a newer delta names again are never read.
+        skips = overwritten([parse_delta(b) for b in blobs])
+    for blob, skip in zip(blobs, skips, strict=True):
+        apply_delta(buf, blob, source, skip)
     return bytes(buf)
 
 

@@ -192,6 +192,21 @@ def parse_delta(blob: bytes | memoryview) -> Delta:
     return Delta(version, page_size, length, pages, sources, refs, data_at)
 
 
+def overwritten(deltas: Sequence[Delta]) -> list[set[int]]:
+    """For each delta (oldest first), its reference pages that a newer one names again.
+
+    Those are never read: building applies the newer delta over them.
+    """
+    out: list[set[int]] = [set() for _ in deltas]
+    later: set[int] = set()
+    for i in range(len(deltas) - 1, -1, -1):
+        d = deltas[i]
+        if d.refs and later:
+            out[i] = {p & ~_FLAGS for p in d.pages if p & REF_PAGE} & later
+        later.update(p & ~_FLAGS for p in d.pages)
+    return out
+
+
 def delta_header(blob: bytes) -> tuple[int, int, list[int]]:
     """Parse and check a delta's header: ``(page_size, block_length, pages)``.
 
@@ -202,11 +217,17 @@ def delta_header(blob: bytes) -> tuple[int, int, list[int]]:
     return d.page_size, d.length, d.pages
 
 
-def apply_delta(base: bytearray, blob: bytes, source: SourceRead | None = None) -> None:
+def apply_delta(
+    base: bytearray,
+    blob: bytes,
+    source: SourceRead | None = None,
+    skip: set[int] | frozenset[int] = frozenset(),
+) -> None:
     """Overwrite the pages named by ``blob`` in ``base``, in place.
 
     ``source`` reads a reference page's bytes (version 3); a delta with
-    references and no ``source`` is refused.
+    references and no ``source`` is refused.  Reference pages in ``skip``
+    (a newer delta overwrites them) are not read.
     """
     d = parse_delta(blob)
     length = d.length
@@ -230,6 +251,9 @@ def apply_delta(base: bytearray, blob: bytes, source: SourceRead | None = None) 
             k = p & ~_FLAGS
             src, off = d.sources[d.refs[r][0]], d.refs[r][1]
             r += 1
+            i += 1
+            if k in skip:
+                continue
             if source is None:
                 raise CorruptRepository("a page delta references a blob nobody can read here")
             start = k * page_size
@@ -241,7 +265,6 @@ def apply_delta(base: bytearray, blob: bytes, source: SourceRead | None = None) 
                     "which it does not hold"
                 )
             base[start : start + want] = got
-            i += 1
             continue
         j = i + 1
         while j < n and pages[j] & _FLAGS == kind and pages[j] == pages[j - 1] + 1:

@@ -39,7 +39,7 @@ from vml.plumbing.chains import (
     ordered_map,
     same_length_end,
 )
-from vml.plumbing.deltas import encode_delta
+from vml.plumbing.deltas import Where, encode_delta, parse_delta
 from vml.plumbing.manifests import (
     BLOB_MODE,
     BLOCKS_NAME,
@@ -55,6 +55,7 @@ from vml.plumbing.manifests import (
     sources_tree,
 )
 from vml.plumbing.packs import BLOB, PackReader, PackWriter, blob_id, deflate
+from vml.plumbing.pageindex import PageIndex
 from vml.plumbing.vm.formats import data_ranges
 from vml.progress import Advance
 
@@ -224,6 +225,9 @@ class _Outcome:
     zdata: bytes | None = None
     raw_len: int = 0
     read: int = 0
+    # A delta's page places, and the sources its reference pages come from.
+    places: dict[int, Where | None] | None = None
+    sources: frozenset[bytes] = NO_SOURCES
 
 
 @dataclass
@@ -264,6 +268,18 @@ class SaveInputs:
     reused: set[bytes] = field(default_factory=set)
     # What may have changed since the parent (a dirty bitmap's word); None: read all data.
     changed: Changed | None = None
+    # Pages of the images saved before this one in the same save: changed pages
+    # found there are stored as references (version-3 deltas).
+    index: PageIndex | None = None
+
+
+@dataclass
+class SavedLayer:
+    """What :func:`save_image` stored for an image, as a page index needs it."""
+
+    blocks: dict[int, BlockRef]
+    zero: list[tuple[int, int]]
+    places: dict[bytes, dict[int, Where | None]]
 
 
 def _parent_hashes(
@@ -478,6 +494,8 @@ class _ImageSave:
         self.zero = _Ranges()
         self.blocks: dict[int, BlockRef] = {}
         self.read = 0
+        self.sources: set[bytes] = set()
+        self.places: dict[bytes, dict[int, Where | None]] = {}
 
     def items(self, spans: list[tuple[int, int]]) -> Iterator[tuple[int, int, bool]]:
         """``(start, end, read?)``: runs not read go whole, blocks to read one by one."""
@@ -541,6 +559,12 @@ class _ImageSave:
             elif out.sha not in writer:
                 self.inp.reused.add(out.sha)
             self.blocks[n] = (out.kind == "delta", out.sha)
+            if out.places is not None:
+                self.places[out.sha] = out.places
+            for src in out.sources:
+                self.sources.add(src)
+                if src not in writer:
+                    self.inp.reused.add(src)  # an older block: it must still exist at publishing
 
 
 def save_image(
@@ -554,8 +578,8 @@ def save_image(
     inp: SaveInputs,
     record_out: RecordsWriter | None,
     progress: Advance,
-) -> tuple[Tree, Manifest, int, int]:
-    """Save one image file; returns (image tree, manifest, bytes read, blocks stored).
+) -> tuple[Tree, Manifest, int, SavedLayer]:
+    """Save one image file; returns (image tree, manifest, bytes read, what it stored).
 
     Only blocks holding data are read, or with ``inp.changed`` only those it
     names; the rest go in bulk, with no work per block: holes and unwritten
@@ -615,8 +639,10 @@ def save_image(
         base=inp.parent is None,
         zero=job.zero.items,
     )
-    tree = image_tree(writer, manifest, job.blocks, job.digests.checks(manifest))
-    return tree, manifest, job.read, len(job.blocks)
+    tree = image_tree(
+        writer, manifest, job.blocks, job.digests.checks(manifest), sources=frozenset(job.sources)
+    )
+    return tree, manifest, job.read, SavedLayer(job.blocks, job.zero.items, job.places)
 
 
 def _read_block(
@@ -675,16 +701,25 @@ def _read_block(
         if zero_pages:
             gone = set(zero_pages)
             changed = [k for k in changed if k not in gone]
+        # Pages the images saved before this one hold (a guest's page cache
+        # holds its disk's blocks) become references: 16 bytes, not a page.
+        refs = inp.index.find(data, changed, pages) if inp.index is not None and changed else {}
+        if refs:
+            changed = [k for k in changed if k not in refs]
         # The stacked deltas' sizes cost a look-up each: only asked
         # when the new delta alone would fit.
-        fresh = len(changed) * page_size
+        fresh = len(changed) * page_size + 16 * len(refs)
         if fresh <= length // 2 and (
             fresh + sum(reader.object_size(d) or length for d in pr.deltas) <= length // 2
         ):
-            delta = encode_delta(data, changed, page_size, zero_pages)
+            delta = encode_delta(data, changed, page_size, zero_pages, refs)
             sha = blob_id(delta)
             z = None if reader.in_packs(sha) else deflate(delta)
-            return _Outcome(n, data, digest, bh, pages, "delta", sha, z, len(delta), read)
+            places = parse_delta(delta).places()
+            srcs = frozenset(src for src, _ in refs.values())
+            return _Outcome(
+                n, data, digest, bh, pages, "delta", sha, z, len(delta), read, places, srcs
+            )
     sha = digest  # a whole block's blob id is its digest
     z = None if reader.in_packs(sha) else deflate(data)
     return _Outcome(n, data, digest, bh, pages, "whole", sha, z, length, read)

@@ -25,6 +25,7 @@ from vml.plumbing.cache import block_hash
 from vml.plumbing.chains import (
     ResolvedImage,
     SourceReader,
+    Sources,
     commit_tree_parent,
     image_layer,
     materialize,
@@ -39,6 +40,7 @@ from vml.plumbing.images import WINDOW, Digests, block_digest, zero_record
 from vml.plumbing.layout import layout_problems, merged_names
 from vml.plumbing.manifests import TREE_MODE, layer_block_ids, parse_tree, read_block_map
 from vml.plumbing.packs import BLOB, TREE, PackReader
+from vml.plumbing.refpages import RefPages
 from vml.progress import Advance, ProgressFn, no_progress
 
 TAG_TYPE = 4
@@ -244,7 +246,12 @@ def check_image(
     """
     m = img.manifest
     found: list[tuple[str, list[bytes]]] = []
-    sources = SourceReader(reader)
+    # Reference pages of version-3 deltas: each source read once, before.
+    sources: Sources
+    try:
+        sources = RefPages.gather(reader, img, verify=True) or SourceReader(reader)
+    except CorruptRepository:
+        sources = SourceReader(reader)  # each block then says what it lacks
 
     def build(n: int) -> tuple[int, bytes | None, bytes, str | None]:
         # Built and hashed in the pool; only the digests come back in order.
@@ -268,7 +275,7 @@ def check_image(
     for n, digest, have, error in ordered_map(pool, build, iter(img.nonzero()), WINDOW):
         if error is not None:
             r = img.recipes[n]
-            objs = ([r.base] if r.base is not None else []) + list(r.deltas)
+            objs = ([r.base] if r.base is not None else []) + list(r.deltas) + sorted(r.sources)
             found.append((f"block {n}: {error}", _bad_objects(reader, objs)))
             broken = True
             continue
@@ -277,6 +284,8 @@ def check_image(
         end = min((n + 1) * m.block_size, m.size)
         progress(end - done)
         done = end
+    if isinstance(sources, RefPages):
+        sources.close()
     digests.zeros_until(m.nblocks)
     progress(m.size - done)
     if not broken and digests.hash.hexdigest() != m.sha256:
