@@ -120,8 +120,8 @@ class PageIndex:
             for k, h in enumerate(hashes):
                 if h == zero or (rate > 1 and h % rate):
                     continue
-                b = h >> (64 - _BUCKET_BITS)
-                keys[b].append(h & _REST)
+                b, rest = _key(h)
+                keys[b].append(rest)
                 idx[b].append(base + k)
                 self.indexed += 1
 
@@ -138,10 +138,8 @@ class PageIndex:
         out: dict[int, Where] = {}
         mv = memoryview(data)
         for k in pages:
-            h = int.from_bytes(hashes[8 * k : 8 * k + 8], "big")
-            b = h >> (64 - _BUCKET_BITS)
+            b, rest = _key(int.from_bytes(hashes[8 * k : 8 * k + 8], "big"))
             keys = self._keys[b]
-            rest = h & _REST
             page = mv[k * self.ps : (k + 1) * self.ps]
             at = 0
             while True:
@@ -226,6 +224,11 @@ class PageIndex:
             ix.image.records.close()
         self._images = []
         self._starts = []
+
+
+def _key(h: int) -> tuple[int, int]:
+    """A page hash's bucket and the bits kept in it."""
+    return h >> (64 - _BUCKET_BITS), h & _REST
 
 
 def _resolve(sha: bytes, place: Where | None) -> Where | None:
