@@ -140,7 +140,7 @@ class PageIndex:
         for k in pages:
             b, rest = _key(int.from_bytes(hashes[8 * k : 8 * k + 8], "big"))
             keys = self._keys[b]
-            page = mv[k * self.ps : (k + 1) * self.ps]
+            page = bytes(mv[k * self.ps : (k + 1) * self.ps])  # bytes compare as memcmp
             at = 0
             while True:
                 try:
@@ -154,7 +154,7 @@ class PageIndex:
                 at += 1
         return _limit(out)
 
-    def _confirm(self, number: int, page: memoryview) -> Where | None:
+    def _confirm(self, number: int, page: bytes) -> Where | None:
         i = bisect_right(self._starts, number) - 1
         img = self._images[i]
         j, k = divmod(number - img.start, self.ppb)
