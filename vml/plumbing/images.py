@@ -47,8 +47,8 @@ from vml.plumbing.manifests import (
     MAX_BLOCKS,
     SOURCES_NAME,
     TREE_MODE,
+    Anchored,
     BlockChecks,
-    BlockRef,
     LayerBlock,
     Manifest,
     block_trees,
@@ -220,7 +220,7 @@ class _Outcome:
     digest: bytes
     bhash: bytes
     pages: bytes
-    kind: str  # "same" | "zero" | "whole" | "delta"
+    kind: str  # "same" | "zero" | "whole" | "delta" | "anchored" (a delta over zeros)
     sha: bytes | None = None
     zdata: bytes | None = None
     raw_len: int = 0
@@ -277,7 +277,7 @@ class SaveInputs:
 class SavedLayer:
     """What :func:`save_image` stored for an image, as a page index needs it."""
 
-    blocks: dict[int, BlockRef]
+    blocks: dict[int, LayerBlock]
     zero: list[tuple[int, int]]
     places: dict[bytes, dict[int, Where | None]]
 
@@ -492,7 +492,7 @@ class _ImageSave:
         self.sle = same_length_end(inp.parent, size, block_size)
         self.digests = Digests(size, block_size)
         self.zero = _Ranges()
-        self.blocks: dict[int, BlockRef] = {}
+        self.blocks: dict[int, LayerBlock] = {}
         self.read = 0
         self.sources: set[bytes] = set()
         self.places: dict[bytes, dict[int, Where | None]] = {}
@@ -552,13 +552,16 @@ class _ImageSave:
             # out "same", never "zero": a base layer just omits it.
             if self.inp.parent is not None:
                 self.zero.add(n, n + 1)
-        elif out.kind in ("whole", "delta"):
+        elif out.kind in ("whole", "delta", "anchored"):
             assert out.sha is not None
             if out.zdata is not None:
                 writer.add_compressed(BLOB, out.sha, out.raw_len, out.zdata)
             elif out.sha not in writer:
                 self.inp.reused.add(out.sha)
-            self.blocks[n] = (out.kind == "delta", out.sha)
+            if out.kind == "anchored":
+                self.blocks[n] = Anchored(None, (out.sha,))
+            else:
+                self.blocks[n] = (out.kind == "delta", out.sha)
             if out.places is not None:
                 self.places[out.sha] = out.places
             for src in out.sources:
@@ -720,9 +723,50 @@ def _read_block(
             return _Outcome(
                 n, data, digest, bh, pages, "delta", sha, z, len(delta), read, places, srcs
             )
+    if inp.index is not None:
+        found = _self_contained(reader, inp.index, n, data, page_size, digest, bh, pages, read)
+        if found is not None:
+            return found
     sha = digest  # a whole block's blob id is its digest
     z = None if reader.in_packs(sha) else deflate(data)
     return _Outcome(n, data, digest, bh, pages, "whole", sha, z, length, read)
+
+
+def _self_contained(
+    reader: PackReader,
+    index: PageIndex,
+    n: int,
+    data: bytes,
+    page_size: int,
+    digest: bytes,
+    bh: bytes,
+    pages: bytes,
+    read: int,
+) -> _Outcome | None:
+    """A block to store whole, unless the index finds most of its pages elsewhere.
+
+    Then it is a delta over zeros naming them as references (an anchored
+    block ``<c>.r/`` with that one delta): for a block new in the file (the
+    qcow2 file grew) or over a parent whose stacked deltas are full.  Its
+    bytes stay within half a block, as a delta's do; building it reads
+    that delta and, gathered once per image, its sources.
+    """
+    length = len(data)
+    npages = (length + page_size - 1) // page_size
+    zero = set(_zero_pages(data, list(range(npages)), page_size, pages))
+    nonzero = [k for k in range(npages) if k not in zero]
+    refs = index.find(data, nonzero, pages)
+    if not refs:
+        return None
+    own = [k for k in nonzero if k not in refs]
+    if len(own) * page_size + 16 * len(refs) > length // 2:
+        return None
+    delta = encode_delta(data, own, page_size, (), refs)
+    sha = blob_id(delta)
+    z = None if reader.in_packs(sha) else deflate(delta)
+    places = parse_delta(delta).places()
+    srcs = frozenset(src for src, _ in refs.values())
+    return _Outcome(n, data, digest, bh, pages, "anchored", sha, z, len(delta), read, places, srcs)
 
 
 def image_tree(

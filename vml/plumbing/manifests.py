@@ -249,7 +249,8 @@ _DELTA_NAME = re.compile(rb"^d([0-9]{2})$")
 class Anchored:
     """A block built from objects this layer names itself, whatever the parent holds.
 
-    Written by ``vml rm``/``convert`` (never by a save): the recipe a block
+    Written by ``vml rm``/``convert`` (and by a save only as a block built on
+    zeros with one version-3 delta, see images.py): the recipe a block
     already had (a whole block, or zeros, then page deltas oldest first),
     named in a small tree ``<c>.r/`` (``base``, ``d01``, ``d02``, ...), so a
     layer can be moved onto another parent without building or storing any

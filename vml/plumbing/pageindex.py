@@ -17,6 +17,13 @@ source's ``stat`` signature before the entry is published, so a file that
 changed after it was saved makes the save fail (``FileChanged``) instead of
 storing a reference to bytes it no longer holds.
 
+A disk's own previous version is indexed too while the disk is saved
+(data copied within it, a file extracted again where a deleted copy still
+lies): those pages are confirmed against the blob that holds them (a small
+cache of inflated blobs), since the file itself is what is changing, and
+retired once the disk is saved.  Memory images skip it: a guest rarely
+moves its own pages.
+
 Memory is bounded: 12 bytes per indexed page, at most ``max_pages`` pages
 (then only a content-defined sample of the rest: a page whose hash is 0
 modulo the sampling rate), so a save's memory stays flat whatever the disk.
@@ -36,7 +43,7 @@ from pathlib import Path
 from vml.errors import FileChanged
 from vml.plumbing.areas import stat_signature
 from vml.plumbing.cache import BlockRecords
-from vml.plumbing.chains import ResolvedImage
+from vml.plumbing.chains import ResolvedImage, SourceReader
 from vml.plumbing.deltas import Where, parse_delta
 from vml.plumbing.manifests import Anchored, LayerBlock
 from vml.plumbing.packs import BLOB, PackReader
@@ -50,7 +57,8 @@ MAX_DELTA_SOURCES = 16
 MIN_SOURCE_PAGES = 4
 _BUCKET_BITS = 12
 _REST = (1 << (64 - _BUCKET_BITS)) - 1
-_PLACES_CACHE = 256  # parsed deltas kept while finding where pages live
+_PLACES_CACHE = 64  # parsed deltas kept while finding where pages live
+BLOB_CACHE = 8 << 20  # blobs kept while confirming pages of a parent's version
 
 
 @dataclass
@@ -70,9 +78,10 @@ class SavedImage:
 @dataclass
 class _Indexed:
     image: SavedImage
-    fd: int
+    fd: int | None  # None: a parent's version, confirmed against the blobs themselves
     start: int  # first page number of this image in the index's numbering
     blocks: array[int]  # its blocks holding data, in order (numbering: block index * ppb + page)
+    retired: bool = False  # a parent's version whose image is saved: its new version serves
 
 
 class PageIndex:
@@ -97,14 +106,21 @@ class PageIndex:
         self._next = 0
         self._places: OrderedDict[bytes, dict[int, Where | None]] = OrderedDict()
         self._lock = threading.Lock()
+        self._blobs = SourceReader(reader, budget=BLOB_CACHE)
 
-    def add(self, image: SavedImage) -> None:
-        """Index ``image``'s pages (zero pages never), from its records."""
+    def add(self, image: SavedImage, *, parent_view: bool = False) -> int:
+        """Index ``image``'s pages (zero pages never), from its records.
+
+        ``parent_view``: the records describe ``image.parent`` (the version
+        the image being saved replaces), whose file is changing: its pages
+        are confirmed against the blobs that hold them, never the file.
+        """
         recs = image.records
         blocks = array("L", recs.data_blocks())
         if not blocks:
-            return
-        fd = os.open(image.source, os.O_RDONLY)
+            recs.close()
+            return -1
+        fd = None if parent_view else os.open(image.source, os.O_RDONLY)
         start = self._next
         self._images.append(_Indexed(image, fd, start, blocks))
         self._starts.append(start)
@@ -124,6 +140,13 @@ class PageIndex:
                 keys[b].append(rest)
                 idx[b].append(base + k)
                 self.indexed += 1
+        return len(self._images) - 1
+
+    def retire(self, handle: int) -> None:
+        """Stop offering the pages ``add`` returned ``handle`` for (a parent's version, once
+        its image is saved: the new version's pages, confirmed by a cheap read, serve)."""
+        if handle >= 0:
+            self._images[handle].retired = True
 
     def find(self, data: bytes, pages: list[int], hashes: bytes) -> dict[int, Where]:
         """References for those ``pages`` of a block (``data``) found in the index.
@@ -157,7 +180,14 @@ class PageIndex:
     def _confirm(self, number: int, page: bytes) -> Where | None:
         i = bisect_right(self._starts, number) - 1
         img = self._images[i]
+        if img.retired:
+            return None
         j, k = divmod(number - img.start, self.ppb)
+        if img.fd is None:
+            where = self._where(img.image, img.blocks[j], k)
+            if where is None or self._blobs.read(where[0], where[1], len(page)) != page:
+                return None
+            return where
         q = img.blocks[j] * self.ppb + k
         if os.pread(img.fd, len(page), q * self.ps) != page:
             return None  # an xxh3 collision (or crafted): bytes decide
@@ -174,22 +204,19 @@ class PageIndex:
             is_delta, sha = entry
             if not is_delta:
                 return sha, k * self.ps
-            places = img.places.get(sha)
-            if places is None:
+            if img.parent is None:
                 return None
-            if k in places:
-                return _resolve(sha, places[k])
-            recipe = img.parent.recipes[n] if img.parent is not None else None
-            if recipe is None:
-                return None
-            base, deltas = recipe.base, recipe.deltas
+            recipe = img.parent.recipes[n]
+            base, deltas = recipe.base, (*recipe.deltas, sha)
         else:
             if img.parent is None or any(a <= n < b for a, b in img.zero):
                 return None
             recipe = img.parent.recipes[n]
             base, deltas = recipe.base, recipe.deltas
         for d in reversed(deltas):
-            places = self._delta_places(d)
+            places = img.places.get(d)
+            if places is None:
+                places = self._delta_places(d)
             if k in places:
                 return _resolve(d, places[k])
         return None if base is None else (base, k * self.ps)
@@ -211,6 +238,8 @@ class PageIndex:
         """Every source file is as it was saved; else the save must not be published."""
         for ix in self._images:
             img = ix.image
+            if ix.fd is None:
+                continue  # confirmed against blobs, which never change
             if (
                 stat_signature(os.fstat(ix.fd)) != img.signature
                 or stat_signature(os.stat(img.source)) != img.signature
@@ -220,7 +249,8 @@ class PageIndex:
     def close(self) -> None:
         """Close the source files and the records."""
         for ix in self._images:
-            os.close(ix.fd)
+            if ix.fd is not None:
+                os.close(ix.fd)
             ix.image.records.close()
         self._images = []
         self._starts = []

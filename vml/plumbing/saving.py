@@ -62,6 +62,9 @@ class SourceFile:
     # Where the file may differ from the area's entry (a dirty bitmap's word,
     # or a live save's partial copy); None: read every block holding data.
     changed: Changed | None = None
+    # A memory image: its pages are looked up among the other images', not
+    # among its own earlier version's (a guest rarely moves memory pages).
+    memory: bool = False
 
 
 @dataclass
@@ -273,7 +276,7 @@ class Saver:
             changed = Changed(whole, partial=True)
             f.stat = os.stat(f.source)  # filled in by us, not changed by anyone
         name, out = self.cache_writer.new_records(f.stat.st_size)
-        index = self._page_index()
+        index, own_view = self._page_index(f, parent_img, recs)
         try:
             tree, man, nread, layer = save_image(
                 self.reader,
@@ -289,6 +292,7 @@ class Saver:
             )
         finally:
             out.close()
+            index.retire(own_view)
         self.read_bytes += nread
         # The folder was listed before the file was opened: a change in
         # between must not be saved under the listed size and time.
@@ -322,15 +326,42 @@ class Saver:
             )
         )
 
-    def _page_index(self) -> PageIndex | None:
-        """The index of every image saved so far (None before the first)."""
-        if self._to_index:
-            if self.index is None:
-                self.index = PageIndex(self.reader, self.repo.page_size, self.repo.block_size)
-            for img in self._to_index:
-                self.index.add(img)
-            self._to_index = []
-        return self.index
+    def _page_index(
+        self, f: SourceFile, parent: ResolvedImage | None, recs: BlockRecords | None
+    ) -> tuple[PageIndex, int]:
+        """The index of every image saved so far, and of ``f``'s parent version (its handle).
+
+        The parent's pages (data copied within a disk: a file extracted
+        again where an earlier copy was deleted) are described by the area
+        cache's records when the parent is the entry the area holds.
+        """
+        if self.index is None:
+            self.index = PageIndex(self.reader, self.repo.page_size, self.repo.block_size)
+        for img in self._to_index:
+            self.index.add(img)
+        self._to_index = []
+        b = self.base
+        view = -1
+        if (
+            not f.memory
+            and parent is not None
+            and recs is not None
+            and b.parent == b.held
+            and b.cache is not None
+        ):
+            own = b.cache.records(f.path)  # the index keeps its own view of the records
+            if own is not None:
+                m = parent.manifest
+                if (
+                    own.size == m.size
+                    and own.nblocks == m.nblocks
+                    and (m.block_size, m.page_size) == (self.repo.block_size, self.repo.page_size)
+                ):
+                    img = SavedImage(f.source, [], own, parent, {}, [])
+                    view = self.index.add(img, parent_view=True)
+                else:
+                    own.close()
+        return self.index, view
 
     def _changed(
         self, f: SourceFile, parent_img: ResolvedImage | None, recs: BlockRecords | None

@@ -559,6 +559,7 @@ def _save(
         try:
             # Memory last: its pages may then reference the disks' (page cache).
             for f in sorted(listing.files, key=lambda f: f.path.lower().endswith(MEMORY_SUFFIXES)):
+                f.memory = f.path.lower().endswith(MEMORY_SUFFIXES)
                 saver.save(f)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
