@@ -212,3 +212,65 @@ def _session_disk_only(area: Path, rng: random.Random) -> None:
     for k in rng.sample(range(DISK // PAGE), 20):
         disk[k * PAGE : (k + 1) * PAGE] = disk[((k + 7) % (DISK // PAGE)) * PAGE :][:PAGE]
     (area / "disk.img").write_bytes(disk)
+
+
+def _anchored_leaves(repo: Path, entry: str, image: str) -> int:
+    """How many blocks of ``image``'s layer in ``entry`` are anchored (``<c>.r/`` trees)."""
+    git = Repo(str(repo))
+    try:
+        commit = git[git.refs[f"refs/vml/entries/{entry[1:]}".encode()]]
+        assert isinstance(commit, Commit)
+        tree = git[commit.tree]
+        assert isinstance(tree, Tree)
+        images = git[tree[b"images"][1]]
+        assert isinstance(images, Tree)
+        img = git[images[image.encode()][1]]
+        assert isinstance(img, Tree)
+        if b"blocks" not in img:
+            return 0
+        count = 0
+        todo = [img[b"blocks"][1]]
+        while todo:
+            t = git[todo.pop()]
+            assert isinstance(t, Tree)
+            for name, mode, sha in t.iteritems():
+                if name.endswith(b".r"):
+                    count += 1
+                elif mode == 0o040000:
+                    todo.append(sha)
+        return count
+    finally:
+        git.close()
+
+
+def test_a_disk_that_copies_its_own_data_references_it(tmp_path: Path, cli_repo: Path) -> None:
+    """A file copied within the disk, and to where the disk grew (a qcow2 file allocates new
+    clusters at its end): pages of the disk's previous version, referenced, not stored again."""
+    area, _ = _area(tmp_path)
+    (area / "vm.ram").unlink()
+    assert vml(cli_repo, "commit", "-q", area).code == 0
+    states = [digest_area(area)]
+    disk = (area / "disk.img").read_bytes()
+    copied = disk[3 * BLOCK : 7 * BLOCK]
+    grown = bytearray(disk)
+    grown[20 * BLOCK + PAGE : 22 * BLOCK + PAGE] = copied[: 2 * BLOCK]  # in place, page-aligned
+    grown += copied  # the file grows by a copy of 4 blocks
+    (area / "disk.img").write_bytes(grown)
+    assert vml(cli_repo, "commit", "-q", area).code == 0
+    states.append(digest_area(area))
+    assert _stored(cli_repo, "E2") < BLOCK  # 6 blocks of copies: references, not bytes
+    assert _anchored_leaves(cli_repo, "E2", "disk.img") >= 4  # the grown blocks
+    for n, want in enumerate(states, 1):
+        out = tmp_path / f"out{n}"
+        assert vml(cli_repo, "checkout", "-q", f"E{n}", out).code == 0
+        assert digest_area(out) == want
+    assert vml(cli_repo, "verify", "--all", "--read-data", "-q").code == 0
+    _git_fsck(cli_repo)
+    # rm and convert carry anchored blocks and their sources like any other.
+    assert vml(cli_repo, "convert", "E2", "--to", "full").code == 0
+    assert vml(cli_repo, "rm", "--force", "E1").code == 0  # an area holds it
+    assert vml(cli_repo, "gc", "-q").code == 0
+    out = tmp_path / "after"
+    assert vml(cli_repo, "checkout", "-q", "E2", out).code == 0
+    assert digest_area(out) == states[1]
+    _git_fsck(cli_repo)
