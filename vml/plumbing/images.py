@@ -693,36 +693,9 @@ def _read_block(
     digest = block_digest(data, length)
     pages = page_hashes(data, page_size, ppb)
     if pr is not None and len(pr.deltas) < MAX_DELTA_DEPTH:
-        # Deltas stack on one block across entries; once they would
-        # add up to half a block, store the block whole, so building
-        # any block reads at most about one and a half blocks.
-        # Pages that became zero carry no bytes and do not count: a
-        # restore only writes zeros for them.
-        npages = (length + page_size - 1) // page_size
-        changed = _differing(pages, ppages, npages)
-        zero_pages = _zero_pages(data, changed, page_size, pages)
-        if zero_pages:
-            gone = set(zero_pages)
-            changed = [k for k in changed if k not in gone]
-        # Pages the images saved before this one hold (a guest's page cache
-        # holds its disk's blocks) become references: 16 bytes, not a page.
-        refs = inp.index.find(data, changed, pages) if inp.index is not None and changed else {}
-        if refs:
-            changed = [k for k in changed if k not in refs]
-        # The stacked deltas' sizes cost a look-up each: only asked
-        # when the new delta alone would fit.
-        fresh = len(changed) * page_size + 16 * len(refs)
-        if fresh <= length // 2 and (
-            fresh + sum(reader.object_size(d) or length for d in pr.deltas) <= length // 2
-        ):
-            delta = encode_delta(data, changed, page_size, zero_pages, refs)
-            sha = blob_id(delta)
-            z = None if reader.in_packs(sha) else deflate(delta)
-            places = parse_delta(delta).places()
-            srcs = frozenset(src for src, _ in refs.values())
-            return _Outcome(
-                n, data, digest, bh, pages, "delta", sha, z, len(delta), read, places, srcs
-            )
+        found = _as_delta(reader, inp, n, data, pr, ppages, page_size, digest, bh, pages, read)
+        if found is not None:
+            return found
     if inp.index is not None:
         found = _self_contained(reader, inp.index, n, data, page_size, digest, bh, pages, read)
         if found is not None:
@@ -730,6 +703,53 @@ def _read_block(
     sha = digest  # a whole block's blob id is its digest
     z = None if reader.in_packs(sha) else deflate(data)
     return _Outcome(n, data, digest, bh, pages, "whole", sha, z, length, read)
+
+
+def _as_delta(
+    reader: PackReader,
+    inp: SaveInputs,
+    n: int,
+    data: bytes,
+    pr: Recipe,
+    ppages: bytes,
+    page_size: int,
+    digest: bytes,
+    bh: bytes,
+    pages: bytes,
+    read: int,
+) -> _Outcome | None:
+    """Block ``n`` as a page delta over its parent's version ``pr``, if it is worth one.
+
+    Deltas stack on one block across entries; once they would add up to
+    half a block, the block is stored whole, so building any block reads
+    at most about one and a half blocks.  Pages that became zero carry no
+    bytes and do not count: a restore only writes zeros for them.
+    """
+    length = len(data)
+    npages = (length + page_size - 1) // page_size
+    changed = _differing(pages, ppages, npages)
+    zero_pages = _zero_pages(data, changed, page_size, pages)
+    if zero_pages:
+        gone = set(zero_pages)
+        changed = [k for k in changed if k not in gone]
+    # Pages the images saved before this one hold (a guest's page cache
+    # holds its disk's blocks) become references: 16 bytes, not a page.
+    refs = inp.index.find(data, changed, pages) if inp.index is not None and changed else {}
+    if refs:
+        changed = [k for k in changed if k not in refs]
+    # The stacked deltas' sizes cost a look-up each: only asked
+    # when the new delta alone would fit.
+    fresh = len(changed) * page_size + 16 * len(refs)
+    if fresh > length // 2 or (
+        fresh + sum(reader.object_size(d) or length for d in pr.deltas) > length // 2
+    ):
+        return None
+    delta = encode_delta(data, changed, page_size, zero_pages, refs)
+    sha = blob_id(delta)
+    z = None if reader.in_packs(sha) else deflate(delta)
+    places = parse_delta(delta).places()
+    srcs = frozenset(src for src, _ in refs.values())
+    return _Outcome(n, data, digest, bh, pages, "delta", sha, z, len(delta), read, places, srcs)
 
 
 def _self_contained(
