@@ -57,6 +57,9 @@ MAX_DELTA_SOURCES = 16
 MIN_SOURCE_PAGES = 4
 _BUCKET_BITS = 12
 _REST = (1 << (64 - _BUCKET_BITS)) - 1
+# A block whose every PROBE-th changed page is unknown is taken as new data
+# (found pages come in runs: files cached or copied whole).
+PROBE = 8
 _PLACES_CACHE = 64  # parsed deltas kept while finding where pages live
 BLOB_CACHE = 8 << 20  # blobs kept while confirming pages of a parent's version
 
@@ -158,6 +161,8 @@ class PageIndex:
         """
         if not self._images:
             return {}
+        if len(pages) > 4 * PROBE and not any(self._present(hashes, k) for k in pages[::PROBE]):
+            return {}  # new data (most changed disk blocks): a few probes, not every page
         out: dict[int, Where] = {}
         mv = memoryview(data)
         for k in pages:
@@ -176,6 +181,11 @@ class PageIndex:
                     break
                 at += 1
         return _limit(out)
+
+    def _present(self, hashes: bytes, k: int) -> bool:
+        """Whether page ``k``'s hash is indexed at all (no confirmation)."""
+        b, rest = _key(int.from_bytes(hashes[8 * k : 8 * k + 8], "big"))
+        return rest in self._keys[b]
 
     def _confirm(self, number: int, page: bytes) -> Where | None:
         i = bisect_right(self._starts, number) - 1
