@@ -466,6 +466,7 @@ def main_w2(args: argparse.Namespace) -> None:
         accel=args.w2_accel,
         seed=args.seed,
         cold=args.w2_cold,
+        keep=args.keep,
     )
     names = args.tools.split(",")
     raw_names = (args.w2_raw_tools or args.tools).split(",")

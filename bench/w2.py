@@ -79,6 +79,7 @@ class W2Params:
     accel: str | None = None
     seed: int = 1
     cold: bool = False  # evict the area's files from the page cache before each save
+    keep: bool = False  # --keep: leave every tool's repository (all its states) in the scratch dir
 
 
 class VmlW2Tool(VmlTool):
@@ -474,8 +475,9 @@ def run_format(
     out["states"] = {
         k: {key: v for key, v in info.items() if key != "facts"} for k, info in per_state.items()
     }
-    for path in [*base.glob("repo-*"), *base.glob("home-*"), base / "refs"]:
-        shutil.rmtree(path, ignore_errors=True)
+    if not params.keep:
+        for path in [*base.glob("repo-*"), *base.glob("home-*"), base / "refs"]:
+            shutil.rmtree(path, ignore_errors=True)
     if "vml" in names and params.live:
         out["live"] = live_saves(pristine, base, params, vml_src, log)
         shutil.rmtree(pristine, ignore_errors=True)

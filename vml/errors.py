@@ -99,6 +99,17 @@ class CorruptRepository(VMLError):
     default_remedy = "run `vml fsck` to see which entries are affected"
 
 
+class NewerFormat(CorruptRepository):
+    """An object written by a newer VML in a format this one cannot read.
+
+    A kind of :class:`CorruptRepository`, so every reader that lists an
+    unreadable entry and goes on does so for these too; the message says
+    which format and that upgrading VML reads it.
+    """
+
+    default_remedy = "upgrade vml to read it"
+
+
 class HostileRepository(CorruptRepository):
     """Repository data that would write outside the area or exhaust resources."""
 
@@ -148,3 +159,15 @@ class IncompatibleState(VMControlError):
     default_remedy = (
         "run it with the QEMU that saved it, or boot afresh with `vml run --discard-state`"
     )
+
+
+def newer_or_unknown(what: str, version: object, known: int) -> CorruptRepository:
+    """The error for ``what`` whose format ``version`` is not ``known`` (the newest this VML reads).
+
+    A plausible larger version number was written by a newer VML: say so, so
+    that the user upgrades instead of hunting for damage.  Anything else
+    (not a number, older, absurd) is an unknown format.
+    """
+    if isinstance(version, int) and not isinstance(version, bool) and known < version < 1000:
+        return NewerFormat(f"{what} format {version} is newer than this vml understands")
+    return CorruptRepository(f"{what} has an unknown format")

@@ -9,8 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vml.errors import CorruptRepository
-from vml.plumbing.deltas import MAGIC, ZERO_PAGE, apply_delta, delta_header, encode_delta
+from vml.errors import CorruptRepository, NewerFormat
+from vml.plumbing.deltas import (
+    MAGIC,
+    REF_PAGE,
+    ZERO_PAGE,
+    apply_delta,
+    delta_header,
+    encode_delta,
+    parse_delta,
+)
 
 PAGE = 4096
 
@@ -94,9 +102,111 @@ def _raw(page: int, length: int, pages: list[int], body: bytes, version: int = 1
         _raw(PAGE, 2 * PAGE, [2 | ZERO_PAGE], b"", 2),  # zero page outside
         _raw(PAGE, 2 * PAGE, [1 | ZERO_PAGE, 0], b"x" * PAGE, 2),  # not increasing
         _raw(PAGE, 2 * PAGE, [0 | ZERO_PAGE], b"x" * PAGE, 2),  # a zero page with bytes
-        _raw(PAGE, 2 * PAGE, [], b"", 3),  # unknown version
+        _raw(PAGE, 2 * PAGE, [], b"", 3),  # version 3 without a reference
+        _raw(PAGE, 2 * PAGE, [], b"", 9),  # unknown version
     ],
 )
 def test_hostile_deltas_refused(blob: bytes) -> None:
     with pytest.raises(CorruptRepository):
         delta_header(blob)
+
+
+def test_a_delta_of_a_newer_version_says_so() -> None:
+    with pytest.raises(NewerFormat, match="delta blob format 4 is newer"):
+        delta_header(_raw(PAGE, 2 * PAGE, [], b"", 4))
+    with pytest.raises(CorruptRepository) as e:
+        delta_header(_raw(PAGE, 2 * PAGE, [], b"", 0))
+    assert not isinstance(e.value, NewerFormat)
+
+
+def _sources(blobs: dict[bytes, bytes]):  # type: ignore[no-untyped-def]
+    def read(sha: bytes, off: int, n: int) -> bytes:
+        return blobs[sha][off : off + n]
+
+    return read
+
+
+@settings(max_examples=50, deadline=None)
+@given(npages=st.integers(1, 16), tail=st.integers(0, PAGE - 1), data=st.data())
+def test_round_trip_with_references(npages: int, tail: int, data: st.DataObject) -> None:
+    """Version 3: pages whose bytes are a source's, at any byte offset, beside data and zero pages."""
+    length = npages * PAGE - tail
+    src = {b"\x01" * 20: os.urandom(3 * PAGE + 7), b"\x02" * 20: os.urandom(PAGE)}
+    old = os.urandom(length)
+    new = bytearray(old)
+    total = (length + PAGE - 1) // PAGE
+    chosen = sorted(data.draw(st.sets(st.integers(0, total - 1), min_size=1, max_size=total)))
+    kinds = {p: data.draw(st.sampled_from(["data", "zero", "ref"])) for p in chosen}
+    kinds[chosen[0]] = "ref"
+    refs = {}
+    for p, kind in kinds.items():
+        start = p * PAGE
+        n = min(PAGE, length - start)
+        if kind == "data":
+            new[start : start + n] = os.urandom(n)
+        elif kind == "zero":
+            new[start : start + n] = bytes(n)
+        else:
+            sha = data.draw(st.sampled_from(sorted(src)))
+            off = data.draw(st.integers(0, len(src[sha]) - n))
+            refs[p] = (sha, off)
+            new[start : start + n] = src[sha][off : off + n]
+    pages = [p for p, k in kinds.items() if k == "data"]
+    zero = [p for p, k in kinds.items() if k == "zero"]
+    blob = encode_delta(bytes(new), pages, PAGE, zero, refs)
+    assert blob[4] == 3
+    d = parse_delta(blob)
+    assert set(d.sources) == {s for s, _ in refs.values()}
+    assert {p: w for p, w in d.places().items() if w is not None and w[0]} == refs
+    # A reference costs 16 bytes (its number and where), a zero page 4.
+    assert len(blob) == 20 + 20 * len(d.sources) + 4 * len(chosen) + 12 * len(refs) + sum(
+        min(PAGE, length - p * PAGE) for p in pages
+    )
+    buf = bytearray(old)
+    apply_delta(buf, blob, _sources(src))
+    assert buf == new
+    # A data page's place is its bytes in the blob.
+    for p, w in d.places().items():
+        if w is not None and not w[0]:
+            n = min(PAGE, length - p * PAGE)
+            assert blob[w[1] : w[1] + n] == new[p * PAGE : p * PAGE + n]
+
+
+def test_references_need_a_reader_and_a_source_that_holds_the_bytes() -> None:
+    new = os.urandom(2 * PAGE)
+    sha = b"\x05" * 20
+    blob = encode_delta(new, [], PAGE, (), {1: (sha, 10)})
+    with pytest.raises(CorruptRepository, match="nobody can read"):
+        apply_delta(bytearray(2 * PAGE), blob)
+    with pytest.raises(CorruptRepository, match="does not hold"):
+        apply_delta(bytearray(2 * PAGE), blob, _sources({sha: b"x" * 100}))
+
+
+def _raw3(
+    sources: list[bytes], pages: list[int], refs: list[tuple[int, int]], body: bytes
+) -> bytes:
+    head = struct.pack(">4sBBHIII", MAGIC, 3, 0, len(sources), PAGE, 2 * PAGE, len(pages))
+    out = head + b"".join(sources) + struct.pack(f">{len(pages)}I", *pages)
+    return out + b"".join(struct.pack(">IQ", i, o) for i, o in refs) + body
+
+
+A, B = b"\x01" * 20, b"\x02" * 20
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        _raw3([A], [0 | REF_PAGE], [(1, 0)], b""),  # source index out of range
+        _raw3([B, A], [0 | REF_PAGE, 1 | REF_PAGE], [(0, 0), (1, 0)], b""),  # sources unsorted
+        _raw3([A, B], [0 | REF_PAGE], [(0, 0)], b""),  # a source listed, not used
+        _raw3([A], [0 | REF_PAGE | ZERO_PAGE], [(0, 0)], b""),  # both flags
+        _raw3([A], [0 | REF_PAGE], [], b""),  # truncated reference
+        _raw3([A], [0 | REF_PAGE], [(0, 0)], b"x"),  # bytes after the last reference
+        _raw3([A], [1 | REF_PAGE, 0], [(0, 0)], b"x" * PAGE),  # not increasing
+        _raw3([A] * 65, [0 | REF_PAGE], [(0, 0)], b""),  # too many sources
+        _raw(PAGE, 2 * PAGE, [0 | REF_PAGE], struct.pack(">IQ", 0, 0), 2),  # a reference in v2
+    ],
+)
+def test_hostile_reference_deltas_refused(blob: bytes) -> None:
+    with pytest.raises(CorruptRepository):
+        parse_delta(blob)

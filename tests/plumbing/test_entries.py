@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.plumbing.entry_kit import save
-from vml.errors import CorruptRepository, HostileRepository
+from vml.errors import CorruptRepository, HostileRepository, NewerFormat
 from vml.plumbing.entries import (
     EntryMeta,
     FileRecord,
@@ -80,6 +80,13 @@ def test_malformed_meta(change: dict[str, object]) -> None:
         EntryMeta.decode(json.dumps(doc).encode())
     with pytest.raises(CorruptRepository):
         EntryMeta.decode(b"[1, 2]")
+
+
+def test_metadata_of_a_newer_version_says_so() -> None:
+    doc = json.loads(_meta().encode())
+    doc["vml_entry"] = 2
+    with pytest.raises(NewerFormat, match="entry metadata format 2 is newer"):
+        EntryMeta.decode(json.dumps(doc).encode())
 
 
 def test_trailers_and_body() -> None:

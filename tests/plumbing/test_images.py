@@ -104,7 +104,7 @@ def test_small_change_stores_a_small_delta(repo: Repository, area: Path) -> None
         root = bytes.fromhex(tree[5:45].decode())
         layer = image_layer(r, root, "disk.img")
         assert layer is not None
-        manifest, blocks = layer
+        manifest, blocks, _sources = layer
         assert blocks is not None and not manifest.base
         bmap = read_block_map(lambda s: r.read(s, 2)[1], blocks, manifest.nblocks)
         assert list(bmap) == [1]

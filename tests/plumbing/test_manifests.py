@@ -7,7 +7,7 @@ import json
 import pytest
 from dulwich.objects import Tree
 
-from vml.errors import CorruptRepository, HostileRepository
+from vml.errors import CorruptRepository, HostileRepository, NewerFormat
 from vml.plumbing.manifests import (
     BLOB_MODE,
     TREE_MODE,
@@ -55,7 +55,7 @@ def _doc(**kw: object) -> bytes:
     ("doc", "err"),
     [
         (b"not json", CorruptRepository),
-        (_doc(vml_manifest=2), CorruptRepository),
+        (_doc(vml_manifest=3), NewerFormat),
         (_doc(size=-1), HostileRepository),
         (_doc(size=1 << 60), HostileRepository),
         (_doc(size="big"), CorruptRepository),
@@ -108,6 +108,17 @@ def test_block_map_round_trip_and_fan_out() -> None:
     back = read_block_map(store.__getitem__, bytes.fromhex(top.id.decode()), 70001)
     assert back == blocks
     assert block_trees({}) == (None, [])
+
+
+@pytest.mark.parametrize("version", [0, -1, "2", 2.0, True, None, 10**6, 10**400])
+def test_only_a_plausible_larger_version_is_called_newer(version: object) -> None:
+    """A newer VML's manifest says "upgrade"; anything else is an unknown format, never "newer"."""
+    with pytest.raises(CorruptRepository) as e:
+        Manifest.decode(_doc(vml_manifest=version))
+    assert not isinstance(e.value, NewerFormat)
+    assert "unknown format" in e.value.message
+    with pytest.raises(NewerFormat, match="image manifest format 7 is newer"):
+        Manifest.decode(_doc(vml_manifest=7))
 
 
 def test_block_map_beyond_the_file_refused() -> None:

@@ -5,7 +5,9 @@ zeroed blocks and holes, a disk that grows, shrinks or is truncated, small
 files added and removed, exec bits flipped), saves it as full, incremental
 or differential entries (with and without ``--base``), and checks entries out
 into new folders, into folders holding another entry, and in place into the
-working area (restore).  Each result must equal the state that was saved:
+working area (restore).  A memory file ``vm.ram`` takes runs of the disk's
+pages (a guest's page cache), which saves store as references to the disk's
+blobs (version-3 deltas, #12).  Each result must equal the state that was saved:
 the same files, the same bytes, the same exec bits and modification times.
 """
 
@@ -37,6 +39,7 @@ from vml.porcelain.status import status
 
 PAGE = 4096
 MAX_DISK = 8 * TEST_BLOCK  # 512 KiB: eight blocks
+RAM = 2 * TEST_BLOCK  # a memory file (saved after the disk: it may reference the disk's pages)
 SMALL_NAMES = ("notes.txt", "vm.nvram", "run.sh")
 
 Snapshot = dict[str, tuple[object, ...]]
@@ -59,6 +62,7 @@ class RoundTrip(RuleBasedStateMachine):
             f.truncate(size)
             f.seek(0)
             f.write(seed.to_bytes(4, "big") * 1024)
+        (self.area / "vm.ram").write_bytes(os.urandom(RAM))
         self.saved: dict[str, Snapshot] = {}  # entry -> state with mtimes
         self.order: list[str] = []
         self.area_entry: str | None = None
@@ -120,6 +124,23 @@ class RoundTrip(RuleBasedStateMachine):
     @rule(size=st.one_of(st.integers(0, MAX_DISK), st.sampled_from([TEST_BLOCK, 3 * TEST_BLOCK])))
     def resize(self, size: int) -> None:
         os.truncate(self._disk(), size)
+
+    @rule(
+        src=st.integers(0, MAX_DISK // PAGE - 8),
+        dst=st.integers(0, RAM // PAGE - 8),
+        run=st.integers(4, 8),
+    )
+    def cache_disk_pages(self, src: int, dst: int, run: int) -> None:
+        # The guest writes a file and its page cache keeps it.
+        if (src + run) * PAGE > self._size():
+            return
+        data = os.urandom(run * PAGE)
+        edit(self._disk(), src * PAGE, data)
+        edit(self.area / "vm.ram", dst * PAGE, data)
+
+    @rule(page=st.integers(0, RAM // PAGE - 1), seed=st.integers(0, 2**16))
+    def write_ram_page(self, page: int, seed: int) -> None:
+        edit(self.area / "vm.ram", page * PAGE, seed.to_bytes(4, "big") * (PAGE // 4))
 
     @rule(name=st.sampled_from(SMALL_NAMES), length=st.integers(0, 3000), byte=st.integers(0, 255))
     def write_small(self, name: str, length: int, byte: int) -> None:

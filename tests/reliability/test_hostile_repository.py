@@ -280,6 +280,32 @@ def test_a_delta_claiming_a_huge_block_is_refused(world: tuple[Path, Path]) -> N
     _refused(world, _block_edit(b"00.d", delta), "delta")
 
 
+NEWER = "is newer than this vml understands; upgrade vml to read it"
+
+
+def test_a_manifest_of_a_newer_format_says_so(world: tuple[Path, Path]) -> None:
+    """An image written by a newer VML: the user is told to upgrade, not to hunt for damage."""
+    target = _refused(
+        world,
+        _manifest_edit(lambda d: d.update(vml_manifest=3)),
+        "image manifest format 3 " + NEWER,
+    )
+    assert not (target / "disk.img").exists()
+
+
+def test_a_delta_of_a_newer_format_says_so(world: tuple[Path, Path]) -> None:
+    delta = struct.pack(">4sBBHIII", MAGIC, 4, 0, 0, 4096, 65536, 0)
+    target = _refused(world, _block_edit(b"00.d", delta), "delta blob format 4 " + NEWER)
+    assert not (target / "disk.img").exists()
+
+
+def test_entry_metadata_of_a_newer_format_says_so(world: tuple[Path, Path]) -> None:
+    def edit(git: Repo, root: Tree, meta: dict[str, object]) -> None:
+        meta["vml_entry"] = 2
+
+    _refused(world, edit, "entry metadata format 2 " + NEWER)
+
+
 def test_a_symbolic_ref_cycle_is_refused_clearly(world: tuple[Path, Path]) -> None:
     repo, _base = world
     (repo / "refs" / "heads" / "a").write_text("ref: refs/heads/b\n")
@@ -317,3 +343,16 @@ def test_a_malformed_vm_description_shows_as_no_vm_and_breaks_no_listing(
     run = vml(repo, "show", "E2")
     assert run.code == 0 and "chain     E2" in run.out, run
     assert vml(repo, "log").code == 0
+
+
+def test_an_entry_of_a_newer_format_is_listed_as_such_and_the_log_goes_on(
+    world: tuple[Path, Path],
+) -> None:
+    def edit(git: Repo, root: Tree, meta: dict[str, object]) -> None:
+        meta["vml_entry"] = 2
+
+    repo, _base = world
+    forge(repo, edit)
+    run = vml(repo, "log")
+    assert "entry metadata format 2 is newer than this vml understands" in run.out + run.err, run
+    assert "E1" in run.out

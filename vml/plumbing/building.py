@@ -16,12 +16,21 @@ import ctypes
 import errno
 import os
 from concurrent.futures import Executor
+from pathlib import Path
 
 from vml.errors import CorruptRepository, NoSpace
 from vml.plumbing.cache import BlockRecords, RecordsWriter, block_hash, page_hashes
-from vml.plumbing.chains import ResolvedImage, materialize, ordered_map
+from vml.plumbing.chains import (
+    Recipes,
+    ResolvedImage,
+    SourceReader,
+    Sources,
+    materialize,
+    ordered_map,
+)
 from vml.plumbing.images import WINDOW, Digests, block_digest, zeros
 from vml.plumbing.packs import PackReader
+from vml.plumbing.refpages import RefPages
 from vml.plumbing.repository import WriteBehind, libc
 from vml.progress import Advance
 
@@ -131,6 +140,7 @@ class _ImageBuild:
         old: ResolvedImage | None,
         old_records: BlockRecords | None,
         want_records: bool,
+        sources: Sources | None = None,
     ) -> None:
         self.reader = reader
         self.image = image
@@ -139,6 +149,8 @@ class _ImageBuild:
         self.old = old
         self.old_records = old_records
         self.want_records = want_records
+        # Reference pages of version-3 deltas, gathered before (each source read once).
+        self.sources = sources
 
     def zero(self, n: int, length: int) -> _Built:
         return n, 0, block_digest(None, length), b"", None
@@ -176,7 +188,7 @@ class _ImageBuild:
         # With the entry's checks, each block is checked once, built, with the
         # xxh3 the area cache needs anyway, and its id is read, not hashed;
         # without them, each object is checked by id as it is read.
-        built = materialize(self.reader, recipe, length, verify=check is None)
+        built = materialize(self.reader, recipe, length, verify=check is None, sources=self.sources)
         if built is None or built == zeros(length):
             # All zero (deltas may zero a whole block): a hole, never data.
             if check is not None and check[0] != block_digest(None, length):
@@ -188,7 +200,7 @@ class _ImageBuild:
         if check is not None and bh != check[1]:
             # Damage somewhere: build again checking every object id, which
             # passes over a damaged copy when another pack holds a good one.
-            built = materialize(self.reader, recipe, length)
+            built = materialize(self.reader, recipe, length, sources=SourceReader(self.reader))
             bh = block_hash(built) if built is not None else b""
             if bh != check[1]:
                 raise CorruptRepository(_damaged(n))
@@ -214,6 +226,17 @@ class _ImageBuild:
         )
 
 
+def _to_build(image: ResolvedImage, old: ResolvedImage, todo: list[int]) -> ResolvedImage:
+    """``image`` with only the blocks an in-place build writes (their recipe differs)."""
+    keep = Recipes()
+    m = image.manifest
+    for n in todo:
+        r = image.recipes[n]
+        if r.sources and old.recipe(n, m.block_length(n)) != r:
+            keep[n] = r
+    return ResolvedImage(m, keep)
+
+
 def write_image(
     reader: PackReader,
     pool: Executor,
@@ -223,6 +246,7 @@ def write_image(
     progress: Advance,
     record_out: RecordsWriter | None = None,
     old_records: BlockRecords | None = None,
+    spill: Path | None = None,
 ) -> int:
     """Write ``image`` into the open file ``fd`` and check its digest.
 
@@ -248,7 +272,10 @@ def write_image(
     if old is not None:
         # (blocks beyond the new size went with the ftruncate)
         todo = sorted(set(todo).union(old.nonzero_in(0, m.nblocks)))
-    job = _ImageBuild(reader, image, fd, old, old_records, record_out is not None)
+    # Only the blocks to build need their reference pages.
+    wanted = image if old is None else _to_build(image, old, todo)
+    refs = RefPages.gather(reader, wanted, verify=image.checks is None, spill=spill)
+    job = _ImageBuild(reader, image, fd, old, old_records, record_out is not None, refs)
     digests = Digests(m.size, m.block_size)
     written = done = 0
     behind = WriteBehind(fd, max(_WRITE_BEHIND, m.block_size))
@@ -266,6 +293,8 @@ def write_image(
             done = end
     finally:
         results.close()  # workers stop before the caller closes the file
+        if refs is not None:
+            refs.close()
     digests.zeros_until(m.nblocks)
     if m.size > done:
         progress(m.size - done)

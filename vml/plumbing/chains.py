@@ -9,21 +9,23 @@ then built and written once.
 
 from __future__ import annotations
 
+import threading
 from bisect import bisect_left, bisect_right
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Executor, Future, wait
-from dataclasses import dataclass
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol, TypeVar
 
 from vml.errors import CorruptRepository, HostileRepository
-from vml.plumbing.deltas import apply_delta
+from vml.plumbing.deltas import apply_delta, overwritten, parse_delta
 from vml.plumbing.entries import IMAGES_NAME, Entry, find_in_entry, load_entry, parse_commit
 from vml.plumbing.manifests import (
     BLOCKS_NAME,
     CHECKS_NAME,
     MANIFEST_NAME,
     MAX_ANCHORED_DELTAS,
+    SOURCES_NAME,
     SPARSE_CHECKS_NAME,
     TREE_MODE,
     Anchored,
@@ -32,6 +34,7 @@ from vml.plumbing.manifests import (
     Manifest,
     parse_tree,
     read_block_map,
+    read_sources,
 )
 from vml.plumbing.packs import BLOB, PackReader
 
@@ -46,12 +49,21 @@ MAX_CHAIN = 1 << 20
 MAX_RECIPE_DELTAS = MAX_ANCHORED_DELTAS
 
 
+NO_SOURCES: frozenset[bytes] = frozenset()
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """How to build one block: a whole block (or zeros) plus deltas."""
+    """How to build one block: a whole block (or zeros) plus deltas.
+
+    ``sources``: the blobs the layers that name its deltas list in their
+    ``sources`` trees, the only ones its version-3 deltas may take reference
+    pages from (not part of equality: the same objects build the same block).
+    """
 
     base: bytes | None
     deltas: tuple[bytes, ...] = ()
+    sources: frozenset[bytes] = field(default=NO_SOURCES, compare=False)
 
 
 ZERO = Recipe(None)
@@ -140,21 +152,31 @@ def _image_items(
     return {name: (mode, sha) for name, mode, sha in parse_tree(reader.read(found[1], 2)[1])}
 
 
-def _layer(
-    reader: PackReader, items: dict[bytes, tuple[int, bytes]], path: str
-) -> tuple[Manifest, bytes | None]:
+class Layer(NamedTuple):
+    """One entry's layer of an image: its manifest, block map tree and sources."""
+
+    manifest: Manifest
+    blocks: bytes | None  # the ``blocks`` tree's id, None when it stores no block
+    sources: frozenset[bytes]  # what its version-3 deltas may reference
+
+
+def _layer(reader: PackReader, items: dict[bytes, tuple[int, bytes]], path: str) -> Layer:
     man = items.get(MANIFEST_NAME)
     if man is None:
         raise CorruptRepository(f"image {path} has no manifest")
     manifest = Manifest.decode(reader.read(man[1], BLOB)[1])
     blocks = items.get(BLOCKS_NAME)
-    return manifest, (blocks[1] if blocks else None)
+    found = items.get(SOURCES_NAME)
+    if (found is not None) != (manifest.version == 2) or (
+        found is not None and found[0] != TREE_MODE
+    ):
+        raise HostileRepository(f"image {path}: its sources tree and its manifest version disagree")
+    sources = NO_SOURCES if found is None else read_sources(_read_tree(reader), found[1])
+    return Layer(manifest, blocks[1] if blocks else None, sources)
 
 
-def image_layer(
-    reader: PackReader, root_tree: bytes, path: str
-) -> tuple[Manifest, bytes | None] | None:
-    """An entry's manifest for image ``path`` and its blocks tree id, or None."""
+def image_layer(reader: PackReader, root_tree: bytes, path: str) -> Layer | None:
+    """An entry's layer of image ``path`` (manifest, blocks tree id, sources), or None."""
     items = _image_items(reader, root_tree, path)
     return None if items is None else _layer(reader, items, path)
 
@@ -231,19 +253,28 @@ class _Resolution:
     def __init__(self, path: str, nblocks: int) -> None:
         self.path = path
         self.pending: dict[int, list[bytes]] = {}  # block -> deltas found so far (newest first)
+        self.pending_sources: dict[int, frozenset[bytes]] = {}  # block -> their layers' sources
         self.recipes = Recipes()
         self.unresolved = _Unresolved(nblocks)
 
-    def settle(self, b: int, base: bytes | None, older: tuple[bytes, ...] = ()) -> None:
+    def settle(
+        self,
+        b: int,
+        base: bytes | None,
+        older: tuple[bytes, ...] = (),
+        sources: frozenset[bytes] = NO_SOURCES,
+    ) -> None:
         """Block ``b`` starts from ``base`` (None: zeros) and ``older`` deltas, then the newer ones."""
         deltas = older + tuple(reversed(self.pending.pop(b, [])))
+        newer = self.pending_sources.pop(b, NO_SOURCES)
+        sources = (sources | newer) if sources and newer else (sources or newer)
         if len(deltas) > MAX_RECIPE_DELTAS:
             raise HostileRepository(
                 f"block {b} of image {self.path} needs {len(deltas)} page deltas; "
                 f"at most {MAX_RECIPE_DELTAS} are read"
             )
         if base is not None or deltas:
-            self.recipes[b] = Recipe(base, deltas)  # all zeros stays absent
+            self.recipes[b] = Recipe(base, deltas, sources)  # all zeros stays absent
 
     def zero_ranges(self, manifest: Manifest) -> None:
         """The layer's zero ranges: zero from here down (newer deltas built on zeros)."""
@@ -255,7 +286,7 @@ class _Resolution:
                 self.settle(b, None)
             self.unresolved.remove(done)
 
-    def block_map(self, bmap: dict[int, LayerBlock]) -> None:
+    def block_map(self, bmap: dict[int, LayerBlock], sources: frozenset[bytes]) -> None:
         """The layer's blocks: whole and anchored ones settle, deltas wait for what is below."""
         done: list[tuple[int, int]] = []
         for b in sorted(bmap):
@@ -264,12 +295,15 @@ class _Resolution:
             entry = bmap[b]
             if isinstance(entry, Anchored):
                 # Self-contained: its own base and deltas, then the newer ones.
-                self.settle(b, entry.base, entry.deltas)
+                self.settle(b, entry.base, entry.deltas, sources if entry.deltas else NO_SOURCES)
                 done.append((b, b + 1))
                 continue
             is_delta, sha = entry
             if is_delta:
                 self.pending.setdefault(b, []).append(sha)
+                if sources:
+                    had = self.pending_sources.get(b)
+                    self.pending_sources[b] = sources if had is None else had | sources
             else:
                 self.settle(b, sha)
                 done.append((b, b + 1))
@@ -287,17 +321,17 @@ def resolve_image(reader: PackReader, commit: bytes, path: str) -> ResolvedImage
     if items is None:
         return None
     top = _layer(reader, items, path)
-    target = top[0]
+    target = top.manifest
     found_checks = _checks(reader, items, target, path)
     res = _Resolution(path, target.nblocks)
-    layer: tuple[Manifest, bytes | None] | None = top
+    layer: Layer | None = top
     depth = 0
     while res.unresolved.spans:
         if layer is None:
             raise CorruptRepository(
                 f"image {path} of {commit.hex()[:12]} depends on an entry that lacks it"
             )
-        manifest, blocks_tree = layer
+        manifest, blocks_tree, sources = layer
         if manifest.block_size != target.block_size:
             raise CorruptRepository(f"image {path} changes block size along its chain")
         res.zero_ranges(manifest)
@@ -307,7 +341,7 @@ def resolve_image(reader: PackReader, commit: bytes, path: str) -> ResolvedImage
                 raise CorruptRepository(
                     f"image {path} of {commit.hex()[:12]} names a block both zero and stored"
                 )
-            res.block_map(bmap)
+            res.block_map(bmap, sources)
         if manifest.base:
             for b in list(res.pending):
                 res.settle(b, None)
@@ -330,13 +364,64 @@ def _within(spans: list[tuple[int, int]], b: int) -> bool:
     return i >= 0 and spans[i][0] <= b < spans[i][1]
 
 
+class Sources(Protocol):
+    """Where building takes a reference page's bytes from (version-3 deltas)."""
+
+    def read(self, sha: bytes, offset: int, length: int, verify: bool = True) -> bytes:
+        """``length`` bytes of blob ``sha`` at ``offset`` (fewer when it does not hold them)."""
+        ...
+
+
+class SourceReader:
+    """Serves reference pages (version-3 deltas) from their source blobs.
+
+    Sources are read whole and kept in a bounded LRU (``budget`` bytes of
+    inflated blobs), shared by the workers building an image, so a source
+    many blocks reference is read once while it stays in the cache.  Safe
+    to use from several threads.
+    """
+
+    def __init__(self, reader: PackReader, budget: int = 64 << 20) -> None:
+        self.reader = reader
+        self.budget = budget
+        self._cache: OrderedDict[bytes, bytes] = OrderedDict()
+        self._held = 0
+        self._lock = threading.Lock()
+        self.read_bytes = 0  # bytes of sources read (inflated), for tests and benchmarks
+
+    def read(self, sha: bytes, offset: int, length: int, verify: bool = True) -> bytes:
+        """``length`` bytes of blob ``sha`` at ``offset`` (fewer when it does not hold them)."""
+        with self._lock:
+            data = self._cache.get(sha)
+            if data is not None:
+                self._cache.move_to_end(sha)
+        if data is None:
+            data = self.reader.read(sha, BLOB, verify=verify)[1]
+            with self._lock:
+                self.read_bytes += len(data)
+                if sha not in self._cache and len(data) <= self.budget:
+                    self._cache[sha] = data
+                    self._held += len(data)
+                    while self._held > self.budget:
+                        _, old = self._cache.popitem(last=False)
+                        self._held -= len(old)
+        return data[offset : offset + length]
+
+
 def materialize(
-    reader: PackReader, recipe: Recipe, length: int, *, verify: bool = True
+    reader: PackReader,
+    recipe: Recipe,
+    length: int,
+    *,
+    verify: bool = True,
+    sources: Sources | None = None,
 ) -> bytes | None:
     """Build one block; None means all zero.
 
     ``verify=False`` skips checking each object's id: for callers that check
-    the built block against the entry's checks instead.
+    the built block against the entry's checks instead.  Reference pages
+    come through ``sources`` (shared by the caller's workers; None: a reader
+    for this block alone), and only from blobs the recipe's layers name.
     """
     if recipe.base is None and not recipe.deltas:
         return None
@@ -351,8 +436,26 @@ def materialize(
         if not recipe.deltas:
             return data
         buf = bytearray(data)
-    for d in recipe.deltas:
-        apply_delta(buf, reader.read(d, BLOB, verify=verify)[1])
+    allowed = recipe.sources
+    src: Sources | None = sources
+
+    def source(sha: bytes, offset: int, n: int) -> bytes:
+        nonlocal src
+        if sha not in allowed:
+            raise CorruptRepository(
+                f"a page delta references {sha.hex()}, which its layer's sources do not name"
+            )
+        if src is None:
+            src = SourceReader(reader, budget=8 * length)
+        return src.read(sha, offset, n, verify)
+
+    blobs = [reader.read(d, BLOB, verify=verify)[1] for d in recipe.deltas]
+    skips: list[set[int]] = [set() for _ in blobs]
+    if allowed and len(blobs) > 1:
+        # Reference pages a newer delta names again are never read.
+        skips = overwritten([parse_delta(b) for b in blobs])
+    for blob, skip in zip(blobs, skips, strict=True):
+        apply_delta(buf, blob, source, skip)
     return bytes(buf)
 
 

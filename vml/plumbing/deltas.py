@@ -5,31 +5,52 @@ holds the numbers of the changed pages and their new contents; applying it to
 the parent's version of the block (same length) gives the new block.  Format
 (all integers big-endian)::
 
-    b"VMLD" | u8 version (1 or 2) | u8 reserved=0 | u16 reserved=0
+    b"VMLD" | u8 version (1, 2 or 3) | u8 reserved=0 | u16 nsources (0 below 3)
     u32 page_size | u32 block_length | u32 count
-    count x u32 page number (strictly increasing)
-    the pages' bytes, in that order (the last page of a block may be short)
+    nsources x 20 bytes: source blob ids, strictly increasing (version 3)
+    count x u32 page number (strictly increasing, flags in the top two bits)
+    for each reference page, in order: u32 source index | u64 byte offset
+    the data pages' bytes, in that order (the last page of a block may be short)
 
 Version 2 adds zero pages, which memory images are full of (a guest zeroes
 what it frees): a page number with its top bit set names a page that becomes
 all zeros and carries no bytes.  So a delta's size counts only the bytes a
 restore must read, which is what bounds stacked deltas (see images.py).
 Version 1 (no zero pages) is still written when there are none.
+
+Version 3 adds *reference* pages (issue #12): a page number with bit 30 set
+names a page whose bytes are those of a source blob at a byte offset, so a
+memory image's page holding what a disk block holds (the guest's page
+cache) costs 16 bytes, not a page.  Every source must be named by the
+``sources`` tree of the image layer that names the delta, so git reaches it
+(see docs/FORMAT.md); version 3 is written only when a delta has references.
 """
 
 from __future__ import annotations
 
 import operator
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
-from vml.errors import CorruptRepository
+from vml.errors import CorruptRepository, newer_or_unknown
 
 MAGIC = b"VMLD"
 _HEAD = struct.Struct(">4sBBHIII")
+_REF = struct.Struct(">IQ")
 ZERO_PAGE = 1 << 31  # flag on a page number: the page becomes zeros, no bytes follow
+REF_PAGE = 1 << 30  # flag on a page number (version 3): the page's bytes are in a source
+_FLAGS = ZERO_PAGE | REF_PAGE
 # No block is ever larger than the largest block size a repository may use.
 MAX_LENGTH = 64 << 20
+# A version 3 delta names at most this many sources (restore reads each).
+MAX_SOURCES = 64
+NEWEST = 3
+
+# (source blob id, byte offset): where a reference page's bytes are.
+Where = tuple[bytes, int]
+# Reads ``length`` bytes of source ``id`` at ``offset`` (a reference page).
+SourceRead = Callable[[bytes, int, int], bytes | memoryview]
 
 
 def encode_delta(
@@ -37,37 +58,92 @@ def encode_delta(
     pages: Sequence[int],
     page_size: int,
     zero_pages: Sequence[int] = (),
+    refs: Mapping[int, Where] | None = None,
 ) -> bytes:
     """A delta blob carrying ``pages`` of ``block`` (the new content).
 
-    ``zero_pages`` (disjoint from ``pages``) become zeros and cost 4 bytes each.
+    ``zero_pages`` (disjoint from ``pages``) become zeros and cost 4 bytes
+    each; ``refs`` (page -> (source id, offset), disjoint from both) take
+    their bytes from a source and cost 16 bytes each (version 3).
     """
     length = len(block)
     mv = memoryview(block)
-    names = sorted([*pages, *(z | ZERO_PAGE for z in zero_pages)], key=lambda p: p & ~ZERO_PAGE)
+    refs = refs or {}
+    sources = sorted({src for src, _ in refs.values()})
+    if len(sources) > MAX_SOURCES:
+        raise ValueError("a delta names at most MAX_SOURCES sources")
+    slot = {src: i for i, src in enumerate(sources)}
+    names = sorted(
+        [*pages, *(z | ZERO_PAGE for z in zero_pages), *(r | REF_PAGE for r in refs)],
+        key=lambda p: p & ~_FLAGS,
+    )
+    version = 3 if refs else 2 if zero_pages else 1
     parts = [
-        _HEAD.pack(MAGIC, 2 if zero_pages else 1, 0, 0, page_size, length, len(names)),
+        _HEAD.pack(MAGIC, version, 0, len(sources), page_size, length, len(names)),
+        *sources,
         struct.pack(f">{len(names)}I", *names),
     ]
     for p in names:
-        if not p & ZERO_PAGE:
+        if p & REF_PAGE:
+            src, off = refs[p & ~REF_PAGE]
+            parts.append(_REF.pack(slot[src], off))
+    for p in names:
+        if not p & _FLAGS:
             start = p * page_size
             parts.append(bytes(mv[start : start + page_size]))
     return b"".join(parts)
 
 
-def delta_header(blob: bytes) -> tuple[int, int, list[int]]:
-    """Parse and check a delta's header: ``(page_size, block_length, pages)``.
+@dataclass(frozen=True)
+class Delta:
+    """A parsed, checked delta header: where each page it names gets its bytes."""
 
-    A page number with :data:`ZERO_PAGE` set names a page that becomes zeros.
+    version: int
+    page_size: int
+    length: int
+    pages: list[int]  # page numbers with their ZERO_PAGE / REF_PAGE flags
+    sources: tuple[bytes, ...]
+    refs: list[tuple[int, int]]  # (source index, offset) per reference page, in order
+    data_at: int  # offset in the blob of the first data page's bytes
+
+    def page_length(self, p: int) -> int:
+        """Bytes of page ``p`` (flags cleared): the block's last page may be short."""
+        return min(self.page_size, self.length - p * self.page_size)
+
+    def places(self) -> dict[int, Where | None]:
+        """Page -> where its new bytes are: ``(source, offset)`` for a reference,
+        ``(b"", offset in this blob)`` for a data page, None for a zero page."""
+        out: dict[int, Where | None] = {}
+        pos = self.data_at
+        r = 0
+        for p in self.pages:
+            n = p & ~_FLAGS
+            if p & ZERO_PAGE:
+                out[n] = None
+            elif p & REF_PAGE:
+                i, off = self.refs[r]
+                r += 1
+                out[n] = (self.sources[i], off)
+            else:
+                out[n] = (b"", pos)
+                pos += self.page_length(n)
+        return out
+
+
+def parse_delta(blob: bytes | memoryview) -> Delta:
+    """Parse and check a delta's header (every version).
 
     Every field is checked before use: a delta from a hostile repository must
     not make us write outside the block or allocate without bound.
     """
     if len(blob) < _HEAD.size:
         raise CorruptRepository("delta blob is truncated")
-    magic, version, _r1, _r2, page_size, length, count = _HEAD.unpack_from(blob)
-    if magic != MAGIC or version not in (1, 2):
+    magic, version, _r1, nsrc, page_size, length, count = _HEAD.unpack_from(blob)
+    if magic != MAGIC:
+        raise CorruptRepository("delta blob has an unknown format")
+    if version not in (1, 2, 3):
+        raise newer_or_unknown("delta blob", version, NEWEST)
+    if _r1 or (nsrc and version < 3):
         raise CorruptRepository("delta blob has an unknown format")
     if page_size < 512 or page_size & (page_size - 1) or page_size > MAX_LENGTH:
         raise CorruptRepository("delta blob has a bad page size")
@@ -76,48 +152,126 @@ def delta_header(blob: bytes) -> tuple[int, int, list[int]]:
     npages = (length + page_size - 1) // page_size
     if count > npages:
         raise CorruptRepository("delta blob names more pages than its block has")
-    end = _HEAD.size + 4 * count
+    if nsrc > MAX_SOURCES:
+        raise CorruptRepository("delta blob names too many sources")
+    at = _HEAD.size + 20 * nsrc
+    end = at + 4 * count
     if len(blob) < end:
         raise CorruptRepository("delta blob is truncated")
-    pages = list(struct.unpack_from(f">{count}I", blob, _HEAD.size))
+    sources = tuple(
+        bytes(blob[_HEAD.size + 20 * i : _HEAD.size + 20 * (i + 1)]) for i in range(nsrc)
+    )
+    if not all(map(operator.lt, sources, sources[1:])):
+        raise CorruptRepository("delta blob names its sources out of order")
+    pages = list(struct.unpack_from(f">{count}I", blob, at))
     # Checked with C-level passes, not a Python loop per page: a block of a
     # long chain may stack thousands of page entries.
-    zero = [p for p in pages if p & ZERO_PAGE]
-    if zero and version == 1:
+    flagged = [p for p in pages if p & _FLAGS]
+    zero = [p for p in flagged if p & ZERO_PAGE]
+    ref = [p for p in flagged if p & REF_PAGE]
+    if (zero and version == 1) or (ref and version < 3) or any(p & _FLAGS == _FLAGS for p in ref):
         raise CorruptRepository("delta blob has an unknown format")
-    numbers = [p & ~ZERO_PAGE for p in pages] if zero else pages
+    numbers = [p & ~_FLAGS for p in pages] if flagged else pages
     if numbers and (numbers[-1] >= npages or not all(map(operator.lt, numbers, numbers[1:]))):
         raise CorruptRepository("delta blob names a page outside its block")
-    data_pages = count - len(zero)
+    if len(blob) < end + _REF.size * len(ref):
+        raise CorruptRepository("delta blob is truncated")
+    refs = [_REF.unpack_from(blob, end + _REF.size * i) for i in range(len(ref))]
+    if any(i >= nsrc for i, _ in refs) or (version == 3 and not ref):
+        raise CorruptRepository("delta blob names a source it does not list")
+    if version == 3 and len({i for i, _ in refs}) != nsrc:
+        raise CorruptRepository("delta blob lists a source it does not use")
+    data_at = end + _REF.size * len(ref)
+    data_pages = count - len(flagged)
     data_len = data_pages * page_size
-    if data_pages and pages[-1] == npages - 1:  # the block's last page may be short
+    last = pages[-1] if pages else 0
+    if data_pages and not last & _FLAGS and last == npages - 1:  # the last page may be short
         data_len -= npages * page_size - length
-    if len(blob) != end + data_len:
+    if len(blob) != data_at + data_len:
         raise CorruptRepository("delta blob has the wrong length")
-    return page_size, length, pages
+    return Delta(version, page_size, length, pages, sources, refs, data_at)
 
 
-def apply_delta(base: bytearray, blob: bytes) -> None:
-    """Overwrite the pages named by ``blob`` in ``base``, in place."""
-    page_size, length, pages = delta_header(blob)
+def overwritten(deltas: Sequence[Delta]) -> list[set[int]]:
+    """For each delta (oldest first), its reference pages that a newer one names again.
+
+    Those are never read: building applies the newer delta over them.
+    """
+    out: list[set[int]] = [set() for _ in deltas]
+    later: set[int] = set()
+    for i in range(len(deltas) - 1, -1, -1):
+        d = deltas[i]
+        if d.refs and later:
+            out[i] = {p & ~_FLAGS for p in d.pages if p & REF_PAGE} & later
+        later.update(p & ~_FLAGS for p in d.pages)
+    return out
+
+
+def delta_header(blob: bytes) -> tuple[int, int, list[int]]:
+    """Parse and check a delta's header: ``(page_size, block_length, pages)``.
+
+    A page number with :data:`ZERO_PAGE` set names a page that becomes zeros,
+    one with :data:`REF_PAGE` a page whose bytes are in a source.
+    """
+    d = parse_delta(blob)
+    return d.page_size, d.length, d.pages
+
+
+def apply_delta(
+    base: bytearray,
+    blob: bytes,
+    source: SourceRead | None = None,
+    skip: set[int] | frozenset[int] = frozenset(),
+) -> None:
+    """Overwrite the pages named by ``blob`` in ``base``, in place.
+
+    ``source`` reads a reference page's bytes (version 3); a delta with
+    references and no ``source`` is refused.  Reference pages in ``skip``
+    (a newer delta overwrites them) are not read.
+    """
+    d = parse_delta(blob)
+    length = d.length
     if len(base) != length:
         raise CorruptRepository(
             f"delta blob is for a block of {length} bytes, the parent block has {len(base)}"
         )
-    pos = _HEAD.size + 4 * len(pages)
+    page_size = d.page_size
+    pages = d.pages
+    pos = d.data_at
     mv = memoryview(blob)
+    r = 0
     # Consecutive pages of one kind are one copy (or one fill): a write of
     # 256 KiB is one run, not 64 page copies.
     i = 0
     n = len(pages)
     while i < n:
         p = pages[i]
+        kind = p & _FLAGS
+        if kind == REF_PAGE:
+            k = p & ~_FLAGS
+            src, off = d.sources[d.refs[r][0]], d.refs[r][1]
+            r += 1
+            i += 1
+            if k in skip:
+                continue
+            if source is None:
+                raise CorruptRepository("a page delta references a blob nobody can read here")
+            start = k * page_size
+            want = min(page_size, length - start)
+            got = source(src, off, want)
+            if len(got) != want:
+                raise CorruptRepository(
+                    f"a page delta references bytes {off}-{off + want} of {src.hex()}, "
+                    "which it does not hold"
+                )
+            base[start : start + want] = got
+            continue
         j = i + 1
-        while j < n and pages[j] == pages[j - 1] + 1:
+        while j < n and pages[j] & _FLAGS == kind and pages[j] == pages[j - 1] + 1:
             j += 1
-        start = (p & ~ZERO_PAGE) * page_size
-        end = min(((pages[j - 1] & ~ZERO_PAGE) + 1) * page_size, length)
-        if p & ZERO_PAGE:
+        start = (p & ~_FLAGS) * page_size
+        end = min(((pages[j - 1] & ~_FLAGS) + 1) * page_size, length)
+        if kind == ZERO_PAGE:
             base[start:end] = bytes(end - start)
         else:
             base[start:end] = mv[pos : pos + end - start]

@@ -24,7 +24,7 @@ from pathlib import PurePosixPath
 
 from dulwich.objects import Commit, ObjectID, Tree
 
-from vml.errors import CorruptRepository, HostileRepository
+from vml.errors import CorruptRepository, HostileRepository, newer_or_unknown
 from vml.plumbing.manifests import BLOB_MODE, TREE_MODE, parse_tree
 
 META_NAME = b"vml-entry.json"
@@ -201,7 +201,7 @@ class EntryMeta:
         try:
             doc = json.loads(data)
             if doc.get("vml_entry") != 1:
-                raise CorruptRepository("entry metadata has an unknown format")
+                raise newer_or_unknown("entry metadata", doc.get("vml_entry"), 1)
             files = [
                 FileRecord(
                     path=check_relpath(str(f["path"])),

@@ -15,6 +15,7 @@ image's digest (a hash list of its blocks' ids) as it is written.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 from bisect import bisect_left, bisect_right
@@ -30,6 +31,7 @@ from vml.plumbing.areas import stat_signature
 from vml.plumbing.cache import BlockRecords, RecordsWriter, block_hash, page_hashes
 from vml.plumbing.chains import (
     MAX_DELTA_DEPTH,
+    NO_SOURCES,
     ZERO,
     Recipe,
     ResolvedImage,
@@ -37,20 +39,23 @@ from vml.plumbing.chains import (
     ordered_map,
     same_length_end,
 )
-from vml.plumbing.deltas import encode_delta
+from vml.plumbing.deltas import Where, encode_delta, parse_delta
 from vml.plumbing.manifests import (
     BLOB_MODE,
     BLOCKS_NAME,
     MANIFEST_NAME,
     MAX_BLOCKS,
+    SOURCES_NAME,
     TREE_MODE,
+    Anchored,
     BlockChecks,
-    BlockRef,
     LayerBlock,
     Manifest,
     block_trees,
+    sources_tree,
 )
 from vml.plumbing.packs import BLOB, PackReader, PackWriter, blob_id, deflate
+from vml.plumbing.pageindex import PageIndex
 from vml.plumbing.vm.formats import data_ranges
 from vml.progress import Advance
 
@@ -215,11 +220,14 @@ class _Outcome:
     digest: bytes
     bhash: bytes
     pages: bytes
-    kind: str  # "same" | "zero" | "whole" | "delta"
+    kind: str  # "same" | "zero" | "whole" | "delta" | "anchored" (a delta over zeros)
     sha: bytes | None = None
     zdata: bytes | None = None
     raw_len: int = 0
     read: int = 0
+    # A delta's page places, and the sources its reference pages come from.
+    places: dict[int, Where | None] | None = None
+    sources: frozenset[bytes] = NO_SOURCES
 
 
 @dataclass
@@ -260,6 +268,18 @@ class SaveInputs:
     reused: set[bytes] = field(default_factory=set)
     # What may have changed since the parent (a dirty bitmap's word); None: read all data.
     changed: Changed | None = None
+    # Pages of the images saved before this one in the same save: changed pages
+    # found there are stored as references (version-3 deltas).
+    index: PageIndex | None = None
+
+
+@dataclass
+class SavedLayer:
+    """What :func:`save_image` stored for an image, as a page index needs it."""
+
+    blocks: dict[int, LayerBlock]
+    zero: list[tuple[int, int]]
+    places: dict[bytes, dict[int, Where | None]]
 
 
 def _parent_hashes(
@@ -472,8 +492,10 @@ class _ImageSave:
         self.sle = same_length_end(inp.parent, size, block_size)
         self.digests = Digests(size, block_size)
         self.zero = _Ranges()
-        self.blocks: dict[int, BlockRef] = {}
+        self.blocks: dict[int, LayerBlock] = {}
         self.read = 0
+        self.sources: set[bytes] = set()
+        self.places: dict[bytes, dict[int, Where | None]] = {}
 
     def items(self, spans: list[tuple[int, int]]) -> Iterator[tuple[int, int, bool]]:
         """``(start, end, read?)``: runs not read go whole, blocks to read one by one."""
@@ -530,13 +552,22 @@ class _ImageSave:
             # out "same", never "zero": a base layer just omits it.
             if self.inp.parent is not None:
                 self.zero.add(n, n + 1)
-        elif out.kind in ("whole", "delta"):
+        elif out.kind in ("whole", "delta", "anchored"):
             assert out.sha is not None
             if out.zdata is not None:
                 writer.add_compressed(BLOB, out.sha, out.raw_len, out.zdata)
             elif out.sha not in writer:
                 self.inp.reused.add(out.sha)
-            self.blocks[n] = (out.kind == "delta", out.sha)
+            if out.kind == "anchored":
+                self.blocks[n] = Anchored(None, (out.sha,))
+            else:
+                self.blocks[n] = (out.kind == "delta", out.sha)
+            if out.places is not None:
+                self.places[out.sha] = out.places
+            for src in out.sources:
+                self.sources.add(src)
+                if src not in writer:
+                    self.inp.reused.add(src)  # an older block: it must still exist at publishing
 
 
 def save_image(
@@ -550,8 +581,8 @@ def save_image(
     inp: SaveInputs,
     record_out: RecordsWriter | None,
     progress: Advance,
-) -> tuple[Tree, Manifest, int, int]:
-    """Save one image file; returns (image tree, manifest, bytes read, blocks stored).
+) -> tuple[Tree, Manifest, int, SavedLayer]:
+    """Save one image file; returns (image tree, manifest, bytes read, what it stored).
 
     Only blocks holding data are read, or with ``inp.changed`` only those it
     names; the rest go in bulk, with no work per block: holes and unwritten
@@ -611,8 +642,10 @@ def save_image(
         base=inp.parent is None,
         zero=job.zero.items,
     )
-    tree = image_tree(writer, manifest, job.blocks, job.digests.checks(manifest))
-    return tree, manifest, job.read, len(job.blocks)
+    tree = image_tree(
+        writer, manifest, job.blocks, job.digests.checks(manifest), sources=frozenset(job.sources)
+    )
+    return tree, manifest, job.read, SavedLayer(job.blocks, job.zero.items, job.places)
 
 
 def _read_block(
@@ -660,30 +693,100 @@ def _read_block(
     digest = block_digest(data, length)
     pages = page_hashes(data, page_size, ppb)
     if pr is not None and len(pr.deltas) < MAX_DELTA_DEPTH:
-        # Deltas stack on one block across entries; once they would
-        # add up to half a block, store the block whole, so building
-        # any block reads at most about one and a half blocks.
-        # Pages that became zero carry no bytes and do not count: a
-        # restore only writes zeros for them.
-        npages = (length + page_size - 1) // page_size
-        changed = _differing(pages, ppages, npages)
-        zero_pages = _zero_pages(data, changed, page_size, pages)
-        if zero_pages:
-            gone = set(zero_pages)
-            changed = [k for k in changed if k not in gone]
-        # The stacked deltas' sizes cost a look-up each: only asked
-        # when the new delta alone would fit.
-        fresh = len(changed) * page_size
-        if fresh <= length // 2 and (
-            fresh + sum(reader.object_size(d) or length for d in pr.deltas) <= length // 2
-        ):
-            delta = encode_delta(data, changed, page_size, zero_pages)
-            sha = blob_id(delta)
-            z = None if reader.in_packs(sha) else deflate(delta)
-            return _Outcome(n, data, digest, bh, pages, "delta", sha, z, len(delta), read)
+        found = _as_delta(reader, inp, n, data, pr, ppages, page_size, digest, bh, pages, read)
+        if found is not None:
+            return found
+    if inp.index is not None:
+        found = _self_contained(reader, inp.index, n, data, page_size, digest, bh, pages, read)
+        if found is not None:
+            return found
     sha = digest  # a whole block's blob id is its digest
     z = None if reader.in_packs(sha) else deflate(data)
     return _Outcome(n, data, digest, bh, pages, "whole", sha, z, length, read)
+
+
+def _as_delta(
+    reader: PackReader,
+    inp: SaveInputs,
+    n: int,
+    data: bytes,
+    pr: Recipe,
+    ppages: bytes,
+    page_size: int,
+    digest: bytes,
+    bh: bytes,
+    pages: bytes,
+    read: int,
+) -> _Outcome | None:
+    """Block ``n`` as a page delta over its parent's version ``pr``, if it is worth one.
+
+    Deltas stack on one block across entries; once they would add up to
+    half a block, the block is stored whole, so building any block reads
+    at most about one and a half blocks.  Pages that became zero carry no
+    bytes and do not count: a restore only writes zeros for them.
+    """
+    length = len(data)
+    npages = (length + page_size - 1) // page_size
+    changed = _differing(pages, ppages, npages)
+    zero_pages = _zero_pages(data, changed, page_size, pages)
+    if zero_pages:
+        gone = set(zero_pages)
+        changed = [k for k in changed if k not in gone]
+    # Pages the images saved before this one hold (a guest's page cache
+    # holds its disk's blocks) become references: 16 bytes, not a page.
+    refs = inp.index.find(data, changed, pages) if inp.index is not None and changed else {}
+    if refs:
+        changed = [k for k in changed if k not in refs]
+    # The stacked deltas' sizes cost a look-up each: only asked
+    # when the new delta alone would fit.
+    fresh = len(changed) * page_size + 16 * len(refs)
+    if fresh > length // 2 or (
+        fresh + sum(reader.object_size(d) or length for d in pr.deltas) > length // 2
+    ):
+        return None
+    delta = encode_delta(data, changed, page_size, zero_pages, refs)
+    sha = blob_id(delta)
+    z = None if reader.in_packs(sha) else deflate(delta)
+    places = parse_delta(delta).places()
+    srcs = frozenset(src for src, _ in refs.values())
+    return _Outcome(n, data, digest, bh, pages, "delta", sha, z, len(delta), read, places, srcs)
+
+
+def _self_contained(
+    reader: PackReader,
+    index: PageIndex,
+    n: int,
+    data: bytes,
+    page_size: int,
+    digest: bytes,
+    bh: bytes,
+    pages: bytes,
+    read: int,
+) -> _Outcome | None:
+    """A block to store whole, unless the index finds most of its pages elsewhere.
+
+    Then it is a delta over zeros naming them as references (an anchored
+    block ``<c>.r/`` with that one delta): for a block new in the file (the
+    qcow2 file grew) or over a parent whose stacked deltas are full.  Its
+    bytes stay within half a block, as a delta's do; building it reads
+    that delta and, gathered once per image, its sources.
+    """
+    length = len(data)
+    npages = (length + page_size - 1) // page_size
+    zero = set(_zero_pages(data, list(range(npages)), page_size, pages))
+    nonzero = [k for k in range(npages) if k not in zero]
+    refs = index.find(data, nonzero, pages)
+    if not refs:
+        return None
+    own = [k for k in nonzero if k not in refs]
+    if len(own) * page_size + 16 * len(refs) > length // 2:
+        return None
+    delta = encode_delta(data, own, page_size, (), refs)
+    sha = blob_id(delta)
+    z = None if reader.in_packs(sha) else deflate(delta)
+    places = parse_delta(delta).places()
+    srcs = frozenset(src for src, _ in refs.values())
+    return _Outcome(n, data, digest, bh, pages, "anchored", sha, z, len(delta), read, places, srcs)
 
 
 def image_tree(
@@ -692,18 +795,27 @@ def image_tree(
     blocks: Mapping[int, LayerBlock],
     checks: BlockChecks | None,
     checks_id: bytes | None = None,
+    sources: frozenset[bytes] = NO_SOURCES,
 ) -> Tree:
-    """Write an image's manifest, checks and block map; returns its tree.
+    """Write an image's manifest, checks, block map and sources; returns its tree.
+
+    ``sources``: every blob the version-3 deltas the layer names may take
+    reference pages from; named in a ``sources`` tree (so git reaches them),
+    and the manifest then says version 2.
 
     ``checks`` are the blocks' blob ids and xxh3-128 (None: unknown, as for
     an entry rewritten from one saved before checks existed).  With
     ``checks_id``, a pack holds their blob already (an unchanged image: it
     is named again, not written; the caller makes sure it stays there).
     """
-    man = Blob.from_string(manifest.encode())
+    man = Blob.from_string(dataclasses.replace(manifest, version=2 if sources else 1).encode())
     writer.add_object(man)
     tree = Tree()
     tree.add(MANIFEST_NAME, BLOB_MODE, man.id)
+    if sources:
+        src = sources_tree(sources)
+        writer.add_object(src)
+        tree.add(SOURCES_NAME, TREE_MODE, src.id)
     if checks is not None:
         if checks_id is None:
             chk = Blob.from_string(checks.data)

@@ -10,6 +10,9 @@ Each large file ("image") of an entry is a tree ``images/<path>/`` holding:
   the area cache and takes its id from here, rather than hashing every
   object again with SHA-1 (entries written before it was introduced lack
   it; they are checked by object id);
+- ``sources``: a tree naming (as ``<40 hex id>``) every blob the layer's
+  version-3 page deltas take reference pages from, so git reaches them; a
+  layer that has it says ``"vml_manifest": 2``;
 - ``blocks/<a>/<b>/<c>``: whole blocks, and ``blocks/<a>/<b>/<c>.d``: page
   deltas, where block number ``n`` splits into ``a = n >> 16`` (4 hex digits),
   ``b = (n >> 8) & 0xff`` and ``c = n & 0xff`` (2 hex digits each).  A flat
@@ -34,11 +37,15 @@ from dataclasses import dataclass, field
 import xxhash
 from dulwich.objects import ObjectID, Tree
 
-from vml.errors import CorruptRepository, HostileRepository
+from vml.errors import CorruptRepository, HostileRepository, newer_or_unknown
 
 MANIFEST_NAME = b"manifest"
 BLOCKS_NAME = b"blocks"
 CHECKS_NAME = b"checks"
+SOURCES_NAME = b"sources"
+# The newest manifest version this VML reads; 2: the layer has a ``sources`` tree.
+MANIFEST_VERSION = 2
+_SOURCE = re.compile(rb"^[0-9a-f]{40}$")
 # Checks of the blocks holding data only (others are zero); what saves write now.
 SPARSE_CHECKS_NAME = b"sparse-checks"
 CHECK_SIZE = 36  # one block's check: its git blob id (20 bytes), then its xxh3-128 (16)
@@ -67,6 +74,9 @@ class Manifest:
     page_size: int
     base: bool
     zero: list[tuple[int, int]] = field(default_factory=list)  # [start, end) block ranges
+    # 1, or 2 for a layer with a ``sources`` tree (version-3 page deltas): an
+    # older VML refuses it as newer rather than miss the blobs it references.
+    version: int = 1
 
     @property
     def nblocks(self) -> int:
@@ -85,7 +95,7 @@ class Manifest:
     def encode(self) -> bytes:
         """The manifest blob's bytes."""
         doc = {
-            "vml_manifest": 1,
+            "vml_manifest": self.version,
             "size": self.size,
             "sha256": self.sha256,
             "block_size": self.block_size,
@@ -102,8 +112,11 @@ class Manifest:
             doc = json.loads(data)
         except (ValueError, RecursionError):
             raise CorruptRepository("image manifest is not valid JSON") from None
-        if not isinstance(doc, dict) or doc.get("vml_manifest") != 1:
+        if not isinstance(doc, dict):
             raise CorruptRepository("image manifest has an unknown format")
+        version = doc.get("vml_manifest")
+        if type(version) is not int or version not in (1, 2):
+            raise newer_or_unknown("image manifest", version, MANIFEST_VERSION)
         try:
             size = doc["size"]
             bs = doc["block_size"]
@@ -123,7 +136,7 @@ class Manifest:
             raise CorruptRepository("image manifest has a bad sha256")
         if not isinstance(base, bool) or not isinstance(zero_raw, list):
             raise CorruptRepository("image manifest is malformed")
-        m = cls(size, sha, bs, ps, base)
+        m = cls(size, sha, bs, ps, base, version=version)
         nb = m.nblocks
         if nb > MAX_BLOCKS:
             raise HostileRepository(
@@ -236,7 +249,8 @@ _DELTA_NAME = re.compile(rb"^d([0-9]{2})$")
 class Anchored:
     """A block built from objects this layer names itself, whatever the parent holds.
 
-    Written by ``vml rm``/``convert`` (never by a save): the recipe a block
+    Written by ``vml rm``/``convert`` (and by a save only as a block built on
+    zeros with one version-3 delta, see images.py): the recipe a block
     already had (a whole block, or zeros, then page deltas oldest first),
     named in a small tree ``<c>.r/`` (``base``, ``d01``, ``d02``, ...), so a
     layer can be moved onto another parent without building or storing any
@@ -383,3 +397,23 @@ def read_block_map(
                 else:
                     out[n] = (m.group(2) is not None, c_sha)
     return out
+
+
+def sources_tree(sources: Iterable[bytes]) -> Tree:
+    """The ``sources`` tree naming every blob a layer's page deltas reference."""
+    tree = Tree()
+    for sha in sorted(set(sources)):
+        tree.add(sha.hex().encode(), BLOB_MODE, ObjectID(sha.hex().encode()))
+    return tree
+
+
+def read_sources(read_tree: Callable[[bytes], bytes], sha: bytes) -> frozenset[bytes]:
+    """The blob ids a ``sources`` tree names, every name checked against its id."""
+    out = set()
+    for name, mode, obj in parse_tree(read_tree(sha)):
+        if mode != BLOB_MODE or not _SOURCE.match(name) or bytes.fromhex(name.decode()) != obj:
+            raise HostileRepository(f"unexpected name {name[:64]!r} in an image's sources")
+        out.add(obj)
+    if not out:
+        raise HostileRepository("an image's sources name nothing")
+    return frozenset(out)

@@ -438,6 +438,11 @@ class PackReader:
                 continue
             yield fd, int(offset)
 
+    def position(self, sha: bytes) -> tuple[int, int]:
+        """Where ``sha`` sits (a pack, an offset): sorting ids by it reads packs in order."""
+        found = self._locate(sha)
+        return found if found is not None else (1 << 62, 0)
+
     def contains(self, sha: bytes) -> bool:
         """True when a pack or the loose store holds ``sha``."""
         if self._locate(sha) is not None:

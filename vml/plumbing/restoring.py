@@ -231,6 +231,7 @@ class Builder:
                     self._advance,
                     out,
                     old_recs,
+                    spill=self.temps.dir,
                 )
             except BaseException:
                 os.close(fd)

@@ -71,8 +71,12 @@ def express_image(
     x: ResolvedImage,
     q: ResolvedImage | None,
     stats: ExpressStats,
-) -> tuple[Manifest, dict[int, LayerBlock]]:
+) -> tuple[Manifest, dict[int, LayerBlock], frozenset[bytes]]:
     """Image ``x`` as a layer over ``q`` (None: a base layer); see the module docstring.
+
+    Returns the manifest, the block map and the layer's sources: every blob
+    the deltas it names may reference (their old layers' sources), so git
+    still reaches them from the new layer.
 
     Metadata only: every block either keeps an object it already had (a
     whole block, or the one delta it adds to ``q``'s version) or names its
@@ -82,6 +86,7 @@ def express_image(
     m = x.manifest
     base = q is None
     blocks: dict[int, LayerBlock] = {}
+    sources: set[frozenset[bytes]] = set()
     zero = _ZeroRanges()
     # Only blocks that hold data in x or q need a look; where both are zero
     # with the same length, the layer inherits.  Blocks q lacks (x grew,
@@ -108,14 +113,16 @@ def express_image(
             stats.reused_blocks += 1
         elif qr is not None and r.base == qr.base and r.deltas[:-1] == qr.deltas:
             blocks[n] = (True, r.deltas[-1])  # one delta on top of q's version
+            sources.add(r.sources)
             stats.reused_blocks += 1
         else:
             blocks[n] = Anchored(r.base, r.deltas)
+            sources.add(r.sources)
             stats.anchored_blocks += 1
     if not base and m.nblocks > max(pos, sle):
         zero.add(max(pos, sle), m.nblocks)
     manifest = Manifest(m.size, m.sha256, m.block_size, m.page_size, base, zero.items)
-    return manifest, blocks
+    return manifest, blocks, frozenset().union(*sources)
 
 
 class _ZeroRanges:
@@ -179,10 +186,10 @@ def reexpress_images(
             q = resolve_image(reader, new_parent, path)
             if q is not None and q.manifest.block_size != x.manifest.block_size:
                 q = None
-        manifest, blocks = express_image(x, q, stats)
+        manifest, blocks, sources = express_image(x, q, stats)
         # Re-expressing changes how blocks are stored, not what the file
         # holds: the entry keeps its checks.
-        tree = image_tree(writer, manifest, blocks, x.checks)
+        tree = image_tree(writer, manifest, blocks, x.checks, sources=sources)
         out[path] = bytes.fromhex(tree.id.decode())
     return out
 

@@ -35,9 +35,17 @@ from vml.plumbing.entries import (
     git_mode,
     store_trees,
 )
-from vml.plumbing.images import Changed, SaveInputs, fill_partial, image_tree, save_image
+from vml.plumbing.images import (
+    Changed,
+    SavedLayer,
+    SaveInputs,
+    fill_partial,
+    image_tree,
+    save_image,
+)
 from vml.plumbing.manifests import BLOB_MODE, TREE_MODE, BlockChecks, Manifest
 from vml.plumbing.packs import PackReader, PackWriter
+from vml.plumbing.pageindex import PageIndex, SavedImage
 from vml.plumbing.repository import Repository
 from vml.progress import ProgressFn
 
@@ -54,6 +62,9 @@ class SourceFile:
     # Where the file may differ from the area's entry (a dirty bitmap's word,
     # or a live save's partial copy); None: read every block holding data.
     changed: Changed | None = None
+    # A memory image: its pages are looked up among the other images', not
+    # among its own earlier version's (a guest rarely moves memory pages).
+    memory: bool = False
 
 
 @dataclass
@@ -139,6 +150,10 @@ class Saver:
         self.cache_writer = CacheWriter(area, repo.page_size, repo.block_size)
         self.stored_bytes = 0
         self._finished = False
+        # Pages of the images saved so far, for the next ones' references;
+        # built when an image to read follows saved ones.
+        self.index: PageIndex | None = None
+        self._to_index: list[SavedImage] = []
 
     def _advance(self, n: int) -> None:
         self.done += n
@@ -176,6 +191,7 @@ class Saver:
                 assert parent_img is not None and cached is not None and recs is not None
                 tree, sha256 = self._same_as_parent(parent_img, cached, recs, st)
                 name = self.cache_writer.reuse_records(records_path(self.area, cached.pages or ""))
+                self._indexable(f, name, parent_img, None)
             else:
                 tree, sha256, name = self._read_image(f, parent_img, recs)
         finally:
@@ -260,8 +276,9 @@ class Saver:
             changed = Changed(whole, partial=True)
             f.stat = os.stat(f.source)  # filled in by us, not changed by anyone
         name, out = self.cache_writer.new_records(f.stat.st_size)
+        index, own_view = self._page_index(f, parent_img, recs)
         try:
-            tree, man, nread, _ = save_image(
+            tree, man, nread, layer = save_image(
                 self.reader,
                 self.writer,
                 self.pool,
@@ -269,18 +286,82 @@ class Saver:
                 f.stat.st_size,
                 self.repo.block_size,
                 self.repo.page_size,
-                SaveInputs(parent_img, recs, match, self.reused, changed),
+                SaveInputs(parent_img, recs, match, self.reused, changed, index),
                 out,
                 self._advance,
             )
         finally:
             out.close()
+            index.retire(own_view)
         self.read_bytes += nread
         # The folder was listed before the file was opened: a change in
         # between must not be saved under the listed size and time.
         if stat_signature(os.stat(f.source)) != stat_signature(f.stat):
             raise FileChanged(f"{f.path} changed while it was read")
+        self._indexable(f, name, parent_img, layer)
         return tree.id, man.sha256, name
+
+    def _indexable(
+        self, f: SourceFile, name: str, parent: ResolvedImage | None, layer: SavedLayer | None
+    ) -> None:
+        """Offer a saved image's pages to the images saved after it (from its new records)."""
+        if self.cache_writer.problem is not None:
+            return  # no records: its pages cannot be found (the save goes on)
+        path = self.cache_writer.dir / name
+        if not path.exists():
+            return
+        recs = BlockRecords(path, self.repo.page_size, self.repo.block_size, self.area)
+        if recs.nblocks == 0 or recs.size != f.stat.st_size:
+            recs.close()
+            return
+        self._to_index.append(
+            SavedImage(
+                source=f.source,
+                signature=stat_signature(f.stat),
+                records=recs,
+                parent=parent,
+                blocks=dict(layer.blocks) if layer is not None else {},
+                zero=layer.zero if layer is not None else [],
+                places=layer.places if layer is not None else {},
+            )
+        )
+
+    def _page_index(
+        self, f: SourceFile, parent: ResolvedImage | None, recs: BlockRecords | None
+    ) -> tuple[PageIndex, int]:
+        """The index of every image saved so far, and of ``f``'s parent version (its handle).
+
+        The parent's pages (data copied within a disk: a file extracted
+        again where an earlier copy was deleted) are described by the area
+        cache's records when the parent is the entry the area holds.
+        """
+        if self.index is None:
+            self.index = PageIndex(self.reader, self.repo.page_size, self.repo.block_size)
+        for img in self._to_index:
+            self.index.add(img)
+        self._to_index = []
+        b = self.base
+        view = -1
+        if (
+            not f.memory
+            and parent is not None
+            and recs is not None
+            and b.parent == b.held
+            and b.cache is not None
+        ):
+            own = b.cache.records(f.path)  # the index keeps its own view of the records
+            if own is not None:
+                m = parent.manifest
+                if (
+                    own.size == m.size
+                    and own.nblocks == m.nblocks
+                    and (m.block_size, m.page_size) == (self.repo.block_size, self.repo.page_size)
+                ):
+                    img = SavedImage(f.source, [], own, parent, {}, [])
+                    view = self.index.add(img, parent_view=True)
+                else:
+                    own.close()
+        return self.index, view
 
     def _changed(
         self, f: SourceFile, parent_img: ResolvedImage | None, recs: BlockRecords | None
@@ -324,6 +405,12 @@ class Saver:
         The packs stay protected from a concurrent gc (a pending ``.keep``)
         until :meth:`release`, once a ref reaches them.
         """
+        if self.index is not None:
+            # References point at these files' bytes as saved: still so?
+            self.index.check()
+            self.index.close()
+            self.index = None
+        self._drop_pending()
         # Stored bytes of the data objects; metadata and trees are tiny.
         meta.stats["stored_bytes"] = self.writer.stored_bytes
         meta_blob = Blob.from_string(meta.encode())
@@ -348,8 +435,17 @@ class Saver:
         """Refs reach the packs now (or they are garbage): drop their protection."""
         self.writer.release()
 
+    def _drop_pending(self) -> None:
+        for img in self._to_index:
+            img.records.close()
+        self._to_index = []
+
     def abort(self) -> None:
         """Drop the new cache and, unless sealed already, the packs written."""
+        if self.index is not None:
+            self.index.close()
+            self.index = None
+        self._drop_pending()
         self.cache_writer.abort()
         if not self._finished:
             self.writer.abort()

@@ -24,6 +24,8 @@ from vml.plumbing import refs as refs_mod
 from vml.plumbing.cache import block_hash
 from vml.plumbing.chains import (
     ResolvedImage,
+    SourceReader,
+    Sources,
     commit_tree_parent,
     image_layer,
     materialize,
@@ -38,6 +40,7 @@ from vml.plumbing.images import WINDOW, Digests, block_digest, zero_record
 from vml.plumbing.layout import layout_problems, merged_names
 from vml.plumbing.manifests import TREE_MODE, layer_block_ids, parse_tree, read_block_map
 from vml.plumbing.packs import BLOB, TREE, PackReader
+from vml.plumbing.refpages import RefPages
 from vml.progress import Advance, ProgressFn, no_progress
 
 TAG_TYPE = 4
@@ -147,7 +150,7 @@ def _image_problems(
     if layer is None:
         return [Problem("its blocks are missing", c, path)]
     out: list[Problem] = []
-    man, blocks = layer
+    man, blocks, sources = layer
     if man.size != size or man.sha256 != sha256:
         out.append(Problem("its manifest disagrees with the metadata", c, path))
     if not man.base:
@@ -164,6 +167,11 @@ def _image_problems(
         ]
         if missing:
             out.append(Problem(f"{len(missing)} block objects are missing", c, path, missing))
+    gone = sorted(sha for sha in sources if not reader.contains(sha))
+    if gone:
+        out.append(
+            Problem(f"{len(gone)} objects its page deltas reference are missing", c, path, gone)
+        )
     return out
 
 
@@ -179,11 +187,16 @@ def entry_objects(reader: PackReader, entry: Entry) -> Iterator[tuple[str, bytes
         img = resolve_image(reader, entry.commit, f.path)
         if img is None:
             raise CorruptRepository(f"entry lacks the blocks of {f.path}")
+        named: set[frozenset[bytes]] = set()
         for r in img.recipes.values():  # zero blocks need no object
             if r.base is not None:
                 yield f.path, r.base, False
             for d in r.deltas:
                 yield f.path, d, True
+            named.add(r.sources)
+        # What version-3 deltas may reference: the sources of their layers.
+        for sha in sorted(set().union(*named)) if named else ():
+            yield f.path, sha, False
 
 
 def check_objects(
@@ -233,12 +246,18 @@ def check_image(
     """
     m = img.manifest
     found: list[tuple[str, list[bytes]]] = []
+    # Reference pages of version-3 deltas: each source read once, before.
+    sources: Sources
+    try:
+        sources = RefPages.gather(reader, img, verify=True) or SourceReader(reader)
+    except CorruptRepository:
+        sources = SourceReader(reader)  # each block then says what it lacks
 
     def build(n: int) -> tuple[int, bytes | None, bytes, str | None]:
         # Built and hashed in the pool; only the digests come back in order.
         length = m.block_length(n)
         try:
-            built = materialize(reader, img.recipes[n], length)
+            built = materialize(reader, img.recipes[n], length, sources=sources)
         except CorruptRepository as err:
             return n, None, b"", err.message
         digest = block_digest(built, length)
@@ -256,7 +275,7 @@ def check_image(
     for n, digest, have, error in ordered_map(pool, build, iter(img.nonzero()), WINDOW):
         if error is not None:
             r = img.recipes[n]
-            objs = ([r.base] if r.base is not None else []) + list(r.deltas)
+            objs = ([r.base] if r.base is not None else []) + list(r.deltas) + sorted(r.sources)
             found.append((f"block {n}: {error}", _bad_objects(reader, objs)))
             broken = True
             continue
@@ -265,6 +284,8 @@ def check_image(
         end = min((n + 1) * m.block_size, m.size)
         progress(end - done)
         done = end
+    if isinstance(sources, RefPages):
+        sources.close()
     digests.zeros_until(m.nblocks)
     progress(m.size - done)
     if not broken and digests.hash.hexdigest() != m.sha256:

@@ -48,7 +48,7 @@ from vml.plumbing.repository import Repository
 from vml.plumbing.saving import Baseline, Saver, SourceFile
 from vml.plumbing.vm.description import find_spec
 from vml.plumbing.vm.ignore import IgnoreRules
-from vml.plumbing.vm.inspect import VMInfo, check_saveable
+from vml.plumbing.vm.inspect import MEMORY_SUFFIXES, VMInfo, check_saveable
 from vml.plumbing.vm.qemu import vml_vm
 from vml.plumbing.vm.saves import FOREIGN, Snapshot, foreign_source
 from vml.porcelain.common import (
@@ -264,6 +264,12 @@ def _baseline(repo: Repository, area: Path, plan: Plan, state: AreaState) -> Bas
     )
 
 
+def _listing_order(records: list[FileRecord], listing: Listing) -> list[FileRecord]:
+    """``records`` in the order of ``listing``'s files."""
+    at = {f.path: i for i, f in enumerate(listing.files)}
+    return sorted(records, key=lambda r: at.get(r.path, len(at)))
+
+
 def _describe(
     plan: Plan, area: Path, state: AreaState, ask: _Ask, saver: Saver, listing: Listing, vm: VMInfo
 ) -> EntryMeta:
@@ -275,7 +281,8 @@ def _describe(
         area_id=state.area_id,
         created=now_iso(),
         message=ask.message,
-        files=saver.records,
+        # In the listing's order, whatever order they were saved in.
+        files=_listing_order(saver.records, listing),
         dirs=listing.dirs,
         vm=_with_live(entry_vm(vm, listing.externals), ask.live),
         stats={"read_bytes": saver.read_bytes, "stored_bytes": 0, "logical_bytes": saver.total},
@@ -550,7 +557,9 @@ def _save(
     )
     try:
         try:
-            for f in listing.files:
+            # Memory last: its pages may then reference the disks' (page cache).
+            for f in sorted(listing.files, key=lambda f: f.path.lower().endswith(MEMORY_SUFFIXES)):
+                f.memory = f.path.lower().endswith(MEMORY_SUFFIXES)
                 saver.save(f)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)

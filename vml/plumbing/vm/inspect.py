@@ -38,6 +38,9 @@ _CONFIG_PARSERS = {
 }
 #: Files that hold a VM's memory or device state; checked for writers like disks.
 _STATE_SUFFIXES = (".vmem", ".vmss", ".vmsn", ".sav", ".nvram", ".ram", ".vmstate")
+#: Files that hold a VM's memory page for page: saved after the disks, so their
+#: pages can be stored as references to the disk pages the guest cached.
+MEMORY_SUFFIXES = (".vmem", ".vmss", ".vmsn", ".sav", ".ram")
 #: Disk format family → hypervisor, for areas with disks but no config.
 _FAMILY = {"vmdk": "vmware", "vdi": "virtualbox"}
 _WINDOWS_ABS = re.compile(r"^[A-Za-z]:[\\/]|^\\\\")
