@@ -9,9 +9,11 @@ import random
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import digest_area
 from tests.reliability.helpers import vml_in_process as vml
-from tests.reliability.test_page_references import _area, _git_fsck, _ram_layer, _session
+from tests.reliability.test_page_references import PAGE, _area, _git_fsck, _ram_layer, _session
 
 
 def _sessions(tmp_path: Path, repo: Path, n: int, seed: int = 7) -> tuple[Path, list[object]]:
@@ -95,3 +97,36 @@ def test_resolution_keeps_one_copy_of_each_layers_sources_not_one_per_block() ->
     assert sum(held.values()) <= 4 * sum(map(len, layers)), (
         f"{sum(held.values())} source entries held for {sum(map(len, layers))} named"
     )
+
+
+@pytest.mark.parametrize("block", ["64K", "128K"])
+def test_odd_sizes_and_small_blocks_come_back_exact(tmp_path: Path, block: str) -> None:
+    """Short last pages (sizes not a multiple of the page), two block sizes: exact."""
+    repo = tmp_path / "repo"
+    assert vml(repo, "init", "--block-size", block, repo).code == 0
+    rng = random.Random(3)
+    area = tmp_path / "vm"
+    area.mkdir()
+    disk = bytearray(rng.randbytes(300_001))
+    ram = bytearray(160_003)
+    (area / "vm.conf").write_text("memory = 1M\n")
+    states = []
+    for _ in range(3):
+        (area / "disk.img").write_bytes(disk)
+        (area / "vm.ram").write_bytes(ram)
+        assert vml(repo, "commit", "-q", area).code == 0
+        states.append(digest_area(area))
+        for _ in range(12):  # the page cache, including the disk's short last page
+            run = rng.randrange(4, 9)
+            src = rng.randrange(len(disk) // PAGE - run + 1)
+            dst = rng.randrange(len(ram) // PAGE - run)
+            ram[dst * PAGE : (dst + run) * PAGE] = disk[src * PAGE : (src + run) * PAGE]
+        tail = len(disk) % PAGE
+        ram[-tail:] = disk[-tail:]
+        for _ in range(6):
+            p = rng.randrange(len(disk) // PAGE)
+            disk[p * PAGE : (p + 1) * PAGE] = rng.randbytes(PAGE)
+    assert _ram_layer(repo, "E2")[1], "the memory references the disk"
+    assert vml(repo, "verify", "--all", "--read-data", "-q").code == 0
+    _git_fsck(repo)
+    _check_out(tmp_path, repo, {n: s for n, s in enumerate(states, 1)})
