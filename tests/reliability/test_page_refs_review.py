@@ -6,10 +6,12 @@ Each test names the invariant it checks; see the review report for causes.
 from __future__ import annotations
 
 import random
-import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from dulwich.objects import Commit, Tree
+from dulwich.repo import Repo
 
 from tests.conftest import digest_area
 from tests.reliability.helpers import vml_in_process as vml
@@ -130,3 +132,103 @@ def test_odd_sizes_and_small_blocks_come_back_exact(tmp_path: Path, block: str) 
     assert vml(repo, "verify", "--all", "--read-data", "-q").code == 0
     _git_fsck(repo)
     _check_out(tmp_path, repo, {n: s for n, s in enumerate(states, 1)})
+
+
+def _forge_ram(repo: Path, edit: Callable[[Repo, Tree], None]) -> None:
+    """Rewrite E2's memory image tree with ``edit`` (E2 keeps its parent E1)."""
+    git = Repo(str(repo))
+    try:
+        ref = b"refs/vml/entries/2"
+        c = git[git.refs[ref]]
+        assert isinstance(c, Commit)
+        root = git[c.tree]
+        assert isinstance(root, Tree)
+        images = git[root[b"images"][1]]
+        assert isinstance(images, Tree)
+        ram = git[images[b"vm.ram"][1]]
+        assert isinstance(ram, Tree)
+        edit(git, ram)
+        git.object_store.add_object(ram)
+        images[b"vm.ram"] = (0o040000, ram.id)
+        git.object_store.add_object(images)
+        root[b"images"] = (0o040000, images.id)
+        git.object_store.add_object(root)
+        c.tree = root.id
+        git.object_store.add_object(c)
+        git.refs[ref] = c.id
+    finally:
+        git.close()
+
+
+def _sources_naming(git: Repo, ram: Tree, entries: list[tuple[bytes, int, bytes]]) -> None:
+    t = Tree()
+    for name, mode, sha in entries:
+        t.add(name, mode, sha)
+    git.object_store.add_object(t)
+    ram[b"sources"] = (0o040000, t.id)
+
+
+def _refs_world(tmp_path: Path, repo: Path) -> tuple[Path, list[bytes]]:
+    area, _states = _sessions(tmp_path, repo, 2)
+    _man, sources = _ram_layer(repo, "E2")
+    assert sources
+    return area, sources
+
+
+def _other_blob(repo: Path, not_in: list[bytes]) -> bytes:
+    """A blob of the repository that is not one of ``not_in`` (E1's disk block 0)."""
+    git = Repo(str(repo))
+    try:
+        c = git[git.refs[b"refs/vml/entries/1"]]
+        assert isinstance(c, Commit)
+        mode, sha = _walk(git, c.tree, [b"images", b"disk.img", b"blocks", b"0000", b"00"])
+        blocks = git[sha]
+        assert isinstance(blocks, Tree)
+        for name, _m, s in blocks.iteritems():
+            if bytes.fromhex(s.decode()) not in not_in and not name.endswith((b".d", b".r")):
+                return bytes.fromhex(s.decode())
+        raise AssertionError("no other blob")
+    finally:
+        git.close()
+
+
+def _walk(git: Repo, tree: bytes, path: list[bytes]) -> tuple[int, bytes]:
+    t = git[tree]
+    assert isinstance(t, Tree)
+    mode, sha = t[path[0]]
+    return (mode, sha) if len(path) == 1 else _walk(git, sha, path[1:])
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["upper-case name", "executable mode", "name is not its id", "a tree named", "empty"],
+)
+def test_a_malformed_sources_tree_is_refused(tmp_path: Path, cli_repo: Path, bad: str) -> None:
+    _area_, sources = _refs_world(tmp_path, cli_repo)
+    s = sources[0]
+    entries = {
+        "upper-case name": [(s.hex().upper().encode(), 0o100644, s.hex().encode())],
+        "executable mode": [(s.hex().encode(), 0o100755, s.hex().encode())],
+        "name is not its id": [(bytes(20).hex().encode(), 0o100644, s.hex().encode())],
+        "a tree named": [(s.hex().encode(), 0o040000, s.hex().encode())],
+        "empty": [],
+    }[bad]
+    _forge_ram(cli_repo, lambda git, ram: _sources_naming(git, ram, entries))
+    run = vml(cli_repo, "checkout", "E2", tmp_path / "target")
+    assert run.code == 7, run
+    assert len(run.err.strip().splitlines()) == 1, run
+
+
+def test_a_reference_to_a_blob_its_layer_does_not_name_is_refused(
+    tmp_path: Path, cli_repo: Path
+) -> None:
+    """The sources tree names another blob than the deltas reference: git would not keep
+    the referenced ones, so every reader refuses the entry."""
+    area, sources = _refs_world(tmp_path, cli_repo)
+    other = _other_blob(cli_repo, sources)
+    h = other.hex().encode()
+    _forge_ram(cli_repo, lambda git, ram: _sources_naming(git, ram, [(h, 0o100644, h)]))
+    run = vml(cli_repo, "checkout", "E2", tmp_path / "target")
+    assert run.code == 7, run
+    assert "sources" in run.err, run
+    assert vml(cli_repo, "verify", "--read-data", "E2").code == 7
