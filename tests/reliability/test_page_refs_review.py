@@ -181,7 +181,7 @@ def _other_blob(repo: Path, not_in: list[bytes]) -> bytes:
     try:
         c = git[git.refs[b"refs/vml/entries/1"]]
         assert isinstance(c, Commit)
-        mode, sha = _walk(git, c.tree, [b"images", b"disk.img", b"blocks", b"0000", b"00"])
+        _mode, sha = _walk(git, c.tree, [b"images", b"disk.img", b"blocks", b"0000", b"00"])
         blocks = git[sha]
         assert isinstance(blocks, Tree)
         for name, _m, s in blocks.iteritems():
@@ -204,7 +204,7 @@ def _walk(git: Repo, tree: bytes, path: list[bytes]) -> tuple[int, bytes]:
     ["upper-case name", "executable mode", "name is not its id", "a tree named", "empty"],
 )
 def test_a_malformed_sources_tree_is_refused(tmp_path: Path, cli_repo: Path, bad: str) -> None:
-    _area_, sources = _refs_world(tmp_path, cli_repo)
+    _, sources = _refs_world(tmp_path, cli_repo)
     s = sources[0]
     entries = {
         "upper-case name": [(s.hex().upper().encode(), 0o100644, s.hex().encode())],
@@ -224,7 +224,7 @@ def test_a_reference_to_a_blob_its_layer_does_not_name_is_refused(
 ) -> None:
     """The sources tree names another blob than the deltas reference: git would not keep
     the referenced ones, so every reader refuses the entry."""
-    area, sources = _refs_world(tmp_path, cli_repo)
+    _, sources = _refs_world(tmp_path, cli_repo)
     other = _other_blob(cli_repo, sources)
     h = other.hex().encode()
     _forge_ram(cli_repo, lambda git, ram: _sources_naming(git, ram, [(h, 0o100644, h)]))
