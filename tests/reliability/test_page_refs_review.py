@@ -15,7 +15,8 @@ from dulwich.repo import Repo
 
 from tests.conftest import digest_area
 from tests.reliability.helpers import vml_in_process as vml
-from tests.reliability.test_page_references import PAGE, _area, _git_fsck, _ram_layer, _session
+from tests.reliability.test_page_references import PAGE, RAM, _area, _git_fsck, _ram_layer, _session
+from vml.plumbing import pageindex
 
 
 def _sessions(tmp_path: Path, repo: Path, n: int, seed: int = 7) -> tuple[Path, list[object]]:
@@ -232,3 +233,30 @@ def test_a_reference_to_a_blob_its_layer_does_not_name_is_refused(
     assert run.code == 7, run
     assert "sources" in run.err, run
     assert vml(cli_repo, "verify", "--read-data", "E2").code == 7
+
+
+def test_colliding_page_hashes_cost_a_bounded_number_of_reads_per_page(
+    tmp_path: Path, cli_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A guest that crafts xxh3 collisions must not make a save quadratic.
+
+    pageindex.py ``PageIndex.find`` tries every indexed candidate with the page's hash
+    (``keys.index(rest, at)`` loop, one ``pread`` each in ``_confirm``) until one's bytes
+    match: N memory pages colliding with M disk pages cost N x M reads.  The count of
+    candidates confirmed per page must be bounded.
+    """
+    monkeypatch.setattr(pageindex, "_key", lambda h: (0, 0))  # every page collides
+    calls = 0
+    real = pageindex.PageIndex._confirm
+
+    def counting(self: pageindex.PageIndex, number: int, page: bytes) -> object:
+        nonlocal calls
+        calls += 1
+        return real(self, number, page)
+
+    monkeypatch.setattr(pageindex.PageIndex, "_confirm", counting)
+    area, rng = _area(tmp_path)
+    (area / "vm.ram").write_bytes(rng.randbytes(RAM))  # memory of its own: no page matches
+    assert vml(cli_repo, "commit", "-q", area).code == 0
+    looked_up = RAM // PAGE
+    assert calls <= 16 * looked_up, f"{calls} candidate reads for {looked_up} pages"
