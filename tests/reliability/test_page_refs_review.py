@@ -6,6 +6,7 @@ Each test names the invariant it checks; see the review report for causes.
 from __future__ import annotations
 
 import random
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -260,3 +261,20 @@ def test_colliding_page_hashes_cost_a_bounded_number_of_reads_per_page(
     assert vml(cli_repo, "commit", "-q", area).code == 0
     looked_up = RAM // PAGE
     assert calls <= 16 * looked_up, f"{calls} candidate reads for {looked_up} pages"
+
+
+def test_a_save_without_the_area_cache_builds_referencing_parents_exactly(
+    tmp_path: Path, cli_repo: Path
+) -> None:
+    """With the area cache gone, a save builds the parent's blocks (references included)
+    to compare; status does too; the entries come back exact."""
+    area, states = _sessions(tmp_path, cli_repo, 3)
+    rng = random.Random(11)
+    for _ in range(2):
+        shutil.rmtree(area / ".vml" / "cache")
+        assert vml(cli_repo, "status", area).code == 0
+        assert vml(cli_repo, "commit", "-q", area).code == 0
+        states.append(digest_area(area))
+        _session(area, rng)
+    assert vml(cli_repo, "verify", "--all", "--read-data", "-q").code == 0
+    _check_out(tmp_path, cli_repo, {n: s for n, s in enumerate(states, 1)})
