@@ -16,7 +16,15 @@ from dulwich.repo import Repo
 
 from tests.conftest import digest_area
 from tests.reliability.helpers import vml_in_process as vml
-from tests.reliability.test_page_references import PAGE, RAM, _area, _git_fsck, _ram_layer, _session
+from tests.reliability.test_page_references import (
+    BLOCK,
+    PAGE,
+    RAM,
+    _area,
+    _git_fsck,
+    _ram_layer,
+    _session,
+)
 from vml.plumbing import pageindex
 
 
@@ -278,3 +286,52 @@ def test_a_save_without_the_area_cache_builds_referencing_parents_exactly(
         _session(area, rng)
     assert vml(cli_repo, "verify", "--all", "--read-data", "-q").code == 0
     _check_out(tmp_path, cli_repo, {n: s for n, s in enumerate(states, 1)})
+
+
+def _ram_block0_delta(git: Repo, ram: Tree, refs: dict[int, tuple[bytes, int]]) -> None:
+    """E2's memory: block 0 becomes one version-3 delta (over E1's zeros) with ``refs``;
+    the sources tree names every source the references use."""
+    from dulwich.objects import Blob
+
+    from vml.plumbing.deltas import encode_delta
+
+    delta = Blob.from_string(encode_delta(bytes(BLOCK), [], PAGE, (), refs))
+    git.object_store.add_object(delta)
+    leaf, mid, top = Tree(), Tree(), Tree()
+    leaf.add(b"00.d", 0o100644, delta.id)
+    git.object_store.add_object(leaf)
+    mid.add(b"00", 0o040000, leaf.id)
+    git.object_store.add_object(mid)
+    top.add(b"0000", 0o040000, mid.id)
+    git.object_store.add_object(top)
+    ram[b"blocks"] = (0o040000, top.id)
+    names = sorted({s for s, _ in refs.values()})
+    _sources_naming(git, ram, [(s.hex().encode(), 0o100644, s.hex().encode()) for s in names])
+
+
+@pytest.mark.parametrize("bad", ["missing blob", "a tree as source", "offset past its end"])
+def test_a_hostile_reference_gives_one_line_and_exit_7(
+    tmp_path: Path, cli_repo: Path, bad: str
+) -> None:
+    _, sources = _refs_world(tmp_path, cli_repo)
+    git = Repo(str(cli_repo))
+    try:
+        c = git[git.refs[b"refs/vml/entries/1"]]
+        assert isinstance(c, Commit)
+        tree_id = bytes.fromhex(c.tree.decode())
+    finally:
+        git.close()
+    src = {
+        "missing blob": bytes.fromhex("ab" * 20),
+        "a tree as source": tree_id,
+        "offset past its end": sources[0],
+    }[bad]
+    off = (1 << 40) if bad == "offset past its end" else 0
+    refs = {k: (src, off + k * PAGE) for k in range(4)}
+    _forge_ram(cli_repo, lambda git, ram: _ram_block0_delta(git, ram, refs))
+    run = vml(cli_repo, "checkout", "E2", tmp_path / "target")
+    assert run.code == 7, run
+    assert "Traceback" not in run.err
+    assert len([ln for ln in run.err.splitlines() if ln.strip()]) == 1, run
+    run = vml(cli_repo, "verify", "--read-data", "E2")
+    assert run.code == 7, run
