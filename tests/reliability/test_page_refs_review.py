@@ -373,3 +373,14 @@ def test_an_area_of_many_image_files_saves_within_the_open_files_limit(tmp_path:
         timeout=300,
     )
     assert run.returncode == 0, run.stderr
+
+
+def test_git_gc_prune_now_keeps_every_reference(tmp_path: Path, cli_repo: Path) -> None:
+    _, states = _sessions(tmp_path, cli_repo, 4)
+    assert vml(cli_repo, "rm", "--force", "E2").code == 0
+    subprocess.run(
+        ["git", "-C", str(cli_repo), "gc", "--prune=now", "-q"], check=True, capture_output=True
+    )
+    _git_fsck(cli_repo)
+    assert vml(cli_repo, "verify", "--all", "--read-data", "-q").code == 0
+    _check_out(tmp_path, cli_repo, {1: states[0], 3: states[2], 4: states[3]})
