@@ -254,6 +254,9 @@ class _Resolution:
         self.path = path
         self.pending: dict[int, list[bytes]] = {}  # block -> deltas found so far (newest first)
         self.pending_sources: dict[int, frozenset[bytes]] = {}  # block -> their layers' sources
+        # Unions of layers' sources, made once: blocks stacking deltas of the same
+        # layers share one set, not one copy each (blocks x sources otherwise).
+        self._unions: dict[tuple[frozenset[bytes], frozenset[bytes]], frozenset[bytes]] = {}
         self.recipes = Recipes()
         self.unresolved = _Unresolved(nblocks)
 
@@ -267,7 +270,7 @@ class _Resolution:
         """Block ``b`` starts from ``base`` (None: zeros) and ``older`` deltas, then the newer ones."""
         deltas = older + tuple(reversed(self.pending.pop(b, [])))
         newer = self.pending_sources.pop(b, NO_SOURCES)
-        sources = (sources | newer) if sources and newer else (sources or newer)
+        sources = self.union(sources, newer)
         if len(deltas) > MAX_RECIPE_DELTAS:
             raise HostileRepository(
                 f"block {b} of image {self.path} needs {len(deltas)} page deltas; "
@@ -275,6 +278,16 @@ class _Resolution:
             )
         if base is not None or deltas:
             self.recipes[b] = Recipe(base, deltas, sources)  # all zeros stays absent
+
+    def union(self, a: frozenset[bytes], b: frozenset[bytes]) -> frozenset[bytes]:
+        """``a | b``, one object for every block that needs the same union."""
+        if not a or not b or a is b:
+            return a or b
+        key = (a, b)  # frozensets cache their hash; the same objects compare by identity
+        found = self._unions.get(key)
+        if found is None:
+            found = self._unions[key] = a | b
+        return found
 
     def zero_ranges(self, manifest: Manifest) -> None:
         """The layer's zero ranges: zero from here down (newer deltas built on zeros)."""
@@ -303,7 +316,7 @@ class _Resolution:
                 self.pending.setdefault(b, []).append(sha)
                 if sources:
                     had = self.pending_sources.get(b)
-                    self.pending_sources[b] = sources if had is None else had | sources
+                    self.pending_sources[b] = sources if had is None else self.union(had, sources)
             else:
                 self.settle(b, sha)
                 done.append((b, b + 1))
