@@ -163,6 +163,29 @@ def test_a_hash_collision_never_makes_a_wrong_page(
     assert vml(cli_repo, "verify", "--all", "--read-data", "-q").code == 0
 
 
+def test_a_sampled_index_still_makes_exact_entries(
+    tmp_path: Path, cli_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past its bound the index keeps a content-defined sample of the pages (and counts
+    what it kept for the next image's rate): what it finds is still exact."""
+    monkeypatch.setattr(pageindex, "MAX_PAGES", 64)
+    rates: list[int] = []
+    build = pageindex.PageIndex._build
+
+    def recording(self: pageindex.PageIndex, ix: pageindex._Indexed) -> int:
+        rates.append(ix.rate)
+        return build(self, ix)
+
+    monkeypatch.setattr(pageindex.PageIndex, "_build", recording)
+    _, states = _saved(tmp_path, cli_repo)
+    assert rates and max(rates) > 1  # the sample was taken
+    for n, want in enumerate(states, 1):
+        out = tmp_path / f"out{n}"
+        assert vml(cli_repo, "checkout", "-q", f"E{n}", out).code == 0
+        assert digest_area(out) == want
+    assert vml(cli_repo, "verify", "--all", "--read-data", "-q").code == 0
+
+
 def test_a_disk_changed_after_it_was_saved_fails_the_save(
     tmp_path: Path, cli_repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -103,12 +103,12 @@ class PageIndex:
     """
 
     def __init__(
-        self, reader: PackReader, page_size: int, block_size: int, max_pages: int = MAX_PAGES
+        self, reader: PackReader, page_size: int, block_size: int, max_pages: int | None = None
     ) -> None:
         self.reader = reader
         self.ps = page_size
         self.ppb = block_size // page_size
-        self.max_pages = max_pages
+        self.max_pages = MAX_PAGES if max_pages is None else max_pages
         self.indexed = 0  # pages in the buckets (or to be: counted when added)
         self._images: list[_Indexed] = []
         self._pending = False  # an image added but not indexed yet
@@ -187,7 +187,10 @@ class PageIndex:
         """Stop offering the pages ``add`` returned ``handle`` for (a parent's version, once
         its image is saved: the new version's pages, confirmed by a cheap read, serve)."""
         if handle >= 0:
-            self._images[handle].retired = True
+            ix = self._images[handle]
+            ix.retired = True
+            ix.hashes, ix.keys, ix.pages = None, [], []  # its memory back
+            ix.shift = 64  # (looked up nowhere: every image's loop skips it)
 
     def find(self, data: bytes, pages: list[int], hashes: bytes) -> dict[int, Where]:
         """References for those ``pages`` of a block (``data``) found in the index.
@@ -242,7 +245,7 @@ class PageIndex:
     def _present(self, hashes: bytes, k: int) -> bool:
         """Whether page ``k``'s hash is indexed at all (no confirmation)."""
         h = int.from_bytes(hashes[8 * k : 8 * k + 8], "big") & _MASK
-        return any(h in ix.keys[h >> ix.shift] for ix in self._images)
+        return any(h in ix.keys[h >> ix.shift] for ix in self._images if not ix.retired)
 
     def _confirm(self, ix: _Indexed, number: int, page: bytes) -> Where | None:
         j, k = divmod(number, self.ppb)
