@@ -24,9 +24,14 @@ cache of inflated blobs), since the file itself is what is changing, and
 retired once the disk is saved.  Memory images skip it: a guest rarely
 moves its own pages.
 
-Memory is bounded: 12 bytes per indexed page, at most ``max_pages`` pages
-(then only a content-defined sample of the rest: a page whose hash is 0
-modulo the sampling rate), so a save's memory stays flat whatever the disk.
+Memory is bounded: 12 bytes per indexed page (8 per page of an image
+added but not looked up yet), at most ``max_pages`` pages (then only a
+content-defined sample of the rest: a page whose hash is 0 modulo the
+sampling rate), so a save's memory stays flat whatever the disk.  Time
+too: an image's hashes are copied out of its records in one piece and
+put in buckets by one plain loop when the image is first looked up (an
+image read again with nothing changed never pays for it); a retired
+parent version gives its buckets back.
 """
 
 from __future__ import annotations
