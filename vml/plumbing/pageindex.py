@@ -60,6 +60,10 @@ MAX_PAGES = 1 << 21
 # a source must be worth its read.
 MAX_DELTA_SOURCES = 16
 MIN_SOURCE_PAGES = 4
+# A page's bytes are compared with at most this many candidates of its hash:
+# equal hashes of unequal pages are collisions (or crafted), never a pattern
+# worth more reads.
+MAX_CANDIDATES = 8
 _BUCKET_BITS = 12  # at most 4096 buckets an image (about 16 pages a bucket below that)
 _ALL = (1 << 64) - 1
 # The hash bits the index compares (tests clear them all: every page is then
@@ -219,6 +223,7 @@ class PageIndex:
         for k in pages:
             h = int.from_bytes(hashes[8 * k : 8 * k + 8], "big") & _MASK
             page: bytes | None = None
+            left = MAX_CANDIDATES
             for ix in self._images:
                 if ix.retired:
                     continue
@@ -227,25 +232,32 @@ class PageIndex:
                     continue
                 if page is None:
                     page = bytes(mv[k * ps : (k + 1) * ps])  # bytes compare as memcmp
-                where = self._first(ix, keys, h, page)
+                where, left = self._first(ix, keys, h, page, left)
                 if where is not None:
                     out[k] = where
                     break
+                if not left:
+                    break  # colliding hashes (crafted ones): a page costs a bounded number of reads
         return _limit(out)
 
-    def _first(self, ix: _Indexed, keys: array[int], h: int, page: bytes) -> Where | None:
-        """The first of ``ix``'s pages with hash ``h`` whose bytes are ``page``'s, as a place."""
+    def _first(
+        self, ix: _Indexed, keys: array[int], h: int, page: bytes, left: int
+    ) -> tuple[Where | None, int]:
+        """The first of ``ix``'s pages with hash ``h`` whose bytes are ``page``'s, as a place,
+        trying at most ``left`` of them; and how many more may be tried."""
         numbers = ix.pages[h >> ix.shift]
         at = 0
-        while True:
+        while left:
             try:
                 at = keys.index(h, at)
             except ValueError:
-                return None
+                break
+            left -= 1
             where = self._confirm(ix, numbers[at], page)
             if where is not None:
-                return where
+                return where, left
             at += 1
+        return None, left
 
     def _present(self, hashes: bytes, k: int) -> bool:
         """Whether page ``k``'s hash is indexed at all (no confirmation)."""
