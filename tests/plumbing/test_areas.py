@@ -115,6 +115,12 @@ def test_cache_describes_the_committed_files(repo: Repository, area: Path) -> No
             assert recs.block_hash(n) == block_hash(b)
             assert recs.page_hashes(n) == page_hashes(b, 4096, TEST_BLOCK // 4096)
         assert recs.block_digest(len(blocks)) is None
+        # every data block's page hashes at once, as the page index reads them
+        bulk = recs.all_page_hashes()
+        want = b"".join(recs.page_hashes(n) for n in recs.data_blocks())
+        assert len(bulk) * 8 == len(want) and bulk.tolist() == [
+            int.from_bytes(want[i : i + 8], "big") for i in range(0, len(want), 8)
+        ]
     finally:
         recs.close()
     # after an edit and a save, the new cache follows the new bytes

@@ -150,12 +150,50 @@ def test_references_survive_rm_convert_gc_and_a_clone(tmp_path: Path, cli_repo: 
 def test_a_hash_collision_never_makes_a_wrong_page(
     tmp_path: Path, cli_repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every page looks like a candidate for every other (a guest crafting xxh3 collisions):
-    the bytes decide, and every entry still checks out exactly."""
-    monkeypatch.setattr(pageindex, "_key", lambda h: (0, 0))
+    """Pages look like candidates for many others (a guest crafting xxh3 collisions: only
+    7 bits of each hash compared, a few candidates a page, most of them wrong): the bytes
+    decide, and every entry still checks out exactly.  (Every page colliding with every
+    other: test_page_refs_review, which bounds the reads a page costs.)"""
+    monkeypatch.setattr(pageindex, "_MASK", 0x7F << 57)
+    wrong = 0
+    real = pageindex.PageIndex._confirm
+
+    def counting(
+        self: pageindex.PageIndex, ix: pageindex._Indexed, number: int, page: bytes
+    ) -> object:
+        nonlocal wrong
+        where = real(self, ix, number, page)
+        wrong += where is None
+        return where
+
+    monkeypatch.setattr(pageindex.PageIndex, "_confirm", counting)
     _, states = _saved(tmp_path, cli_repo)
+    assert wrong > 100  # candidates whose bytes differ were tried, and refused
     _manifest, sources = _ram_layer(cli_repo, "E2")
     assert sources  # real matches are still found
+    for n, want in enumerate(states, 1):
+        out = tmp_path / f"out{n}"
+        assert vml(cli_repo, "checkout", "-q", f"E{n}", out).code == 0
+        assert digest_area(out) == want
+    assert vml(cli_repo, "verify", "--all", "--read-data", "-q").code == 0
+
+
+def test_a_sampled_index_still_makes_exact_entries(
+    tmp_path: Path, cli_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past its bound the index keeps a content-defined sample of the pages (and counts
+    what it kept for the next image's rate): what it finds is still exact."""
+    monkeypatch.setattr(pageindex, "MAX_PAGES", 64)
+    rates: list[int] = []
+    build = pageindex.PageIndex._build
+
+    def recording(self: pageindex.PageIndex, ix: pageindex._Indexed) -> int:
+        rates.append(ix.rate)
+        return build(self, ix)
+
+    monkeypatch.setattr(pageindex.PageIndex, "_build", recording)
+    _, states = _saved(tmp_path, cli_repo)
+    assert rates and max(rates) > 1  # the sample was taken
     for n, want in enumerate(states, 1):
         out = tmp_path / f"out{n}"
         assert vml(cli_repo, "checkout", "-q", f"E{n}", out).code == 0

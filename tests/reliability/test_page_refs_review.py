@@ -253,18 +253,20 @@ def test_colliding_page_hashes_cost_a_bounded_number_of_reads_per_page(
     """A guest that crafts xxh3 collisions must not make a save quadratic.
 
     pageindex.py ``PageIndex.find`` tries every indexed candidate with the page's hash
-    (``keys.index(rest, at)`` loop, one ``pread`` each in ``_confirm``) until one's bytes
+    (``keys.index(h, at)`` loop, one ``pread`` each in ``_confirm``) until one's bytes
     match: N memory pages colliding with M disk pages cost N x M reads.  The count of
     candidates confirmed per page must be bounded.
     """
-    monkeypatch.setattr(pageindex, "_key", lambda h: (0, 0))  # every page collides
+    monkeypatch.setattr(pageindex, "_MASK", 0)  # every page collides
     calls = 0
     real = pageindex.PageIndex._confirm
 
-    def counting(self: pageindex.PageIndex, number: int, page: bytes) -> object:
+    def counting(
+        self: pageindex.PageIndex, ix: pageindex._Indexed, number: int, page: bytes
+    ) -> object:
         nonlocal calls
         calls += 1
-        return real(self, number, page)
+        return real(self, ix, number, page)
 
     monkeypatch.setattr(pageindex.PageIndex, "_confirm", counting)
     area, rng = _area(tmp_path)

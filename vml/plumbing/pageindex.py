@@ -24,20 +24,25 @@ cache of inflated blobs), since the file itself is what is changing, and
 retired once the disk is saved.  Memory images skip it: a guest rarely
 moves its own pages.
 
-Memory is bounded: 12 bytes per indexed page, at most ``max_pages`` pages
-(then only a content-defined sample of the rest: a page whose hash is 0
-modulo the sampling rate), so a save's memory stays flat whatever the disk.
+Memory is bounded: 12 bytes per indexed page (8 per page of an image
+added but not looked up yet), at most ``max_pages`` pages (then only a
+content-defined sample of the rest: a page whose hash is 0 modulo the
+sampling rate), so a save's memory stays flat whatever the disk.  Time
+too: an image's hashes are copied out of its records in one piece and
+put in buckets by one plain loop when the image is first looked up (an
+image read again with nothing changed never pays for it); a retired
+parent version gives its buckets back.
 """
 
 from __future__ import annotations
 
 import os
-import struct
 import threading
 from array import array
-from bisect import bisect_right
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import and_
 from pathlib import Path
 
 from vml.errors import FileChanged
@@ -55,8 +60,15 @@ MAX_PAGES = 1 << 21
 # a source must be worth its read.
 MAX_DELTA_SOURCES = 16
 MIN_SOURCE_PAGES = 4
-_BUCKET_BITS = 12
-_REST = (1 << (64 - _BUCKET_BITS)) - 1
+# A page's bytes are compared with at most this many candidates of its hash:
+# equal hashes of unequal pages are collisions (or crafted), never a pattern
+# worth more reads.
+MAX_CANDIDATES = 8
+_BUCKET_BITS = 12  # at most 4096 buckets an image (about 16 pages a bucket below that)
+_ALL = (1 << 64) - 1
+# The hash bits the index compares (tests clear them all: every page is then
+# a candidate for every other, as crafted collisions would make it).
+_MASK = _ALL
 # A block whose every PROBE-th changed page is unknown is taken as new data
 # (found pages come in runs: files cached or copied whole).
 PROBE = 8
@@ -82,37 +94,40 @@ class SavedImage:
 class _Indexed:
     image: SavedImage
     fd: int | None  # None: a parent's version, confirmed against the blobs themselves
-    start: int  # first page number of this image in the index's numbering
-    blocks: array[int]  # its blocks holding data, in order (numbering: block index * ppb + page)
+    blocks: array[int]  # its blocks holding data, in order (page p: blocks[p // ppb], p % ppb)
+    rate: int  # 1: every non-zero page; else those whose hash is 0 modulo it
+    hashes: array[int] | None  # every page's hash until the buckets are built
+    shift: int = 64  # bucket of a (masked) hash: hash >> shift
+    keys: list[array[int]] = field(default_factory=list)  # per bucket: masked hashes
+    pages: list[array[int]] = field(default_factory=list)  # per bucket: their page numbers
     retired: bool = False  # a parent's version whose image is saved: its new version serves
 
 
 class PageIndex:
     """Pages of the images saved so far in this save, by xxh3-64, confirmed byte for byte.
 
-    Built between images (by the saving thread); :meth:`find` is called by
-    the workers of the next image and only reads.
+    Images are added between images (by the saving thread) and indexed
+    when first looked up (an image read whole with nothing changed never
+    pays for it); :meth:`find` is called by the workers of the next image.
     """
 
     def __init__(
-        self, reader: PackReader, page_size: int, block_size: int, max_pages: int = MAX_PAGES
+        self, reader: PackReader, page_size: int, block_size: int, max_pages: int | None = None
     ) -> None:
         self.reader = reader
         self.ps = page_size
         self.ppb = block_size // page_size
-        self.max_pages = max_pages
-        self.indexed = 0  # pages in the buckets
-        self._keys = [array("Q") for _ in range(1 << _BUCKET_BITS)]
-        self._idx = [array("L") for _ in range(1 << _BUCKET_BITS)]
+        self.max_pages = MAX_PAGES if max_pages is None else max_pages
+        self.indexed = 0  # pages in the buckets (or to be: counted when added)
         self._images: list[_Indexed] = []
-        self._starts: list[int] = []
-        self._next = 0
+        self._pending = False  # an image added but not indexed yet
         self._places: OrderedDict[bytes, dict[int, Where | None]] = OrderedDict()
         self._lock = threading.Lock()
+        self._build_lock = threading.Lock()
         self._blobs = SourceReader(reader, budget=BLOB_CACHE)
 
     def add(self, image: SavedImage, *, parent_view: bool = False) -> int:
-        """Index ``image``'s pages (zero pages never), from its records.
+        """Offer ``image``'s pages (zero pages never), from its records.
 
         ``parent_view``: the records describe ``image.parent`` (the version
         the image being saved replaces), whose file is changing: its pages
@@ -123,33 +138,68 @@ class PageIndex:
         if not blocks:
             recs.close()
             return -1
-        fd = None if parent_view else os.open(image.source, os.O_RDONLY)
-        start = self._next
-        self._images.append(_Indexed(image, fd, start, blocks))
-        self._starts.append(start)
-        self._next += len(blocks) * self.ppb
-        total = self.indexed + len(blocks) * self.ppb
+        hashes = recs.all_page_hashes()
+        total = self.indexed + len(hashes)
         rate = 1 if total <= self.max_pages else -(-total // self.max_pages)
-        unpack = struct.Struct(f">{self.ppb}Q").unpack
-        zero = _zero_hash(self.ps)
-        keys, idx = self._keys, self._idx
-        for i, n in enumerate(blocks):
-            hashes = unpack(recs.page_hashes(n))
-            base = start + i * self.ppb
-            for k, h in enumerate(hashes):
-                if h == zero or (rate > 1 and h % rate):
-                    continue
-                b, rest = _key(h)
-                keys[b].append(rest)
-                idx[b].append(base + k)
-                self.indexed += 1
+        fd = None if parent_view else os.open(image.source, os.O_RDONLY)
+        ix = _Indexed(image, fd, blocks, rate, hashes)
+        self._images.append(ix)
+        if rate == 1:
+            self.indexed += len(hashes) - hashes.count(_zero_hash(self.ps))
+            self._pending = True
+        else:
+            self.indexed += self._build(ix)  # the next image's rate depends on the count
         return len(self._images) - 1
+
+    def _ready(self) -> None:
+        """Build the buckets of the images added since the last look-up (once, for all workers)."""
+        with self._build_lock:
+            if self._pending:
+                for ix in self._images:
+                    if ix.hashes is not None:
+                        self._build(ix)
+                self._pending = False
+
+    def _build(self, ix: _Indexed) -> int:
+        """Put ``ix``'s non-zero (sampled) pages in buckets by hash, in page order; their count."""
+        hashes = ix.hashes
+        assert hashes is not None
+        ix.hashes = None
+        bits = min(_BUCKET_BITS, (len(hashes) // 16).bit_length())
+        shift = ix.shift = 64 - bits
+        keys = ix.keys = [array("Q") for _ in range(1 << bits)]
+        pages = ix.pages = [array("L") for _ in range(1 << bits)]
+        zero = _zero_hash(self.ps)
+        masked = hashes if _MASK == _ALL else array("Q", map(and_, hashes, repeat(_MASK)))
+        if ix.rate == 1:
+            # The hot loop: one bucket append per page, nothing else.
+            for p, h in enumerate(masked):
+                b = h >> shift
+                keys[b].append(h)
+                pages[b].append(p)
+            # Zero pages (every zero page has one hash) sit in one bucket: drop them there.
+            zb = (zero & _MASK) >> shift
+            keep = [j for j, p in enumerate(pages[zb]) if hashes[p] != zero]
+            if len(keep) < len(pages[zb]):
+                keys[zb] = array("Q", (keys[zb][j] for j in keep))
+                pages[zb] = array("L", (pages[zb][j] for j in keep))
+        else:
+            for p, (h, m) in enumerate(zip(hashes, masked, strict=True)):
+                if h == zero or h % ix.rate:
+                    continue
+                b = m >> shift
+                keys[b].append(m)
+                pages[b].append(p)
+        return sum(map(len, keys))
 
     def retire(self, handle: int) -> None:
         """Stop offering the pages ``add`` returned ``handle`` for (a parent's version, once
         its image is saved: the new version's pages, confirmed by a cheap read, serve)."""
         if handle >= 0:
-            self._images[handle].retired = True
+            ix = self._images[handle]
+            ix.retired = True
+            ix.hashes, ix.keys, ix.pages = None, [], []  # its memory back
+            ix.shift = 64  # (looked up nowhere: every image's loop skips it)
 
     def find(self, data: bytes, pages: list[int], hashes: bytes) -> dict[int, Where]:
         """References for those ``pages`` of a block (``data``) found in the index.
@@ -158,50 +208,73 @@ class PageIndex:
         them.  A page is referenced only when its bytes equal the candidate's
         in the source file and the candidate's place in the new entry is
         known; the sources are then limited to what is worth a read.
+        Candidates are tried in the order the images were added, each
+        image's in page order; the first whose bytes match is taken.
         """
         if not self._images:
             return {}
+        if self._pending:
+            self._ready()
         if len(pages) > 4 * PROBE and not any(self._present(hashes, k) for k in pages[::PROBE]):
             return {}  # new data (most changed disk blocks): a few probes, not every page
         out: dict[int, Where] = {}
         mv = memoryview(data)
+        ps = self.ps
         for k in pages:
-            b, rest = _key(int.from_bytes(hashes[8 * k : 8 * k + 8], "big"))
-            keys = self._keys[b]
-            page = bytes(mv[k * self.ps : (k + 1) * self.ps])  # bytes compare as memcmp
-            at = 0
-            while True:
-                try:
-                    at = keys.index(rest, at)
-                except ValueError:
-                    break
-                where = self._confirm(self._idx[b][at], page)
+            h = int.from_bytes(hashes[8 * k : 8 * k + 8], "big") & _MASK
+            page: bytes | None = None
+            left = MAX_CANDIDATES
+            for ix in self._images:
+                if ix.retired:
+                    continue
+                keys = ix.keys[h >> ix.shift]
+                if h not in keys:
+                    continue
+                if page is None:
+                    page = bytes(mv[k * ps : (k + 1) * ps])  # bytes compare as memcmp
+                where, left = self._first(ix, keys, h, page, left)
                 if where is not None:
                     out[k] = where
                     break
-                at += 1
+                if not left:
+                    break  # colliding hashes (crafted ones): a page costs a bounded number of reads
         return _limit(out)
+
+    def _first(
+        self, ix: _Indexed, keys: array[int], h: int, page: bytes, left: int
+    ) -> tuple[Where | None, int]:
+        """The first of ``ix``'s pages with hash ``h`` whose bytes are ``page``'s, as a place,
+        trying at most ``left`` of them; and how many more may be tried."""
+        numbers = ix.pages[h >> ix.shift]
+        at = 0
+        while left:
+            try:
+                at = keys.index(h, at)
+            except ValueError:
+                break
+            left -= 1
+            where = self._confirm(ix, numbers[at], page)
+            if where is not None:
+                return where, left
+            at += 1
+        return None, left
 
     def _present(self, hashes: bytes, k: int) -> bool:
         """Whether page ``k``'s hash is indexed at all (no confirmation)."""
-        b, rest = _key(int.from_bytes(hashes[8 * k : 8 * k + 8], "big"))
-        return rest in self._keys[b]
+        h = int.from_bytes(hashes[8 * k : 8 * k + 8], "big") & _MASK
+        return any(h in ix.keys[h >> ix.shift] for ix in self._images if not ix.retired)
 
-    def _confirm(self, number: int, page: bytes) -> Where | None:
-        i = bisect_right(self._starts, number) - 1
-        img = self._images[i]
-        if img.retired:
-            return None
-        j, k = divmod(number - img.start, self.ppb)
-        if img.fd is None:
-            where = self._where(img.image, img.blocks[j], k)
+    def _confirm(self, ix: _Indexed, number: int, page: bytes) -> Where | None:
+        j, k = divmod(number, self.ppb)
+        if ix.fd is None:
+            where = self._where(ix.image, ix.blocks[j], k)
             if where is None or self._blobs.read(where[0], where[1], len(page)) != page:
                 return None
             return where
-        q = img.blocks[j] * self.ppb + k
-        if os.pread(img.fd, len(page), q * self.ps) != page:
+        q = ix.blocks[j] * self.ppb + k
+        if os.pread(ix.fd, len(page), q * self.ps) != page:
             return None  # an xxh3 collision (or crafted): bytes decide
-        return self._where(img.image, img.blocks[j], k)
+        return self._where(ix.image, ix.blocks[j], k)
 
     def _where(self, img: SavedImage, n: int, k: int) -> Where | None:
         """Where page ``k`` of block ``n`` of ``img`` lives in the new entry (None: unknown)."""
@@ -263,12 +336,6 @@ class PageIndex:
                 os.close(ix.fd)
             ix.image.records.close()
         self._images = []
-        self._starts = []
-
-
-def _key(h: int) -> tuple[int, int]:
-    """A page hash's bucket and the bits kept in it."""
-    return h >> (64 - _BUCKET_BITS), h & _REST
 
 
 def _resolve(sha: bytes, place: Where | None) -> Where | None:
