@@ -86,8 +86,9 @@ class SavedImage:
     parent: ResolvedImage | None  # the parent entry's version (None: a base layer)
     blocks: dict[int, LayerBlock]  # the new layer's block map
     zero: list[tuple[int, int]]  # the new layer's zero ranges
-    # Page places of the deltas this save wrote (not readable from a pack yet).
-    places: dict[bytes, dict[int, Where | None]] = field(default_factory=dict)
+    # Headers of the deltas this save wrote (not readable from a pack yet),
+    # within the save's budget: a delta of ``blocks`` missing here is unknown.
+    places: dict[bytes, bytes] = field(default_factory=dict)
 
 
 @dataclass
@@ -281,8 +282,9 @@ class PageIndex:
         entry = img.blocks.get(n)
         deltas: tuple[bytes, ...] = ()
         base: bytes | None = None
+        new = 0  # the newest deltas, written by this save (their headers in img.places)
         if isinstance(entry, Anchored):
-            base, deltas = entry.base, entry.deltas
+            base, deltas, new = entry.base, entry.deltas, len(entry.deltas)
         elif entry is not None:
             is_delta, sha = entry
             if not is_delta:
@@ -290,27 +292,36 @@ class PageIndex:
             if img.parent is None:
                 return None
             recipe = img.parent.recipes[n]
-            base, deltas = recipe.base, (*recipe.deltas, sha)
+            base, deltas, new = recipe.base, (*recipe.deltas, sha), 1
         else:
             if img.parent is None or any(a <= n < b for a, b in img.zero):
                 return None
             recipe = img.parent.recipes[n]
             base, deltas = recipe.base, recipe.deltas
-        for d in reversed(deltas):
-            places = img.places.get(d)
+        for i, d in enumerate(reversed(deltas)):
+            places = self._delta_places(d, img.places.get(d), own=i < new)
             if places is None:
-                places = self._delta_places(d)
+                return None  # a delta of this save past the budget: not known
             if k in places:
                 return _resolve(d, places[k])
         return None if base is None else (base, k * self.ps)
 
-    def _delta_places(self, sha: bytes) -> dict[int, Where | None]:
+    def _delta_places(
+        self, sha: bytes, head: bytes | None, *, own: bool
+    ) -> dict[int, Where | None] | None:
+        """Where each page of delta ``sha`` is: from ``head`` (a delta this save wrote,
+        ``own``) or its blob (a parent's); a few parsed deltas are kept."""
         with self._lock:
             found = self._places.get(sha)
             if found is not None:
                 self._places.move_to_end(sha)
                 return found
-        places = parse_delta(self.reader.read(sha, BLOB)[1]).places()
+        if own:
+            if head is None:
+                return None
+            places = parse_delta(head, header_only=True).places()
+        else:
+            places = parse_delta(self.reader.read(sha, BLOB)[1]).places()
         with self._lock:
             self._places[sha] = places
             if len(self._places) > _PLACES_CACHE:

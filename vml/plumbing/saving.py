@@ -36,6 +36,8 @@ from vml.plumbing.entries import (
     store_trees,
 )
 from vml.plumbing.images import (
+    PLACES_BUDGET,
+    Budget,
     Changed,
     SavedLayer,
     SaveInputs,
@@ -154,6 +156,7 @@ class Saver:
         # built when an image to read follows saved ones.
         self.index: PageIndex | None = None
         self._to_index: list[SavedImage] = []
+        self._places_budget = Budget(PLACES_BUDGET)
 
     def _advance(self, n: int) -> None:
         self.done += n
@@ -286,7 +289,9 @@ class Saver:
                 f.stat.st_size,
                 self.repo.block_size,
                 self.repo.page_size,
-                SaveInputs(parent_img, recs, match, self.reused, changed, index),
+                SaveInputs(
+                    parent_img, recs, match, self.reused, changed, index, self._places_budget
+                ),
                 out,
                 self._advance,
             )
