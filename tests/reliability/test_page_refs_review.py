@@ -447,3 +447,34 @@ def test_sessions_past_the_places_budget_come_back_exact(
     _, states = _sessions(tmp_path, cli_repo, 4)
     assert vml(cli_repo, "verify", "--all", "--read-data", "-q").code == 0
     _check_out(tmp_path, cli_repo, {n: s for n, s in enumerate(states, 1)})
+
+
+def test_references_into_many_images_through_few_open_files_come_back_exact(
+    tmp_path: Path, cli_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index confirms pages through a few descriptors kept open (evicting the
+    oldest): memory pages copied from 12 disk images, two descriptors, every
+    reference exact."""
+    monkeypatch.setattr(pageindex, "OPEN_FILES", 2)
+    rng = random.Random(3)
+    area = tmp_path / "vm"
+    area.mkdir()
+    (area / "vm.conf").write_text("memory = 1M\n")
+    disks = [rng.randbytes(4 * BLOCK) for _ in range(12)]
+    for i, d in enumerate(disks):
+        (area / f"disk{i:02}.img").write_bytes(d)
+    (area / "vm.ram").write_bytes(bytes(RAM))
+    assert vml(cli_repo, "commit", "-q", area).code == 0
+    states = [digest_area(area)]
+    ram = bytearray(RAM)
+    for dst in range(0, RAM // PAGE - 8, 8):  # runs of 8 pages from disks in turn
+        d = disks[rng.randrange(len(disks))]
+        src = rng.randrange(len(d) // PAGE - 8)
+        ram[dst * PAGE : (dst + 8) * PAGE] = d[src * PAGE : (src + 8) * PAGE]
+    (area / "vm.ram").write_bytes(ram)
+    assert vml(cli_repo, "commit", "-q", area).code == 0
+    states.append(digest_area(area))
+    _, sources = _ram_layer(cli_repo, "E2")
+    assert len(sources) > 2, "the memory must reference more images than files kept open"
+    assert vml(cli_repo, "verify", "--all", "--read-data", "-q").code == 0
+    _check_out(tmp_path, cli_repo, {1: states[0], 2: states[1]})

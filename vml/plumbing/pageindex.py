@@ -40,6 +40,7 @@ import os
 import threading
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import repeat
 from operator import and_
@@ -73,7 +74,9 @@ _MASK = _ALL
 # (found pages come in runs: files cached or copied whole).
 PROBE = 8
 _PLACES_CACHE = 64  # parsed deltas kept while finding where pages live
-BLOB_CACHE = 8 << 20  # blobs kept while confirming pages of a parent's version
+BLOB_CACHE = 8 << 20
+# Source files kept open for confirming pages (a save may offer hundreds).
+OPEN_FILES = 16  # blobs kept while confirming pages of a parent's version
 
 
 @dataclass
@@ -82,7 +85,10 @@ class SavedImage:
 
     source: Path  # the file the save read
     signature: list[int]  # its stat signature as read
-    records: BlockRecords  # the new state's records (page hashes of blocks holding data)
+    # Opens the new state's records (page hashes of blocks holding data), or
+    # None when they cannot serve: opened only while the image is indexed, so
+    # a save of hundreds of images holds no file of each.
+    records: Callable[[], BlockRecords | None]
     parent: ResolvedImage | None  # the parent entry's version (None: a base layer)
     blocks: dict[int, LayerBlock]  # the new layer's block map
     zero: list[tuple[int, int]]  # the new layer's zero ranges
@@ -94,7 +100,7 @@ class SavedImage:
 @dataclass
 class _Indexed:
     image: SavedImage
-    fd: int | None  # None: a parent's version, confirmed against the blobs themselves
+    file: bool  # False: a parent's version, confirmed against the blobs themselves
     blocks: array[int]  # its blocks holding data, in order (page p: blocks[p // ppb], p % ppb)
     rate: int  # 1: every non-zero page; else those whose hash is 0 modulo it
     hashes: array[int] | None  # every page's hash until the buckets are built
@@ -124,6 +130,7 @@ class PageIndex:
         self._pending = False  # an image added but not indexed yet
         self._places: OrderedDict[bytes, dict[int, Where | None]] = OrderedDict()
         self._lock = threading.Lock()
+        self._fds: OrderedDict[Path, int] = OrderedDict()
         self._build_lock = threading.Lock()
         self._blobs = SourceReader(reader, budget=BLOB_CACHE)
 
@@ -134,16 +141,19 @@ class PageIndex:
         the image being saved replaces), whose file is changing: its pages
         are confirmed against the blobs that hold them, never the file.
         """
-        recs = image.records
-        blocks = array("L", recs.data_blocks())
-        if not blocks:
-            recs.close()
+        recs = image.records()
+        if recs is None:
             return -1
-        hashes = recs.all_page_hashes()
+        try:
+            blocks = array("L", recs.data_blocks())
+            if not blocks:
+                return -1
+            hashes = recs.all_page_hashes()
+        finally:
+            recs.close()
         total = self.indexed + len(hashes)
         rate = 1 if total <= self.max_pages else -(-total // self.max_pages)
-        fd = None if parent_view else os.open(image.source, os.O_RDONLY)
-        ix = _Indexed(image, fd, blocks, rate, hashes)
+        ix = _Indexed(image, not parent_view, blocks, rate, hashes)
         self._images.append(ix)
         if rate == 1:
             self.indexed += len(hashes) - hashes.count(_zero_hash(self.ps))
@@ -267,13 +277,13 @@ class PageIndex:
 
     def _confirm(self, ix: _Indexed, number: int, page: bytes) -> Where | None:
         j, k = divmod(number, self.ppb)
-        if ix.fd is None:
+        if not ix.file:
             where = self._where(ix.image, ix.blocks[j], k)
             if where is None or self._blobs.read(where[0], where[1], len(page)) != page:
                 return None
             return where
         q = ix.blocks[j] * self.ppb + k
-        if os.pread(ix.fd, len(page), q * self.ps) != page:
+        if self._pread(ix.image.source, len(page), q * self.ps) != page:
             return None  # an xxh3 collision (or crafted): bytes decide
         return self._where(ix.image, ix.blocks[j], k)
 
@@ -328,24 +338,40 @@ class PageIndex:
                 self._places.popitem(last=False)
         return places
 
+    def _pread(self, path: Path, length: int, offset: int) -> bytes:
+        """``length`` bytes of ``path`` at ``offset``, through a few descriptors kept open.
+
+        Under the lock: a descriptor closed by another worker's eviction
+        could be reused for another file between taking it and reading.
+        """
+        with self._lock:
+            fd = self._fds.pop(path, None)
+            if fd is None:
+                fd = os.open(path, os.O_RDONLY)
+                if len(self._fds) >= OPEN_FILES:
+                    os.close(self._fds.popitem(last=False)[1])
+            self._fds[path] = fd  # the most recently used last
+            return os.pread(fd, length, offset)
+
     def check(self) -> None:
         """Every source file is as it was saved; else the save must not be published."""
         for ix in self._images:
             img = ix.image
-            if ix.fd is None:
+            if not ix.file:
                 continue  # confirmed against blobs, which never change
-            if (
-                stat_signature(os.fstat(ix.fd)) != img.signature
-                or stat_signature(os.stat(img.source)) != img.signature
-            ):
+            try:
+                now = stat_signature(os.stat(img.source))
+            except FileNotFoundError:
+                now = []
+            if now != img.signature:
                 raise FileChanged(f"{img.source.name} changed while the save was under way")
 
     def close(self) -> None:
-        """Close the source files and the records."""
-        for ix in self._images:
-            if ix.fd is not None:
-                os.close(ix.fd)
-            ix.image.records.close()
+        """Close the source files."""
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
         self._images = []
 
 
