@@ -130,11 +130,13 @@ class Delta:
         return out
 
 
-def parse_delta(blob: bytes | memoryview) -> Delta:
+def parse_delta(blob: bytes | memoryview, *, header_only: bool = False) -> Delta:
     """Parse and check a delta's header (every version).
 
     Every field is checked before use: a delta from a hostile repository must
     not make us write outside the block or allocate without bound.
+    ``header_only``: ``blob`` is a delta cut at its first data page (what a
+    save keeps of the deltas it wrote): its length is not checked.
     """
     if len(blob) < _HEAD.size:
         raise CorruptRepository("delta blob is truncated")
@@ -187,7 +189,7 @@ def parse_delta(blob: bytes | memoryview) -> Delta:
     last = pages[-1] if pages else 0
     if data_pages and not last & _FLAGS and last == npages - 1:  # the last page may be short
         data_len -= npages * page_size - length
-    if len(blob) != data_at + data_len:
+    if len(blob) != data_at + data_len and not (header_only and len(blob) == data_at):
         raise CorruptRepository("delta blob has the wrong length")
     return Delta(version, page_size, length, pages, sources, refs, data_at)
 

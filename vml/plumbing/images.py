@@ -39,7 +39,7 @@ from vml.plumbing.chains import (
     ordered_map,
     same_length_end,
 )
-from vml.plumbing.deltas import Where, encode_delta, parse_delta
+from vml.plumbing.deltas import encode_delta, parse_delta
 from vml.plumbing.manifests import (
     BLOB_MODE,
     BLOCKS_NAME,
@@ -225,8 +225,9 @@ class _Outcome:
     zdata: bytes | None = None
     raw_len: int = 0
     read: int = 0
-    # A delta's page places, and the sources its reference pages come from.
-    places: dict[int, Where | None] | None = None
+    # A delta's header (cut before its data pages: where each page is), and
+    # the sources its reference pages come from.
+    places: bytes | None = None
     sources: frozenset[bytes] = NO_SOURCES
 
 
@@ -271,6 +272,30 @@ class SaveInputs:
     # Pages of the images saved before this one in the same save: changed pages
     # found there are stored as references (version-3 deltas).
     index: PageIndex | None = None
+    # Bytes of delta headers the whole save may keep for the page index.
+    places_budget: Budget | None = None
+
+
+class Budget:
+    """Bytes a whole save may keep of something per page, shared by its images."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def take(self, n: int) -> bool:
+        """Take ``n`` bytes if they are left (the saving thread alone calls it)."""
+        if n > self.left:
+            return False
+        self.left -= n
+        return True
+
+
+#: The headers of the deltas a save wrote (4 bytes a page they name, 12 a
+#: reference) are kept so the images saved after can tell where a page lives
+#: (they are not readable from a pack before the save ends): at most this
+#: many bytes (4 Mi pages, 16 GiB of changed pages); the deltas past it are
+#: simply not referenced, so memory stays flat whatever the change.
+PLACES_BUDGET = 16 << 20
 
 
 @dataclass
@@ -279,7 +304,7 @@ class SavedLayer:
 
     blocks: dict[int, LayerBlock]
     zero: list[tuple[int, int]]
-    places: dict[bytes, dict[int, Where | None]]
+    places: dict[bytes, bytes]  # the headers of the deltas it wrote (within the budget)
 
 
 def _parent_hashes(
@@ -495,7 +520,7 @@ class _ImageSave:
         self.blocks: dict[int, LayerBlock] = {}
         self.read = 0
         self.sources: set[bytes] = set()
-        self.places: dict[bytes, dict[int, Where | None]] = {}
+        self.places: dict[bytes, bytes] = {}
 
     def items(self, spans: list[tuple[int, int]]) -> Iterator[tuple[int, int, bool]]:
         """``(start, end, read?)``: runs not read go whole, blocks to read one by one."""
@@ -562,7 +587,8 @@ class _ImageSave:
                 self.blocks[n] = Anchored(None, (out.sha,))
             else:
                 self.blocks[n] = (out.kind == "delta", out.sha)
-            if out.places is not None:
+            budget = self.inp.places_budget
+            if out.places is not None and budget is not None and budget.take(len(out.places)):
                 self.places[out.sha] = out.places
             for src in out.sources:
                 self.sources.add(src)
@@ -747,7 +773,7 @@ def _as_delta(
     delta = encode_delta(data, changed, page_size, zero_pages, refs)
     sha = blob_id(delta)
     z = None if reader.in_packs(sha) else deflate(delta)
-    places = parse_delta(delta).places()
+    places = delta[: parse_delta(delta).data_at]
     srcs = frozenset(src for src, _ in refs.values())
     return _Outcome(n, data, digest, bh, pages, "delta", sha, z, len(delta), read, places, srcs)
 
@@ -784,7 +810,7 @@ def _self_contained(
     delta = encode_delta(data, own, page_size, (), refs)
     sha = blob_id(delta)
     z = None if reader.in_packs(sha) else deflate(delta)
-    places = parse_delta(delta).places()
+    places = delta[: parse_delta(delta).data_at]
     srcs = frozenset(src for src, _ in refs.values())
     return _Outcome(n, data, digest, bh, pages, "anchored", sha, z, len(delta), read, places, srcs)
 

@@ -40,6 +40,7 @@ import os
 import threading
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import repeat
 from operator import and_
@@ -73,7 +74,9 @@ _MASK = _ALL
 # (found pages come in runs: files cached or copied whole).
 PROBE = 8
 _PLACES_CACHE = 64  # parsed deltas kept while finding where pages live
-BLOB_CACHE = 8 << 20  # blobs kept while confirming pages of a parent's version
+BLOB_CACHE = 8 << 20
+# Source files kept open for confirming pages (a save may offer hundreds).
+OPEN_FILES = 16  # blobs kept while confirming pages of a parent's version
 
 
 @dataclass
@@ -82,18 +85,22 @@ class SavedImage:
 
     source: Path  # the file the save read
     signature: list[int]  # its stat signature as read
-    records: BlockRecords  # the new state's records (page hashes of blocks holding data)
+    # Opens the new state's records (page hashes of blocks holding data), or
+    # None when they cannot serve: opened only while the image is indexed, so
+    # a save of hundreds of images holds no file of each.
+    records: Callable[[], BlockRecords | None]
     parent: ResolvedImage | None  # the parent entry's version (None: a base layer)
     blocks: dict[int, LayerBlock]  # the new layer's block map
     zero: list[tuple[int, int]]  # the new layer's zero ranges
-    # Page places of the deltas this save wrote (not readable from a pack yet).
-    places: dict[bytes, dict[int, Where | None]] = field(default_factory=dict)
+    # Headers of the deltas this save wrote (not readable from a pack yet),
+    # within the save's budget: a delta of ``blocks`` missing here is unknown.
+    places: dict[bytes, bytes] = field(default_factory=dict)
 
 
 @dataclass
 class _Indexed:
     image: SavedImage
-    fd: int | None  # None: a parent's version, confirmed against the blobs themselves
+    file: bool  # False: a parent's version, confirmed against the blobs themselves
     blocks: array[int]  # its blocks holding data, in order (page p: blocks[p // ppb], p % ppb)
     rate: int  # 1: every non-zero page; else those whose hash is 0 modulo it
     hashes: array[int] | None  # every page's hash until the buckets are built
@@ -123,6 +130,7 @@ class PageIndex:
         self._pending = False  # an image added but not indexed yet
         self._places: OrderedDict[bytes, dict[int, Where | None]] = OrderedDict()
         self._lock = threading.Lock()
+        self._fds: OrderedDict[Path, int] = OrderedDict()
         self._build_lock = threading.Lock()
         self._blobs = SourceReader(reader, budget=BLOB_CACHE)
 
@@ -133,16 +141,19 @@ class PageIndex:
         the image being saved replaces), whose file is changing: its pages
         are confirmed against the blobs that hold them, never the file.
         """
-        recs = image.records
-        blocks = array("L", recs.data_blocks())
-        if not blocks:
-            recs.close()
+        recs = image.records()
+        if recs is None:
             return -1
-        hashes = recs.all_page_hashes()
+        try:
+            blocks = array("L", recs.data_blocks())
+            if not blocks:
+                return -1
+            hashes = recs.all_page_hashes()
+        finally:
+            recs.close()
         total = self.indexed + len(hashes)
         rate = 1 if total <= self.max_pages else -(-total // self.max_pages)
-        fd = None if parent_view else os.open(image.source, os.O_RDONLY)
-        ix = _Indexed(image, fd, blocks, rate, hashes)
+        ix = _Indexed(image, not parent_view, blocks, rate, hashes)
         self._images.append(ix)
         if rate == 1:
             self.indexed += len(hashes) - hashes.count(_zero_hash(self.ps))
@@ -266,13 +277,13 @@ class PageIndex:
 
     def _confirm(self, ix: _Indexed, number: int, page: bytes) -> Where | None:
         j, k = divmod(number, self.ppb)
-        if ix.fd is None:
+        if not ix.file:
             where = self._where(ix.image, ix.blocks[j], k)
             if where is None or self._blobs.read(where[0], where[1], len(page)) != page:
                 return None
             return where
         q = ix.blocks[j] * self.ppb + k
-        if os.pread(ix.fd, len(page), q * self.ps) != page:
+        if self._pread(ix.image.source, len(page), q * self.ps) != page:
             return None  # an xxh3 collision (or crafted): bytes decide
         return self._where(ix.image, ix.blocks[j], k)
 
@@ -281,8 +292,9 @@ class PageIndex:
         entry = img.blocks.get(n)
         deltas: tuple[bytes, ...] = ()
         base: bytes | None = None
+        new = 0  # the newest deltas, written by this save (their headers in img.places)
         if isinstance(entry, Anchored):
-            base, deltas = entry.base, entry.deltas
+            base, deltas, new = entry.base, entry.deltas, len(entry.deltas)
         elif entry is not None:
             is_delta, sha = entry
             if not is_delta:
@@ -290,51 +302,76 @@ class PageIndex:
             if img.parent is None:
                 return None
             recipe = img.parent.recipes[n]
-            base, deltas = recipe.base, (*recipe.deltas, sha)
+            base, deltas, new = recipe.base, (*recipe.deltas, sha), 1
         else:
             if img.parent is None or any(a <= n < b for a, b in img.zero):
                 return None
             recipe = img.parent.recipes[n]
             base, deltas = recipe.base, recipe.deltas
-        for d in reversed(deltas):
-            places = img.places.get(d)
+        for i, d in enumerate(reversed(deltas)):
+            places = self._delta_places(d, img.places.get(d), own=i < new)
             if places is None:
-                places = self._delta_places(d)
+                return None  # a delta of this save past the budget: not known
             if k in places:
                 return _resolve(d, places[k])
         return None if base is None else (base, k * self.ps)
 
-    def _delta_places(self, sha: bytes) -> dict[int, Where | None]:
+    def _delta_places(
+        self, sha: bytes, head: bytes | None, *, own: bool
+    ) -> dict[int, Where | None] | None:
+        """Where each page of delta ``sha`` is: from ``head`` (a delta this save wrote,
+        ``own``) or its blob (a parent's); a few parsed deltas are kept."""
         with self._lock:
             found = self._places.get(sha)
             if found is not None:
                 self._places.move_to_end(sha)
                 return found
-        places = parse_delta(self.reader.read(sha, BLOB)[1]).places()
+        if own:
+            if head is None:
+                return None
+            places = parse_delta(head, header_only=True).places()
+        else:
+            places = parse_delta(self.reader.read(sha, BLOB)[1]).places()
         with self._lock:
             self._places[sha] = places
             if len(self._places) > _PLACES_CACHE:
                 self._places.popitem(last=False)
         return places
 
+    def _pread(self, path: Path, length: int, offset: int) -> bytes:
+        """``length`` bytes of ``path`` at ``offset``, through a few descriptors kept open.
+
+        Under the lock: a descriptor closed by another worker's eviction
+        could be reused for another file between taking it and reading.
+        """
+        with self._lock:
+            fd = self._fds.pop(path, None)
+            if fd is None:
+                fd = os.open(path, os.O_RDONLY)
+                if len(self._fds) >= OPEN_FILES:
+                    os.close(self._fds.popitem(last=False)[1])
+            self._fds[path] = fd  # the most recently used last
+            return os.pread(fd, length, offset)
+
     def check(self) -> None:
         """Every source file is as it was saved; else the save must not be published."""
         for ix in self._images:
             img = ix.image
-            if ix.fd is None:
+            if not ix.file:
                 continue  # confirmed against blobs, which never change
-            if (
-                stat_signature(os.fstat(ix.fd)) != img.signature
-                or stat_signature(os.stat(img.source)) != img.signature
-            ):
+            try:
+                now = stat_signature(os.stat(img.source))
+            except FileNotFoundError:
+                now = []
+            if now != img.signature:
                 raise FileChanged(f"{img.source.name} changed while the save was under way")
 
     def close(self) -> None:
-        """Close the source files and the records."""
-        for ix in self._images:
-            if ix.fd is not None:
-                os.close(ix.fd)
-            ix.image.records.close()
+        """Close the source files."""
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
         self._images = []
 
 

@@ -36,6 +36,8 @@ from vml.plumbing.entries import (
     store_trees,
 )
 from vml.plumbing.images import (
+    PLACES_BUDGET,
+    Budget,
     Changed,
     SavedLayer,
     SaveInputs,
@@ -154,6 +156,7 @@ class Saver:
         # built when an image to read follows saved ones.
         self.index: PageIndex | None = None
         self._to_index: list[SavedImage] = []
+        self._places_budget = Budget(PLACES_BUDGET)
 
     def _advance(self, n: int) -> None:
         self.done += n
@@ -286,7 +289,9 @@ class Saver:
                 f.stat.st_size,
                 self.repo.block_size,
                 self.repo.page_size,
-                SaveInputs(parent_img, recs, match, self.reused, changed, index),
+                SaveInputs(
+                    parent_img, recs, match, self.reused, changed, index, self._places_budget
+                ),
                 out,
                 self._advance,
             )
@@ -304,21 +309,30 @@ class Saver:
     def _indexable(
         self, f: SourceFile, name: str, parent: ResolvedImage | None, layer: SavedLayer | None
     ) -> None:
-        """Offer a saved image's pages to the images saved after it (from its new records)."""
+        """Offer a saved image's pages to the images saved after it (from its new records).
+
+        Nothing stays open: the records are opened when the image is indexed
+        (a save of hundreds of image files must not hold a file of each).
+        """
         if self.cache_writer.problem is not None:
             return  # no records: its pages cannot be found (the save goes on)
         path = self.cache_writer.dir / name
         if not path.exists():
             return
-        recs = BlockRecords(path, self.repo.page_size, self.repo.block_size, self.area)
-        if recs.nblocks == 0 or recs.size != f.stat.st_size:
-            recs.close()
-            return
+        ps, bs, area, size = self.repo.page_size, self.repo.block_size, self.area, f.stat.st_size
+
+        def records() -> BlockRecords | None:
+            recs = BlockRecords(path, ps, bs, area)
+            if recs.nblocks == 0 or recs.size != size:
+                recs.close()
+                return None
+            return recs
+
         self._to_index.append(
             SavedImage(
                 source=f.source,
                 signature=stat_signature(f.stat),
-                records=recs,
+                records=records,
                 parent=parent,
                 blocks=dict(layer.blocks) if layer is not None else {},
                 zero=layer.zero if layer is not None else [],
@@ -357,7 +371,7 @@ class Saver:
                     and own.nblocks == m.nblocks
                     and (m.block_size, m.page_size) == (self.repo.block_size, self.repo.page_size)
                 ):
-                    img = SavedImage(f.source, [], own, parent, {}, [])
+                    img = SavedImage(f.source, [], lambda: own, parent, {}, [])
                     view = self.index.add(img, parent_view=True)
                 else:
                     own.close()
@@ -436,8 +450,6 @@ class Saver:
         self.writer.release()
 
     def _drop_pending(self) -> None:
-        for img in self._to_index:
-            img.records.close()
         self._to_index = []
 
     def abort(self) -> None:
