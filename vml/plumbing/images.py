@@ -55,7 +55,7 @@ from vml.plumbing.manifests import (
     sources_tree,
 )
 from vml.plumbing.packs import BLOB, PackReader, PackWriter, blob_id, deflate
-from vml.plumbing.pageindex import PageIndex
+from vml.plumbing.pageindex import Budget, PageIndex
 from vml.plumbing.vm.formats import data_ranges
 from vml.progress import Advance
 
@@ -274,28 +274,6 @@ class SaveInputs:
     index: PageIndex | None = None
     # Bytes of delta headers the whole save may keep for the page index.
     places_budget: Budget | None = None
-
-
-class Budget:
-    """Bytes a whole save may keep of something per page, shared by its images."""
-
-    def __init__(self, limit: int) -> None:
-        self.left = limit
-
-    def take(self, n: int) -> bool:
-        """Take ``n`` bytes if they are left (the saving thread alone calls it)."""
-        if n > self.left:
-            return False
-        self.left -= n
-        return True
-
-
-#: The headers of the deltas a save wrote (4 bytes a page they name, 12 a
-#: reference) are kept so the images saved after can tell where a page lives
-#: (they are not readable from a pack before the save ends): at most this
-#: many bytes (4 Mi pages, 16 GiB of changed pages); the deltas past it are
-#: simply not referenced, so memory stays flat whatever the change.
-PLACES_BUDGET = 16 << 20
 
 
 @dataclass

@@ -24,8 +24,8 @@ cache of inflated blobs), since the file itself is what is changing, and
 retired once the disk is saved.  Memory images skip it: a guest rarely
 moves its own pages.
 
-Memory is bounded: 12 bytes per indexed page (8 per page of an image
-added but not looked up yet), at most ``max_pages`` pages (then only a
+Memory is bounded: 12 bytes per indexed page (an 8-byte hash and a
+4-byte page number; 8 per page of an image added but not looked up yet), at most ``max_pages`` pages (then only a
 content-defined sample of the rest: a page whose hash is 0 modulo the
 sampling rate), so a save's memory stays flat whatever the disk.  Time
 too: an image's hashes are copied out of its records in one piece and
@@ -77,6 +77,28 @@ _PLACES_CACHE = 64  # parsed deltas kept while finding where pages live
 BLOB_CACHE = 8 << 20
 # Source files kept open for confirming pages (a save may offer hundreds).
 OPEN_FILES = 16  # blobs kept while confirming pages of a parent's version
+
+
+class Budget:
+    """Bytes a whole save may keep of something per page, shared by its images."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def take(self, n: int) -> bool:
+        """Take ``n`` bytes if they are left (the saving thread alone calls it)."""
+        if n > self.left:
+            return False
+        self.left -= n
+        return True
+
+
+#: The headers of the deltas a save wrote (4 bytes a page they name, 12 a
+#: reference) are kept so the images saved after can tell where a page lives
+#: (they are not readable from a pack before the save ends): at most this
+#: many bytes (4 Mi pages, 16 GiB of changed pages); the deltas past it are
+#: simply not referenced, so memory stays flat whatever the change.
+PLACES_BUDGET = 16 << 20
 
 
 @dataclass
@@ -179,7 +201,8 @@ class PageIndex:
         bits = min(_BUCKET_BITS, (len(hashes) // 16).bit_length())
         shift = ix.shift = 64 - bits
         keys = ix.keys = [array("Q") for _ in range(1 << bits)]
-        pages = ix.pages = [array("L") for _ in range(1 << bits)]
+        code = "I" if len(hashes) < 1 << 32 else "Q"  # 4-byte page numbers below 16 TiB
+        pages = ix.pages = [array(code) for _ in range(1 << bits)]
         zero = _zero_hash(self.ps)
         masked = hashes if _MASK == _ALL else array("Q", map(and_, hashes, repeat(_MASK)))
         if ix.rate == 1:
@@ -193,7 +216,7 @@ class PageIndex:
             keep = [j for j, p in enumerate(pages[zb]) if hashes[p] != zero]
             if len(keep) < len(pages[zb]):
                 keys[zb] = array("Q", (keys[zb][j] for j in keep))
-                pages[zb] = array("L", (pages[zb][j] for j in keep))
+                pages[zb] = array(code, (pages[zb][j] for j in keep))
         else:
             for p, (h, m) in enumerate(zip(hashes, masked, strict=True)):
                 if h == zero or h % ix.rate:

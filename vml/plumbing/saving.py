@@ -36,8 +36,6 @@ from vml.plumbing.entries import (
     store_trees,
 )
 from vml.plumbing.images import (
-    PLACES_BUDGET,
-    Budget,
     Changed,
     SavedLayer,
     SaveInputs,
@@ -47,7 +45,7 @@ from vml.plumbing.images import (
 )
 from vml.plumbing.manifests import BLOB_MODE, TREE_MODE, BlockChecks, Manifest
 from vml.plumbing.packs import PackReader, PackWriter
-from vml.plumbing.pageindex import PageIndex, SavedImage
+from vml.plumbing.pageindex import PLACES_BUDGET, Budget, PageIndex, SavedImage
 from vml.plumbing.repository import Repository
 from vml.progress import ProgressFn
 

@@ -249,7 +249,10 @@ def check_image(
     # Reference pages of version-3 deltas: each source read once, before.
     sources: Sources
     try:
-        sources = RefPages.gather(reader, img, verify=True) or SourceReader(reader)
+        # Spilled beside the repository (the system's temporary folder may be
+        # a small tmpfs): an unnamed file, gone with the process.
+        spill = reader.repo.vml_dir if reader.repo.vml_dir.is_dir() else None
+        sources = RefPages.gather(reader, img, verify=True, spill=spill) or SourceReader(reader)
     except CorruptRepository:
         sources = SourceReader(reader)  # each block then says what it lacks
 
@@ -272,20 +275,22 @@ def check_image(
     digests = Digests(m.size, m.block_size)
     broken = False
     done = 0
-    for n, digest, have, error in ordered_map(pool, build, iter(img.nonzero()), WINDOW):
-        if error is not None:
-            r = img.recipes[n]
-            objs = ([r.base] if r.base is not None else []) + list(r.deltas) + sorted(r.sources)
-            found.append((f"block {n}: {error}", _bad_objects(reader, objs)))
-            broken = True
-            continue
-        assert digest is not None
-        digests.block(n, digest, have)
-        end = min((n + 1) * m.block_size, m.size)
-        progress(end - done)
-        done = end
-    if isinstance(sources, RefPages):
-        sources.close()
+    try:
+        for n, digest, have, error in ordered_map(pool, build, iter(img.nonzero()), WINDOW):
+            if error is not None:
+                r = img.recipes[n]
+                objs = ([r.base] if r.base is not None else []) + list(r.deltas) + sorted(r.sources)
+                found.append((f"block {n}: {error}", _bad_objects(reader, objs)))
+                broken = True
+                continue
+            assert digest is not None
+            digests.block(n, digest, have)
+            end = min((n + 1) * m.block_size, m.size)
+            progress(end - done)
+            done = end
+    finally:
+        if isinstance(sources, RefPages):
+            sources.close()
     digests.zeros_until(m.nblocks)
     progress(m.size - done)
     if not broken and digests.hash.hexdigest() != m.sha256:
