@@ -46,8 +46,8 @@ class RefPages:
         self.ps = image.manifest.page_size
         self.read_bytes = 0  # source bytes read (inflated), for tests and benchmarks
         self._fallback = SourceReader(reader, budget=0)
-        self._slots: dict[bytes, tuple[int, array[int]]] = {}
-        self._lengths = array("L")
+        # Per source: its first slot, the sorted offsets of its pages, its length.
+        self._slots: dict[bytes, tuple[int, array[int], int]] = {}
         self._mem = bytearray()
         self._file: IO[bytes] | None = None
         self._memory = memory
@@ -55,10 +55,12 @@ class RefPages:
         needed = self._needed(image, verify)
         n = 0
         for src in sorted(needed, key=reader.position):
-            offsets = array("Q", sorted(needed[src]))
-            self._slots[src] = (n, offsets)
-            n += len(offsets)
+            # One source's offsets sorted at a time (a source holds at most
+            # 64 MiB of pages): no list over the whole image.
+            offsets = array("Q", sorted(set(needed.pop(src))))
             data = reader.read(src, BLOB, verify=verify)[1]
+            self._slots[src] = (n, offsets, len(data))
+            n += len(offsets)
             self.read_bytes += len(data)
             for off in offsets:
                 self._put(data[off : off + self.ps])
@@ -74,13 +76,14 @@ class RefPages:
             return None
         return cls(reader, image, verify=verify, spill=spill)
 
-    def _needed(self, image: ResolvedImage, verify: bool) -> dict[bytes, set[int]]:
-        """Source -> the offsets of the pages the image's blocks take from it.
+    def _needed(self, image: ResolvedImage, verify: bool) -> dict[bytes, array[int]]:
+        """Source -> the offsets of the pages the image's blocks take from it (repeats kept).
 
         A reference page that a newer delta of the same block names again is
-        not needed: building never reads it.
+        not needed: building never reads it.  8 bytes a referenced page (a set
+        per source cost ~70): memory follows the pages an image references.
         """
-        needed: dict[bytes, set[int]] = {}
+        needed: dict[bytes, array[int]] = {}
         # Block by block (in the order saves wrote them): a delta belongs to one
         # block, so only one block's parsed deltas are held at a time.
         for n in image.nonzero():
@@ -93,11 +96,13 @@ class RefPages:
                     continue
                 for page, place in delta.places().items():
                     if place is not None and place[0] and page not in skip:
-                        needed.setdefault(place[0], set()).add(place[1])
+                        found = needed.get(place[0])
+                        if found is None:
+                            found = needed[place[0]] = array("Q")
+                        found.append(place[1])
         return needed
 
     def _put(self, page: bytes) -> None:
-        self._lengths.append(len(page))
         slot = page + bytes(self.ps - len(page))
         if self._file is None and len(self._mem) + self.ps > self._memory:
             self._file = tempfile.TemporaryFile(dir=self._spill)  # noqa: SIM115 (closed by close())
@@ -110,11 +115,11 @@ class RefPages:
         """``length`` bytes of source ``sha`` at ``offset`` (fewer when it does not hold them)."""
         found = self._slots.get(sha)
         if found is not None:
-            start, offsets = found
+            start, offsets, size = found
             i = bisect_left(offsets, offset)
             if i < len(offsets) and offsets[i] == offset and length <= self.ps:
                 slot = start + i
-                n = min(length, self._lengths[slot])
+                n = max(0, min(length, size - offset))
                 mem_slots = len(self._mem) // self.ps
                 if slot < mem_slots:
                     return bytes(self._mem[slot * self.ps : slot * self.ps + n])
