@@ -17,12 +17,12 @@ source's ``stat`` signature before the entry is published, so a file that
 changed after it was saved makes the save fail (``FileChanged``) instead of
 storing a reference to bytes it no longer holds.
 
-A disk's own previous version is indexed too while the disk is saved
+A disk's own previous version can be indexed too while the disk is saved
 (data copied within it, a file extracted again where a deleted copy still
-lies): those pages are confirmed against the blob that holds them (a small
-cache of inflated blobs), since the file itself is what is changing, and
-retired once the disk is saved.  Memory images skip it: a guest rarely
-moves its own pages.
+lies; off by default, see ``INDEX_PARENT_VERSION``): those pages are
+confirmed against the blob that holds them (a small cache of inflated
+blobs), since the file itself is what is changing, and retired once the
+disk is saved.  Memory images skip it: a guest rarely moves its own pages.
 
 Memory is bounded: 12 bytes per indexed page (an 8-byte hash and a
 4-byte page number; 8 per page of an image added but not looked up yet), at most ``max_pages`` pages (then only a
