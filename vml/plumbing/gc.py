@@ -398,8 +398,13 @@ def collect(
             if busy:
                 result.deferred = True
                 return result
+            # Never a pack gc just wrote (a pack's name is its content's hash:
+            # the copy of a pack's live objects can be that very pack).
             going_files = [
-                pack_dir / f"{p.name}{e}" for p in survey.going for e in (".idx", ".pack")
+                pack_dir / f"{p.name}{e}"
+                for p in survey.going
+                if p.name not in result.new_packs
+                for e in (".idx", ".pack")
             ]
             for f in [*going_files, *dead_loose.values(), *stale_tmp]:
                 result.deleted_bytes += unlink_counted(f)

@@ -165,10 +165,11 @@ class PackWriter:
         self._count = 0
         self._n = 0
         self._seg: _Segment | None = _Segment(self._dir, self._n)
-        self._sealing: list[Future[tuple[str, Path]]] = []
+        self._sealing: list[Future[tuple[str, Path | None]]] = []
         self._sealer: ThreadPoolExecutor | None = None
         self._keeps: list[Path] = []
         self.names: list[str] = []
+        self._found: set[str] = set()  # names whose identical pack existed already
 
     def __contains__(self, sha: bytes) -> bool:
         return sha in self._seen
@@ -246,8 +247,7 @@ class PackWriter:
         for fut in self._sealing:
             try:
                 name, keep = fut.result()
-                self.names.append(name)
-                self._keeps.append(keep)
+                self._sealed(name, keep)
             except BaseException as e:  # surfaces in finish(), after every seal ended
                 error = error or e
         self._sealing = []
@@ -256,6 +256,13 @@ class PackWriter:
             self._sealer = None
         return error
 
+    def _sealed(self, name: str, keep: Path | None) -> None:
+        self.names.append(name)
+        if keep is None:
+            self._found.add(name)  # an identical pack existed: not ours to delete
+        else:
+            self._keeps.append(keep)
+
     def abort(self) -> None:
         """Drop everything written: the unfinished pack and any sealed ones."""
         if self._seg is not None:
@@ -263,6 +270,8 @@ class PackWriter:
             self._seg = None
         self._wait_sealed()
         for name in self.names:
+            if name in self._found:
+                continue
             for ext in (".idx", ".pack"):
                 (self._dir / f"{name}{ext}").unlink(missing_ok=True)
         self.release()
@@ -278,8 +287,7 @@ class PackWriter:
         try:
             if seg is not None and seg.entries:
                 name, keep = self._seal(seg)
-                self.names.append(name)
-                self._keeps.append(keep)
+                self._sealed(name, keep)
             elif seg is not None:
                 seg.abort()
         except BaseException:
@@ -295,7 +303,7 @@ class PackWriter:
             fsync_dir(self._dir)
         return self.names[-1] if self.names else None
 
-    def _seal(self, seg: _Segment) -> tuple[str, Path]:
+    def _seal(self, seg: _Segment) -> tuple[str, Path | None]:
         """Write the count, the trailer and the index of one pack; make it visible."""
         f = seg.f
         idx_tmp: Path | None = None
@@ -317,6 +325,13 @@ class PackWriter:
                 os.fsync(f.fileno())
             f.close()
             name = f"pack-{checksum.hex()}"
+            if (self._dir / f"{name}.pack").exists() and (self._dir / f"{name}.idx").exists():
+                # The same bytes are a pack already (a pack's name is its
+                # content's hash: a consolidation whose output is one of its
+                # inputs, the same objects written twice): every object is
+                # there.  Not ours: never replaced, never deleted by abort().
+                seg.abort()
+                return name, None
             # Index first, under a temporary name: nothing is visible until
             # both files are complete, and a failure (no space) leaves only
             # temporary files, never a pack without its index.

@@ -184,6 +184,8 @@ def consolidate(
     finally:
         reader.close()
     for name in chosen:
+        if name in result.new_packs:
+            continue  # the output is this input, byte for byte (the others duplicated it)
         # The index first: a pack without its index is invisible, never the reverse.
         for ext in (".idx", ".pack"):
             result.deleted_bytes += unlink_counted(d / f"{name}{ext}")
