@@ -335,8 +335,10 @@ class PackWriter:
             # Index first, under a temporary name: nothing is visible until
             # both files are complete, and a failure (no space) leaves only
             # temporary files, never a pack without its index.
-            # Named like the temporary pack (pid first), so gc knows whose it is.
-            idx_tmp = seg.tmp.with_name(f"{seg.tmp.stem}.idx")
+            # Named like the temporary pack (pid first), so gc knows whose it is,
+            # and not `*.idx`: git reads every `*.idx` in the folder as an index,
+            # and one cut short by a kill made `git fsck` fail until a gc.
+            idx_tmp = seg.tmp.with_name(f"{seg.tmp.stem}.idx-tmp")
             seg.entries.sort()
             with open(idx_tmp, "wb") as idx:
                 write_pack_index_v2(idx, seg.entries, checksum)

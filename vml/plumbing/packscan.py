@@ -433,7 +433,7 @@ def _repair_one(repo: Repository, name: str, why: str, tick: ProgressFn) -> Pack
     if scan.whole:
         entries = sorted((o.sha, o.offset, o.crc) for o in scan.objects if o.sha is not None)
         trailer = _tail(pack)
-        tmp = pack_dir / f"tmp_vml_{os.getpid()}_repair.idx"
+        tmp = pack_dir / f"tmp_vml_{os.getpid()}_repair.idx-tmp"  # not *.idx: git reads those
         with open(tmp, "wb") as f:
             write_pack_index_v2(f, entries, trailer)
             f.flush()

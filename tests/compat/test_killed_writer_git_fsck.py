@@ -1,0 +1,59 @@
+"""A writer killed at any point of sealing a pack leaves a repository `git fsck` accepts.
+
+Its temporary index was named `tmp_vml_<pid>_….idx`: git reads every `*.idx`
+of the pack folder as an index, and one cut short by a kill made `git fsck
+--full` fail ("index file … is too small") until a `vml gc` (found by the
+crash stress).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import need
+
+_KILLED = """
+import os, sys
+from pathlib import Path
+from vml.plumbing import packs
+from vml.plumbing.repository import open_repository
+step = sys.argv[2]
+real_replace, real_index = os.replace, packs.write_pack_index_v2
+def half_index(f, entries, checksum):
+    f.write(b"\\377tOc" + bytes(60))  # the index cut short
+    f.flush()
+    os._exit(9)
+def dying(a, b):
+    os._exit(9)  # killed before the renames: nothing cleans up
+if step == "index":
+    packs.write_pack_index_v2 = half_index
+else:
+    packs.os.replace = dying
+w = packs.PackWriter(open_repository(Path(sys.argv[1])))
+w.add_blob(b"an object" * 1000)
+w.finish()
+"""
+
+
+@pytest.mark.parametrize("step", ["index", "rename"])  # writing the index; before the renames
+def test_a_writer_killed_while_sealing_leaves_git_fsck_clean(tmp_path: Path, step: str) -> None:
+    need("git")
+    repo = tmp_path / "repo"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    subprocess.run([sys.executable, "-m", "vml", "init", "-q", str(repo)], check=True, env=env)
+    run = subprocess.run(
+        [sys.executable, "-c", _KILLED, str(repo), step], env=env, capture_output=True
+    )
+    assert run.returncode == 9, run.stderr
+    left = sorted(p.name for p in (repo / "objects" / "pack").iterdir())
+    assert any(n.startswith("tmp_vml_") for n in left), left  # the kill left its files
+    fsck = subprocess.run(
+        ["git", "-C", str(repo), "fsck", "--full", "--strict"], capture_output=True, text=True
+    )
+    assert fsck.returncode == 0, fsck.stderr
+    assert "error" not in fsck.stderr, fsck.stderr
