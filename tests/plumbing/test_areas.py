@@ -21,7 +21,7 @@ from vml.plumbing.areas import (
     vml_dir,
 )
 from vml.plumbing.cache import Cache, CachedFile, CacheWriter, block_hash, drop_cache, page_hashes
-from vml.plumbing.images import block_digest
+from vml.plumbing.digests import block_digest
 from vml.plumbing.repository import Repository
 
 

@@ -16,7 +16,8 @@ from vml.errors import CorruptRepository
 from vml.plumbing.building import punch_hole, write_image
 from vml.plumbing.cache import block_hash
 from vml.plumbing.chains import ResolvedImage, image_layer, resolve_image
-from vml.plumbing.images import block_digest, file_digest
+from vml.plumbing.digests import block_digest
+from vml.plumbing.images import file_digest
 from vml.plumbing.manifests import (
     SPARSE_CHECK_SIZE,
     BlockChecks,

@@ -28,7 +28,8 @@ from vml.plumbing.chains import (
     materialize,
     ordered_map,
 )
-from vml.plumbing.images import WINDOW, Digests, block_digest, zeros
+from vml.plumbing.digests import Digests, block_digest, zeros
+from vml.plumbing.images import WINDOW
 from vml.plumbing.packs import PackReader
 from vml.plumbing.refpages import RefPages
 from vml.plumbing.repository import WriteBehind, libc

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -339,6 +340,12 @@ def page_hashes(block: bytes | memoryview, page_size: int, pages_per_block: int)
         out += xxhash.xxh3_64_digest(mv[start : start + page_size])
     out += bytes(8 * pages_per_block - len(out))
     return bytes(out)
+
+
+@functools.cache
+def zero_page_hash(page_size: int) -> bytes:
+    """The xxh3-64 of a page of zeros, as :func:`page_hashes` writes it."""
+    return bytes(xxhash.xxh3_64_digest(bytes(page_size)))
 
 
 def block_hash(block: bytes | memoryview) -> bytes:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import os
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Generator, Iterator, Mapping
@@ -28,7 +27,13 @@ from dulwich.objects import Blob, ObjectID, Tree
 
 from vml.errors import AreaError, FileChanged
 from vml.plumbing.areas import stat_signature
-from vml.plumbing.cache import BlockRecords, RecordsWriter, block_hash, page_hashes
+from vml.plumbing.cache import (
+    BlockRecords,
+    RecordsWriter,
+    block_hash,
+    page_hashes,
+    zero_page_hash,
+)
 from vml.plumbing.chains import (
     MAX_DELTA_DEPTH,
     NO_SOURCES,
@@ -39,7 +44,8 @@ from vml.plumbing.chains import (
     ordered_map,
     same_length_end,
 )
-from vml.plumbing.deltas import encode_delta, parse_delta
+from vml.plumbing.deltas import Where, encode_delta, parse_delta
+from vml.plumbing.digests import Digests, block_digest, zero_record, zeros
 from vml.plumbing.manifests import (
     BLOB_MODE,
     BLOCKS_NAME,
@@ -117,45 +123,6 @@ def read_data(fd: int, off: int, length: int, extents: DataExtents | None) -> tu
     return bytes(buf), got
 
 
-_ZEROS: dict[int, bytes] = {}
-_ZERO_HASHES: dict[tuple[int, int, int], tuple[bytes, bytes]] = {}
-
-
-def zeros(length: int) -> bytes:
-    """A shared all-zero buffer of ``length`` bytes."""
-    z = _ZEROS.get(length)
-    if z is None:
-        z = _ZEROS[length] = bytes(length)
-    return z
-
-
-def zero_record(length: int, page_size: int, ppb: int) -> tuple[bytes, bytes]:
-    """Cache record parts (block hash, page hashes) of an all-zero block."""
-    key = (length, page_size, ppb)
-    rec = _ZERO_HASHES.get(key)
-    if rec is None:
-        z = zeros(length)
-        rec = _ZERO_HASHES[key] = (block_hash(z), page_hashes(z, page_size, ppb))
-    return rec
-
-
-_ZERO_DIGESTS: dict[int, bytes] = {}
-
-
-def block_digest(data: bytes | None, length: int) -> bytes:
-    """A block's id: the git blob id of its bytes (``None``: ``length`` zero bytes).
-
-    Whole blocks are stored under exactly this id, so reading one back and
-    checking its object id already checks its digest: no second hash pass.
-    """
-    if data is not None:
-        return blob_id(data)
-    d = _ZERO_DIGESTS.get(length)
-    if d is None:
-        d = _ZERO_DIGESTS[length] = blob_id(zeros(length))
-    return d
-
-
 def file_digest(path: Path, block_size: int) -> str:
     """An image's digest as manifests record it, computed from the file.
 
@@ -188,9 +155,7 @@ def _zero_pages(data: bytes, candidates: list[int], page_size: int, hashes: byte
 
     The pages' xxh3 (already computed) sorts them out; the bytes confirm it.
     """
-    zh = _ZERO_PAGE_HASH.get(page_size)
-    if zh is None:
-        zh = _ZERO_PAGE_HASH[page_size] = page_hashes(zeros(page_size), page_size, 1)
+    zh = zero_page_hash(page_size)
     mv = memoryview(data)
     out = []
     for k in candidates:
@@ -199,9 +164,6 @@ def _zero_pages(data: bytes, candidates: list[int], page_size: int, hashes: byte
             if page == zeros(len(page)):
                 out.append(k)
     return out
-
-
-_ZERO_PAGE_HASH: dict[int, bytes] = {}
 
 
 def _differing(hashes: bytes, old: bytes | memoryview, count: int) -> list[int]:
@@ -331,48 +293,6 @@ def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             out.append((a, b))
     return out
-
-
-class Digests:
-    """An image's digest, fed in block order (zero blocks in bulk, at C speed),
-    and the checks of its blocks that hold data (sparse checks)."""
-
-    _CHUNK = 1 << 16
-
-    def __init__(self, size: int, block_size: int) -> None:
-        self.size = size
-        self.bs = block_size
-        self.hash = hashlib.sha256()
-        self.found: list[tuple[int, bytes, bytes]] = []
-        self.next = 0
-        self.full = size // block_size
-
-    def zeros_until(self, end: int) -> None:
-        """Blocks from the last one fed up to ``end`` are all zero."""
-        if end <= self.next:
-            return
-        k = min(end, self.full) - self.next
-        if k > 0:
-            zid = block_digest(None, self.bs)
-            while k > 0:
-                c = min(k, self._CHUNK)
-                self.hash.update(zid * c)
-                k -= c
-        if end > self.full >= self.next:  # the short last block
-            self.hash.update(block_digest(None, self.size - self.full * self.bs))
-        self.next = end
-
-    def block(self, n: int, digest: bytes, bhash: bytes, zero: bool = False) -> None:
-        """Block ``n``'s id and xxh3-128 (blocks before it not fed yet are zero)."""
-        self.zeros_until(n)
-        self.hash.update(digest)
-        if not zero:
-            self.found.append((n, digest, bhash))
-        self.next = n + 1
-
-    def checks(self, manifest: Manifest) -> BlockChecks:
-        """The sparse checks of the blocks fed as holding data."""
-        return BlockChecks.from_blocks(manifest, self.found)
 
 
 class _Ranges:
@@ -749,11 +669,7 @@ def _as_delta(
     ):
         return None
     delta = encode_delta(data, changed, page_size, zero_pages, refs)
-    sha = blob_id(delta)
-    z = None if reader.in_packs(sha) else deflate(delta)
-    places = delta[: parse_delta(delta).data_at]
-    srcs = frozenset(src for src, _ in refs.values())
-    return _Outcome(n, data, digest, bh, pages, "delta", sha, z, len(delta), read, places, srcs)
+    return _delta_outcome(reader, "delta", delta, refs, n, data, digest, bh, pages, read)
 
 
 def _self_contained(
@@ -786,11 +702,27 @@ def _self_contained(
     if len(own) * page_size + 16 * len(refs) > length // 2:
         return None
     delta = encode_delta(data, own, page_size, (), refs)
+    return _delta_outcome(reader, "anchored", delta, refs, n, data, digest, bh, pages, read)
+
+
+def _delta_outcome(
+    reader: PackReader,
+    kind: str,
+    delta: bytes,
+    refs: dict[int, Where],
+    n: int,
+    data: bytes,
+    digest: bytes,
+    bh: bytes,
+    pages: bytes,
+    read: int,
+) -> _Outcome:
+    """Block ``n`` stored as ``delta`` (a page delta, or the one delta of an anchored block)."""
     sha = blob_id(delta)
     z = None if reader.in_packs(sha) else deflate(delta)
-    places = delta[: parse_delta(delta).data_at]
+    places = delta[: parse_delta(delta).data_at]  # what the page index needs of it
     srcs = frozenset(src for src, _ in refs.values())
-    return _Outcome(n, data, digest, bh, pages, "anchored", sha, z, len(delta), read, places, srcs)
+    return _Outcome(n, data, digest, bh, pages, kind, sha, z, len(delta), read, places, srcs)
 
 
 def image_tree(

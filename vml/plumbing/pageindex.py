@@ -48,7 +48,7 @@ from pathlib import Path
 
 from vml.errors import FileChanged
 from vml.plumbing.areas import stat_signature
-from vml.plumbing.cache import BlockRecords
+from vml.plumbing.cache import BlockRecords, zero_page_hash
 from vml.plumbing.chains import ResolvedImage, SourceReader
 from vml.plumbing.deltas import Where, parse_delta
 from vml.plumbing.manifests import Anchored, LayerBlock
@@ -426,13 +426,6 @@ def _limit(refs: dict[int, Where]) -> dict[int, Where]:
     return {k: w for k, w in refs.items() if w[0] in keep}
 
 
-_ZERO_HASH: dict[int, int] = {}
-
-
 def _zero_hash(page_size: int) -> int:
-    h = _ZERO_HASH.get(page_size)
-    if h is None:
-        import xxhash
-
-        h = _ZERO_HASH[page_size] = xxhash.xxh3_64_intdigest(bytes(page_size))
-    return h
+    """A zero page's xxh3-64 as the records' big-endian integers read it."""
+    return int.from_bytes(zero_page_hash(page_size), "big")
