@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 from vml.plumbing.gc import collect
-from vml.plumbing.packs import PENDING_KEEP, PackReader, PackWriter
+from vml.plumbing.keeps import PENDING_KEEP
+from vml.plumbing.packs import PackReader, PackWriter
 from vml.plumbing.repository import Repository
 
 

@@ -19,7 +19,7 @@ from vml.errors import RepositoryBusy
 from vml.plumbing import gc as gc_mod
 from vml.plumbing import refs as refs_mod
 from vml.plumbing import remotes as remotes_mod
-from vml.plumbing.packs import PENDING_KEEP
+from vml.plumbing.keeps import PENDING_KEEP
 from vml.plumbing.repository import Repository, init_repository, open_repository
 from vml.porcelain import clone as clone_mod
 from vml.porcelain import fetch as fetch_mod

@@ -34,6 +34,13 @@ from dulwich.objects import Commit, Tag
 
 from vml.errors import CorruptRepository
 from vml.plumbing import refs as refs_mod
+from vml.plumbing.keeps import (
+    keep_protects,
+    pack_dir_lock,
+    pid_alive,
+    protects_locked,
+    remove_packs,
+)
 from vml.plumbing.manifests import TREE_MODE, parse_tree
 from vml.plumbing.packs import (
     COMMIT,
@@ -42,9 +49,7 @@ from vml.plumbing.packs import (
     PackWriter,
     copy_object,
     deflate,
-    keep_protects,
     pack_extents,
-    pid_alive,
     unlink_counted,
 )
 from vml.plumbing.packscan import PackRepair, scan_pack
@@ -399,14 +404,13 @@ def collect(
                 result.deferred = True
                 return result
             # Never a pack gc just wrote (a pack's name is its content's hash:
-            # the copy of a pack's live objects can be that very pack).
-            going_files = [
-                pack_dir / f"{p.name}{e}"
-                for p in survey.going
-                if p.name not in result.new_packs
-                for e in (".idx", ".pack")
-            ]
-            for f in [*going_files, *dead_loose.values(), *stale_tmp]:
+            # what the rescue copies can be a pack that was going, byte for
+            # byte), nor one a writer claimed since (remove_packs).
+            going = [p.name for p in survey.going if p.name not in result.new_packs]
+            if pack_dir.is_dir():
+                result.deleted_bytes += remove_packs(pack_dir, going)
+                result.deleted_bytes += _remove_leftovers(pack_dir, stale_tmp)
+            for f in dead_loose.values():
                 result.deleted_bytes += unlink_counted(f)
             if pack_dir.is_dir():
                 fsync_dir(pack_dir)
@@ -415,6 +419,27 @@ def collect(
         return result
     finally:
         reader.close()
+
+
+def _remove_leftovers(pack_dir: Path, leftovers: list[Path]) -> int:
+    """Delete dead writers' temporaries and redundant indexless packs, unless taken since.
+
+    Under the pack folder's lock: a pack a writer published meanwhile (its
+    index is back, or it is claimed) and a temporary of a live process (a
+    pid reused) stay.
+    """
+    freed = 0
+    with pack_dir_lock(pack_dir):
+        for f in leftovers:
+            m = _TMP_PACK.match(f.name)
+            if m is not None and pid_alive(int(m.group(1))):
+                continue
+            if m is None and (
+                f.with_suffix(".idx").exists() or protects_locked(f.with_suffix(".keep"))
+            ):
+                continue
+            freed += unlink_counted(f)
+    return freed
 
 
 def _redundant(reader: PackReader, pack: Path, live: set[bytes]) -> bool:

@@ -27,6 +27,7 @@ from dulwich.pack import load_pack_index, write_pack_index_v2
 from isal import igzip_lib, isal_zlib
 
 from vml.errors import CorruptRepository
+from vml.plumbing.keeps import claim_line, claim_locked, pack_dir_lock, unclaim, unclaim_locked
 from vml.plumbing.repository import Repository, fsync_dir, start_writeback
 
 BLOB = 3
@@ -37,8 +38,6 @@ TYPE_NAMES = {1: b"commit", 2: b"tree", 3: b"blob", 4: b"tag"}
 _PROBE = 16 << 10
 # A pack this big is sealed in the background while the next one fills.
 _ROLL_BYTES = 192 << 20
-# First word of the .keep file guarding a pack whose refs are not set yet.
-PENDING_KEEP = "vml-pending"
 # Start the disk writing a big pack every this many bytes (see start_writeback).
 _WRITEBACK_EVERY = 32 << 20
 _PROBE_MIN = 256 << 10
@@ -165,11 +164,14 @@ class PackWriter:
         self._count = 0
         self._n = 0
         self._seg: _Segment | None = _Segment(self._dir, self._n)
-        self._sealing: list[Future[tuple[str, Path | None]]] = []
+        self._sealing: list[Future[tuple[str, bool]]] = []
         self._sealer: ThreadPoolExecutor | None = None
-        self._keeps: list[Path] = []
+        # This writer's claim on each pack it sealed (keeps.py), and the
+        # packs it published itself (not found already there).
+        self._line = claim_line(f"{threading.get_ident():x}.{id(self):x}")
+        self._claimed: list[str] = []
+        self._owned: set[str] = set()
         self.names: list[str] = []
-        self._found: set[str] = set()  # names whose identical pack existed already
 
     def __contains__(self, sha: bytes) -> bool:
         return sha in self._seen
@@ -237,17 +239,16 @@ class PackWriter:
         return sha
 
     def release(self) -> None:
-        """The packs' objects are reachable from refs now: drop their .keep files."""
-        for keep in self._keeps:
-            keep.unlink(missing_ok=True)
-        self._keeps = []
+        """The packs' objects are reachable from refs now: drop this writer's claims."""
+        for name in self._claimed:
+            unclaim(self._dir / f"{name}.keep", self._line)
+        self._claimed = []
 
     def _wait_sealed(self) -> BaseException | None:
         error: BaseException | None = None
         for fut in self._sealing:
             try:
-                name, keep = fut.result()
-                self._sealed(name, keep)
+                self._sealed(*fut.result())
             except BaseException as e:  # surfaces in finish(), after every seal ended
                 error = error or e
         self._sealing = []
@@ -256,25 +257,32 @@ class PackWriter:
             self._sealer = None
         return error
 
-    def _sealed(self, name: str, keep: Path | None) -> None:
+    def _sealed(self, name: str, owned: bool) -> None:
         self.names.append(name)
-        if keep is None:
-            self._found.add(name)  # an identical pack existed: not ours to delete
-        else:
-            self._keeps.append(keep)
+        self._claimed.append(name)
+        if owned:
+            self._owned.add(name)
 
     def abort(self) -> None:
-        """Drop everything written: the unfinished pack and any sealed ones."""
+        """Drop everything written: the unfinished pack and the sealed ones no one else needs.
+
+        A sealed pack is deleted only when this writer published it and no
+        other writer ever claimed it (one that found it, byte for byte,
+        may have its refs on it by now); otherwise only the claim goes,
+        and gc collects the pack if nothing reaches it.
+        """
         if self._seg is not None:
             self._seg.abort()
             self._seg = None
         self._wait_sealed()
-        for name in self.names:
-            if name in self._found:
-                continue
-            for ext in (".idx", ".pack"):
-                (self._dir / f"{name}{ext}").unlink(missing_ok=True)
-        self.release()
+        if self._claimed:
+            with pack_dir_lock(self._dir):
+                for name in self._claimed:
+                    alone = unclaim_locked(self._dir / f"{name}.keep", self._line)
+                    if alone and name in self._owned:
+                        for ext in (".idx", ".pack"):  # the index first
+                            (self._dir / f"{name}{ext}").unlink(missing_ok=True)
+        self._claimed = []
         self.names = []
 
     def finish(self) -> str | None:
@@ -286,8 +294,7 @@ class PackWriter:
         seg, self._seg = self._seg, None
         try:
             if seg is not None and seg.entries:
-                name, keep = self._seal(seg)
-                self._sealed(name, keep)
+                self._sealed(*self._seal(seg))
             elif seg is not None:
                 seg.abort()
         except BaseException:
@@ -303,11 +310,13 @@ class PackWriter:
             fsync_dir(self._dir)
         return self.names[-1] if self.names else None
 
-    def _seal(self, seg: _Segment) -> tuple[str, Path | None]:
-        """Write the count, the trailer and the index of one pack; make it visible."""
+    def _seal(self, seg: _Segment) -> tuple[str, bool]:
+        """Write the count, the trailer and the index of one pack; make it visible.
+
+        Returns its name and whether this writer published it (see _publish).
+        """
         f = seg.f
         idx_tmp: Path | None = None
-        visible: list[Path] = []  # made under final names: undone on failure
         try:
             f.seek(8)
             f.write(struct.pack(">L", len(seg.entries)))
@@ -325,13 +334,6 @@ class PackWriter:
                 os.fsync(f.fileno())
             f.close()
             name = f"pack-{checksum.hex()}"
-            if (self._dir / f"{name}.pack").exists() and (self._dir / f"{name}.idx").exists():
-                # The same bytes are a pack already (a pack's name is its
-                # content's hash: a consolidation whose output is one of its
-                # inputs, the same objects written twice): every object is
-                # there.  Not ours: never replaced, never deleted by abort().
-                seg.abort()
-                return name, None
             # Index first, under a temporary name: nothing is visible until
             # both files are complete, and a failure (no space) leaves only
             # temporary files, never a pack without its index.
@@ -345,23 +347,40 @@ class PackWriter:
                 idx.flush()
                 if self.durable:
                     os.fsync(idx.fileno())
-            # Until the caller's refs reach these objects, a concurrent gc
-            # would see them as garbage: a .keep file (git's own convention,
-            # which gc honours) protects the pack until release().
-            keep = self._dir / f"{name}.keep"
-            keep.write_text(f"{PENDING_KEEP} {os.getpid()}\n")
-            visible.append(keep)
-            os.replace(seg.tmp, self._dir / f"{name}.pack")
-            visible.append(self._dir / f"{name}.pack")
-            os.replace(idx_tmp, self._dir / f"{name}.idx")
+            owned = self._publish(seg.tmp, idx_tmp, name)
         except BaseException:
             seg.abort()
             if idx_tmp is not None:
                 idx_tmp.unlink(missing_ok=True)
-            for path in reversed(visible):  # the pack before its .keep
-                path.unlink(missing_ok=True)
             raise
-        return name, keep
+        return name, owned
+
+    def _publish(self, pack_tmp: Path, idx_tmp: Path, name: str) -> bool:
+        """Claim pack ``name`` and put it in place, the .idx last; True when this writer made it.
+
+        One step under the pack folder's lock (keeps.py): another writer of
+        the same bytes either published it before (we find it: it is not ours
+        to delete, and our claim marks it shared) or after (it finds ours).
+        Until the caller's refs reach these objects, a concurrent gc would
+        see them as garbage: the claim in the .keep (git's own convention,
+        which gc honours) protects the pack until release().
+        """
+        pack = self._dir / f"{name}.pack"
+        idx = self._dir / f"{name}.idx"
+        with pack_dir_lock(self._dir):
+            found = pack.exists() and idx.exists()
+            keep = self._dir / f"{name}.keep"
+            claim_locked(keep, self._line, shared=found)
+            try:
+                # Found or not, our complete, fsynced files replace whatever
+                # is there: the same bytes (a reader keeps the inode it
+                # opened), or a pack left without its index, or a damaged one.
+                os.replace(pack_tmp, pack)
+                os.replace(idx_tmp, idx)
+            except BaseException:
+                unclaim_locked(keep, self._line)
+                raise
+        return not found
 
 
 def _largest_first(idx_paths: Iterable[Path]) -> list[Path]:
@@ -640,37 +659,6 @@ def _inflate_stored(comp: bytes, size: int) -> bytes | None:
     if total != size:
         return None
     return b"".join(parts)
-
-
-def pid_alive(pid: int) -> bool:
-    """True when process ``pid`` exists (it may belong to another user)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def keep_protects(keep: Path) -> bool:
-    """Does this .keep protect its pack?
-
-    A VML save keeps its new pack until its refs reach it; the marker of a
-    process that died before that is stale and is removed (its pack is then
-    collected like any other).  Any other .keep (git's, the user's) protects.
-    """
-    try:
-        words = keep.read_text().split()
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True
-    pending = len(words) == 2 and words[0] == PENDING_KEEP and words[1].isdigit()
-    if pending and not pid_alive(int(words[1])):
-        keep.unlink(missing_ok=True)
-        return False
-    return True
 
 
 def unlink_counted(path: Path) -> int:

@@ -33,13 +33,13 @@ from dulwich.pack import apply_delta, write_pack_index_v2
 from isal import isal_zlib
 
 from vml.errors import CorruptRepository
+from vml.plumbing.keeps import claimed_locked, keep_protects, pack_dir_lock
 from vml.plumbing.packindex import IDX_MAGIC, index_problem
 from vml.plumbing.packs import (
     TYPE_NAMES,
     PackReader,
     PackWriter,
     deflate,
-    keep_protects,
     pack_extents,
     parse_object_header,
 )
@@ -524,9 +524,23 @@ def _salvage(repo: Repository, pack: Path, idx: Path, scan: Scan, res: PackRepai
 
 
 def _quarantine(repo: Repository, paths: list[Path]) -> list[str]:
-    """Move damaged pack files into ``<repo>/vml/quarantine/`` (never deleted by VML)."""
+    """Move damaged pack files into ``<repo>/vml/quarantine/`` (never deleted by VML).
+
+    ``paths`` are files of one pack.  Under the pack folder's lock: a writer
+    may have published that very pack afresh since it was scanned (a pack's
+    name is its content's hash), and then nothing moves.
+    """
     where = repo.vml_dir / QUARANTINE
     where.mkdir(parents=True, exist_ok=True)
+    pack_dir = paths[0].parent
+    pack = pack_dir / f"{paths[0].stem}.pack"
+    with pack_dir_lock(pack_dir):
+        if claimed_locked(pack.with_suffix(".keep")) or (pack not in paths and pack.exists()):
+            return []
+        return _move_aside(repo, where, paths)
+
+
+def _move_aside(repo: Repository, where: Path, paths: list[Path]) -> list[str]:
     moved = []
     # The index first: a pack never stays visible without it.
     for path in sorted(paths, key=lambda x: x.suffix != ".idx"):

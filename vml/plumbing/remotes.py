@@ -49,7 +49,8 @@ from vml.errors import CorruptRepository, RemoteError, UsageError, VMLError
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.chains import read_entry, resolve_image
 from vml.plumbing.entries import Entry
-from vml.plumbing.packs import PENDING_KEEP, PackReader
+from vml.plumbing.keeps import claim, claim_line, unclaim
+from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository, fsync_dir, write_atomic
 from vml.progress import ProgressFn, no_progress
 from vml.values import check_plain_name
@@ -322,6 +323,7 @@ class Received:
     size: int = 0  # bytes transferred
     keeps: list[Path] = field(default_factory=list)
     packs: list[Path] = field(default_factory=list)  # the pack files that arrived
+    claim: str = ""  # this fetch's claim line in those .keep files
 
     def taken(self) -> bool:
         """True when a pack that arrived is gone already (a concurrent gc took it)."""
@@ -329,34 +331,28 @@ class Received:
 
     def release(self) -> None:
         """Drop the pending markers: the new pack's objects are reachable now (or garbage)."""
-        _release(self.keeps)
+        _release(self.keeps, self.claim)
         self.keeps = []
 
 
-def _release(keeps: list[Path]) -> None:
+def _release(keeps: list[Path], line: str) -> None:
     for keep in keeps:
-        keep.unlink(missing_ok=True)
+        unclaim(keep, line)
 
 
-def _pending_keep(keep: Path) -> bool:
-    """Create the pending marker ``keep``; False when a .keep was already there.
+def _pending_keep(keep: Path, line: str) -> bool:
+    """Add this fetch's claim to ``keep`` (keeps.py); False when a foreign .keep protects.
 
-    A .keep that exists already (git's own, or another process's marker on a
-    pack holding the same objects) is not ours to remove.
+    Another process may claim the same pack (the same objects fetched
+    twice): each claim is its own line, and dropping ours leaves theirs.
+    Marked shared: no writer that published a pack of this name deletes it.
     """
-    try:
-        fd = os.open(keep, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        return False
-    try:
-        os.write(fd, f"{PENDING_KEEP} {os.getpid()}\n".encode())
-    finally:
-        os.close(fd)
-    return True
+    keep.parent.mkdir(parents=True, exist_ok=True)
+    return claim(keep, line, shared=True)
 
 
 def _add_pack_kept(
-    repo: Repository, data: Callable[[int], bytes], progress: ProgressFn
+    repo: Repository, data: Callable[[int], bytes], progress: ProgressFn, line: str
 ) -> list[Path]:
     """Index the fetched pack into the store, guarded by a pending .keep.
 
@@ -374,7 +370,7 @@ def _add_pack_kept(
     def named(entries: Iterable[tuple[bytes, int, int | None]]) -> str:
         base = name_of(entries)
         keep = Path(base + ".keep")
-        if _pending_keep(keep):
+        if _pending_keep(keep, line):
             keeps.append(keep)
         return base
 
@@ -382,10 +378,10 @@ def _add_pack_kept(
     try:
         pack = store.add_thin_pack(data, None, progress=_index_progress(progress))
         keep = repo.objects_dir / "pack" / f"pack-{pack.name().decode()}.keep"
-        if keep not in keeps and _pending_keep(keep):
+        if keep not in keeps and _pending_keep(keep, line):
             keeps.append(keep)
     except BaseException:
-        _release(keeps)
+        _release(keeps, line)
         raise
     finally:
         delattr(store, "_get_pack_basepath")
@@ -459,6 +455,7 @@ def receive(
 
     sink = _PackSink(repo, progress)
     keeps: list[Path] = []
+    line = claim_line(f"fetch.{os.urandom(6).hex()}")
     pack_dir = repo.objects_dir / "pack"
     pack_dir.mkdir(parents=True, exist_ok=True)
     before = set(os.listdir(pack_dir))
@@ -478,7 +475,7 @@ def receive(
         if wanted and sink.bytes:
             sink.file.seek(0)
             try:
-                keeps = _add_pack_kept(repo, sink.file.read, progress)
+                keeps = _add_pack_kept(repo, sink.file.read, progress, line)
             except Exception as e:
                 raise CorruptRepository(
                     f"the pack from {url} is damaged ({e}); nothing was kept",
@@ -490,13 +487,13 @@ def receive(
     try:
         arrived = _make_durable(repo, pack_dir, before)
     except BaseException:
-        _release(keeps)
+        _release(keeps, line)
         raise
     refs = _plain_refs(result.refs) or seen
     if not wanted:
-        return Received(refs, keeps=keeps)
+        return Received(refs, keeps=keeps, claim=line)
     progress("objects", sink.objects, sink.objects)
-    return Received(refs, sink.objects, sink.bytes, keeps, arrived)
+    return Received(refs, sink.objects, sink.bytes, keeps, arrived, line)
 
 
 @dataclass

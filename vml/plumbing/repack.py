@@ -26,7 +26,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from vml.errors import RepositoryBusy
-from vml.plumbing.packs import PackReader, PackWriter, copy_object, pack_extents, unlink_counted
+from vml.plumbing.keeps import remove_packs
+from vml.plumbing.packs import PackReader, PackWriter, copy_object, pack_extents
 from vml.plumbing.repository import Repository, fsync_dir, hold_flock
 from vml.progress import ProgressFn, no_progress
 from vml.records import Record
@@ -183,11 +184,9 @@ def consolidate(
         raise
     finally:
         reader.close()
-    for name in chosen:
-        if name in result.new_packs:
-            continue  # the output is this input, byte for byte (the others duplicated it)
-        # The index first: a pack without its index is invisible, never the reverse.
-        for ext in (".idx", ".pack"):
-            result.deleted_bytes += unlink_counted(d / f"{name}{ext}")
+    # Never the output (it can be one input byte for byte, the others only
+    # duplicating it), nor an input a writer claimed since (it found that
+    # pack, byte for byte, already there); the index before the pack.
+    result.deleted_bytes += remove_packs(d, [n for n in chosen if n not in result.new_packs])
     fsync_dir(d)
     return result

@@ -1,0 +1,196 @@
+"""Pending claims on packs: who still needs a pack that no ref reaches yet.
+
+A pack's name is its content's hash, so two processes (or two writers of
+one process) can write the very same pack: two saves storing the same new
+objects, a consolidation whose output is one of its inputs, a save of what a
+removed entry held.  Whoever needs such a pack before its refs reach it
+says so in the pack's ``.keep`` file (git's convention, honoured by git's
+own gc): one ``vml-pending <pid> <token>`` line per claim.  A writer that
+found the pack already there adds ``vml-shared`` too: the pack is then
+never deleted by the writer that first published it, should that one fail.
+
+Every decision about a pack's files (publish it or find it, claim it,
+drop a claim, delete it) is taken under an exclusive ``flock`` of the pack
+folder itself (a few file operations, never a wait for anything else), so
+"is it there", "is it claimed" and the rename or unlink that follows are
+one step for every VML process: none deletes a pack another claimed in
+between.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+# First word of a claim line in a .keep file.
+PENDING_KEEP = "vml-pending"
+# A line saying that a second writer found the pack already published.
+SHARED = "vml-shared"
+
+
+def pid_alive(pid: int) -> bool:
+    """True when process ``pid`` exists (it may belong to another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def pack_dir_lock(pack_dir: Path) -> Iterator[None]:
+    """Hold the pack folder's lock (blocking; held for a few file operations only).
+
+    Never nested, never held while waiting for another lock.
+    """
+    fd = os.open(pack_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the flock
+
+
+def claim_line(token: str) -> str:
+    """The claim line of this process for ``token`` (unique within the process)."""
+    return f"{PENDING_KEEP} {os.getpid()} {token}"
+
+
+def _pending_pid(line: str) -> int | None:
+    words = line.split()
+    if len(words) in (2, 3) and words[0] == PENDING_KEEP and words[1].isdigit():
+        return int(words[1])
+    return None
+
+
+def _read(keep: Path) -> list[str] | None:
+    """The lines of a .keep (None: there is none; [] for an empty one)."""
+    try:
+        return [ln for ln in keep.read_text().splitlines() if ln.strip()]
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError):
+        return ["unreadable"]  # protects, like any .keep VML did not write
+
+
+def _foreign(lines: list[str]) -> bool:
+    """A .keep VML did not write (git's, the admin's; an empty one too) protects for ever."""
+    return not lines or any(_pending_pid(ln) is None and ln.strip() != SHARED for ln in lines)
+
+
+def _write(keep: Path, lines: list[str]) -> None:
+    # Whole or not at all (a .keep cut short would protect for ever).  The
+    # temporary name is a live process's temporary to gc, removed once stale.
+    tmp = keep.with_name(f"tmp_vml_{os.getpid()}_{keep.stem}.keep-tmp")
+    tmp.write_text("".join(f"{ln}\n" for ln in lines))
+    os.replace(tmp, keep)
+
+
+def protects_locked(keep: Path) -> bool:
+    """:func:`keep_protects`, for a caller that holds :func:`pack_dir_lock`."""
+    lines = _read(keep)
+    if lines is None:
+        return False
+    if _foreign(lines):
+        return True
+    live = [ln for ln in lines if (pid := _pending_pid(ln)) is not None and pid_alive(pid)]
+    if not live:
+        keep.unlink(missing_ok=True)  # every claimant died before its refs moved
+        return False
+    if len(live) != sum(1 for ln in lines if _pending_pid(ln) is not None):
+        _write(keep, live + [ln for ln in lines if ln.strip() == SHARED])
+    return True
+
+
+def claimed_locked(keep: Path) -> bool:
+    """Does a live VML process claim this pack?  (Under the lock; a foreign .keep is no claim.)"""
+    lines = _read(keep)
+    return lines is not None and not _foreign(lines) and protects_locked(keep)
+
+
+def keep_protects(keep: Path) -> bool:
+    """Does this .keep protect its pack?
+
+    A VML claim protects while its process lives; the claims of dead
+    processes are dropped (the pack is then collected like any other once
+    none is left).  Any other .keep (git's, the user's) protects.
+    """
+    if not keep.parent.is_dir():
+        return False
+    with pack_dir_lock(keep.parent):
+        return protects_locked(keep)
+
+
+def claim_locked(keep: Path, line: str, *, shared: bool) -> bool:
+    """Add the claim ``line`` to ``keep`` (under the lock); False when a foreign .keep protects.
+
+    ``shared``: the claimant found the pack already there (it did not write it).
+    """
+    lines = _read(keep)
+    if lines is not None and _foreign(lines):
+        return False
+    lines = lines or []
+    lines.append(line)
+    if shared and SHARED not in lines:
+        lines.append(SHARED)
+    _write(keep, lines)
+    return True
+
+
+def claim(keep: Path, line: str, *, shared: bool) -> bool:
+    """:func:`claim_locked`, taking the pack folder's lock."""
+    with pack_dir_lock(keep.parent):
+        return claim_locked(keep, line, shared=shared)
+
+
+def unclaim_locked(keep: Path, line: str) -> bool:
+    """Drop the claim ``line``; True when no one else ever claimed the pack.
+
+    Only then may the writer that published it delete it (its abort).
+    """
+    lines = _read(keep)
+    if lines is None or _foreign(lines):
+        return False
+    rest = [ln for ln in lines if ln != line]
+    alone = len(rest) == 0 and len(lines) == 1
+    if not any(_pending_pid(ln) is not None for ln in rest):
+        keep.unlink(missing_ok=True)
+    elif len(rest) != len(lines):
+        _write(keep, rest)
+    return alone
+
+
+def unclaim(keep: Path, line: str) -> None:
+    """:func:`unclaim_locked`, taking the pack folder's lock."""
+    with pack_dir_lock(keep.parent):
+        unclaim_locked(keep, line)
+
+
+def remove_packs(pack_dir: Path, names: list[str]) -> int:
+    """Delete packs (index first, then pack) that no one claims now; returns the bytes freed.
+
+    The caller decided they may go; a pack claimed since (a writer that
+    found it, byte for byte, what it wrote) stays.
+    """
+    freed = 0
+    with pack_dir_lock(pack_dir):
+        for name in names:
+            if protects_locked(pack_dir / f"{name}.keep"):
+                continue
+            for ext in (".idx", ".pack"):
+                freed += _unlink_counted(pack_dir / f"{name}{ext}")
+    return freed
+
+
+def _unlink_counted(path: Path) -> int:
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    return size
