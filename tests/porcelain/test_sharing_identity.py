@@ -253,3 +253,20 @@ def test_failed_clone_leaves_nothing(tmp_path: Path) -> None:
         clone_mod.clone(str(tmp_path / "no-such-repo"), tmp_path / "empty")
     assert list((tmp_path / "empty").iterdir()) == []
     assert clone_mod.default_path("ssh://host/srv/lab-vms.git") == Path("lab-vms")
+
+
+def test_a_failed_clone_removes_only_what_it_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another program writes into the new folder while the clone fetches
+    # (an editor, a second command given the same folder): its file stays.
+    dest = tmp_path / "dest"
+
+    def fetch_fails(*_a: object, **_k: object) -> None:
+        (dest / "notes.txt").write_text("not the clone's\n")
+        raise VMLError("the transfer broke")
+
+    monkeypatch.setattr(clone_mod, "fetch_into", fetch_fails)
+    with pytest.raises(VMLError):
+        clone_mod.clone(str(tmp_path / "src"), dest)
+    assert [p.name for p in dest.iterdir()] == ["notes.txt"]
