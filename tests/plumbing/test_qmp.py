@@ -170,10 +170,13 @@ class FakeQEMU:
     ``query-migrate`` says ``migration`` until ``migrate_cancel``, then
     ``cancelling`` once and ``cancelled``; ``cont`` is refused while a
     migration runs, as QEMU does.  ``commands`` lists what it was sent.
+    Like QEMU, it says a migration ended before its run state leaves
+    ``finish-migrate`` (``lag`` more ``query-status`` calls), and refuses
+    ``cont`` until then.  ``migrate`` completes at once.
     """
 
-    def __init__(self, path: Path, status: str, migration: str, held: bool) -> None:
-        self.status, self.migration, self.held = status, migration, held
+    def __init__(self, path: Path, status: str, migration: str, held: bool, lag: int = 0) -> None:
+        self.status, self.migration, self.held, self.lag = status, migration, held, lag
         self.commands: list[tuple[str, object]] = []
         self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.srv.bind(str(path))
@@ -183,7 +186,16 @@ class FakeQEMU:
 
     def _answer(self, cmd: str, args: dict[str, Any]) -> object:
         if cmd == "query-status":
-            return {"status": self.status, "running": self.status == "running"}
+            status = self.status
+            if status == "finish-migrate" and self.migration in ("completed", "cancelled"):
+                if self.lag > 0:
+                    self.lag -= 1
+                else:
+                    self.status = "postmigrate"
+            return {"status": status, "running": status == "running"}
+        if cmd == "migrate":
+            self.status, self.migration = "finish-migrate", "completed"
+            return {}
         if cmd == "query-migrate":
             if self.migration == "cancelling":
                 self.migration = "cancelled"
@@ -205,6 +217,10 @@ class FakeQEMU:
         if cmd == "cont":
             if self.migration in ("active", "pre-switchover", "cancelling"):
                 return {"error": {"class": "GenericError", "desc": "migration in progress"}}
+            if self.status == "finish-migrate":
+                return {
+                    "error": {"class": "GenericError", "desc": "Migration is not finalized yet"}
+                }
             self.status = "running"
             return {}
         return {}
@@ -266,3 +282,31 @@ def test_continue_refuses_a_qemu_that_cannot_be_continued(tmp_path: Path) -> Non
             continue_qmp(tmp_path / "q.sock", timeout=5)
     finally:
         fake.close()
+
+
+def test_a_save_continues_the_guest_only_once_qemu_finalized_its_migration(
+    tmp_path: Path,
+) -> None:
+    # QEMU says "completed" before it leaves finish-migrate: a `cont` sent
+    # at once was refused, the guest stayed paused with its disks handed
+    # over, and the merge after that failed save: "Block node is read-only".
+    from vml.plumbing.vm.qemu import StateHeader, save_device_state
+
+    fake = FakeQEMU(tmp_path / "q.sock", "paused", "none", held=False, lag=3)
+    header = StateHeader("7.2.0", "pc", "x86_64", "tcg", 16, "vm.ram", "now")
+    try:
+        with QMPClient.connect(tmp_path / "q.sock") as c:
+            save_device_state(c, tmp_path / "state", header)
+            c.execute("cont")  # was: QMPError "Migration is not finalized yet"
+    finally:
+        fake.close()
+    assert fake.status == "running"
+
+
+def test_continue_waits_for_a_migration_qemu_is_finalizing(tmp_path: Path) -> None:
+    fake = FakeQEMU(tmp_path / "q.sock", "finish-migrate", "completed", held=False, lag=3)
+    try:
+        assert continue_qmp(tmp_path / "q.sock", timeout=5) is False
+    finally:
+        fake.close()
+    assert fake.status == "running"

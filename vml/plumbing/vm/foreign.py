@@ -49,6 +49,7 @@ from vml.plumbing.vm.ignore import VML_DIR
 from vml.plumbing.vm.qemu import (
     current_machine,
     now_iso,
+    wait_finalized,
 )
 from vml.plumbing.vm.qmp import QMPClient
 from vml.plumbing.vm.resume import (
@@ -423,6 +424,7 @@ def _save(
             steps["overlays"] = time.monotonic() - t
             client.execute("migrate-continue", {"state": "pre-switchover"})
             mig = _wait_status(client, ("completed",), timeout, timeout)
+            wait_finalized(client)  # else `cont` may be refused, the disks left inactive
             steps["switchover"] = time.monotonic() - t - steps["overlays"]
         except BaseException:
             with contextlib.suppress(QMPError):

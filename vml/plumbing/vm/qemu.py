@@ -538,6 +538,27 @@ def set_capabilities(client: QMPClient) -> None:
     )
 
 
+def wait_finalized(client: QMPClient, timeout: float = 10.0) -> str:
+    """After a migration ended: wait until QEMU's run state has left ``finish-migrate``.
+
+    QEMU says a migration is ``completed`` (or cancelled) before it moves
+    its run state on to ``postmigrate``: the migration thread sets the one,
+    then takes the main lock for the other.  A ``cont`` in between is
+    refused ("Migration is not finalized yet"): the guest stays paused, its
+    disks inactive (handed over), and a merge of an overlay then fails with
+    "Block node is read-only".  Returns the run state (still
+    ``finish-migrate`` after ``timeout``: the ``cont`` that follows says so).
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        status = str(client.execute("query-status").get("status"))
+        if status != "finish-migrate" or time.monotonic() > deadline:
+            return status
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+
+
 def _wait_migration(client: QMPClient, what: str, timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     delay = 0.001
@@ -545,6 +566,7 @@ def _wait_migration(client: QMPClient, what: str, timeout: float) -> dict[str, A
         info = client.execute("query-migrate")
         status = info.get("status") if isinstance(info, dict) else None
         if status == "completed":
+            wait_finalized(client)  # so that the caller's `cont` is not refused
             return info  # type: ignore[no-any-return]
         if status in ("failed", "cancelled"):
             why = info.get("error-desc", status)

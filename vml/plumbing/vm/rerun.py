@@ -29,6 +29,7 @@ from vml.plumbing.vm.qemu import (
     now_iso,
     prepare_run_dir,
     version_tuple,
+    wait_finalized,
     wait_for_qmp,
     write_run_info,
 )
@@ -589,6 +590,8 @@ def continue_qmp(qmp: Path, *, timeout: float = 30.0) -> bool:
                 {"capabilities": [{"capability": "pause-before-switchover", "state": False}]},
             )
         now = c.execute("query-status").get("status")
+        if now == "finish-migrate" and migration not in _MIGRATING:
+            now = wait_finalized(c, timeout)  # the migration ended; QEMU is finalizing it
         if now == "running":
             return bool(status == "running")
         if now not in _CONTINUABLE:
