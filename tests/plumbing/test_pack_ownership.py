@@ -203,3 +203,29 @@ def test_repair_never_moves_aside_a_pack_published_again_meanwhile(
     packscan.repair(repo)
     assert late and _reads(repo, blobs), "the repair moved aside a pack a save had published"
     late[0].release()
+
+
+def test_a_consolidation_leaves_an_input_a_writer_claimed_while_it_ran(
+    repo: Repository,
+) -> None:
+    # The objects are in the consolidation's output too, but the writer
+    # names its pack (its size, a fetch's check that its pack is still
+    # there): the pack it found must not vanish under it.
+    from vml.plumbing.repack import consolidate
+
+    first = [b"first input %d " % i * 500 for i in range(2)]
+    _write(repo, first)
+    _write(repo, [b"second input %d " % i * 500 for i in range(2)])
+    late: list[PackWriter] = []
+
+    def progress(stage: str, _n: int, _total: int) -> None:
+        if stage == "pack" and not late:
+            late.append(_write(repo, first, release=False))
+
+    done = consolidate(repo, limit=0, progress=progress)
+    assert done is not None and len(done.merged) == 2 and late
+    pack_dir = repo.objects_dir / "pack"
+    assert (pack_dir / f"{late[0].names[0]}.pack").exists(), "a claimed pack was deleted"
+    assert late[0].disk_bytes > 0
+    late[0].release()
+    assert _reads(repo, first)
