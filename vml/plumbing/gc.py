@@ -424,7 +424,7 @@ def collect(
 def _remove_leftovers(pack_dir: Path, leftovers: list[Path]) -> int:
     """Delete dead writers' temporaries and redundant indexless packs, unless taken since.
 
-    Under the pack folder's lock: a pack a writer published meanwhile (its
+    Under the packs' lock: a pack a writer published meanwhile (its
     index is back, or it is claimed) and a temporary of a live process (a
     pid reused) stay.
     """

@@ -10,25 +10,31 @@ found the pack already there adds ``vml-shared`` too: the pack is then
 never deleted by the writer that first published it, should that one fail.
 
 Every decision about a pack's files (publish it or find it, claim it,
-drop a claim, delete it) is taken under an exclusive ``flock`` of the pack
-folder itself (a few file operations, never a wait for anything else), so
-"is it there", "is it claimed" and the rename or unlink that follows are
-one step for every VML process: none deletes a pack another claimed in
-between.
+drop a claim, delete it, move it aside) is taken under an exclusive
+``flock`` of ``<repo>/vml/packs.lock`` (a few file operations, never a wait
+for anything else), so "is it there", "is it claimed" and the rename or
+unlink that follows are one step for every VML process: none deletes a
+pack another claimed in between.  (A lock file, not the pack folder itself:
+``flock`` on network file systems needs a file open for writing; and not
+in the pack folder, whose ``tmp_*`` files ``git gc`` removes.)
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from vml.plumbing.repository import hold_flock
+
 # First word of a claim line in a .keep file.
 PENDING_KEEP = "vml-pending"
 # A line saying that a second writer found the pack already published.
 SHARED = "vml-shared"
+LOCK_NAME = "packs.lock"
+# The longest a pack decision waits for another (gc deleting big packs).
+_LOCK_WAIT = 600.0
 
 
 def pid_alive(pid: int) -> bool:
@@ -44,16 +50,16 @@ def pid_alive(pid: int) -> bool:
 
 @contextmanager
 def pack_dir_lock(pack_dir: Path) -> Iterator[None]:
-    """Hold the pack folder's lock (blocking; held for a few file operations only).
+    """Hold the lock of the packs in ``pack_dir`` (``<repo>/objects/pack``).
 
-    Never nested, never held while waiting for another lock.
+    Held for a few file operations only; never nested, never held while
+    waiting for another lock.
     """
-    fd = os.open(pack_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    vml_dir = pack_dir.parent.parent / "vml"
+    vml_dir.mkdir(exist_ok=True)
+    busy = "another vml command holds the repository's packs for too long"
+    with hold_flock(vml_dir / LOCK_NAME, _LOCK_WAIT, busy):
         yield
-    finally:
-        os.close(fd)  # closing drops the flock
 
 
 def claim_line(token: str) -> str:
@@ -143,7 +149,7 @@ def claim_locked(keep: Path, line: str, *, shared: bool) -> bool:
 
 
 def claim(keep: Path, line: str, *, shared: bool) -> bool:
-    """:func:`claim_locked`, taking the pack folder's lock."""
+    """:func:`claim_locked`, taking the packs' lock."""
     with pack_dir_lock(keep.parent):
         return claim_locked(keep, line, shared=shared)
 
@@ -166,7 +172,7 @@ def unclaim_locked(keep: Path, line: str) -> bool:
 
 
 def unclaim(keep: Path, line: str) -> None:
-    """:func:`unclaim_locked`, taking the pack folder's lock."""
+    """:func:`unclaim_locked`, taking the packs' lock."""
     with pack_dir_lock(keep.parent):
         unclaim_locked(keep, line)
 

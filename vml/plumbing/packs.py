@@ -358,7 +358,7 @@ class PackWriter:
     def _publish(self, pack_tmp: Path, idx_tmp: Path, name: str) -> bool:
         """Claim pack ``name`` and put it in place, the .idx last; True when this writer made it.
 
-        One step under the pack folder's lock (keeps.py): another writer of
+        One step under the packs' lock (keeps.py): another writer of
         the same bytes either published it before (we find it: it is not ours
         to delete, and our claim marks it shared) or after (it finds ours).
         Until the caller's refs reach these objects, a concurrent gc would

@@ -526,7 +526,7 @@ def _salvage(repo: Repository, pack: Path, idx: Path, scan: Scan, res: PackRepai
 def _quarantine(repo: Repository, paths: list[Path]) -> list[str]:
     """Move damaged pack files into ``<repo>/vml/quarantine/`` (never deleted by VML).
 
-    ``paths`` are files of one pack.  Under the pack folder's lock: a writer
+    ``paths`` are files of one pack.  Under the packs' lock: a writer
     may have published that very pack afresh since it was scanned (a pack's
     name is its content's hash), and then nothing moves.
     """
