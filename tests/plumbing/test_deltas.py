@@ -17,6 +17,7 @@ from vml.plumbing.deltas import (
     apply_delta,
     delta_header,
     encode_delta,
+    own_data_at,
     parse_delta,
 )
 
@@ -63,6 +64,7 @@ def test_round_trip_with_zero_pages(npages: int, data: st.DataObject) -> None:
     # A zero page costs its number only: a delta's size is what a restore reads.
     assert len(blob) == 20 + 4 * len(chosen) + PAGE * len(pages)
     assert blob[4] == (2 if zero else 1)
+    assert own_data_at(blob, 0) == parse_delta(blob).data_at
     buf = bytearray(old)
     apply_delta(buf, blob)
     assert buf == new
@@ -156,6 +158,7 @@ def test_round_trip_with_references(npages: int, tail: int, data: st.DataObject)
     blob = encode_delta(bytes(new), pages, PAGE, zero, refs)
     assert blob[4] == 3
     d = parse_delta(blob)
+    assert own_data_at(blob, len(refs)) == d.data_at  # what a save keeps of its deltas
     assert set(d.sources) == {s for s, _ in refs.values()}
     assert {p: w for p, w in d.places().items() if w is not None and w[0]} == refs
     # A reference costs 16 bytes (its number and where), a zero page 4.

@@ -156,17 +156,20 @@ def test_a_hash_collision_never_makes_a_wrong_page(
     other: test_page_refs_review, which bounds the reads a page costs.)"""
     monkeypatch.setattr(pageindex, "_MASK", 0x7F << 57)
     wrong = 0
-    real = pageindex.PageIndex._confirm
+    real = pageindex.PageIndex._confirm_many
 
     def counting(
-        self: pageindex.PageIndex, ix: pageindex._Indexed, number: int, page: bytes
-    ) -> object:
+        self: pageindex.PageIndex,
+        ix: pageindex._Indexed,
+        items: list[tuple[int, int]],
+        data: bytes,
+    ) -> list[object]:
         nonlocal wrong
-        where = real(self, ix, number, page)
-        wrong += where is None
-        return where
+        found = real(self, ix, items, data)
+        wrong += sum(where is None for where in found)
+        return list(found)
 
-    monkeypatch.setattr(pageindex.PageIndex, "_confirm", counting)
+    monkeypatch.setattr(pageindex.PageIndex, "_confirm_many", counting)
     _, states = _saved(tmp_path, cli_repo)
     assert wrong > 100  # candidates whose bytes differ were tried, and refused
     _manifest, sources = _ram_layer(cli_repo, "E2")

@@ -253,22 +253,25 @@ def test_colliding_page_hashes_cost_a_bounded_number_of_reads_per_page(
     """A guest that crafts xxh3 collisions must not make a save quadratic.
 
     pageindex.py ``PageIndex.find`` tries every indexed candidate with the page's hash
-    (``keys.index(h, at)`` loop, one ``pread`` each in ``_confirm``) until one's bytes
+    (``keys.index(h, at)`` loop, one read each in ``_confirm_many``) until one's bytes
     match: N memory pages colliding with M disk pages cost N x M reads.  The count of
     candidates confirmed per page must be bounded.
     """
     monkeypatch.setattr(pageindex, "_MASK", 0)  # every page collides
     calls = 0
-    real = pageindex.PageIndex._confirm
+    real = pageindex.PageIndex._confirm_many
 
     def counting(
-        self: pageindex.PageIndex, ix: pageindex._Indexed, number: int, page: bytes
-    ) -> object:
+        self: pageindex.PageIndex,
+        ix: pageindex._Indexed,
+        items: list[tuple[int, int]],
+        data: bytes,
+    ) -> list[object]:
         nonlocal calls
-        calls += 1
-        return real(self, ix, number, page)
+        calls += len(items)
+        return list(real(self, ix, items, data))
 
-    monkeypatch.setattr(pageindex.PageIndex, "_confirm", counting)
+    monkeypatch.setattr(pageindex.PageIndex, "_confirm_many", counting)
     area, rng = _area(tmp_path)
     (area / "vm.ram").write_bytes(rng.randbytes(RAM))  # memory of its own: no page matches
     assert vml(cli_repo, "commit", "-q", area).code == 0

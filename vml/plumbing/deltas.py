@@ -94,6 +94,14 @@ def encode_delta(
     return b"".join(parts)
 
 
+def own_data_at(blob: bytes, nrefs: int) -> int:
+    """Where the data pages begin in a delta :func:`encode_delta` just wrote with
+    ``nrefs`` references (what :func:`parse_delta` finds, without its checks:
+    the save that encoded it needs its header, not a re-parse of it)."""
+    _magic, _version, _r1, nsrc, _ps, _length, count = _HEAD.unpack_from(blob)
+    return int(_HEAD.size + 20 * nsrc + 4 * count + _REF.size * nrefs)
+
+
 @dataclass(frozen=True)
 class Delta:
     """A parsed, checked delta header: where each page it names gets its bytes."""

@@ -44,7 +44,7 @@ from vml.plumbing.chains import (
     ordered_map,
     same_length_end,
 )
-from vml.plumbing.deltas import Where, encode_delta, parse_delta
+from vml.plumbing.deltas import Where, encode_delta, own_data_at
 from vml.plumbing.digests import Digests, block_digest, zero_record, zeros
 from vml.plumbing.manifests import (
     BLOB_MODE,
@@ -720,7 +720,7 @@ def _delta_outcome(
     """Block ``n`` stored as ``delta`` (a page delta, or the one delta of an anchored block)."""
     sha = blob_id(delta)
     z = None if reader.in_packs(sha) else deflate(delta)
-    places = delta[: parse_delta(delta).data_at]  # what the page index needs of it
+    places = delta[: own_data_at(delta, len(refs))]  # what the page index needs of it
     srcs = frozenset(src for src, _ in refs.values())
     return _Outcome(n, data, digest, bh, pages, kind, sha, z, len(delta), read, places, srcs)
 

@@ -74,6 +74,8 @@ _MASK = _ALL
 # (found pages come in runs: files cached or copied whole).
 PROBE = 8
 _PLACES_CACHE = 64  # parsed deltas kept while finding where pages live
+# Adjacent candidate pages are read together, at most this many at a time.
+RUN_PAGES = 64
 BLOB_CACHE = 8 << 20
 # Source files kept open for confirming pages (a save may offer hundreds).
 OPEN_FILES = 16
@@ -252,6 +254,11 @@ class PageIndex:
         known; the sources are then limited to what is worth a read.
         Candidates are tried in the order the images were added, each
         image's in page order; the first whose bytes match is taken.
+
+        Each page's first candidate is confirmed in bulk (the candidates'
+        bytes read in runs of adjacent pages: a guest caches files in runs,
+        so a block's found pages take a fifth of the reads); a page whose
+        first candidate differs tries the others one by one.
         """
         if not self._images:
             return {}
@@ -259,43 +266,72 @@ class PageIndex:
             self._ready()
         if len(pages) > 4 * PROBE and not any(self._present(hashes, k) for k in pages[::PROBE]):
             return {}  # new data (most changed disk blocks): a few probes, not every page
-        out: dict[int, Where] = {}
-        mv = memoryview(data)
-        ps = self.ps
+        images = self._images
+        # (page, its hash, image position, candidate position in the bucket)
+        first: list[tuple[int, int, int, int]] = []
         for k in pages:
             h = int.from_bytes(hashes[8 * k : 8 * k + 8], "big") & _MASK
-            page: bytes | None = None
-            left = MAX_CANDIDATES
-            for ix in self._images:
+            for i, ix in enumerate(images):
                 if ix.retired:
                     continue
                 keys = ix.keys[h >> ix.shift]
-                if h not in keys:
-                    continue
-                if page is None:
-                    page = bytes(mv[k * ps : (k + 1) * ps])  # bytes compare as memcmp
-                where, left = self._first(ix, keys, h, page, left)
+                if h in keys:
+                    first.append((k, h, i, keys.index(h)))
+                    break
+        if not first:
+            return {}
+        ps = self.ps
+        out: dict[int, Where] = {}
+        by_image: dict[int, list[tuple[int, int]]] = {}
+        for k, h, i, at in first:
+            ix = images[i]
+            by_image.setdefault(i, []).append((k, ix.pages[h >> ix.shift][at]))
+        wrong: set[int] = set()
+        for i, items in by_image.items():
+            found = self._confirm_many(images[i], items, data)
+            for (k, _), where in zip(items, found, strict=True):
+                if where is None:
+                    wrong.add(k)
+                else:
+                    out[k] = where
+        for k, h, i, at in first:
+            if k in wrong:
+                page = data[k * ps : (k + 1) * ps]
+                where = self._others(page, h, i, at + 1, MAX_CANDIDATES - 1)
                 if where is not None:
                     out[k] = where
-                    break
-                if not left:
-                    break  # colliding hashes (crafted ones): a page costs a bounded number of reads
         return _limit(out)
 
+    def _others(self, page: bytes, h: int, i: int, at: int, left: int) -> Where | None:
+        """The first candidate after image ``i``'s position ``at`` whose bytes are ``page``'s,
+        trying at most ``left`` of them (colliding hashes, crafted ones: a bounded number
+        of reads a page)."""
+        for ix in self._images[i:]:
+            if left <= 0:
+                break
+            if ix.retired:
+                continue
+            keys = ix.keys[h >> ix.shift]
+            if h in keys:
+                where, left = self._first(ix, keys, h, page, left, at)
+                if where is not None:
+                    return where
+            at = 0
+        return None
+
     def _first(
-        self, ix: _Indexed, keys: array[int], h: int, page: bytes, left: int
+        self, ix: _Indexed, keys: array[int], h: int, page: bytes, left: int, at: int = 0
     ) -> tuple[Where | None, int]:
-        """The first of ``ix``'s pages with hash ``h`` whose bytes are ``page``'s, as a place,
-        trying at most ``left`` of them; and how many more may be tried."""
+        """The first of ``ix``'s pages with hash ``h`` from position ``at`` whose bytes are
+        ``page``'s, trying at most ``left`` of them; and how many more may be tried."""
         numbers = ix.pages[h >> ix.shift]
-        at = 0
         while left:
             try:
                 at = keys.index(h, at)
             except ValueError:
                 break
             left -= 1
-            where = self._confirm(ix, numbers[at], page)
+            where = self._confirm_many(ix, [(0, numbers[at])], page)[0]
             if where is not None:
                 return where, left
             at += 1
@@ -306,17 +342,34 @@ class PageIndex:
         h = int.from_bytes(hashes[8 * k : 8 * k + 8], "big") & _MASK
         return any(h in ix.keys[h >> ix.shift] for ix in self._images if not ix.retired)
 
-    def _confirm(self, ix: _Indexed, number: int, page: bytes) -> Where | None:
-        j, k = divmod(number, self.ppb)
+    def _confirm_many(
+        self, ix: _Indexed, items: list[tuple[int, int]], data: bytes
+    ) -> list[Where | None]:
+        """For each ``(k, number)``: where ``ix``'s page ``number`` lives in the new entry,
+        if its bytes are page ``k`` of ``data`` (None: they differ, or its place is unknown)."""
+        ps = self.ps
+        out: list[Where | None] = []
         if not ix.file:
-            where = self._where(ix.image, ix.blocks[j], k)
-            if where is None or self._blobs.read(where[0], where[1], len(page)) != page:
-                return None
-            return where
-        q = ix.blocks[j] * self.ppb + k
-        if self._pread(ix.image.source, len(page), q * self.ps) != page:
-            return None  # an xxh3 collision (or crafted): bytes decide
-        return self._where(ix.image, ix.blocks[j], k)
+            for k, number in items:
+                j, q = divmod(number, self.ppb)
+                where = self._where(ix.image, ix.blocks[j], q)
+                page = data[k * ps : (k + 1) * ps]
+                if where is not None and self._blobs.read(where[0], where[1], ps) != page:
+                    where = None
+                out.append(where)
+            return out
+        offsets = [
+            (ix.blocks[number // self.ppb] * self.ppb + number % self.ppb) * ps
+            for _, number in items
+        ]
+        got = self._pread_pages(ix.image.source, offsets)
+        for (k, number), off in zip(items, offsets, strict=True):
+            if got.get(off) != data[k * ps : (k + 1) * ps]:
+                out.append(None)  # an xxh3 collision (or crafted): bytes decide
+            else:
+                j, q = divmod(number, self.ppb)
+                out.append(self._where(ix.image, ix.blocks[j], q))
+        return out
 
     def _where(self, img: SavedImage, n: int, k: int) -> Where | None:
         """Where page ``k`` of block ``n`` of ``img`` lives in the new entry (None: unknown)."""
@@ -369,12 +422,21 @@ class PageIndex:
                 self._places.popitem(last=False)
         return places
 
-    def _pread(self, path: Path, length: int, offset: int) -> bytes:
-        """``length`` bytes of ``path`` at ``offset``, through a few descriptors kept open.
+    def _pread_pages(self, path: Path, offsets: list[int]) -> dict[int, bytes]:
+        """The page at each of ``offsets`` in ``path``, read in runs of adjacent pages
+        (at most RUN_PAGES each) through a few descriptors kept open.
 
         Under the lock: a descriptor closed by another worker's eviction
         could be reused for another file between taking it and reading.
         """
+        ps = self.ps
+        runs: list[tuple[int, int]] = []  # (offset, pages)
+        for off in sorted(set(offsets)):
+            if runs and runs[-1][0] + runs[-1][1] * ps == off and runs[-1][1] < RUN_PAGES:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((off, 1))
+        got: dict[int, bytes] = {}
         with self._lock:
             fd = self._fds.pop(path, None)
             if fd is None:
@@ -382,7 +444,11 @@ class PageIndex:
                 if len(self._fds) >= OPEN_FILES:
                     os.close(self._fds.popitem(last=False)[1])
             self._fds[path] = fd  # the most recently used last
-            return os.pread(fd, length, offset)
+            for off, n in runs:
+                buf = os.pread(fd, n * ps, off)
+                for i in range(n):
+                    got[off + i * ps] = buf[i * ps : (i + 1) * ps]
+        return got
 
     def check(self) -> None:
         """Every source file is as it was saved; else the save must not be published."""
