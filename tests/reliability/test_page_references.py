@@ -147,6 +147,33 @@ def test_references_survive_rm_convert_gc_and_a_clone(tmp_path: Path, cli_repo: 
     assert vml(copy, "verify", "--all", "--read-data", "-q").code == 0
 
 
+def test_pages_cached_in_runs_are_confirmed_a_run_a_read(
+    tmp_path: Path, cli_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guest caches disk pages in runs (4-8 here): confirming them byte for byte
+    reads each run of adjacent candidates once, not each page."""
+    counts = [0, 0]  # reads, pages
+    real = pageindex.PageIndex._pread_runs
+
+    def counting(
+        self: pageindex.PageIndex, path: Path, offsets: list[int]
+    ) -> list[tuple[int, bytes, int, int]]:
+        runs = real(self, path, offsets)
+        counts[0] += len(runs)
+        counts[1] += len(offsets)
+        return runs
+
+    monkeypatch.setattr(pageindex.PageIndex, "_pread_runs", counting)
+    _, states = _saved(tmp_path, cli_repo)
+    reads, pages = counts
+    assert pages > 100
+    assert reads * 3 < pages, f"{reads} reads for {pages} candidate pages"
+    for n, want in enumerate(states, 1):
+        out = tmp_path / f"out{n}"
+        assert vml(cli_repo, "checkout", "-q", f"E{n}", out).code == 0
+        assert digest_area(out) == want
+
+
 def test_a_hash_collision_never_makes_a_wrong_page(
     tmp_path: Path, cli_repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -37,6 +37,7 @@ parent version gives its buckets back.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from array import array
 from collections import OrderedDict
@@ -76,6 +77,9 @@ PROBE = 8
 _PLACES_CACHE = 64  # parsed deltas kept while finding where pages live
 # Adjacent candidate pages are read together, at most this many at a time.
 RUN_PAGES = 64
+# A block in the new entry: its base blob, its deltas (oldest first), and how
+# many of the newest this save wrote (their headers are kept, not in a pack yet).
+_Chain = tuple[bytes | None, tuple[bytes, ...], int]
 BLOB_CACHE = 8 << 20
 # Source files kept open for confirming pages (a save may offer hundreds).
 OPEN_FILES = 16
@@ -264,19 +268,19 @@ class PageIndex:
             return {}
         if self._pending:
             self._ready()
-        if len(pages) > 4 * PROBE and not any(self._present(hashes, k) for k in pages[::PROBE]):
+        hs = _page_hashes(hashes)
+        if len(pages) > 4 * PROBE and not any(self._present(hs[k]) for k in pages[::PROBE]):
             return {}  # new data (most changed disk blocks): a few probes, not every page
         images = self._images
         # (page, its hash, image position, candidate position in the bucket)
         first: list[tuple[int, int, int, int]] = []
+        live = [(i, ix.keys, ix.shift) for i, ix in enumerate(images) if not ix.retired]
         for k in pages:
-            h = int.from_bytes(hashes[8 * k : 8 * k + 8], "big") & _MASK
-            for i, ix in enumerate(images):
-                if ix.retired:
-                    continue
-                keys = ix.keys[h >> ix.shift]
-                if h in keys:
-                    first.append((k, h, i, keys.index(h)))
+            h = hs[k] & _MASK
+            for i, keys, shift in live:
+                bucket = keys[h >> shift]
+                if h in bucket:
+                    first.append((k, h, i, bucket.index(h)))
                     break
         if not first:
             return {}
@@ -294,12 +298,13 @@ class PageIndex:
                     wrong.add(k)
                 else:
                     out[k] = where
-        for k, h, i, at in first:
-            if k in wrong:
-                page = data[k * ps : (k + 1) * ps]
-                where = self._others(page, h, i, at + 1, MAX_CANDIDATES - 1)
-                if where is not None:
-                    out[k] = where
+        if wrong:
+            for k, h, i, at in first:
+                if k in wrong:
+                    page = data[k * ps : (k + 1) * ps]
+                    where = self._others(page, h, i, at + 1, MAX_CANDIDATES - 1)
+                    if where is not None:
+                        out[k] = where
         return _limit(out)
 
     def _others(self, page: bytes, h: int, i: int, at: int, left: int) -> Where | None:
@@ -337,9 +342,9 @@ class PageIndex:
             at += 1
         return None, left
 
-    def _present(self, hashes: bytes, k: int) -> bool:
-        """Whether page ``k``'s hash is indexed at all (no confirmation)."""
-        h = int.from_bytes(hashes[8 * k : 8 * k + 8], "big") & _MASK
+    def _present(self, h: int) -> bool:
+        """Whether a page's hash is indexed at all (no confirmation)."""
+        h &= _MASK
         return any(h in ix.keys[h >> ix.shift] for ix in self._images if not ix.retired)
 
     def _confirm_many(
@@ -348,52 +353,78 @@ class PageIndex:
         """For each ``(k, number)``: where ``ix``'s page ``number`` lives in the new entry,
         if its bytes are page ``k`` of ``data`` (None: they differ, or its place is unknown)."""
         ps = self.ps
-        out: list[Where | None] = []
+        out: list[Where | None] = [None] * len(items)
         if not ix.file:
-            for k, number in items:
+            for i, (k, number) in enumerate(items):
                 j, q = divmod(number, self.ppb)
                 where = self._where(ix.image, ix.blocks[j], q)
                 page = data[k * ps : (k + 1) * ps]
-                if where is not None and self._blobs.read(where[0], where[1], ps) != page:
-                    where = None
-                out.append(where)
+                if where is not None and self._blobs.read(where[0], where[1], ps) == page:
+                    out[i] = where
             return out
-        offsets = [
-            (ix.blocks[number // self.ppb] * self.ppb + number % self.ppb) * ps
-            for _, number in items
-        ]
-        got = self._pread_pages(ix.image.source, offsets)
-        for (k, number), off in zip(items, offsets, strict=True):
-            if got.get(off) != data[k * ps : (k + 1) * ps]:
-                out.append(None)  # an xxh3 collision (or crafted): bytes decide
-            else:
-                j, q = divmod(number, self.ppb)
-                out.append(self._where(ix.image, ix.blocks[j], q))
+        ppb = self.ppb
+        blocks = ix.blocks
+        # (offset in the source file, position in items), in file order: adjacent
+        # candidates are read together.
+        order = sorted(
+            ((blocks[number // ppb] * ppb + number % ppb) * ps, j)
+            for j, (_, number) in enumerate(items)
+        )
+        chains: dict[int, _Chain | None] = {}
+        memo: dict[bytes, dict[int, Where | None] | None] = {}
+        img = ix.image
+        for start, buf, i0, i1 in self._pread_runs(img.source, [off for off, _ in order]):
+            for off, j in order[i0:i1]:
+                k, number = items[j]
+                at = off - start
+                if buf[at : at + ps] != data[k * ps : (k + 1) * ps]:
+                    continue  # an xxh3 collision (or crafted): bytes decide
+                n = blocks[number // ppb]
+                if n not in chains:
+                    chains[n] = self._chain(img, n)
+                out[j] = self._place(img, chains[n], number % ppb, memo)
         return out
 
     def _where(self, img: SavedImage, n: int, k: int) -> Where | None:
         """Where page ``k`` of block ``n`` of ``img`` lives in the new entry (None: unknown)."""
+        return self._place(img, self._chain(img, n), k, {})
+
+    def _chain(self, img: SavedImage, n: int) -> _Chain | None:
+        """Block ``n`` of ``img`` in the new entry: its base and deltas, oldest first, and
+        how many of the newest this save wrote (None: its pages are not known)."""
         entry = img.blocks.get(n)
-        deltas: tuple[bytes, ...] = ()
-        base: bytes | None = None
-        new = 0  # the newest deltas, written by this save (their headers in img.places)
         if isinstance(entry, Anchored):
-            base, deltas, new = entry.base, entry.deltas, len(entry.deltas)
-        elif entry is not None:
+            return entry.base, entry.deltas, len(entry.deltas)
+        if entry is not None:
             is_delta, sha = entry
             if not is_delta:
-                return sha, k * self.ps
+                return sha, (), 0
             if img.parent is None:
                 return None
             recipe = img.parent.recipes[n]
-            base, deltas, new = recipe.base, (*recipe.deltas, sha), 1
-        else:
-            if img.parent is None or any(a <= n < b for a, b in img.zero):
-                return None
-            recipe = img.parent.recipes[n]
-            base, deltas = recipe.base, recipe.deltas
+            return recipe.base, (*recipe.deltas, sha), 1
+        if img.parent is None or any(a <= n < b for a, b in img.zero):
+            return None
+        recipe = img.parent.recipes[n]
+        return recipe.base, recipe.deltas, 0
+
+    def _place(
+        self,
+        img: SavedImage,
+        chain: _Chain | None,
+        k: int,
+        memo: dict[bytes, dict[int, Where | None] | None],
+    ) -> Where | None:
+        """Where page ``k`` of a block built by ``chain`` lives (``memo``: the deltas'
+        places found so far by the caller)."""
+        if chain is None:
+            return None
+        base, deltas, new = chain
         for i, d in enumerate(reversed(deltas)):
-            places = self._delta_places(d, img.places.get(d), own=i < new)
+            if d in memo:
+                places = memo[d]
+            else:
+                places = memo[d] = self._delta_places(d, img.places.get(d), own=i < new)
             if places is None:
                 return None  # a delta of this save past the budget: not known
             if k in places:
@@ -422,21 +453,25 @@ class PageIndex:
                 self._places.popitem(last=False)
         return places
 
-    def _pread_pages(self, path: Path, offsets: list[int]) -> dict[int, bytes]:
-        """The page at each of ``offsets`` in ``path``, read in runs of adjacent pages
-        (at most RUN_PAGES each) through a few descriptors kept open.
+    def _pread_runs(self, path: Path, offsets: list[int]) -> list[tuple[int, bytes, int, int]]:
+        """The pages at sorted ``offsets`` in ``path``, read in runs of adjacent pages (at
+        most RUN_PAGES each) through a few descriptors kept open: ``(offset, bytes, i, j)``
+        per run, whose bytes hold the pages of ``offsets[i:j]``.
 
         Under the lock: a descriptor closed by another worker's eviction
         could be reused for another file between taking it and reading.
         """
         ps = self.ps
-        runs: list[tuple[int, int]] = []  # (offset, pages)
-        for off in sorted(set(offsets)):
-            if runs and runs[-1][0] + runs[-1][1] * ps == off and runs[-1][1] < RUN_PAGES:
-                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        spans: list[list[int]] = []  # [start, end, i, j]
+        for i, off in enumerate(offsets):
+            last = spans[-1] if spans else None
+            if last is not None and off < last[1]:
+                last[3] = i + 1  # the same page again
+            elif last is not None and off == last[1] and last[1] - last[0] < RUN_PAGES * ps:
+                last[1] += ps
+                last[3] = i + 1
             else:
-                runs.append((off, 1))
-        got: dict[int, bytes] = {}
+                spans.append([off, off + ps, i, i + 1])
         with self._lock:
             fd = self._fds.pop(path, None)
             if fd is None:
@@ -444,11 +479,7 @@ class PageIndex:
                 if len(self._fds) >= OPEN_FILES:
                     os.close(self._fds.popitem(last=False)[1])
             self._fds[path] = fd  # the most recently used last
-            for off, n in runs:
-                buf = os.pread(fd, n * ps, off)
-                for i in range(n):
-                    got[off + i * ps] = buf[i * ps : (i + 1) * ps]
-        return got
+            return [(a, os.pread(fd, b - a, a), i, j) for a, b, i, j in spans]
 
     def check(self) -> None:
         """Every source file is as it was saved; else the save must not be published."""
@@ -490,6 +521,14 @@ def _limit(refs: dict[int, Where]) -> dict[int, Where]:
     worth = sorted((c, s) for s, c in count.items() if c >= MIN_SOURCE_PAGES)
     keep = {s for _, s in worth[-MAX_DELTA_SOURCES:]}
     return {k: w for k, w in refs.items() if w[0] in keep}
+
+
+def _page_hashes(hashes: bytes) -> array[int]:
+    """A block's page hashes (big-endian, as the records hold them) as integers."""
+    out = array("Q", hashes)
+    if sys.byteorder == "little":
+        out.byteswap()
+    return out
 
 
 def _zero_hash(page_size: int) -> int:
