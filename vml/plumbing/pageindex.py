@@ -272,40 +272,43 @@ class PageIndex:
         if len(pages) > 4 * PROBE and not any(self._present(hs[k]) for k in pages[::PROBE]):
             return {}  # new data (most changed disk blocks): a few probes, not every page
         images = self._images
-        # (page, its hash, image position, candidate position in the bucket)
-        first: list[tuple[int, int, int, int]] = []
-        live = [(i, ix.keys, ix.shift) for i, ix in enumerate(images) if not ix.retired]
-        for k in pages:
-            h = hs[k] & _MASK
-            for i, keys, shift in live:
-                bucket = keys[h >> shift]
-                if h in bucket:
-                    first.append((k, h, i, bucket.index(h)))
-                    break
-        if not first:
-            return {}
-        ps = self.ps
-        out: dict[int, Where] = {}
+        live = [(i, ix.keys, ix.pages, ix.shift) for i, ix in enumerate(images) if not ix.retired]
+        mask = _MASK
+        # Per image: (page, its first candidate's number), the candidates read in bulk.
         by_image: dict[int, list[tuple[int, int]]] = {}
-        for k, h, i, at in first:
-            ix = images[i]
-            by_image.setdefault(i, []).append((k, ix.pages[h >> ix.shift][at]))
-        wrong: set[int] = set()
+        for k in pages:
+            h = hs[k] & mask
+            for i, keys, numbers, shift in live:
+                b = h >> shift
+                bucket = keys[b]
+                if h in bucket:
+                    if i in by_image:
+                        by_image[i].append((k, numbers[b][bucket.index(h)]))
+                    else:
+                        by_image[i] = [(k, numbers[b][bucket.index(h)])]
+                    break
+        out: dict[int, Where] = {}
+        wrong: list[int] = []
         for i, items in by_image.items():
             found = self._confirm_many(images[i], items, data)
             for (k, _), where in zip(items, found, strict=True):
                 if where is None:
-                    wrong.add(k)
+                    wrong.append(k)
                 else:
                     out[k] = where
-        if wrong:
-            for k, h, i, at in first:
-                if k in wrong:
+        ps = self.ps
+        for k in wrong:
+            # The first candidate differs (a collision, or a crafted one): the others.
+            h = hs[k] & mask
+            for i, keys, _, shift in live:
+                bucket = keys[h >> shift]
+                if h in bucket:
                     page = data[k * ps : (k + 1) * ps]
-                    where = self._others(page, h, i, at + 1, MAX_CANDIDATES - 1)
+                    where = self._others(page, h, i, bucket.index(h) + 1, MAX_CANDIDATES - 1)
                     if where is not None:
                         out[k] = where
-        return _limit(out)
+                    break
+        return _limit(out) if out else out
 
     def _others(self, page: bytes, h: int, i: int, at: int, left: int) -> Where | None:
         """The first candidate after image ``i``'s position ``at`` whose bytes are ``page``'s,
