@@ -1,4 +1,4 @@
-"""The page index's reads: candidate pages are read in runs of adjacent pages."""
+"""The page index: candidate pages read in runs of adjacent pages, sources worth a read."""
 
 from __future__ import annotations
 
@@ -6,7 +6,13 @@ import os
 from pathlib import Path
 
 from vml.plumbing.packs import PackReader
-from vml.plumbing.pageindex import RUN_PAGES, PageIndex
+from vml.plumbing.pageindex import (
+    MAX_DELTA_SOURCES,
+    MIN_SOURCE_PAGES,
+    RUN_PAGES,
+    PageIndex,
+    _limit,
+)
 from vml.plumbing.repository import Repository
 
 PAGE = 4096
@@ -40,3 +46,22 @@ def test_candidate_pages_are_read_in_runs_of_adjacent_pages(
     for start, buf, i, j in runs:
         assert buf == data[start : start + len(buf)]
         assert all(start <= off < start + len(buf) for off in offsets[i:j])
+
+
+def test_references_keep_only_sources_worth_a_read() -> None:
+    """A delta names at most MAX_DELTA_SOURCES sources, each giving MIN_SOURCE_PAGES."""
+    few = {k: (b"a" * 20, k * PAGE) for k in range(MIN_SOURCE_PAGES)}
+    assert _limit(few) == few
+    lone = {100: (b"b" * 20, 0)}  # one page from a source: not worth reading it
+    assert _limit({**few, **lone}) == few
+    many = {}
+    k = 0
+    for s in range(MAX_DELTA_SOURCES + 2):
+        for _ in range(MIN_SOURCE_PAGES + s):  # source s gives MIN_SOURCE_PAGES + s pages
+            many[k] = (bytes([s]) * 20, k * PAGE)
+            k += 1
+    kept = _limit(many)
+    assert {src for src, _ in kept.values()} == {
+        bytes([s]) * 20 for s in range(2, MAX_DELTA_SOURCES + 2)
+    }
+    assert all(many[k] == w for k, w in kept.items())

@@ -40,11 +40,11 @@ import os
 import sys
 import threading
 from array import array
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import repeat
-from operator import and_
+from operator import and_, itemgetter
 from pathlib import Path
 
 from vml.errors import FileChanged
@@ -518,9 +518,9 @@ def _limit(refs: dict[int, Where]) -> dict[int, Where]:
     """Keep references from at most MAX_DELTA_SOURCES sources giving MIN_SOURCE_PAGES each."""
     if not refs:
         return refs
-    count: dict[bytes, int] = {}
-    for src, _ in refs.values():
-        count[src] = count.get(src, 0) + 1
+    count = Counter(map(itemgetter(0), refs.values()))
+    if len(count) <= MAX_DELTA_SOURCES and min(count.values()) >= MIN_SOURCE_PAGES:
+        return refs  # every source is worth its read (the usual case)
     worth = sorted((c, s) for s, c in count.items() if c >= MIN_SOURCE_PAGES)
     keep = {s for _, s in worth[-MAX_DELTA_SOURCES:]}
     return {k: w for k, w in refs.items() if w[0] in keep}
