@@ -5,14 +5,17 @@ from __future__ import annotations
 import os
 import subprocess
 import zlib
+from pathlib import Path
 
 import pytest
 from dulwich.objects import Blob, Tree
+from dulwich.pack import load_pack_index
 
 from tests.conftest import need
 from vml.errors import CorruptRepository
 from vml.plumbing.packs import (
     BLOB,
+    DEFAULT_OBJECT_FORMAT,
     PackReader,
     PackWriter,
     _inflate_stored,
@@ -178,11 +181,13 @@ def test_an_object_whose_stream_is_longer_than_its_data_reads_back(
 
 def test_a_damaged_stream_is_reported_without_the_id_check(repo: Repository) -> None:
     # Restores read blocks with verify=False (the block's checks catch bad
-    # bytes): a stream whose Adler-32 or size is wrong must still be refused.
+    # bytes): a stream that does not inflate to its size must still be refused.
     data = b"abc" * 30_000
     w = PackWriter(repo)
     good = deflate(data)
-    for bad, size in ((good[:-1] + bytes([good[-1] ^ 1]), len(data)), (good, len(data) - 1)):
+    cut = good[: len(good) // 2]
+    header = bytes([good[0], good[1] ^ 1])  # not a zlib header
+    for bad, size in ((good, len(data) - 1), (cut, len(data)), (header + good[2:], len(data))):
         sha = blob_id(bad + bytes([size & 255]))  # any id: the check is skipped
         w.add_compressed(BLOB, sha, size, bad)
         w.finish()
@@ -194,6 +199,26 @@ def test_a_damaged_stream_is_reported_without_the_id_check(repo: Repository) -> 
             r.close()
         w = PackWriter(repo)
     w.abort()
+
+
+def test_a_streams_adler32_is_left_to_the_id_or_the_callers_check(repo: Repository) -> None:
+    # Inflating skips the stream's Adler-32 (the object id, or a restore's
+    # block check, covers the bytes): a wrong one over intact bytes reads them,
+    # and damage to the bytes themselves is the id check's to find.
+    data = os.urandom(1000) * 100
+    good = deflate(data)
+    assert len(good) < len(data) // 10  # deflated, not stored
+    bad_sum = good[:-1] + bytes([good[-1] ^ 1])
+    sha = blob_id(data)
+    w = PackWriter(repo)
+    w.add_compressed(BLOB, sha, len(data), bad_sum)
+    w.finish()
+    r = PackReader(repo)
+    try:
+        assert r.read(sha, BLOB)[1] == data
+        assert r.read(sha, BLOB, verify=False)[1] == data
+    finally:
+        r.close()
 
 
 @pytest.mark.parametrize("claimed", [4096, 1 << 20])
@@ -238,3 +263,44 @@ def test_a_header_claiming_more_than_the_pack_holds_reads_no_more_than_the_pack(
             r.read(sha, BLOB, verify=False)
     finally:
         r.close()
+
+
+def test_large_objects_are_read_as_long_as_their_stream_whatever_the_hint(
+    repo: Repository,
+) -> None:
+    # A large object is read up to where the next one starts (by the pack's
+    # index), not as long as its inflated size; a wrong hint costs reads only.
+    from array import array
+
+    from vml.plumbing.packindex import object_ends
+
+    blobs = [os.urandom(500) * 400, os.urandom(300_000), b"x" * 200_000]
+    w = PackWriter(repo)
+    for data in blobs:
+        w.add_compressed(BLOB, blob_id(data), len(data), deflate(data))
+    name = w.finish()
+    assert name is not None
+    pack = repo.objects_dir / "pack" / f"{name}.pack"
+    ends = object_ends(pack.with_suffix(".idx"), pack.stat().st_size)
+    index = load_pack_index(str(pack.with_suffix(".idx")), DEFAULT_OBJECT_FORMAT)
+    offsets = sorted(off for _sha, off, _crc in index.iterentries())
+    assert list(ends) == [*offsets, pack.stat().st_size - 20]
+    for hint in (None, [o + 3 for o in offsets], [offsets[0] + 1]):
+        r = PackReader(repo)
+        try:
+            if hint is not None:
+                (fd,) = r._idx_paths
+                r._ends[fd] = array("Q", hint)
+            for data in blobs:
+                assert r.read(blob_id(data), BLOB, verify=False)[1] == data
+        finally:
+            r.close()
+
+
+def test_an_index_that_cannot_be_read_gives_no_ends(tmp_path: Path) -> None:
+    from vml.plumbing.packindex import object_ends
+
+    bad = tmp_path / "pack-x.idx"
+    bad.write_bytes(b"\377tOc" + bytes(20))
+    assert len(object_ends(bad, 1000)) == 0
+    assert len(object_ends(tmp_path / "missing.idx", 1000)) == 0

@@ -18,9 +18,10 @@ import os
 from concurrent.futures import Executor
 from pathlib import Path
 
-from vml.errors import CorruptRepository, NoSpace
+from vml.errors import CorruptRepository, HostileRepository, NoSpace
 from vml.plumbing.cache import BlockRecords, RecordsWriter, block_hash, page_hashes
 from vml.plumbing.chains import (
+    Recipe,
     Recipes,
     ResolvedImage,
     SourceReader,
@@ -176,6 +177,19 @@ class _ImageBuild:
         ps = self.m.page_size
         return n, 0, dg, bh, dg + bh + page_hashes(data, ps, self.m.block_size // ps)
 
+    def _verified(
+        self, n: int, recipe: Recipe, length: int, check: tuple[bytes, bytes]
+    ) -> bytes | None:
+        """Block ``n`` built again checking every object id; data must match its check.
+
+        For damage somewhere: this passes over a damaged copy when another
+        pack holds a good one.  None or zeros: the caller checks the zero block.
+        """
+        built = materialize(self.reader, recipe, length, sources=SourceReader(self.reader))
+        if built is not None and built != zeros(length) and block_hash(built) != check[1]:
+            raise CorruptRepository(_damaged(n))
+        return built
+
     def build(self, n: int) -> _Built:
         """Build block ``n``, check it, write it (or punch a hole); its id and record."""
         # Workers write their own block (pwrite at an offset is thread safe)
@@ -189,7 +203,16 @@ class _ImageBuild:
         # With the entry's checks, each block is checked once, built, with the
         # xxh3 the area cache needs anyway, and its id is read, not hashed;
         # without them, each object is checked by id as it is read.
-        built = materialize(self.reader, recipe, length, verify=check is None, sources=self.sources)
+        try:
+            built = materialize(
+                self.reader, recipe, length, verify=check is None, sources=self.sources
+            )
+        except (CorruptRepository, HostileRepository):
+            if check is None:
+                raise  # every object was checked by id: the damage is real
+            # Objects read unchecked (their streams' Adler-32 not computed
+            # either): a damaged copy may fail to apply; read them verified.
+            built = self._verified(n, recipe, length, check)
         if built is None or built == zeros(length):
             # All zero (deltas may zero a whole block): a hole, never data.
             if check is not None and check[0] != block_digest(None, length):
@@ -199,13 +222,11 @@ class _ImageBuild:
             return self.zero(n, length)
         bh = block_hash(built) if check is not None or self.want_records else b""
         if check is not None and bh != check[1]:
-            # Damage somewhere: build again checking every object id, which
-            # passes over a damaged copy when another pack holds a good one.
-            built = materialize(self.reader, recipe, length, sources=SourceReader(self.reader))
-            bh = block_hash(built) if built is not None else b""
-            if bh != check[1]:
+            # Damage somewhere (data where the check says zeros is damage too).
+            built = self._verified(n, recipe, length, check)
+            if built is None or built == zeros(length):
                 raise CorruptRepository(_damaged(n))
-            assert built is not None
+            bh = check[1]
         written = write_sparse(self.fd, built, n * m.block_size, fresh=self.old is None)
         # The block's id: from its checks, or the block map for a whole block
         # (checked as it was read), else hashed.  The image's digest over

@@ -23,7 +23,9 @@ import hashlib
 import logging
 import os
 import struct
+import sys
 import threading
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -199,3 +201,47 @@ def guard_store(store: Any, health: PackHealth) -> None:
         return kept
 
     store._update_pack_cache = update
+
+
+def object_ends(idx: Path, pack_size: int) -> array[int]:
+    """Every object's offset in the pack, sorted, then where the last one ends.
+
+    An object runs from its offset to the next object's (or to the pack's
+    SHA-1 trailer): what a reader needs to read a compressed object in one
+    piece, and no more.  The index is trusted only as a hint: a reader
+    bounds every read by the pack's size and reads on when a stream needs
+    more.  Empty when the index cannot be read as expected (a reader then
+    guesses as before).
+    """
+    out: array[int] = array("Q")
+    try:
+        data = idx.read_bytes()
+    except OSError:
+        return out
+    parsed = _index_count(data)
+    if isinstance(parsed, str):
+        return out
+    count, head = parsed
+    if head:  # v2: 32-bit offsets after the ids and CRC-32s; the MSB points into the 64-bit ones
+        at = head + _FANOUT + 24 * count
+        small = array("I", data[at : at + 4 * count])
+        large = array("Q", data[at + 4 * count : len(data) - _TRAILER])
+        if sys.byteorder == "little":
+            small.byteswap()
+            large.byteswap()
+        if max(small, default=0) < 0x80000000:
+            out = array("Q", small)  # a pack under 2 GiB: no 64-bit offsets
+        else:
+            for off in small:
+                if off & 0x80000000:
+                    i = off & 0x7FFFFFFF
+                    if i >= len(large):
+                        return array("Q")
+                    off = large[i]
+                out.append(off)
+    else:  # v1: (offset, id) pairs after the fan-out table
+        rows = struct.iter_unpack(">L20x", data[_FANOUT : _FANOUT + 24 * count])
+        out.extend(off for (off,) in rows)
+    ordered = array("Q", sorted(out))
+    ordered.append(max(pack_size - 20, 0))
+    return ordered

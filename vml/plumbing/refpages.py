@@ -23,8 +23,9 @@ from bisect import bisect_left
 from pathlib import Path
 from typing import IO
 
+from vml.errors import CorruptRepository, HostileRepository
 from vml.plumbing.chains import ResolvedImage, SourceReader
-from vml.plumbing.deltas import overwritten, parse_delta
+from vml.plumbing.deltas import Delta, overwritten, parse_delta
 from vml.plumbing.packs import BLOB, PackReader
 
 MEMORY = 16 << 20  # referenced pages kept in memory; beyond, in a temporary file
@@ -90,7 +91,7 @@ class RefPages:
             r = image.recipes[n]
             if not r.sources:
                 continue
-            chain = [parse_delta(self.reader.read(d, BLOB, verify=verify)[1]) for d in r.deltas]
+            chain = [self._parsed(d, verify) for d in r.deltas]
             for delta, skip in zip(chain, overwritten(chain), strict=True):
                 if not delta.refs:
                     continue
@@ -101,6 +102,19 @@ class RefPages:
                             found = needed[place[0]] = array("Q")
                         found.append(place[1])
         return needed
+
+    def _parsed(self, delta: bytes, verify: bool) -> Delta:
+        """Delta ``delta`` parsed; read again checking its id if it does not parse unchecked.
+
+        An unchecked read (the block check comes later) may meet a damaged
+        copy; the checked one passes over it to a good copy, or says it is damaged.
+        """
+        try:
+            return parse_delta(self.reader.read(delta, BLOB, verify=verify)[1])
+        except (CorruptRepository, HostileRepository):
+            if verify:
+                raise
+            return parse_delta(self.reader.read(delta, BLOB)[1])
 
     def _put(self, page: bytes) -> None:
         slot = page + bytes(self.ps - len(page))
