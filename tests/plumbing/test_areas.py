@@ -155,3 +155,13 @@ def test_cache_writer_swap_and_abort(tmp_path: Path) -> None:
     c = Cache(tmp_path, 4096, TEST_BLOCK)
     assert c.valid_for("cd" * 20) and set(c.files) == {"f"}
     assert not (vml_dir(tmp_path) / "cache.tmp").exists()
+
+
+@pytest.mark.parametrize("length", [0, 1, 4095, 4096, 4097, 3 * 4096 + 17, 16 * 4096])
+def test_page_hashes_are_each_pages_xxh3_padded_to_a_record(length: int) -> None:
+    import xxhash
+
+    data = os.urandom(length)
+    want = b"".join(xxhash.xxh3_64_digest(data[i : i + 4096]) for i in range(0, length, 4096))
+    assert page_hashes(data, 4096, 16) == want + bytes(8 * 16 - len(want))
+    assert page_hashes(memoryview(data), 4096, 16) == page_hashes(data, 4096, 16)

@@ -21,6 +21,7 @@ from pathlib import Path
 from vml.errors import CorruptRepository, HostileRepository, NoSpace
 from vml.plumbing.cache import BlockRecords, RecordsWriter, block_hash, page_hashes
 from vml.plumbing.chains import (
+    WINDOW,
     Recipe,
     Recipes,
     ResolvedImage,
@@ -30,7 +31,6 @@ from vml.plumbing.chains import (
     ordered_map,
 )
 from vml.plumbing.digests import Digests, block_digest, zeros
-from vml.plumbing.images import WINDOW
 from vml.plumbing.packs import PackReader
 from vml.plumbing.refpages import RefPages
 from vml.plumbing.repository import WriteBehind, libc

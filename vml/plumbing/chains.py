@@ -475,6 +475,10 @@ def materialize(
 T = TypeVar("T")
 R = TypeVar("R")
 
+# Blocks in flight in an ordered_map over an image's blocks (memory: this
+# many blocks per image at a time).
+WINDOW = 16
+
 
 def ordered_map(
     pool: Executor, fn: Callable[[T], R], items: Iterator[T], window: int

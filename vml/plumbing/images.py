@@ -37,6 +37,7 @@ from vml.plumbing.cache import (
 from vml.plumbing.chains import (
     MAX_DELTA_DEPTH,
     NO_SOURCES,
+    WINDOW,
     ZERO,
     Recipe,
     ResolvedImage,
@@ -65,7 +66,6 @@ from vml.plumbing.pageindex import Budget, PageIndex
 from vml.plumbing.vm.formats import data_ranges
 from vml.progress import Advance
 
-WINDOW = 16
 # Start writeback of a file being built every this many blocks.
 _WRITEBACK_BLOCKS = 32
 

@@ -23,6 +23,7 @@ from vml.errors import CorruptRepository
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.cache import block_hash
 from vml.plumbing.chains import (
+    WINDOW,
     ResolvedImage,
     SourceReader,
     Sources,
@@ -37,7 +38,6 @@ from vml.plumbing.deltas import delta_header
 from vml.plumbing.digests import Digests, block_digest, zero_record
 from vml.plumbing.entries import Entry, small_blob
 from vml.plumbing.forest import Forest, load_forest
-from vml.plumbing.images import WINDOW
 from vml.plumbing.layout import layout_problems, merged_names
 from vml.plumbing.manifests import TREE_MODE, layer_block_ids, parse_tree, read_block_map
 from vml.plumbing.packs import BLOB, TREE, PackReader

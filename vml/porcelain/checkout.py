@@ -39,7 +39,6 @@ from vml.porcelain.common import (
     no_progress,
     read_entry,
 )
-from vml.porcelain.status import area_changes
 from vml.porcelain.vminfo import checkout_notes
 from vml.records import Record
 
@@ -93,6 +92,10 @@ def _refuse_unsaved(
                 "check out into an empty folder, or pass --force to replace them",
             )
         return
+    # Only an area holding an entry is compared (status pulls in the save's
+    # image code: not imported for a checkout into a new folder).
+    from vml.porcelain.status import area_changes
+
     dirty = [c.path for c in area_changes(area, state, held, cache, detail=False, scan=scan)]
     if dirty:
         shown = ", ".join(dirty[:5]) + (", ..." if len(dirty) > 5 else "")
