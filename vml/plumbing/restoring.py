@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from concurrent.futures import Executor
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from contextlib import suppress
 from pathlib import Path
 
@@ -91,13 +93,72 @@ class TempFiles:
 
 
 def _finish_file(fd: int, tmp: Path | None, target: Path, rec: FileRecord) -> os.stat_result:
-    os.fchmod(fd, rec.permissions)
-    os.fsync(fd)
-    os.close(fd)
+    try:
+        os.fchmod(fd, rec.permissions)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     if tmp is not None:
         os.replace(tmp, target)
     os.utime(target, ns=(rec.mtime_ns, rec.mtime_ns))
     return os.stat(target)
+
+
+# Files written and checked whose fsync and rename may still be under way.
+_FINISHING = 8
+
+
+class _Finisher:
+    """Makes written files durable and puts them in place, one at a time, in a thread.
+
+    A file's ``fsync`` waits for the disk (its last steps of write-behind):
+    meanwhile the next file is built.  Each file is still checked, made
+    durable, then renamed, in that order; the area's folder is synced only
+    once :meth:`drain` returned.  At most ``_FINISHING`` files wait (each
+    holds an open file).
+    """
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: deque[tuple[Future[os.stat_result], Callable[[os.stat_result], None]]] = (
+            deque()
+        )
+
+    def submit(
+        self,
+        fd: int,
+        tmp: Path | None,
+        target: Path,
+        rec: FileRecord,
+        then: Callable[[os.stat_result], None],
+    ) -> None:
+        """Finish the file open as ``fd``; ``then`` gets its ``stat`` (in :meth:`drain`)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="vml-finish")
+        while len(self._pending) >= _FINISHING:
+            self._settle_one()
+        self._pending.append((self._pool.submit(_finish_file, fd, tmp, target, rec), then))
+
+    def _settle_one(self) -> None:
+        fut, then = self._pending.popleft()
+        then(fut.result())
+
+    def drain(self) -> None:
+        """Wait for every file; the first failure is raised (after all were waited for)."""
+        try:
+            while self._pending:
+                self._settle_one()
+        finally:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Wait for the files under way and forget them (after a failure elsewhere)."""
+        if self._pending:
+            wait([fut for fut, _then in self._pending])
+            self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 class Builder:
@@ -134,6 +195,8 @@ class Builder:
         self.done = 0
         self.written = 0
         self.files_written: list[str] = []
+        # The caller calls drain() once every file is built (abandon() on failure).
+        self.finisher = _Finisher()
 
     def _advance(self, n: int) -> None:
         self.done += n
@@ -193,9 +256,14 @@ class Builder:
             os.close(fd)
             tmp.unlink(missing_ok=True)
             raise
-        st = _finish_file(fd, tmp, dest, rec)
-        self.cache_writer.add(
-            rec.path, CachedFile("small", rec.size, rec.sha256, stat_signature(st))
+        self.finisher.submit(
+            fd,
+            tmp,
+            dest,
+            rec,
+            lambda st: self.cache_writer.add(
+                rec.path, CachedFile("small", rec.size, rec.sha256, stat_signature(st))
+            ),
         )
         self.written += rec.size
         self._advance(rec.size)
@@ -242,9 +310,14 @@ class Builder:
             out.close()
             if old_recs is not None:
                 old_recs.close()
-        st = _finish_file(fd, tmp, dest, rec)
-        self.cache_writer.add(
-            rec.path, CachedFile("image", rec.size, rec.sha256, stat_signature(st), name)
+        self.finisher.submit(
+            fd,
+            tmp,
+            dest,
+            rec,
+            lambda st: self.cache_writer.add(
+                rec.path, CachedFile("image", rec.size, rec.sha256, stat_signature(st), name)
+            ),
         )
 
     def make_dirs(self, dirs: list[str]) -> None:

@@ -314,10 +314,14 @@ def _write(
         removed = _remove_stale(area, target, plan.claimed)
         for rec in target.meta.files:
             builder.build(rec)
+        # Files are made durable and put in place in a thread while the next
+        # ones are built: all of them are in place before the folders' turn.
+        builder.finisher.drain()
         builder.make_dirs(target.meta.dirs)
         builder.finish_folders()
         fsync_dir(area)
     except BaseException:
+        builder.finisher.abandon()  # before the temporary files are removed
         cwriter.abort()
         raise
     finally:
