@@ -296,7 +296,7 @@ def write_image(
         todo = sorted(set(todo).union(old.nonzero_in(0, m.nblocks)))
     # Only the blocks to build need their reference pages.
     wanted = image if old is None else _to_build(image, old, todo)
-    refs = RefPages.gather(reader, wanted, verify=image.checks is None, spill=spill)
+    refs = RefPages.gather(reader, wanted, verify=image.checks is None, spill=spill, pool=pool)
     job = _ImageBuild(reader, image, fd, old, old_records, record_out is not None, refs)
     digests = Digests(m.size, m.block_size)
     written = done = 0

@@ -20,8 +20,12 @@ import os
 import tempfile
 from array import array
 from bisect import bisect_left
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent.futures import Executor, Future, wait
+from contextlib import closing
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 from vml.errors import CorruptRepository, HostileRepository
 from vml.plumbing.chains import ResolvedImage, SourceReader
@@ -42,6 +46,7 @@ class RefPages:
         verify: bool,
         spill: Path | None = None,
         memory: int = MEMORY,
+        pool: Executor | None = None,
     ) -> None:
         self.reader = reader
         self.ps = image.manifest.page_size
@@ -54,28 +59,45 @@ class RefPages:
         self._memory = memory
         self._spill = spill
         needed = self._needed(image, verify)
-        n = 0
-        for src in sorted(needed, key=reader.position):
-            # One source's offsets sorted at a time (a source holds at most
-            # 64 MiB of pages): no list over the whole image.
-            offsets = array("Q", sorted(set(needed.pop(src))))
+
+        def todo() -> Iterator[tuple[bytes, array[int]]]:
+            for src in sorted(needed, key=reader.position):
+                # One source's offsets sorted at a time (a source holds at
+                # most 64 MiB of pages): no list over the whole image.
+                yield src, array("Q", sorted(set(needed.pop(src))))
+
+        def take(item: tuple[bytes, array[int]]) -> tuple[bytes, array[int], int, bytes]:
+            src, offsets = item
             data = reader.read(src, BLOB, verify=verify)[1]
-            self._slots[src] = (n, offsets, len(data))
-            n += len(offsets)
-            self.read_bytes += len(data)
-            for off in offsets:
-                self._put(data[off : off + self.ps])
+            return src, offsets, len(data), _pages(data, offsets, self.ps)
+
+        n = 0
+        # Sources are inflated by the pool's workers, a few MiB ahead, and
+        # their pages stored here in pack order.
+        sized = ((item, reader.object_size(item[0]) or self.ps) for item in todo())
+        with closing(_in_order(pool, take, sized, _AHEAD)) as gathered:
+            for src, offsets, size, chunk in gathered:
+                self._slots[src] = (n, offsets, size)
+                n += len(offsets)
+                self.read_bytes += size
+                self._put(chunk)
         if self._file is not None:
             self._file.flush()  # read back with pread by the workers
 
     @classmethod
     def gather(
-        cls, reader: PackReader, image: ResolvedImage, *, verify: bool, spill: Path | None = None
+        cls,
+        reader: PackReader,
+        image: ResolvedImage,
+        *,
+        verify: bool,
+        spill: Path | None = None,
+        pool: Executor | None = None,
     ) -> RefPages | None:
         """The reference pages ``image`` needs, gathered; None when its layers name no sources."""
         if not any(r.sources for r in image.recipes.values()):
             return None
-        return cls(reader, image, verify=verify, spill=spill)
+        return cls(reader, image, verify=verify, spill=spill, pool=pool)
 
     def _needed(self, image: ResolvedImage, verify: bool) -> dict[bytes, array[int]]:
         """Source -> the offsets of the pages the image's blocks take from it (repeats kept).
@@ -116,14 +138,16 @@ class RefPages:
                 raise
             return parse_delta(self.reader.read(delta, BLOB)[1])
 
-    def _put(self, page: bytes) -> None:
-        slot = page + bytes(self.ps - len(page))
-        if self._file is None and len(self._mem) + self.ps > self._memory:
-            self._file = tempfile.TemporaryFile(dir=self._spill)  # noqa: SIM115 (closed by close())
-        if self._file is None:
-            self._mem += slot
-        else:
-            self._file.write(slot)
+    def _put(self, pages: bytes) -> None:
+        """Store whole pages (slots) after the ones stored: in memory up to the budget, then in the file."""
+        room = 0 if self._file is not None else max(0, self._memory - len(self._mem))
+        room -= room % self.ps
+        if room:
+            self._mem += pages[:room]
+        if len(pages) > room:
+            if self._file is None:
+                self._file = tempfile.TemporaryFile(dir=self._spill)  # noqa: SIM115 (closed by close())
+            self._file.write(pages[room:])
 
     def read(self, sha: bytes, offset: int, length: int, verify: bool = True) -> bytes:
         """``length`` bytes of source ``sha`` at ``offset`` (fewer when it does not hold them)."""
@@ -148,3 +172,53 @@ class RefPages:
             self._file.close()
             self._file = None
         self._mem = bytearray()
+
+
+# Bytes of sources being inflated ahead of the one whose pages are stored.
+_AHEAD = 8 << 20
+
+
+def _pages(data: bytes, offsets: array[int], ps: int) -> bytes:
+    """The pages of ``data`` at ``offsets``, each a whole slot (a short one padded with zeros)."""
+    mv = memoryview(data)
+    parts: list[bytes | memoryview] = [mv[off : off + ps] for off in offsets]
+    i = len(parts) - 1
+    while i >= 0 and len(parts[i]) < ps:  # offsets are sorted: only the last ones run short
+        parts[i] = bytes(parts[i]) + bytes(ps - len(parts[i]))
+        i -= 1
+    return b"".join(parts)
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _in_order(
+    pool: Executor | None, fn: Callable[[T], R], items: Iterable[tuple[T, int]], ahead: int
+) -> Generator[R, None, None]:
+    """``fn`` over ``items`` (each with its size), in order, on ``pool``, at most ``ahead`` bytes in flight.
+
+    At least one item is always in flight, whatever its size.  Without a
+    pool, in this thread.  When the consumer stops, queued items are
+    cancelled and running ones waited for.
+    """
+    if pool is None:
+        for item, _size in items:
+            yield fn(item)
+        return
+    queue: deque[tuple[Future[R], int]] = deque()
+    held = 0
+    try:
+        for item, size in items:
+            while queue and held + size > ahead:
+                fut, done = queue.popleft()
+                held -= done
+                yield fut.result()
+            queue.append((pool.submit(fn, item), size))
+            held += size
+        while queue:
+            yield queue.popleft()[0].result()
+    finally:
+        for fut, _size in queue:
+            fut.cancel()
+        wait([fut for fut, _size in queue])
