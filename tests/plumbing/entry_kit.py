@@ -134,6 +134,7 @@ def build(repo: Repository, name: str, folder: Path) -> None:
             builder.make_dirs(entry.meta.dirs)
             builder.finish_folders()
         except BaseException:
+            builder.finisher.abandon()
             cwriter.abort()
             raise
         finally:

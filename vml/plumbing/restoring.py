@@ -329,8 +329,10 @@ class Builder:
         """Give every folder, and the area, the permissions and time the entry records.
 
         Last, deepest first: writing a file changes its folder's time, and a
-        folder without write permission could take no more files.
+        folder without write permission could take no more files.  Every
+        file is in place first (the finisher drained).
         """
+        self.finisher.drain()
         meta = self.entry.meta
         for rec in sorted(meta.folders, key=lambda f: f.path.count("/"), reverse=True):
             where = safe_target(self.area, rec.path + "/x").parent
