@@ -229,3 +229,32 @@ def test_a_consolidation_leaves_an_input_a_writer_claimed_while_it_ran(
     assert late[0].disk_bytes > 0
     late[0].release()
     assert _reads(repo, first)
+
+
+def test_repair_never_moves_aside_a_pack_published_again_and_released_meanwhile(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As above, but the save is done before the repair moves the pack: its
+    # refs reach the objects and its claim is gone.  The files the repair
+    # would move are no longer the damaged ones it scanned but the save's
+    # whole pack, and the only copy of what the save's refs reach.
+    from vml.plumbing import packscan
+
+    blobs = [b"damaged, written again, referenced %d " % i * 500 for i in range(3)]
+    name = _write(repo, blobs).names[0]
+    pack = repo.objects_dir / "pack" / f"{name}.pack"
+    with open(pack, "r+b") as f:
+        f.truncate(pack.stat().st_size - 300)  # set aside: its index says otherwise
+    real = packscan._quarantine
+    done: list[PackWriter] = []
+
+    def a_save_publishes_first(r: Repository, paths: list[Path]) -> list[str]:
+        if not done:
+            done.append(_write(repo, blobs))  # published, its refs set, released
+            _ref(repo, "saved", blobs[0])
+        return real(r, paths)
+
+    monkeypatch.setattr(packscan, "_quarantine", a_save_publishes_first)
+    packscan.repair(repo)
+    assert done and done[0].names == [name]
+    assert _reads(repo, blobs), "the repair moved aside the pack a save had just published"

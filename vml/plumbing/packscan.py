@@ -426,8 +426,9 @@ def _repair_one(repo: Repository, name: str, why: str, tick: ProgressFn) -> Pack
     idx = pack_dir / f"{name}.idx"
     res = PackRepair(name, why, "quarantined")
     if not pack.exists():
-        res.quarantined = _quarantine(repo, [idx])
+        res.quarantined = _quarantine(repo, {idx: file_identity(idx)})
         return res
+    seen = file_identity(pack)  # before reading: what the scan judges
     scan = scan_pack(pack)
     tick("repair", len(scan.objects), scan.count)
     if scan.whole:
@@ -445,7 +446,7 @@ def _repair_one(repo: Repository, name: str, why: str, tick: ProgressFn) -> Pack
         fsync_dir(pack_dir)
         res.action, res.objects = "reindexed", len(entries)
         return res
-    _salvage(repo, pack, idx, scan, res)
+    _salvage(repo, pack, idx, scan, res, seen)
     return res
 
 
@@ -481,8 +482,18 @@ def _index_entries(idx: Path, pack: Path) -> list[tuple[bytes, int]]:
     return out
 
 
-def _salvage(repo: Repository, pack: Path, idx: Path, scan: Scan, res: PackRepair) -> None:
-    """Copy every object that still reads into a new pack; move the damaged files aside."""
+def _salvage(
+    repo: Repository,
+    pack: Path,
+    idx: Path,
+    scan: Scan,
+    res: PackRepair,
+    seen: tuple[int, ...] | None,
+) -> None:
+    """Copy every object that still reads into a new pack; move the damaged files aside.
+
+    ``seen``: the identity of the pack file ``scan`` read.
+    """
     p = _Pack(pack)
     reader = PackReader(repo)  # set-aside packs excluded: "contains" means elsewhere
     writer = PackWriter(repo)
@@ -512,7 +523,9 @@ def _salvage(repo: Repository, pack: Path, idx: Path, scan: Scan, res: PackRepai
         res.lost = max(scan.count, len(offsets)) - len(recovered)
         res.new_pack = writer.names[-1] if writer.names else None
         # The recovered objects are durable in the new pack before the old goes.
-        res.quarantined = _quarantine(repo, [pack, idx, pack.with_suffix(".keep")])
+        res.quarantined = _quarantine(
+            repo, {pack: seen, idx: None, pack.with_suffix(".keep"): None}
+        )
         res.action = "salvaged"
     except BaseException:
         writer.abort()
@@ -523,21 +536,35 @@ def _salvage(repo: Repository, pack: Path, idx: Path, scan: Scan, res: PackRepai
         p.close()
 
 
-def _quarantine(repo: Repository, paths: list[Path]) -> list[str]:
+def file_identity(path: Path) -> tuple[int, ...] | None:
+    """Which file ``path`` is now (None: there is none): a file put in its place differs."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _quarantine(repo: Repository, paths: dict[Path, tuple[int, ...] | None]) -> list[str]:
     """Move damaged pack files into ``<repo>/vml/quarantine/`` (never deleted by VML).
 
-    ``paths`` are files of one pack.  Under the packs' lock: a writer
+    ``paths`` are files of one pack, each with the identity it had when it
+    was judged damaged (None: not judged).  Under the packs' lock: a writer
     may have published that very pack afresh since it was scanned (a pack's
-    name is its content's hash), and then nothing moves.
+    name is its content's hash), whole; then nothing moves, whether the
+    writer still claims it or its refs reach it already.
     """
     where = repo.vml_dir / QUARANTINE
     where.mkdir(parents=True, exist_ok=True)
-    pack_dir = paths[0].parent
-    pack = pack_dir / f"{paths[0].stem}.pack"
+    first = next(iter(paths))
+    pack_dir = first.parent
+    pack = pack_dir / f"{first.stem}.pack"
     with pack_dir_lock(pack_dir):
         if claimed_locked(pack.with_suffix(".keep")) or (pack not in paths and pack.exists()):
             return []
-        return _move_aside(repo, where, paths)
+        if any(seen is not None and file_identity(p) != seen for p, seen in paths.items()):
+            return []  # replaced since it was scanned: not the damaged file
+        return _move_aside(repo, where, list(paths))
 
 
 def _move_aside(repo: Repository, where: Path, paths: list[Path]) -> list[str]:
