@@ -98,3 +98,51 @@ def test_abort_after_a_rollover_leaves_nothing(repo: Repository) -> None:
         writer.add_blob(os.urandom(20 << 10))
     writer.abort()
     assert not [p for p in (repo.objects_dir / "pack").iterdir()]
+
+
+def _dead_pid() -> str:
+    return subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+
+
+def test_one_gc_clears_what_killed_claimants_left(repo: Repository) -> None:
+    # Claims of dead processes (this version's and the two-word line of an
+    # earlier VML), the shared mark they leave, and a .keep being rewritten
+    # when its writer was killed: the pack is garbage again, and goes.
+    import os
+
+    _writer, sha, name = _pack_with_one_blob(repo, b"claimed by the dead " * 1000)
+    pack_dir = repo.objects_dir / "pack"
+    keep = pack_dir / f"{name}.keep"
+    dead = _dead_pid()
+    keep.write_text(f"{PENDING_KEEP} {dead} 1a.2b\n{PENDING_KEEP} {dead}\nvml-shared\n")
+    torn = pack_dir / f"tmp_vml_{dead}_{name}.keep-tmp"
+    torn.write_text(f"{PENDING_KEEP} {dead} 1a.2b\n")
+    # A live claim among dead ones keeps the pack, and only that claim stays.
+    live = pack_dir / ("pack-" + "6" * 40 + ".keep")
+    live.write_text(f"{PENDING_KEEP} {dead} x\n{PENDING_KEEP} {os.getpid()} y\nvml-shared\n")
+    collect(repo)
+    assert not keep.exists() and not torn.exists()
+    assert live.read_text() == f"{PENDING_KEEP} {os.getpid()} y\nvml-shared\n"
+    reader = PackReader(repo)
+    try:
+        assert not reader.contains(sha)
+    finally:
+        reader.close()
+
+
+def test_keep_files_vml_did_not_write_protect_for_ever(repo: Repository) -> None:
+    # Empty (git's `index-pack --keep` without a message, a `touch`), or
+    # git's own message: never changed, never dropped, whoever is dead.
+    for i, text in enumerate(["", f"receive-pack {_dead_pid()} on host\n"]):
+        _writer, sha, name = _pack_with_one_blob(repo, b"git keeps it %d " % i * 1000)
+        _writer.release()
+        keep = repo.objects_dir / "pack" / f"{name}.keep"
+        keep.write_text(text)
+        collect(repo)
+        assert keep.read_text() == text
+        reader = PackReader(repo)
+        try:
+            assert reader.contains(sha)
+        finally:
+            reader.close()
