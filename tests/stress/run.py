@@ -477,6 +477,11 @@ def check_pair(w: World, before: dict[int, str], saved: bool, areas: list[Path])
             raise StressFailure(f"area {area.name} holds {str(entry)[:12]}, which no entry names")
 
 
+def _pending(w: World, area: Path) -> bool:
+    st = w.state(area)
+    return bool(st and st.get("pending"))
+
+
 def _wait_for_lock(proc: subprocess.Popen[str], area: Path) -> float:
     """When ``proc`` took the area lock (or ended); polls the lock file for its pid."""
     lock = area / ".vml" / "lock"
@@ -646,14 +651,18 @@ def run_pair(
     errs = [proc.communicate(timeout=300)[1] for proc in procs]
     codes = []
     after = w.entries()
+    killed = any(proc.returncode == -signal.SIGKILL for proc in procs)
     for proc, err, plugin, trial in zip(procs, errs, (a_plugin, b_plugin), trials, strict=True):
         rc = proc.returncode
         assert trial is not None
         # Exit 4: the entry it names was removed or rewritten by the other one.
         named = [int(a[1:]) for a in trial.argv if a[:1] == "E" and a[1:].isdigit()]
         gone = any(before.get(n) != after.get(n) for n in named)
+        # Exit 5: the other one, a checkout into the same area, was killed
+        # before this one took the area, which names the checkout to finish.
+        interrupted = killed and trial.area is not None and _pending(w, trial.area)
         if rc not in (0, -signal.SIGKILL, *plugin.ok_codes, *CONCURRENT_CODES) and not (
-            rc == 4 and gone
+            (rc == 4 and gone) or (rc == 5 and interrupted)
         ):
             raise StressFailure(f"trial {i}: {plugin.name} beside another failed ({rc}): {err}")
         codes.append(rc)
