@@ -258,3 +258,32 @@ def test_repair_never_moves_aside_a_pack_published_again_and_released_meanwhile(
     packscan.repair(repo)
     assert done and done[0].names == [name]
     assert _reads(repo, blobs), "the repair moved aside the pack a save had just published"
+
+
+def test_a_failed_writer_never_deletes_a_pack_others_relied_on(repo: Repository) -> None:
+    # A big save seals its first packs while it goes on; they are visible,
+    # and a second save stores a block it finds there only by naming it
+    # (a pack's objects are found by anyone once its index is in place).
+    # The second save's ref moves, then the first save fails: its sealed
+    # packs held the only copy of what an entry now names.
+    import os
+
+    big = PackWriter(repo, roll_bytes=64 << 10)
+    blobs = [os.urandom(20 << 10) for _ in range(6)]
+    for b in blobs:
+        big.add_blob(b)
+    big._wait_sealed()  # the first packs are sealed and published
+    sealed = list(big.names)
+    assert sealed
+    r = PackReader(repo)
+    try:
+        found = [b for b in blobs if r.in_packs(packs_mod.blob_id(b))]
+    finally:
+        r.close()
+    assert found  # what a second save reuses instead of storing it
+    _ref(repo, "second", found[0])  # its entry is published
+    big.abort()  # the first save fails
+    assert _reads(repo, found[:1]), "a failed save deleted a pack an entry relies on"
+    collect(repo)  # its packs are gc's to judge: the block a ref reaches stays
+    assert _reads(repo, found[:1])
+    assert not list((repo.objects_dir / "pack").glob("*.keep"))

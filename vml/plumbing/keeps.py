@@ -6,8 +6,13 @@ objects, a consolidation whose output is one of its inputs, a save of what a
 removed entry held.  Whoever needs such a pack before its refs reach it
 says so in the pack's ``.keep`` file (git's convention, honoured by git's
 own gc): one ``vml-pending <pid> <token>`` line per claim.  A writer that
-found the pack already there adds ``vml-shared`` too: the pack is then
-never deleted by the writer that first published it, should that one fail.
+found the pack already there adds ``vml-shared`` too (a record that two
+commands needed it).  Once a pack's index is in place anyone may rely on
+its objects (a save names a block it finds there instead of storing it;
+gc and a repair copy no object it holds), so it is deleted only by gc,
+when no ref reaches it and no live process claims it, or by a
+consolidation that copied every object first: a writer that fails only
+drops its claims.
 
 Every decision about a pack's files (publish it or find it, claim it,
 drop a claim, delete it, move it aside) is taken under an exclusive
@@ -158,21 +163,16 @@ def claim(keep: Path, line: str, *, shared: bool) -> bool:
         return claim_locked(keep, line, shared=shared)
 
 
-def unclaim_locked(keep: Path, line: str) -> bool:
-    """Drop the claim ``line``; True when no one else ever claimed the pack.
-
-    Only then may the writer that published it delete it (its abort).
-    """
+def unclaim_locked(keep: Path, line: str) -> None:
+    """Drop the claim ``line`` (under the lock); the .keep goes with the last claim."""
     lines = _read(keep)
     if lines is None or _foreign(lines):
-        return False
+        return
     rest = [ln for ln in lines if ln != line]
-    alone = len(rest) == 0 and len(lines) == 1
     if not any(_pending_pid(ln) is not None for ln in rest):
         keep.unlink(missing_ok=True)
     elif len(rest) != len(lines):
         _write(keep, rest)
-    return alone
 
 
 def unclaim(keep: Path, line: str) -> None:

@@ -169,13 +169,11 @@ class PackWriter:
         self._count = 0
         self._n = 0
         self._seg: _Segment | None = _Segment(self._dir, self._n)
-        self._sealing: list[Future[tuple[str, bool]]] = []
+        self._sealing: list[Future[str]] = []
         self._sealer: ThreadPoolExecutor | None = None
-        # This writer's claim on each pack it sealed (keeps.py), and the
-        # packs it published itself (not found already there).
+        # This writer's claim on each pack it sealed (keeps.py).
         self._line = claim_line(f"{threading.get_ident():x}.{id(self):x}")
         self._claimed: list[str] = []
-        self._owned: set[str] = set()
         self.names: list[str] = []
 
     def __contains__(self, sha: bytes) -> bool:
@@ -253,7 +251,7 @@ class PackWriter:
         error: BaseException | None = None
         for fut in self._sealing:
             try:
-                self._sealed(*fut.result())
+                self._sealed(fut.result())
             except BaseException as e:  # surfaces in finish(), after every seal ended
                 error = error or e
         self._sealing = []
@@ -262,32 +260,25 @@ class PackWriter:
             self._sealer = None
         return error
 
-    def _sealed(self, name: str, owned: bool) -> None:
+    def _sealed(self, name: str) -> None:
         self.names.append(name)
         self._claimed.append(name)
-        if owned:
-            self._owned.add(name)
 
     def abort(self) -> None:
-        """Drop everything written: the unfinished pack and the sealed ones no one else needs.
+        """Drop the unfinished pack, and this writer's claims on the sealed ones.
 
-        A sealed pack is deleted only when this writer published it and no
-        other writer ever claimed it (one that found it, byte for byte,
-        may have its refs on it by now); otherwise only the claim goes,
-        and gc collects the pack if nothing reaches it.
+        A sealed pack is never deleted here: once its index is in place any
+        command may rely on its objects (a save names a block it finds there
+        instead of storing it, gc or a repair copies no object it holds),
+        and their refs may reach them by now.  Only gc, which reads the refs
+        under the repository lock, judges it; it goes there when nothing
+        reaches it.
         """
         if self._seg is not None:
             self._seg.abort()
             self._seg = None
         self._wait_sealed()
-        if self._claimed:
-            with pack_dir_lock(self._dir):
-                for name in self._claimed:
-                    alone = unclaim_locked(self._dir / f"{name}.keep", self._line)
-                    if alone and name in self._owned:
-                        for ext in (".idx", ".pack"):  # the index first
-                            (self._dir / f"{name}{ext}").unlink(missing_ok=True)
-        self._claimed = []
+        self.release()
         self.names = []
 
     def finish(self) -> str | None:
@@ -299,7 +290,7 @@ class PackWriter:
         seg, self._seg = self._seg, None
         try:
             if seg is not None and seg.entries:
-                self._sealed(*self._seal(seg))
+                self._sealed(self._seal(seg))
             elif seg is not None:
                 seg.abort()
         except BaseException:
@@ -315,11 +306,8 @@ class PackWriter:
             fsync_dir(self._dir)
         return self.names[-1] if self.names else None
 
-    def _seal(self, seg: _Segment) -> tuple[str, bool]:
-        """Write the count, the trailer and the index of one pack; make it visible.
-
-        Returns its name and whether this writer published it (see _publish).
-        """
+    def _seal(self, seg: _Segment) -> str:
+        """Write the count, the trailer and the index of one pack; make it visible; its name."""
         f = seg.f
         idx_tmp: Path | None = None
         try:
@@ -352,20 +340,20 @@ class PackWriter:
                 idx.flush()
                 if self.durable:
                     os.fsync(idx.fileno())
-            owned = self._publish(seg.tmp, idx_tmp, name)
+            self._publish(seg.tmp, idx_tmp, name)
         except BaseException:
             seg.abort()
             if idx_tmp is not None:
                 idx_tmp.unlink(missing_ok=True)
             raise
-        return name, owned
+        return name
 
-    def _publish(self, pack_tmp: Path, idx_tmp: Path, name: str) -> bool:
-        """Claim pack ``name`` and put it in place, the .idx last; True when this writer made it.
+    def _publish(self, pack_tmp: Path, idx_tmp: Path, name: str) -> None:
+        """Claim pack ``name`` and put it in place, the .idx last.
 
         One step under the packs' lock (keeps.py): another writer of
-        the same bytes either published it before (we find it: it is not ours
-        to delete, and our claim marks it shared) or after (it finds ours).
+        the same bytes either published it before (we find it, and our
+        claim marks it shared) or after (it finds ours).
         Until the caller's refs reach these objects, a concurrent gc would
         see them as garbage: the claim in the .keep (git's own convention,
         which gc honours) protects the pack until release().
@@ -385,7 +373,6 @@ class PackWriter:
             except BaseException:
                 unclaim_locked(keep, self._line)
                 raise
-        return not found
 
 
 def _largest_first(idx_paths: Iterable[Path]) -> list[Path]:
