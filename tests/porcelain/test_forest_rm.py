@@ -13,7 +13,7 @@ from tests.conftest import edit, make_area
 from vml.errors import UsageError
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.areas import load_state
-from vml.plumbing.repository import Repository
+from vml.plumbing.repository import Repository, open_repository
 from vml.porcelain.checkout import checkout
 from vml.porcelain.commit import commit
 from vml.porcelain.fsck import fsck
@@ -179,7 +179,7 @@ def test_rm_in_a_chain_of_20_writes_no_image_data(repo: Repository, tmp_path: Pa
     check_all(repo, states, tmp_path)
 
 
-def test_interrupted_rm_leaves_entries_valid_and_reruns_to_the_same_result(
+def test_interrupted_rm_is_finished_by_the_next_command(
     repo: Repository, area: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     states = chain(repo, area, 5)
@@ -196,13 +196,15 @@ def test_interrupted_rm_leaves_entries_valid_and_reruns_to_the_same_result(
     with pytest.raises(KeyboardInterrupt):
         rm(repo, ["E2"])
     monkeypatch.setattr(refs_mod, "set_ref", real)
-    # E5 moved (deepest first), E3 and E4 did not, E2 is still there: all valid.
-    assert sorted(refs_mod.read_refs(repo).entries) == [1, 2, 3, 4, 5]
-    check_all(repo, states, tmp_path / "half")
-    moved = refs_mod.read_refs(repo).entries[5]
-    rm(repo, ["E2"], force=True)  # check_all's folder holds E2 now
-    table = refs_mod.read_refs(repo)
+    # E5 moved (deepest first), E3 and E4 did not: E5's parent is no entry.
+    half = refs_mod.read_refs(repo)
+    assert sorted(half.entries) == [1, 2, 3, 4, 5]
+    moved = half.entries[5]
+    # The next command finishes the removal before it reads anything.
+    again = open_repository(repo.path)
+    table = refs_mod.read_refs(again)
     assert sorted(table.entries) == [1, 3, 4, 5]
-    assert table.entries[5] == moved  # the same commit as the interrupted run made
+    assert table.entries[5] == moved  # the commit the interrupted run made
+    assert load_state(area).entry == moved.hex()  # type: ignore[union-attr]
     del states["E2"]
-    check_all(repo, states, tmp_path / "done")
+    check_all(again, states, tmp_path / "done")

@@ -3,11 +3,13 @@
 Reshaping the forest (``vml rm``, ``vml convert``, ``vml prune``) writes new
 commits for some entries; an entry's E-number, its tags, the branches at it
 and the areas holding it must then follow it to its new commit.  Every name
-moves only after every new object is on disk, and names move deepest entry
-first, each area before the refs of the same entry: a crash between two
-moves leaves every ref on a complete, valid commit (old commits stay valid
-objects until ``vml gc``), and because rewriting is deterministic, running
-the same command again makes the same commits and finishes the job.
+moves only after every new object is on disk.  The moves are planned as
+steps (deepest entry first, each area before the refs of its entry, a
+removed entry's E-numbers last), written down in the rewrite journal and
+then made (journal.py): a command killed between two moves leaves states no
+order avoids (an area on a commit that is no entry yet, an entry whose
+parent is not named yet), and the next command that opens the repository
+or takes its lock finishes the moves before it reads anything.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from pathlib import Path
 
 from vml.errors import ConcurrentChange, CorruptRepository, VMLError
 from vml.plumbing import refs as refs_mod
-from vml.plumbing.areas import AreaLocks, AreaState, load_state, save_state
-from vml.plumbing.cache import drop_cache, rekey_cache
+from vml.plumbing.areas import AreaLocks, AreaState, load_state
 from vml.plumbing.chains import MAX_CHAIN, commit_tree_parent
+from vml.plumbing.journal import Step, apply_steps
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
 
@@ -150,41 +152,30 @@ class Moves:
     areas: list[tuple[str, str, str]] = field(default_factory=list)  # (area, old hex, new hex)
 
 
-def move_names(
+def plan_moves(
     repo: Repository,
     table: refs_mod.RefTable,
     mapping: dict[bytes, bytes],
     order: Iterable[bytes],
-    moves: Moves,
-) -> None:
-    """Move every ref and area on ``old`` to ``mapping[old]``, in ``order``.
+) -> list[Step]:
+    """The steps moving every ref and area on ``old`` to ``mapping[old]``, in ``order``.
 
-    Call under the repository lock, after every new object is durable.
-    ``order`` must list children before parents.
+    Call under the repository lock, holding the areas.  ``order`` must list
+    children before parents; each area moves before the refs of its entry.
     """
     areas = repository_areas(repo)
+    steps: list[Step] = []
     for old in order:
-        new = mapping[old]
+        o, n = old.hex(), mapping[old].hex()
         for a in areas:
-            changed = False
-            if a.state.entry == old.hex():
-                a.state.entry = new.hex()
-                rekey_cache(a.path, old.hex(), new.hex())
-                changed = True
-            if a.state.pending == old.hex():
-                a.state.pending = new.hex()
-                changed = True
-            if a.state.branch_at == old.hex():
-                a.state.branch_at = new.hex()  # its branch moves along below
-                changed = True
-            if changed:
-                save_state(a.path, a.state)
-                moves.areas.append((str(a.path), old.hex(), new.hex()))
-        for n, c in sorted(table.entries.items()):
+            fields = [f for f in ("entry", "pending", "branch_at") if getattr(a.state, f) == o]
+            if fields:
+                # branch_at moves along with its branch below.
+                cache = "rekey" if "entry" in fields else None
+                steps.append(Step(o, n, area=str(a.path), fields=fields, cache=cache))
+        for num, c in sorted(table.entries.items()):
             if c == old:
-                ref = refs_mod.entry_ref(n)
-                refs_mod.set_ref(repo, ref, new, old)
-                moves.refs.append((ref.decode(), old.hex(), new.hex()))
+                steps.append(Step(o, n, ref=refs_mod.entry_ref(num).decode()))
         for kind_prefix, items in (
             (refs_mod.TAG_PREFIX, table.tags),
             (refs_mod.BRANCH_PREFIX, table.branches),
@@ -192,14 +183,9 @@ def move_names(
             for name, c in sorted(items.items()):
                 if c == old:
                     ref = kind_prefix + name.encode()
-                    if kind_prefix == refs_mod.TAG_PREFIX and _is_annotated(repo, ref):
-                        # An annotated tag (made by git) cannot be re-pointed without
-                        # rewriting its tag object: make it a plain tag on the new commit.
-                        refs_mod.delete_ref(repo, ref)
-                        refs_mod.set_ref(repo, ref, new, create=True)
-                    else:
-                        refs_mod.set_ref(repo, ref, new, old)
-                    moves.refs.append((ref.decode(), old.hex(), new.hex()))
+                    annotated = kind_prefix == refs_mod.TAG_PREFIX and _is_annotated(repo, ref)
+                    steps.append(Step(o, n, ref=ref.decode(), replace=annotated))
+    return steps
 
 
 def _is_annotated(repo: Repository, ref: bytes) -> bool:
@@ -213,54 +199,44 @@ def _is_annotated(repo: Repository, ref: bytes) -> bool:
     return peeled is not None and peeled != value
 
 
-def drop_entry(
+def plan_drop(
     repo: Repository,
     table: refs_mod.RefTable,
     commit: bytes,
     parent: bytes | None,
-    moves: Moves,
-) -> None:
-    """Take every name off a removed entry (call under the lock, after the moves).
+) -> list[Step]:
+    """The steps taking every name off a removed entry (after the moves).
 
     Areas holding it are pointed at its parent (their next save is then a
-    child of the parent) with their cache dropped; branches at it move to its
+    child of the parent) with their cache dropped, and so is where an area
+    last saw its branch when that was there; branches at it move to its
     parent (or are deleted for a root); tags and E-numbers are deleted.
     A parent that is no entry (a damaged chain) counts as none: nothing is
     pointed at a commit that may not exist.
     """
     if parent is not None and parent not in set(table.entries.values()):
         parent = None
+    o = commit.hex()
+    p = parent.hex() if parent is not None else None
+    steps: list[Step] = []
     for a in repository_areas(repo):
-        changed = False
-        if a.state.entry == commit.hex():
-            a.state.entry = parent.hex() if parent is not None else None
-            drop_cache(a.path)
-            changed = True
-        if a.state.pending == commit.hex():
-            a.state.pending = None
-            changed = True
-        if changed:
-            save_state(a.path, a.state)
-            moves.areas.append((str(a.path), commit.hex(), parent.hex() if parent else ""))
+        # An area following a branch at it saw the branch where it moves: its parent.
+        fields = [f for f in ("entry", "branch_at") if getattr(a.state, f) == o]
+        if fields:
+            steps.append(Step(o, p, area=str(a.path), fields=fields, cache="drop"))
+        if a.state.pending == o:
+            steps.append(Step(o, None, area=str(a.path), fields=["pending"]))
     for name, c in sorted(table.branches.items()):
         if c == commit:
-            ref = refs_mod.BRANCH_PREFIX + name.encode()
-            if parent is not None:
-                refs_mod.set_ref(repo, ref, parent, commit)
-            else:
-                refs_mod.delete_ref(repo, ref)
-            moves.refs.append((ref.decode(), commit.hex(), parent.hex() if parent else ""))
+            steps.append(Step(o, p, ref=(refs_mod.BRANCH_PREFIX + name.encode()).decode()))
     for name, c in sorted(table.tags.items()):
         if c == commit:
-            ref = refs_mod.TAG_PREFIX + name.encode()
-            refs_mod.delete_ref(repo, ref)
-            moves.refs.append((ref.decode(), commit.hex(), ""))
+            steps.append(Step(o, None, ref=(refs_mod.TAG_PREFIX + name.encode()).decode()))
     # E-numbers last: while one remains, re-running the command finds the entry.
     for n, c in sorted(table.entries.items()):
         if c == commit:
-            ref = refs_mod.entry_ref(n)
-            refs_mod.delete_ref(repo, ref)
-            moves.refs.append((ref.decode(), commit.hex(), ""))
+            steps.append(Step(o, None, ref=refs_mod.entry_ref(n).decode()))
+    return steps
 
 
 def apply_rewrite(
@@ -304,7 +280,16 @@ def apply_rewrite(
                         "nothing was changed",
                         "run the command again (it needs --force to remove an entry an area holds)",
                     )
-        move_names(repo, table, mapping, reversed(order), moves)
+        steps = plan_moves(repo, table, mapping, reversed(order))
         if drop is not None:
-            drop_entry(repo, table, drop[0], drop[1], moves)
+            steps += plan_drop(repo, table, drop[0], drop[1])
+        moved: list[Step] = []
+        # Written down before the first move: killed midway, the next command
+        # finishes the moves (journal.py), so no area and no entry is left
+        # naming a commit that is no entry.
+        apply_steps(repo, steps, held, moved)
+    for s in moved:
+        what = (moves.refs, s.ref) if s.ref is not None else (moves.areas, s.area)
+        assert what[1] is not None
+        what[0].append((what[1], s.old, s.new or ""))
     return moves

@@ -1,7 +1,7 @@
 """Reclaiming the objects no ref reaches, streaming and in bounded memory.
 
-Marking walks commits and trees from every ref (blobs are only named, never
-read).  Each pack that existed when gc started is then:
+Marking walks commits and trees from every ref and from the commit each
+known area names (blobs are only named, never read).  Each pack that existed when gc started is then:
 
 - kept as it is when every object in it is live;
 - deleted when none is;
@@ -68,6 +68,37 @@ _LOOSE_NAME = re.compile(r"^[0-9a-f]{38}$")
 def ref_roots(repo: Repository) -> list[bytes]:
     """Every object any ref (entries, tags, branches, remotes, ...) points at."""
     return [bytes.fromhex(v.decode()) for _name, v in refs_mod.all_refs(repo) if len(v) == 40]
+
+
+def area_roots(repo: Repository) -> list[bytes]:
+    """The commits this repository's known areas name (entry, interrupted checkout, branch).
+
+    Always entries, but for an area a damaged or older repository left on a
+    commit that is no entry: its next save is built on it, so its objects
+    stay until the area moves on.
+    """
+    from vml.plumbing.forest import repository_areas
+
+    out: list[bytes] = []
+    for a in repository_areas(repo):
+        for value in (a.state.entry, a.state.pending, a.state.branch_at):
+            if value:
+                out.append(bytes.fromhex(value))
+    return out
+
+
+def mark_areas(reader: PackReader, roots: Iterable[bytes], live: set[bytes]) -> list[bytes]:
+    """:func:`mark` for areas' commits: one that cannot be read whole keeps what it could.
+
+    An area on a missing commit protects nothing and must not stop gc.
+    """
+    added: list[bytes] = []
+    for r in roots:
+        try:
+            added += mark(reader, [r], live)
+        except CorruptRepository:
+            continue
+    return added
 
 
 def mark(reader: PackReader, roots: Iterable[bytes], live: set[bytes]) -> list[bytes]:
@@ -327,6 +358,7 @@ def _rescue(
     """Under the lock: keep what refs moved onto while we copied (a save finished meanwhile)."""
     reader.refresh()
     added = mark(reader, ref_roots(repo), live)
+    added += mark_areas(reader, area_roots(repo), live)
     rescue = [s for s in added if not _safe_elsewhere(s, survey.kept_ids, loose, dead_loose)]
     doomed_ids: set[bytes] = set()
     for name in survey.extents:
@@ -372,10 +404,12 @@ def collect(
     # Refs first, then the pack list: objects are on disk before any ref
     # points at them, so every object the roots reach is in a pack seen now.
     roots = ref_roots(repo)
+    held = area_roots(repo)
     reader = PackReader(repo)
     try:
         progress("mark", 0, 0)
         live = _mark_all(reader, roots, orphans)
+        mark_areas(reader, held, live)
         result.live_objects = len(live)
         stale_tmp += [p for p in orphans if _redundant(reader, p, live)]
         survey = _survey(pack_dir, pack_names, live, dry_run, result)

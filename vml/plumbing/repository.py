@@ -246,13 +246,20 @@ class Repository:
         ``flock`` locks die with their process, so a killed vml never leaves
         a stale lock behind.  Waits up to ``timeout`` seconds, then raises
         :class:`RepositoryBusy`.
+
+        A forest rewrite its command could not finish (killed between two of
+        its name moves) is finished first: whoever holds the lock sees every
+        entry, tag, branch and area on the rewritten commits (journal.py).
         """
+        from vml.plumbing.journal import replay
+
         self.vml_dir.mkdir(exist_ok=True)
         with hold_flock(
             self.vml_dir / "lock",
             timeout,
             f"the {what} at {self.path} is locked by another vml command",
         ):
+            replay(self)
             yield
 
     # -- areas known to this repository (local bookkeeping only) --
@@ -373,4 +380,8 @@ def open_repository(path: Path) -> Repository:
             "fix vml.blockSize / vml.pageSize with `git config`, or use another repository",
         )
     auto_pack_limit = _config_int(cfg, b"autoPackLimit", DEFAULT_AUTO_PACK_LIMIT)
-    return Repository(Path(path), repo, block_size, page_size, auto_pack_limit)
+    out = Repository(Path(path), repo, block_size, page_size, auto_pack_limit)
+    from vml.plumbing.journal import replay_unlocked
+
+    replay_unlocked(out)  # readers too see a killed rewrite finished
+    return out
