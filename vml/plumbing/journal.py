@@ -37,7 +37,13 @@ from vml.errors import CorruptRepository, RepositoryBusy, VMLError
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.areas import AreaLocks, load_state, save_state
 from vml.plumbing.cache import drop_cache, rekey_cache
-from vml.plumbing.repository import Repository, fsync_dir, write_atomic
+from vml.plumbing.repository import (
+    LOCK_HOOKS,
+    OPEN_HOOKS,
+    Repository,
+    fsync_dir,
+    write_atomic,
+)
 
 JOURNAL_NAME = "rewrite.json"
 _VERSION = 1
@@ -224,3 +230,7 @@ def replay_unlocked(repo: Repository) -> None:
         return
     with suppress(RepositoryBusy, OSError), repo.lock(timeout=0):
         pass  # taking the lock replays
+
+
+LOCK_HOOKS.append(replay)
+OPEN_HOOKS.append(replay_unlocked)

@@ -16,7 +16,7 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,6 +198,13 @@ def hold_flock(path: Path, timeout: float, busy: str) -> Iterator[int]:
         os.close(fd)  # closing drops the flock
 
 
+#: Called with the repository each time its lock is taken, before the holder
+#: goes on, and each time it is opened.  journal.py (imported with the package,
+#: vml/plumbing/__init__.py) registers the finishing of a killed rewrite: it
+#: needs modules that need this one.
+LOCK_HOOKS: list[Callable[[Repository], None]] = []
+OPEN_HOOKS: list[Callable[[Repository], None]] = []
+
 # Like git's gc.autoPackLimit: look-ups try packs one by one.
 DEFAULT_AUTO_PACK_LIMIT = 50
 
@@ -251,15 +258,14 @@ class Repository:
         its name moves) is finished first: whoever holds the lock sees every
         entry, tag, branch and area on the rewritten commits (journal.py).
         """
-        from vml.plumbing.journal import replay
-
         self.vml_dir.mkdir(exist_ok=True)
         with hold_flock(
             self.vml_dir / "lock",
             timeout,
             f"the {what} at {self.path} is locked by another vml command",
         ):
-            replay(self)
+            for hook in LOCK_HOOKS:
+                hook(self)
             yield
 
     # -- areas known to this repository (local bookkeeping only) --
@@ -381,7 +387,6 @@ def open_repository(path: Path) -> Repository:
         )
     auto_pack_limit = _config_int(cfg, b"autoPackLimit", DEFAULT_AUTO_PACK_LIMIT)
     out = Repository(Path(path), repo, block_size, page_size, auto_pack_limit)
-    from vml.plumbing.journal import replay_unlocked
-
-    replay_unlocked(out)  # readers too see a killed rewrite finished
+    for hook in OPEN_HOOKS:
+        hook(out)  # readers too see a killed rewrite finished
     return out
