@@ -191,12 +191,7 @@ def test_a_damaged_stream_is_reported_without_the_id_check(repo: Repository) -> 
         sha = blob_id(bad + bytes([size & 255]))  # any id: the check is skipped
         w.add_compressed(BLOB, sha, size, bad)
         w.finish()
-        r = PackReader(repo)
-        try:
-            with pytest.raises(CorruptRepository):
-                r.read(sha, BLOB, verify=False)
-        finally:
-            r.close()
+        _unchecked_read_fails(repo, sha)
         w = PackWriter(repo)
     w.abort()
 
@@ -257,12 +252,7 @@ def test_a_header_claiming_more_than_the_pack_holds_reads_no_more_than_the_pack(
     sha = blob_id(data)
     w.add_compressed(BLOB, sha, 1 << 50, deflate(data))
     w.finish()
-    r = PackReader(repo)
-    try:
-        with pytest.raises(CorruptRepository):
-            r.read(sha, BLOB, verify=False)
-    finally:
-        r.close()
+    _unchecked_read_fails(repo, sha)
 
 
 def test_large_objects_are_read_as_long_as_their_stream_whatever_the_hint(
@@ -304,3 +294,13 @@ def test_an_index_that_cannot_be_read_gives_no_ends(tmp_path: Path) -> None:
     bad.write_bytes(b"\377tOc" + bytes(20))
     assert len(object_ends(bad, 1000)) == 0
     assert len(object_ends(tmp_path / "missing.idx", 1000)) == 0
+
+
+def _unchecked_read_fails(repo: Repository, sha: bytes) -> None:
+    """Reading ``sha`` without its id check is refused as damage."""
+    r = PackReader(repo)
+    try:
+        with pytest.raises(CorruptRepository):
+            r.read(sha, BLOB, verify=False)
+    finally:
+        r.close()

@@ -40,6 +40,7 @@ from vml.plumbing.keeps import (
     pid_alive,
     protects_locked,
     remove_packs,
+    unlink_counted,
 )
 from vml.plumbing.manifests import TREE_MODE, parse_tree
 from vml.plumbing.packs import (
@@ -50,7 +51,6 @@ from vml.plumbing.packs import (
     copy_object,
     deflate,
     pack_extents,
-    unlink_counted,
 )
 from vml.plumbing.packscan import PackRepair, scan_pack
 from vml.plumbing.repack import RepackResult

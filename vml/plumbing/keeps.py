@@ -193,11 +193,12 @@ def remove_packs(pack_dir: Path, names: list[str]) -> int:
             if protects_locked(pack_dir / f"{name}.keep"):
                 continue
             for ext in (".idx", ".pack"):
-                freed += _unlink_counted(pack_dir / f"{name}{ext}")
+                freed += unlink_counted(pack_dir / f"{name}{ext}")
     return freed
 
 
-def _unlink_counted(path: Path) -> int:
+def unlink_counted(path: Path) -> int:
+    """Remove ``path``; returns the bytes it took (0 if it was already gone)."""
     try:
         size = path.stat().st_size
         path.unlink()

@@ -699,16 +699,6 @@ def _inflate_stored(comp: bytes, size: int) -> bytes | None:
     return b"".join(parts)
 
 
-def unlink_counted(path: Path) -> int:
-    """Remove ``path``; returns the bytes it took (0 if it was already gone)."""
-    try:
-        size = path.stat().st_size
-        path.unlink()
-    except FileNotFoundError:
-        return 0
-    return size
-
-
 def write_loose(repo: Repository, obj: ShaFile, durable: bool = True) -> bytes:
     """Write one small object as a loose file, durably; returns its binary id.
 
