@@ -53,7 +53,8 @@ class Killed(BaseException):
 def scenario(root: Path) -> tuple[Repository, Path, Path]:
     """E1..E4 saved in area A (holding E4); area B holds E2 and follows branch dev at E2.
 
-    Tag ``good`` (plain) names E3, tag ``ann`` (annotated, made by git) E2.
+    Tag ``good`` (plain) names E3, tags ``ann`` (annotated by git, packed) and ``loose``
+    (annotated by git, loose) E2.
     """
     repo = init_repository(root / "repo", TEST_BLOCK)
     a = root / "area A"
@@ -74,6 +75,13 @@ def scenario(root: Path) -> tuple[Repository, Path, Path]:
     )
     # Packed, as git packs refs (VML peels an annotated tag through packed-refs).
     subprocess.run(["git", "pack-refs", "--all"], cwd=repo.path, check=True)
+    # And a loose one, as `git tag -a` leaves it (peeled through its tag object).
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "tag", "-a", "loose", "-m", "y", e2],
+        cwd=repo.path,
+        check=True,
+        capture_output=True,
+    )
     return repo, a, b
 
 

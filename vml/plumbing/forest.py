@@ -195,8 +195,7 @@ def _is_annotated(repo: Repository, ref: bytes) -> bool:
         value = repo.git.refs[Ref(ref)]
     except KeyError:
         return False
-    peeled = repo.git.refs.get_peeled(Ref(ref))
-    return peeled is not None and peeled != value
+    return refs_mod.peel(repo, ref, value) != value
 
 
 def plan_drop(

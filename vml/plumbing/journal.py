@@ -95,12 +95,11 @@ def _decode(data: bytes) -> list[Step]:
 
 
 def _peeled(repo: Repository, ref: str) -> str | None:
-    refs = repo.git.refs
     try:
-        value = refs[Ref(ref.encode())]
+        value = repo.git.refs[Ref(ref.encode())]
     except KeyError:
         return None
-    return (refs.get_peeled(Ref(ref.encode())) or value).decode()
+    return refs_mod.peel(repo, ref.encode(), value).decode()
 
 
 def _ref_step(repo: Repository, s: Step) -> bool:

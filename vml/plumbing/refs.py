@@ -9,6 +9,7 @@ an fsync of the folder.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -93,12 +94,54 @@ def all_refs(repo: Repository) -> Iterator[tuple[bytes, bytes]]:
         yield name, value
 
 
+#: A tag of a tag of ... deeper than this is refused as a target (git's own peel has no limit,
+#: but no honest repository comes near it).
+_MAX_TAG_DEPTH = 32
+
+
+def peel(repo: Repository, name: bytes, value: bytes) -> bytes:
+    """The hex id ref ``name`` (holding hex ``value``) finally names, through every tag object.
+
+    The one place refs are peeled: a packed ref carries git's peeled line;
+    a loose one (``git tag -a`` writes loose refs) is followed through its
+    tag objects here, so a tag means the same however git stored it.  A
+    target that cannot be read stays as it is: the checks then name it.
+    """
+    refs = repo.git.refs
+    peeled = refs.get_peeled(Ref(name))
+    if peeled is not None:
+        return bytes(peeled)
+    store = repo.git.object_store
+    sha = value
+    for _ in range(_MAX_TAG_DEPTH):
+        try:
+            type_num, data = store.get_raw(ObjectID(sha))
+        except Exception:  # any damage: fsck and verify name it, not every read
+            return sha
+        if type_num != _TAG_TYPE:
+            return sha
+        target = _tag_object(data)
+        if target is None:
+            return sha
+        sha = target
+    return sha
+
+
+_TAG_TYPE = 4
+_OBJECT_LINE = re.compile(rb"object ([0-9a-f]{40})\n")
+
+
+def _tag_object(data: bytes) -> bytes | None:
+    """The ``object`` line of a tag object, or None when it has none (damaged)."""
+    m = _OBJECT_LINE.match(data)
+    return m.group(1) if m else None
+
+
 def read_refs(repo: Repository) -> RefTable:
     """Read entry, tag and branch refs (peeling annotated tags)."""
     entries: dict[int, bytes] = {}
     tags: dict[str, bytes] = {}
     branches: dict[str, bytes] = {}
-    refs = repo.git.refs
     for name, value in all_refs(repo):
         if name.startswith(ENTRY_PREFIX):
             tail = name[len(ENTRY_PREFIX) :]
@@ -106,8 +149,7 @@ def read_refs(repo: Repository) -> RefTable:
             if tail.isdigit() and len(tail) <= 18 and not tail.startswith(b"0"):
                 entries[int(tail)] = bytes.fromhex(value.decode())
         elif name.startswith(TAG_PREFIX):
-            peeled = refs.get_peeled(Ref(name)) or value
-            tags[name[len(TAG_PREFIX) :].decode()] = bytes.fromhex(peeled.decode())
+            tags[name[len(TAG_PREFIX) :].decode()] = bytes.fromhex(peel(repo, name, value).decode())
         elif name.startswith(BRANCH_PREFIX):
             branches[name[len(BRANCH_PREFIX) :].decode()] = bytes.fromhex(value.decode())
     return RefTable(entries, tags, branches)
