@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from vml.plumbing.gc import collect
 from vml.plumbing.keeps import PENDING_KEEP
@@ -151,3 +154,74 @@ def test_keep_files_vml_did_not_write_protect_for_ever(repo: Repository) -> None
             assert reader.contains(sha)
         finally:
             reader.close()
+
+
+def test_a_claim_is_durable_before_it_is_relied_on(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A .keep is written as every durable file: its data fsynced, renamed, its folder fsynced.
+
+    Written without, a power loss could leave it empty, and an empty .keep
+    (git's convention) protects its pack for ever.
+    """
+    import os
+
+    from vml.plumbing import keeps
+
+    done: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        what = os.readlink(f"/proc/self/fd/{fd}")
+        done.append(f"fsync {Path(what).name}")
+        real_fsync(fd)
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        done.append(f"rename {Path(dst).name}")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    keep = repo.objects_dir / "pack" / "pack-x.keep"
+    keeps.claim(keep, keeps.claim_line("t1"), shared=False)
+    keeps.claim(keep, keeps.claim_line("t2"), shared=False)
+    for _ in range(2):
+        tmp_sync = next(i for i, d in enumerate(done) if d.startswith("fsync tmp_vml_"))
+        rename = done.index("rename pack-x.keep")
+        assert tmp_sync < rename and done[rename + 1] == "fsync pack", done
+        done = done[rename + 2 :]
+    assert keep.read_text().count(PENDING_KEEP) == 2
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",  # cut to nothing: git's empty .keep, which protects
+        b"vml-pen",  # cut mid-word
+        b"\0" * 40,  # a file system that shows zeros after a crash
+        f"{PENDING_KEEP} \u00b2 t\n".encode(),  # a digit Python's int() refuses
+        f"{PENDING_KEEP} {'9' * 40} t\n".encode(),  # a pid os.kill() cannot take
+        f"{PENDING_KEEP} 0 t\n".encode(),  # os.kill(0, 0) asks about our own group
+        b"\xff\xfe garbage",  # not UTF-8
+    ],
+)
+def test_a_damaged_keep_never_breaks_gc_and_never_loses_its_pack_early(
+    repo: Repository, data: bytes
+) -> None:
+    """Whatever a .keep holds, gc runs; a pack is deleted only when no live claim or foreign mark holds it."""
+    from vml.plumbing.keeps import keep_protects
+
+    writer, sha, name = _pack_with_one_blob(repo, b"claimed " * 1000)
+    writer.release()
+    keep = repo.objects_dir / "pack" / f"{name}.keep"
+    keep.write_bytes(data)
+    protects = keep_protects(keep)
+    collect(repo)
+    reader = PackReader(repo)
+    try:
+        assert reader.contains(sha) == protects
+    finally:
+        reader.close()
+    # Only a line VML writes, naming a process that cannot be alive, is dropped.
+    vml_line = data.startswith(PENDING_KEEP.encode() + b" ") and data.isascii()
+    assert protects == (not vml_line)

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from vml.plumbing.repository import hold_flock
+from vml.plumbing.repository import hold_flock, write_atomic
 
 # First word of a claim line in a .keep file.
 PENDING_KEEP = "vml-pending"
@@ -42,8 +42,18 @@ LOCK_NAME = "packs.lock"
 _LOCK_WAIT = 600.0
 
 
+# Linux's largest pid (pid_max can be at most 2**22).
+_PID_MAX = 1 << 22
+
+
 def pid_alive(pid: int) -> bool:
-    """True when process ``pid`` exists (it may belong to another user)."""
+    """True when process ``pid`` exists (it may belong to another user).
+
+    0 and numbers past any pid are no process (``os.kill(0, 0)`` would ask
+    about our own process group, a huge one raise OverflowError).
+    """
+    if not 0 < pid <= _PID_MAX:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -73,9 +83,16 @@ def claim_line(token: str) -> str:
 
 
 def _pending_pid(line: str) -> int | None:
+    """The pid of a claim line VML wrote (None: no such line, so it protects as foreign).
+
+    ASCII digits only (``str.isdigit`` takes ``²``, which ``int`` refuses);
+    a number too long for any pid reads as one no process has.
+    """
     words = line.split()
-    if len(words) in (2, 3) and words[0] == PENDING_KEEP and words[1].isdigit():
-        return int(words[1])
+    if len(words) in (2, 3) and words[0] == PENDING_KEEP:
+        pid = words[1]
+        if pid.isascii() and pid.isdigit():
+            return int(pid) if len(pid) <= 10 else 0
     return None
 
 
@@ -95,11 +112,13 @@ def _foreign(lines: list[str]) -> bool:
 
 
 def _write(keep: Path, lines: list[str]) -> None:
-    # Whole or not at all (a .keep cut short would protect for ever).  The
-    # temporary name is a live process's temporary to gc, removed once stale.
+    # Whole or not at all, and durable: a .keep cut short, or left empty by
+    # a power loss (its rename reached the disk, its data did not), would
+    # protect its pack for ever.  The temporary name is a live process's
+    # temporary to gc, removed once stale.  (Dropping a claim, by unlink, needs
+    # no fsync: a .keep that comes back holds dead claims only.)
     tmp = keep.with_name(f"tmp_vml_{os.getpid()}_{keep.stem}.keep-tmp")
-    tmp.write_text("".join(f"{ln}\n" for ln in lines))
-    os.replace(tmp, keep)
+    write_atomic(keep, "".join(f"{ln}\n" for ln in lines).encode(), tmp=tmp)
 
 
 def protects_locked(keep: Path) -> bool:

@@ -134,9 +134,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
-    """Replace ``path`` with ``data`` so readers see the old or the new file only."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+def write_atomic(path: Path, data: bytes, *, durable: bool = True, tmp: Path | None = None) -> None:
+    """Replace ``path`` with ``data`` so readers see the old or the new file only.
+
+    ``durable``: the data is fsynced before the rename and the folder after,
+    so a power loss leaves the old file or the new one, never an empty one.
+    ``tmp``: the temporary's name, in ``path``'s folder (default ``.<name>.tmp<pid>``).
+    """
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}") if tmp is None else tmp
     with open(tmp, "wb") as f:
         f.write(data)
         if durable:
