@@ -168,7 +168,10 @@ def gc(
         emit_json(res)
         return
     if res.repaired is not None:
-        _print_repair(res.repaired)
+        if res.repaired or not res.numbered:
+            _print_repair(res.repaired)
+        for name in res.numbered:
+            out.print(f"numbered {name}: a whole entry an area or an entry relied on had no number")
         return
     if json_:
         emit_json(res)

@@ -173,6 +173,7 @@ class GcResult(Record):
     new_packs: list[str] = field(default_factory=list)
     repacked: RepackResult | None = None  # small packs rolled up afterwards
     repaired: list[PackRepair] | None = None  # with --repair: what became of each bad pack
+    numbered: list[str] = field(default_factory=list)  # with --repair: entries given a number
 
     json_names = (("repacked", "consolidated"),)
     json_extra = ("freed_bytes",)

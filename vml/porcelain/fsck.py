@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from vml.plumbing import refs as refs_mod
-from vml.plumbing.forest import repository_areas
 from vml.plumbing.packs import PackReader
 from vml.plumbing.packscan import check_pack_objects
+from vml.plumbing.renumber import find_unnamed
 from vml.plumbing.repository import Repository
 from vml.plumbing.verify import Problem, check_structure
 from vml.porcelain.common import label
@@ -37,16 +35,10 @@ def fsck(repo: Repository, progress: ProgressFn = no_progress) -> CheckResult:
                 problems.append(Problem(msg, None, f"{d.pack}.pack", [d.sha]))
         everything = sorted(set(forest.parent) | set(forest.broken))
         found, affected, notes = findings(reader, table, everything, problems)
-        known = set(table.entries.values())
-        for a in repository_areas(repo):
-            if a.state.entry and bytes.fromhex(a.state.entry) not in known:
-                found.append(
-                    Finding(
-                        None,
-                        None,
-                        f"area {Path(a.path)} holds {a.state.entry[:12]}, which is no entry",
-                    )
-                )
+        # Whole entries a killed rewrite of an earlier VML left without a number.
+        found += [
+            Finding(None, None, u.message()) for u in find_unnamed(repo, reader, table, forest)
+        ]
         return CheckResult(
             checked=[label(table, c) or c.hex()[:12] for c in everything],
             problems=found,

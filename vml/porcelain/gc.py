@@ -5,6 +5,7 @@ from __future__ import annotations
 from vml.errors import UsageError
 from vml.plumbing.gc import GcResult, collect
 from vml.plumbing.packscan import repair as repair_packs
+from vml.plumbing.renumber import number_unnamed
 from vml.plumbing.repack import consolidate, maintenance
 from vml.plumbing.repository import Repository
 from vml.progress import ProgressFn, no_progress
@@ -26,13 +27,17 @@ def gc(
 
     While a pack is set aside (its index damaged) gc deletes nothing;
     ``repair`` rebuilds the index of each such pack that is whole, salvages
-    the others (packscan.py), and collects nothing: run gc again after.
+    the others (packscan.py), gives an E-number to each whole entry an area
+    or an entry relies on that has none (renumber.py), and collects nothing:
+    run gc again after.
     """
     with maintenance(repo):
         if repair:
             if dry_run:
                 raise UsageError("--repair does not go with --dry-run", "drop one of them")
-            return GcResult(repaired=repair_packs(repo, progress))
+            res = GcResult(repaired=repair_packs(repo, progress))
+            res.numbered = [f"E{n}" for n, _c in number_unnamed(repo)]
+            return res
         res = collect(repo, dry_run=dry_run, progress=progress)
         if not dry_run and not res.deferred:
             res.repacked = consolidate(repo, progress=progress)
