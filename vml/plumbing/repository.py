@@ -15,8 +15,9 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,8 +329,56 @@ def is_repository(path: Path) -> bool:
     return (path / "objects").is_dir() and (path / "refs").is_dir() and (path / "HEAD").exists()
 
 
+# What init_repository puts in its folder (dulwich's bare repository and vml/).
+REPOSITORY_NAMES = (
+    "HEAD",
+    "branches",
+    "config",
+    "description",
+    "hooks",
+    "info",
+    "objects",
+    "refs",
+    "vml",
+)
+
+
+def make_folder(path: Path) -> list[Path]:
+    """Create ``path`` and its missing parents; returns the folders made, deepest first."""
+    missing: list[Path] = []
+    p = path
+    while not p.exists() and not p.is_symlink() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def undo_made(folder: Path, names: Iterable[str], folders: Iterable[Path] = ()) -> None:
+    """Remove what a failed command made: ``names`` in ``folder``, then ``folders`` left empty.
+
+    ``folders`` (deepest first, as :func:`make_folder` returns them) go only
+    when empty: what another program put there meanwhile stays, and the
+    folders that hold it.
+    """
+    for name in names:
+        p = folder / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with suppress(OSError):
+                p.unlink()
+    for f in folders:
+        with suppress(OSError):  # not empty: not only ours
+            f.rmdir()
+
+
 def init_repository(path: Path, block_size: int = DEFAULT_BLOCK_SIZE) -> Repository:
-    """Create a new, empty VML repository at ``path``."""
+    """Create a new, empty VML repository at ``path``.
+
+    A failure (the disk full, a folder we may not write) removes what it
+    made: the repository's files, and the folders it created if then empty.
+    """
     if block_size < MIN_BLOCK_SIZE or block_size > MAX_BLOCK_SIZE:
         raise UsageError(
             f"block size {block_size} is out of range",
@@ -344,8 +393,25 @@ def init_repository(path: Path, block_size: int = DEFAULT_BLOCK_SIZE) -> Reposit
         raise UsageError(f"{path} is already a repository", "use it as it is")
     if path.exists() and any(path.iterdir()):
         raise UsageError(f"{path} exists and is not empty", "choose a new or empty folder")
-    path.mkdir(parents=True, exist_ok=True)
+    made = make_folder(path)
+    before = set(os.listdir(path))
+    try:
+        _init_bare(path, block_size)
+        return open_repository(path)
+    except BaseException:
+        undo_made(path, [n for n in REPOSITORY_NAMES if n not in before], made)
+        raise
+
+
+def _init_bare(path: Path, block_size: int) -> None:
     repo = Repo.init_bare(str(path))
+    try:
+        _configure(repo, path, block_size)
+    finally:
+        repo.close()
+
+
+def _configure(repo: Repo, path: Path, block_size: int) -> None:
     cfg = repo.get_config()
     cfg.set((b"vml",), b"formatVersion", str(FORMAT_VERSION).encode())
     cfg.set((b"vml",), b"blockSize", str(block_size).encode())
@@ -357,8 +423,6 @@ def init_repository(path: Path, block_size: int = DEFAULT_BLOCK_SIZE) -> Reposit
     cfg.write_to_path()
     (path / "vml").mkdir(exist_ok=True)
     (path / "description").write_text("VML repository of virtual machine entries\n")
-    repo.close()
-    return open_repository(path)
 
 
 def open_repository(path: Path) -> Repository:

@@ -9,8 +9,6 @@ made here share blocks with the ones that came.
 from __future__ import annotations
 
 import re
-import shutil
-from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +21,8 @@ from vml.plumbing.repository import (
     MIN_BLOCK_SIZE,
     init_repository,
     is_repository,
+    make_folder,
+    undo_made,
 )
 from vml.porcelain.fetch import FetchResult, fetch_into
 from vml.progress import ProgressFn, no_progress
@@ -59,31 +59,6 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def _new_folder(target: Path) -> bool:
-    """Create ``target``; False when it was there already (empty: checked before)."""
-    try:
-        target.mkdir(parents=True)
-    except FileExistsError:
-        return False
-    return True
-
-
-def _undo(target: Path, made: list[Path], created: bool) -> None:
-    """Remove what a failed clone made, and nothing else.
-
-    Anything another program put into the folder meanwhile stays (and so
-    does the folder, then).
-    """
-    for p in made:
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-    if created:
-        with suppress(OSError):  # not empty: not only ours
-            target.rmdir()
-
-
 def clone(
     url: str,
     path: Path | None = None,
@@ -96,9 +71,13 @@ def clone(
     target = path if path is not None else default_path(url)
     if is_repository(target) or (target.exists() and any(target.iterdir())):
         raise UsageError(f"{target} exists and is not empty", "choose a new or empty folder")
-    created = _new_folder(target)
-    repo = init_repository(target, DEFAULT_BLOCK_SIZE)
-    ours = list(target.iterdir())  # what the clone owns: the folder was empty
+    folders = make_folder(target)
+    try:
+        repo = init_repository(target, DEFAULT_BLOCK_SIZE)
+    except BaseException:
+        undo_made(target, [], folders)  # init removed its own files
+        raise
+    ours = [p.name for p in target.iterdir()]  # what the clone owns: the folder was empty
     try:
         remotes_mod.add_remote(repo, "origin", url)
         res = fetch_into(
@@ -128,7 +107,8 @@ def clone(
             cfg.write_to_path()
     except BaseException:
         repo.close()
-        _undo(target, ours, created)
+        # What another program put into the folder meanwhile stays (and so does the folder, then).
+        undo_made(target, ours, folders)
         raise
     repo.close()
     return CloneResult(str(target), url, block_size, res, made)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vml.errors import UsageError
-from vml.plumbing.repository import init_repository
+from vml.plumbing.repository import init_repository, make_folder, undo_made
 from vml.porcelain.checkout import CheckoutResult, checkout
 from vml.porcelain.commit import CommitResult, commit
 from vml.progress import ProgressFn, no_progress
@@ -87,6 +87,17 @@ def demo(root: Path, progress: ProgressFn = no_progress) -> DemoResult:
     """Make ``root/repo`` and ``root/physics-vm``, save three states, check one out."""
     if root.exists() and any(root.iterdir()):
         raise UsageError(f"{root} is not empty", "give `vml demo` a new folder")
+    made = make_folder(root)
+    try:
+        return _demo(root, progress)
+    except BaseException:
+        # Everything in it is the demo's (it was empty): what another program
+        # put there meanwhile stays, and the folder with it.
+        undo_made(root, ["repo", "my-vm", "restored-vm"], made)
+        raise
+
+
+def _demo(root: Path, progress: ProgressFn) -> DemoResult:
     repo_path = root / "repo"
     area = root / "my-vm"
     restored = root / "restored-vm"

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vml.errors import AreaError, UsageError
+from vml.plumbing.repository import undo_made
 from vml.plumbing.vm.description import (
     DISK_FORMATS,
     INTERFACES,
@@ -114,8 +115,8 @@ def _boot_file(
             f"cannot copy {what} {given} into the area: {name} exists there",
             "copy it in under another name and give that path",
         )
+    copied.append(name)  # before the copy: one cut short is removed too
     shutil.copyfile(given, area / name)
-    copied.append(name)
     return name
 
 
@@ -184,17 +185,23 @@ def vm_init(
             e.message.split(": ", 1)[-1],
             "see `vml vm init --help` for what each option takes",
         ) from None
-    kernel_rel = _boot_file(area, kernel, "kernel", copy_boot, copied)
-    initrd_rel = _boot_file(area, initrd, "initrd", copy_boot, copied)
-    for key, value in (("kernel", kernel_rel), ("initrd", initrd_rel), ("append", append)):
-        if value is not None:
-            doc[key] = value
-    spec = spec_from_json(doc, stem, stem + SUFFIX)
+    try:
+        kernel_rel = _boot_file(area, kernel, "kernel", copy_boot, copied)
+        initrd_rel = _boot_file(area, initrd, "initrd", copy_boot, copied)
+        for key, value in (("kernel", kernel_rel), ("initrd", initrd_rel), ("append", append)):
+            if value is not None:
+                doc[key] = value
+        spec = spec_from_json(doc, stem, stem + SUFFIX)
+        path = write_spec(area, spec)
+    except BaseException:
+        # A rerun would find its own copies in the way ("exists there").
+        undo_made(area, copied)
+        raise
+    # The description it replaces goes once the new one is there.
     if (
         existing is not None
         and existing.source != spec.stem + SUFFIX
         and existing.source.endswith(SUFFIX)
     ):
-        (area / existing.source).unlink()
-    path = write_spec(area, spec)
+        (area / existing.source).unlink(missing_ok=True)
     return VmInitResult(str(area), path.name, spec, copied)

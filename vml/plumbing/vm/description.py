@@ -224,8 +224,12 @@ def write_spec(area: Path, spec: QemuSpec) -> Path:
     """Write ``spec`` as ``<stem>.qemu.json`` in ``area`` (atomically) and return its path."""
     path = area / (spec.stem + SUFFIX)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(spec.to_json(), indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(spec.to_json(), indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never left in the area, to be saved with it
+        raise
     return path
 
 
