@@ -154,7 +154,11 @@ def gc(
     dry_run: Annotated[bool, flag("--dry-run", "Only say what would be freed.", "-n")] = False,
     repair: Annotated[
         bool,
-        flag("--repair", "Rebuild the index of set-aside packs, or salvage them (no collecting)."),
+        flag(
+            "--repair",
+            "Rebuild the index of set-aside packs, or salvage them; number whole entries "
+            "that lost their number (no collecting).",
+        ),
     ] = False,
     quiet: Quiet = False,
     json_: Json = False,
