@@ -225,3 +225,40 @@ def test_a_damaged_keep_never_breaks_gc_and_never_loses_its_pack_early(
     # Only a line VML writes, naming a process that cannot be alive, is dropped.
     vml_line = data.startswith(PENDING_KEEP.encode() + b" ") and data.isascii()
     assert protects == (not vml_line)
+
+
+def test_near_end_seals_a_big_writes_pack_early_once(repo: Repository) -> None:
+    # A big save (it rolled over already) seals the pack it fills when told
+    # that little is left, so its last pack holds only that little.
+    import os
+
+    writer = PackWriter(repo, roll_bytes=64 << 10)
+    blobs = [os.urandom(20 << 10) for _ in range(6)]
+    ids = [writer.add_blob(b) for b in blobs[:5]]  # one roll-over, 40 KiB in the next pack
+    writer.near_end()
+    writer.near_end()  # once only
+    ids.append(writer.add_blob(blobs[5]))
+    writer.finish()
+    assert len(writer.names) == 3
+    pack_dir = repo.objects_dir / "pack"
+    for n in writer.names:
+        subprocess.run(["git", "verify-pack", str(pack_dir / f"{n}.idx")], check=True)
+    reader = PackReader(repo)
+    try:
+        assert [reader.read(i)[1] for i in ids] == blobs
+        assert reader.position(ids[5])[0] != reader.position(ids[4])[0]  # in the last pack
+    finally:
+        reader.close()
+    writer.release()
+
+
+def test_near_end_leaves_a_small_write_in_one_pack(repo: Repository) -> None:
+    import os
+
+    writer = PackWriter(repo, roll_bytes=64 << 10)
+    writer.add_blob(os.urandom(20 << 10))
+    writer.near_end()  # no roll-over yet: a later save stays one pack
+    writer.add_blob(os.urandom(20 << 10))
+    writer.finish()
+    assert len(writer.names) == 1
+    writer.release()

@@ -167,3 +167,55 @@ def test_interrupted_checkout_blocks_commit(repo: Repository, area: Path) -> Non
     save_state(area, st)
     with pytest.raises(AreaError, match="interrupted"):
         commit(repo, area, allow_empty=True)
+
+
+def _save_with(
+    tmp_path: Path, name: str, area: Path, near_end: int, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Repository, bytes, int, int]:
+    """A first save of a copy of ``area`` into a repository of its own; (repo, images tree, stored, packs)."""
+    import json
+    import shutil
+    import subprocess
+
+    from vml.plumbing import saving
+    from vml.plumbing.repository import init_repository
+
+    monkeypatch.setattr(saving, "NEAR_END", near_end)
+    copy = tmp_path / f"{name}-area"
+    shutil.copytree(area, copy)
+    repo = init_repository(tmp_path / name, TEST_BLOCK)
+    res = commit(repo, copy)
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(repo.path), *args], capture_output=True, text=True, check=True
+        ).stdout
+
+    tree = git("rev-parse", f"{res.commit}^{{tree}}:images").strip()
+    stored = json.loads(git("show", f"{res.commit}:vml-entry.json"))["stats"]["stored_bytes"]
+    packs = list((repo.objects_dir / "pack").glob("*.idx"))
+    for p in packs:
+        subprocess.run(["git", "verify-pack", str(p)], check=True)
+    return repo, tree.encode(), stored, len(packs)
+
+
+def test_a_big_save_seals_its_packs_before_its_end_into_the_same_entry(
+    tmp_path: Path, area: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A save that rolled over into a second pack seals it before its last
+    # bytes are saved (PackWriter.near_end): one more pack, the same objects.
+    from vml.plumbing import packs
+    from vml.porcelain.checkout import checkout
+
+    monkeypatch.setattr(packs, "_ROLL_BYTES", 200 << 10)  # four 64 KiB blocks
+    # 14 blocks of data: packs of 4 blocks, and the last pack holds two blocks
+    # and the trees, unless the writer is told it nears the end (one block left).
+    (area / "disk.img").write_bytes(os.urandom(14 * TEST_BLOCK))
+    plain, tree, stored, n = _save_with(tmp_path, "plain", area, -1, monkeypatch)
+    early, tree2, stored2, n2 = _save_with(tmp_path, "early", area, 100 << 10, monkeypatch)
+    assert (tree2, stored2) == (tree, stored) and n2 == n + 1
+    checkout(early, "E1", tmp_path / "out")
+    for name in ("disk.img", "vm.nvram", "vm.vmx"):
+        assert (tmp_path / "out" / name).read_bytes() == (area / name).read_bytes()
+    plain.close()
+    early.close()

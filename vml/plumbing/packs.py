@@ -157,11 +157,11 @@ class PackWriter:
     """
 
     def __init__(
-        self, repo: Repository, durable: bool = True, roll_bytes: int = _ROLL_BYTES
+        self, repo: Repository, durable: bool = True, roll_bytes: int | None = None
     ) -> None:
         self.repo = repo
         self.durable = durable
-        self.roll_bytes = roll_bytes
+        self.roll_bytes = _ROLL_BYTES if roll_bytes is None else roll_bytes
         self.stored_bytes = 0
         self._dir = repo.objects_dir / "pack"
         self._dir.mkdir(parents=True, exist_ok=True)
@@ -171,6 +171,7 @@ class PackWriter:
         self._seg: _Segment | None = _Segment(self._dir, self._n)
         self._sealing: list[Future[str]] = []
         self._sealer: ThreadPoolExecutor | None = None
+        self._ending = False  # near_end() was called
         # This writer's claim on each pack it sealed (keeps.py).
         self._line = claim_line(f"{threading.get_ident():x}.{id(self):x}")
         self._claimed: list[str] = []
@@ -219,12 +220,36 @@ class PackWriter:
             start_writeback(seg.f.fileno())
             seg.unsynced = 0
         if seg.offset >= self.roll_bytes:
-            if self._sealer is None:
-                self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vml-seal")
-            self._sealing.append(self._sealer.submit(self._seal, seg))
-            self._n += 1
-            self._seg = _Segment(self._dir, self._n)
+            self._roll()
         return True
+
+    def _roll(self) -> None:
+        """Seal the pack being filled in the background; the next objects start a new one."""
+        assert self._seg is not None
+        if self._sealer is None:
+            self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vml-seal")
+        self._sealing.append(self._sealer.submit(self._seal, self._seg))
+        self._n += 1
+        self._seg = _Segment(self._dir, self._n)
+
+    def near_end(self) -> None:
+        """The caller has little left to write: seal what is written so far now, once.
+
+        The last pack can only be hashed once its last object is in, so
+        a save waits for that pass over the whole last pack at its end,
+        with one core idle.  A writer that rolled over already (a big save)
+        seals the pack it is filling in the background instead, while the
+        rest is still being compressed, so the last pack holds only that
+        rest.  A writer that did not roll (a later save, a few dozen MiB)
+        is left as it is: one pack per save keeps look-ups cheap.
+        """
+        seg = self._seg
+        if self._ending or seg is None:
+            return
+        self._ending = True
+        # Worth a pack of its own only if hashing it would take a while.
+        if self._n > 0 and seg.offset >= self.roll_bytes // 8:
+            self._roll()
 
     def add_blob(self, data: bytes | memoryview, sha: bytes | None = None) -> bytes:
         """Add a blob; returns its binary id."""

@@ -52,6 +52,12 @@ from vml.progress import ProgressFn
 
 # (done, total) in bytes of the files being saved.
 
+# When this much of the files is left to save, the pack writer is told
+# (PackWriter.near_end): a big save's last pack then holds only what these
+# bytes store, hashed at the end, while the pack before it is sealed in the
+# background as they are compressed.
+NEAR_END = 64 << 20
+
 
 @dataclass
 class SourceFile:
@@ -159,6 +165,8 @@ class Saver:
 
     def _advance(self, n: int) -> None:
         self.done += n
+        if self.total - self.done <= NEAR_END:
+            self.writer.near_end()
         self.progress("read", self.done, self.total)
 
     def save(self, f: SourceFile) -> FileRecord:
