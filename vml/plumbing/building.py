@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from pathlib import Path
 
@@ -143,6 +144,7 @@ class _ImageBuild:
         old_records: BlockRecords | None,
         want_records: bool,
         sources: Sources | None = None,
+        capture: Sequence[RefPages] = (),
     ) -> None:
         self.reader = reader
         self.image = image
@@ -153,6 +155,8 @@ class _ImageBuild:
         self.want_records = want_records
         # Reference pages of version-3 deltas, gathered before (each source read once).
         self.sources = sources
+        # Stores of images built later that keep pages of the blobs read here.
+        self.capture = capture
 
     def zero(self, n: int, length: int) -> _Built:
         return n, 0, block_digest(None, length), b"", None
@@ -203,9 +207,10 @@ class _ImageBuild:
         # With the entry's checks, each block is checked once, built, with the
         # xxh3 the area cache needs anyway, and its id is read, not hashed;
         # without them, each object is checked by id as it is read.
+        seen: list[tuple[bytes, bytes]] | None = [] if self.capture else None
         try:
             built = materialize(
-                self.reader, recipe, length, verify=check is None, sources=self.sources
+                self.reader, recipe, length, verify=check is None, sources=self.sources, seen=seen
             )
         except (CorruptRepository, HostileRepository):
             if check is None:
@@ -213,6 +218,7 @@ class _ImageBuild:
             # Objects read unchecked (their streams' Adler-32 not computed
             # either): a damaged copy may fail to apply; read them verified.
             built = self._verified(n, recipe, length, check)
+            seen = None
         if built is None or built == zeros(length):
             # All zero (deltas may zero a whole block): a hole, never data.
             if check is not None and check[0] != block_digest(None, length):
@@ -227,6 +233,17 @@ class _ImageBuild:
             if built is None or built == zeros(length):
                 raise CorruptRepository(_damaged(n))
             bh = check[1]
+            seen = None  # what was read first is not to be trusted
+        if seen:
+            # Later images take their reference pages from these blobs, not
+            # from reading them again.  Each object's id was checked, or the
+            # block built from them passed its check: a damaged copy fails
+            # that nearly always, and otherwise (damage only in bytes a delta
+            # overwrote) the later image's own block check fails, and that
+            # block is built again from objects read checked.
+            for sha, blob in seen:
+                for store in self.capture:
+                    store.capture(sha, blob)
         written = write_sparse(self.fd, built, n * m.block_size, fresh=self.old is None)
         # The block's id: from its checks, or the block map for a whole block
         # (checked as it was read), else hashed.  The image's digest over
@@ -269,6 +286,8 @@ def write_image(
     record_out: RecordsWriter | None = None,
     old_records: BlockRecords | None = None,
     spill: Path | None = None,
+    planned: RefPages | None = None,
+    capture: Sequence[RefPages] = (),
 ) -> int:
     """Write ``image`` into the open file ``fd`` and check its digest.
 
@@ -280,6 +299,12 @@ def write_image(
     built, written and hashed by the pool's workers; the area cache's
     records of the blocks holding data go to ``record_out``.  Returns the
     bytes written.
+
+    ``planned``: this image's reference pages, planned (see
+    :class:`RefPages`) before earlier images were built and partly
+    captured from them (a new file only: it holds every block's pages);
+    ``capture``: the stores of images built later, which keep pages of
+    the blobs this build reads.
     """
     m = image.manifest
     try:
@@ -296,8 +321,14 @@ def write_image(
         todo = sorted(set(todo).union(old.nonzero_in(0, m.nblocks)))
     # Only the blocks to build need their reference pages.
     wanted = image if old is None else _to_build(image, old, todo)
-    refs = RefPages.gather(reader, wanted, verify=image.checks is None, spill=spill, pool=pool)
-    job = _ImageBuild(reader, image, fd, old, old_records, record_out is not None, refs)
+    if planned is not None and old is None:
+        planned.complete(pool)
+        refs: RefPages | None = planned
+    else:
+        if planned is not None:
+            planned.close()
+        refs = RefPages.gather(reader, wanted, verify=image.checks is None, spill=spill, pool=pool)
+    job = _ImageBuild(reader, image, fd, old, old_records, record_out is not None, refs, capture)
     digests = Digests(m.size, m.block_size)
     written = done = 0
     behind = WriteBehind(fd, max(_WRITE_BEHIND, m.block_size))

@@ -428,6 +428,7 @@ def materialize(
     *,
     verify: bool = True,
     sources: Sources | None = None,
+    seen: list[tuple[bytes, bytes]] | None = None,
 ) -> bytes | None:
     """Build one block; None means all zero.
 
@@ -435,6 +436,8 @@ def materialize(
     the built block against the entry's checks instead.  Reference pages
     come through ``sources`` (shared by the caller's workers; None: a reader
     for this block alone), and only from blobs the recipe's layers name.
+    ``seen`` gets each blob read, ``(id, bytes)`` (the caller may keep pages
+    of them once the block is checked).
     """
     if recipe.base is None and not recipe.deltas:
         return None
@@ -446,6 +449,8 @@ def materialize(
             raise CorruptRepository(
                 f"block {recipe.base.hex()} has {len(data)} bytes where {length} belong"
             )
+        if seen is not None:
+            seen.append((recipe.base, data))
         if not recipe.deltas:
             return data
         buf = bytearray(data)
@@ -463,12 +468,16 @@ def materialize(
         return src.read(sha, offset, n, verify)
 
     blobs = [reader.read(d, BLOB, verify=verify)[1] for d in recipe.deltas]
+    if seen is not None:
+        seen.extend(zip(recipe.deltas, blobs, strict=True))
+    # Each delta parsed once, here, for both steps below.
+    parsed = [parse_delta(b) for b in blobs]
     skips: list[set[int]] = [set() for _ in blobs]
     if allowed and len(blobs) > 1:
         # Reference pages a newer delta names again are never read.
-        skips = overwritten([parse_delta(b) for b in blobs])
-    for blob, skip in zip(blobs, skips, strict=True):
-        apply_delta(buf, blob, source, skip)
+        skips = overwritten(parsed)
+    for blob, d, skip in zip(blobs, parsed, skips, strict=True):
+        apply_delta(buf, blob, source, skip, d)
     return bytes(buf)
 
 

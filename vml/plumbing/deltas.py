@@ -186,12 +186,14 @@ def parse_delta(blob: bytes | memoryview, *, header_only: bool = False) -> Delta
         raise CorruptRepository("delta blob names a page outside its block")
     if len(blob) < end + _REF.size * len(ref):
         raise CorruptRepository("delta blob is truncated")
-    refs = [_REF.unpack_from(blob, end + _REF.size * i) for i in range(len(ref))]
-    if any(i >= nsrc for i, _ in refs) or (version == 3 and not ref):
-        raise CorruptRepository("delta blob names a source it does not list")
-    if version == 3 and len({i for i, _ in refs}) != nsrc:
-        raise CorruptRepository("delta blob lists a source it does not use")
     data_at = end + _REF.size * len(ref)
+    # One C-level pass each (a memory image's block names hundreds of references).
+    refs = list(_REF.iter_unpack(memoryview(blob)[end:data_at]))
+    used = set(map(operator.itemgetter(0), refs))
+    if (used and max(used) >= nsrc) or (version == 3 and not ref):
+        raise CorruptRepository("delta blob names a source it does not list")
+    if version == 3 and len(used) != nsrc:
+        raise CorruptRepository("delta blob lists a source it does not use")
     data_pages = count - len(flagged)
     data_len = data_pages * page_size
     last = pages[-1] if pages else 0
@@ -232,14 +234,17 @@ def apply_delta(
     blob: bytes,
     source: SourceRead | None = None,
     skip: set[int] | frozenset[int] = frozenset(),
+    parsed: Delta | None = None,
 ) -> None:
     """Overwrite the pages named by ``blob`` in ``base``, in place.
 
     ``source`` reads a reference page's bytes (version 3); a delta with
     references and no ``source`` is refused.  Reference pages in ``skip``
-    (a newer delta overwrites them) are not read.
+    (a newer delta overwrites them) are not read.  ``parsed``: ``blob``'s
+    header as :func:`parse_delta` returned it (so a caller that parsed it
+    already does not parse it again).
     """
-    d = parse_delta(blob)
+    d = parse_delta(blob) if parsed is None else parsed
     length = d.length
     if len(base) != length:
         raise CorruptRepository(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from array import array
 from bisect import bisect_left
 from collections import deque
@@ -29,36 +30,80 @@ from typing import IO, TypeVar
 
 from vml.errors import CorruptRepository, HostileRepository
 from vml.plumbing.chains import ResolvedImage, SourceReader
-from vml.plumbing.deltas import Delta, overwritten, parse_delta
+from vml.plumbing.deltas import REF_PAGE, Delta, overwritten, parse_delta
 from vml.plumbing.packs import BLOB, PackReader
 
 MEMORY = 16 << 20  # referenced pages kept in memory; beyond, in a temporary file
 
 
 class RefPages:
-    """Every reference page of one image, gathered before it is built (see the module)."""
+    """Every reference page of one image, gathered before it is built (see the module).
+
+    Built in three steps: :meth:`__init__` (an empty store), :meth:`plan`
+    (which pages the image needs), then :meth:`complete` (read the sources
+    not captured yet).  In between, :meth:`capture` takes the pages from
+    blobs another image's build has just read and checked (a memory
+    image's pages from the disk's blocks): those are not read again.
+    """
 
     def __init__(
         self,
         reader: PackReader,
-        image: ResolvedImage,
+        image: ResolvedImage | None = None,
         *,
-        verify: bool,
+        verify: bool = True,
         spill: Path | None = None,
         memory: int = MEMORY,
         pool: Executor | None = None,
     ) -> None:
         self.reader = reader
-        self.ps = image.manifest.page_size
+        self.ps = image.manifest.page_size if image is not None else 0
         self.read_bytes = 0  # source bytes read (inflated), for tests and benchmarks
+        self.captured_bytes = 0  # source bytes whose pages were captured, for the same
         self._fallback = SourceReader(reader, budget=0)
         # Per source: its first slot, the sorted offsets of its pages, its length.
         self._slots: dict[bytes, tuple[int, array[int], int]] = {}
+        self._wanted: dict[bytes, array[int]] = {}
+        self._nslots = 0
+        self._lock = threading.Lock()
         self._mem = bytearray()
         self._file: IO[bytes] | None = None
         self._memory = memory
         self._spill = spill
-        needed = self._needed(image, verify)
+        self._verify = verify
+        if image is not None:
+            self.plan(image, verify)
+            self.complete(pool)
+
+    def plan(self, image: ResolvedImage, verify: bool) -> None:
+        """Note the pages ``image`` needs (reads its deltas' headers); nothing is gathered yet."""
+        self.ps = image.manifest.page_size
+        self._verify = verify
+        self._wanted = self._needed(image, verify)
+
+    def capture(self, sha: bytes, data: bytes) -> None:
+        """Keep the needed pages of blob ``sha``, whose bytes are ``data`` (checked by the caller).
+
+        Thread safe; a blob not needed, or captured already, costs a look-up.
+        """
+        if sha not in self._wanted:
+            return
+        with self._lock:
+            found = self._wanted.pop(sha, None)
+        if found is None:
+            return  # another worker took it
+        offsets = array("Q", sorted(set(found)))
+        chunk = _pages(data, offsets, self.ps)
+        with self._lock:
+            self._store(sha, offsets, len(data), chunk)
+            self.captured_bytes += len(data)
+
+    def complete(self, pool: Executor | None = None) -> None:
+        """Read every needed source not captured, once each, in pack order."""
+        reader = self.reader
+        verify = self._verify
+        with self._lock:
+            needed, self._wanted = self._wanted, {}
 
         def todo() -> Iterator[tuple[bytes, array[int]]]:
             for src in sorted(needed, key=reader.position):
@@ -71,18 +116,22 @@ class RefPages:
             data = reader.read(src, BLOB, verify=verify)[1]
             return src, offsets, len(data), _pages(data, offsets, self.ps)
 
-        n = 0
         # Sources are inflated by the pool's workers, a few MiB ahead, and
         # their pages stored here in pack order.
         sized = ((item, reader.object_size(item[0]) or self.ps) for item in todo())
         with closing(_in_order(pool, take, sized, _AHEAD)) as gathered:
             for src, offsets, size, chunk in gathered:
-                self._slots[src] = (n, offsets, size)
-                n += len(offsets)
+                with self._lock:
+                    self._store(src, offsets, size, chunk)
                 self.read_bytes += size
-                self._put(chunk)
         if self._file is not None:
             self._file.flush()  # read back with pread by the workers
+
+    def _store(self, src: bytes, offsets: array[int], size: int, chunk: bytes) -> None:
+        """Give ``src``'s pages the next slots (the caller holds the lock)."""
+        self._slots[src] = (self._nslots, offsets, size)
+        self._nslots += len(offsets)
+        self._put(chunk)
 
     @classmethod
     def gather(
@@ -117,12 +166,16 @@ class RefPages:
             for delta, skip in zip(chain, overwritten(chain), strict=True):
                 if not delta.refs:
                     continue
-                for page, place in delta.places().items():
-                    if place is not None and place[0] and page not in skip:
-                        found = needed.get(place[0])
-                        if found is None:
-                            found = needed[place[0]] = array("Q")
-                        found.append(place[1])
+                # Only the reference pages, in order (the refs follow them).
+                refs = [p & ~REF_PAGE for p in delta.pages if p & REF_PAGE]
+                per = [needed.get(src) for src in delta.sources]
+                for k, (i, off) in zip(refs, delta.refs, strict=True):
+                    if k in skip:
+                        continue
+                    found = per[i]
+                    if found is None:
+                        found = per[i] = needed[delta.sources[i]] = array("Q")
+                    found.append(off)
         return needed
 
     def _parsed(self, delta: bytes, verify: bool) -> Delta:

@@ -26,6 +26,7 @@ from vml.plumbing.cache import Cache, CachedFile, CacheWriter, records_path
 from vml.plumbing.chains import ResolvedImage, resolve_image
 from vml.plumbing.entries import Entry, FileRecord, check_relpath, small_blob
 from vml.plumbing.packs import BLOB, PackReader
+from vml.plumbing.refpages import RefPages
 from vml.progress import ProgressFn
 
 # Temporary files live in the area's own .vml folder, where no user file
@@ -197,6 +198,41 @@ class Builder:
         self.files_written: list[str] = []
         # The caller calls drain() once every file is built (abandon() on failure).
         self.finisher = _Finisher()
+        # Images whose reference pages are taken from the images built
+        # before them (planned when the first image is built; see _plan).
+        self._planned: dict[str, tuple[ResolvedImage, RefPages]] | None = None
+
+    def _plan(self) -> None:
+        """Plan the reference pages of each image that has them, before any image is built.
+
+        Into a new folder only (every block of every image is built): then
+        the blobs each image's build reads and checks give the images built
+        after it their pages (a memory image's from the disk's blocks),
+        instead of reading and inflating those blobs a second time.
+        """
+        self._planned = {}
+        if self.old is not None:
+            return
+        for rec in self.entry.meta.files:
+            if rec.kind != "image":
+                continue
+            image = resolve_image(self.reader, self.entry.commit, rec.path)
+            if image is None or not any(r.sources for r in image.recipes.values()):
+                continue  # (a damaged entry is refused when the file is built)
+            store = RefPages(self.reader, spill=self.temps.dir)
+            self._planned[rec.path] = (image, store)
+            try:
+                store.plan(image, verify=image.checks is None)
+            except BaseException:
+                self.close()
+                raise
+
+    def close(self) -> None:
+        """Drop the reference pages still planned (after a failure: their temporary files)."""
+        for _image, store in (self._planned or {}).values():
+            store.close()
+        if self._planned:
+            self._planned.clear()
 
     def _advance(self, n: int) -> None:
         self.done += n
@@ -224,7 +260,7 @@ class Builder:
             self._write_small(rec, dest)
         else:
             patch = clean and old is not None and old.kind == "image"
-            self._write_image(rec, dest, patch, cached)
+            self._write_image(rec, dest, patch)
 
     def _keep(self, rec: FileRecord, dest: Path, cached: CachedFile) -> None:
         """Same content already there: restore the metadata only."""
@@ -268,12 +304,34 @@ class Builder:
         self.written += rec.size
         self._advance(rec.size)
 
-    def _write_image(
-        self, rec: FileRecord, dest: Path, patch: bool, cached: CachedFile | None
+    def _write_image(self, rec: FileRecord, dest: Path, patch: bool) -> None:
+        if self._planned is None:
+            self._plan()
+        assert self._planned is not None
+        planned = self._planned.pop(rec.path, None)
+        store: RefPages | None = None
+        image: ResolvedImage | None = None
+        if planned is not None:
+            image, store = planned
+        else:
+            image = resolve_image(self.reader, self.entry.commit, rec.path)
+        try:
+            self._write_resolved(rec, dest, patch, image, store)
+        finally:
+            if store is not None:
+                store.close()
+
+    def _write_resolved(
+        self,
+        rec: FileRecord,
+        dest: Path,
+        patch: bool,
+        image: ResolvedImage | None,
+        store: RefPages | None,
     ) -> None:
-        image = resolve_image(self.reader, self.entry.commit, rec.path)
         if image is None or image.manifest.sha256 != rec.sha256:
             raise CorruptRepository(f"entry lacks the blocks of {rec.path}")
+        assert self._planned is not None
         old_img: ResolvedImage | None = None
         if patch and self.old is not None:
             # Blocks are patched in place only over a file known to hold the
@@ -300,6 +358,8 @@ class Builder:
                     out,
                     old_recs,
                     spill=self.temps.dir,
+                    planned=store,
+                    capture=[later for _img, later in self._planned.values()],
                 )
             except BaseException:
                 os.close(fd)

@@ -325,6 +325,7 @@ def _write(
         cwriter.abort()
         raise
     finally:
+        builder.close()  # reference pages planned and not used (after a failure)
         temps.clear()
     cwriter.commit(target.commit.hex())
     return builder, removed
