@@ -79,7 +79,10 @@ class RefPages:
         """Note the pages ``image`` needs (reads its deltas' headers); nothing is gathered yet."""
         self.ps = image.manifest.page_size
         self._verify = verify
-        self._wanted = self._needed(image, verify)
+        wanted = self._needed(image, verify)
+        with self._lock:
+            # Published whole: until then, capture() takes nothing.
+            self._wanted = wanted
 
     def capture(self, sha: bytes, data: bytes) -> None:
         """Keep the needed pages of blob ``sha``, whose bytes are ``data`` (checked by the caller).

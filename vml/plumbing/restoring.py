@@ -200,7 +200,8 @@ class Builder:
         self.finisher = _Finisher()
         # Images whose reference pages are taken from the images built
         # before them (planned when the first image is built; see _plan).
-        self._planned: dict[str, tuple[ResolvedImage, RefPages]] | None = None
+        self._planned: dict[str, tuple[ResolvedImage, RefPages, Future[None]]] | None = None
+        self._planner: ThreadPoolExecutor | None = None
 
     def _plan(self) -> None:
         """Plan the reference pages of each image that has them, before any image is built.
@@ -208,7 +209,10 @@ class Builder:
         Into a new folder only (every block of every image is built): then
         the blobs each image's build reads and checks give the images built
         after it their pages (a memory image's from the disk's blocks),
-        instead of reading and inflating those blobs a second time.
+        instead of reading and inflating those blobs a second time.  The
+        plans (reading the deltas' headers) are made in a thread of their
+        own while the first image is built; a blob read before its plan is
+        ready is read again later, as without one.
         """
         self._planned = {}
         if self.old is not None:
@@ -219,17 +223,18 @@ class Builder:
             image = resolve_image(self.reader, self.entry.commit, rec.path)
             if image is None or not any(r.sources for r in image.recipes.values()):
                 continue  # (a damaged entry is refused when the file is built)
+            if self._planner is None:
+                self._planner = ThreadPoolExecutor(1, thread_name_prefix="vml-plan")
             store = RefPages(self.reader, spill=self.temps.dir)
-            self._planned[rec.path] = (image, store)
-            try:
-                store.plan(image, verify=image.checks is None)
-            except BaseException:
-                self.close()
-                raise
+            done = self._planner.submit(store.plan, image, image.checks is None)
+            self._planned[rec.path] = (image, store, done)
 
     def close(self) -> None:
         """Drop the reference pages still planned (after a failure: their temporary files)."""
-        for _image, store in (self._planned or {}).values():
+        if self._planner is not None:
+            self._planner.shutdown(wait=True, cancel_futures=True)
+            self._planner = None
+        for _image, store, _done in (self._planned or {}).values():
             store.close()
         if self._planned:
             self._planned.clear()
@@ -312,7 +317,12 @@ class Builder:
         store: RefPages | None = None
         image: ResolvedImage | None = None
         if planned is not None:
-            image, store = planned
+            image, store, done = planned
+            try:
+                done.result()  # its plan is made
+            except BaseException:
+                store.close()
+                raise
         else:
             image = resolve_image(self.reader, self.entry.commit, rec.path)
         try:
@@ -359,7 +369,7 @@ class Builder:
                     old_recs,
                     spill=self.temps.dir,
                     planned=store,
-                    capture=[later for _img, later in self._planned.values()],
+                    capture=[later for _img, later, _done in self._planned.values()],
                 )
             except BaseException:
                 os.close(fd)
