@@ -12,6 +12,13 @@ order, and keeps just the pages needed: in memory up to a budget, then in
 an unnamed temporary file.  Building then takes them from there.  Restore
 cost follows what the image holds: the sources once each, plus one copy of
 the referenced pages, whatever the order of the blocks.
+
+A checkout into a new folder does better still: each image's needs are
+planned before the images are built (:meth:`RefPages.plan`), and the
+blobs an earlier image's build reads and checks (a memory image's sources
+are the disk's blocks) give up their pages as they are read
+(:meth:`RefPages.capture`); :meth:`RefPages.complete` then reads only the
+sources nothing captured.
 """
 
 from __future__ import annotations
