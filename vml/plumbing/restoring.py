@@ -26,7 +26,7 @@ from vml.plumbing.cache import Cache, CachedFile, CacheWriter, records_path
 from vml.plumbing.chains import ResolvedImage, resolve_image
 from vml.plumbing.entries import Entry, FileRecord, check_relpath, small_blob
 from vml.plumbing.packs import BLOB, PackReader
-from vml.plumbing.refpages import RefPages
+from vml.plumbing.refpages import MEMORY, RefPages
 from vml.progress import ProgressFn
 
 # Temporary files live in the area's own .vml folder, where no user file
@@ -217,17 +217,23 @@ class Builder:
         self._planned = {}
         if self.old is not None:
             return
+        todo: list[tuple[str, ResolvedImage]] = []
         for rec in self.entry.meta.files:
             if rec.kind != "image":
                 continue
             image = resolve_image(self.reader, self.entry.commit, rec.path)
             if image is None or not any(r.sources for r in image.recipes.values()):
                 continue  # (a damaged entry is refused when the file is built)
-            if self._planner is None:
-                self._planner = ThreadPoolExecutor(1, thread_name_prefix="vml-plan")
-            store = RefPages(self.reader, spill=self.temps.dir)
+            todo.append((rec.path, image))
+        if not todo:
+            return
+        self._planner = ThreadPoolExecutor(1, thread_name_prefix="vml-plan")
+        for path, image in todo:
+            # The stores are held together: one memory budget shared, the
+            # rest of their pages in temporary files.
+            store = RefPages(self.reader, spill=self.temps.dir, memory=MEMORY // len(todo))
             done = self._planner.submit(store.plan, image, image.checks is None)
-            self._planned[rec.path] = (image, store, done)
+            self._planned[path] = (image, store, done)
 
     def close(self) -> None:
         """Drop the reference pages still planned (after a failure: their temporary files)."""
