@@ -213,3 +213,49 @@ A, B = b"\x01" * 20, b"\x02" * 20
 def test_hostile_reference_deltas_refused(blob: bytes) -> None:
     with pytest.raises(CorruptRepository):
         parse_delta(blob)
+
+
+def test_a_run_of_references_to_adjacent_bytes_is_one_read() -> None:
+    """Adjacent pages referencing adjacent bytes of one source: one read; anything else breaks the run."""
+    a, b = b"\x01" * 20, b"\x02" * 20
+    src = {a: os.urandom(8 * PAGE), b: os.urandom(8 * PAGE)}
+    length = 8 * PAGE - 100  # the run reaches the block's short last page
+    refs = {
+        0: (a, 0),  # 0-2: one run
+        1: (a, PAGE),
+        2: (a, 2 * PAGE),
+        3: (a, 5 * PAGE),  # not adjacent bytes: a run of its own
+        4: (b, 6 * PAGE),  # another source
+        5: (a, 3 * PAGE + 7),  # 5-7: adjacent bytes, not page-aligned, the last page short
+        6: (a, 4 * PAGE + 7),
+        7: (a, 5 * PAGE + 7),
+    }
+    new = bytearray(length)
+    for p, (sha, off) in refs.items():
+        n = min(PAGE, length - p * PAGE)
+        new[p * PAGE : p * PAGE + n] = src[sha][off : off + n]
+    blob = encode_delta(bytes(new), [], PAGE, (), refs)
+    reads: list[tuple[bytes, int, int]] = []
+
+    def read(sha: bytes, off: int, n: int) -> bytes:
+        reads.append((sha, off, n))
+        return src[sha][off : off + n]
+
+    buf = bytearray(length)
+    apply_delta(buf, blob, read)
+    assert buf == new
+    assert reads == [
+        (a, 0, 3 * PAGE),
+        (a, 5 * PAGE, PAGE),
+        (b, 6 * PAGE, PAGE),
+        (a, 3 * PAGE + 7, 3 * PAGE - 100),
+    ]
+    # A page a newer delta overwrites splits the run and is not read.
+    reads.clear()
+    buf = bytearray(length)
+    apply_delta(buf, blob, read, skip={1})
+    assert reads[:2] == [(a, 0, PAGE), (a, 2 * PAGE, PAGE)]
+    # A source that runs out inside the run is refused.
+    short = {a: src[a][: 2 * PAGE], b: src[b]}
+    with pytest.raises(CorruptRepository, match="does not hold"):
+        apply_delta(bytearray(length), blob, lambda sha, off, n: short[sha][off : off + n])

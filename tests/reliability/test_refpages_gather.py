@@ -47,6 +47,19 @@ def test_pages_gathered_in_the_pool_match_the_ones_read_in_order(
                     assert got == reader.read(src)[1][off : off + length]
                     probes += 1
         assert probes > 4
+        # Runs of adjacent pages (a run of reference pages) in one read, across
+        # the memory budget's end too.
+        runs = 0
+        for src, (_first, offsets, _size) in alone._slots.items():
+            data = reader.read(src)[1]
+            for j, off in enumerate(offsets):
+                for k in (2, 3, 5):
+                    if list(offsets[j : j + k]) == [off + i * PAGE for i in range(k)]:
+                        want = data[off : off + k * PAGE - 9]
+                        assert pooled.read(src, off, k * PAGE - 9) == want
+                        assert alone.read(src, off, k * PAGE - 9) == want
+                        runs += 1
+        assert runs > 4
         alone.close()
         pooled.close()
     finally:

@@ -264,15 +264,29 @@ def apply_delta(
         kind = p & _FLAGS
         if kind == REF_PAGE:
             k = p & ~_FLAGS
-            src, off = d.sources[d.refs[r][0]], d.refs[r][1]
+            si, off = d.refs[r]
             r += 1
             i += 1
             if k in skip:
                 continue
             if source is None:
                 raise CorruptRepository("a page delta references a blob nobody can read here")
+            # A run of reference pages taking adjacent bytes of one source
+            # (a file's pages cached in a row) is one read.
+            run = 1
+            while (
+                i < n
+                and pages[i] == p + run
+                and d.refs[r][0] == si
+                and d.refs[r][1] == off + run * page_size
+                and k + run not in skip
+            ):
+                run += 1
+                i += 1
+                r += 1
+            src = d.sources[si]
             start = k * page_size
-            want = min(page_size, length - start)
+            want = min(run * page_size, length - start)
             got = source(src, off, want)
             if len(got) != want:
                 raise CorruptRepository(

@@ -213,21 +213,37 @@ class RefPages:
             self._file.write(pages[room:])
 
     def read(self, sha: bytes, offset: int, length: int, verify: bool = True) -> bytes:
-        """``length`` bytes of source ``sha`` at ``offset`` (fewer when it does not hold them)."""
+        """``length`` bytes of source ``sha`` at ``offset`` (fewer when it does not hold them).
+
+        Several pages at once when they were gathered as adjacent pages of
+        the source (a run of reference pages): their slots are adjacent too.
+        """
         found = self._slots.get(sha)
         if found is not None:
             start, offsets, size = found
+            ps = self.ps
+            k = max(1, -(-length // ps))
             i = bisect_left(offsets, offset)
-            if i < len(offsets) and offsets[i] == offset and length <= self.ps:
-                slot = start + i
-                n = max(0, min(length, size - offset))
-                mem_slots = len(self._mem) // self.ps
-                if slot < mem_slots:
-                    return bytes(self._mem[slot * self.ps : slot * self.ps + n])
-                assert self._file is not None
-                return os.pread(self._file.fileno(), n, (slot - mem_slots) * self.ps)
+            if (
+                (i < len(offsets) and offsets[i] == offset)
+                if k == 1
+                else offsets[i : i + k] == array("Q", range(offset, offset + k * ps, ps))
+            ):
+                return self._slot_bytes(start + i, k, max(0, min(length, size - offset)))
         # Not gathered (a delta read differently the second time?): read it.
         return self._fallback.read(sha, offset, length, verify)
+
+    def _slot_bytes(self, slot: int, k: int, n: int) -> bytes:
+        """The first ``n`` bytes of ``k`` slots from ``slot`` on."""
+        ps = self.ps
+        mem_slots = len(self._mem) // ps
+        if slot + k <= mem_slots:
+            return bytes(self._mem[slot * ps : slot * ps + n])
+        if slot >= mem_slots:
+            assert self._file is not None
+            return os.pread(self._file.fileno(), n, (slot - mem_slots) * ps)
+        head = bytes(self._mem[slot * ps : slot * ps + n])  # the budget ends inside the run
+        return head + self._slot_bytes(mem_slots, slot + k - mem_slots, n - len(head))
 
     def close(self) -> None:
         """Drop the pages (and the temporary file)."""
