@@ -115,3 +115,25 @@ def test_convert_moves_a_git_tag_to_the_rewritten_entry(tmp_path: Path, kind: st
     assert verify(repo, [], all_entries=True, read_data=True).clean
     _git_fsck_clean(repo)
     repo.close()
+
+
+@pytest.mark.parametrize("how", [["-a", "-m", "moved"], []], ids=["annotated", "lightweight"])
+def test_a_packed_tag_git_moved_since_names_its_new_entry(tmp_path: Path, how: list[str]) -> None:
+    """git moves a packed tag by writing a loose ref over it; the packed line, and its
+    peeled line, stay behind.  The loose ref is the tag: the stale peel is not."""
+    repo, e2 = tagged(tmp_path, "annotated-packed")
+    table = refs_mod.read_refs(repo)
+    assert table.tags["t"] == e2
+    e3 = table.entries[3]
+    _git(repo.path, "tag", "-f", *how, "t", e3.hex())
+    repo.close()
+    repo = open_repository(tmp_path / "repo")
+    assert refs_mod.read_refs(repo).tags["t"] == e3
+    assert refs_mod.resolve_name(repo, "t") == e3
+    from vml.errors import VMLError
+
+    with pytest.raises(VMLError, match="tag t names it"):
+        rm(repo, ["E3"])
+    rm(repo, ["E2"])  # no tag names it any more
+    assert fsck(repo).clean, fsck(repo).problems
+    repo.close()

@@ -109,7 +109,9 @@ def peel(repo: Repository, name: bytes, value: bytes) -> bytes:
     """
     refs = repo.git.refs
     peeled = refs.get_peeled(Ref(name))
-    if peeled is not None:
+    # Git's peeled line is the packed ref's: a loose ref over it (git moves a
+    # packed tag by writing a loose one, the packed line stays) is peeled here.
+    if peeled is not None and refs.get_packed_refs().get(Ref(name)) == value:
         return bytes(peeled)
     store = repo.git.object_store
     sha = value
