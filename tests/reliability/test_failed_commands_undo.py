@@ -121,3 +121,26 @@ def test_a_failed_vm_init_leaves_the_area_as_it_was(
     if how != "same name":  # the same command, its input fixed, then works
         done = vminit_mod.vm_init(area, disks=[area / "disk.img"], kernel=kernel, initrd=initrd)
         assert sorted(done.copied) == ["initrd.img", "vmlinuz"]
+
+
+@pytest.mark.parametrize("fails", [True, False], ids=["then-fails", "succeeds"])
+def test_vm_init_does_not_copy_through_a_dangling_symlink_nor_remove_it(
+    tmp_path: Path, fails: bool
+) -> None:
+    """A link of the kernel's name in the area, its target not there yet, is the user's.
+
+    ``exists()`` follows links, so a dangling one read as free: the copy went
+    through it (making its target, which could be outside the area), and a
+    failure after then unlinked the link, which vm init never made.
+    """
+    area, boot = _area(tmp_path)
+    outside = tmp_path / "elsewhere" / "vmlinuz-6.1"
+    outside.parent.mkdir()
+    (area / "vmlinuz").symlink_to(outside)
+    initrd = boot / ("gone.img" if fails else "initrd.img")
+    before = snapshot(area)
+    with pytest.raises(VMLError, match="vmlinuz exists there"):
+        vminit_mod.vm_init(area, disks=[area / "disk.img"], kernel=boot / "vmlinuz", initrd=initrd)
+    assert snapshot(area) == before
+    assert (area / "vmlinuz").is_symlink()
+    assert not outside.exists(), "the copy was written through the link"

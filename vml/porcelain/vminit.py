@@ -110,7 +110,9 @@ def _boot_file(
             f"{what} {given} is outside the area", "copy it into the area, or drop --no-copy"
         )
     name = given.name
-    if (area / name).exists():
+    # lexists: a link there, even one whose target is not there yet, is the
+    # user's (a copy would write through it, an undo would remove it).
+    if os.path.lexists(area / name):
         raise AreaError(
             f"cannot copy {what} {given} into the area: {name} exists there",
             "copy it in under another name and give that path",
