@@ -10,6 +10,7 @@ block's own check, and that block is built again from objects read checked.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import zlib
 from pathlib import Path
@@ -41,7 +42,7 @@ class _Spy(RefPages):
         self.took: set[bytes] = set()
         _Spy.made.append(self)
 
-    def capture(self, sha: bytes, data: bytes) -> None:
+    def capture(self, sha: bytes, data: bytes, checked: bool = True) -> None:
         if sha in self._wanted:
             self.took.add(sha)
             if _Spy.alter:
@@ -51,7 +52,7 @@ class _Spy(RefPages):
                 for k in range(0, len(changed), 4096):
                     changed[k] ^= 0x5A
                 data = bytes(changed)
-        super().capture(sha, data)
+        super().capture(sha, data, checked)
 
 
 @pytest.fixture
@@ -203,3 +204,31 @@ def _copy(pack: Path, to: Path) -> Path:
     to.write_bytes(pack.read_bytes())
     to.with_suffix(".idx").write_bytes(pack.with_suffix(".idx").read_bytes())
     return to
+
+
+def test_an_image_without_checks_takes_no_page_from_a_blob_read_unchecked(
+    tmp_path: Path, cli_repo: Path, spy: type[_Spy], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A memory image saved before checks existed is built from sources read checked.
+
+    The disk (with checks) reads its blobs unchecked and checks its blocks:
+    a copy damaged only in bytes a newer delta overwrites passes.  Its pages
+    handed to an image with no block check of its own were trusted, and
+    the memory failed its digest where reading the source checked passes
+    over to a good copy.
+    """
+    _, states = _saved(tmp_path, cli_repo, sessions=2)
+    real = restoring.resolve_image
+
+    def memory_without_checks(reader: PackReader, commit: bytes, path: str) -> ResolvedImage | None:
+        image = real(reader, commit, path)
+        if image is not None and path == "vm.ram":
+            image = dataclasses.replace(image, checks=None, checks_id=None)
+        return image
+
+    monkeypatch.setattr(restoring, "resolve_image", memory_without_checks)
+    spy.alter.append(True)  # what the disk's build read is damaged where it did not look
+    out = tmp_path / "out"
+    run = vml(cli_repo, "checkout", "-q", "E3", out)
+    assert run.code == 0, run
+    assert digest_area(out) == states[2]

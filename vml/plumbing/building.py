@@ -240,10 +240,11 @@ class _ImageBuild:
             # block built from them passed its check: a damaged copy fails
             # that nearly always, and otherwise (damage only in bytes a delta
             # overwrote) the later image's own block check fails, and that
-            # block is built again from objects read checked.
+            # block is built again from objects read checked; an image with
+            # no checks takes only objects read checked.
             for sha, blob in seen:
                 for store in self.capture:
-                    store.capture(sha, blob)
+                    store.capture(sha, blob, checked=check is None)
         written = write_sparse(self.fd, built, n * m.block_size, fresh=self.old is None)
         # The block's id: from its checks, or the block map for a whole block
         # (checked as it was read), else hashed.  The image's digest over

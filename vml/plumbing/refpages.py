@@ -91,12 +91,16 @@ class RefPages:
             # Published whole: until then, capture() takes nothing.
             self._wanted = wanted
 
-    def capture(self, sha: bytes, data: bytes) -> None:
+    def capture(self, sha: bytes, data: bytes, checked: bool) -> None:
         """Keep the needed pages of blob ``sha``, whose bytes are ``data`` (checked by the caller).
 
+        ``checked``: ``data`` was read checking its id.  When not (the block
+        built from it passed the block's check instead), the bytes a newer
+        delta overwrote were never looked at: only an image with block
+        checks of its own, which catch such a page, takes them.
         Thread safe; a blob not needed, or captured already, costs a look-up.
         """
-        if sha not in self._wanted:
+        if sha not in self._wanted or (self._verify and not checked):
             return
         with self._lock:
             found = self._wanted.pop(sha, None)
