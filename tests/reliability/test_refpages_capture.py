@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import zlib
 from pathlib import Path
 from typing import ClassVar
@@ -21,7 +22,7 @@ from dulwich.pack import load_pack_index
 
 from tests.conftest import digest_area
 from tests.reliability.helpers import vml_in_process as vml
-from tests.reliability.test_page_references import _saved
+from tests.reliability.test_page_references import DISK, PAGE, RAM, _ram_layer, _saved
 from vml.plumbing import refs as refs_mod
 from vml.plumbing import restoring
 from vml.plumbing.chains import ResolvedImage, resolve_image
@@ -204,6 +205,40 @@ def _copy(pack: Path, to: Path) -> Path:
     to.write_bytes(pack.read_bytes())
     to.with_suffix(".idx").write_bytes(pack.with_suffix(".idx").read_bytes())
     return to
+
+
+def test_a_memory_file_whose_name_sorts_first_takes_its_pages_from_the_disk(
+    tmp_path: Path, cli_repo: Path, spy: type[_Spy]
+) -> None:
+    """A VMware memory file (``vm-564d.vmem``) sorts before its disk (``vm.vmdk``).
+
+    Built in the entry's order, the memory came first and captured nothing:
+    the files are built memory last, the order commit saves them in.
+    """
+    rng = random.Random(11)
+    area = tmp_path / "vm"
+    area.mkdir()
+    disk = bytearray(rng.randbytes(DISK))
+    (area / "vm.ram").write_bytes(bytes(RAM))
+    (area / "zz-disk.img").write_bytes(disk)
+    (area / "vm.conf").write_text("memory = 1M\n")
+    assert vml(cli_repo, "commit", "-q", area).code == 0
+    ram = bytearray(RAM)
+    for _ in range(20):  # the guest writes files and caches them
+        run = rng.randrange(4, 9)
+        src = rng.randrange(DISK // PAGE - run)
+        disk[src * PAGE : (src + run) * PAGE] = rng.randbytes(run * PAGE)
+        dst = rng.randrange(RAM // PAGE - run)
+        ram[dst * PAGE : (dst + run) * PAGE] = disk[src * PAGE : (src + run) * PAGE]
+    (area / "vm.ram").write_bytes(ram)
+    (area / "zz-disk.img").write_bytes(disk)
+    assert vml(cli_repo, "commit", "-q", area).code == 0
+    assert _ram_layer(cli_repo, "E2")[1], "the memory references the disk"
+    out = tmp_path / "out"
+    assert vml(cli_repo, "checkout", "-q", "E2", out).code == 0
+    assert digest_area(out) == digest_area(area)
+    taken = [s for s in spy.made if s.took]
+    assert taken and taken[0].captured_bytes > 0, "the disk's build gave the memory its pages"
 
 
 def test_an_image_without_checks_takes_no_page_from_a_blob_read_unchecked(
