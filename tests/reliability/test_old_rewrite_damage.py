@@ -21,8 +21,12 @@ from tests.conftest import edit
 from tests.reliability.helpers import vml
 from tests.reliability.test_killed_rewrites import scenario, shape
 from vml.plumbing import refs as refs_mod
-from vml.plumbing.areas import load_state
-from vml.plumbing.repository import open_repository
+from vml.plumbing.areas import load_state, lock_area, save_state
+from vml.plumbing.forest import load_forest
+from vml.plumbing.journal import Step, write_journal
+from vml.plumbing.packs import PackReader
+from vml.plumbing.renumber import Unnamed, find_unnamed, number_unnamed
+from vml.plumbing.repository import Repository, open_repository
 from vml.porcelain.convert import convert
 
 
@@ -110,3 +114,44 @@ def test_gc_repair_on_a_sound_repository_numbers_nothing(tmp_path: Path) -> None
     assert res.code == 0, res
     assert "numbered" not in res.out
     assert _refs(tmp_path / "repo") == before
+
+
+def test_gc_repair_leaves_an_area_a_rewrite_has_still_to_move(tmp_path: Path) -> None:
+    """A replayed rewrite leaves in its journal an area another command holds.
+
+    That area holds the rewritten entry's old commit until the next command
+    moves it: no lost entry.  Numbered, it came back as an entry of its own
+    beside the one that replaced it (a removed one would come back so too).
+    """
+    repo, a, _b = scenario(tmp_path)
+    old = refs_mod.read_refs(repo).entries[4]
+    convert(repo, "E4", "full")
+    new = refs_mod.read_refs(repo).entries[4]
+    assert new != old
+    # Killed before it moved area A; the next command found A held by another.
+    st = load_state(a)
+    assert st is not None and st.entry == new.hex()
+    st.entry = old.hex()
+    save_state(a, st)
+    write_journal(repo, [Step(old.hex(), new.hex(), area=str(a), fields=["entry"])])
+    with lock_area(a):
+        assert number_unnamed(repo) == []
+        assert not [u for u in find_unnamed_now(repo) if u.commit == old]
+    repo.close()
+    repo = open_repository(tmp_path / "repo")  # A is free: the rewrite finishes
+    try:
+        st = load_state(a)
+        assert st is not None and st.entry == new.hex()
+        assert sorted(refs_mod.read_refs(repo).entries) == [1, 2, 3, 4]
+    finally:
+        repo.close()
+
+
+def find_unnamed_now(repo: Repository) -> list[Unnamed]:
+    """What fsck would name (the repository as it is, its journal not replayed)."""
+    table = refs_mod.read_refs(repo)
+    reader = PackReader(repo)
+    try:
+        return find_unnamed(repo, reader, table, load_forest(reader, table))
+    finally:
+        reader.close()

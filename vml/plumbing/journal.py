@@ -203,6 +203,19 @@ def apply_steps(repo: Repository, steps: list[Step], locks: AreaLocks, moved: li
     _finish(repo, run_steps(repo, steps, locks, moved))
 
 
+def moving(repo: Repository) -> set[bytes]:
+    """The commits a rewrite still has to move names off (its journal's steps; empty: none).
+
+    Not lost entries: the rewrite, finished by the next command that may
+    (an area another command held is left for later), moves their names on.
+    """
+    try:
+        data = journal_path(repo).read_bytes()
+    except FileNotFoundError:
+        return set()
+    return {bytes.fromhex(s.old) for s in _decode(data)}
+
+
 def replay(repo: Repository) -> None:
     """Finish a rewrite a dead command left (call under the repository lock).
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vml.errors import CorruptRepository
+from vml.plumbing import journal
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.chains import read_entry
 from vml.plumbing.forest import Forest, repository_areas
@@ -75,9 +76,13 @@ def find_unnamed(
     """Every commit an area holds or an entry has as parent that no E-number names.
 
     A parent the forest could not read is left out: the structure check
-    names that damage already.
+    names that damage already.  So is a commit a rewrite still has to move
+    names off (an area another command held when it was replayed): it is
+    no lost entry, and a number would make it one again beside the entry
+    that replaced it.
     """
     entries = set(table.entries.values())
+    moving = journal.moving(repo)
     wanted: list[tuple[bytes, str]] = []
     for a in repository_areas(repo):
         if a.state.entry and bytes.fromhex(a.state.entry) not in entries:
@@ -86,6 +91,7 @@ def find_unnamed(
         p = forest.parent.get(c)
         if p is not None and p not in entries and p not in forest.broken:
             wanted.append((p, f"E{n}'s parent"))
+    wanted = [(c, who) for c, who in wanted if c not in moving]
     out: list[Unnamed] = []
     for commit, who in wanted:
         whole, saved_as = _whole(reader, commit, entries)
