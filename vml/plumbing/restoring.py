@@ -223,7 +223,11 @@ class Builder:
                 continue
             image = resolve_image(self.reader, self.entry.commit, rec.path)
             if image is None or not any(r.sources for r in image.recipes.values()):
-                continue  # (a damaged entry is refused when the file is built)
+                # Not kept: it is resolved again when built, so that only the
+                # images being built and the plans hold block maps at once
+                # (a VM's disks can hold ~300k blocks each).  A damaged entry
+                # is refused then.
+                continue
             todo.append((rec.path, image))
         if not todo:
             return

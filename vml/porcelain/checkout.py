@@ -29,12 +29,7 @@ from vml.plumbing.repository import Repository, fsync_dir
 from vml.plumbing.restoring import Builder, TempFiles
 from vml.plumbing.vm.bitmaps import drop_records
 from vml.plumbing.vm.ignore import IgnoreRules
-from vml.plumbing.vm.inspect import (
-    MEMORY_SUFFIXES,
-    inspect_area,
-    stranded_error,
-    stranded_overlays,
-)
+from vml.plumbing.vm.inspect import inspect_area, is_memory, stranded_error, stranded_overlays
 from vml.plumbing.vm.qemu import vml_vm
 from vml.porcelain.common import (
     ProgressFn,
@@ -320,9 +315,7 @@ def _write(
         # Memory last, as commit saves it: its pages reference the disks', which
         # a new folder's memory then takes from the disks' build (refpages.py),
         # whatever the files' names (a VMware `vm-564d.vmem` sorts before `vm.vmdk`).
-        for rec in sorted(
-            target.meta.files, key=lambda f: f.path.lower().endswith(MEMORY_SUFFIXES)
-        ):
+        for rec in sorted(target.meta.files, key=lambda f: is_memory(f.path)):
             builder.build(rec)
         # Files are made durable and put in place in a thread while the next
         # ones are built: all of them are in place before the folders' turn.

@@ -48,7 +48,7 @@ from vml.plumbing.repository import Repository
 from vml.plumbing.saving import Baseline, Saver, SourceFile
 from vml.plumbing.vm.description import find_spec
 from vml.plumbing.vm.ignore import IgnoreRules
-from vml.plumbing.vm.inspect import MEMORY_SUFFIXES, VMInfo, check_saveable
+from vml.plumbing.vm.inspect import VMInfo, check_saveable, is_memory
 from vml.plumbing.vm.qemu import vml_vm
 from vml.plumbing.vm.saves import FOREIGN, Snapshot, foreign_source
 from vml.porcelain.common import (
@@ -558,8 +558,8 @@ def _save(
     try:
         try:
             # Memory last: its pages may then reference the disks' (page cache).
-            for f in sorted(listing.files, key=lambda f: f.path.lower().endswith(MEMORY_SUFFIXES)):
-                f.memory = f.path.lower().endswith(MEMORY_SUFFIXES)
+            for f in sorted(listing.files, key=lambda f: is_memory(f.path)):
+                f.memory = is_memory(f.path)
                 saver.save(f)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)

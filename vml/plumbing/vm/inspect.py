@@ -41,6 +41,13 @@ _STATE_SUFFIXES = (".vmem", ".vmss", ".vmsn", ".sav", ".nvram", ".ram", ".vmstat
 #: Files that hold a VM's memory page for page: saved after the disks, so their
 #: pages can be stored as references to the disk pages the guest cached.
 MEMORY_SUFFIXES = (".vmem", ".vmss", ".vmsn", ".sav", ".ram")
+
+
+def is_memory(path: str) -> bool:
+    """Whether ``path`` names a memory file (saved, and built at checkout, after the disks)."""
+    return path.lower().endswith(MEMORY_SUFFIXES)
+
+
 #: Disk format family → hypervisor, for areas with disks but no config.
 _FAMILY = {"vmdk": "vmware", "vdi": "virtualbox"}
 _WINDOWS_ABS = re.compile(r"^[A-Za-z]:[\\/]|^\\\\")
