@@ -331,7 +331,7 @@ def file_ranges(
     path: Path,
     fmt: str,
     dirty: list[tuple[int, int]],
-    known_data: set[tuple[int, int]] | None = None,
+    known_data: qcow2.DataMap | None = None,
 ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """The ranges of the image *file* that may differ, given the dirty *guest* ranges.
 
@@ -381,8 +381,8 @@ def changed_pages(
     return out
 
 
-def data_clusters(path: Path) -> set[tuple[int, int]]:
-    """A qcow2 image's data clusters (host ranges), its L2 tables read whole."""
+def data_clusters(path: Path) -> qcow2.DataMap:
+    """A qcow2 image's data clusters (a map of its host clusters), its L2 tables read whole."""
     fd = os.open(path, os.O_RDONLY)
     try:
         return qcow2.data_clusters(fd)

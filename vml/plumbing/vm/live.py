@@ -44,7 +44,7 @@ from vml.errors import AreaError, QMPError, VMControlError
 from vml.plumbing.vm import bitmaps
 from vml.plumbing.vm.description import STATE_SUFFIX, QemuSpec, find_spec
 from vml.plumbing.vm.formats import data_ranges
-from vml.plumbing.vm.qcow2 import Unmappable, merge_ranges
+from vml.plumbing.vm.qcow2 import DataMap, Unmappable, merge_ranges
 from vml.plumbing.vm.qemu import (
     RunPaths,
     StateHeader,
@@ -168,7 +168,7 @@ class _Pause:
     steps: dict[str, float] = field(default_factory=dict)
     copied: int = 0
     # A qcow2 disk's data clusters, read before the pause (see qcow2.data_clusters).
-    known_data: dict[str, set[tuple[int, int]]] = field(default_factory=dict)
+    known_data: dict[str, DataMap] = field(default_factory=dict)
 
 
 def _plan_rotations(client: QMPClient, p: _Pause) -> dict[str, str]:
