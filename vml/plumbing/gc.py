@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import os
 import re
+import stat
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,7 @@ from dulwich.objects import Commit, Tag
 from vml.errors import CorruptRepository
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.keeps import (
+    SPOOL_PREFIX,
     keep_protects,
     pack_dir_lock,
     pid_alive,
@@ -215,6 +218,54 @@ def _temporaries(repo: Repository) -> tuple[list[Path], list[Path]]:
             continue
         (live if pid_alive(pid) else stale).append(f)
     return live, stale
+
+
+SPOOL_AGE = 600.0  # seconds a fetch's spool must be left unwritten before gc may judge it
+
+
+def dead_spools(objects_dir: Path) -> list[Path]:
+    """The ``objects/tmp_pack_*`` files fetches killed while indexing their pack left.
+
+    dulwich writes a pack it receives there, holding it open until it is
+    renamed into ``objects/pack`` (but for the instant between closing and
+    renaming it, which the age covers): one no process holds open and no one
+    wrote for :data:`SPOOL_AGE` is a dead fetch's.  Where the processes that
+    could hold it cannot be seen (another user's), it stays.
+    """
+    now = time.time()
+    old: dict[tuple[int, int], Path] = {}
+    for p in objects_dir.glob(SPOOL_PREFIX + "*"):
+        try:
+            st = p.lstat()
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and now - st.st_mtime > SPOOL_AGE:
+            old[(st.st_dev, st.st_ino)] = p
+    if not old:
+        return []
+    owners = {p.stat().st_uid for p in old.values() if p.exists()}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        fd_dir = Path("/proc", pid, "fd")
+        try:
+            fds = os.listdir(fd_dir)
+        except FileNotFoundError:
+            continue  # gone meanwhile
+        except PermissionError:
+            try:
+                if os.stat(fd_dir.parent).st_uid in owners:
+                    return []  # a writer we cannot see into
+            except OSError:
+                pass
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(fd_dir / fd)
+            except OSError:
+                continue
+            old.pop((st.st_dev, st.st_ino), None)
+    return sorted(old.values())
 
 
 def _orphan_packs(repo: Repository) -> list[Path]:
@@ -425,6 +476,7 @@ def collect(
                 sum(p.size for p in survey.going)
                 + result.loose_dead_bytes
                 + sum(f.stat().st_size for f in stale_tmp)
+                + sum(f.stat().st_size for f in dead_spools(repo.objects_dir))
             )
             # The rewritten packs' live objects go into a new pack (headers aside).
             result.written_bytes = sum(p.live_bytes for p in survey.going)
@@ -445,6 +497,8 @@ def collect(
             if pack_dir.is_dir():
                 result.deleted_bytes += remove_packs(pack_dir, going)
                 result.deleted_bytes += _remove_leftovers(pack_dir, stale_tmp)
+            for f in dead_spools(repo.objects_dir):
+                result.deleted_bytes += unlink_counted(f)
             for f in dead_loose.values():
                 result.deleted_bytes += unlink_counted(f)
             if pack_dir.is_dir():

@@ -46,6 +46,10 @@ _LOCK_WAIT = 600.0
 _PID_MAX = 1 << 22
 
 
+# dulwich's temporary file of a pack a fetch receives (in objects/, not objects/pack/).
+SPOOL_PREFIX = "tmp_pack_"
+
+
 def pid_alive(pid: int) -> bool:
     """True when process ``pid`` exists (it may belong to another user).
 

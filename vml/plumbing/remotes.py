@@ -49,7 +49,7 @@ from vml.errors import CorruptRepository, RemoteError, UsageError, VMLError
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.chains import read_entry, resolve_image
 from vml.plumbing.entries import Entry
-from vml.plumbing.keeps import claim, claim_line, unclaim
+from vml.plumbing.keeps import SPOOL_PREFIX, claim, claim_line, unclaim
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository, fsync_dir, write_atomic
 from vml.progress import ProgressFn, no_progress
@@ -374,18 +374,52 @@ def _add_pack_kept(
             keeps.append(keep)
         return base
 
+    spool: list[Path] = []
+
+    def read(n: int) -> bytes:
+        if not spool:  # dulwich has made its temporary file and holds it open
+            spool.append(_held_spool(repo.objects_dir))
+        return data(n)
+
     setattr(store, "_get_pack_basepath", named)  # noqa: B010 (shadow the method on this store only)
     try:
-        pack = store.add_thin_pack(data, None, progress=_index_progress(progress))
+        pack = store.add_thin_pack(read, None, progress=_index_progress(progress))
         keep = repo.objects_dir / "pack" / f"pack-{pack.name().decode()}.keep"
         if keep not in keeps and _pending_keep(keep, line):
             keeps.append(keep)
     except BaseException:
         _release(keeps, line)
+        for p in spool:  # a pack that failed to index leaves no file behind
+            if p != _NO_SPOOL:
+                p.unlink(missing_ok=True)
         raise
     finally:
         delattr(store, "_get_pack_basepath")
     return keeps
+
+
+_NO_SPOOL = Path("/")
+
+
+def _held_spool(objects_dir: Path) -> Path:
+    """The ``objects/tmp_pack_*`` file this process holds open: the one dulwich is writing.
+
+    Found through our own open files, so a failure removes this fetch's
+    file and never another's (two fetches may write one at once).
+    """
+    fd_dir = Path("/proc/self/fd")
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return _NO_SPOOL
+    for fd in fds:
+        try:
+            target = Path(os.readlink(fd_dir / fd))
+        except OSError:
+            continue
+        if target.parent == objects_dir.resolve() and target.name.startswith(SPOOL_PREFIX):
+            return target
+    return _NO_SPOOL
 
 
 def local_heads(repo: Repository) -> list[ObjectID]:
@@ -479,8 +513,9 @@ def receive(
             except Exception as e:
                 raise CorruptRepository(
                     f"the pack from {url} is damaged ({e}); nothing was kept",
-                    "the remote's repository is probably damaged: run `vml fsck` there, "
-                    "and fetch the entries it can still send by name",
+                    "run the same command again; if it fails again, the remote's repository "
+                    "is damaged: run `vml fsck` there, and fetch the entries it can still "
+                    "send by name",
                 ) from None
     finally:
         sink.file.close()

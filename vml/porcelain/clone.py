@@ -85,7 +85,6 @@ def clone(
             "origin",
             url,
             keep_numbers=True,
-            only_vml=True,
             ssh_command=ssh_command,
             progress=progress,
         )

@@ -384,23 +384,23 @@ def fetch_into(
     names: Sequence[str] = (),
     *,
     keep_numbers: bool = False,
-    only_vml: bool = False,
     ssh_command: str | None = None,
     progress: ProgressFn = no_progress,
 ) -> FetchResult:
     """Fetch from ``url`` (remote ``remote``) and name what arrived.
 
-    With ``only_vml`` (a clone), a remote that has refs but no entry at all
-    is refused before any object travels: it is a plain git repository.
+    A remote that has refs but no entry at all is refused before any object
+    travels: it is a plain git repository, and what a fetch would take from
+    it (its branches, its objects) no VML command could use or remove.
     """
     client, path = remotes_mod.open_transport(repo, url, ssh_command)
     chosen: dict[bytes, bytes] = {}
 
     def choose(refs: dict[bytes, bytes]) -> Iterable[bytes]:
-        if only_vml and refs and not any(r.startswith(_VML_REFS) for r in refs):
+        if refs and not any(r.startswith(_VML_REFS) for r in refs):
             raise RepositoryNotFound(
                 f"{url} holds no VML entries (a plain git repository?)",
-                "clone a repository `vml init` made or `vml push` sent entries to",
+                "use a repository `vml init` made or `vml push` sent entries to",
             )
         chosen.clear()
         chosen.update(select(remote, refs, names))
