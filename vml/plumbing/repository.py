@@ -394,11 +394,26 @@ def init_repository(path: Path, block_size: int = DEFAULT_BLOCK_SIZE) -> Reposit
     if path.exists() and any(path.iterdir()):
         raise UsageError(f"{path} exists and is not empty", "choose a new or empty folder")
     made = make_folder(path)
-    before = set(os.listdir(path))
+    try:
+        # The claim: only one process can create vml/, and it is made before
+        # anything else, so another `vml init` of this folder stops here and
+        # what this one removes on failure was surely its own.
+        os.mkdir(path / "vml")
+    except (FileExistsError, FileNotFoundError):
+        undo_made(path, [], made)
+        raise UsageError(
+            f"{path} is being made a repository by another command",
+            "wait for it and use that repository, or choose another folder",
+        ) from None
+    except BaseException:
+        undo_made(path, [], made)
+        raise
+    before = set(os.listdir(path)) - {"vml"}
     try:
         _init_bare(path, block_size)
         return open_repository(path)
     except BaseException:
+        # vml/ (the claim) last: until then no other init can start here.
         undo_made(path, [n for n in REPOSITORY_NAMES if n not in before], made)
         raise
 
@@ -421,7 +436,6 @@ def _configure(repo: Repo, path: Path, block_size: int) -> None:
     cfg.set((b"pack",), b"window", b"0")
     cfg.set((b"pack",), b"depth", b"0")
     cfg.write_to_path()
-    (path / "vml").mkdir(exist_ok=True)
     (path / "description").write_text("VML repository of virtual machine entries\n")
 
 
