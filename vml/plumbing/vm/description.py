@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from vml.errors import AreaError
 from vml.plumbing.vm.configs import Config, DiskRef, memory_to_mib, parse_xml
+from vml.plumbing.vm.durable import write_durably
 
 if TYPE_CHECKING:
     import xml.etree.ElementTree as ET
@@ -221,15 +222,9 @@ def read_spec(area: Path, rel: str) -> QemuSpec:
 
 
 def write_spec(area: Path, spec: QemuSpec) -> Path:
-    """Write ``spec`` as ``<stem>.qemu.json`` in ``area`` (atomically) and return its path."""
+    """Write ``spec`` as ``<stem>.qemu.json`` in ``area`` (atomically, durably); returns its path."""
     path = area / (spec.stem + SUFFIX)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(spec.to_json(), indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # never left in the area, to be saved with it
-        raise
+    write_durably(path, (json.dumps(spec.to_json(), indent=1) + "\n").encode())
     return path
 
 

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vml.errors import AreaError, IncompatibleState
+from vml.plumbing.vm.durable import write_durably
 from vml.plumbing.vm.ignore import VML_DIR
 
 RESUME_SUFFIX = ".resume.json"
@@ -68,8 +69,8 @@ class ResumeInfo:
         return doc
 
     def write(self, path: Path) -> None:
-        """Write it to ``path``."""
-        path.write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
+        """Write it to ``path`` (atomically, durably: a save relies on it once it is taken)."""
+        write_durably(path, (json.dumps(self.to_json(), indent=1) + "\n").encode())
 
 
 def read_resume(area: Path, rel: str) -> ResumeInfo:
