@@ -10,7 +10,8 @@ an fsync of the folder.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+import zlib
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from dulwich.objects import ObjectID
@@ -99,14 +100,21 @@ def all_refs(repo: Repository) -> Iterator[tuple[bytes, bytes]]:
 _MAX_TAG_DEPTH = 32
 
 
-def peel(repo: Repository, name: bytes, value: bytes) -> bytes:
+def peel(
+    repo: Repository, name: bytes, value: bytes, commits: Container[bytes] = frozenset()
+) -> bytes:
     """The hex id ref ``name`` (holding hex ``value``) finally names, through every tag object.
 
     The one place refs are peeled: a packed ref carries git's peeled line;
     a loose one (``git tag -a`` writes loose refs) is followed through its
     tag objects here, so a tag means the same however git stored it.  A
     target that cannot be read stays as it is: the checks then name it.
+    ``commits`` (hex ids the caller knows an entry ref holds) end the walk
+    without reading the object: a tag VML made, or one reaching an entry
+    through its tag objects, costs no read of the entry's commit.
     """
+    if value in commits:
+        return value
     refs = repo.git.refs
     peeled = refs.get_peeled(Ref(name))
     # Git's peeled line is the packed ref's: a loose ref over it (git moves a
@@ -117,7 +125,7 @@ def peel(repo: Repository, name: bytes, value: bytes) -> bytes:
     sha = value
     for _ in range(_MAX_TAG_DEPTH):
         try:
-            type_num, data = store.get_raw(ObjectID(sha))
+            type_num, data = _loose(repo, sha) or store.get_raw(ObjectID(sha))
         except Exception:  # any damage: fsck and verify name it, not every read
             return sha
         if type_num != _TAG_TYPE:
@@ -126,11 +134,39 @@ def peel(repo: Repository, name: bytes, value: bytes) -> bytes:
         if target is None:
             return sha
         sha = target
+        if sha in commits:
+            return sha
     return sha
 
 
 _TAG_TYPE = 4
+_TYPES = {b"commit": 1, b"tree": 2, b"blob": 3, b"tag": _TAG_TYPE}
+
+
+def _loose(repo: Repository, sha: bytes) -> tuple[int, bytes] | None:
+    """A loose object's type and the start of its data, or None when it is not loose.
+
+    ``git tag -a`` writes its tag object loose: reading it here first spares
+    a look-up in every pack's index, per tag, on every read of the refs.
+    Peeling needs a tag's first line only, so only the start is inflated.
+    """
+    if not _HEX40.fullmatch(sha):
+        return None
+    path = repo.objects_dir / sha[:2].decode() / sha[2:].decode()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(4096)
+        head, _, body = zlib.decompressobj().decompress(raw, 1024).partition(b"\0")
+    except (OSError, zlib.error):
+        return None  # not loose, or a damaged copy: the store's reading decides
+    kind, _, size = head.partition(b" ")
+    if kind not in _TYPES or not size.isdigit():
+        return None
+    return _TYPES[kind], body
+
+
 _OBJECT_LINE = re.compile(rb"object ([0-9a-f]{40})\n")
+_HEX40 = re.compile(rb"[0-9a-f]{40}")
 
 
 def _tag_object(data: bytes) -> bytes | None:
@@ -144,6 +180,7 @@ def read_refs(repo: Repository) -> RefTable:
     entries: dict[int, bytes] = {}
     tags: dict[str, bytes] = {}
     branches: dict[str, bytes] = {}
+    tag_refs: list[tuple[bytes, bytes]] = []
     for name, value in all_refs(repo):
         if name.startswith(ENTRY_PREFIX):
             tail = name[len(ENTRY_PREFIX) :]
@@ -151,9 +188,16 @@ def read_refs(repo: Repository) -> RefTable:
             if tail.isdigit() and len(tail) <= 18 and not tail.startswith(b"0"):
                 entries[int(tail)] = bytes.fromhex(value.decode())
         elif name.startswith(TAG_PREFIX):
-            tags[name[len(TAG_PREFIX) :].decode()] = bytes.fromhex(peel(repo, name, value).decode())
+            tag_refs.append((name, value))
         elif name.startswith(BRANCH_PREFIX):
             branches[name[len(BRANCH_PREFIX) :].decode()] = bytes.fromhex(value.decode())
+    # A tag naming what an entry ref names needs no object read to be peeled:
+    # it is that entry (whatever that ref holds, the tag means the same).
+    held = {c.hex().encode() for c in entries.values()}
+    for name, value in tag_refs:
+        tags[name[len(TAG_PREFIX) :].decode()] = bytes.fromhex(
+            peel(repo, name, value, held).decode()
+        )
     return RefTable(entries, tags, branches)
 
 
