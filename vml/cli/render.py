@@ -97,6 +97,16 @@ class _Collect(logging.Handler):
             self.lines.append(line)
 
 
+class _SayNow(logging.Handler):
+    """Prints what it is given at once, on stderr (a wait for another command's lock)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err.print(f"[yellow]vml:[/yellow] {escape(record.getMessage())}")
+
+
 @contextmanager
 def warnings_said_once() -> Iterator[None]:
     """Print what plumbing warned about (a pack set aside, a damaged cache), once each.
@@ -114,11 +124,18 @@ def warnings_said_once() -> Iterator[None]:
     handler = _Collect()
     logger.addHandler(handler)
     propagate, logger.propagate = logger.propagate, False
+    # A wait for a lock is said as it starts, not at the end: it may last minutes.
+    waits = logging.getLogger("vml.wait")
+    now = _SayNow()
+    waits.addHandler(now)
+    waits_propagate, waits.propagate = waits.propagate, False
     try:
         yield
     finally:
         logger.removeHandler(handler)
         logger.propagate = propagate
+        waits.removeHandler(now)
+        waits.propagate = waits_propagate
     for line in handler.lines:
         err.print(f"[yellow]vml: warning:[/yellow] {escape(line)}")
 

@@ -76,7 +76,7 @@ def pack_dir_lock(pack_dir: Path) -> Iterator[None]:
     """
     vml_dir = pack_dir.parent.parent / "vml"
     vml_dir.mkdir(exist_ok=True)
-    busy = "another vml command holds the repository's packs for too long"
+    busy = "the repository's packs are locked by another vml command"
     with hold_flock(vml_dir / LOCK_NAME, _LOCK_WAIT, busy):
         yield
 

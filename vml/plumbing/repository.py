@@ -14,6 +14,7 @@ import ctypes
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import time
@@ -153,12 +154,65 @@ def write_atomic(path: Path, data: bytes, *, durable: bool = True, tmp: Path | N
         fsync_dir(path.parent)
 
 
-def _holder(fd: int) -> str:
+#: Whoever waits for a lock longer than this says so once (logger ``vml.wait``, which the CLI
+#: prints at once), naming the holder: a wait of up to 10 minutes is never silent.
+WAIT_NOTICE = 2.0
+_wait_log = logging.getLogger("vml.wait")
+
+
+@dataclass
+class Holder:
+    """Who holds a lock, as far as this machine can tell."""
+
+    pid: int | None = None
+    command: str = ""  # ``vml gc`` and the like, from its command line
+    stopped: bool = False  # SIGSTOP, Ctrl-Z, a debugger: it will not go on by itself
+
+    def describe(self) -> str:
+        """`` (pid 12, `vml gc`, stopped)``, or what is known of it."""
+        if self.pid is None:
+            return ""
+        words = [f"pid {self.pid}"]
+        if self.command:
+            words.append(f"`{self.command}`")
+        if self.stopped:
+            words.append("stopped")
+        return f" ({', '.join(words)})"
+
+    def remedy(self) -> str | None:
+        """What to do when the holder is stopped (None: the error's usual remedy)."""
+        if not self.stopped:
+            return None
+        return (
+            f"it will not go on by itself: continue it (`kill -CONT {self.pid}`, or `fg` "
+            "in its terminal) or end it, then try again"
+        )
+
+
+def lock_holder(fd: int) -> Holder:
+    """The process a lock file (open as ``fd``) names as its holder, and its state."""
     try:
-        pid = os.pread(fd, 32, 0).decode().strip()
+        text = os.pread(fd, 32, 0).decode().strip()
     except (OSError, UnicodeDecodeError):
-        return ""
-    return f" (pid {pid})" if pid.isdigit() else ""
+        return Holder()
+    if not (text.isascii() and text.isdigit()) or len(text) > 10:
+        return Holder()
+    pid = int(text)
+    out = Holder(pid)
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        out.stopped = stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] in (b"T", b"t")
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read(4096).decode(errors="replace").split("\0")
+    except (OSError, ValueError):
+        return out
+    for i, word in enumerate(argv):
+        if word == "vml" or word.endswith("/vml"):
+            rest = [w for w in argv[i + 1 :] if w]
+            out.command = " ".join(["vml", *rest])[:80]
+            break
+    return out
 
 
 @contextmanager
@@ -172,7 +226,9 @@ def hold_flock(path: Path, timeout: float, busy: str) -> Iterator[int]:
     holder, so after locking, the file at ``path`` must still be the one
     locked; otherwise the lock is taken again on the new file.
     """
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    deadline = start + timeout
+    said = False
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -183,8 +239,20 @@ def hold_flock(path: Path, timeout: float, busy: str) -> Iterator[int]:
                 except OSError as e:
                     if e.errno not in (errno.EAGAIN, errno.EACCES):
                         raise
-                    if time.monotonic() >= deadline:
-                        raise RepositoryBusy(busy + _holder(fd)) from None
+                    now = time.monotonic()
+                    if now >= deadline:
+                        holder = lock_holder(fd)
+                        raise RepositoryBusy(busy + holder.describe(), holder.remedy()) from None
+                    if not said and now - start >= WAIT_NOTICE:
+                        said = True
+                        holder = lock_holder(fd)
+                        left = f"waiting up to {deadline - start:.0f} s"
+                        _wait_log.warning(
+                            "%s",
+                            f"{busy}{holder.describe()}; {holder.remedy() or left}".replace(
+                                ", then try again", f" ({left})"
+                            ),
+                        )
                     time.sleep(0.05)
             try:
                 same = os.stat(path).st_ino == os.fstat(fd).st_ino
