@@ -299,3 +299,22 @@ def test_gc_removes_the_spool_of_a_fetch_killed_while_indexing_and_only_that(
         holder.kill()
         holder.wait()
     git_fsck(here)
+
+
+def test_a_git_lock_file_in_the_way_is_one_line_and_changes_nothing(here: Path) -> None:
+    """A ``*.lock`` git or another command writes through (or a killed one left) stops a write.
+
+    dulwich's ``FileLocked`` came out as a traceback.
+    """
+    lock = here / "config.lock"
+    lock.write_text("")
+    for args in (("remote", "add", "other", "/x"), ("remote", "remove", "origin")):
+        line = _fails_and_changes_nothing(here, *args)
+        assert "config.lock exists" in line and f"remove {lock}" in line, line
+    lock.unlink()
+    (here / "refs" / "tags").mkdir(exist_ok=True)
+    (here / "refs" / "tags" / "v1.lock").write_text("")
+    line = _fails_and_changes_nothing(here, "tag", "v1", "E1")
+    assert "v1.lock exists" in line, line
+    (here / "refs" / "tags" / "v1.lock").unlink()
+    assert vml(here, "tag", "v1", "E1").code == 0  # and then it works

@@ -18,7 +18,7 @@ from dulwich.objects import ObjectID
 from dulwich.refs import Ref, SymrefLoop, check_ref_format
 
 from vml.errors import AmbiguousEntry, HostileRepository, UnknownEntry, UsageError
-from vml.plumbing.repository import Repository, fsync_dir, write_atomic
+from vml.plumbing.repository import Repository, fsync_dir, git_locked, write_atomic
 from vml.values import COMMIT_ID_FORM, check_plain_name, entry_number, shown
 
 ENTRY_PREFIX = b"refs/vml/entries/"
@@ -290,12 +290,13 @@ def set_ref(
     ref does not exist yet (entry refs are never overwritten).
     """
     refs = repo.git.refs
-    if create:
-        ok = refs.add_if_new(Ref(ref), _hex(new))
-    elif old is not None:
-        ok = refs.set_if_equals(Ref(ref), _hex(old), _hex(new))
-    else:
-        ok = refs.set_if_equals(Ref(ref), None, _hex(new))
+    with git_locked():
+        if create:
+            ok = refs.add_if_new(Ref(ref), _hex(new))
+        elif old is not None:
+            ok = refs.set_if_equals(Ref(ref), _hex(old), _hex(new))
+        else:
+            ok = refs.set_if_equals(Ref(ref), None, _hex(new))
     if not ok:
         raise UsageError(f"{ref.decode()} moved while this command ran", "run the command again")
     fsync_dir((repo.path / ref.decode()).parent)
@@ -303,7 +304,8 @@ def set_ref(
 
 def delete_ref(repo: Repository, ref: bytes) -> None:
     """Remove ``ref``."""
-    repo.git.refs.remove_if_equals(Ref(ref), None)
+    with git_locked():
+        repo.git.refs.remove_if_equals(Ref(ref), None)
     parent = (repo.path / ref.decode()).parent
     if parent.exists():
         fsync_dir(parent)

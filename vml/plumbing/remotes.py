@@ -51,7 +51,7 @@ from vml.plumbing.chains import read_entry, resolve_image
 from vml.plumbing.entries import Entry
 from vml.plumbing.keeps import SPOOL_PREFIX, claim, claim_line, unclaim
 from vml.plumbing.packs import PackReader
-from vml.plumbing.repository import Repository, fsync_dir, write_atomic
+from vml.plumbing.repository import Repository, fsync_dir, git_locked, write_atomic
 from vml.progress import ProgressFn, no_progress
 from vml.values import check_plain_name
 
@@ -117,19 +117,25 @@ def add_remote(repo: Repository, name: str, url: str) -> None:
     cfg.set(section, b"url", url.encode())
     for spec in refspecs(name):
         cfg.add(section, b"fetch", spec)
-    cfg.write_to_path()
+    with git_locked():
+        cfg.write_to_path()
 
 
 def remove_remote(repo: Repository, name: str) -> int:
-    """Forget remote ``name`` and its tracking refs (local entries stay); returns refs removed."""
+    """Forget remote ``name`` and its tracking refs (local entries stay); returns refs removed.
+
+    The refs go first: stopped half way, the remote is still configured and
+    the same command finishes (its next fetch would bring the refs back).
+    """
     remote_url(repo, name)
-    cfg = repo.git.get_config()
-    del cfg[(b"remote", name.encode())]
-    cfg.write_to_path()
     removed = 0
     for ref in tracking_refs(repo, name):
         refs_mod.delete_ref(repo, ref)
         removed += 1
+    cfg = repo.git.get_config()
+    del cfg[(b"remote", name.encode())]
+    with git_locked():
+        cfg.write_to_path()
     return removed
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dulwich.config import ConfigFile
+from dulwich.file import FileLocked
 from dulwich.repo import Repo
 
 from vml.errors import RepositoryBusy, RepositoryNotFound, UsageError
@@ -152,6 +153,24 @@ def write_atomic(path: Path, data: bytes, *, durable: bool = True, tmp: Path | N
     os.replace(tmp, path)
     if durable:
         fsync_dir(path.parent)
+
+
+@contextmanager
+def git_locked() -> Iterator[None]:
+    """Turn dulwich's ``FileLocked`` (a git ``*.lock`` file in the way) into one clear error.
+
+    git and dulwich write a ref or the config through ``<file>.lock``,
+    created exclusively: another git or vml command writing the same file,
+    or one killed while it did, leaves it there.  Nothing was written then.
+    """
+    try:
+        yield
+    except FileLocked as e:
+        lock = os.fsdecode(e.lockfilename)
+        raise RepositoryBusy(
+            f"{os.fsdecode(e.filename)} is being written by another command ({lock} exists)",
+            f"wait for it to finish; if no git or vml command runs (one was killed), remove {lock}",
+        ) from None
 
 
 #: Whoever waits for a lock longer than this says so once (logger ``vml.wait``, which the CLI
