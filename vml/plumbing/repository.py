@@ -488,7 +488,7 @@ def init_repository(path: Path, block_size: int = DEFAULT_BLOCK_SIZE) -> Reposit
         os.mkdir(path / "vml")
     except (FileExistsError, FileNotFoundError):
         undo_made(path, [], made)
-        raise UsageError(
+        raise RepositoryBusy(
             f"{path} is being made a repository by another command",
             "wait for it and use that repository, or choose another folder",
         ) from None
