@@ -304,3 +304,41 @@ def _unchecked_read_fails(repo: Repository, sha: bytes) -> None:
             r.read(sha, BLOB, verify=False)
     finally:
         r.close()
+
+
+@pytest.mark.parametrize("n", [0, 1, 4095, 5400, 70_000, 200_000])
+def test_read_head_gives_the_first_bytes_of_every_kind_of_object(repo: Repository, n: int) -> None:
+    # A restore's plan inflates only the start of each delta (its header):
+    # compressible, stored, padded (a long stream), shorter than asked, loose.
+    text = bytes(range(256)) * 400
+    rnd = os.urandom(100_000)
+    w = PackWriter(repo)
+    ids = [w.add_blob(text), w.add_blob(rnd), w.add_blob(b"tiny")]
+    padded = text[:3000]
+    w.add_compressed(BLOB, blob_id(padded), len(padded), _padded_stream(padded))
+    w.finish()
+    loose = write_loose(repo, Blob.from_string(b"loose" * 100))
+    r = PackReader(repo)
+    try:
+        for sha, data in [
+            *zip(ids, [text, rnd, b"tiny"], strict=True),
+            (blob_id(padded), padded),
+            (loose, b"loose" * 100),
+        ]:
+            assert r.read_head(sha, n) == data[:n]
+    finally:
+        r.close()
+
+
+def test_read_head_of_a_damaged_stream_is_refused_as_the_whole_read_is(repo: Repository) -> None:
+    data = b"\x00\x01" * 20_000
+    w = PackWriter(repo)
+    sha = blob_id(data)
+    w.add_compressed(BLOB, sha, len(data), deflate(data)[:10])  # cut short
+    w.finish()
+    r = PackReader(repo)
+    try:
+        with pytest.raises(CorruptRepository):
+            r.read_head(sha, 5000)
+    finally:
+        r.close()

@@ -571,6 +571,33 @@ class PackReader:
             )
         return type_num, data
 
+    def read_head(self, sha: bytes, n: int) -> bytes:
+        """The first ``n`` bytes of blob ``sha`` (all of a shorter one), **unchecked**.
+
+        Only as much of its stream is inflated: for a caller that wants a
+        header and checks nothing by it (a restore planning what to gather).
+        An object not packed whole (loose, or a delta git made) is read whole.
+        """
+        for fd, offset in self._locate_all(sha):
+            type_num, size, i = parse_object_header(os.pread(fd, 32, offset))
+            if type_num != BLOB:
+                break
+            want, pos = min(n, size), offset + i
+            comp = os.pread(fd, want + (want >> 3) + 64, pos)
+            if not _zlib_header(comp):
+                break
+            d = igzip_lib.IgzipDecompressor(flag=igzip_lib.DECOMP_DEFLATE)
+            try:
+                out = d.decompress(memoryview(comp)[2:], want)
+                while len(out) < want and not d.eof and comp:
+                    pos += len(comp)
+                    comp = os.pread(fd, 1 << 16, pos) if d.needs_input else b""
+                    out += d.decompress(comp, want - len(out))
+            except Exception:  # isal raises its own IsalError
+                break  # damaged here: the whole read says so
+            return out
+        return self.read(sha, BLOB, verify=False)[1][:n]
+
     def missing(self, sha: bytes) -> CorruptRepository:
         """The error for an object no usable pack and no loose file holds.
 

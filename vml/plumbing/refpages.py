@@ -37,7 +37,7 @@ from typing import IO, TypeVar
 
 from vml.errors import CorruptRepository, HostileRepository
 from vml.plumbing.chains import ResolvedImage, SourceReader
-from vml.plumbing.deltas import REF_PAGE, Delta, overwritten, parse_delta
+from vml.plumbing.deltas import header_bound, overwritten, parse_delta
 from vml.plumbing.packs import BLOB, PackReader
 
 MEMORY = 16 << 20  # referenced pages kept in memory; beyond, in a temporary file
@@ -86,7 +86,7 @@ class RefPages:
         """Note the pages ``image`` needs (reads its deltas' headers); nothing is gathered yet."""
         self.ps = image.manifest.page_size
         self._verify = verify
-        wanted = self._needed(image, verify)
+        wanted = self._needed(image)
         with self._lock:
             # Published whole: until then, capture() takes nothing.
             self._wanted = wanted
@@ -162,28 +162,37 @@ class RefPages:
             return None
         return cls(reader, image, verify=verify, spill=spill, pool=pool)
 
-    def _needed(self, image: ResolvedImage, verify: bool) -> dict[bytes, array[int]]:
+    def _needed(self, image: ResolvedImage) -> dict[bytes, array[int]]:
         """Source -> the offsets of the pages the image's blocks take from it (repeats kept).
 
         A reference page that a newer delta of the same block names again is
         not needed: building never reads it.  8 bytes a referenced page (a set
         per source cost ~70): memory follows the pages an image references.
+        Only each delta's header is inflated, unchecked: a plan says what to
+        gather, and a page is gathered from its source, checked, by its
+        place there, whatever the plan.  A block whose deltas do not parse
+        is left out (its build reads what it needs, or says it is damaged).
         """
         needed: dict[bytes, array[int]] = {}
+        m = image.manifest
         # Block by block (in the order saves wrote them): a delta belongs to one
         # block, so only one block's parsed deltas are held at a time.
         for n in image.nonzero():
             r = image.recipes[n]
             if not r.sources:
                 continue
-            chain = [self._parsed(d, verify) for d in r.deltas]
+            bound = header_bound(m.block_length(n), m.page_size)
+            try:
+                chain = [
+                    parse_delta(self.reader.read_head(d, bound), header_only=True) for d in r.deltas
+                ]
+            except (CorruptRepository, HostileRepository):
+                continue
             for delta, skip in zip(chain, overwritten(chain), strict=True):
                 if not delta.refs:
                     continue
-                # Only the reference pages, in order (the refs follow them).
-                refs = [p & ~REF_PAGE for p in delta.pages if p & REF_PAGE]
                 per = [needed.get(src) for src in delta.sources]
-                for k, (i, off) in zip(refs, delta.refs, strict=True):
+                for k, (i, off) in zip(delta.ref_pages, delta.refs, strict=True):
                     if k in skip:
                         continue
                     found = per[i]
@@ -191,19 +200,6 @@ class RefPages:
                         found = per[i] = needed[delta.sources[i]] = array("Q")
                     found.append(off)
         return needed
-
-    def _parsed(self, delta: bytes, verify: bool) -> Delta:
-        """Delta ``delta`` parsed; read again checking its id if it does not parse unchecked.
-
-        An unchecked read (the block check comes later) may meet a damaged
-        copy; the checked one passes over it to a good copy, or says it is damaged.
-        """
-        try:
-            return parse_delta(self.reader.read(delta, BLOB, verify=verify)[1])
-        except (CorruptRepository, HostileRepository):
-            if verify:
-                raise
-            return parse_delta(self.reader.read(delta, BLOB)[1])
 
     def _put(self, pages: bytes) -> None:
         """Store whole pages (slots) after the ones stored: in memory up to the budget, then in the file."""
