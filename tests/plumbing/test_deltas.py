@@ -259,3 +259,21 @@ def test_a_run_of_references_to_adjacent_bytes_is_one_read() -> None:
     short = {a: src[a][: 2 * PAGE], b: src[b]}
     with pytest.raises(CorruptRepository, match="does not hold"):
         apply_delta(bytearray(length), blob, lambda sha, off, n: short[sha][off : off + n])
+
+
+def test_a_parsed_delta_gives_its_pages_numbers_kinds_and_references_in_order() -> None:
+    a, b = b"\x01" * 20, b"\x02" * 20
+    new = bytearray(os.urandom(8 * PAGE))
+    new[2 * PAGE : 3 * PAGE] = bytes(PAGE)
+    refs = {1: (b, 0), 5: (a, 7), 6: (b, PAGE)}
+    blob = encode_delta(bytes(new), [0, 4, 7], PAGE, [2], refs)
+    d = parse_delta(blob)
+    assert d.numbers == [0, 1, 2, 4, 5, 6, 7]
+    assert d.pages == [0, 1 | REF_PAGE, 2 | ZERO_PAGE, 4, 5 | REF_PAGE, 6 | REF_PAGE, 7]
+    assert d.ref_pages == [1, 5, 6]
+    assert [(d.sources[i], off) for i, off in d.refs] == [refs[1], refs[5], refs[6]]
+    # Only its start, cut anywhere past its header, parses the same.
+    head = parse_delta(blob[: d.data_at + 100], header_only=True)
+    assert (head.numbers, head.kinds, head.refs) == (d.numbers, d.kinds, d.refs)
+    with pytest.raises(CorruptRepository):
+        parse_delta(blob[: d.data_at - 1], header_only=True)
