@@ -151,6 +151,8 @@ def test_only_the_entry_points_import_the_root_cli_app() -> None:
     graph = import_graph(ROOT)
     users = sorted(m for m, edges in graph.items() if "vml.cli.app" in edges)
     assert users == ["vml.__main__"]
+    users = sorted(m for m, edges in graph.items() if "vml.cli.root" in edges)
+    assert users == ["vml.cli.app"]
 
 
 def test_the_cycle_check_sees_a_cycle_through_a_function_level_import(tmp_path: Path) -> None:
@@ -173,7 +175,7 @@ def test_vml_starts_without_loading_porcelain_plumbing_or_dulwich() -> None:
     import subprocess
     import sys
 
-    code = "import sys, vml.cli.app; print(' '.join(sorted(sys.modules)))"
+    code = "import sys, vml.cli.root; print(' '.join(sorted(sys.modules)))"
     env = {"PYTHONPATH": str(ROOT.parent), "PATH": "/usr/bin:/bin"}
     res = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.conftest import TEST_BLOCK, digest_area, edit, make_area
-from vml.cli.app import app
+from vml.cli.root import app
 
 runner = CliRunner()
 

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 import vml.errors as errors_mod
 from tests.conftest import make_area
 from tests.reliability.helpers import repo_state, snapshot
-from vml.cli.app import app
 from vml.cli.common import handled
+from vml.cli.root import app
 from vml.errors import VMLError
 
 FORMAT = Path(__file__).resolve().parents[2] / "docs" / "FORMAT.md"

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from tests.conftest import make_area
 from vml.cli import completion
-from vml.cli.app import app
+from vml.cli.root import app
 from vml.errors import RepositoryBusy
 
 runner = CliRunner()

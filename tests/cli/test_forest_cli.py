@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.conftest import edit, make_area
-from vml.cli.app import app
+from vml.cli.root import app
 
 runner = CliRunner()
 

@@ -23,7 +23,7 @@ from dulwich.repo import Repo
 from typer.testing import CliRunner
 
 from tests.conftest import edit, make_area
-from vml.cli.app import app
+from vml.cli.root import app
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "JSON.md"
 runner = CliRunner()

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from tests.conftest import edit, make_area
 from tests.reliability.helpers import snapshot
-from vml.cli.app import app
+from vml.cli.root import app
 
 runner = CliRunner()
 # What must never reach a terminal from a repository: C0 (but tab, newline), DEL, C1, bidi.

@@ -1,7 +1,7 @@
 """What ``vml`` pays at start-up: a command builds only itself, a save at rest imports no live-save code.
 
 Users wait for every save, and start-up is a good part of a small one: the
-command line of one command is built alone (``app._one_command``), and
+command line of one command is built alone (``root.one_command``), and
 modules only a running VM needs are imported only then.  Both must change
 nothing users see.
 """
@@ -17,7 +17,8 @@ import pytest
 from typer.main import get_command_name
 from typer.testing import CliRunner
 
-from vml.cli import app as app_mod
+import vml
+from vml.cli import root
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _top_commands() -> list[str]:
     return [
         info.name or get_command_name(getattr(info.callback, "__name__", ""))
-        for group in app_mod.GROUPS
+        for group in root.GROUPS
         for info in group.commands.registered_commands
     ]
 
@@ -36,9 +37,9 @@ def test_every_command_alone_reads_its_command_line_as_the_whole_app_does() -> N
     assert {"commit", "checkout", "log", "run", "stop", "gc"} <= set(names)
     for name in names:
         for args in ([name, "--help"], ["--repo", "/nonexistent", name, "--no-such-option"]):
-            one = app_mod._one_command(args)
+            one = root.one_command(args)
             assert one is not None, name
-            alone, whole = runner.invoke(one, args), runner.invoke(app_mod.app, args)
+            alone, whole = runner.invoke(one, args), runner.invoke(root.app, args)
             assert (alone.exit_code, alone.stdout, alone.stderr) == (
                 whole.exit_code,
                 whole.stdout,
@@ -51,21 +52,21 @@ def test_every_command_alone_reads_its_command_line_as_the_whole_app_does() -> N
     [[], ["--help"], ["--version"], ["no-such-command"], ["vm", "init"], ["--repo=x", "commit"]],
 )
 def test_the_root_help_nested_or_unknown_commands_use_the_whole_app(args: list[str]) -> None:
-    assert app_mod._one_command(args) is None
+    assert root.one_command(args) is None
 
 
 def test_completion_uses_the_whole_app(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert app_mod._one_command(["commit"]) is not None
+    assert root.one_command(["commit"]) is not None
     monkeypatch.setenv("_VML_COMPLETE", "complete_bash")
-    assert app_mod._one_command(["commit"]) is None
+    assert root.one_command(["commit"]) is None
 
 
 def test_a_save_at_rest_imports_no_live_save_code() -> None:
     """What the commit command imports before it runs: nothing only a running VM needs."""
     code = (
         "import sys\n"
-        "from vml.cli import app\n"
-        "one = app._one_command(['commit'])\n"
+        "from vml.cli import root\n"
+        "one = root.one_command(['commit'])\n"
         "import typer.main; typer.main.get_command(one)\n"
         "import vml.porcelain.commit\n"
         "only_live = ['vml.plumbing.vm.live', 'vml.plumbing.vm.foreign', "
@@ -77,3 +78,42 @@ def test_a_save_at_rest_imports_no_live_save_code() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     )
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def _run_main(args: list[str]) -> tuple[int, str, set[str]]:
+    """Run ``vml ARGS`` as the console script does; its exit code, stdout and loaded modules."""
+    code = (
+        "import sys\n"
+        "from vml.cli.app import main\n"
+        "sys.argv = ['vml', *sys.argv[1:]]\n"
+        "code = 0\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as e:\n"
+        "    code = e.code or 0\n"
+        "sys.stdout.flush()\n"
+        "sys.stderr.write('\\nMODULES ' + ' '.join(sorted(sys.modules)) + '\\n')\n"
+        "sys.exit(code)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, env=env
+    )
+    modules = done.stderr.rpartition("MODULES ")[2].split()
+    return done.returncode, done.stdout, set(modules)
+
+
+def test_version_prints_what_the_whole_app_does_without_building_it() -> None:
+    """``vml --version`` answers before typer, rich or any command is imported."""
+    code, stdout, modules = _run_main(["--version"])
+    whole = runner.invoke(root.app, ["--version"])
+    assert (code, stdout) == (whole.exit_code, whole.stdout) == (0, f"vml {vml.__version__}\n")
+    assert "vml.cli.app" in modules
+    heavy = [
+        m
+        for m in modules
+        if m.partition(".")[0] in ("typer", "rich", "click", "dulwich")
+        or m.startswith(("vml.cli.root", "vml.porcelain", "vml.plumbing"))
+    ]
+    assert heavy == []
+

@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 
 from tests.conftest import make_area
 from tests.reliability.helpers import snapshot
-from vml.cli.app import app
 from vml.cli.params import Count, EntryName, Folder, Memory, Seconds, Size
+from vml.cli.root import app
 from vml.errors import UsageError
 from vml.plumbing.retention import Policy
 from vml.values import (

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from vml.cli.app import app
+from vml.cli.root import app
 from vml.plumbing.repository import Repository
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "vm"

@@ -21,7 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.conftest import need
-from vml.cli.app import app
+from vml.cli.root import app
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.workload import WorkloadSpec, hash_area, make_area, run_session

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.conftest import TEST_BLOCK, edit, make_area, need
-from vml.cli.app import app
+from vml.cli.root import app
 from vml.plumbing.repository import Repository
 from vml.porcelain.checkout import checkout, restore
 from vml.porcelain.commit import commit

@@ -24,7 +24,7 @@ def vml_in_process(repo: Path, *args: str | Path) -> Run:
     """Run the CLI in this process (typer's runner): for tests that need no process of their own."""
     from typer.testing import CliRunner
 
-    from vml.cli.app import app
+    from vml.cli.root import app
 
     res = CliRunner().invoke(app, ["-R", str(repo), *map(str, args)])
     if res.exception is not None and not isinstance(res.exception, SystemExit):

@@ -9,7 +9,7 @@
 - the options several commands take, as shared ``Annotated`` types.
 
 Command modules (one typer app per command group) import this module and
-``render``, never ``app.py``: the root app imports them.  They import the
+``render``, never ``root.py``: the root app imports them.  They import the
 porcelain inside each command, so ``vml`` starts without loading it.
 """
 
