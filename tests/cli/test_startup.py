@@ -18,6 +18,7 @@ from typer.main import get_command_name
 from typer.testing import CliRunner
 
 import vml
+from tests.conftest import make_area
 from vml.cli import root
 
 runner = CliRunner()
@@ -117,3 +118,24 @@ def test_version_prints_what_the_whole_app_does_without_building_it() -> None:
     ]
     assert heavy == []
 
+
+def test_log_and_show_load_no_save_transfer_or_area_inspection_code(tmp_path: Path) -> None:
+    """Reading entries back loads neither the save machinery, the git client nor VM parsers."""
+    repo = tmp_path / "repo"
+    make_area(tmp_path / "area")
+    for args in (["init", str(repo)], ["--repo", str(repo), "commit", str(tmp_path / "area")]):
+        assert runner.invoke(root.app, args).exit_code == 0
+    unused = (
+        "vml.porcelain.commit",
+        "vml.plumbing.saving",
+        "vml.plumbing.images",
+        "vml.plumbing.vm.inspect",
+        "vml.plumbing.vm.formats",
+        "vml.plumbing.vm.qemu",
+        "dulwich.client",
+    )
+    for args in (["log"], ["show", "E1"]):
+        code, stdout, modules = _run_main(["--repo", str(repo), *args])
+        assert code == 0 and "E1" in stdout, (args, stdout)
+        assert "vml.porcelain.log" in modules and "vml.plumbing.vm.info" in modules
+        assert [m for m in unused if m in modules] == [], args

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from tests.conftest import qemu_io_open
 from vml.errors import AreaError, CorruptRepository, VMRunning
 from vml.plumbing.vm.formats import parse_vmdk_descriptor, read_disk
-from vml.plumbing.vm.inspect import DiskInfo, VMInfo, check_saveable, inspect_area, running_reasons
+from vml.plumbing.vm.info import DiskInfo, VMInfo
+from vml.plumbing.vm.inspect import check_saveable, inspect_area, running_reasons
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "vm"
 MiB = 1024 * 1024

@@ -30,9 +30,8 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dulwich.client import GitClient, HTTPUnauthorized, get_transport_and_path
 from dulwich.errors import (
     ApplyDeltaError,
     ChecksumMismatch,
@@ -54,6 +53,9 @@ from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository, fsync_dir, git_locked, write_atomic
 from vml.progress import ProgressFn, no_progress
 from vml.values import check_plain_name
+
+if TYPE_CHECKING:
+    from dulwich.client import GitClient
 
 SHARED_PREFIX = refs_mod.SHARED_PREFIX
 TRACK_PREFIX = b"refs/vml/remotes/"
@@ -206,6 +208,9 @@ def open_transport(
     repo: Repository | None, url: str, ssh_command: str | None = None
 ) -> tuple[GitClient, str]:
     """A dulwich client and the path on it for ``url``."""
+    # Only transfers need the client (`vml log` reads origins.json here too).
+    from dulwich.client import get_transport_and_path
+
     try:
         config = repo.git.get_config_stack() if repo is not None else None
         return get_transport_and_path(url, config=config, ssh_command=ssh_command)
@@ -237,6 +242,8 @@ def _source_damage(e: BaseException) -> str | None:
 
 def transport_error(url: str, e: BaseException) -> VMLError:
     """A one-line error for a failed transfer."""
+    from dulwich.client import HTTPUnauthorized
+
     if isinstance(e, HTTPUnauthorized):
         return RemoteError(f"{url} refused the credentials", "check the user name and password")
     if isinstance(e, NotGitRepository):

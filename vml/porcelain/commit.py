@@ -48,7 +48,8 @@ from vml.plumbing.repository import Repository
 from vml.plumbing.saving import Baseline, Saver, SourceFile
 from vml.plumbing.vm.description import find_spec
 from vml.plumbing.vm.ignore import IgnoreRules
-from vml.plumbing.vm.inspect import VMInfo, check_saveable, is_memory
+from vml.plumbing.vm.info import VMInfo
+from vml.plumbing.vm.inspect import check_saveable, is_memory
 from vml.plumbing.vm.qemu import vml_vm
 from vml.plumbing.vm.saves import FOREIGN, Snapshot, foreign_source
 from vml.porcelain.common import (

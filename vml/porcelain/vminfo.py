@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vml.errors import AreaError, CorruptRepository
-from vml.plumbing.vm.formats import read_disk
-from vml.plumbing.vm.inspect import VMInfo
+from vml.plumbing.vm.info import VMInfo
 from vml.records import Record
 
 EXTERNAL_DIR = ".external"
@@ -171,6 +170,9 @@ def external_sources(area: Path, vm: VMInfo) -> list[str]:
     any that is not a readable regular file on this host (missing, a device,
     a Windows path or URL written in a descriptor).
     """
+    # Only a save with --include-external reads disks here (`vml log` pays nothing).
+    from vml.plumbing.vm.formats import read_disk
+
     root = os.path.realpath(area)
     todo = list(vm.external)
     found: list[str] = []
