@@ -119,23 +119,36 @@ def test_version_prints_what_the_whole_app_does_without_building_it() -> None:
     assert heavy == []
 
 
-def test_log_and_show_load_no_save_transfer_or_area_inspection_code(tmp_path: Path) -> None:
-    """Reading entries back loads neither the save machinery, the git client nor VM parsers."""
+#: What reading commands must not load: the save machinery, area inspection, the git client.
+NOT_FOR_READING = (
+    "vml.porcelain.commit",
+    "vml.plumbing.saving",
+    "vml.plumbing.images",
+    "vml.plumbing.cache",
+    "vml.plumbing.vm.inspect",
+    "vml.plumbing.vm.formats",
+    "vml.plumbing.vm.qemu",
+    "dulwich.client",
+)
+#: What listing names must not load besides: entries, packs and their chains.
+NOT_FOR_NAMES = (*NOT_FOR_READING, "vml.plumbing.chains", "vml.plumbing.packs")
+
+
+def test_reading_commands_load_only_what_they_use(tmp_path: Path) -> None:
+    """``log``/``show`` load no save or VM code; ``tag``/``branch`` not even the packs."""
     repo = tmp_path / "repo"
     make_area(tmp_path / "area")
     for args in (["init", str(repo)], ["--repo", str(repo), "commit", str(tmp_path / "area")]):
         assert runner.invoke(root.app, args).exit_code == 0
-    unused = (
-        "vml.porcelain.commit",
-        "vml.plumbing.saving",
-        "vml.plumbing.images",
-        "vml.plumbing.vm.inspect",
-        "vml.plumbing.vm.formats",
-        "vml.plumbing.vm.qemu",
-        "dulwich.client",
-    )
-    for args in (["log"], ["show", "E1"]):
+    runs = {
+        ("log",): ("vml.porcelain.log", NOT_FOR_READING, "E1"),
+        ("show", "E1"): ("vml.porcelain.log", NOT_FOR_READING, "E1"),
+        ("tag", "golden", "E1"): ("vml.porcelain.names", NOT_FOR_NAMES, "golden"),
+        ("tag",): ("vml.porcelain.names", NOT_FOR_NAMES, "golden"),
+        ("branch",): ("vml.porcelain.names", NOT_FOR_NAMES, ""),
+    }
+    for args, (porcelain, unused, said) in runs.items():
         code, stdout, modules = _run_main(["--repo", str(repo), *args])
-        assert code == 0 and "E1" in stdout, (args, stdout)
-        assert "vml.porcelain.log" in modules and "vml.plumbing.vm.info" in modules
+        assert code == 0 and said in stdout, (args, stdout)
+        assert porcelain in modules
         assert [m for m in unused if m in modules] == [], args

@@ -10,10 +10,10 @@ from tests.conftest import edit
 from tests.porcelain.test_forest_rm import chain, check_all, snapshot
 from vml.errors import UsageError
 from vml.plumbing import refs as refs_mod
+from vml.plumbing.chains import read_entry
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
 from vml.porcelain.commit import commit
-from vml.porcelain.common import read_entry
 from vml.porcelain.convert import convert
 from vml.porcelain.names import create_tag
 

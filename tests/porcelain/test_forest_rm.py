@@ -94,8 +94,8 @@ def test_rm_full_root_makes_children_full(repo: Repository, area: Path, tmp_path
     res = rm(repo, ["E1"])
     assert res.anchored_blocks > 0 or res.reused_blocks > 0
     table = refs_mod.read_refs(repo)
+    from vml.plumbing.chains import read_entry
     from vml.plumbing.packs import PackReader
-    from vml.porcelain.common import read_entry
 
     reader = PackReader(repo)
     try:

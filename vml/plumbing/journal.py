@@ -36,7 +36,6 @@ from dulwich.refs import Ref
 from vml.errors import CorruptRepository, RepositoryBusy, VMLError
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.areas import AreaLocks, load_state, save_state
-from vml.plumbing.cache import drop_cache, rekey_cache
 from vml.plumbing.repository import (
     LOCK_HOOKS,
     OPEN_HOOKS,
@@ -143,6 +142,9 @@ def _area_step(repo: Repository, s: Step, locks: AreaLocks) -> bool | None:
     if not hit:
         return False
     if "entry" in hit:
+        # Imported here: every command imports this module, few move an area's cache.
+        from vml.plumbing.cache import drop_cache, rekey_cache
+
         # The cache first: a kill before the state is saved redoes both.
         if s.cache == "rekey" and s.new is not None:
             rekey_cache(area, s.old, s.new)

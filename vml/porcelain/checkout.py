@@ -22,6 +22,7 @@ from vml.plumbing.areas import (
     scan_area,
 )
 from vml.plumbing.cache import Cache, CacheWriter
+from vml.plumbing.chains import read_entry
 from vml.plumbing.entries import Entry
 from vml.plumbing.layout import check_layout
 from vml.plumbing.packs import PackReader
@@ -37,7 +38,6 @@ from vml.porcelain.common import (
     foreign_folders,
     make_pool,
     no_progress,
-    read_entry,
 )
 from vml.porcelain.vminfo import checkout_notes
 from vml.records import Record

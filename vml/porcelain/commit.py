@@ -30,6 +30,7 @@ from vml.plumbing.areas import (
     stat_signature,
 )
 from vml.plumbing.cache import Cache
+from vml.plumbing.chains import read_entry
 from vml.plumbing.entries import (
     PERM_BITS,
     Entry,
@@ -58,7 +59,6 @@ from vml.porcelain.common import (
     foreign_folders,
     make_pool,
     no_progress,
-    read_entry,
 )
 from vml.porcelain.vminfo import (
     ExternalFile,

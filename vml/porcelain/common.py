@@ -9,7 +9,6 @@ from pathlib import Path
 
 from vml.errors import AreaError
 from vml.plumbing.areas import folder_key, load_state
-from vml.plumbing.chains import read_entry as read_entry  # re-exported for the commands
 from vml.plumbing.refs import RefTable
 from vml.plumbing.repository import Repository
 from vml.progress import ProgressFn as ProgressFn  # re-exported for the commands

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from vml.errors import UsageError
 from vml.plumbing import refs as refs_mod
+from vml.plumbing.chains import read_entry
 from vml.plumbing.entries import KINDS
 from vml.plumbing.forest import Forest, load_forest
 from vml.plumbing.packs import PackReader, PackWriter
@@ -25,7 +26,7 @@ from vml.plumbing.rewrite import (
     reexpress_images,
     rewrite_entry,
 )
-from vml.porcelain.common import label, read_entry
+from vml.porcelain.common import label
 from vml.porcelain.reshape import RewriteReport, Rewritten, entry_commit, finish_pack
 from vml.progress import ProgressFn, no_progress
 

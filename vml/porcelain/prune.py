@@ -14,11 +14,12 @@ from datetime import UTC, datetime
 
 from vml.errors import UsageError
 from vml.plumbing import refs as refs_mod
+from vml.plumbing.chains import read_entry
 from vml.plumbing.forest import load_forest, repository_areas
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
 from vml.plumbing.retention import Policy, select
-from vml.porcelain.common import label, read_entry
+from vml.porcelain.common import label
 from vml.porcelain.reshape import RmResult, remove_entries
 from vml.progress import ProgressFn, no_progress
 from vml.records import Record

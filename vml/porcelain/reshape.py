@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from vml.errors import UnknownEntry, VMLError
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.areas import AreaLocks
+from vml.plumbing.chains import read_entry
 from vml.plumbing.forest import Forest, apply_rewrite, hold_areas, load_forest
 from vml.plumbing.packs import PackReader, PackWriter
 from vml.plumbing.repository import Repository
@@ -25,7 +26,7 @@ from vml.plumbing.rewrite import (
     rewrite_below,
     rewrite_entry,
 )
-from vml.porcelain.common import label, read_entry
+from vml.porcelain.common import label
 from vml.progress import ProgressFn, no_progress
 from vml.records import Record
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from vml.errors import CorruptRepository, UsageError
 from vml.plumbing import refs as refs_mod
+from vml.plumbing.chains import read_entry
 from vml.plumbing.forest import load_forest, repository_areas
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
 from vml.plumbing.verify import entry_objects
-from vml.porcelain.common import label, read_entry
+from vml.porcelain.common import label
 from vml.porcelain.reshape import RmResult, entry_commit, remove_entries
 from vml.progress import ProgressFn, no_progress
 

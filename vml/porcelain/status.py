@@ -11,6 +11,7 @@ from vml.errors import AreaError, CorruptRepository
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.areas import AreaState, Scan, load_state, scan_area, stat_signature
 from vml.plumbing.cache import Cache, block_hash, page_hashes
+from vml.plumbing.chains import read_entry
 from vml.plumbing.entries import (
     PERM_BITS,
     Entry,
@@ -25,7 +26,7 @@ from vml.plumbing.vm.formats import data_ranges
 from vml.plumbing.vm.ignore import IgnoreRules
 from vml.plumbing.vm.inspect import inspect_area
 from vml.plumbing.vm.qemu import run_status
-from vml.porcelain.common import foreign_folders, label, read_entry
+from vml.porcelain.common import foreign_folders, label
 from vml.porcelain.vminfo import EntryVM, RunState, saved_externals
 from vml.records import Record
 
