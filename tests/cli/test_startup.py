@@ -132,10 +132,15 @@ NOT_FOR_READING = (
 )
 #: What listing names must not load besides: entries, packs and their chains.
 NOT_FOR_NAMES = (*NOT_FOR_READING, "vml.plumbing.chains", "vml.plumbing.packs")
+#: What the status of an area saved as it is must not load: no image was read.
+NOT_FOR_STATUS = ("vml.porcelain.commit", "vml.plumbing.saving", "vml.plumbing.images")
 
 
 def test_reading_commands_load_only_what_they_use(tmp_path: Path) -> None:
-    """``log``/``show`` load no save or VM code; ``tag``/``branch`` not even the packs."""
+    """``log``/``show`` load no save or VM code; ``tag``/``branch`` not even the packs.
+
+    ``status`` of an area that nothing changed in loads no image code either.
+    """
     repo = tmp_path / "repo"
     make_area(tmp_path / "area")
     for args in (["init", str(repo)], ["--repo", str(repo), "commit", str(tmp_path / "area")]):
@@ -146,6 +151,7 @@ def test_reading_commands_load_only_what_they_use(tmp_path: Path) -> None:
         ("tag", "golden", "E1"): ("vml.porcelain.names", NOT_FOR_NAMES, "golden"),
         ("tag",): ("vml.porcelain.names", NOT_FOR_NAMES, "golden"),
         ("branch",): ("vml.porcelain.names", NOT_FOR_NAMES, ""),
+        ("status", str(tmp_path / "area")): ("vml.porcelain.status", NOT_FOR_STATUS, "nothing"),
     }
     for args, (porcelain, unused, said) in runs.items():
         code, stdout, modules = _run_main(["--repo", str(repo), *args])

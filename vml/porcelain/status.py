@@ -19,7 +19,6 @@ from vml.plumbing.entries import (
     folder_record,
     same_attributes,
 )
-from vml.plumbing.images import block_spans, file_digest
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
 from vml.plumbing.vm.formats import data_ranges
@@ -80,6 +79,8 @@ def _changed_bytes(path: Path, cache: Cache, rel: str, size: int) -> int | None:
     recs = cache.records(rel)
     if recs is None:
         return None
+    from vml.plumbing.images import block_spans  # see area_changes
+
     bs = cache.block_size
     ps = cache.page_size
     changed = 0
@@ -138,6 +139,10 @@ def area_changes(
         cached = cache.files.get(af.path) if cache_ok else None
         if cached is not None and cached.stat == stat_signature(st) and same_mode:
             continue
+        # The image code only for an image whose stat changed: `vml status`
+        # and `vml areas` on areas saved as they are do not load it.
+        from vml.plumbing.images import file_digest
+
         digest = (
             file_digest(area / af.path, cache.block_size)
             if o.kind == "image"
