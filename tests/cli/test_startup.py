@@ -71,7 +71,8 @@ def test_a_save_at_rest_imports_no_live_save_code() -> None:
         "import typer.main; typer.main.get_command(one)\n"
         "import vml.porcelain.commit\n"
         "only_live = ['vml.plumbing.vm.live', 'vml.plumbing.vm.foreign', "
-        "'vml.plumbing.vm.libvirt', 'socket', 'xml.etree.ElementTree']\n"
+        "'vml.plumbing.vm.libvirt', 'vml.plumbing.vm.qmp', 'vml.plumbing.vm.resume', "
+        "'socket', 'xml.etree.ElementTree']\n"
         "print(sorted(m for m in only_live if m in sys.modules))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

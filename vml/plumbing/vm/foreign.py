@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from vml.errors import AreaError, QMPError, VMControlError
-from vml.plumbing.vm.ignore import VML_DIR
+from vml.plumbing.vm.ignore import RESUME_SUFFIX, VML_DIR
 from vml.plumbing.vm.qemu import (
     current_machine,
     now_iso,
@@ -53,7 +53,6 @@ from vml.plumbing.vm.qemu import (
 )
 from vml.plumbing.vm.qmp import QMPClient
 from vml.plumbing.vm.resume import (
-    RESUME_SUFFIX,
     STATE_SUFFIXES,
     ForeignSnapshot,
     ResumeInfo,

@@ -23,6 +23,9 @@ from dulwich.ignore import IgnoreFilter, IgnoreFilterStack, read_ignore_patterns
 
 IGNORE_FILE = ".vmlignore"
 VML_DIR = ".vml"
+#: A state saved through QMP or libvirt is described by ``<state stem>.resume.json``
+#: in the area (``resume``); kept here so that knowing the name loads no resume code.
+RESUME_SUFFIX = ".resume.json"
 
 #: Files every hypervisor writes while running that are no part of the VM.
 DEFAULT_PATTERNS: tuple[str, ...] = (

@@ -23,11 +23,10 @@ from vml.errors import AreaError, VMRunning
 from vml.plumbing.vm.configs import Config, DiskRef, parse_libvirt, parse_vbox, parse_vmx
 from vml.plumbing.vm.description import parse_qemu_json
 from vml.plumbing.vm.formats import RawDisk, is_candidate, read_disk
-from vml.plumbing.vm.ignore import VML_DIR, IgnoreRules
+from vml.plumbing.vm.ignore import RESUME_SUFFIX, VML_DIR, IgnoreRules
 from vml.plumbing.vm.info import DiskInfo, VMInfo
 from vml.plumbing.vm.locks import image_reasons, lck_entries
 from vml.plumbing.vm.qemu import RunningVM, vml_vm
-from vml.plumbing.vm.resume import RESUME_SUFFIX
 
 #: Config suffix → (parser, rank); a lower rank wins when an area holds several.
 #: ``.json`` is VML's own QEMU description (``<name>.qemu.json``).

@@ -48,10 +48,9 @@ from datetime import datetime
 from pathlib import Path
 
 from vml.errors import AreaError, VMControlError, VMRunning
-from vml.plumbing.vm.ignore import VML_DIR
+from vml.plumbing.vm.ignore import RESUME_SUFFIX, VML_DIR
 from vml.plumbing.vm.qemu import RunPaths, now_iso
 from vml.plumbing.vm.resume import (
-    RESUME_SUFFIX,
     STATE_SUFFIXES,
     ForeignSnapshot,
     ResumeInfo,

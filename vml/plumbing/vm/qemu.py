@@ -42,13 +42,16 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vml.errors import AreaError, IncompatibleState, QMPError, VMControlError
 from vml.plumbing.vm.description import QemuSpec
 from vml.plumbing.vm.formats import data_ranges
 from vml.plumbing.vm.ignore import VML_DIR
-from vml.plumbing.vm.qmp import SUN_PATH_MAX, QMPClient, is_listening
+
+if TYPE_CHECKING:
+    # Only a running VM talks QMP: a save at rest does not load it.
+    from vml.plumbing.vm.qmp import QMPClient
 
 RUN_DIR = "run"
 STAGE_DIR = "stage"
@@ -118,6 +121,8 @@ class RunPaths:
 
     def socket_target(self) -> Path:
         """Where QEMU binds its QMP socket: ``qmp`` itself, or a short path if that is too long."""
+        from vml.plumbing.vm.qmp import SUN_PATH_MAX
+
         if len(os.fsencode(self.qmp.absolute())) <= SUN_PATH_MAX:
             return self.qmp.absolute()
         digest = hashlib.sha256(os.fsencode(self.area.absolute())).hexdigest()[:20]
@@ -516,6 +521,8 @@ def wait_for_qmp(
     Raises ``VMControlError`` with QEMU's own words if it ends first (its
     shell parent wrote ``exit``, or ``proc``, QEMU run in the foreground, ended).
     """
+    from vml.plumbing.vm.qmp import QMPClient, is_listening
+
     deadline = time.monotonic() + timeout
     while True:
         if paths.exit.exists() or (proc is not None and proc.poll() is not None):
@@ -660,6 +667,8 @@ def vml_vm(area: Path) -> RunningVM | None:
         pid = int(paths.pidfile.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
+    from vml.plumbing.vm.qmp import is_listening
+
     if not _alive_qemu(pid, str(paths.socket_target())) or not is_listening(paths.qmp):
         return None
     return RunningVM(pid, paths.qmp)
@@ -671,6 +680,8 @@ def runstate(area: Path, timeout: float = 1.0) -> str | None:
     Unknown also when another client (a save in progress) holds the socket
     for longer than ``timeout``.
     """
+    from vml.plumbing.vm.qmp import QMPClient
+
     try:
         with QMPClient.connect(RunPaths(area).qmp, timeout=timeout) as c:
             st = c.execute("query-status", timeout=timeout)

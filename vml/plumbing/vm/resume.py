@@ -36,9 +36,8 @@ from pathlib import Path
 
 from vml.errors import AreaError, IncompatibleState
 from vml.plumbing.vm.durable import write_durably
-from vml.plumbing.vm.ignore import VML_DIR
+from vml.plumbing.vm.ignore import RESUME_SUFFIX, VML_DIR
 
-RESUME_SUFFIX = ".resume.json"
 FORMAT_VERSION = 1
 VIAS = ("qmp", "libvirt")
 #: Suffix of the state file for each way of saving.
