@@ -270,13 +270,7 @@ def _dirty_data(
 
 def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Sorted, merged ``[start, end)`` ranges (empty ones dropped)."""
-    out: list[tuple[int, int]] = []
-    for a, b in sorted(r for r in ranges if r[0] < r[1]):
-        if out and out[-1][1] >= a:
-            out[-1] = (out[-1][0], max(out[-1][1], b))
-        else:
-            out.append((a, b))
-    return out
+    return list(_union(sorted(r for r in ranges if r[0] < r[1])))
 
 
 def data_clusters(fd: int) -> DataMap:
