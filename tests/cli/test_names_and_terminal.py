@@ -1,7 +1,8 @@
 """Names and text from other people's repositories (#14).
 
 - whatever a repository holds (messages, tag and branch names, paths) is
-  printed with terminal controls shown as escapes, never obeyed;
+  printed with terminal controls shown as escapes, never obeyed, and rich
+  markup or emoji codes (``:bug:``) in it printed as typed;
 - tag and branch names follow the rule their message states, and never read
   as an E-number or a commit id; a name that reads as two commits is
   ambiguous and says so;
@@ -25,7 +26,7 @@ from vml.cli.root import app
 runner = CliRunner()
 # What must never reach a terminal from a repository: C0 (but tab, newline), DEL, C1, bidi.
 RAW = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-EVIL_MESSAGE = "fine\x1b]0;pwned\x07\x1b[2J\x9b31m [red]not red[/red] \u202eevil"
+EVIL_MESSAGE = "fine\x1b]0;pwned\x07\x1b[2J\x9b31m [red]not red[/red] :bug: \u202eevil"
 
 
 def vml(repo: Path, *args: str | Path, code: int = 0) -> tuple[str, str]:
@@ -81,10 +82,13 @@ def test_text_from_another_repository_never_drives_the_terminal(
     # Shown, not obeyed and not lost: the escapes are there to read.
     assert "\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m" in seen and "\\u202eevil" in seen
     assert "[red]not red[/red]" in seen  # markup in a message is text
+    assert ":bug:" in seen and "\U0001f41b" not in seen  # so are emoji codes
     assert "tag\\x9b2Jx\\u202e" in seen and "br\\x9b31m" in seen
     # Errors quoting such a name are as harmless.
     _out, err = vml(bob, "show", "nope\x1b[2J", code=4)
     assert RAW.search(err) is None and "nope" in err
+    _out, err = vml(bob, "show", "nope:bug:", code=4)
+    assert "nope:bug:" in err
 
 
 @pytest.mark.parametrize(

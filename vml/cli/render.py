@@ -39,7 +39,8 @@ class SafeConsole(Console):
     repositories and folders; an ESC or CSI among them could rewrite the
     screen or the terminal's title.  Every line VML prints passes here, so
     no caller has to remember it (rich markup in such text is escaped where
-    it is written into a line, with ``rich.markup.escape``).
+    it is written into a line, with ``rich.markup.escape``; emoji codes such
+    as ``:bug:`` are never replaced, so a message prints as it was typed).
     """
 
     def print(self, *objects: Any, **kwargs: Any) -> None:
@@ -47,8 +48,8 @@ class SafeConsole(Console):
         super().print(*(harmless(o) if isinstance(o, str) else o for o in objects), **kwargs)
 
 
-out = SafeConsole(highlight=False, soft_wrap=True)
-err = SafeConsole(stderr=True, highlight=False, soft_wrap=True)
+out = SafeConsole(highlight=False, soft_wrap=True, emoji=False)
+err = SafeConsole(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 
 def size(n: int | None) -> str:
