@@ -9,13 +9,17 @@ an fsync of the folder.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import zlib
-from collections.abc import Container, Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from dulwich.file import FileLocked, GitFile, _GitFile
 from dulwich.objects import ObjectID
-from dulwich.refs import Ref, SymrefLoop, check_ref_format
+from dulwich.refs import DiskRefsContainer, Ref, SymrefLoop, check_ref_format
 
 from vml.errors import AmbiguousEntry, HostileRepository, UnknownEntry, UsageError
 from vml.plumbing.repository import Repository, fsync_dir, git_locked, write_atomic
@@ -304,8 +308,124 @@ def set_ref(
 
 def delete_ref(repo: Repository, ref: bytes) -> None:
     """Remove ``ref``."""
+    _note_removed(repo, [ref])
     with git_locked():
         repo.git.refs.remove_if_equals(Ref(ref), None)
     parent = (repo.path / ref.decode()).parent
     if parent.exists():
         fsync_dir(parent)
+
+
+def _note_removed(repo: Repository, refs: Iterable[bytes]) -> None:
+    """Before entry refs go: their numbers count as given, though their writer never noted them.
+
+    A command killed between creating an entry ref and :func:`note_numbers`
+    leaves the number unnoted; were that entry then removed, the next save
+    would get its number again.  Noting it here, first, closes that window.
+    """
+    numbers = []
+    for ref in refs:
+        tail = ref[len(ENTRY_PREFIX) :] if ref.startswith(ENTRY_PREFIX) else b""
+        if tail.isdigit() and len(tail) <= 18 and not tail.startswith(b"0"):
+            numbers.append(int(tail))
+    note_numbers(repo, numbers)
+
+
+@dataclass(frozen=True)
+class RefMove:
+    """One ref change of :func:`move_refs`.
+
+    ``new`` is a binary commit id, or None to delete the ref.  With
+    ``check``, the ref must hold ``old`` now (None: must not exist).
+    """
+
+    ref: bytes
+    new: bytes | None
+    old: bytes | None = None
+    check: bool = False
+
+
+def create(ref: bytes, new: bytes) -> RefMove:
+    """A move that makes ``ref``, which must not exist (entry refs are never overwritten)."""
+    return RefMove(ref, new, None, check=True)
+
+
+def move_refs(repo: Repository, moves: Sequence[RefMove]) -> None:
+    """Move several refs as one: every ref's lock first, then the writes (git's ref transaction).
+
+    Each ref's ``<ref>.lock`` is made (exclusively) before any ref changes,
+    so a lock in the way (another git or vml command writing that ref, or
+    one killed while it did) refuses the whole move with one
+    :class:`RepositoryBusy` and nothing changed, and so does a ref not
+    holding what ``check`` expects.  Then each new value is written and
+    fsynced in its lock file and renamed into place, in the order given,
+    deletions last, and the folders are fsynced.  A process killed between
+    two of those renames (microseconds) leaves the later refs unmoved and
+    their lock files, which the next write names, as after a killed git:
+    callers order their moves so that every prefix is a valid state their
+    command completes when run again.
+    """
+    if not moves:
+        return
+    refs = repo.git.refs
+    assert isinstance(refs, DiskRefsContainer)  # a repository on disk
+    if len({m.ref for m in moves}) != len(moves):
+        raise ValueError("a ref moved twice in one transaction")
+    for m in moves:
+        if not check_ref_format(Ref(m.ref)):
+            raise UsageError(f"{shown(m.ref.decode(errors='replace'))} is not a valid ref name")
+    held: list[tuple[RefMove, _GitFile]] = []
+    made: list[Path] = []
+    done = False
+    try:
+        with git_locked():
+            for m in moves:
+                path = Path(os.fsdecode(refs.refpath(Ref(m.ref))))
+                made += _make_dirs(path.parent)
+                held.append((m, GitFile(path, "wb")))
+            packed = refs.get_packed_refs()
+            lock = repo.path / "packed-refs.lock"
+            if any(m.new is None and m.ref in packed for m in moves) and lock.exists():
+                raise FileLocked(str(repo.path / "packed-refs"), str(lock))
+        for m, f in held:
+            now = refs.read_loose_ref(Ref(m.ref)) or packed.get(Ref(m.ref))
+            if m.check and now != (None if m.old is None else _hex(m.old)):
+                raise UsageError(
+                    f"{m.ref.decode()} moved while this command ran", "run the command again"
+                )
+            if m.new is not None:
+                f.write(_hex(m.new) + b"\n")
+        for m, f in held:
+            if m.new is not None:
+                f.close()  # fsync, rename into place
+        for m, f in held:
+            if m.new is None:
+                _note_removed(repo, [m.ref])
+                path = Path(os.fsdecode(refs.refpath(Ref(m.ref))))
+                path.unlink(missing_ok=True)
+                with git_locked():
+                    refs._remove_packed_ref(Ref(m.ref))  # takes packed-refs.lock itself
+                f.abort()
+        done = True
+    finally:
+        for _m, f in held:
+            if not f.closed:
+                f.abort()
+        if not done:
+            for d in made:  # what a refused move made stays out of the repository
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+    for parent in sorted({(repo.path / m.ref.decode()).parent for m in moves}):
+        if parent.exists():
+            fsync_dir(parent)
+
+
+def _make_dirs(folder: Path) -> list[Path]:
+    """Make ``folder`` and its missing parents; the ones made, deepest first."""
+    missing: list[Path] = []
+    p = folder
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing

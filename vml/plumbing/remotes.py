@@ -184,13 +184,25 @@ def read_origins(repo: Repository) -> dict[bytes, Origin]:
     return out
 
 
-def record_origins(repo: Repository, new: Mapping[bytes, Origin]) -> None:
-    """Add origins (call under the repository lock); the first one recorded stays."""
+def record_origins(
+    repo: Repository, new: Mapping[bytes, Origin], *, numbering: Iterable[bytes] = ()
+) -> None:
+    """Add origins (call under the repository lock); the first one recorded stays.
+
+    Written before the refs that number the entries (a fetch killed between
+    leaves an origin no entry uses yet, never an entry without one): for the
+    commits in ``numbering``, numbered now, the new origin replaces what a
+    fetch that never numbered them (killed, or its entry since removed) left.
+    """
     if not new:
         return
     current = read_origins(repo)
+    now = set(numbering)
     for c, o in new.items():
-        current.setdefault(c, o)
+        if c in now:
+            current[c] = o
+        else:
+            current.setdefault(c, o)
     doc = {
         "origins": {
             c.hex(): {"remote": o.remote, "url": o.url, "name": o.name}
@@ -646,19 +658,20 @@ def chain_entries(
     return found
 
 
-def number_entries(
+def plan_numbers(
     repo: Repository,
     tips: Iterable[bytes],
     hints: Mapping[bytes, int] | None = None,
     keep_hinted: bool = False,
 ) -> list[tuple[int, bytes]]:
-    """Give every unnumbered entry reachable from ``tips`` a local E-number.
+    """The local E-number every unnumbered entry reachable from ``tips`` gets; writes nothing.
 
     Call under the repository lock.  Parents are numbered before children;
     among ready entries the remote's number (``hints``), then the creation
-    time, then the number the entry had where it was saved, decides.  With ``keep_hinted`` (a clone into an empty repository),
-    an entry takes its hinted number when that number is free here.
-    Returns ``(number, commit)`` pairs made, in order.
+    time, then the number the entry had where it was saved, decides.  With
+    ``keep_hinted`` (a clone into an empty repository), an entry takes its
+    hinted number when that number is free here.  Returns ``(number,
+    commit)`` pairs, each entry after its parent.
     """
     hints = hints or {}
     table = refs_mod.read_refs(repo)
@@ -672,11 +685,11 @@ def number_entries(
         return []
     made: list[tuple[int, bytes]] = []
     taken = set(table.entries)
+    parent_of = {c: e.parent for c, e in found.items()}
     if keep_hinted:
         for c in sorted(found, key=lambda c: hints.get(c, 1 << 62)):
             n = hints.get(c)
             if n is not None and n > 0 and n not in taken:
-                refs_mod.set_ref(repo, refs_mod.entry_ref(n), c, create=True)
                 taken.add(n)
                 made.append((n, c))
         done = {c for _n, c in made}
@@ -699,11 +712,58 @@ def number_entries(
     nxt = refs_mod.next_number(repo, taken)
     while ready:
         c = heapq.heappop(ready)[-1]
-        refs_mod.set_ref(repo, refs_mod.entry_ref(nxt), c, create=True)
         made.append((nxt, c))
         nxt += 1
         for k in children.get(c, []):
             heapq.heappush(ready, key(k))
+    return _parents_first(made, parent_of)
+
+
+def _parents_first(
+    made: list[tuple[int, bytes]], parent_of: Mapping[bytes, bytes | None]
+) -> list[tuple[int, bytes]]:
+    """``made`` reordered so that an entry comes after its parent (a stable sort otherwise).
+
+    Refs are created in this order: a kill between two leaves no numbered
+    entry whose parent is an unnumbered one.
+    """
+    pending = {c for _n, c in made}
+    out: list[tuple[int, bytes]] = []
+    left = list(made)
+    while left:
+        later = []
+        for n, c in left:
+            if parent_of.get(c) in pending:
+                later.append((n, c))
+            else:
+                out.append((n, c))
+                pending.discard(c)
+        if len(later) == len(left):  # a cycle cannot be: parents are older commits
+            out += later
+            break
+        left = later
+    return out
+
+
+def entry_moves(made: Iterable[tuple[int, bytes]]) -> list[refs_mod.RefMove]:
+    """The ref creations that give ``(number, commit)`` pairs their numbers."""
+    return [refs_mod.create(refs_mod.entry_ref(n), c) for n, c in made]
+
+
+def number_entries(
+    repo: Repository,
+    tips: Iterable[bytes],
+    hints: Mapping[bytes, int] | None = None,
+    keep_hinted: bool = False,
+) -> list[tuple[int, bytes]]:
+    """Give every unnumbered entry reachable from ``tips`` a local E-number (:func:`plan_numbers`).
+
+    Call under the repository lock.  The refs are made as one
+    (:func:`refs.move_refs`): a ref lock in the way numbers nothing.
+    Returns ``(number, commit)`` pairs made, parents first.
+    """
+    made = plan_numbers(repo, tips, hints, keep_hinted)
+    refs_mod.move_refs(repo, entry_moves(made))
     refs_mod.note_numbers(repo, [n for n, _c in made])
     return made
 

@@ -277,17 +277,24 @@ def apply_fetched(
         # objects no ref held yet (a pack without its marker, or objects that
         # were already here unreferenced): never point a ref at a missing one.
         peeled = _check_present(repo, remote, chosen)
-        tips, wanted = _point_refs(repo, remote, chosen, peeled, hints, remote_names, res)
+        moves, tips, wanted = _plan_refs(repo, remote, chosen, peeled, hints, remote_names, res)
         if prune:
             for ref in remotes_mod.tracking_refs(repo, remote):
                 if ref not in wanted and ref not in unchanged:
-                    refs_mod.delete_ref(repo, ref)
+                    moves.append(refs_mod.RefMove(ref, None))
         tips += _pushed_here(repo)
-        made = remotes_mod.number_entries(repo, tips, hints, keep_hinted=keep_numbers)
+        made = remotes_mod.plan_numbers(repo, tips, hints, keep_hinted=keep_numbers)
+        # Bookkeeping before the refs it describes, as objects before refs:
+        # killed at any instant, no entry is left without its origin.
         origins = {
             c: remotes_mod.Origin(remote, url, remote_names.get(c, "")) for _n, c in made if remote
         }
-        remotes_mod.record_origins(repo, origins)
+        remotes_mod.record_origins(repo, origins, numbering=origins)
+        # One transaction: a ref lock in the way moves nothing.  Entries
+        # first (parents first), then what tracks the remote, deletions last:
+        # every prefix a kill can leave is valid and the same fetch completes it.
+        refs_mod.move_refs(repo, remotes_mod.entry_moves(made) + moves)
+        refs_mod.note_numbers(repo, [n for n, _c in made])
     table = refs_mod.read_refs(repo)
     for n, c in made:
         res.new_entries.append(NewEntry(f"E{n}", c.hex(), remote_names.get(c, "")))
@@ -309,7 +316,7 @@ def _remote_numbers(advertised: dict[bytes, bytes]) -> tuple[dict[bytes, int], d
     return hints, remote_names
 
 
-def _point_refs(
+def _plan_refs(
     repo: Repository,
     remote: str,
     chosen: dict[bytes, bytes],
@@ -317,12 +324,13 @@ def _point_refs(
     hints: dict[bytes, int],
     remote_names: dict[bytes, str],
     res: FetchResult,
-) -> tuple[list[bytes], set[bytes]]:
-    """Point tracking refs (and new tags) at what arrived; the tips to number, the refs set.
+) -> tuple[list[refs_mod.RefMove], list[bytes], set[bytes]]:
+    """The tracking-ref and new-tag moves for what arrived; the tips to number; the refs tracked.
 
-    Under the repository lock.  A tag that exists here on another commit is
-    left as it is and reported as a conflict.
+    Under the repository lock; writes nothing.  A tag that exists here on
+    another commit is left as it is and reported as a conflict.
     """
+    moves: list[refs_mod.RefMove] = []
     tips: list[bytes] = []
     wanted: set[bytes] = set()
     for ref, hexid in sorted(chosen.items()):
@@ -341,17 +349,17 @@ def _point_refs(
             old = _current(repo, ref)
             name = ref[len(refs_mod.TAG_PREFIX) :].decode()
             if old is None:
-                refs_mod.set_ref(repo, ref, bytes.fromhex(hexid.decode()), create=True)
+                moves.append(refs_mod.create(ref, bytes.fromhex(hexid.decode())))
                 res.tags.append(name)
             elif old != hexid:
                 res.tag_conflicts.append(name)
             continue
         wanted.add(target)
         if _current(repo, target) != hexid:
-            refs_mod.set_ref(repo, target, bytes.fromhex(hexid.decode()))
+            moves.append(refs_mod.RefMove(target, bytes.fromhex(hexid.decode())))
         if ref.startswith(refs_mod.BRANCH_PREFIX):
             res.branches[ref[len(refs_mod.BRANCH_PREFIX) :].decode()] = commit.hex()
-    return tips, wanted
+    return moves, tips, wanted
 
 
 def _pushed_here(repo: Repository) -> list[bytes]:

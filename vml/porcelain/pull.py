@@ -41,6 +41,7 @@ def pull(
     with repo.lock():
         table = refs_mod.read_refs(repo)
         reader = PackReader(repo)
+        moves: list[refs_mod.RefMove] = []
         try:
             for b, entry in sorted(res.fetch.branches.items()):
                 theirs = refs_mod.resolve_name(repo, entry, table)
@@ -48,15 +49,17 @@ def pull(
                 ref = refs_mod.BRANCH_PREFIX + b.encode()
                 name = label(table, theirs) or theirs.hex()[:12]
                 if ours is None:
-                    refs_mod.set_ref(repo, ref, theirs, create=True)
+                    moves.append(refs_mod.create(ref, theirs))
                     res.created[b] = name
                 elif ours == theirs or remotes_mod.is_ancestor(reader, theirs, ours):
                     continue
                 elif remotes_mod.is_ancestor(reader, ours, theirs):
-                    refs_mod.set_ref(repo, ref, theirs, ours)
+                    moves.append(refs_mod.RefMove(ref, theirs, ours, check=True))
                     res.moved[b] = name
                 else:
                     res.diverged[b] = name
         finally:
             reader.close()
+        # All branches or none: a ref lock in the way moves none of them.
+        refs_mod.move_refs(repo, moves)
     return res

@@ -140,17 +140,19 @@ def _updates(
 
 def _track(repo: Repository, remote: str, updated: dict[bytes, bytes]) -> None:
     """Remember what the remote now holds, as git does after a push."""
+    moves: list[refs_mod.RefMove] = []
+    for ref, value in sorted(updated.items()):
+        if ref.startswith(remotes_mod.SHARED_PREFIX):
+            tail = ref[len(remotes_mod.SHARED_PREFIX) :]
+            target = remotes_mod.TRACK_PREFIX + remote.encode() + b"/shared/" + tail
+        elif ref.startswith(refs_mod.BRANCH_PREFIX):
+            tail = ref[len(refs_mod.BRANCH_PREFIX) :]
+            target = remotes_mod.GIT_TRACK_PREFIX + remote.encode() + b"/" + tail
+        else:
+            continue
+        moves.append(refs_mod.RefMove(target, bytes.fromhex(value.decode())))
     with repo.lock():
-        for ref, value in sorted(updated.items()):
-            if ref.startswith(remotes_mod.SHARED_PREFIX):
-                tail = ref[len(remotes_mod.SHARED_PREFIX) :]
-                target = remotes_mod.TRACK_PREFIX + remote.encode() + b"/shared/" + tail
-            elif ref.startswith(refs_mod.BRANCH_PREFIX):
-                tail = ref[len(refs_mod.BRANCH_PREFIX) :]
-                target = remotes_mod.GIT_TRACK_PREFIX + remote.encode() + b"/" + tail
-            else:
-                continue
-            refs_mod.set_ref(repo, target, bytes.fromhex(value.decode()))
+        refs_mod.move_refs(repo, moves)
 
 
 def push(
