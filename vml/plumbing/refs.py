@@ -351,21 +351,31 @@ def create(ref: bytes, new: bytes) -> RefMove:
 
 
 def move_refs(repo: Repository, moves: Sequence[RefMove]) -> None:
+    """Move several refs as one (:func:`ref_transaction`)."""
+    with ref_transaction(repo, moves):
+        pass
+
+
+@contextlib.contextmanager
+def ref_transaction(repo: Repository, moves: Sequence[RefMove]) -> Iterator[None]:
     """Move several refs as one: every ref's lock first, then the writes (git's ref transaction).
 
-    Each ref's ``<ref>.lock`` is made (exclusively) before any ref changes,
-    so a lock in the way (another git or vml command writing that ref, or
-    one killed while it did) refuses the whole move with one
+    On entering, each ref's ``<ref>.lock`` is made (exclusively) before any
+    ref changes, so a lock in the way (another git or vml command writing
+    that ref, or one killed while it did) refuses the whole move with one
     :class:`RepositoryBusy` and nothing changed, and so does a ref not
-    holding what ``check`` expects.  Then each new value is written and
-    fsynced in its lock file and renamed into place, in the order given,
-    deletions last, and the folders are fsynced.  A process killed between
-    two of those renames (microseconds) leaves the later refs unmoved and
+    holding what ``check`` expects.  The body runs holding every lock (what
+    must be written before the refs, and only if they can move); on leaving
+    it, each new value is written and fsynced in its lock file and renamed
+    into place, in the order given, deletions last, and the folders are
+    fsynced.  An error in the body moves nothing.  A process killed between
+    two of the renames (microseconds) leaves the later refs unmoved and
     their lock files, which the next write names, as after a killed git:
     callers order their moves so that every prefix is a valid state their
     command completes when run again.
     """
     if not moves:
+        yield
         return
     refs = repo.git.refs
     assert isinstance(refs, DiskRefsContainer)  # a repository on disk
@@ -395,14 +405,14 @@ def move_refs(repo: Repository, moves: Sequence[RefMove]) -> None:
                 )
             if m.new is not None:
                 f.write(_hex(m.new) + b"\n")
+        yield
         for m, f in held:
             if m.new is not None:
                 f.close()  # fsync, rename into place
         for m, f in held:
             if m.new is None:
                 _note_removed(repo, [m.ref])
-                path = Path(os.fsdecode(refs.refpath(Ref(m.ref))))
-                path.unlink(missing_ok=True)
+                Path(os.fsdecode(refs.refpath(Ref(m.ref)))).unlink(missing_ok=True)
                 with git_locked():
                     refs._remove_packed_ref(Ref(m.ref))  # takes packed-refs.lock itself
                 f.abort()

@@ -534,7 +534,12 @@ def receive(
         if wanted and sink.bytes:
             sink.file.seek(0)
             try:
-                keeps = _add_pack_kept(repo, sink.file.read, progress, line)
+                # A fetch of the same pack killed while dulwich wrote its index
+                # left ``pack-<id>.idx.lock``: one line naming it, not "damaged".
+                with git_locked():
+                    keeps = _add_pack_kept(repo, sink.file.read, progress, line)
+            except VMLError:
+                raise
             except Exception as e:
                 raise CorruptRepository(
                     f"the pack from {url} is damaged ({e}); nothing was kept",

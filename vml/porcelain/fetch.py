@@ -289,11 +289,12 @@ def apply_fetched(
         origins = {
             c: remotes_mod.Origin(remote, url, remote_names.get(c, "")) for _n, c in made if remote
         }
-        remotes_mod.record_origins(repo, origins, numbering=origins)
-        # One transaction: a ref lock in the way moves nothing.  Entries
-        # first (parents first), then what tracks the remote, deletions last:
-        # every prefix a kill can leave is valid and the same fetch completes it.
-        refs_mod.move_refs(repo, remotes_mod.entry_moves(made) + moves)
+        # One transaction: a ref lock in the way moves nothing, and writes
+        # no origin.  Entries first (parents first), then what tracks the
+        # remote, deletions last: every prefix a kill can leave is valid and
+        # the same fetch completes it.
+        with refs_mod.ref_transaction(repo, remotes_mod.entry_moves(made) + moves):
+            remotes_mod.record_origins(repo, origins, numbering=origins)
         refs_mod.note_numbers(repo, [n for n, _c in made])
     table = refs_mod.read_refs(repo)
     for n, c in made:
