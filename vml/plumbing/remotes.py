@@ -569,6 +569,8 @@ class Sent:
     size: int = 0  # bytes transferred
     updated: dict[bytes, bytes] = field(default_factory=dict)  # remote ref -> hex
     failed: dict[bytes, str] = field(default_factory=dict)
+    connected: bool = False  # the remote's refs were read: a failure after is in transit
+    said: list[bytes] = field(default_factory=list)  # the server's side-band lines
 
 
 def send(
@@ -583,14 +585,18 @@ def send(
 
     Only objects the remote lacks travel (its refs are the haves).  Every
     object is sent whole, one at a time, so memory stays flat; the remote
-    (git receive-pack) moves refs only after the whole pack arrived.
+    (git receive-pack) moves refs only after the whole pack arrived, and
+    all of them or none (an atomic push, where the server offers it: a hook
+    or a lock refusing one ref leaves the remote as it was).
     """
     sent = Sent()
+    said: list[bytes] = []  # what the server said on its side band (a hook's words)
 
     def update_refs(refs: dict[Ref, ObjectID]) -> dict[Ref, ObjectID]:
         plain = {bytes(k): bytes(v) for k, v in refs.items()}
         new = update(plain)
         sent.updated = dict(new)
+        sent.connected = True
         return {Ref(k): ObjectID(v) for k, v in new.items()}
 
     def generate(
@@ -614,9 +620,22 @@ def send(
 
         return count, counted()
 
+    def heard(data: bytes) -> None:
+        said.extend(ln.strip() for ln in data.splitlines() if ln.strip())
+
     report = progress
     try:
-        result = client.send_pack(path.encode(), update_refs, generate_pack_data=generate)
+        try:
+            result = client.send_pack(
+                path.encode(), update_refs, generate_pack_data=generate, progress=heard, atomic=True
+            )
+        except GitProtocolError as e:
+            if "does not support atomic" not in str(e):
+                raise
+            # An older server: each ref on its own (nothing was sent yet).
+            result = client.send_pack(
+                path.encode(), update_refs, generate_pack_data=generate, progress=heard
+            )
     except VMLError:
         raise
     except Exception as e:
@@ -626,12 +645,36 @@ def send(
                 f"cannot send what was asked: this repository is damaged ({damage})",
                 "run `vml fsck` to see which entries are affected",
             ) from None
-        raise transport_error(url, e) from None
+        raise push_error(url, e, sent.connected, said) from None
     for ref, error in (result.ref_status or {}).items():
         if error is not None:
             sent.failed[bytes(ref)] = error
             sent.updated.pop(bytes(ref), None)
+    sent.said = said
     return sent
+
+
+def push_error(url: str, e: BaseException, connected: bool, said: list[bytes]) -> VMLError:
+    """A one-line error for a push that failed in transit: the remote moved no ref then."""
+    from dulwich.errors import SendPackError
+
+    server = f" (it said: {said[-1].decode(errors='replace')[:200]})" if said else ""
+    if isinstance(e, SendPackError):
+        text = str(e).strip() or "unpack failed"
+        return RemoteError(
+            f"{url} could not store what was sent ({text}){server}; it moved no ref",
+            "check the server's disk space and its log, then run the push again",
+        )
+    if connected and isinstance(e, OSError | HangupException | GitProtocolError):
+        why = getattr(e, "strerror", None) or str(e).strip() or type(e).__name__
+        return RemoteError(
+            f"the connection to {url} broke while sending ({why}){server}; the remote moved no ref",
+            "check the server (its disk space, its log) and the network, then run the push again",
+        )
+    err = transport_error(url, e)
+    if isinstance(e, HangupException | GitProtocolError):
+        err.remedy = "check the URL and that the server accepts pushes there"
+    return err
 
 
 # -- naming what arrived --------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from vml.errors import CorruptRepository, RemoteError, UsageError
+from vml.errors import CorruptRepository, RemoteError, RepositoryNotFound, UsageError
 from vml.plumbing import refs as refs_mod
 from vml.plumbing import remotes as remotes_mod
 from vml.plumbing.packs import PackReader
@@ -94,6 +94,11 @@ def _updates(
     """The ref updates to ask of the remote, given the refs it holds; fills ``res``."""
 
     def update(remote_refs: dict[bytes, bytes]) -> dict[bytes, bytes]:
+        if remote_refs and not any(r.startswith(_VML) for r in remote_refs):
+            raise RepositoryNotFound(
+                f"{remote} holds refs but no VML entries (a plain git repository?); nothing was sent",
+                "push to an empty repository (`git init --bare`) or one VML shares entries through",
+            )
         have = set(remote_refs.values())
         new: dict[bytes, bytes] = {}
         rejected: list[str] = []
@@ -136,6 +141,32 @@ def _updates(
         return new
 
     return update
+
+
+_VML = b"refs/vml/"
+# What receive-pack says of the refs an atomic push left alone because another failed.
+_COLLATERAL = ("atomic push failed", "atomic transaction failed")
+
+
+def _refused(remote: str, sent: remotes_mod.Sent) -> RemoteError:
+    """One line for refs the remote refused: which, why, and what to do."""
+    failed = sorted(sent.failed.items())
+    ref, why = next(((r, w) for r, w in failed if w not in _COLLATERAL), failed[0])
+    lines = [ln.decode(errors="replace") for ln in sent.said]
+    errors = [ln for ln in lines if ln.startswith(("error:", "fatal:"))]
+    words = errors or [ln for ln in lines if "%" not in ln]
+    server = f" (it said: {words[0][:200]})" if words else ""
+    nothing = "" if sent.updated else "; it moved no ref"
+    if "hook" in why:
+        remedy = "the server's policy refuses this push: ask its administrator"
+    elif ".lock" in server or "lock" in why or "failed to update" in why:
+        remedy = (
+            "another push there may be running (or a killed one left a `.lock` file on the "
+            "server): run the push again later"
+        )
+    else:
+        remedy = "check the server's permissions and run the push again"
+    return RemoteError(f"{remote} refused {ref.decode()}: {why}{server}{nothing}", remedy)
 
 
 def _track(repo: Repository, remote: str, updated: dict[bytes, bytes]) -> None:
@@ -186,11 +217,7 @@ def push(
     finally:
         reader.close()
     if sent.failed:
-        first = next(iter(sent.failed.items()))
-        raise RemoteError(
-            f"{remote} refused {first[0].decode()}: {first[1]}",
-            "check the server's permissions and run the push again",
-        )
+        raise _refused(remote, sent)
     res.objects, res.size = sent.objects, sent.size
     _track(repo, remote, sent.updated)
     return res
