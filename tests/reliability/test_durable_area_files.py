@@ -72,3 +72,34 @@ def test_files_written_into_an_area_are_durable(tmp_path: Path, what: str) -> No
     assert any("sync" in c and tmp_name + ">" in c for c in calls[:r]), calls
     assert any("fsync" in c and f"<{area.resolve()}>" in c for c in calls[r + 1 :]), calls
     assert sorted(p.name for p in area.iterdir()) == sorted([desc, "disk.img"])
+
+
+@pytest.mark.parametrize("command", ["init", "remote add", "remote remove", "clone"])
+def test_the_repository_config_is_durable(tmp_path: Path, command: str) -> None:
+    """Each write of ``config``: ``config.lock`` fsynced, renamed, the folder fsynced after.
+
+    dulwich renamed it into place without the folder's fsync: a power loss
+    could bring back the file as it was (a remote added, a setting, gone).
+    """
+    need("strace")
+    from tests.reliability.helpers import vml
+
+    src = tmp_path / "src.git"
+    assert vml(src, "init", src).code == 0
+    repo = tmp_path / "repo.git"
+    if command not in ("init", "clone"):
+        assert vml(repo, "init", repo).code == 0
+    if command == "remote remove":
+        assert vml(repo, "remote", "add", "origin", src).code == 0
+    args = {
+        "init": ["init", str(repo)],
+        "remote add": ["-R", str(repo), "remote", "add", "origin", str(src)],
+        "remote remove": ["-R", str(repo), "remote", "remove", "origin"],
+        "clone": ["clone", str(src), str(repo)],
+    }[command]
+    calls = _syscalls(repo, "-m", "vml", *args)  # the repository need not exist yet
+    renames = [i for i, c in enumerate(calls) if "rename" in c and 'config"' in c]
+    assert renames, calls
+    last = renames[-1]
+    assert any("sync" in c and "config.lock>" in c for c in calls[:last]), calls
+    assert any("fsync" in c and f"<{repo.resolve()}>" in c for c in calls[last + 1 :]), calls

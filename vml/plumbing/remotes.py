@@ -50,7 +50,13 @@ from vml.plumbing.chains import read_entry, resolve_image
 from vml.plumbing.entries import Entry
 from vml.plumbing.keeps import SPOOL_PREFIX, claim, claim_line, unclaim
 from vml.plumbing.packs import PackReader
-from vml.plumbing.repository import Repository, fsync_dir, git_locked, write_atomic
+from vml.plumbing.repository import (
+    Repository,
+    fsync_dir,
+    git_locked,
+    write_atomic,
+    write_config,
+)
 from vml.progress import ProgressFn, no_progress
 from vml.values import check_plain_name
 
@@ -119,8 +125,7 @@ def add_remote(repo: Repository, name: str, url: str) -> None:
     cfg.set(section, b"url", url.encode())
     for spec in refspecs(name):
         cfg.add(section, b"fetch", spec)
-    with git_locked():
-        cfg.write_to_path()
+    write_config(cfg)
 
 
 def remove_remote(repo: Repository, name: str) -> int:
@@ -136,8 +141,7 @@ def remove_remote(repo: Repository, name: str) -> int:
         removed += 1
     cfg = repo.git.get_config()
     del cfg[(b"remote", name.encode())]
-    with git_locked():
-        cfg.write_to_path()
+    write_config(cfg)
     return removed
 
 

@@ -173,6 +173,19 @@ def git_locked() -> Iterator[None]:
         ) from None
 
 
+def write_config(cfg: ConfigFile) -> None:
+    """Write the repository's ``config`` durably: to ``config.lock``, fsynced, renamed, folder fsynced.
+
+    dulwich's ``write_to_path`` does all but the last, so a power loss right
+    after could bring back the old file (a remote added, or a setting, gone);
+    a ``config.lock`` in the way is one clear error (:func:`git_locked`).
+    """
+    assert cfg.path is not None
+    with git_locked():
+        cfg.write_to_path()
+    fsync_dir(Path(os.fsdecode(cfg.path)).parent)
+
+
 #: Whoever waits for a lock longer than this says so once (logger ``vml.wait``, which the CLI
 #: prints at once), naming the holder: a wait of up to 10 minutes is never silent.
 WAIT_NOTICE = 2.0
@@ -522,7 +535,7 @@ def _configure(repo: Repo, path: Path, block_size: int) -> None:
     # from spending hours trying.
     cfg.set((b"pack",), b"window", b"0")
     cfg.set((b"pack",), b"depth", b"0")
-    cfg.write_to_path()
+    write_config(cfg)
     (path / "description").write_text("VML repository of virtual machine entries\n")
 
 

@@ -23,6 +23,7 @@ from vml.plumbing.repository import (
     is_repository,
     make_folder,
     undo_made,
+    write_config,
 )
 from vml.porcelain.fetch import FetchResult, fetch_into
 from vml.progress import ProgressFn, no_progress
@@ -103,7 +104,7 @@ def clone(
             cfg = repo.git.get_config()
             cfg.set((b"vml",), b"blockSize", str(sizes[0]).encode())
             cfg.set((b"vml",), b"pageSize", str(sizes[1]).encode())
-            cfg.write_to_path()
+            write_config(cfg)
     except BaseException:
         repo.close()
         # What another program put into the folder meanwhile stays (and so does the folder, then).
