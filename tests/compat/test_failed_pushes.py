@@ -279,3 +279,24 @@ def test_credentials_the_server_refuses(alice: Path, tmp_path: Path) -> None:
         server.shutdown()
         server.server_close()
     assert "refused the credentials" in line, line
+
+
+def test_a_locked_ref_in_a_local_repository_moves_none(alice: Path, tmp_path: Path) -> None:
+    """A path remote is written in this process, ref by ref: a lock in the way refuses it first."""
+    served = served_bare(tmp_path, "lab.git")
+    _aim(alice, str(served))
+    table = subprocess.run(
+        ["git", "--git-dir", str(alice), "rev-parse", "refs/vml/entries/2"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    lock = served / "refs" / "vml" / "shared" / f"{table}.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    before = _files(served)
+    line = _fails_here_unchanged(alice, "--all")
+    assert f"refs/vml/shared/{table} is being written" in line and str(lock) in line, line
+    assert _files(served) == before  # not even the objects
+    lock.unlink()
+    _pushes_then(alice, served)

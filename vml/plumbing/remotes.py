@@ -39,6 +39,7 @@ from dulwich.errors import (
     HangupException,
     NotGitRepository,
 )
+from dulwich.file import FileLocked
 from dulwich.objects import ObjectID
 from dulwich.pack import UnpackedObject
 from dulwich.protocol import PEELED_TAG_SUFFIX, ZERO_SHA
@@ -601,6 +602,8 @@ def send(
         new = update(plain)
         sent.updated = dict(new)
         sent.connected = True
+        if _is_local(client):
+            _check_local_locks(Path(path), url, new)
         return {Ref(k): ObjectID(v) for k, v in new.items()}
 
     def generate(
@@ -658,11 +661,43 @@ def send(
     return sent
 
 
+def _is_local(client: GitClient) -> bool:
+    from dulwich.client import LocalGitClient
+
+    return isinstance(client, LocalGitClient)
+
+
+def _check_local_locks(target: Path, url: str, new: Mapping[bytes, bytes]) -> None:
+    """Refuse a push into a local repository whose ref locks are in the way, before anything is written.
+
+    A server's receive-pack moves the refs of an atomic push all or none; a
+    local path is written by dulwich in this process, ref by ref, so a
+    ``.lock`` met half way would leave some moved.  (A lock made after this
+    look is met as before: one line naming it.)
+    """
+    names = [ref.decode(errors="replace") for ref in sorted(new)] + ["packed-refs"]
+    for name in names:
+        lock = target / (name + ".lock")
+        if lock.exists():
+            raise RemoteError(
+                f"{url}: {name} is being written by another command "
+                f"({lock} exists); nothing was sent",
+                f"run the push again later; if no git or vml command runs there, remove {lock}",
+            )
+
+
 def push_error(url: str, e: BaseException, connected: bool, said: list[bytes]) -> VMLError:
     """A one-line error for a push that failed in transit: the remote moved no ref then."""
     from dulwich.errors import SendPackError
 
     server = f" (it said: {said[-1].decode(errors='replace')[:200]})" if said else ""
+    if isinstance(e, FileLocked):  # a local repository's ref, locked after the look above
+        lock = os.fsdecode(e.lockfilename)
+        return RemoteError(
+            f"{url}: {os.fsdecode(e.filename)} is being written by another command ({lock} "
+            "exists); refs before it may have moved",
+            f"run the push again; if no git or vml command runs there, remove {lock}",
+        )
     if isinstance(e, SendPackError):
         text = str(e).strip() or "unpack failed"
         return RemoteError(
