@@ -87,10 +87,11 @@ def publish_entry(
             ]
             c = make_commit(root, parent, message, trailers)
             cid = write_loose(repo, c)
-            refs_mod.set_ref(repo, refs_mod.entry_ref(n), cid, create=True)
-            refs_mod.note_numbers(repo, [n])
+            # The entry, its tag and its branch move as one: a ref lock in the
+            # way (git_locked) makes no entry, rather than one without them.
+            moves = [refs_mod.create(refs_mod.entry_ref(n), cid)]
             if tag is not None:
-                refs_mod.set_ref(repo, refs_mod.TAG_PREFIX + tag.encode(), cid, create=True)
+                moves.append(refs_mod.create(refs_mod.TAG_PREFIX + tag.encode(), cid))
             tip = table.branches.get(branch) if branch is not None else None
             if branch is not None and (tip is None or tip != branch_at):
                 # Deleted since the area started following it (do not bring it
@@ -98,7 +99,10 @@ def publish_entry(
                 moved_on = branch if tip is not None else None
                 branch = None
             elif branch is not None:
-                refs_mod.set_ref(repo, refs_mod.BRANCH_PREFIX + branch.encode(), cid, tip)
+                ref = refs_mod.BRANCH_PREFIX + branch.encode()
+                moves.append(refs_mod.RefMove(ref, cid, tip, check=True))
+            refs_mod.move_refs(repo, moves)
+            refs_mod.note_numbers(repo, [n])
     finally:
         saver.release()  # refs reach the packs now (or they are garbage)
     return Published(n, cid, table, branch, moved_on)

@@ -30,6 +30,7 @@ import pytest
 
 from tests.conftest import edit, make_area
 from tests.reliability.helpers import ROOT, git_fsck, one_line_error
+from tests.reliability.helpers import vml as vml_process
 from tests.reliability.helpers import vml_in_process as vml
 from vml.plumbing.repository import Repository, hold_flock
 
@@ -241,3 +242,32 @@ def test_a_fetch_killed_before_each_rename_is_completed_by_the_same_fetch(
         assert vml(repo, "gc").code == 0
         assert vml(repo, "verify", "--all", "--read-data").code == 0, stop
         shutil.rmtree(repo)
+
+
+@pytest.mark.parametrize("held", ["refs/tags/golden", "refs/heads/dev"])
+def test_a_save_whose_tag_or_branch_is_locked_makes_no_entry(tmp_path: Path, held: str) -> None:
+    """`vml commit --tag` or a save on a branch: the entry, its tag and its branch move as one.
+
+    Before, the entry ref was made and the tag or branch then failed on its
+    lock: the command failed (exit 8) with an entry the area did not name.
+    """
+    repo = tmp_path / "r.git"
+    area = tmp_path / "a"
+    assert vml(repo, "init", "--block-size", "64K", repo).code == 0
+    make_area(area)
+    assert vml(repo, "commit", "-q", area).code == 0
+    assert vml_process(repo, "branch", "dev", "E1", cwd=area).code == 0  # the area follows dev
+    edit(area / "disk.img", 5000, b"changed")
+    lock = repo / f"{held}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_text("")
+    before = _state(repo)
+    state = (area / ".vml" / "area.json").read_bytes()
+    line = one_line_error(vml(repo, "commit", "--tag", "golden", area))
+    assert f"{held}.lock exists" in line, line
+    assert _state(repo) == before and (area / ".vml" / "area.json").read_bytes() == state
+    git_fsck(repo)
+    lock.unlink()
+    assert vml(repo, "commit", "-q", "--tag", "golden", area).code == 0
+    refs = _refs(repo)
+    assert refs["refs/tags/golden"] == refs["refs/vml/entries/2"] == refs["refs/heads/dev"]
