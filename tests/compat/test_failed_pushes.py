@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import re
 import socket
 import subprocess
 import threading
@@ -300,3 +301,52 @@ def test_a_locked_ref_in_a_local_repository_moves_none(alice: Path, tmp_path: Pa
     assert _files(served) == before  # not even the objects
     lock.unlink()
     _pushes_then(alice, served)
+
+
+def test_a_local_vml_repository_another_vml_holds_is_waited_for(
+    alice: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its lock held past the wait (a `vml gc` there, say): one line, exit 8, nothing written."""
+    from vml.plumbing.repository import Repository, hold_flock
+
+    target = tmp_path / "shared.git"
+    assert vml(target, "init", "--block-size", "64K", target).code == 0
+    _aim(alice, str(target))
+    monkeypatch.setattr(Repository.lock.__wrapped__, "__defaults__", (0.5, "repository"))  # type: ignore[attr-defined]
+    before = _files(target)
+    with hold_flock(target / "vml" / "lock", 5, "a test"):
+        line = _fails_here_unchanged(alice, "--all")
+    assert "remote repository" in line and "locked by another vml command" in line, line
+    assert {k: v for k, v in _files(target).items() if k != "vml/lock"} == {
+        k: v for k, v in before.items() if k != "vml/lock"
+    }
+    _pushes_then(alice, target)
+
+
+def test_a_push_into_a_local_repository_makes_its_pack_durable_before_any_ref(
+    alice: Path, tmp_path: Path
+) -> None:
+    """dulwich wrote a local push's pack without an fsync and then its refs: watched with strace."""
+    import os
+    import sys
+
+    from tests.reliability.helpers import ROOT
+
+    need("strace")
+    target = tmp_path / "shared.git"
+    assert vml(target, "init", "--block-size", "64K", target).code == 0
+    _aim(alice, str(target))
+    log = tmp_path / "strace.log"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    subprocess.run(
+        ["strace", "-f", "-y", "-o", str(log), "-e", "trace=fsync,rename,renameat,renameat2",
+         sys.executable, "-m", "vml", "-R", str(alice), "push", "--all"],
+        env=env, check=True, capture_output=True,
+    )  # fmt: skip
+    calls = [ln for ln in log.read_text().splitlines() if str(target) in ln and "= 0" in ln]
+    refs = [i for i, c in enumerate(calls) if "rename" in c and "/refs/" in c]
+    packs = [i for i, c in enumerate(calls) if "fsync" in c and re.search(r"pack-\w+\.pack>", c)]
+    folder = [i for i, c in enumerate(calls) if "fsync" in c and c.endswith("objects/pack>) = 0")]
+    assert refs and packs and folder, calls
+    assert max(packs) < min(refs) and max(folder[:1]) < min(refs), calls
+    git_fsck(target)

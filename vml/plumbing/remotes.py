@@ -27,7 +27,7 @@ import os
 import re
 import tempfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,9 +39,7 @@ from dulwich.errors import (
     HangupException,
     NotGitRepository,
 )
-from dulwich.file import FileLocked
 from dulwich.objects import ObjectID
-from dulwich.pack import UnpackedObject
 from dulwich.protocol import PEELED_TAG_SUFFIX, ZERO_SHA
 from dulwich.refs import Ref, check_ref_format
 
@@ -238,7 +236,7 @@ def open_transport(
         ) from None
 
 
-def _source_damage(e: BaseException) -> str | None:
+def source_damage(e: BaseException) -> str | None:
     """What a local source repository failed to read, when that is why a transfer failed.
 
     dulwich serves a local path in this process: a missing object shows as
@@ -272,7 +270,7 @@ def transport_error(url: str, e: BaseException) -> VMLError:
             "check the URL and that the server allows this; if the remote's repository is "
             "damaged (run `vml fsck` there), fetch the entries it can still send by name",
         )
-    damage = _source_damage(e)
+    damage = source_damage(e)
     if damage is not None:  # a local repository lacks or cannot read what it advertised
         return RemoteError(
             f"{url} cannot send what was asked: its repository is damaged ({damage})",
@@ -468,7 +466,7 @@ def local_heads(repo: Repository) -> list[ObjectID]:
     return [ObjectID(v) for v in sorted(out)]
 
 
-def _make_durable(repo: Repository, pack_dir: Path, before: set[str]) -> list[Path]:
+def make_durable(repo: Repository, pack_dir: Path, before: set[str]) -> list[Path]:
     """fsync the pack files that arrived (dulwich renames them without); returns the packs.
 
     Before any ref points into them.
@@ -555,7 +553,7 @@ def receive(
     finally:
         sink.file.close()
     try:
-        arrived = _make_durable(repo, pack_dir, before)
+        arrived = make_durable(repo, pack_dir, before)
     except BaseException:
         _release(keeps, line)
         raise
@@ -564,156 +562,6 @@ def receive(
         return Received(refs, keeps=keeps, claim=line)
     progress("objects", sink.objects, sink.objects)
     return Received(refs, sink.objects, sink.bytes, keeps, arrived, line)
-
-
-@dataclass
-class Sent:
-    """What one push sent."""
-
-    objects: int = 0
-    size: int = 0  # bytes transferred
-    updated: dict[bytes, bytes] = field(default_factory=dict)  # remote ref -> hex
-    failed: dict[bytes, str] = field(default_factory=dict)
-    connected: bool = False  # the remote's refs were read: a failure after is in transit
-    said: list[bytes] = field(default_factory=list)  # the server's side-band lines
-
-
-def send(
-    repo: Repository,
-    client: GitClient,
-    path: str,
-    url: str,
-    update: Callable[[dict[bytes, bytes]], dict[bytes, bytes]],
-    progress: ProgressFn = no_progress,
-) -> Sent:
-    """Push: ``update(remote refs)`` returns the remote refs to set (hex values).
-
-    Only objects the remote lacks travel (its refs are the haves).  Every
-    object is sent whole, one at a time, so memory stays flat; the remote
-    (git receive-pack) moves refs only after the whole pack arrived, and
-    all of them or none (an atomic push, where the server offers it: a hook
-    or a lock refusing one ref leaves the remote as it was).
-    """
-    sent = Sent()
-    said: list[bytes] = []  # what the server said on its side band (a hook's words)
-
-    def update_refs(refs: dict[Ref, ObjectID]) -> dict[Ref, ObjectID]:
-        plain = {bytes(k): bytes(v) for k, v in refs.items()}
-        new = update(plain)
-        sent.updated = dict(new)
-        sent.connected = True
-        if _is_local(client):
-            _check_local_locks(Path(path), url, new)
-        return {Ref(k): ObjectID(v) for k, v in new.items()}
-
-    def generate(
-        have: Iterable[ObjectID],
-        want: Iterable[ObjectID],
-        *,
-        ofs_delta: bool = False,
-        progress: Callable[[bytes], None] | None = None,
-    ) -> tuple[int, Iterator[UnpackedObject]]:
-        store = repo.git.object_store
-        known = [h for h in have if h in store]
-        count, objects = repo.git.generate_pack_data(set(known), set(want), ofs_delta=ofs_delta)
-
-        def counted() -> Iterator[UnpackedObject]:
-            for done, obj in enumerate(objects, 1):
-                sent.objects = done
-                sent.size += obj.decomp_len or sum(len(c) for c in obj.decomp_chunks)
-                report("objects", done, count)
-                report("bytes", sent.size, 0)
-                yield obj
-
-        return count, counted()
-
-    def heard(data: bytes) -> None:
-        said.extend(ln.strip() for ln in data.splitlines() if ln.strip())
-
-    report = progress
-    try:
-        try:
-            result = client.send_pack(
-                path.encode(), update_refs, generate_pack_data=generate, progress=heard, atomic=True
-            )
-        except GitProtocolError as e:
-            if "does not support atomic" not in str(e):
-                raise
-            # An older server: each ref on its own (nothing was sent yet).
-            result = client.send_pack(
-                path.encode(), update_refs, generate_pack_data=generate, progress=heard
-            )
-    except VMLError:
-        raise
-    except Exception as e:
-        damage = _source_damage(e)
-        if damage is not None:  # what is pushed is read here: this repository is damaged
-            raise CorruptRepository(
-                f"cannot send what was asked: this repository is damaged ({damage})",
-                "run `vml fsck` to see which entries are affected",
-            ) from None
-        raise push_error(url, e, sent.connected, said) from None
-    for ref, error in (result.ref_status or {}).items():
-        if error is not None:
-            sent.failed[bytes(ref)] = error
-            sent.updated.pop(bytes(ref), None)
-    sent.said = said
-    return sent
-
-
-def _is_local(client: GitClient) -> bool:
-    from dulwich.client import LocalGitClient
-
-    return isinstance(client, LocalGitClient)
-
-
-def _check_local_locks(target: Path, url: str, new: Mapping[bytes, bytes]) -> None:
-    """Refuse a push into a local repository whose ref locks are in the way, before anything is written.
-
-    A server's receive-pack moves the refs of an atomic push all or none; a
-    local path is written by dulwich in this process, ref by ref, so a
-    ``.lock`` met half way would leave some moved.  (A lock made after this
-    look is met as before: one line naming it.)
-    """
-    names = [ref.decode(errors="replace") for ref in sorted(new)] + ["packed-refs"]
-    for name in names:
-        lock = target / (name + ".lock")
-        if lock.exists():
-            raise RemoteError(
-                f"{url}: {name} is being written by another command "
-                f"({lock} exists); nothing was sent",
-                f"run the push again later; if no git or vml command runs there, remove {lock}",
-            )
-
-
-def push_error(url: str, e: BaseException, connected: bool, said: list[bytes]) -> VMLError:
-    """A one-line error for a push that failed in transit: the remote moved no ref then."""
-    from dulwich.errors import SendPackError
-
-    server = f" (it said: {said[-1].decode(errors='replace')[:200]})" if said else ""
-    if isinstance(e, FileLocked):  # a local repository's ref, locked after the look above
-        lock = os.fsdecode(e.lockfilename)
-        return RemoteError(
-            f"{url}: {os.fsdecode(e.filename)} is being written by another command ({lock} "
-            "exists); refs before it may have moved",
-            f"run the push again; if no git or vml command runs there, remove {lock}",
-        )
-    if isinstance(e, SendPackError):
-        text = str(e).strip() or "unpack failed"
-        return RemoteError(
-            f"{url} could not store what was sent ({text}){server}; it moved no ref",
-            "check the server's disk space and its log, then run the push again",
-        )
-    if connected and isinstance(e, OSError | HangupException | GitProtocolError):
-        why = getattr(e, "strerror", None) or str(e).strip() or type(e).__name__
-        return RemoteError(
-            f"the connection to {url} broke while sending ({why}){server}; the remote moved no ref",
-            "check the server (its disk space, its log) and the network, then run the push again",
-        )
-    err = transport_error(url, e)
-    if isinstance(e, HangupException | GitProtocolError):
-        err.remedy = "check the URL and that the server accepts pushes there"
-    return err
 
 
 # -- naming what arrived --------------------------------------------------------

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from vml.errors import CorruptRepository, RemoteError, RepositoryNotFound, UsageError
 from vml.plumbing import refs as refs_mod
 from vml.plumbing import remotes as remotes_mod
+from vml.plumbing import sending
 from vml.plumbing.packs import PackReader
 from vml.plumbing.repository import Repository
 from vml.plumbing.verify import reach_problem
@@ -148,7 +149,7 @@ _VML = b"refs/vml/"
 _COLLATERAL = ("atomic push failed", "atomic transaction failed")
 
 
-def _refused(remote: str, sent: remotes_mod.Sent) -> RemoteError:
+def _refused(remote: str, sent: sending.Sent) -> RemoteError:
     """One line for refs the remote refused: which, why, and what to do."""
     failed = sorted(sent.failed.items())
     ref, why = next(((r, w) for r, w in failed if w not in _COLLATERAL), failed[0])
@@ -213,7 +214,7 @@ def push(
         res = PushResult(remote, url)
         update = _updates(reader, table, list(chain), w, remote, force, res)
         client, path = remotes_mod.open_transport(repo, url, ssh_command)
-        sent = remotes_mod.send(repo, client, path, url, update, progress)
+        sent = sending.send(repo, client, path, url, update, progress)
     finally:
         reader.close()
     if sent.failed:
