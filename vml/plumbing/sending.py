@@ -199,11 +199,11 @@ def push_error(url: str, e: BaseException, connected: bool, said: list[bytes]) -
     from dulwich.errors import SendPackError
 
     server = f" (it said: {said[-1].decode(errors='replace')[:200]})" if said else ""
-    if isinstance(e, FileLocked):  # a local repository's ref, locked after the look above
+    if isinstance(e, FileLocked):  # a local repository's pack file, before any ref moved
         lock = os.fsdecode(e.lockfilename)
         return RemoteError(
             f"{url}: {os.fsdecode(e.filename)} is being written by another command ({lock} "
-            "exists); refs before it may have moved",
+            "exists); no ref moved",
             f"run the push again; if no git or vml command runs there, remove {lock}",
         )
     if isinstance(e, SendPackError):
