@@ -67,7 +67,7 @@ def test_verify_names_the_entries_a_bad_object_affects(setup: tuple[Path, Path])
     repo, _area = setup
     from vml.plumbing import refs as refs_mod
     from vml.plumbing.chains import resolve_image
-    from vml.plumbing.packs import PackReader, pack_extents
+    from vml.plumbing.packreader import PackReader, pack_extents
     from vml.plumbing.repository import open_repository
 
     r = open_repository(repo)

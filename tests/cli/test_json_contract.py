@@ -185,7 +185,7 @@ def _damaged_sources(w: World) -> None:
 
 def _flip_a_block(repo: Path) -> None:
     """Damage the middle byte of the largest object in the repository's biggest pack."""
-    from vml.plumbing.packs import pack_extents
+    from vml.plumbing.packreader import pack_extents
 
     pack = max((repo / "objects" / "pack").glob("pack-*.pack"), key=lambda p: p.stat().st_size)
     extents = list(pack_extents(pack.with_suffix(".idx"), pack.stat().st_size))

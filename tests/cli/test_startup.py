@@ -132,7 +132,12 @@ NOT_FOR_READING = (
     "dulwich.client",
 )
 #: What listing names must not load besides: entries, packs and their chains.
-NOT_FOR_NAMES = (*NOT_FOR_READING, "vml.plumbing.chains", "vml.plumbing.packs")
+NOT_FOR_NAMES = (
+    *NOT_FOR_READING,
+    "vml.plumbing.chains",
+    "vml.plumbing.packreader",
+    "vml.plumbing.packwriter",
+)
 #: What the status of an area saved as it is must not load: no image was read.
 NOT_FOR_STATUS = ("vml.porcelain.commit", "vml.plumbing.saving", "vml.plumbing.images")
 

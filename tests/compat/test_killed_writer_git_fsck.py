@@ -20,10 +20,10 @@ from tests.conftest import need
 _KILLED = """
 import os, sys
 from pathlib import Path
-from vml.plumbing import packs
+from vml.plumbing import packwriter
 from vml.plumbing.repository import open_repository
 step = sys.argv[2]
-real_replace, real_index = os.replace, packs.write_pack_index_v2
+real_replace, real_index = os.replace, packwriter.write_pack_index_v2
 def half_index(f, entries, checksum):
     f.write(b"\\377tOc" + bytes(60))  # the index cut short
     f.flush()
@@ -36,10 +36,10 @@ def dying(a, b):
         os._exit(9)  # killed before this rename: nothing cleans up
     real_replace(a, b)
 if step == "index":
-    packs.write_pack_index_v2 = half_index
+    packwriter.write_pack_index_v2 = half_index
 else:
-    packs.os.replace = dying
-w = packs.PackWriter(open_repository(Path(sys.argv[1])))
+    packwriter.os.replace = dying
+w = packwriter.PackWriter(open_repository(Path(sys.argv[1])))
 w.add_blob(b"an object" * 1000)
 w.finish()
 os._exit(9)  # killed before its refs moved and its claim was dropped

@@ -18,7 +18,7 @@ from vml.plumbing.areas import AreaState, load_state, save_state, scan_area
 from vml.plumbing.cache import Cache, CacheWriter
 from vml.plumbing.chains import read_entry
 from vml.plumbing.entries import EntryMeta, now_iso
-from vml.plumbing.packs import PackReader
+from vml.plumbing.packreader import PackReader
 from vml.plumbing.publish import publish_entry
 from vml.plumbing.repository import Repository
 from vml.plumbing.restoring import Builder, TempFiles

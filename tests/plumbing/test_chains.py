@@ -10,7 +10,7 @@ from tests.conftest import TEST_BLOCK, edit, make_area
 from tests.plumbing.entry_kit import save
 from vml.errors import HostileRepository
 from vml.plumbing.chains import MAX_DELTA_DEPTH, ZERO, materialize, resolve_image
-from vml.plumbing.packs import PackReader
+from vml.plumbing.packreader import PackReader
 from vml.plumbing.repository import Repository
 
 

@@ -10,7 +10,8 @@ the crash stress with concurrent commands).
 
 from __future__ import annotations
 
-from vml.plumbing.packs import BLOB, PackReader, PackWriter
+from vml.plumbing.packreader import BLOB, PackReader
+from vml.plumbing.packwriter import PackWriter
 from vml.plumbing.repack import consolidate
 from vml.plumbing.repository import Repository
 

@@ -20,7 +20,7 @@ from vml.plumbing.entries import (
     nested_trees,
     parse_trailers,
 )
-from vml.plumbing.packs import PackReader
+from vml.plumbing.packreader import PackReader
 from vml.plumbing.repository import Repository
 
 SHA = "cd" * 32
@@ -130,7 +130,7 @@ def test_entry_written_by_commit(repo: Repository, area: Path) -> None:
             # the metadata blob's tree is not a commit: use a tree-only commit
             from dulwich.objects import Tree
 
-            from vml.plumbing.packs import write_loose
+            from vml.plumbing.packwriter import write_loose
 
             t = Tree()
             write_loose(repo, t)

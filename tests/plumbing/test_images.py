@@ -24,7 +24,7 @@ from vml.plumbing.manifests import (
     read_block_map,
     zero_check,
 )
-from vml.plumbing.packs import BLOB, PackReader, blob_id
+from vml.plumbing.packreader import BLOB, PackReader, blob_id
 from vml.plumbing.repository import Repository
 from vml.plumbing.vm.formats import data_ranges
 

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from vml.plumbing import packs as packs_mod
+from vml.plumbing import packwriter
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.gc import collect
 from vml.plumbing.keeps import keep_protects
-from vml.plumbing.packs import BLOB, PackReader, PackWriter
+from vml.plumbing.packreader import BLOB, PackReader, blob_id
+from vml.plumbing.packwriter import PackWriter
 from vml.plumbing.repository import Repository
 
 
@@ -35,14 +36,14 @@ def _write(repo: Repository, blobs: list[bytes], *, release: bool = True) -> Pac
 def _reads(repo: Repository, blobs: list[bytes]) -> bool:
     r = PackReader(repo)
     try:
-        return all(r.in_packs(packs_mod.blob_id(b)) and r.read(packs_mod.blob_id(b), BLOB)[1] == b
+        return all(r.in_packs(blob_id(b)) and r.read(blob_id(b), BLOB)[1] == b
                    for b in blobs)  # fmt: skip
     finally:
         r.close()
 
 
 def _ref(repo: Repository, name: str, data: bytes) -> None:
-    refs_mod.set_ref(repo, b"refs/tags/" + name.encode(), packs_mod.blob_id(data), create=True)
+    refs_mod.set_ref(repo, b"refs/tags/" + name.encode(), blob_id(data), create=True)
 
 
 def _half_live_pack(repo: Repository) -> None:
@@ -94,19 +95,19 @@ def test_two_writers_sealing_the_same_pack_at_once(
     # A decides the pack is new, then B seals the same bytes completely
     # (while A writes its index), then A publishes over B's and aborts.
     blobs = [b"written twice at once %d " % i * 600 for i in range(2)]
-    real = packs_mod.write_pack_index_v2
+    real = packwriter.write_pack_index_v2
     b: list[PackWriter] = []
 
     def a_writes_its_index(f: object, entries: object, checksum: bytes) -> object:
         if not b:
-            monkeypatch.setattr(packs_mod, "write_pack_index_v2", real)
+            monkeypatch.setattr(packwriter, "write_pack_index_v2", real)
             b.append(_write(repo, blobs, release=False))
         return real(f, entries, checksum)  # type: ignore[arg-type]
 
     a = PackWriter(repo)
     for blob in blobs:
         a.add_blob(blob)
-    monkeypatch.setattr(packs_mod, "write_pack_index_v2", a_writes_its_index)
+    monkeypatch.setattr(packwriter, "write_pack_index_v2", a_writes_its_index)
     a.finish()
     assert b and a.names == b[0].names
     a.abort()
@@ -277,7 +278,7 @@ def test_a_failed_writer_never_deletes_a_pack_others_relied_on(repo: Repository)
     assert sealed
     r = PackReader(repo)
     try:
-        found = [b for b in blobs if r.in_packs(packs_mod.blob_id(b))]
+        found = [b for b in blobs if r.in_packs(blob_id(b))]
     finally:
         r.close()
     assert found  # what a second save reuses instead of storing it

@@ -8,22 +8,14 @@ import zlib
 from pathlib import Path
 
 import pytest
+from dulwich.object_format import DEFAULT_OBJECT_FORMAT
 from dulwich.objects import Blob, Tree
 from dulwich.pack import load_pack_index
 
 from tests.conftest import need
 from vml.errors import CorruptRepository
-from vml.plumbing.packs import (
-    BLOB,
-    DEFAULT_OBJECT_FORMAT,
-    PackReader,
-    PackWriter,
-    _inflate_stored,
-    blob_id,
-    deflate,
-    stored,
-    write_loose,
-)
+from vml.plumbing.packreader import BLOB, PackReader, _inflate_stored, blob_id
+from vml.plumbing.packwriter import PackWriter, deflate, stored, write_loose
 from vml.plumbing.repository import Repository
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from vml.plumbing.packs import PackReader
+from vml.plumbing.packreader import PackReader
 from vml.plumbing.pageindex import (
     MAX_DELTA_SOURCES,
     MIN_SOURCE_PAGES,

@@ -10,7 +10,8 @@ import pytest
 
 from vml.plumbing.gc import collect
 from vml.plumbing.keeps import PENDING_KEEP
-from vml.plumbing.packs import PackReader, PackWriter
+from vml.plumbing.packreader import PackReader
+from vml.plumbing.packwriter import PackWriter
 from vml.plumbing.repository import Repository
 
 

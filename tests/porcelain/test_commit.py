@@ -204,10 +204,10 @@ def test_a_big_save_seals_its_packs_before_its_end_into_the_same_entry(
 ) -> None:
     # A save that rolled over into a second pack seals it before its last
     # bytes are saved (PackWriter.near_end): one more pack, the same objects.
-    from vml.plumbing import packs
+    from vml.plumbing import packwriter
     from vml.porcelain.checkout import checkout
 
-    monkeypatch.setattr(packs, "_ROLL_BYTES", 200 << 10)  # four 64 KiB blocks
+    monkeypatch.setattr(packwriter, "_ROLL_BYTES", 200 << 10)  # four 64 KiB blocks
     # 14 blocks of data: packs of 4 blocks, and the last pack holds two blocks
     # and the trees, unless the writer is told it nears the end (one block left).
     (area / "disk.img").write_bytes(os.urandom(14 * TEST_BLOCK))

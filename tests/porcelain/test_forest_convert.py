@@ -11,7 +11,7 @@ from tests.porcelain.test_forest_rm import chain, check_all, snapshot
 from vml.errors import UsageError
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.chains import read_entry
-from vml.plumbing.packs import PackReader
+from vml.plumbing.packreader import PackReader
 from vml.plumbing.repository import Repository
 from vml.porcelain.commit import commit
 from vml.porcelain.convert import convert

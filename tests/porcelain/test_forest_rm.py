@@ -95,7 +95,7 @@ def test_rm_full_root_makes_children_full(repo: Repository, area: Path, tmp_path
     assert res.anchored_blocks > 0 or res.reused_blocks > 0
     table = refs_mod.read_refs(repo)
     from vml.plumbing.chains import read_entry
-    from vml.plumbing.packs import PackReader
+    from vml.plumbing.packreader import PackReader
 
     reader = PackReader(repo)
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 from tests.conftest import edit
 from tests.porcelain.test_forest_rm import BLOCK, check_all, snapshot
 from vml.plumbing import refs as refs_mod
-from vml.plumbing.packs import blob_id
+from vml.plumbing.packreader import blob_id
 from vml.plumbing.repository import Repository
 from vml.porcelain.commit import commit
 from vml.porcelain.gc import gc

@@ -29,7 +29,7 @@ from tests.porcelain.test_forest_rm import snapshot
 from vml.errors import ConcurrentChange, NothingToCommit, RepositoryBusy, UsageError, VMLError
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.chains import commit_tree_parent
-from vml.plumbing.packs import PackReader
+from vml.plumbing.packreader import PackReader
 from vml.plumbing.repository import init_repository, open_repository
 from vml.plumbing.retention import Policy
 from vml.porcelain import commit as commit_mod

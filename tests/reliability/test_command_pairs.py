@@ -30,7 +30,7 @@ from vml.errors import VMLError
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.areas import load_state
 from vml.plumbing.chains import commit_tree_parent
-from vml.plumbing.packs import PackReader
+from vml.plumbing.packreader import PackReader
 from vml.plumbing.repository import Repository, init_repository, open_repository
 from vml.plumbing.retention import Policy
 from vml.porcelain import checkout as checkout_mod

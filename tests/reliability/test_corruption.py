@@ -15,13 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from dulwich.object_format import DEFAULT_OBJECT_FORMAT
 from dulwich.pack import load_pack_index
 
 from tests.conftest import digest_area
 from tests.reliability.conftest import World
 from tests.reliability.helpers import one_line_error
 from tests.reliability.helpers import vml_in_process as vml
-from vml.plumbing.packs import DEFAULT_OBJECT_FORMAT, parse_object_header
+from vml.plumbing.packreader import parse_object_header
 
 
 def _flip(pack: Path) -> None:

@@ -25,8 +25,9 @@ from tests.reliability.conftest import World
 from tests.reliability.helpers import git_fsck, one_line_error, repo_state
 from tests.reliability.helpers import vml_in_process as vml
 from vml.plumbing import packscan
-from vml.plumbing.packs import PackWriter, blob_id
+from vml.plumbing.packreader import blob_id
 from vml.plumbing.packscan import scan_pack
+from vml.plumbing.packwriter import PackWriter
 from vml.plumbing.repository import Repository
 
 

@@ -31,7 +31,7 @@ from vml.plumbing import refs as refs_mod
 from vml.plumbing.areas import load_state, save_state
 from vml.plumbing.chains import read_entry
 from vml.plumbing.forest import load_forest
-from vml.plumbing.packs import PackReader
+from vml.plumbing.packreader import PackReader
 from vml.plumbing.repository import Repository, init_repository, open_repository
 from vml.plumbing.retention import Policy
 from vml.plumbing.verify import entry_objects

@@ -24,7 +24,7 @@ from vml.plumbing import refs as refs_mod
 from vml.plumbing.areas import load_state, lock_area, save_state
 from vml.plumbing.forest import load_forest
 from vml.plumbing.journal import Step, write_journal
-from vml.plumbing.packs import PackReader
+from vml.plumbing.packreader import PackReader
 from vml.plumbing.renumber import Unnamed, find_unnamed, number_unnamed
 from vml.plumbing.repository import Repository, open_repository
 from vml.porcelain.convert import convert

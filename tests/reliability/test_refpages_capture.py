@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from dulwich.object_format import DEFAULT_OBJECT_FORMAT
 from dulwich.pack import load_pack_index
 
 from tests.conftest import digest_area
@@ -26,7 +27,7 @@ from tests.reliability.test_page_references import DISK, PAGE, RAM, _ram_layer, 
 from vml.plumbing import refs as refs_mod
 from vml.plumbing import restoring
 from vml.plumbing.chains import ResolvedImage, resolve_image
-from vml.plumbing.packs import DEFAULT_OBJECT_FORMAT, PackReader, parse_object_header
+from vml.plumbing.packreader import PackReader, parse_object_header
 from vml.plumbing.refpages import RefPages
 from vml.plumbing.repository import open_repository
 

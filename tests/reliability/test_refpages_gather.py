@@ -12,7 +12,7 @@ from tests.reliability.test_page_references import PAGE, _area, _session
 from vml.plumbing import refpages as refpages_mod
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.chains import resolve_image
-from vml.plumbing.packs import PackReader
+from vml.plumbing.packreader import PackReader
 from vml.plumbing.refpages import RefPages
 from vml.plumbing.repository import open_repository
 

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import pytest
+from dulwich.object_format import DEFAULT_OBJECT_FORMAT
 from dulwich.pack import load_pack_index
 
 from tests.conftest import allocated, digest_area
@@ -23,7 +24,7 @@ from tests.reliability.test_page_references import _ram_layer, _saved
 from tests.reliability.test_refpages_capture import _copy, _images, _restream
 from vml.plumbing import restoring
 from vml.plumbing.chains import ResolvedImage
-from vml.plumbing.packs import DEFAULT_OBJECT_FORMAT, PackReader
+from vml.plumbing.packreader import PackReader
 from vml.plumbing.refpages import RefPages
 from vml.plumbing.repository import open_repository
 

@@ -32,7 +32,7 @@ from vml.plumbing.chains import (
     ordered_map,
 )
 from vml.plumbing.digests import Digests, block_digest, zeros
-from vml.plumbing.packs import PackReader
+from vml.plumbing.packreader import PackReader
 from vml.plumbing.refpages import RefPages
 from vml.plumbing.repository import WriteBehind, libc
 from vml.progress import Advance

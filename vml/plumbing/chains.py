@@ -36,7 +36,7 @@ from vml.plumbing.manifests import (
     read_block_map,
     read_sources,
 )
-from vml.plumbing.packs import BLOB, PackReader
+from vml.plumbing.packreader import BLOB, PackReader
 
 # A delta chain longer than this on one block makes the next save store the
 # block whole, so that restore work per block stays bounded.

@@ -12,7 +12,7 @@ import hashlib
 
 from vml.plumbing.cache import block_hash, page_hashes
 from vml.plumbing.manifests import BlockChecks, Manifest
-from vml.plumbing.packs import blob_id
+from vml.plumbing.packreader import blob_id
 
 _ZEROS: dict[int, bytes] = {}
 _ZERO_HASHES: dict[tuple[int, int, int], tuple[bytes, bytes]] = {}

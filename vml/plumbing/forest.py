@@ -24,7 +24,7 @@ from vml.plumbing import refs as refs_mod
 from vml.plumbing.areas import AreaLocks, AreaState, load_state
 from vml.plumbing.chains import MAX_CHAIN, commit_tree_parent
 from vml.plumbing.journal import Step, apply_steps
-from vml.plumbing.packs import PackReader
+from vml.plumbing.packreader import PackReader
 from vml.plumbing.repository import Repository
 
 

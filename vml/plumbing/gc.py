@@ -7,7 +7,7 @@ known area names (blobs are only named, never read).  Each pack that existed whe
 - deleted when none is;
 - otherwise rewritten: its live objects are copied, still compressed and
   checked against the index's CRC-32, one at a time, into one new pack
-  (:class:`~vml.plumbing.packs.PackWriter`, durable before anything is
+  (:class:`~vml.plumbing.packwriter.PackWriter`, durable before anything is
   deleted), and the old pack deleted.
 
 dulwich's ``repack`` holds every object in memory; this holds one object and
@@ -46,16 +46,9 @@ from vml.plumbing.keeps import (
     unlink_counted,
 )
 from vml.plumbing.manifests import TREE_MODE, parse_tree
-from vml.plumbing.packs import (
-    COMMIT,
-    TREE,
-    PackReader,
-    PackWriter,
-    copy_object,
-    deflate,
-    pack_extents,
-)
+from vml.plumbing.packreader import COMMIT, TREE, PackReader, pack_extents
 from vml.plumbing.packscan import PackRepair, scan_pack
+from vml.plumbing.packwriter import PackWriter, copy_object, deflate
 from vml.plumbing.repack import RepackResult
 from vml.plumbing.repository import Repository, fsync_dir
 from vml.progress import ProgressFn, no_progress

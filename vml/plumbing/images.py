@@ -61,7 +61,8 @@ from vml.plumbing.manifests import (
     block_trees,
     sources_tree,
 )
-from vml.plumbing.packs import BLOB, PackReader, PackWriter, blob_id, deflate
+from vml.plumbing.packreader import BLOB, PackReader, blob_id
+from vml.plumbing.packwriter import PackWriter, deflate
 from vml.plumbing.pageindex import Budget, PageIndex
 from vml.plumbing.vm.formats import data_ranges
 from vml.progress import Advance

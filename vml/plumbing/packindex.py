@@ -8,7 +8,7 @@ the index (about 28 bytes per object) and 32 bytes of the pack: cheap enough
 for every command, and done once per pack per process.
 
 A pack that fails is *set aside*: no reader uses it, neither
-:class:`~vml.plumbing.packs.PackReader` nor dulwich's object store (which
+:class:`~vml.plumbing.packreader.PackReader` nor dulwich's object store (which
 would otherwise fail on it at every look-up, loose objects included), and a
 warning names it once (logger ``vml``).  Nothing on disk changes: a read
 command writes nothing to a damaged repository.  ``vml gc --repair``

@@ -35,14 +35,8 @@ from isal import isal_zlib
 from vml.errors import CorruptRepository
 from vml.plumbing.keeps import claimed_locked, keep_protects, pack_dir_lock
 from vml.plumbing.packindex import IDX_MAGIC, index_problem
-from vml.plumbing.packs import (
-    TYPE_NAMES,
-    PackReader,
-    PackWriter,
-    deflate,
-    pack_extents,
-    parse_object_header,
-)
+from vml.plumbing.packreader import TYPE_NAMES, PackReader, pack_extents, parse_object_header
+from vml.plumbing.packwriter import PackWriter, deflate
 from vml.plumbing.repository import Repository, fsync_dir
 from vml.progress import ProgressFn, no_progress
 from vml.records import Record

@@ -53,7 +53,7 @@ from vml.plumbing.cache import BlockRecords, zero_page_hash
 from vml.plumbing.chains import ResolvedImage, SourceReader
 from vml.plumbing.deltas import Where, parse_delta
 from vml.plumbing.manifests import Anchored, LayerBlock
-from vml.plumbing.packs import BLOB, PackReader
+from vml.plumbing.packreader import BLOB, PackReader
 
 # Index at most this many pages in full (8 GiB of data at 4 KiB pages, 24 MiB).
 MAX_PAGES = 1 << 21

@@ -15,7 +15,8 @@ from pathlib import Path
 from vml.errors import ConcurrentChange, RepositoryBusy, UsageError
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.entries import make_commit
-from vml.plumbing.packs import PackReader, write_loose
+from vml.plumbing.packreader import PackReader
+from vml.plumbing.packwriter import write_loose
 from vml.plumbing.repository import Repository
 from vml.plumbing.saving import Saver
 

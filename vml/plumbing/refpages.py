@@ -38,7 +38,7 @@ from typing import IO, TypeVar
 from vml.errors import CorruptRepository, HostileRepository
 from vml.plumbing.chains import ResolvedImage, SourceReader
 from vml.plumbing.deltas import header_bound, overwritten, parse_delta
-from vml.plumbing.packs import BLOB, PackReader
+from vml.plumbing.packreader import BLOB, PackReader
 
 MEMORY = 16 << 20  # referenced pages kept in memory; beyond, in a temporary file
 

@@ -48,7 +48,7 @@ from vml.plumbing import refs as refs_mod
 from vml.plumbing.chains import read_entry, resolve_image
 from vml.plumbing.entries import Entry
 from vml.plumbing.keeps import SPOOL_PREFIX, claim, claim_line, unclaim
-from vml.plumbing.packs import PackReader
+from vml.plumbing.packreader import PackReader
 from vml.plumbing.repository import (
     Repository,
     fsync_dir,

@@ -23,7 +23,7 @@ from vml.plumbing import journal
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.chains import read_entry
 from vml.plumbing.forest import Forest, repository_areas
-from vml.plumbing.packs import PackReader
+from vml.plumbing.packreader import PackReader
 from vml.plumbing.repository import Repository
 from vml.plumbing.verify import entry_objects
 

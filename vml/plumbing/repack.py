@@ -10,7 +10,7 @@ The number of packs then stays logarithmic in the repository's size, and a
 byte is copied a logarithmic number of times over its life.
 
 Objects are copied still compressed, checked against their index's CRC-32
-(:func:`~vml.plumbing.packs.copy_object`), into a new pack that is complete and
+(:func:`~vml.plumbing.packwriter.copy_object`), into a new pack that is complete and
 durable before any old pack goes; nothing is ever dropped (that is gc's
 job), so no look-up can miss an object because of a consolidation running
 beside it.  Packs under a ``.keep`` (a save whose refs are not set yet, or
@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 from vml.errors import RepositoryBusy
 from vml.plumbing.keeps import remove_packs
-from vml.plumbing.packs import PackReader, PackWriter, copy_object, pack_extents
+from vml.plumbing.packreader import PackReader, pack_extents
+from vml.plumbing.packwriter import PackWriter, copy_object
 from vml.plumbing.repository import Repository, fsync_dir, hold_flock
 from vml.progress import ProgressFn, no_progress
 from vml.records import Record

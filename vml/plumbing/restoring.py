@@ -25,7 +25,7 @@ from vml.plumbing.building import write_all, write_image
 from vml.plumbing.cache import Cache, CachedFile, CacheWriter, records_path
 from vml.plumbing.chains import ResolvedImage, resolve_image
 from vml.plumbing.entries import Entry, FileRecord, check_relpath, small_blob
-from vml.plumbing.packs import BLOB, PackReader
+from vml.plumbing.packreader import BLOB, PackReader
 from vml.plumbing.refpages import MEMORY, RefPages
 from vml.progress import ProgressFn
 

@@ -54,7 +54,8 @@ from vml.plumbing.entries import (
 )
 from vml.plumbing.forest import Forest
 from vml.plumbing.manifests import BLOB_MODE, TREE_MODE, Anchored, LayerBlock, Manifest
-from vml.plumbing.packs import PackReader, PackWriter
+from vml.plumbing.packreader import PackReader
+from vml.plumbing.packwriter import PackWriter
 
 REWRITTEN_TRAILER = "VML-Rewritten"
 

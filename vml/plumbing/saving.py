@@ -45,7 +45,8 @@ from vml.plumbing.images import (
     save_image,
 )
 from vml.plumbing.manifests import BLOB_MODE, TREE_MODE, BlockChecks, Manifest
-from vml.plumbing.packs import PackReader, PackWriter
+from vml.plumbing.packreader import PackReader
+from vml.plumbing.packwriter import PackWriter
 from vml.plumbing.pageindex import PLACES_BUDGET, Budget, PageIndex, SavedImage
 from vml.plumbing.repository import Repository
 from vml.progress import ProgressFn

@@ -40,7 +40,7 @@ from vml.plumbing.entries import Entry, small_blob
 from vml.plumbing.forest import Forest, load_forest
 from vml.plumbing.layout import layout_problems, merged_names
 from vml.plumbing.manifests import TREE_MODE, layer_block_ids, parse_tree, read_block_map
-from vml.plumbing.packs import BLOB, TREE, PackReader
+from vml.plumbing.packreader import BLOB, TREE, PackReader
 from vml.plumbing.refpages import RefPages
 from vml.progress import Advance, ProgressFn, no_progress
 

@@ -10,7 +10,7 @@ from vml.plumbing import refs as refs_mod
 from vml.plumbing.areas import load_state
 from vml.plumbing.cache import Cache
 from vml.plumbing.chains import read_entry
-from vml.plumbing.packs import PackReader
+from vml.plumbing.packreader import PackReader
 from vml.plumbing.repository import Repository
 from vml.plumbing.vm.qemu import run_status
 from vml.porcelain.common import label

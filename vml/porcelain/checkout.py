@@ -25,7 +25,7 @@ from vml.plumbing.cache import Cache, CacheWriter
 from vml.plumbing.chains import read_entry
 from vml.plumbing.entries import Entry
 from vml.plumbing.layout import check_layout
-from vml.plumbing.packs import PackReader
+from vml.plumbing.packreader import PackReader
 from vml.plumbing.repository import Repository, fsync_dir
 from vml.plumbing.restoring import Builder, TempFiles
 from vml.plumbing.vm.bitmaps import drop_records

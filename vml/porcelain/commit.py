@@ -42,7 +42,7 @@ from vml.plumbing.entries import (
     now_iso,
 )
 from vml.plumbing.images import Changed
-from vml.plumbing.packs import PackReader
+from vml.plumbing.packreader import PackReader
 from vml.plumbing.publish import Published, publish_entry
 from vml.plumbing.repack import RepackResult, auto_consolidate
 from vml.plumbing.repository import Repository

@@ -19,7 +19,8 @@ from vml.plumbing import refs as refs_mod
 from vml.plumbing.chains import read_entry
 from vml.plumbing.entries import KINDS
 from vml.plumbing.forest import Forest, load_forest
-from vml.plumbing.packs import PackReader, PackWriter
+from vml.plumbing.packreader import PackReader
+from vml.plumbing.packwriter import PackWriter
 from vml.plumbing.repository import Repository
 from vml.plumbing.rewrite import (
     ExpressStats,

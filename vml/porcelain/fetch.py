@@ -25,7 +25,7 @@ from vml.errors import (
 from vml.plumbing import refs as refs_mod
 from vml.plumbing import remotes as remotes_mod
 from vml.plumbing.chains import read_entry
-from vml.plumbing.packs import PackReader
+from vml.plumbing.packreader import PackReader
 from vml.plumbing.repository import Repository
 from vml.plumbing.verify import reach_problem
 from vml.progress import ProgressFn, no_progress

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from vml.plumbing import refs as refs_mod
-from vml.plumbing.packs import PackReader
+from vml.plumbing.packreader import PackReader
 from vml.plumbing.packscan import check_pack_objects
 from vml.plumbing.renumber import find_unnamed
 from vml.plumbing.repository import Repository

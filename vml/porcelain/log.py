@@ -10,7 +10,7 @@ from vml.plumbing import refs as refs_mod
 from vml.plumbing.chains import commit_tree_parent, read_entry
 from vml.plumbing.entries import Entry
 from vml.plumbing.forest import repository_areas
-from vml.plumbing.packs import PackReader
+from vml.plumbing.packreader import PackReader
 from vml.plumbing.remotes import read_origins
 from vml.plumbing.repository import Repository
 from vml.plumbing.rewrite import history

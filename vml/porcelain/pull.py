@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from vml.plumbing import refs as refs_mod
 from vml.plumbing import remotes as remotes_mod
-from vml.plumbing.packs import PackReader
+from vml.plumbing.packreader import PackReader
 from vml.plumbing.repository import Repository
 from vml.porcelain.common import label
 from vml.porcelain.fetch import FetchResult, fetch

@@ -15,7 +15,7 @@ from vml.errors import CorruptRepository, RemoteError, RepositoryNotFound, Usage
 from vml.plumbing import refs as refs_mod
 from vml.plumbing import remotes as remotes_mod
 from vml.plumbing import sending
-from vml.plumbing.packs import PackReader
+from vml.plumbing.packreader import PackReader
 from vml.plumbing.repository import Repository
 from vml.plumbing.verify import reach_problem
 from vml.porcelain.common import label

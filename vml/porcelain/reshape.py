@@ -18,7 +18,8 @@ from vml.plumbing import refs as refs_mod
 from vml.plumbing.areas import AreaLocks
 from vml.plumbing.chains import read_entry
 from vml.plumbing.forest import Forest, apply_rewrite, hold_areas, load_forest
-from vml.plumbing.packs import PackReader, PackWriter
+from vml.plumbing.packreader import PackReader
+from vml.plumbing.packwriter import PackWriter
 from vml.plumbing.repository import Repository
 from vml.plumbing.rewrite import (
     ExpressStats,

@@ -11,7 +11,7 @@ from vml.errors import CorruptRepository, UsageError
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.chains import read_entry
 from vml.plumbing.forest import load_forest, repository_areas
-from vml.plumbing.packs import PackReader
+from vml.plumbing.packreader import PackReader
 from vml.plumbing.repository import Repository
 from vml.plumbing.verify import entry_objects
 from vml.porcelain.common import label

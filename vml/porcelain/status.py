@@ -19,7 +19,7 @@ from vml.plumbing.entries import (
     folder_record,
     same_attributes,
 )
-from vml.plumbing.packs import PackReader
+from vml.plumbing.packreader import PackReader
 from vml.plumbing.repository import Repository
 from vml.plumbing.vm.formats import data_ranges
 from vml.plumbing.vm.ignore import IgnoreRules

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from vml.errors import UsageError
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.forest import load_forest
-from vml.plumbing.packs import PackReader
+from vml.plumbing.packreader import PackReader
 from vml.plumbing.repository import Repository
 from vml.plumbing.verify import (
     Problem,
