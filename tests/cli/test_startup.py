@@ -120,10 +120,12 @@ def test_version_prints_what_the_whole_app_does_without_building_it() -> None:
     assert heavy == []
 
 
-#: What reading commands must not load: the save machinery, area inspection, the git client.
+#: What reading commands must not load: the save machinery, pack writing, area inspection,
+#: the git client.
 NOT_FOR_READING = (
     "vml.porcelain.commit",
     "vml.plumbing.saving",
+    "vml.plumbing.packwriter",
     "vml.plumbing.images",
     "vml.plumbing.cache",
     "vml.plumbing.vm.inspect",
@@ -132,18 +134,18 @@ NOT_FOR_READING = (
     "dulwich.client",
 )
 #: What listing names must not load besides: entries, packs and their chains.
-NOT_FOR_NAMES = (
-    *NOT_FOR_READING,
-    "vml.plumbing.chains",
-    "vml.plumbing.packreader",
+NOT_FOR_NAMES = (*NOT_FOR_READING, "vml.plumbing.chains", "vml.plumbing.packreader")
+#: What the status of an area saved as it is must not load: no image was read.
+NOT_FOR_STATUS = (
+    "vml.porcelain.commit",
+    "vml.plumbing.saving",
+    "vml.plumbing.images",
     "vml.plumbing.packwriter",
 )
-#: What the status of an area saved as it is must not load: no image was read.
-NOT_FOR_STATUS = ("vml.porcelain.commit", "vml.plumbing.saving", "vml.plumbing.images")
 
 
 def test_reading_commands_load_only_what_they_use(tmp_path: Path) -> None:
-    """``log``/``show`` load no save or VM code; ``tag``/``branch`` not even the packs.
+    """``log``/``show`` load no save, pack-writing or VM code; ``tag``/``branch`` not even the packs.
 
     ``status`` of an area that nothing changed in loads no image code either.
     """

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from dulwich.objects import Blob, Commit, ObjectID
 
@@ -55,7 +56,11 @@ from vml.plumbing.entries import (
 from vml.plumbing.forest import Forest
 from vml.plumbing.manifests import BLOB_MODE, TREE_MODE, Anchored, LayerBlock, Manifest
 from vml.plumbing.packreader import PackReader
-from vml.plumbing.packwriter import PackWriter
+
+if TYPE_CHECKING:
+    # Only the callers that rewrite (rm, convert) make a writer: `vml log`,
+    # which reads history() here, loads no pack-writing code.
+    from vml.plumbing.packwriter import PackWriter
 
 REWRITTEN_TRAILER = "VML-Rewritten"
 
