@@ -8,6 +8,7 @@ nothing users see.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from typer.main import get_command_name
 from typer.testing import CliRunner
 
 import vml
-from tests.conftest import make_area
+from tests.conftest import edit, make_area
 from vml.cli import root
 
 runner = CliRunner()
@@ -84,6 +85,12 @@ def test_a_save_at_rest_imports_no_live_save_code() -> None:
 
 def _run_main(args: list[str]) -> tuple[int, str, set[str]]:
     """Run ``vml ARGS`` as the console script does; its exit code, stdout and loaded modules."""
+    code, stdout, _stderr, modules = _run_main_err(args)
+    return code, stdout, modules
+
+
+def _run_main_err(args: list[str]) -> tuple[int, str, str, set[str]]:
+    """:func:`_run_main`, with what the command wrote on stderr."""
     code = (
         "import sys\n"
         "from vml.cli.app import main\n"
@@ -101,8 +108,8 @@ def _run_main(args: list[str]) -> tuple[int, str, set[str]]:
     done = subprocess.run(
         [sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, env=env
     )
-    modules = done.stderr.rpartition("MODULES ")[2].split()
-    return done.returncode, done.stdout, set(modules)
+    stderr, _, modules = done.stderr.rpartition("\nMODULES ")
+    return done.returncode, done.stdout, stderr, set(modules.split())
 
 
 def test_version_prints_what_the_whole_app_does_without_building_it() -> None:
@@ -166,3 +173,33 @@ def test_reading_commands_load_only_what_they_use(tmp_path: Path) -> None:
         assert code == 0 and said in stdout, (args, stdout)
         assert porcelain in modules
         assert [m for m in unused if m in modules] == [], args
+
+
+def test_json_output_loads_no_rich_and_errors_stay_one_line(tmp_path: Path) -> None:
+    """``--json`` prints a document for programs: rich, which draws for people, stays unloaded.
+
+    An error under ``--json`` is still its one line on stderr, as without it.
+    """
+    repo, area = tmp_path / "repo", tmp_path / "area"
+    make_area(area)
+    for args in (["init", str(repo)], ["--repo", str(repo), "commit", str(area)]):
+        assert runner.invoke(root.app, args).exit_code == 0
+    edit(area / "disk.img", 4096, b"changed")
+    for args in (
+        ["log", "--json"],
+        ["show", "E1", "--json"],
+        ["status", str(area), "--json"],
+        ["commit", str(area), "--json"],
+    ):
+        code, stdout, stderr, modules = _run_main_err(["--repo", str(repo), *args])
+        assert (code, stderr) == (0, ""), args
+        assert json.loads(stdout), args
+        assert sorted(m for m in modules if m.partition(".")[0] == "rich") == [], args
+    code, stdout, stderr, _modules = _run_main_err(["--repo", str(repo), "show", "E9", "--json"])
+    plain = runner.invoke(root.app, ["--repo", str(repo), "show", "E9"])
+    assert (code, stdout) == (plain.exit_code, "") != (0, "")
+    assert (
+        stderr
+        == plain.stderr
+        == "vml: no entry named 'E9'; run `vml log --all` to list the entries\n"
+    )

@@ -24,14 +24,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
-from rich.markup import escape
 from typer._click import exceptions as click_errors  # typer's own click (pinned: pyproject)
 from typer.core import TyperGroup
 
 from vml.cli import completion
 from vml.cli.lookup import repository_path
 from vml.cli.params import Count, EntryName, Folder, Refused
-from vml.cli.render import err, only_errors, out, report_error, warnings_said_once
+from vml.cli.render import err, escape, only_errors, out, report_error, warnings_said_once
 from vml.errors import NoSpace, UsageError, VMLError
 
 if TYPE_CHECKING:

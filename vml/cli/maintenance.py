@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.markup import escape
 
 from vml.cli import completion
 from vml.cli.common import (
@@ -20,7 +19,7 @@ from vml.cli.common import (
     handled,
     opened,
 )
-from vml.cli.render import emit_json, out, print_repack, progress_bar, size
+from vml.cli.render import emit_json, escape, out, print_repack, progress_bar, size
 from vml.errors import CorruptRepository
 
 if TYPE_CHECKING:

@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
 from vml.cli import completion
 from vml.cli.common import Json, Quiet, entry_argument, flag, handled, opened
-from vml.cli.render import emit_json, out
+from vml.cli.render import emit_json, escape, out
 from vml.errors import UsageError
 
 # Commands import their porcelain when they run (start-up time: see common.py).

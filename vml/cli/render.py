@@ -1,4 +1,10 @@
-"""Turning porcelain results into terminal output (rich)."""
+"""Turning porcelain results into terminal output (rich).
+
+rich is imported when something is first printed for people: building its
+console and markup costs ~30 ms of start-up, which a command printing only
+JSON (``--json``) or nothing (``-q``) has no use for.  ``out``, ``err`` and
+:func:`escape` stand in for rich's until then; what they print is rich's.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +16,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.markup import escape
-
 from vml.errors import VMLError
 from vml.progress import ProgressFn, no_progress
 from vml.records import to_json
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from vml.plumbing.repack import RepackResult
     from vml.porcelain.log import LogEntry, LogResult
     from vml.porcelain.vminfo import EntryVM
@@ -32,24 +37,61 @@ def harmless(text: str) -> str:
     return _CONTROLS.sub(lambda m: repr(m.group())[1:-1], text)
 
 
-class SafeConsole(Console):
-    """A console that prints control characters visibly instead of sending them.
+def escape(text: str) -> str:
+    """``text`` with rich markup escaped: ``rich.markup.escape``, which is imported on first use."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
+def _safe_console(stderr: bool) -> Console:
+    """A rich console that prints control characters visibly instead of sending them.
 
     Commit messages, names, paths and remote answers come from other people's
     repositories and folders; an ESC or CSI among them could rewrite the
     screen or the terminal's title.  Every line VML prints passes here, so
     no caller has to remember it (rich markup in such text is escaped where
-    it is written into a line, with ``rich.markup.escape``; emoji codes such
+    it is written into a line, with :func:`escape`; emoji codes such
     as ``:bug:`` are never replaced, so a message prints as it was typed).
     """
+    from rich.console import Console
+
+    class SafeConsole(Console):
+        def print(self, *objects: Any, **kwargs: Any) -> None:
+            """Print like rich, with control characters in text made harmless."""
+            super().print(*(harmless(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+    return SafeConsole(stderr=stderr, highlight=False, soft_wrap=True, emoji=False)
+
+
+class LazyConsole:
+    """``out`` or ``err``: the safe rich console, made when something is first printed.
+
+    ``quiet`` is kept here (``-q``, ``--json``): a quiet console prints
+    nothing, as rich's does, without building one.
+    """
+
+    def __init__(self, stderr: bool = False) -> None:
+        self.stderr = stderr
+        self.quiet = False
+        self._console: Console | None = None
+
+    @property
+    def console(self) -> Console:
+        """The rich console itself (for a progress bar), made now if need be."""
+        if self._console is None:
+            self._console = _safe_console(self.stderr)
+        self._console.quiet = self.quiet
+        return self._console
 
     def print(self, *objects: Any, **kwargs: Any) -> None:
-        """Print like rich, with control characters in text made harmless."""
-        super().print(*(harmless(o) if isinstance(o, str) else o for o in objects), **kwargs)
+        """Print like rich's ``Console.print`` (nothing when quiet)."""
+        if not self.quiet:
+            self.console.print(*objects, **kwargs)
 
 
-out = SafeConsole(highlight=False, soft_wrap=True, emoji=False)
-err = SafeConsole(stderr=True, highlight=False, soft_wrap=True, emoji=False)
+out = LazyConsole()
+err = LazyConsole(stderr=True)
 
 
 def size(n: int | None) -> str:
@@ -181,7 +223,7 @@ def progress_bar(what: str) -> Iterator[ProgressFn]:
         DownloadColumn(binary_units=True),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
-        console=err,
+        console=err.console,
         transient=True,
     )
     task = bar.add_task(what, total=None)

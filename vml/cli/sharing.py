@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.markup import escape
 
 from vml.cli import completion
 from vml.cli.common import (
@@ -23,7 +22,7 @@ from vml.cli.common import (
     handled,
     opened,
 )
-from vml.cli.render import bars_wanted, emit_json, err, out, size
+from vml.cli.render import bars_wanted, emit_json, err, escape, out, size
 from vml.progress import ProgressFn, no_progress
 
 if TYPE_CHECKING:
@@ -57,7 +56,7 @@ def transfer_bar(what: str) -> Iterator[ProgressFn]:
         BarColumn(),
         TextColumn("{task.fields[objects]}"),
         TextColumn("{task.fields[moved]}"),
-        console=err,
+        console=err.console,
         transient=True,
     )
     task = bar.add_task(what, total=None, objects="", moved="")

@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.markup import escape
 
 from vml.cli.common import AreaArg, Connect, Json, Quiet, flag, handled, qmp_option
 from vml.cli.params import Count, Memory, Seconds
-from vml.cli.render import emit_json, out, size
+from vml.cli.render import emit_json, escape, out, size
 
 if TYPE_CHECKING:
     from vml.porcelain.run import RunResult
