@@ -203,3 +203,32 @@ def test_json_output_loads_no_rich_and_errors_stay_one_line(tmp_path: Path) -> N
         == plain.stderr
         == "vml: no entry named 'E9'; run `vml log --all` to list the entries\n"
     )
+
+
+#: What configuring remotes must not load: clone, fetch, their checks, entries and packs.
+NOT_FOR_REMOTES = (
+    "vml.porcelain.clone",
+    "vml.porcelain.fetch",
+    "vml.plumbing.verify",
+    "vml.plumbing.arrivals",
+    "vml.plumbing.chains",
+    "vml.plumbing.packreader",
+    "dulwich.client",
+)
+
+
+def test_remote_add_list_remove_load_only_the_remotes_configuration(tmp_path: Path) -> None:
+    repo, other = tmp_path / "repo", tmp_path / "other"
+    for args in (["init", str(repo)], ["init", str(other)]):
+        assert runner.invoke(root.app, args).exit_code == 0
+    runs = (
+        (["remote", "add", "origin", str(other)], f"remote origin -> {other}"),
+        (["remote", "list"], f"origin  {other}"),
+        (["remote", "remove", "origin"], "removed remote origin"),
+        (["remote", "list"], "no remotes"),
+    )
+    for args, said in runs:
+        code, stdout, modules = _run_main(["--repo", str(repo), *args])
+        assert code == 0 and said in stdout, (args, stdout)
+        assert "vml.porcelain.remote" in modules
+        assert [m for m in NOT_FOR_REMOTES if m in modules] == [], args

@@ -21,6 +21,7 @@ from pathlib import Path
 from vml.errors import CorruptRepository
 from vml.plumbing import journal
 from vml.plumbing import refs as refs_mod
+from vml.plumbing.arrivals import number_entries
 from vml.plumbing.chains import read_entry
 from vml.plumbing.forest import Forest, repository_areas
 from vml.plumbing.packreader import PackReader
@@ -105,7 +106,6 @@ def number_unnamed(repo: Repository) -> list[tuple[int, bytes]]:
     Takes the repository lock.  Returns the ``(number, commit)`` pairs made.
     """
     from vml.plumbing.forest import load_forest
-    from vml.plumbing.remotes import number_entries  # the transports: only when repairing
 
     with repo.lock():
         table = refs_mod.read_refs(repo)

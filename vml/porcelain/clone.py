@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vml.errors import UsageError
+from vml.plumbing import arrivals
 from vml.plumbing import refs as refs_mod
 from vml.plumbing import remotes as remotes_mod
 from vml.plumbing.repository import (
@@ -26,9 +27,10 @@ from vml.plumbing.repository import (
     write_config,
 )
 from vml.porcelain.fetch import FetchResult, fetch_into
+from vml.porcelain.remote import normalise_url
 from vml.progress import ProgressFn, no_progress
 from vml.records import Record
-from vml.values import ENTRY_FORM, check_name_text
+from vml.values import ENTRY_FORM
 
 
 @dataclass
@@ -47,17 +49,6 @@ def default_path(url: str) -> Path:
     tail = re.split(r"[/:]", url.rstrip("/"))[-1]
     tail = tail.removesuffix(".git") or "vml-clone"
     return Path(tail)
-
-
-def normalise_url(url: str) -> str:
-    """Local paths become absolute, so the remote works from any folder.
-
-    An empty or blank URL is refused: as a path it would be the current folder.
-    """
-    check_name_text(url, "the URL", "give a path or a URL, e.g. ssh://server/srv/vms.git")
-    if "://" not in url and Path(url).exists():
-        return str(Path(url).resolve())
-    return url
 
 
 def clone(
@@ -97,7 +88,7 @@ def clone(
                 if b not in table.branches and not ENTRY_FORM.fullmatch(b):
                     refs_mod.set_ref(repo, refs_mod.BRANCH_PREFIX + b.encode(), commit, create=True)
                     made.append(b)
-        sizes = remotes_mod.block_size_of(repo, sorted(table.entries.values()))
+        sizes = arrivals.block_size_of(repo, sorted(table.entries.values()))
         block_size = repo.block_size
         if sizes is not None and MIN_BLOCK_SIZE <= sizes[0] <= MAX_BLOCK_SIZE:
             block_size = sizes[0]

@@ -22,6 +22,7 @@ from vml.errors import (
     UnknownEntry,
     UsageError,
 )
+from vml.plumbing import arrivals
 from vml.plumbing import refs as refs_mod
 from vml.plumbing import remotes as remotes_mod
 from vml.plumbing.chains import read_entry
@@ -283,7 +284,7 @@ def apply_fetched(
                 if ref not in wanted and ref not in unchanged:
                     moves.append(refs_mod.RefMove(ref, None))
         tips += _pushed_here(repo)
-        made = remotes_mod.plan_numbers(repo, tips, hints, keep_hinted=keep_numbers)
+        made = arrivals.plan_numbers(repo, tips, hints, keep_hinted=keep_numbers)
         # Bookkeeping before the refs it describes, as objects before refs:
         # killed at any instant, no entry is left without its origin.
         origins = {
@@ -293,7 +294,7 @@ def apply_fetched(
         # no origin.  Entries first (parents first), then what tracks the
         # remote, deletions last: every prefix a kill can leave is valid and
         # the same fetch completes it.
-        with refs_mod.ref_transaction(repo, remotes_mod.entry_moves(made) + moves):
+        with refs_mod.ref_transaction(repo, arrivals.entry_moves(made) + moves):
             remotes_mod.record_origins(repo, origins, numbering=origins)
         refs_mod.note_numbers(repo, [n for n, _c in made])
     table = refs_mod.read_refs(repo)

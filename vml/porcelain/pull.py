@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vml.plumbing import arrivals
 from vml.plumbing import refs as refs_mod
-from vml.plumbing import remotes as remotes_mod
 from vml.plumbing.packreader import PackReader
 from vml.plumbing.repository import Repository
 from vml.porcelain.common import label
@@ -51,9 +51,9 @@ def pull(
                 if ours is None:
                     moves.append(refs_mod.create(ref, theirs))
                     res.created[b] = name
-                elif ours == theirs or remotes_mod.is_ancestor(reader, theirs, ours):
+                elif ours == theirs or arrivals.is_ancestor(reader, theirs, ours):
                     continue
-                elif remotes_mod.is_ancestor(reader, ours, theirs):
+                elif arrivals.is_ancestor(reader, ours, theirs):
                     moves.append(refs_mod.RefMove(ref, theirs, ours, check=True))
                     res.moved[b] = name
                 else:

@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from vml.errors import CorruptRepository, RemoteError, RepositoryNotFound, UsageError
+from vml.plumbing import arrivals, sending
 from vml.plumbing import refs as refs_mod
 from vml.plumbing import remotes as remotes_mod
-from vml.plumbing import sending
 from vml.plumbing.packreader import PackReader
 from vml.plumbing.repository import Repository
 from vml.plumbing.verify import reach_problem
@@ -118,7 +118,7 @@ def _updates(
             if (
                 old is not None
                 and not force
-                and not remotes_mod.is_ancestor(reader, bytes.fromhex(old.decode()), c)
+                and not arrivals.is_ancestor(reader, bytes.fromhex(old.decode()), c)
             ):
                 rejected.append(b)
                 continue
@@ -209,7 +209,7 @@ def push(
     w = _wanted(repo, table, names, all_entries, tags)
     reader = PackReader(repo)
     try:
-        chain = remotes_mod.chain_entries(reader, w.commits, set())
+        chain = arrivals.chain_entries(reader, w.commits, set())
         _check_whole(reader, table, w.commits | set(chain))
         res = PushResult(remote, url)
         update = _updates(reader, table, list(chain), w, remote, force, res)

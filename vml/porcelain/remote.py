@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from vml.plumbing import remotes as remotes_mod
 from vml.plumbing.repository import Repository
-from vml.porcelain.clone import normalise_url
 from vml.records import Record
+from vml.values import check_name_text
 
 
 @dataclass
@@ -16,6 +17,17 @@ class RemoteInfo(Record):
 
     name: str
     url: str
+
+
+def normalise_url(url: str) -> str:
+    """Local paths become absolute, so the remote works from any folder.
+
+    An empty or blank URL is refused: as a path it would be the current folder.
+    """
+    check_name_text(url, "the URL", "give a path or a URL, e.g. ssh://server/srv/vms.git")
+    if "://" not in url and Path(url).exists():
+        return str(Path(url).resolve())
+    return url
 
 
 def add(repo: Repository, name: str, url: str) -> RemoteInfo:
