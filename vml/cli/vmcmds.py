@@ -218,3 +218,5 @@ def stop(
         )
     else:
         out.print(f"the VM in {escape(res.area)} {res.how}, {res.seconds:.2f} s")
+    for note in res.notes:
+        out.print(f"[yellow]note:[/yellow] {escape(note)}")

@@ -10,7 +10,13 @@ the disk is read whole (every block holding data) and the save says why:
 - the bitmap's record names that entry as where it started, and the disk
   is the same file (inode) of the same virtual size;
 - QEMU (a running VM) or the image (a qcow2 at rest) has the bitmap,
-  recording and consistent (not left *in use* by a QEMU that died).
+  recording and consistent (not left *in use* by a QEMU that died); for a
+  raw disk at rest, ``vml stop`` kept its dirty ranges when it ended QEMU
+  (``keep_at_stop``), and they are intact and tied to the record;
+- at rest, the disk's ``stat`` is the one QEMU left (nothing wrote it since).
+
+A raw disk's ranges kept at one stop are *carried* into the next ``vml
+run`` (a new bitmap starts; the next stop, or live save, adds the two).
 
 This module decides; ``vm/bitmaps.py`` and ``vm/live.py`` talk to QEMU.
 """
@@ -18,17 +24,17 @@ This module decides; ``vm/bitmaps.py`` and ``vm/live.py`` talk to QEMU.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vml.errors import VMControlError
+from vml.errors import QMPError, VMControlError
 from vml.plumbing.areas import load_state, stat_signature
 from vml.plumbing.cache import BlockRecords, Cache, CachedFile
 from vml.plumbing.images import Changed
 from vml.plumbing.vm import bitmaps
 from vml.plumbing.vm.description import QemuDisk, QemuSpec
-from vml.plumbing.vm.qcow2 import Unmappable
+from vml.plumbing.vm.qcow2 import Unmappable, merge_ranges
 from vml.plumbing.vm.qemu import closed_stats
 
 if TYPE_CHECKING:  # a save at rest does not import what only live saves use
@@ -93,9 +99,15 @@ def live_refs(area: Path, spec: QemuSpec, cache: Cache, held: str | None) -> Liv
             out.refs[spec.ram_file] = Reference(cache.block_size, recs.size, recs.block_hash)
     for disk in spec.disks:
         cf = cache.files.get(disk.path)
-        why = _distrust(area, disk, cf, records.get(disk.path), held)
-        if why is None and cf is not None:
-            rec = records[disk.path]
+        rec = records.get(disk.path)
+        why = _distrust(area, disk, cf, rec, held)
+        carried: list[tuple[int, int]] = []
+        if why is None and rec is not None and rec.carried:
+            try:
+                carried = bitmaps.read_kept(area, rec, rec.carried)
+            except bitmaps.KeptUnusable as e:
+                why = str(e)
+        if why is None and cf is not None and rec is not None:
             pages = cache.records(disk.path)
             if pages is not None:
                 out.opened.append(pages)
@@ -106,6 +118,7 @@ def live_refs(area: Path, spec: QemuSpec, cache: Cache, held: str | None) -> Liv
                 bitmap=rec.name,
                 pages=pages.page_hashes_or_none if pages is not None else None,
                 page_size=cache.page_size,
+                carried=carried,
             )
         elif cf is not None and cf.kind == "image":
             out.notes.append(f"{disk.path}: read whole: {why}")
@@ -132,13 +145,18 @@ def settle_live(
         old = records.pop(r.path, None)
         if r.new not in ok:
             continue
-        since = entry if entry is not None else (old.since if r.old is not None and old else None)
+        folded = entry is None and r.old is not None and old is not None
+        since = entry if entry is not None else (old.since if folded and old else None)
         if since is None:
             continue
         path = area / r.path
         size = bitmaps.virtual_size(path, fmt[r.path])
         if size is not None:
-            records[r.path] = bitmaps.Record(r.new, since, path.stat().st_ino, size, r.persistent)
+            # Folded back after a failed save: the earlier runs' ranges still count.
+            carried = old.carried if folded and old else None
+            records[r.path] = bitmaps.Record(
+                r.new, since, path.stat().st_ino, size, r.persistent, carried=carried
+            )
     bitmaps.save_records(area, records)
 
 
@@ -147,7 +165,8 @@ def at_rest(
 ) -> tuple[dict[str, Changed], list[str]]:
     """What changed in the disks ``read`` (their stat differs from the cache's) of a VM at rest.
 
-    Only a qcow2 image keeps its bitmap at rest (``qemu-nbd -r -B``).
+    A qcow2 image keeps its bitmap at rest (what ``qemu-nbd -r -B`` reads);
+    a raw disk has the ranges ``vml stop`` kept (``keep_at_stop``).
     """
     out: dict[str, Changed] = {}
     notes: list[str] = []
@@ -161,8 +180,11 @@ def at_rest(
         cf = cache.files.get(disk.path)
         rec = records.get(disk.path)
         why = _distrust(area, disk, cf, rec, held)
-        if why is None and disk.format == "raw":
-            why = "QEMU keeps a raw disk's dirty bitmap only while the VM runs"
+        if why is None and rec is not None and not rec.persistent and not rec.kept:
+            why = (
+                "QEMU keeps a raw disk's dirty bitmap only while it runs, and it ended "
+                "without `vml stop` keeping it (killed or crashed?)"
+            )
         if why is None and (closed is None or closed.get(disk.path) != _signature(area, disk)):
             # Written since QEMU closed it: by something its bitmap did not see.
             why = "it changed since QEMU closed it"
@@ -206,6 +228,13 @@ def _at_rest_ranges(
     out: dict[str, Changed],
 ) -> str | None:
     path = area / disk.path
+    if not rec.persistent:  # a raw disk: the ranges `vml stop` kept (guest = file offsets)
+        try:
+            ranges = bitmaps.read_kept(area, rec, rec.kept)
+        except bitmaps.KeptUnusable as e:
+            return str(e)
+        _changed(path, cf, ranges, out, disk.path)
+        return None
     try:
         found = next((b for b in bitmaps.image_bitmaps(path) if b.name == rec.name), None)
     except (Unmappable, OSError) as e:
@@ -223,12 +252,17 @@ def _at_rest_ranges(
             rest = _pages_that_changed(cache, path, disk.path, rest)
     except (VMControlError, Unmappable, OSError) as e:
         return f"its dirty bitmap could not be read ({e})"
-    ranges = written + rest
+    _changed(path, cf, written + rest, out, disk.path)
+    return None
+
+
+def _changed(
+    path: Path, cf: CachedFile, ranges: list[tuple[int, int]], out: dict[str, Changed], rel: str
+) -> None:
     size = path.stat().st_size
     if size > cf.size:
         ranges.append((cf.size, size))  # the file grew
-    out[disk.path] = Changed(sorted(ranges), partial=False)
-    return None
+    out[rel] = Changed(sorted(ranges), partial=False)
 
 
 # --- vml run -------------------------------------------------------------------
@@ -241,6 +275,9 @@ class StartPlan:
     keep: dict[str, str]  # disk path -> a recorded bitmap still good to use
     fresh: set[str]  # disks unchanged since the area's entry (a new bitmap may start now)
     entry: str | None
+    # Raw disks unchanged since QEMU closed them, whose kept dirty ranges
+    # still count from the entry: disk path -> those ranges' file (carried on).
+    carry: dict[str, str] = field(default_factory=dict)
 
 
 def start_plan(area: Path, spec: QemuSpec) -> StartPlan:
@@ -250,19 +287,38 @@ def start_plan(area: Path, spec: QemuSpec) -> StartPlan:
     cache = Cache.peek(area)
     keep: dict[str, str] = {}
     fresh: set[str] = set()
+    carry: dict[str, str] = {}
     if entry is None or not cache.valid_for(entry):
         return StartPlan(keep, fresh, None)
     records = bitmaps.load_records(area)
+    closed = closed_stats(area, spec)  # before `prepare_run_dir` clears it
     for disk in spec.disks:
         cf = cache.files.get(disk.path)
+        rec = records.get(disk.path)
         try:
-            if _distrust(area, disk, cf, records.get(disk.path), entry) is None:
-                keep[disk.path] = records[disk.path].name
+            if rec is not None and _distrust(area, disk, cf, rec, entry) is None:
+                if rec.persistent:
+                    keep[disk.path] = rec.name
+                elif _carries(area, disk, rec, closed):
+                    carry[disk.path] = str(rec.kept)
             if cf is not None and cf.stat == stat_signature(os.stat(area / disk.path)):
                 fresh.add(disk.path)
         except OSError:
             continue
-    return StartPlan(keep, fresh, entry)
+    return StartPlan(keep, fresh, entry, carry)
+
+
+def _carries(
+    area: Path, disk: QemuDisk, rec: bitmaps.Record, closed: dict[str, list[int]] | None
+) -> bool:
+    """Whether a raw disk's kept ranges hold every write since ``rec.since`` (so a run adds on)."""
+    if not rec.kept or closed is None or closed.get(disk.path) != _signature(area, disk):
+        return False
+    try:
+        bitmaps.read_kept(area, rec, rec.kept)
+    except bitmaps.KeptUnusable:
+        return False
+    return True
 
 
 def start_bitmaps(client: QMPClient, area: Path, spec: QemuSpec, plan: StartPlan) -> None:
@@ -270,7 +326,9 @@ def start_bitmaps(client: QMPClient, area: Path, spec: QemuSpec, plan: StartPlan
 
     A kept bitmap must be there, recording and consistent; stale ``vml-``
     bitmaps (an earlier run's, or one left in use by a QEMU that died) are
-    removed, so they do not pile up in qcow2 images.
+    removed, so they do not pile up in qcow2 images.  A raw disk whose
+    ranges the last stop kept (``plan.carry``) gets a new bitmap that
+    carries them on.
     """
     records = bitmaps.load_records(area)
     present, _nodes = bitmaps.live_bitmaps(client)
@@ -287,7 +345,9 @@ def start_bitmaps(client: QMPClient, area: Path, spec: QemuSpec, plan: StartPlan
         if keep is not None:
             continue
         records.pop(disk.path, None)
-        if disk.path in plan.fresh and plan.entry is not None:
+        fresh = disk.path in plan.fresh
+        carried = None if fresh else plan.carry.get(disk.path)
+        if (fresh or carried) and plan.entry is not None:
             name = bitmaps.new_name()
             persistent = disk.format == "qcow2"
             bitmaps.add(client, dev, name, persistent)
@@ -295,6 +355,59 @@ def start_bitmaps(client: QMPClient, area: Path, spec: QemuSpec, plan: StartPlan
             size = bitmaps.virtual_size(path, disk.format)
             if size is not None:
                 records[disk.path] = bitmaps.Record(
-                    name, plan.entry, path.stat().st_ino, size, persistent
+                    name, plan.entry, path.stat().st_ino, size, persistent, carried=carried
                 )
     bitmaps.save_records(area, records)
+
+
+# --- vml stop ------------------------------------------------------------------
+
+
+def keep_at_stop(client: QMPClient, area: Path, spec: QemuSpec) -> list[str]:
+    """Keep each raw disk's dirty ranges before QEMU quits (the guest stopped: no more writes).
+
+    QEMU holds a raw disk's bitmap only in memory: it is read here (an NBD
+    export, ``bitmaps.dirty_live``), added to the ranges the run carried
+    from an earlier stop, and kept in ``.vml/`` for the next save at rest
+    (``at_rest``) or run.  A disk whose bitmap cannot be read keeps no
+    ranges (a save reads it whole).  Returns what went wrong.
+    """
+    records = bitmaps.load_records(area)
+    present, nodes = bitmaps.live_bitmaps(client)
+    wanted: dict[str, tuple[str, str, str]] = {}  # disk path -> (device, node, bitmap)
+    carried: dict[str, list[tuple[int, int]]] = {}
+    notes: list[str] = []
+    for i, disk in enumerate(spec.disks):
+        rec = records.get(disk.path)
+        if rec is None or rec.persistent or rec.since is None:
+            continue
+        dev = f"vml-disk{i}"
+        records[disk.path] = replace(rec, kept=None, carried=None)  # until read below
+        found = next((b for b in present.get(dev, []) if b.name == rec.name), None)
+        try:
+            if found is None or found.inconsistent or found.granularity != bitmaps.GRANULARITY:
+                raise bitmaps.KeptUnusable(f"QEMU has no usable dirty bitmap {rec.name}")
+            carried[disk.path] = bitmaps.read_kept(area, rec, rec.carried) if rec.carried else []
+            if found.recording:  # a read-only export takes only a disabled bitmap
+                client.execute("block-dirty-bitmap-disable", {"node": dev, "name": rec.name})
+        except (bitmaps.KeptUnusable, QMPError) as e:
+            notes.append(f"{disk.path}: its dirty ranges were not kept: {e}")
+            continue
+        wanted[disk.path] = (dev, nodes.get(dev, dev), rec.name)
+    try:
+        dirty = bitmaps.dirty_live(client, list(wanted.values()))
+    except (QMPError, VMControlError) as e:
+        notes.append(f"the raw disks' dirty ranges were not kept ({e.message})")
+        dirty = {}
+    for path, (dev, _node, _name) in wanted.items():
+        rec = records[path]
+        if dev not in dirty:
+            continue
+        try:
+            kept = bitmaps.write_kept(area, rec, merge_ranges(carried[path] + dirty[dev]))
+        except OSError as e:
+            notes.append(f"{path}: its dirty ranges were not kept ({e.strerror})")
+            continue
+        records[path] = replace(rec, kept=kept)
+    bitmaps.save_records(area, records)
+    return notes

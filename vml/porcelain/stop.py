@@ -14,10 +14,11 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vml.errors import AreaError, QMPError, VMControlError
+from vml.plumbing import dirty
 from vml.plumbing.areas import lock_area
 from vml.plumbing.vm.description import QemuSpec, find_spec
 from vml.plumbing.vm.qemu import (
@@ -45,6 +46,7 @@ class StopResult(Record):
     seconds: float
     state_file: str | None = None
     state_bytes: int = 0
+    notes: list[str] = field(default_factory=list)  # e.g. a raw disk's dirty ranges not kept
 
 
 def _fsync(path: Path) -> None:
@@ -108,6 +110,9 @@ def stop(
                 if spec is not None and save:
                     res.state_bytes = _save(area, spec, client)
                     res.state_file = spec.state_file
+                    # The state is safe; the guest writes no more: what QEMU
+                    # alone knows of the raw disks' writes is kept before it quits.
+                    res.notes += _keep_ranges(area, spec, client)
                     # QEMU may close the socket before it answers.
                     with contextlib.suppress(QMPError):
                         client.execute("quit")
@@ -127,6 +132,13 @@ def stop(
         _wait_parent(RunPaths(area))
     res.seconds = time.monotonic() - t0
     return res
+
+
+def _keep_ranges(area: Path, spec: QemuSpec, client: QMPClient) -> list[str]:
+    try:
+        return dirty.keep_at_stop(client, area, spec)
+    except (QMPError, VMControlError, OSError) as e:
+        return [f"the raw disks' dirty ranges were not kept ({e}): the next save reads them whole"]
 
 
 def _powerdown(area: Path, client: QMPClient) -> None:

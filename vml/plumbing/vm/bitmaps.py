@@ -4,7 +4,9 @@ For a VM that VML runs, each disk gets a dirty bitmap (``vml-<random>``,
 64 KiB granularity), persistent on qcow2 (QEMU stores it in the image when
 it closes it; a bitmap still flagged *in use* afterwards means QEMU did not
 close it cleanly and it is not trusted); on a raw disk QEMU keeps it only
-while it runs.  VML remembers, in ``.vml/bitmaps.json``, which bitmap of
+while it runs, so VML reads a raw disk's bitmap when it ends QEMU (``vml
+stop``) and keeps the dirty ranges in ``.vml/dirty-<bitmap>.ranges``
+(:func:`write_kept`).  VML remembers, in ``.vml/bitmaps.json``, which bitmap of
 which disk has recorded every write since the disk held which entry
 (``since``), with the disk's inode and virtual size then.  A save trusts a
 bitmap only when that entry is the one the area holds and its cache
@@ -30,8 +32,10 @@ import json
 import os
 import secrets
 import shutil
+import struct
 import subprocess
 import tempfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -66,6 +70,12 @@ class Record:
     inode: int
     size: int  # the disk's virtual size when it started
     persistent: bool
+    # A raw disk's dirty ranges, in a file of ``.vml/`` (``write_kept``):
+    # ``kept``, every write since ``since`` up to when QEMU closed the disk
+    # (the bitmap is gone; only valid at rest); ``carried``, the writes of
+    # earlier runs since ``since``, which bitmap ``name`` does not hold.
+    kept: str | None = None
+    carried: str | None = None
 
 
 def _records_path(area: Path) -> Path:
@@ -82,21 +92,112 @@ def load_records(area: Path) -> dict[str, Record]:
 
 
 def save_records(area: Path, records: dict[str, Record]) -> None:
-    """Write the records (atomically; an accelerator: no fsync)."""
+    """Write the records (atomically; an accelerator: no fsync); drop kept ranges none names."""
     path = _records_path(area)
     if not records:
         path.unlink(missing_ok=True)
-        return
-    doc = {"vml_bitmaps": 1, "disks": {p: asdict(r) for p, r in sorted(records.items())}}
-    tmp = path.with_name(path.name + ".tmp")
-    with contextlib.suppress(OSError):
-        tmp.write_text(json.dumps(doc) + "\n")
-        os.replace(tmp, path)
+    else:
+        doc = {"vml_bitmaps": 1, "disks": {p: _as_doc(r) for p, r in sorted(records.items())}}
+        tmp = path.with_name(path.name + ".tmp")
+        with contextlib.suppress(OSError):
+            tmp.write_text(json.dumps(doc) + "\n")
+            os.replace(tmp, path)
+    named = {n for r in records.values() for n in (r.kept, r.carried) if n}
+    _drop_kept(area, named)
+
+
+def _as_doc(r: Record) -> dict[str, Any]:
+    doc = asdict(r)
+    for key in ("kept", "carried"):  # absent when unset: the records older VMLs wrote
+        if doc[key] is None:
+            del doc[key]
+    return doc
 
 
 def drop_records(area: Path) -> None:
-    """Forget every bitmap record (the disks were rewritten by a checkout)."""
+    """Forget every bitmap record, and the ranges kept (the disks were rewritten by a checkout)."""
     _records_path(area).unlink(missing_ok=True)
+    _drop_kept(area, set())
+
+
+# --- a raw disk's dirty ranges, kept when QEMU ends ---------------------------------
+
+KEPT_PREFIX = "dirty-"
+KEPT_SUFFIX = ".ranges"
+_KEPT_MAGIC = b"VML-DIRTY-RANGES 1\n"
+
+
+class KeptUnusable(ValueError):
+    """Kept dirty ranges that are missing, unreadable, or not those of the record."""
+
+
+def _drop_kept(area: Path, keep: set[str]) -> None:
+    """Remove the kept-ranges files of ``.vml/`` not named in ``keep``."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(area / VML_DIR):
+            n = entry.name
+            if n.startswith(KEPT_PREFIX) and n.endswith((KEPT_SUFFIX, ".tmp")) and n not in keep:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+
+def write_kept(area: Path, rec: Record, ranges: list[tuple[int, int]]) -> str:
+    """Keep ``ranges`` (dirty guest ranges of ``rec``'s disk) in ``.vml/``; the file's name.
+
+    The file: a magic line, one line of JSON tying it to the record (its
+    bitmap, ``since``, the disk's inode and virtual size), the ranges as
+    zlib-compressed deltas of 64-bit offsets, and the xxh3-128 of all that
+    before it.  Written aside and renamed (an accelerator: no fsync; a torn
+    file fails its checksum and the disk is read whole).
+    """
+    name = f"{KEPT_PREFIX}{rec.name}{KEPT_SUFFIX}"
+    deltas: list[int] = []
+    prev = 0
+    for a, b in ranges:
+        deltas += (a - prev, b - a)
+        prev = b
+    head = {"bitmap": rec.name, "since": rec.since, "inode": rec.inode, "size": rec.size}
+    body = (
+        _KEPT_MAGIC
+        + json.dumps(head, sort_keys=True).encode()
+        + b"\n"
+        + zlib.compress(struct.pack(f"<{len(deltas)}Q", *deltas), 1)
+    )
+    path = area / VML_DIR / name
+    tmp = path.with_name(name + ".tmp")
+    tmp.write_bytes(body + xxhash.xxh3_128_digest(body))
+    os.replace(tmp, path)
+    return name
+
+
+def read_kept(area: Path, rec: Record, name: str | None) -> list[tuple[int, int]]:
+    """The dirty guest ranges kept in ``name`` for ``rec``; ``KeptUnusable`` says why not."""
+    if not name or not name.startswith(KEPT_PREFIX) or not name.endswith(KEPT_SUFFIX):
+        raise KeptUnusable("no dirty ranges were kept for it")
+    try:
+        data = (area / VML_DIR / os.path.basename(name)).read_bytes()
+    except OSError as e:
+        raise KeptUnusable(f"its kept dirty ranges cannot be read ({e.strerror})") from None
+    body, digest = data[:-16], data[-16:]
+    if not body.startswith(_KEPT_MAGIC) or xxhash.xxh3_128_digest(body) != digest:
+        raise KeptUnusable("its kept dirty ranges are damaged (checksum)")
+    try:
+        line, _, packed = body[len(_KEPT_MAGIC) :].partition(b"\n")
+        head = json.loads(line)
+        raw = zlib.decompress(packed)
+        deltas = struct.unpack(f"<{len(raw) // 8}Q", raw)
+    except (ValueError, struct.error, zlib.error) as e:
+        raise KeptUnusable(f"its kept dirty ranges are damaged ({e})") from None
+    bitmap = name[len(KEPT_PREFIX) : -len(KEPT_SUFFIX)]
+    if head != {"bitmap": bitmap, "since": rec.since, "inode": rec.inode, "size": rec.size}:
+        raise KeptUnusable("its kept dirty ranges are not those of its dirty bitmap's record")
+    out: list[tuple[int, int]] = []
+    prev = 0
+    for i in range(0, len(deltas) - 1, 2):
+        start = prev + deltas[i]
+        prev = start + deltas[i + 1]
+        out.append((start, prev))
+    return out
 
 
 # --- what QEMU says --------------------------------------------------------------

@@ -75,6 +75,9 @@ class Reference:
     # A disk's page hashes then (xxh3-64 of each page of block n), and the page size.
     pages: Callable[[int], bytes | None] | None = None
     page_size: int = 4096
+    # A raw disk's dirty guest ranges of earlier runs since the entry, which
+    # ``bitmap`` (started at the last `vml run`) does not hold.
+    carried: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -231,9 +234,10 @@ def _dirty_disks(
         src = p.area / r.path
         ref = p.refs[r.path]
         try:
-            written, rest = bitmaps.file_ranges(
-                src, fmt[r.path], dirty[r.device], p.known_data.get(r.path)
-            )
+            guest = dirty[r.device]
+            if ref.carried:
+                guest = merge_ranges(ref.carried + guest)
+            written, rest = bitmaps.file_ranges(src, fmt[r.path], guest, p.known_data.get(r.path))
             if rest and ref.pages is not None:
                 rest = _pages_that_changed(src, rest, ref)
         except (Unmappable, OSError) as e:
