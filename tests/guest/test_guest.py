@@ -8,6 +8,8 @@ a larger uptime; a rebooted one would print ``boot`` again.
 
 from __future__ import annotations
 
+import filecmp
+import json
 import re
 import subprocess
 import time
@@ -18,9 +20,10 @@ import pytest
 
 from tests.cli.test_cli import vml
 from tests.cli.test_vm_run import _kill_vm, kill_saver_in_pause
-from tests.conftest import TEST_BLOCK, need
+from tests.conftest import TEST_BLOCK, allocated, need
 from tests.guest.build import Guest, GuestUnavailable, build_guest
 from tests.reliability.helpers import git_fsck
+from vml.plumbing.vm import bitmaps
 from vml.plumbing.vm.qemu import RunPaths, run_status, vml_vm
 
 pytestmark = pytest.mark.guest
@@ -166,3 +169,35 @@ def test_a_killed_saver_leaves_the_guest_paused_and_recoverable(
     assert marks(guest_area)[-1][0] == "poweroff"
     assert not (guest_area / "physics.ram").exists()
     fsck_clean(guest_area / "root.img")
+
+
+def test_a_powered_off_raw_disk_is_saved_through_the_ranges_stop_kept(
+    guest_area: Path, tmp_path: Path
+) -> None:
+    """``vml stop`` (the power button) keeps the raw disk's dirty ranges: the save reads only them."""
+    repo = tmp_path / "repo"
+    vml("init", repo, "--block-size", str(TEST_BLOCK))
+    vml(
+        "vm", "init", guest_area, "--disk", guest_area / "root.img", "--memory", "128M",
+        "--kernel", guest_area / "vmlinuz", "--initrd", guest_area / "initrd.gz",
+        "--append", "console=ttyS0 quiet panic=-1 vml.sessions=0 vml.pause=0.5",
+        "--network", "none", "--qemu-arg=-no-reboot", "--force",
+    )  # fmt: skip
+    vml("run", guest_area, "--accel", "tcg")
+    n = wait_mark(guest_area, r"session=1 start")
+    vml("--repo", repo, "commit", guest_area, "-m", "working")  # live: the bitmap counts from here
+    wait_mark(guest_area, r"session=\d+ done", after=n)
+    assert "powered off" in vml("stop", guest_area, "--timeout", str(WAIT))
+    assert marks(guest_area)[-1][0] == "poweroff"
+    rec = bitmaps.load_records(guest_area)["root.img"]
+    kept = bitmaps.read_kept(guest_area, rec, rec.kept)
+    dirty = sum(b - a for a, b in kept)
+    disk = guest_area / "root.img"
+    assert 0 < dirty < allocated(disk) // 2
+    res = json.loads(vml("--repo", repo, "commit", guest_area, "-m", "off", "--json"))
+    assert res["notes"] == []
+    assert res["read_bytes"] <= dirty + (1 << 20)  # the kept ranges (and the description)
+    copy = tmp_path / "copy"
+    vml("--repo", repo, "checkout", res["entry"], copy)
+    assert filecmp.cmp(copy / "root.img", disk, shallow=False)
+    fsck_clean(copy / "root.img")

@@ -1,11 +1,15 @@
 """``vml stop``: power the area's VM off, or save its running state and end QEMU.
 
 - plain: the ACPI power button (QMP ``system_powerdown``); the guest shuts
-  down by itself; VML waits for QEMU to end.
+  down by itself; VML waits for QEMU to end (with raw disks, QEMU pauses
+  when the guest is off, VML keeps their dirty ranges, then QEMU quits).
 - ``--save``: like a suspend.  QEMU stops the guest, writes its device
   state into ``<name>.vmstate`` (the memory stays in ``<name>.ram``) and
   quits; both files are flushed to disk.  ``vml run`` resumes it; ``vml
   commit`` saves it as an entry that resumes wherever it is checked out.
+  Before QEMU quits, the dirty ranges of the raw disks are kept
+  (``dirty.keep_at_stop``): QEMU cannot store a raw disk's bitmap, and a
+  save at rest then reads only those ranges.
 - ``--kill``: end QEMU at once, like pulling the plug.
 """
 
@@ -117,18 +121,13 @@ def stop(
                     with contextlib.suppress(QMPError):
                         client.execute("quit")
                 else:
-                    _powerdown(area, client)
+                    res.notes += _powerdown(area, spec, client, timeout)
             if not wait_exit(vm.pid, timeout if not save else 30):
                 if save:
                     kill(vm.pid)  # its state is saved; what is left is an exiting QEMU
                     wait_exit(vm.pid, 10)
                 else:
-                    raise VMControlError(
-                        f"the guest in {area} did not power off within {timeout:.0f} s "
-                        "(it may ignore the ACPI power button, or still be shutting down)",
-                        "wait and run `vml stop` again, `vml stop --save` to save it as it is, "
-                        "or `vml stop --kill` to pull the plug",
-                    )
+                    raise _not_off(area, timeout)
         _wait_parent(RunPaths(area))
     res.seconds = time.monotonic() - t0
     return res
@@ -141,14 +140,60 @@ def _keep_ranges(area: Path, spec: QemuSpec, client: QMPClient) -> list[str]:
         return [f"the raw disks' dirty ranges were not kept ({e}): the next save reads them whole"]
 
 
-def _powerdown(area: Path, client: QMPClient) -> None:
+def _powerdown(area: Path, spec: QemuSpec | None, client: QMPClient, timeout: float) -> list[str]:
+    """Press the power button; for a VM with raw disks, keep their dirty ranges before QEMU quits.
+
+    QEMU is told to pause, not quit, when the guest powers off (QMP
+    ``set-action``): the guest has written all it will, and QEMU still
+    holds the raw disks' bitmaps, read then (``dirty.keep_at_stop``); then
+    ``quit``.  Should this process end first, QEMU stays paused in state
+    ``shutdown``, which ``vml stop`` (again) or ``vml stop --kill`` ends.
+    """
     status = client.execute("query-status").get("status")
+    if status == "shutdown":  # an earlier `vml stop` left it so
+        return _quit(area, spec, client)
     if status != "running":
         raise VMControlError(
             f"the VM in {area} is {status}: a paused guest cannot see the power button",
             "`vml run --continue` continues it (then `vml stop`), or `vml stop --kill` ends it",
         )
+    wait = spec is not None and any(d.format == "raw" for d in spec.disks)
+    if wait:
+        try:
+            client.execute("set-action", {"shutdown": "pause"})
+        except QMPError:
+            wait = False  # an older QEMU: it quits by itself, its raw bitmaps lost
     client.execute("system_powerdown")
+    if not wait:
+        return []
+    deadline = time.monotonic() + timeout
+    try:
+        while client.execute("query-status").get("status") != "shutdown":
+            if time.monotonic() > deadline:
+                raise _not_off(area, timeout)
+            time.sleep(0.05)
+    except BaseException:
+        with contextlib.suppress(QMPError):  # let it quit on its own again
+            client.execute("set-action", {"shutdown": "poweroff"})
+        raise
+    return _quit(area, spec, client)
+
+
+def _not_off(area: Path, timeout: float) -> VMControlError:
+    return VMControlError(
+        f"the guest in {area} did not power off within {timeout:.0f} s "
+        "(it may ignore the ACPI power button, or still be shutting down)",
+        "wait and run `vml stop` again, `vml stop --save` to save it as it is, "
+        "or `vml stop --kill` to pull the plug",
+    )
+
+
+def _quit(area: Path, spec: QemuSpec | None, client: QMPClient) -> list[str]:
+    """End a QEMU whose guest has powered off (paused in ``shutdown``), its raw disks' ranges kept."""
+    notes = _keep_ranges(area, spec, client) if spec is not None else []
+    with contextlib.suppress(QMPError):  # QEMU may close the socket before it answers
+        client.execute("quit")
+    return notes
 
 
 def _wait_parent(paths: RunPaths, timeout: float = 10.0) -> None:
