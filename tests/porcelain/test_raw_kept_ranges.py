@@ -13,11 +13,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.cli.test_vm_run import ROOT
 from tests.conftest import allocated, need
 from tests.porcelain import test_dirty_bitmaps as qcow2_tests
 from vml.plumbing.repository import Repository, init_repository
@@ -238,3 +241,47 @@ def test_a_kept_file_of_another_record_is_not_used(lab: tuple[Repository, Path])
     ):
         with pytest.raises(bitmaps.KeptUnusable, match="not those of"):
             bitmaps.read_kept(area, other, rec.kept)
+
+
+SAVER = """
+import sys, time
+import vml.plumbing.vm.live as live
+real = live.copy_ranges
+def stuck(src, dst, ranges):
+    n = real(src, dst, ranges)
+    print("PAUSED", flush=True)
+    time.sleep(600)
+    return n
+live.copy_ranges = stuck
+from vml.cli.app import main
+sys.argv = ["vml", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_bitmap_a_killed_live_save_rotated_is_not_kept(
+    lab: tuple[Repository, Path], tmp_path: Path
+) -> None:
+    """The record's bitmap stopped recording in that pause: the writes since are in another."""
+    repo, area = lab
+    _first_save_and_write(repo, area)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SAVER, "--repo", str(tmp_path / "repo"), "commit", str(area), "-q"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"PAUSED\n", proc.communicate()
+    finally:
+        proc.kill()
+        proc.wait()
+    run(area, cont=True)
+    guest_write(area, 0, 50 * MiB, 4096, 9)  # recorded by the rotated-in bitmap only
+    res = stop(area, save=True)
+    name = bitmaps.load_records(area)[RAW].name
+    assert res.notes == [
+        f"{RAW}: its dirty ranges were not kept: QEMU has no recording dirty bitmap {name}"
+    ]
+    e2 = commit(repo, area)
+    assert e2.notes == [KILLED]
+    _same_disk(repo, e2, tmp_path, area)

@@ -385,11 +385,15 @@ def keep_at_stop(client: QMPClient, area: Path, spec: QemuSpec) -> list[str]:
         records[disk.path] = replace(rec, kept=None, carried=None)  # until read below
         found = next((b for b in present.get(dev, []) if b.name == rec.name), None)
         try:
-            if found is None or found.inconsistent or found.granularity != bitmaps.GRANULARITY:
-                raise bitmaps.KeptUnusable(f"QEMU has no usable dirty bitmap {rec.name}")
+            # Not recording: a live save rotated it and did not settle (its
+            # successor, unrecorded, holds the writes since).
+            if found is None or found.inconsistent or not found.recording:
+                raise bitmaps.KeptUnusable(f"QEMU has no recording dirty bitmap {rec.name}")
+            if found.granularity != bitmaps.GRANULARITY:
+                raise bitmaps.KeptUnusable(f"its dirty bitmap {rec.name} is not VML's")
             carried[disk.path] = bitmaps.read_kept(area, rec, rec.carried) if rec.carried else []
-            if found.recording:  # a read-only export takes only a disabled bitmap
-                client.execute("block-dirty-bitmap-disable", {"node": dev, "name": rec.name})
+            # A read-only export takes only a disabled bitmap (the guest is stopped).
+            client.execute("block-dirty-bitmap-disable", {"node": dev, "name": rec.name})
         except (bitmaps.KeptUnusable, QMPError) as e:
             notes.append(f"{disk.path}: its dirty ranges were not kept: {e}")
             continue

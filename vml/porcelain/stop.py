@@ -172,6 +172,8 @@ def _powerdown(area: Path, spec: QemuSpec | None, client: QMPClient, timeout: fl
             if time.monotonic() > deadline:
                 raise _not_off(area, timeout)
             time.sleep(0.05)
+    except QMPError:
+        return []  # QEMU went (crashed?): the caller waits for it; no ranges kept
     except BaseException:
         with contextlib.suppress(QMPError):  # let it quit on its own again
             client.execute("set-action", {"shutdown": "poweroff"})
