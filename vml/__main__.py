@@ -1,5 +1,5 @@
 """``python -m vml``."""
 
-from vml.cli.app import main
+from vml.cli.app import run
 
-main()
+run()

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -232,3 +233,44 @@ def test_remote_add_list_remove_load_only_the_remotes_configuration(tmp_path: Pa
         assert code == 0 and said in stdout, (args, stdout)
         assert "vml.porcelain.remote" in modules
         assert [m for m in NOT_FOR_REMOTES if m in modules] == [], args
+
+
+def _python_m_vml(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "vml", *args], cwd=cwd, capture_output=True, text=True, env=env
+    )
+
+
+def test_a_command_that_succeeds_leaves_its_whole_output_and_code_zero(tmp_path: Path) -> None:
+    """``python -m vml`` ends with os._exit after a success: nothing it printed may be lost."""
+    area = tmp_path / "area"
+    make_area(area)
+    repo = tmp_path / "repo"
+    assert _python_m_vml(["--repo", str(repo), "init"], tmp_path).returncode == 0
+    done = _python_m_vml(["--repo", str(repo), "commit", str(area), "-m", "one"], tmp_path)
+    assert (done.returncode, done.stdout.splitlines()[0]) == (0, "E1"), done.stderr
+    listed = _python_m_vml(["--repo", str(repo), "log"], tmp_path)
+    whole = runner.invoke(root.app, ["--repo", str(repo), "log"])
+    assert (listed.returncode, listed.stdout) == (0, whole.stdout)
+    assert subprocess.run(["git", "-C", str(repo), "fsck", "--full", "--strict"]).returncode == 0
+
+
+def test_a_command_that_fails_exits_the_ordinary_way_with_its_code(tmp_path: Path) -> None:
+    done = _python_m_vml(["--repo", str(tmp_path / "none"), "log"], tmp_path)
+    assert done.returncode != 0
+    assert done.stderr.strip() and done.stdout == ""
+
+
+def test_the_quick_exit_waits_for_the_ordinary_one_while_another_thread_runs() -> None:
+    """With a thread still running, ``_exit_now`` returns (the interpreter's exit joins it)."""
+    from vml.cli import app
+
+    release = threading.Event()
+    t = threading.Thread(target=release.wait)
+    t.start()
+    try:
+        app._exit_now()  # would end this test process at once if it did not return
+    finally:
+        release.set()
+        t.join()
