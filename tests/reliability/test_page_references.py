@@ -346,3 +346,53 @@ def test_a_disk_that_copies_its_own_data_references_it(
     assert vml(cli_repo, "checkout", "-q", "E2", out).code == 0
     assert digest_area(out) == states[1]
     _git_fsck(cli_repo)
+
+
+def _image_trees(repo: Path, entry: str) -> dict[str, bytes]:
+    """Every image tree of ``entry`` by name: what a save stored for each image, ids only."""
+    git = Repo(str(repo))
+    try:
+        commit = git[git.refs[f"refs/vml/entries/{entry[1:]}".encode()]]
+        assert isinstance(commit, Commit)
+        tree = git[commit.tree]
+        assert isinstance(tree, Tree)
+        images = git[tree[b"images"][1]]
+        assert isinstance(images, Tree)
+        return {item.path.decode(): item.sha for item in images.items()}
+    finally:
+        git.close()
+
+
+@pytest.mark.parametrize("mask", [pageindex._ALL, 0x7F << 57])
+def test_buckets_built_while_the_disk_is_saved_store_what_buckets_built_later_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mask: int
+) -> None:
+    """The disk's page index buckets, built from its records as they are written, give
+    every entry exactly the image trees (references included) of buckets built when the
+    memory file first looks a page up; also when hashes collide (few bits compared)."""
+    from vml.plumbing import saving
+
+    monkeypatch.setattr(pageindex, "_MASK", mask)
+    trees = []
+    used = []
+    real_add = pageindex.PageIndex.add
+
+    def add(self: pageindex.PageIndex, image: pageindex.SavedImage, **kw: bool) -> int:
+        used.append(image.early is not None)
+        return real_add(self, image, **kw)
+
+    monkeypatch.setattr(pageindex.PageIndex, "add", add)
+    for early in (True, False):
+        if not early:
+            monkeypatch.setattr(saving.Saver, "_early_buckets", lambda *a: None)
+        run = tmp_path / f"early{early}"
+        run.mkdir()
+        repo = run / "repo"
+        assert vml(repo, "init", "--block-size", "64K", repo).code == 0
+        _saved(run, repo)
+        trees.append([_image_trees(repo, f"E{n}") for n in (1, 2, 3)])
+        manifest, sources = _ram_layer(repo, "E2")
+        assert manifest["vml_manifest"] == 2 and sources
+    assert trees[0] == trees[1]
+    # The later saves took the early buckets; without them none were offered.
+    assert any(used) and not all(used)
