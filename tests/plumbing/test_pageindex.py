@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 from pathlib import Path
 
 from vml.plumbing.packreader import PackReader
@@ -11,11 +10,8 @@ from vml.plumbing.pageindex import (
     MAX_DELTA_SOURCES,
     MIN_SOURCE_PAGES,
     RUN_PAGES,
-    EarlyBuckets,
     PageIndex,
-    SavedImage,
     _limit,
-    _zero_hash,
 )
 from vml.plumbing.repository import Repository
 
@@ -69,58 +65,3 @@ def test_references_keep_only_sources_worth_a_read() -> None:
         bytes([s]) * 20 for s in range(2, MAX_DELTA_SOURCES + 2)
     }
     assert all(many[k] == w for k, w in kept.items())
-
-
-def _records(tmp_path: Path, hashes: list[list[int]], tap: object = None) -> Path:
-    """A records file whose block i holds page hashes ``hashes[i]`` (16 pages a block)."""
-    from vml.plumbing.cache import CacheWriter
-
-    writer = CacheWriter(tmp_path, PAGE, 16 * PAGE)
-    name, out = writer.new_records(len(hashes) * 16 * PAGE)
-    out.tap = tap  # type: ignore[assignment]
-    for n, pages in enumerate(hashes):
-        out.add(n, bytes(36) + b"".join(h.to_bytes(8, "big") for h in pages))
-    out.close()
-    return writer.dir / name
-
-
-def _saved_image(path: Path, early: EarlyBuckets | None) -> SavedImage:
-    from vml.plumbing.cache import BlockRecords
-
-    return SavedImage(
-        path, [], lambda: BlockRecords(path, PAGE, 16 * PAGE, path.parent), None, {}, [],
-        early=early,
-    )  # fmt: skip
-
-
-def test_buckets_fed_as_records_are_written_are_those_built_from_the_file(
-    tmp_path: Path, repo: Repository
-) -> None:
-    """Same buckets, same page numbers in the same order (repeated hashes, zero pages
-    dropped); fed from fewer records than the file holds, they are not used."""
-    rng = random.Random(5)
-    zero = _zero_hash(PAGE)
-    pool = [rng.getrandbits(64) for _ in range(40)]  # repeats across pages and blocks
-    hashes = [[rng.choice([*pool, zero]) for _ in range(16)] for _ in range(30)]
-    early = EarlyBuckets(PAGE, 16 * PAGE, 30 * 16)
-    path = _records(tmp_path, hashes, early.feed)
-    built, fed = (PageIndex(PackReader(repo), PAGE, 16 * PAGE) for _ in range(2))
-    built.add(_saved_image(path, None))
-    built._ready()
-    fed.add(_saved_image(path, early))
-    a, b = built._images[0], fed._images[0]
-    assert (a.shift, a.keys, list(map(list, a.pages))) == (
-        b.shift,
-        b.keys,
-        list(map(list, b.pages)),
-    )
-    assert built.indexed == fed.indexed == sum(h != zero for pages in hashes for h in pages)
-    # Fed one record short: the index builds the buckets from the file itself.
-    short = EarlyBuckets(PAGE, 16 * PAGE, 30 * 16)
-    for pages in hashes[:-1]:
-        short.feed(bytes(36) + b"".join(h.to_bytes(8, "big") for h in pages))
-    late = PageIndex(PackReader(repo), PAGE, 16 * PAGE)
-    late.add(_saved_image(path, short))
-    late._ready()
-    c = late._images[0]
-    assert (c.keys, list(map(list, c.pages))) == (a.keys, list(map(list, a.pages)))

@@ -36,7 +36,6 @@ import sys
 import threading
 from array import array
 from bisect import bisect_left
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -278,8 +277,6 @@ class RecordsWriter:
         self._f: Any = None
         self._closed = False
         self._sum = xxhash.xxh3_128()
-        # Called with each record written (a save's page index builds on them).
-        self.tap: Callable[[bytes | memoryview], None] | None = None
         try:
             self._f = open(path, "wb")  # noqa: SIM115 (closed by close())
         except OSError as e:
@@ -301,9 +298,6 @@ class RecordsWriter:
             self._f.write(record)
         except OSError as e:
             self.owner.failed(e)
-            return
-        if self.tap is not None:
-            self.tap(record)
 
     def close(self) -> None:
         """Write the index and the trailer (once)."""

@@ -131,8 +131,6 @@ class SavedImage:
     # Headers of the deltas this save wrote (not readable from a pack yet),
     # within the save's budget: a delta of ``blocks`` missing here is unknown.
     places: dict[bytes, bytes] = field(default_factory=dict)
-    # Its buckets, built from its records while it was saved (None: built when looked up).
-    early: EarlyBuckets | None = None
 
 
 @dataclass
@@ -146,73 +144,6 @@ class _Indexed:
     keys: list[array[int]] = field(default_factory=list)  # per bucket: masked hashes
     pages: list[array[int]] = field(default_factory=list)  # per bucket: their page numbers
     retired: bool = False  # a parent's version whose image is saved: its new version serves
-
-
-class EarlyBuckets:
-    """An image's buckets, built from its records as a save writes them.
-
-    Building an image's buckets is a loop over every page it holds (~0.05 s
-    for W2's 800 MiB disk) that the next image's workers would wait for,
-    one core idle, when they first look a page up.  Fed here by the saving
-    thread while the image is saved (a thread that mostly waits for the
-    workers), it is done by then.  The buckets are exactly those
-    :meth:`PageIndex._build` makes from the finished records (same page
-    numbers, same order in each bucket; the number of buckets, which no
-    answer depends on, comes from an estimate), and :meth:`PageIndex.add`
-    takes them only if the records it reads match what was fed.
-    """
-
-    def __init__(self, page_size: int, block_size: int, expected_pages: int) -> None:
-        self.ppb = block_size // page_size
-        self.zero = _zero_hash(page_size)
-        self.mask = _MASK
-        bits = min(_BUCKET_BITS, (expected_pages // 16).bit_length())
-        self.shift = 64 - bits
-        self.keys = [array("Q") for _ in range(1 << bits)]
-        self.pages = [array("I") for _ in range(1 << bits)]
-        self.nblocks = 0  # records fed
-        self.count = 0  # non-zero pages in the buckets
-        self.usable = True  # False: too many pages for 4-byte page numbers
-        self._zeros = False  # zero pages may sit in their bucket
-
-    def feed(self, record: bytes | memoryview) -> None:
-        """The next record of the image's records file (a block holding data, in order)."""
-        hashes = array("Q", bytes(record[36:]))
-        if sys.byteorder == "little":
-            hashes.byteswap()  # the records hold them big-endian
-        first = self.nblocks * self.ppb  # the number of the block's first page
-        self.nblocks += 1
-        if first + len(hashes) >= 1 << 32:
-            self.usable = False
-            return
-        zero, shift, keys, pages = self.zero, self.shift, self.keys, self.pages
-        if self.mask != _ALL:  # tests: masked hashes; zero pages told by their real hash
-            for p, h in enumerate(hashes, first):
-                if h != zero:
-                    m = h & self.mask
-                    keys[m >> shift].append(m)
-                    pages[m >> shift].append(p)
-            self.count += len(hashes) - hashes.count(zero)
-            return
-        # The hot loop, as _build's: one bucket append per page; zero pages (one
-        # hash, one bucket) are dropped from their bucket once, by finish().
-        for p, h in enumerate(hashes, first):
-            b = h >> shift
-            keys[b].append(h)
-            pages[b].append(p)
-        self.count += len(hashes) - hashes.count(zero)
-        self._zeros = True
-
-    def finish(self) -> None:
-        """Drop the zero pages from their bucket (after the last record)."""
-        if self._zeros:
-            self._zeros = False
-            zb = self.zero >> self.shift
-            keys, pages = self.keys[zb], self.pages[zb]
-            keep = [j for j, h in enumerate(keys) if h != self.zero]
-            if len(keep) < len(keys):
-                self.keys[zb] = array("Q", (keys[j] for j in keep))
-                self.pages[zb] = array("I", (pages[j] for j in keep))
 
 
 class PageIndex:
@@ -249,19 +180,10 @@ class PageIndex:
         recs = image.records()
         if recs is None:
             return -1
-        early = image.early
-        image.early = None  # its memory goes with the index's
         try:
             blocks = array("L", recs.data_blocks())
             if not blocks:
                 return -1
-            if self._takes(early, len(blocks)):
-                assert early is not None
-                early.finish()
-                ix = _Indexed(image, True, blocks, 1, None, early.shift, early.keys, early.pages)
-                self._images.append(ix)
-                self.indexed += early.count
-                return len(self._images) - 1
             hashes = recs.all_page_hashes()
         finally:
             recs.close()
@@ -275,16 +197,6 @@ class PageIndex:
         else:
             self.indexed += self._build(ix)  # the next image's rate depends on the count
         return len(self._images) - 1
-
-    def _takes(self, early: EarlyBuckets | None, nblocks: int) -> bool:
-        """Whether ``early`` holds an image of ``nblocks`` data blocks in full, as _build would."""
-        return (
-            early is not None
-            and early.usable
-            and early.nblocks == nblocks
-            and early.mask == _MASK
-            and self.indexed + nblocks * self.ppb <= self.max_pages
-        )
 
     def _ready(self) -> None:
         """Build the buckets of the images added since the last look-up (once, for all workers)."""

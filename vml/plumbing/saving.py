@@ -47,7 +47,7 @@ from vml.plumbing.images import (
 from vml.plumbing.manifests import BLOB_MODE, TREE_MODE, BlockChecks, Manifest
 from vml.plumbing.packreader import PackReader
 from vml.plumbing.packwriter import PackWriter
-from vml.plumbing.pageindex import PLACES_BUDGET, Budget, EarlyBuckets, PageIndex, SavedImage
+from vml.plumbing.pageindex import PLACES_BUDGET, Budget, PageIndex, SavedImage
 from vml.plumbing.repository import Repository
 from vml.progress import ProgressFn
 
@@ -73,9 +73,6 @@ class SourceFile:
     # A memory image: its pages are looked up among the other images', not
     # among its own earlier version's (a guest rarely moves memory pages).
     memory: bool = False
-    # An image saved after this one will look its pages up (a memory image
-    # follows): build this one's page index buckets while it is saved.
-    looked_up: bool = False
 
 
 @dataclass
@@ -290,9 +287,6 @@ class Saver:
             changed = Changed(whole, partial=True)
             f.stat = os.stat(f.source)  # filled in by us, not changed by anyone
         name, out = self.cache_writer.new_records(f.stat.st_size)
-        early = self._early_buckets(f, recs)
-        if early is not None:
-            out.tap = early.feed
         # A base layer (a full entry, a new file) is stored without references:
         # measured on W2's first save, looking every page up cost ~0.45 s of
         # ~3 s for 11% less stored, and the first save is the one users wait
@@ -325,26 +319,11 @@ class Saver:
         # between must not be saved under the listed size and time.
         if stat_signature(os.stat(f.source)) != stat_signature(f.stat):
             raise FileChanged(f"{f.path} changed while it was read")
-        self._indexable(f, name, parent_img, layer, early)
+        self._indexable(f, name, parent_img, layer)
         return tree.id, man.sha256, name
 
-    def _early_buckets(self, f: SourceFile, recs: BlockRecords | None) -> EarlyBuckets | None:
-        """Buckets for ``f``'s pages built as it is saved, when an image after it looks them up."""
-        if not f.looked_up or f.memory or self.cache_writer.problem is not None:
-            return None
-        ps, bs = self.repo.page_size, self.repo.block_size
-        # The blocks holding data as the cache knows them (or the whole file): the
-        # number of buckets only, which no answer depends on.
-        blocks = len(recs.data_blocks()) if recs is not None else -(-f.stat.st_size // bs)
-        return EarlyBuckets(ps, bs, blocks * (bs // ps))
-
     def _indexable(
-        self,
-        f: SourceFile,
-        name: str,
-        parent: ResolvedImage | None,
-        layer: SavedLayer | None,
-        early: EarlyBuckets | None = None,
+        self, f: SourceFile, name: str, parent: ResolvedImage | None, layer: SavedLayer | None
     ) -> None:
         """Offer a saved image's pages to the images saved after it (from its new records).
 
@@ -374,7 +353,6 @@ class Saver:
                 blocks=dict(layer.blocks) if layer is not None else {},
                 zero=layer.zero if layer is not None else [],
                 places=layer.places if layer is not None else {},
-                early=early,
             )
         )
 

@@ -559,14 +559,8 @@ def _save(
     try:
         try:
             # Memory last: its pages may then reference the disks' (page cache).
-            files = sorted(listing.files, key=lambda f: is_memory(f.path))
-            for f in files:
+            for f in sorted(listing.files, key=lambda f: is_memory(f.path)):
                 f.memory = is_memory(f.path)
-            memory = any(f.memory for f in files)
-            for f in files:
-                f.looked_up = (
-                    memory and not f.memory
-                )  # a memory image, after it, looks up its pages
                 saver.save(f)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
