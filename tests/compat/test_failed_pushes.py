@@ -15,7 +15,6 @@ from __future__ import annotations
 import http.server
 import os
 import re
-import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -25,19 +24,10 @@ import pytest
 
 from tests.compat.test_sharing_servers import _GitCGI, daemon, served_bare  # noqa: F401
 from tests.conftest import edit, make_area, need
-from tests.reliability.helpers import git_fsck, one_line_error
+from tests.reliability.helpers import CuttingProxy, git_fsck, one_line_error, repo_files
 from tests.reliability.helpers import vml_in_process as vml
 
 pytestmark = pytest.mark.compat
-_LOCKS = ("vml/lock", "vml/packs.lock", "vml/maintenance.lock")
-
-
-def _files(repo: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(repo).as_posix(): p.read_bytes() if p.is_file() else b"<folder>"
-        for p in sorted(repo.rglob("*"))
-        if p.relative_to(repo).as_posix() not in _LOCKS
-    }
 
 
 def _refs(repo: Path) -> str:
@@ -62,9 +52,9 @@ def alice(tmp_path: Path) -> Path:
 
 
 def _fails_here_unchanged(alice: Path, *args: str) -> str:
-    before = _files(alice)
+    before = repo_files(alice)
     line = one_line_error(vml(alice, "push", *args))
-    assert _files(alice) == before, line
+    assert repo_files(alice) == before, line
     return line
 
 
@@ -127,11 +117,11 @@ def test_a_plain_git_repository_is_refused_before_anything_travels(
     )
     served = daemon[1] / "code.git"
     subprocess.run(["git", "clone", "-q", "--bare", str(work), str(served)], check=True)
-    before = _files(served)
+    before = repo_files(served)
     _aim(alice, f"{daemon[0]}/code.git")
     line = _fails_here_unchanged(alice, "--all")
     assert "no VML entries" in line and "nothing was sent" in line, line
-    assert _files(served) == before
+    assert repo_files(served) == before
 
 
 def test_a_server_that_does_not_accept_pushes(alice: Path, tmp_path: Path) -> None:
@@ -190,51 +180,6 @@ def test_a_remote_whose_disk_fills_up_moves_no_ref(
     git_fsck(small_disk)
 
 
-class _CutUp:
-    """A proxy in front of a server that closes both sides after ``cut`` bytes from the client."""
-
-    def __init__(self, port: int, cut: int) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.target, self.cut = port, cut
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            up = socket.create_connection(("127.0.0.1", self.target))
-            threading.Thread(target=self._up, args=(client, up), daemon=True).start()
-            threading.Thread(target=self._down, args=(up, client), daemon=True).start()
-
-    def _up(self, client: socket.socket, up: socket.socket) -> None:
-        sent = 0
-        try:
-            while data := client.recv(65536):
-                if sent + len(data) >= self.cut:
-                    up.sendall(data[: self.cut - sent])
-                    break
-                up.sendall(data)
-                sent += len(data)
-        except OSError:
-            pass
-        for s in (client, up):
-            s.close()
-
-    @staticmethod
-    def _down(up: socket.socket, client: socket.socket) -> None:
-        try:
-            while data := up.recv(65536):
-                client.sendall(data)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.server.close()
-
-
 @pytest.mark.parametrize("cut", [2_000, 100_000, 250_000])
 def test_a_connection_cut_mid_pack_moves_no_ref(
     alice: Path,
@@ -243,7 +188,7 @@ def test_a_connection_cut_mid_pack_moves_no_ref(
 ) -> None:
     served = served_bare(daemon[1], "lab.git")
     port = int(daemon[0].rsplit(":", 1)[1])
-    proxy = _CutUp(port, cut)
+    proxy = CuttingProxy(port, cut_up=cut)
     try:
         _aim(alice, f"git://127.0.0.1:{proxy.port}/lab.git")
         line = _fails_here_unchanged(alice, "--all")
@@ -295,10 +240,10 @@ def test_a_locked_ref_in_a_local_repository_moves_none(alice: Path, tmp_path: Pa
     lock = served / "refs" / "vml" / "shared" / f"{table}.lock"
     lock.parent.mkdir(parents=True)
     lock.write_text("")
-    before = _files(served)
+    before = repo_files(served)
     line = _fails_here_unchanged(alice, "--all")
     assert f"refs/vml/shared/{table} is being written" in line and str(lock) in line, line
-    assert _files(served) == before  # not even the objects
+    assert repo_files(served) == before  # not even the objects
     lock.unlink()
     _pushes_then(alice, served)
 
@@ -313,11 +258,11 @@ def test_a_local_vml_repository_another_vml_holds_is_waited_for(
     assert vml(target, "init", "--block-size", "64K", target).code == 0
     _aim(alice, str(target))
     monkeypatch.setattr(Repository.lock.__wrapped__, "__defaults__", (0.5, "repository"))  # type: ignore[attr-defined]
-    before = _files(target)
+    before = repo_files(target)
     with hold_flock(target / "vml" / "lock", 5, "a test"):
         line = _fails_here_unchanged(alice, "--all")
     assert "remote repository" in line and "locked by another vml command" in line, line
-    assert {k: v for k, v in _files(target).items() if k != "vml/lock"} == {
+    assert {k: v for k, v in repo_files(target).items() if k != "vml/lock"} == {
         k: v for k, v in before.items() if k != "vml/lock"
     }
     _pushes_then(alice, target)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,3 +99,77 @@ def git_fsck(repo: Path) -> None:
         text=True,
     )
     assert res.returncode == 0, res.stderr
+
+
+# Lock files any command touches, which a "nothing changed" comparison skips.
+LOCK_FILES = ("vml/lock", "vml/packs.lock", "vml/maintenance.lock")
+
+
+def repo_files(repo: Path) -> dict[str, bytes]:
+    """Every file of the repository and its content, bar the lock files commands touch."""
+    out: dict[str, bytes] = {}
+    for p in sorted(repo.rglob("*")):
+        rel = p.relative_to(repo).as_posix()
+        if rel not in LOCK_FILES:
+            out[rel] = p.read_bytes() if p.is_file() else b"<folder>"
+    return out
+
+
+class CuttingProxy:
+    """A TCP proxy in front of a real server that cuts, or damages, what passes.
+
+    ``cut``: the connection closes after the server sent the client that many
+    bytes; ``flip``: the byte the server sends at that offset is changed;
+    ``cut_up``: the connection closes after the client sent that many bytes.
+    """
+
+    def __init__(
+        self,
+        port: int,
+        *,
+        cut: int | None = None,
+        flip: int | None = None,
+        cut_up: int | None = None,
+    ) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.target, self.cut, self.flip, self.cut_up = port, cut, flip, cut_up
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            up = (client, upstream, self.cut_up, None, self.cut_up is not None)
+            down = (upstream, client, self.cut, self.flip, self.cut_up is None)
+            for args in (up, down):
+                threading.Thread(target=self._pump, args=args, daemon=True).start()
+
+    @staticmethod
+    def _pump(
+        src: socket.socket, dst: socket.socket, cut: int | None, flip: int | None, closes: bool
+    ) -> None:
+        """Copy ``src`` to ``dst``, cut or damaged; the direction that ``closes`` ends both."""
+        sent = 0
+        try:
+            while data := src.recv(65536):
+                if flip is not None and sent <= flip < sent + len(data):
+                    i = flip - sent
+                    data = data[:i] + bytes([data[i] ^ 0x55]) + data[i + 1 :]
+                if cut is not None and sent + len(data) >= cut:
+                    dst.sendall(data[: cut - sent])
+                    break
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        if closes:
+            for s in (src, dst):
+                s.close()
+
+    def close(self) -> None:
+        """Stop accepting connections."""
+        self.server.close()

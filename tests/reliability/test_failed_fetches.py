@@ -14,10 +14,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,21 +25,16 @@ import pytest
 from tests.compat.test_damaged_sources import daemon_root  # noqa: F401 (a fixture)
 from tests.compat.test_sharing_servers import free_port
 from tests.conftest import edit, make_area, need
-from tests.reliability.helpers import ROOT, git_fsck, one_line_error, repo_state
+from tests.reliability.helpers import (
+    ROOT,
+    CuttingProxy,
+    git_fsck,
+    one_line_error,
+    repo_files,
+    repo_state,
+)
 from tests.reliability.helpers import vml_in_process as vml
 from vml.plumbing.repository import hold_flock
-
-_LOCKS = ("vml/lock", "vml/packs.lock", "vml/maintenance.lock")
-
-
-def _files(repo: Path) -> dict[str, bytes]:
-    """Every file of the repository and its content, bar the lock files commands touch."""
-    out: dict[str, bytes] = {}
-    for p in sorted(repo.rglob("*")):
-        rel = p.relative_to(repo).as_posix()
-        if rel not in _LOCKS:
-            out[rel] = p.read_bytes() if p.is_file() else b"<folder>"
-    return out
 
 
 @pytest.fixture
@@ -70,10 +63,10 @@ def here(tmp_path: Path) -> Path:
 
 
 def _fails_and_changes_nothing(repo: Path, *args: str | Path) -> str:
-    before = _files(repo)
+    before = repo_files(repo)
     run = vml(repo, *args)
     line = one_line_error(run)
-    assert _files(repo) == before, line
+    assert repo_files(repo) == before, line
     return line
 
 
@@ -115,65 +108,13 @@ def test_remote_add_refused_changes_nothing(here: Path) -> None:
     _fails_and_changes_nothing(here, "remote", "add", "other", "")
 
 
-class _Proxy:
-    """A TCP proxy in front of a real server that cuts, or damages, what the server sends.
-
-    ``cut``: the connection to the client closes after that many bytes;
-    ``flip``: the byte at that offset is changed (and the rest sent).
-    """
-
-    def __init__(self, port: int, *, cut: int | None = None, flip: int | None = None) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.target, self.cut, self.flip = port, cut, flip
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target))
-            threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._down, args=(upstream, client), daemon=True).start()
-
-    @staticmethod
-    def _pipe(a: socket.socket, b: socket.socket) -> None:
-        try:
-            while data := a.recv(65536):
-                b.sendall(data)
-        except OSError:
-            pass
-
-    def _down(self, upstream: socket.socket, client: socket.socket) -> None:
-        sent = 0
-        try:
-            while data := upstream.recv(65536):
-                if self.flip is not None and sent <= self.flip < sent + len(data):
-                    i = self.flip - sent
-                    data = data[:i] + bytes([data[i] ^ 0x55]) + data[i + 1 :]
-                if self.cut is not None and sent + len(data) >= self.cut:
-                    client.sendall(data[: self.cut - sent])
-                    break
-                client.sendall(data)
-                sent += len(data)
-        except OSError:
-            pass
-        for s in (client, upstream):
-            s.close()
-
-    def close(self) -> None:
-        self.server.close()
-
-
 @pytest.fixture
 def served(source: Path, daemon_root: tuple[str, Path]) -> Iterator[tuple[int, int]]:  # noqa: F811
     """The source behind `git daemon`: (its port, the size of a whole fetch's reply)."""
     base, root = daemon_root
     source.rename(root / "src.git")
     port = int(base.rsplit(":", 1)[1])
-    counting = _Proxy(port)
+    counting = CuttingProxy(port)
     probe = source.parent / "probe.git"
     try:
         assert vml(probe, "clone", f"git://127.0.0.1:{counting.port}/src.git", probe).code == 0
@@ -188,7 +129,7 @@ def test_a_transfer_cut_short_changes_nothing(
     here: Path, served: tuple[int, int], where: float
 ) -> None:
     port, size = served
-    proxy = _Proxy(port, cut=int(size * where))
+    proxy = CuttingProxy(port, cut=int(size * where))
     try:
         _point(here, f"git://127.0.0.1:{proxy.port}/src.git")
         _fails_and_changes_nothing(here, "fetch")
@@ -207,7 +148,7 @@ def test_a_pack_damaged_in_transit_changes_nothing(
     here: Path, served: tuple[int, int], where: float
 ) -> None:
     port, size = served
-    proxy = _Proxy(port, flip=int(size * where))
+    proxy = CuttingProxy(port, flip=int(size * where))
     try:
         _point(here, f"git://127.0.0.1:{proxy.port}/src.git")
         line = _fails_and_changes_nothing(here, "fetch")
