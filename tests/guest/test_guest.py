@@ -140,17 +140,22 @@ def test_live_saves_resume_elsewhere_where_the_guest_was(guest_area: Path, tmp_p
     fsck_clean(copy / "root.img")
 
 
-def test_a_killed_saver_leaves_the_guest_paused_and_recoverable(
-    guest_area: Path, tmp_path: Path
-) -> None:
-    repo = tmp_path / "repo"
-    vml("init", repo, "--block-size", str(TEST_BLOCK))
+def _describe_endless(guest_area: Path) -> None:
+    """The guest as a VM of 128 MiB that works in sessions until powered off (none counted)."""
     vml(
         "vm", "init", guest_area, "--disk", guest_area / "root.img", "--memory", "128M",
         "--kernel", guest_area / "vmlinuz", "--initrd", guest_area / "initrd.gz",
         "--append", "console=ttyS0 quiet panic=-1 vml.sessions=0 vml.pause=0.5",
         "--network", "none", "--qemu-arg=-no-reboot", "--force",
     )  # fmt: skip
+
+
+def test_a_killed_saver_leaves_the_guest_paused_and_recoverable(
+    guest_area: Path, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    vml("init", repo, "--block-size", str(TEST_BLOCK))
+    _describe_endless(guest_area)
     vml("run", guest_area, "--accel", "tcg")
     wait_mark(guest_area, r"session=1 start")
     kill_saver_in_pause(repo, guest_area)
@@ -178,12 +183,7 @@ def test_a_powered_off_raw_disk_is_saved_through_the_ranges_stop_kept(
     """``vml stop`` (the power button) keeps the raw disk's dirty ranges: the save reads only them."""
     repo = tmp_path / "repo"
     vml("init", repo, "--block-size", str(TEST_BLOCK))
-    vml(
-        "vm", "init", guest_area, "--disk", guest_area / "root.img", "--memory", "128M",
-        "--kernel", guest_area / "vmlinuz", "--initrd", guest_area / "initrd.gz",
-        "--append", "console=ttyS0 quiet panic=-1 vml.sessions=0 vml.pause=0.5",
-        "--network", "none", "--qemu-arg=-no-reboot", "--force",
-    )  # fmt: skip
+    _describe_endless(guest_area)
     vml("run", guest_area, "--accel", "tcg")
     n = wait_mark(guest_area, r"session=1 start")
     vml("--repo", repo, "commit", guest_area, "-m", "working")  # live: the bitmap counts from here
