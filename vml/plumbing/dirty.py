@@ -145,15 +145,19 @@ def settle_live(
         old = records.pop(r.path, None)
         if r.new not in ok:
             continue
-        folded = entry is None and r.old is not None and old is not None
-        since = entry if entry is not None else (old.since if folded and old else None)
+        since: str | None
+        if entry is not None:  # saved: the new bitmap starts from it, nothing carried
+            since, carried = entry, None
+        elif r.old is not None and old is not None:
+            # Folded back after a failed save: the earlier runs' ranges still count.
+            since, carried = old.since, old.carried
+        else:
+            continue
         if since is None:
             continue
         path = area / r.path
         size = bitmaps.virtual_size(path, fmt[r.path])
         if size is not None:
-            # Folded back after a failed save: the earlier runs' ranges still count.
-            carried = old.carried if folded and old else None
             records[r.path] = bitmaps.Record(
                 r.new, since, path.stat().st_ino, size, r.persistent, carried=carried
             )
@@ -312,9 +316,9 @@ def _carries(
     area: Path, disk: QemuDisk, rec: bitmaps.Record, closed: dict[str, list[int]] | None
 ) -> bool:
     """Whether a raw disk's kept ranges hold every write since ``rec.since`` (so a run adds on)."""
-    if not rec.kept or closed is None or closed.get(disk.path) != _signature(area, disk):
+    if closed is None or closed.get(disk.path) != _signature(area, disk):
         return False
-    try:
+    try:  # also refuses a record that names no kept ranges
         bitmaps.read_kept(area, rec, rec.kept)
     except bitmaps.KeptUnusable:
         return False
@@ -373,6 +377,10 @@ def keep_at_stop(client: QMPClient, area: Path, spec: QemuSpec) -> list[str]:
     ranges (a save reads it whole).  Returns what went wrong.
     """
     records = bitmaps.load_records(area)
+    ours = [records.get(d.path) for d in spec.disks]
+    if not any(r is not None and not r.persistent and r.since is not None for r in ours):
+        # No raw disk's bitmap to keep (a qcow2 stores its own): QEMU is not asked.
+        return []
     present, nodes = bitmaps.live_bitmaps(client)
     wanted: dict[str, tuple[str, str, str]] = {}  # disk path -> (device, node, bitmap)
     carried: dict[str, list[tuple[int, int]]] = {}
