@@ -22,7 +22,13 @@ from dulwich.objects import ObjectID
 from dulwich.refs import DiskRefsContainer, Ref, SymrefLoop, check_ref_format
 
 from vml.errors import AmbiguousEntry, HostileRepository, UnknownEntry, UsageError
-from vml.plumbing.repository import Repository, fsync_dir, git_locked, write_atomic
+from vml.plumbing.repository import (
+    Repository,
+    fsync_dir,
+    git_locked,
+    make_folder,
+    write_atomic,
+)
 from vml.values import COMMIT_ID_FORM, check_plain_name, entry_number, shown
 
 ENTRY_PREFIX = b"refs/vml/entries/"
@@ -288,32 +294,18 @@ def check_name(kind: str, name: str) -> None:
 def set_ref(
     repo: Repository, ref: bytes, new: bytes, old: bytes | None = None, *, create: bool = False
 ) -> None:
-    """Point ``ref`` at ``new`` atomically.
+    """Point ``ref`` at ``new`` atomically (one :func:`move_refs`).
 
     With ``old``, only if the ref still holds it; with ``create``, only if the
     ref does not exist yet (entry refs are never overwritten).
     """
-    refs = repo.git.refs
-    with git_locked():
-        if create:
-            ok = refs.add_if_new(Ref(ref), _hex(new))
-        elif old is not None:
-            ok = refs.set_if_equals(Ref(ref), _hex(old), _hex(new))
-        else:
-            ok = refs.set_if_equals(Ref(ref), None, _hex(new))
-    if not ok:
-        raise UsageError(f"{ref.decode()} moved while this command ran", "run the command again")
-    fsync_dir((repo.path / ref.decode()).parent)
+    check = create or old is not None
+    move_refs(repo, [RefMove(ref, new, None if create else old, check=check)])
 
 
 def delete_ref(repo: Repository, ref: bytes) -> None:
-    """Remove ``ref``."""
-    _note_removed(repo, [ref])
-    with git_locked():
-        repo.git.refs.remove_if_equals(Ref(ref), None)
-    parent = (repo.path / ref.decode()).parent
-    if parent.exists():
-        fsync_dir(parent)
+    """Remove ``ref`` (one :func:`move_refs`)."""
+    move_refs(repo, [RefMove(ref, None)])
 
 
 def _note_removed(repo: Repository, refs: Iterable[bytes]) -> None:
@@ -391,7 +383,7 @@ def ref_transaction(repo: Repository, moves: Sequence[RefMove]) -> Iterator[None
         with git_locked():
             for m in moves:
                 path = Path(os.fsdecode(refs.refpath(Ref(m.ref))))
-                made += _make_dirs(path.parent)
+                made += make_folder(path.parent)
                 held.append((m, GitFile(path, "wb")))
             packed = refs.get_packed_refs()
             lock = repo.path / "packed-refs.lock"
@@ -406,12 +398,12 @@ def ref_transaction(repo: Repository, moves: Sequence[RefMove]) -> Iterator[None
             if m.new is not None:
                 f.write(_hex(m.new) + b"\n")
         yield
+        _note_removed(repo, [m.ref for m in moves if m.new is None])
         for m, f in held:
             if m.new is not None:
                 f.close()  # fsync, rename into place
         for m, f in held:
             if m.new is None:
-                _note_removed(repo, [m.ref])
                 Path(os.fsdecode(refs.refpath(Ref(m.ref)))).unlink(missing_ok=True)
                 with git_locked():
                     refs._remove_packed_ref(Ref(m.ref))  # takes packed-refs.lock itself
@@ -428,14 +420,3 @@ def ref_transaction(repo: Repository, moves: Sequence[RefMove]) -> Iterator[None
     for parent in sorted({(repo.path / m.ref.decode()).parent for m in moves}):
         if parent.exists():
             fsync_dir(parent)
-
-
-def _make_dirs(folder: Path) -> list[Path]:
-    """Make ``folder`` and its missing parents; the ones made, deepest first."""
-    missing: list[Path] = []
-    p = folder
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    return missing

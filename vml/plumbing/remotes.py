@@ -130,14 +130,12 @@ def remove_remote(repo: Repository, name: str) -> int:
     the same command finishes (its next fetch would bring the refs back).
     """
     remote_url(repo, name)
-    removed = 0
-    for ref in tracking_refs(repo, name):
-        refs_mod.delete_ref(repo, ref)
-        removed += 1
+    gone = tracking_refs(repo, name)
+    refs_mod.move_refs(repo, [refs_mod.RefMove(ref, None) for ref in gone])
     cfg = repo.git.get_config()
     del cfg[(b"remote", name.encode())]
     write_config(cfg)
-    return removed
+    return len(gone)
 
 
 def tracking_refs(repo: Repository, name: str) -> list[bytes]:
@@ -183,25 +181,18 @@ def read_origins(repo: Repository) -> dict[bytes, Origin]:
     return out
 
 
-def record_origins(
-    repo: Repository, new: Mapping[bytes, Origin], *, numbering: Iterable[bytes] = ()
-) -> None:
-    """Add origins (call under the repository lock); the first one recorded stays.
+def record_origins(repo: Repository, new: Mapping[bytes, Origin]) -> None:
+    """Record where entries numbered now came from (call under the repository lock).
 
     Written before the refs that number the entries (a fetch killed between
-    leaves an origin no entry uses yet, never an entry without one): for the
-    commits in ``numbering``, numbered now, the new origin replaces what a
-    fetch that never numbered them (killed, or its entry since removed) left.
+    leaves an origin no entry uses yet, never an entry without one): the new
+    origin replaces what a fetch that never numbered them (killed, or its
+    entry since removed) left.
     """
     if not new:
         return
     current = read_origins(repo)
-    now = set(numbering)
-    for c, o in new.items():
-        if c in now:
-            current[c] = o
-        else:
-            current.setdefault(c, o)
+    current.update(new)
     doc = {
         "origins": {
             c.hex(): {"remote": o.remote, "url": o.url, "name": o.name}

@@ -59,7 +59,6 @@ def send(
     or a lock refusing one ref leaves the remote as it was).
     """
     sent = Sent()
-    said: list[bytes] = []  # what the server said on its side band (a hook's words)
 
     def update_refs(refs: dict[Ref, ObjectID]) -> dict[Ref, ObjectID]:
         plain = {bytes(k): bytes(v) for k, v in refs.items()}
@@ -90,7 +89,7 @@ def send(
         return count, counted()
 
     def heard(data: bytes) -> None:
-        said.extend(ln.strip() for ln in data.splitlines() if ln.strip())
+        sent.said.extend(ln.strip() for ln in data.splitlines() if ln.strip())
 
     report = progress
     try:
@@ -107,12 +106,11 @@ def send(
                 f"cannot send what was asked: this repository is damaged ({damage})",
                 "run `vml fsck` to see which entries are affected",
             ) from None
-        raise push_error(url, e, sent.connected, said) from None
+        raise push_error(url, e, sent.connected, sent.said) from None
     for ref, error in (result.ref_status or {}).items():
         if error is not None:
             sent.failed[bytes(ref)] = error
             sent.updated.pop(bytes(ref), None)
-    sent.said = said
     return sent
 
 

@@ -82,12 +82,14 @@ def clone(
         )
         table = refs_mod.read_refs(repo)
         made: list[str] = []
+        moves: list[refs_mod.RefMove] = []
         with repo.lock():
             for b, entry in sorted(res.branches.items()):
                 commit = refs_mod.resolve_name(repo, entry, table)
                 if b not in table.branches and not ENTRY_FORM.fullmatch(b):
-                    refs_mod.set_ref(repo, refs_mod.BRANCH_PREFIX + b.encode(), commit, create=True)
+                    moves.append(refs_mod.create(refs_mod.BRANCH_PREFIX + b.encode(), commit))
                     made.append(b)
+            refs_mod.move_refs(repo, moves)
         sizes = arrivals.block_size_of(repo, sorted(table.entries.values()))
         block_size = repo.block_size
         if sizes is not None and MIN_BLOCK_SIZE <= sizes[0] <= MAX_BLOCK_SIZE:

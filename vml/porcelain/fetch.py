@@ -295,7 +295,7 @@ def apply_fetched(
         # remote, deletions last: every prefix a kill can leave is valid and
         # the same fetch completes it.
         with refs_mod.ref_transaction(repo, arrivals.entry_moves(made) + moves):
-            remotes_mod.record_origins(repo, origins, numbering=origins)
+            remotes_mod.record_origins(repo, origins)
         refs_mod.note_numbers(repo, [n for n, _c in made])
     table = refs_mod.read_refs(repo)
     for n, c in made:
