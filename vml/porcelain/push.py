@@ -19,6 +19,7 @@ from vml.plumbing.packreader import PackReader
 from vml.plumbing.repository import Repository
 from vml.plumbing.verify import reach_problem
 from vml.porcelain.common import label
+from vml.porcelain.fetch import tracking_name
 from vml.progress import ProgressFn, no_progress
 from vml.records import Record
 
@@ -174,15 +175,10 @@ def _track(repo: Repository, remote: str, updated: dict[bytes, bytes]) -> None:
     """Remember what the remote now holds, as git does after a push."""
     moves: list[refs_mod.RefMove] = []
     for ref, value in sorted(updated.items()):
-        if ref.startswith(remotes_mod.SHARED_PREFIX):
-            tail = ref[len(remotes_mod.SHARED_PREFIX) :]
-            target = remotes_mod.TRACK_PREFIX + remote.encode() + b"/shared/" + tail
-        elif ref.startswith(refs_mod.BRANCH_PREFIX):
-            tail = ref[len(refs_mod.BRANCH_PREFIX) :]
-            target = remotes_mod.GIT_TRACK_PREFIX + remote.encode() + b"/" + tail
-        else:
-            continue
-        moves.append(refs_mod.RefMove(target, bytes.fromhex(value.decode())))
+        # where a fetch keeps them (tags pushed are the local ones already)
+        target = tracking_name(remote, ref) if not ref.startswith(refs_mod.TAG_PREFIX) else None
+        if target is not None:
+            moves.append(refs_mod.RefMove(target, bytes.fromhex(value.decode())))
     with repo.lock():
         refs_mod.move_refs(repo, moves)
 
