@@ -104,3 +104,40 @@ def test_entry_numbers_out_of_range_are_refused_or_ignored(repo: Repository) -> 
     with pytest.raises(UnknownEntry) as e:
         refs.resolve_name(repo, "9" * 5000)  # bare digits: tried as a commit id, too long
     assert len(e.value.message) < 100
+
+
+def _entries_through_dulwich(repo: Repository) -> dict[int, bytes]:
+    """Entry refs as git reads them: every ref through dulwich's general path."""
+    out: dict[int, bytes] = {}
+    for name, value in refs.all_refs(repo):
+        tail = name[len(refs.ENTRY_PREFIX) :] if name.startswith(refs.ENTRY_PREFIX) else b""
+        if tail.isdigit() and len(tail) <= 18 and not tail.startswith(b"0"):
+            out[int(tail)] = bytes.fromhex(value.decode())
+    return out
+
+
+def test_entry_refs_read_fast_mean_what_git_reads(repo: Repository) -> None:
+    """The one-listing read of entry refs gives what dulwich's ref by ref reading gives.
+
+    Loose and packed refs, a loose ref over a packed one, a symbolic ref,
+    upper-case hex, a lock file, a folder among the numbers, a leading zero.
+    """
+    ids = [bytes([i]) * 20 for i in range(1, 9)]
+    for n in (1, 2, 3):
+        refs.set_ref(repo, refs.entry_ref(n), ids[n])
+    refs.set_ref(repo, refs.BRANCH_PREFIX + b"main", ids[7])
+    with open(repo.path / "packed-refs", "w") as f:
+        f.write("# pack-refs with: peeled fully-peeled sorted \n")
+        for n, c in ((2, ids[5]), (4, ids[4]), (5, ids[5])):
+            f.write(f"{c.hex()} refs/vml/entries/{n}\n")
+    folder = repo.path / "refs" / "vml" / "entries"
+    (folder / "6").write_text("ref: refs/heads/main\n")
+    (folder / "7").write_text(ids[6].hex().upper() + "\n")
+    (folder / "8.lock").write_text(ids[1].hex() + "\n")
+    (folder / "9").mkdir()
+    (folder / "9" / "x").write_text(ids[1].hex() + "\n")
+    (folder / "010").write_text(ids[1].hex() + "\n")
+    repo.git.refs._invalidate_packed_refs_cache()  # type: ignore[attr-defined]
+    fast = refs.read_refs(repo).entries
+    assert fast == _entries_through_dulwich(repo)
+    assert fast == {1: ids[1], 2: ids[2], 3: ids[3], 4: ids[4], 5: ids[5], 6: ids[7], 7: ids[6]}

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
-from tests.conftest import TEST_BLOCK, edit
+import pytest
+
+from tests.conftest import TEST_BLOCK, edit, make_area
+from vml.plumbing.packreader import COMMIT, PackReader
 from vml.plumbing.repository import Repository
 from vml.porcelain.checkout import checkout, restore
 from vml.porcelain.commit import commit
@@ -95,6 +99,90 @@ def test_log_forest_and_show(repo: Repository, area: Path, tmp_path: Path) -> No
     assert show(repo, "t2").entry.id == "E2"
     j = sh.to_json()
     assert j["chain"] == ["E4", "E2", "E1"] and j["parent"] == "E2"
+
+
+def _newest(res_ids: list[str], k: int) -> list[str]:
+    return sorted(res_ids, key=lambda i: int(i[1:]), reverse=True)[:k]
+
+
+def test_log_limit_is_the_head_of_the_full_log(
+    repo: Repository, area: Path, tmp_path: Path
+) -> None:
+    """``log(limit=k)`` lists the k entries the full log lists first, as the forest they make.
+
+    Over every k, for the whole forest and for one tree of it (two areas,
+    a restore that branches one tree, a differential entry).
+    """
+    other = tmp_path / "other"
+    make_area(other, seed=2)
+    for i, (where, kind) in enumerate(
+        [(area, None), (other, None), (area, None), (area, "differential"), (other, None)]
+    ):
+        edit(where / "vm.nvram", 0, b"%d" % i * 100)
+        commit(repo, where, kind=kind)
+    restore(repo, "E3", area)
+    edit(area / "vm.nvram", 0, b"x" * 100)
+    commit(repo, area)  # E6 <- E3
+    full = log(repo)
+    mine = full.entries["E6"].commit
+    tree = log(repo, only_tree_of=mine)
+    assert set(tree.entries) == {"E1", "E3", "E4", "E6"}
+    for k in range(1, 8):
+        for scope, whole in ((None, full), (mine, tree)):
+            cut = log(repo, only_tree_of=scope, limit=k)
+            want = _newest(list(whole.entries), k)
+            assert sorted(cut.entries) == sorted(want), (k, scope)
+            for i, le in cut.entries.items():
+                assert le == whole.entries[i] or (
+                    le.children == [c for c in whole.entries[i].children if c in cut.entries]
+                )
+                assert le.parent == whole.entries[i].parent
+            # Roots: what is listed without its parent, oldest first.
+            roots = [i for i in cut.entries if cut.entries[i].parent not in cut.entries]
+            assert cut.roots == sorted(roots, key=lambda i: int(i[1:]))
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch) -> Counter[int]:
+    """Objects read through every PackReader, by type (commit 1, tree 2, blob 3)."""
+    seen: Counter[int] = Counter()
+    real = PackReader.read
+
+    def read(
+        self: PackReader, sha: bytes, expect_type: int | None = None, *, verify: bool = True
+    ) -> tuple[int, bytes]:
+        got = real(self, sha, expect_type, verify=verify)
+        seen[got[0]] += 1
+        return got
+
+    monkeypatch.setattr(PackReader, "read", read)
+    return seen
+
+
+def test_log_limit_reads_what_it_shows(
+    repo: Repository, area: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``log -n 3`` reads 3 entries with 4 entries in the repository and with 12.
+
+    Over the whole forest, nothing else is read; in one tree, only the
+    commits of the chain below (to find the tree), never another entry's
+    metadata.
+    """
+    seen = _counting(monkeypatch)
+    reads: dict[int, tuple[Counter[int], Counter[int]]] = {}
+    for total in (4, 12):
+        while len(log(repo).entries) < total:
+            edit(area / "vm.nvram", 0, os.urandom(64))
+            commit(repo, area)
+        seen.clear()
+        everything = log(repo, limit=3)
+        whole = Counter(seen)
+        seen.clear()
+        tree = log(repo, only_tree_of=everything.entries[f"E{total}"].commit, limit=3)
+        reads[total] = (whole, Counter(seen))
+        assert set(everything.entries) == set(tree.entries) == {f"E{total - k}" for k in range(3)}
+    assert reads[4][0] == reads[12][0] == Counter({COMMIT: 3, 2: 3, 3: 3})
+    for total in (4, 12):  # the chain's commits, and 3 entries' trees and metadata
+        assert reads[total][1] == Counter({COMMIT: 3 + total, 2: 3, 3: 3})
 
 
 def test_empty_log(repo: Repository) -> None:

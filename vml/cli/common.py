@@ -194,9 +194,11 @@ def entry_option(name: str, help: str) -> Any:
     )
 
 
-def count_option(name: str, help: str) -> Any:
+def count_option(name: str, help: str, short: str | None = None) -> Any:
     """An option counting things, from 1 (``--keep-last``); leaving it out means none."""
-    return typer.Option(name, help=help, click_type=Count(), show_default=False)
+    return typer.Option(
+        name, *([short] if short else []), help=help, click_type=Count(), show_default=False
+    )
 
 
 AreaArg = Annotated[Path, folder_argument("The working area (a folder holding one VM).")]

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from vml.cli.common import AreaArg, EntryArg, Json, Quiet, flag, handled, opened
+from vml.cli.common import AreaArg, EntryArg, Json, Quiet, count_option, flag, handled, opened
 from vml.cli.render import emit_json, escape, out, print_log, saved_state, size, vm_brief, vm_lines
 from vml.errors import VMLError
 
@@ -21,10 +21,14 @@ commands = typer.Typer()
 def log(
     graph: Annotated[bool, flag("--graph", "Draw the dependency trees.")] = False,
     all_: Annotated[bool, flag("--all", "Every tree, not only the current area's.")] = False,
+    max_count: Annotated[
+        int | None,
+        count_option("--max-count", "Only the N newest entries (with --graph: their trees).", "-n"),
+    ] = None,
     quiet: Quiet = False,
     json_: Json = False,
 ) -> None:
-    """List entries; --graph draws the forest."""
+    """List entries, newest first; --graph draws the forest."""
     from vml.porcelain import log as log_mod
 
     area = Path(".")
@@ -38,13 +42,13 @@ def log(
         except VMLError:
             st = None
         only = None if all_ or st is None or not st.entry else st.entry
-        res = log_mod.log(repo, only_tree_of=only)
+        res = log_mod.log(repo, only_tree_of=only, limit=max_count)
         if st is not None and st.entry:
             here = {le.id for le in res.entries.values() if le.commit == st.entry}
     if json_:
         emit_json(res.oldest_first())
         return
-    print_log(res, graph, here)
+    print_log(res, graph, here, cut=max_count is not None)
 
 
 @commands.command()

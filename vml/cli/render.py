@@ -343,8 +343,12 @@ def _entry_line(le: LogEntry, here: set[str]) -> str:
     return "  ".join(parts)
 
 
-def print_log(result: LogResult, graph: bool, here: set[str]) -> None:
-    """Entries newest first, or as trees with ``graph``."""
+def print_log(result: LogResult, graph: bool, here: set[str], cut: bool = False) -> None:
+    """Entries newest first, or as trees with ``graph``.
+
+    ``cut``: only some entries are listed (``-n``); a tree drawn from an
+    entry whose parent is left out says which parent that is.
+    """
     if not result.entries:
         out.print("no entries yet; save one with `vml commit`")
         return
@@ -356,17 +360,20 @@ def print_log(result: LogResult, graph: bool, here: set[str]) -> None:
             out.print(_entry_line(le, here) + f"  [dim]{parent}[/dim]")
         return
 
-    def walk(i: str, prefix: str, last: bool, top: bool) -> None:
+    # Depth first, each entry before its children, without recursion: a chain
+    # of thousands of entries is as deep as Python's recursion limit allows.
+    stack: list[tuple[str, str, bool, bool]] = [(r, "", True, True) for r in reversed(result.roots)]
+    while stack:
+        i, prefix, last, top = stack.pop()
         le = result.entries[i]
         branch = "" if top else ("└── " if last else "├── ")
-        out.print(escape(prefix + branch) + _entry_line(le, here))
+        below = f"  [dim]parent {le.parent}[/dim]" if cut and top and le.parent else ""
+        out.print(escape(prefix + branch) + _entry_line(le, here) + below)
         kids = le.children
         child_prefix = prefix + ("" if top else ("    " if last else "│   "))
-        for k, c in enumerate(kids):
-            walk(c, child_prefix, k == len(kids) - 1, False)
-
-    for r in result.roots:
-        walk(r, "", True, True)
+        stack.extend(
+            (c, child_prefix, k == len(kids) - 1, False) for k, c in reversed(list(enumerate(kids)))
+        )
 
 
 def _num(i: str) -> int:

@@ -185,26 +185,95 @@ def _tag_object(data: bytes) -> bytes | None:
     return m.group(1) if m else None
 
 
+def _entry_tail(tail: bytes) -> int | None:
+    """The number of ``refs/vml/entries/<tail>``, or None when VML could not have made it."""
+    if tail.isdigit() and tail.isascii() and len(tail) <= 18 and not tail.startswith(b"0"):
+        return int(tail)
+    return None
+
+
+_LOOSE_VALUE = re.compile(rb"([0-9a-f]{40})\n?")
+
+
+def _refs_under(repo: Repository, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """The refs named ``prefix...`` as ``(name, hex value)``, as :func:`all_refs` reads them."""
+    refs = repo.git.refs
+    for tail in sorted(refs.subkeys(Ref(prefix))):
+        yield from _one_ref(repo, prefix + tail)
+
+
+def _one_ref(repo: Repository, name: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """Ref ``name`` as ``(name, hex value)`` through dulwich (nothing when it is gone)."""
+    try:
+        value = repo.git.refs[Ref(name)]
+    except KeyError:
+        return
+    except SymrefLoop:
+        raise HostileRepository(
+            f"ref {name.decode(errors='replace')} is a symbolic ref that loops",
+            f"delete it: git --git-dir {repo.path} update-ref -d --no-deref "
+            f"{name.decode(errors='replace')}",
+        ) from None
+    yield name, value
+
+
+def _entry_refs(repo: Repository) -> dict[int, bytes]:
+    """Every entry ref: number -> binary commit id.
+
+    One listing of ``refs/vml/entries/`` and one small read per loose ref
+    (dulwich's general path costs ~5 times as much per ref, and a repository
+    holds a ref per entry: thousands after months).  A loose ref that is not
+    a plain object id (a symbolic ref, anything odd) is read through dulwich,
+    so every ref means what git and :func:`all_refs` make of it.
+    """
+    packed = repo.git.refs.get_packed_refs()
+    values: dict[bytes, bytes] = {
+        name: bytes(v) for name, v in packed.items() if name.startswith(ENTRY_PREFIX)
+    }
+    try:
+        listing = list(os.scandir(repo.path / ENTRY_PREFIX.decode()))
+    except (FileNotFoundError, NotADirectoryError):
+        listing = []
+    for d in listing:
+        tail = os.fsencode(d.name)
+        if _entry_tail(tail) is None or d.is_dir():
+            continue  # git would not read it as this entry's ref (a folder holds others)
+        name = ENTRY_PREFIX + tail
+        try:
+            with open(d.path, "rb") as f:
+                raw = f.read(64)
+        except OSError:
+            raw = b""
+        m = _LOOSE_VALUE.fullmatch(raw)
+        if m is not None:
+            values[name] = m.group(1)
+            continue
+        values.pop(name, None)
+        values.update(_one_ref(repo, name))
+    out: dict[int, bytes] = {}
+    for name, value in values.items():
+        n = _entry_tail(name[len(ENTRY_PREFIX) :])
+        if n is not None:
+            out[n] = bytes.fromhex(value.decode())
+    return out
+
+
 def read_refs(repo: Repository) -> RefTable:
-    """Read entry, tag and branch refs (peeling annotated tags)."""
-    entries: dict[int, bytes] = {}
+    """Read entry, tag and branch refs (peeling annotated tags).
+
+    Only refs under these three prefixes are read: a repository also holds
+    a tracking ref per fetched entry (``refs/vml/remotes/``), which nothing
+    here needs.
+    """
+    entries = _entry_refs(repo)
     tags: dict[str, bytes] = {}
     branches: dict[str, bytes] = {}
-    tag_refs: list[tuple[bytes, bytes]] = []
-    for name, value in all_refs(repo):
-        if name.startswith(ENTRY_PREFIX):
-            tail = name[len(ENTRY_PREFIX) :]
-            # Only numbers VML could have made; another ref there is no entry.
-            if tail.isdigit() and len(tail) <= 18 and not tail.startswith(b"0"):
-                entries[int(tail)] = bytes.fromhex(value.decode())
-        elif name.startswith(TAG_PREFIX):
-            tag_refs.append((name, value))
-        elif name.startswith(BRANCH_PREFIX):
-            branches[name[len(BRANCH_PREFIX) :].decode()] = bytes.fromhex(value.decode())
+    for name, value in _refs_under(repo, BRANCH_PREFIX):
+        branches[name[len(BRANCH_PREFIX) :].decode()] = bytes.fromhex(value.decode())
     # A tag naming what an entry ref names needs no object read to be peeled:
     # it is that entry (whatever that ref holds, the tag means the same).
     held = {c.hex().encode() for c in entries.values()}
-    for name, value in tag_refs:
+    for name, value in _refs_under(repo, TAG_PREFIX):
         tags[name[len(TAG_PREFIX) :].decode()] = bytes.fromhex(
             peel(repo, name, value, held).decode()
         )

@@ -112,8 +112,14 @@ def _damaged_entry(
     )
 
 
-def log(repo: Repository, only_tree_of: str | None = None) -> LogResult:
+def log(repo: Repository, only_tree_of: str | None = None, limit: int | None = None) -> LogResult:
     """Every entry, as a forest.  With ``only_tree_of`` (a commit id), only its tree.
+
+    With ``limit``, only the ``limit`` newest (highest E-number first, as
+    ``vml log`` prints them), as the forest they make among themselves: an
+    entry whose parent is left out is a root.  Only those entries'
+    metadata is read (and, to find a tree, the commits of the chains below
+    them): the cost follows what is shown, not the repository.
 
     An entry that cannot be read is listed with ``damage`` set; the others
     are listed as always.
@@ -124,14 +130,17 @@ def log(repo: Repository, only_tree_of: str | None = None) -> LogResult:
     origins = read_origins(repo)
     reader = PackReader(repo)
     try:
+        # Each commit once, under its lowest number, oldest first.
+        numbered: dict[bytes, int] = {}
+        for n, c in sorted(table.entries.items()):
+            numbered.setdefault(c, n)
+        if limit is not None:
+            wanted = _newest(reader, numbered, only_tree_of, limit)
+            numbered = {c: n for c, n in numbered.items() if c in wanted}
         entries: dict[str, LogEntry] = {}
         parents: dict[str, str | None] = {}
         order: list[tuple[int, str]] = []
-        seen: set[bytes] = set()
-        for n, c in sorted(table.entries.items()):
-            if c in seen:
-                continue
-            seen.add(c)
+        for c, n in numbered.items():
             try:
                 le = _log_entry(read_entry(reader, c), table, labels, held)
             except CorruptRepository as err:
@@ -149,7 +158,7 @@ def log(repo: Repository, only_tree_of: str | None = None) -> LogResult:
             entries[p].children.append(i)
         else:
             roots.append(i)
-    if only_tree_of is not None:
+    if only_tree_of is not None and limit is None:
         start = next((i for i, le in entries.items() if le.commit == only_tree_of), None)
         if start is not None:
             root = start
@@ -166,6 +175,51 @@ def log(repo: Repository, only_tree_of: str | None = None) -> LogResult:
             entries = {i: le for i, le in entries.items() if i in keep}
             roots = [root]
     return LogResult(entries, roots)
+
+
+def _newest(
+    reader: PackReader, numbered: dict[bytes, int], only_tree_of: str | None, limit: int
+) -> set[bytes]:
+    """The ``limit`` highest-numbered entries (of the tree holding ``only_tree_of``, if given).
+
+    A tree is the entries whose chains, through numbered entries, end at
+    the same one (as the full log draws them).  Only commits are read here,
+    each once: the chain of each candidate down to a commit already placed.
+    """
+    newest_first = sorted(numbered, key=lambda c: numbered[c], reverse=True)
+    tree = bytes.fromhex(only_tree_of) if only_tree_of is not None else None
+    if tree is None or tree not in numbered:
+        return set(newest_first[:limit])
+    roots: dict[bytes, bytes] = {}
+
+    def root_of(c: bytes) -> bytes:
+        chain: list[bytes] = []
+        walked: set[bytes] = set()
+        at = c
+        while at not in roots:
+            chain.append(at)
+            walked.add(at)
+            try:
+                parent = commit_tree_parent(reader, at)[1]
+            except CorruptRepository:
+                parent = None  # listed as damaged, a root of its own
+            if parent is None or parent not in numbered or parent in walked:
+                roots[at] = at
+                break
+            at = parent
+        top = roots[at]
+        for x in chain:
+            roots[x] = top
+        return top
+
+    mine = root_of(tree)
+    out: set[bytes] = set()
+    for c in newest_first:
+        if root_of(c) == mine:
+            out.add(c)
+            if len(out) == limit:
+                break
+    return out
 
 
 @dataclass
