@@ -102,3 +102,30 @@ def test_verify_names_the_entries_a_bad_object_affects(setup: tuple[Path, Path])
     assert code == 0
     code, out = run("verify", "--all")
     assert code == 7
+
+
+def test_graph_of_a_chain_deeper_than_python_recursion(capsys: pytest.CaptureFixture[str]) -> None:
+    """``log --graph`` draws a chain of 1,100 entries (a VM saved for months); it once recursed."""
+    from vml.cli.render import print_log
+    from vml.porcelain.log import LogEntry, LogResult
+
+    n = 1100
+    entries = {
+        f"E{i}": LogEntry(
+            id=f"E{i}",
+            kind="incremental" if i > 1 else "full",
+            parent=f"E{i - 1}" if i > 1 else None,
+            commit=f"{i:040x}",
+            message="",
+            created="2026-01-01T00:00:00+00:00",
+            stored_bytes=0,
+            logical_bytes=0,
+            read_bytes=0,
+            children=[f"E{i + 1}"] if i < n else [],
+        )
+        for i in range(1, n + 1)
+    }
+    print_log(LogResult(entries, ["E1"]), True, set())
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == n and lines[0].startswith("E1 ")
+    assert lines[-1].startswith(" " * 4 * (n - 2) + "└── E1100 ")

@@ -164,6 +164,17 @@ def plan_moves(
     children before parents; each area moves before the refs of its entry.
     """
     areas = repository_areas(repo)
+    # Each commit's names, looked up once: a rewrite of thousands of
+    # descendants must not scan every ref once per rewritten entry.
+    names: dict[bytes, list[tuple[bytes, bytes]]] = {}
+    for num, c in sorted(table.entries.items()):
+        names.setdefault(c, []).append((b"", refs_mod.entry_ref(num)))
+    for kind_prefix, items in (
+        (refs_mod.TAG_PREFIX, table.tags),
+        (refs_mod.BRANCH_PREFIX, table.branches),
+    ):
+        for name, c in sorted(items.items()):
+            names.setdefault(c, []).append((kind_prefix, kind_prefix + name.encode()))
     steps: list[Step] = []
     for old in order:
         o, n = old.hex(), mapping[old].hex()
@@ -173,18 +184,9 @@ def plan_moves(
                 # branch_at moves along with its branch below.
                 cache = "rekey" if "entry" in fields else None
                 steps.append(Step(o, n, area=str(a.path), fields=fields, cache=cache))
-        for num, c in sorted(table.entries.items()):
-            if c == old:
-                steps.append(Step(o, n, ref=refs_mod.entry_ref(num).decode()))
-        for kind_prefix, items in (
-            (refs_mod.TAG_PREFIX, table.tags),
-            (refs_mod.BRANCH_PREFIX, table.branches),
-        ):
-            for name, c in sorted(items.items()):
-                if c == old:
-                    ref = kind_prefix + name.encode()
-                    annotated = kind_prefix == refs_mod.TAG_PREFIX and _is_annotated(repo, ref)
-                    steps.append(Step(o, n, ref=ref.decode(), replace=annotated))
+        for kind_prefix, ref in names.get(old, []):
+            annotated = kind_prefix == refs_mod.TAG_PREFIX and _is_annotated(repo, ref)
+            steps.append(Step(o, n, ref=ref.decode(), replace=annotated))
     return steps
 
 

@@ -18,6 +18,7 @@ import zlib
 from array import array
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from dulwich.object_format import DEFAULT_OBJECT_FORMAT
@@ -97,6 +98,8 @@ class PackReader:
         self._idx_paths: dict[int, Path] = {}
         self._ends: dict[int, array[int]] = {}
         self._lock = threading.Lock()
+        # Trees read since remember_trees() began (None: not remembering).
+        self._trees: dict[bytes, bytes] | None = None
         self.refresh()
 
     def refresh(self) -> None:
@@ -200,6 +203,8 @@ class PackReader:
         needs, and small files recur); a damaged copy is passed over when an
         intact one exists, so damage to one pack harms only what it alone holds.
         """
+        if expect_type == TREE and self._trees is not None and sha in self._trees:
+            return TREE, self._trees[sha]
         got: tuple[int, bytes] | None = None
         damage: CorruptRepository | None = None
         # VML writes each entry's commit loose: look there first, not in every pack.
@@ -238,7 +243,23 @@ class PackReader:
                 f"object {sha.hex()} is a {TYPE_NAMES.get(type_num, b'?').decode()}, expected a "
                 f"{TYPE_NAMES.get(expect_type, b'?').decode()}"
             )
+        if type_num == TREE and verify and self._trees is not None:
+            self._trees[sha] = data
         return type_num, data
+
+    @contextmanager
+    def remember_trees(self) -> Iterator[None]:
+        """Within the block, a tree read (and checked) once is not read again.
+
+        For one thread walking one entry (``vml fsck``), whose every path
+        look-up starts from the same root tree: the trees are forgotten on
+        leaving, so memory stays bounded by one entry's trees.
+        """
+        before, self._trees = self._trees, {}
+        try:
+            yield
+        finally:
+            self._trees = before
 
     def _read_loose(self, sha: bytes) -> tuple[int, bytes] | None:
         """Loose object ``sha``, id checked; None when it is not loose or not intact.

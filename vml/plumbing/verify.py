@@ -81,20 +81,8 @@ def check_structure(
     partial: dict[bytes, set[str]] = {}  # entry -> its images stored as partial layers
     for i, c in enumerate(commits):
         tick("check", i, len(commits))
-        try:
-            e = read_entry(reader, c)
-        except CorruptRepository as err:
-            problems.append(Problem(err.message, c))
-            continue
-        p = forest.parent[c]
-        if e.meta.parent != (p.hex() if p is not None else None):
-            problems.append(Problem("its metadata names another parent than its commit", c))
-        if (e.meta.kind == "full") != (p is None):
-            problems.append(
-                Problem(f"a {e.meta.kind} entry with{'out' if p is None else ''} a parent", c)
-            )
-        images_of[c] = {f.path for f in e.meta.files if f.kind == "image"}
-        problems += _entry_problems(reader, e, p, partial)
+        with reader.remember_trees():  # each file's look-up starts at the entry's root
+            problems += _check_entry(reader, forest, c, images_of, partial)
     # A partial layer needs the same image in its parent (both known from above).
     for c in commits:
         p = forest.parent[c]
@@ -103,6 +91,30 @@ def check_structure(
         for path in sorted(partial[c] - images_of[p]):
             problems.append(Problem("a partial layer whose parent lacks the file", c, path))
     return forest, problems
+
+
+def _check_entry(
+    reader: PackReader,
+    forest: Forest,
+    c: bytes,
+    images_of: dict[bytes, set[str]],
+    partial: dict[bytes, set[str]],
+) -> list[Problem]:
+    """One entry's commit, metadata and files; notes its images in ``images_of``."""
+    try:
+        e = read_entry(reader, c)
+    except CorruptRepository as err:
+        return [Problem(err.message, c)]
+    problems: list[Problem] = []
+    p = forest.parent[c]
+    if e.meta.parent != (p.hex() if p is not None else None):
+        problems.append(Problem("its metadata names another parent than its commit", c))
+    if (e.meta.kind == "full") != (p is None):
+        problems.append(
+            Problem(f"a {e.meta.kind} entry with{'out' if p is None else ''} a parent", c)
+        )
+    images_of[c] = {f.path for f in e.meta.files if f.kind == "image"}
+    return problems + _entry_problems(reader, e, p, partial)
 
 
 def _entry_problems(
