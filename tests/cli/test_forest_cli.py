@@ -129,3 +129,41 @@ def test_graph_of_a_chain_deeper_than_python_recursion(capsys: pytest.CaptureFix
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == n and lines[0].startswith("E1 ")
     assert lines[-1].startswith(" " * 4 * (n - 2) + "└── E1100 ")
+
+
+def test_log_max_count(setup: tuple[Path, Path]) -> None:
+    """``log -n N``: the N entries ``log`` lists first, in every form (#12).
+
+    Plain: the first N lines.  ``--json``: those entries, in the JSON's own
+    order, ``children`` among them.  ``--graph``: the trees they make, a
+    tree whose parent is left out saying which parent that is.  N beyond
+    the entries prints what ``log`` prints.  A bad N: one line, exit 2.
+    """
+    _repo, area = setup
+    assert run("restore", "E2", str(area))[0] == 0
+    edit(area / "disk.img", 5000, b"branch" * 100)
+    assert run("commit", str(area), "-m", "on E2", "-q")[0] == 0  # E5 <- E2
+    for scope in (["--all"], []):  # the whole forest; the area's tree (all of it here)
+        code, full = run("log", *scope)
+        lines = full.splitlines()
+        assert code == 0 and [ln.split()[0] for ln in lines] == ["E5", "E4", "E3", "E2", "E1"]
+        for n in (1, 2, 5):
+            code, out = run("log", *scope, "-n", str(n))
+            assert code == 0 and out.splitlines() == lines[:n]
+        assert run("log", *scope, "--max-count", "9") == (0, full)
+        for form in (["--json"], ["--graph"]):
+            assert run("log", *scope, *form, "-n", "9") == run("log", *scope, *form)
+    whole = json.loads(run("log", "--json")[1])
+    doc = json.loads(run("log", "--json", "-n", "2")[1])
+    assert [d["id"] for d in doc] == [d["id"] for d in whole if d["id"] in ("E4", "E5")]
+    assert [(d["parent"], d["children"]) for d in doc] == [("E3", []), ("E2", [])]
+    code, graph = run("log", "--graph", "-n", "3")
+    assert code == 0
+    drawn = [(ln.split()[0], ln.split()[1], ln.split()[-1]) for ln in graph.splitlines()]
+    assert drawn == [("E3", "incremental", "E2"), ("└──", "E4", "s3"), ("E5", "incremental", "E2")]
+    assert "parent E2" in graph.splitlines()[0] and "parent" not in graph.splitlines()[1]
+    for bad in ("0", "-1", "x", "1.5", ""):
+        res = runner.invoke(app, ["log", "-n", bad])
+        assert res.exit_code == 2 and res.stdout == "", bad
+        [line] = res.stderr.splitlines()
+        assert line.startswith("vml: ") and "--max-count" in line, line

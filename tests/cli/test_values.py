@@ -95,6 +95,7 @@ TEMPLATES = {
     "restore": ["restore", "{entry}", "{area}"],
     "demo": ["demo", "{folder}"],
     "show": ["show", "{entry}"],
+    "log": ["log"],
     "status": ["status", "{area}"],
     "branch": ["branch", "new-branch", "{entry}"],
     "tag": ["tag", "new-tag", "{entry}"],

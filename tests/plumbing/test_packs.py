@@ -14,7 +14,7 @@ from dulwich.pack import load_pack_index
 
 from tests.conftest import need
 from vml.errors import CorruptRepository
-from vml.plumbing.packreader import BLOB, PackReader, _inflate_stored, blob_id
+from vml.plumbing.packreader import BLOB, COMMIT, PackReader, _inflate_stored, blob_id
 from vml.plumbing.packwriter import PackWriter, deflate, stored, write_loose
 from vml.plumbing.repository import Repository
 
@@ -127,6 +127,41 @@ def test_loose_commit_object(repo: Repository) -> None:
     finally:
         r.close()
     assert write_loose(repo, blob) == sha  # idempotent
+
+
+def test_a_damaged_loose_commit_is_damage_unless_a_pack_holds_it_whole(repo: Repository) -> None:
+    """Commits are read from their loose file first: a damaged one is never taken for it.
+
+    Damaged alone, it is reported; with an intact copy in a pack (a ``git gc``
+    packed it, the loose file stayed), the packed copy is read.
+    """
+    from vml.plumbing.entries import make_commit
+
+    commit = make_commit(b"\x01" * 20, None, "m", [("VML-Entry", "E1")])
+    sha = write_loose(repo, commit)
+    path = repo.objects_dir / sha.hex()[:2] / sha.hex()[2:]
+    r = PackReader(repo)
+    try:
+        assert r.read(sha, COMMIT)[1] == commit.as_raw_string()
+    finally:
+        r.close()
+    raw = zlib.decompress(path.read_bytes()).replace(b"\nm", b"\nM")
+    os.chmod(path, 0o644)
+    path.write_bytes(zlib.compress(raw))
+    r = PackReader(repo)
+    try:
+        with pytest.raises(CorruptRepository, match="damaged"):
+            r.read(sha, COMMIT)
+    finally:
+        r.close()
+    w = PackWriter(repo)
+    w.add_object(commit)
+    w.finish()
+    r = PackReader(repo)
+    try:
+        assert r.read(sha, COMMIT)[1] == commit.as_raw_string()
+    finally:
+        r.close()
 
 
 def test_reader_sees_packs_after_refresh(repo: Repository) -> None:

@@ -120,7 +120,8 @@ def test_entry_refs_read_fast_mean_what_git_reads(repo: Repository) -> None:
     """The one-listing read of entry refs gives what dulwich's ref by ref reading gives.
 
     Loose and packed refs, a loose ref over a packed one, a symbolic ref,
-    upper-case hex, a lock file, a folder among the numbers, a leading zero.
+    upper-case hex, a lock file, a folder among the numbers, a leading zero,
+    an empty loose file over a packed ref, a symbolic ref naming nothing.
     """
     ids = [bytes([i]) * 20 for i in range(1, 9)]
     for n in (1, 2, 3):
@@ -128,7 +129,7 @@ def test_entry_refs_read_fast_mean_what_git_reads(repo: Repository) -> None:
     refs.set_ref(repo, refs.BRANCH_PREFIX + b"main", ids[7])
     with open(repo.path / "packed-refs", "w") as f:
         f.write("# pack-refs with: peeled fully-peeled sorted \n")
-        for n, c in ((2, ids[5]), (4, ids[4]), (5, ids[5])):
+        for n, c in ((2, ids[5]), (4, ids[4]), (5, ids[5]), (11, ids[2]), (12, ids[3])):
             f.write(f"{c.hex()} refs/vml/entries/{n}\n")
     folder = repo.path / "refs" / "vml" / "entries"
     (folder / "6").write_text("ref: refs/heads/main\n")
@@ -137,7 +138,10 @@ def test_entry_refs_read_fast_mean_what_git_reads(repo: Repository) -> None:
     (folder / "9").mkdir()
     (folder / "9" / "x").write_text(ids[1].hex() + "\n")
     (folder / "010").write_text(ids[1].hex() + "\n")
+    (folder / "11").write_text("")  # empty: git reads the packed value
+    (folder / "12").write_text("ref: refs/heads/gone\n")  # names nothing: no entry
     repo.git.refs._invalidate_packed_refs_cache()  # type: ignore[attr-defined]
     fast = refs.read_refs(repo).entries
     assert fast == _entries_through_dulwich(repo)
-    assert fast == {1: ids[1], 2: ids[2], 3: ids[3], 4: ids[4], 5: ids[5], 6: ids[7], 7: ids[6]}
+    want = {1: ids[1], 2: ids[2], 3: ids[3], 4: ids[4], 5: ids[5], 6: ids[7], 7: ids[6]}
+    assert fast == {**want, 11: ids[2]}
