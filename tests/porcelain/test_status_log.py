@@ -196,3 +196,21 @@ def test_status_counts_bytes_when_mode_and_content_change(repo: Repository, area
     (area / "disk.img").chmod(0o755)
     [c] = status(repo, area).changes
     assert (c.path, c.changed_bytes) == ("disk.img", 4096)
+
+
+def test_log_of_one_tree_reads_only_that_tree_s_metadata(
+    repo: Repository, area: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``vml log`` in an area reads the metadata of its tree's entries, not of other VMs'."""
+    for i in range(5):
+        edit(area / "vm.nvram", 0, b"%d" % i * 50)
+        commit(repo, area)
+    other = tmp_path / "other"
+    make_area(other, seed=3)
+    commit(repo, other)  # E6, a tree of its own
+    seen = _counting(monkeypatch)
+    res = log(repo, only_tree_of=log(repo).entries["E6"].commit)
+    assert list(res.entries) == ["E6"] and res.roots == ["E6"]
+    seen.clear()
+    log(repo, only_tree_of=res.entries["E6"].commit)
+    assert seen[2] == seen[3] == 1  # E6's tree and metadata; the others' commits only

@@ -117,9 +117,9 @@ def log(repo: Repository, only_tree_of: str | None = None, limit: int | None = N
 
     With ``limit``, only the ``limit`` newest (highest E-number first, as
     ``vml log`` prints them), as the forest they make among themselves: an
-    entry whose parent is left out is a root.  Only those entries'
-    metadata is read (and, to find a tree, the commits of the chains below
-    them): the cost follows what is shown, not the repository.
+    entry whose parent is left out is a root.  Only the metadata of the
+    entries listed is read (and, to find a tree, the commits of the chains
+    below them): the cost follows what is shown, not the repository.
 
     An entry that cannot be read is listed with ``damage`` set; the others
     are listed as always.
@@ -134,8 +134,8 @@ def log(repo: Repository, only_tree_of: str | None = None, limit: int | None = N
         numbered: dict[bytes, int] = {}
         for n, c in sorted(table.entries.items()):
             numbered.setdefault(c, n)
-        if limit is not None:
-            wanted = _newest(reader, numbered, only_tree_of, limit)
+        wanted = _chosen(reader, numbered, only_tree_of, limit)
+        if wanted is not None:
             numbered = {c: n for c, n in numbered.items() if c in wanted}
         entries: dict[str, LogEntry] = {}
         parents: dict[str, str | None] = {}
@@ -158,38 +158,27 @@ def log(repo: Repository, only_tree_of: str | None = None, limit: int | None = N
             entries[p].children.append(i)
         else:
             roots.append(i)
-    if only_tree_of is not None and limit is None:
-        start = next((i for i, le in entries.items() if le.commit == only_tree_of), None)
-        if start is not None:
-            root = start
-            guard = 0
-            while parents.get(root) in entries and guard <= len(entries):
-                root = parents[root]  # type: ignore[assignment]
-                guard += 1
-            keep: set[str] = set()
-            stack = [root]
-            while stack:
-                i = stack.pop()
-                keep.add(i)
-                stack.extend(entries[i].children)
-            entries = {i: le for i, le in entries.items() if i in keep}
-            roots = [root]
     return LogResult(entries, roots)
 
 
-def _newest(
-    reader: PackReader, numbered: dict[bytes, int], only_tree_of: str | None, limit: int
-) -> set[bytes]:
-    """The ``limit`` highest-numbered entries (of the tree holding ``only_tree_of``, if given).
+def _chosen(
+    reader: PackReader, numbered: dict[bytes, int], only_tree_of: str | None, limit: int | None
+) -> set[bytes] | None:
+    """The entries to list: the ``limit`` highest-numbered of the tree holding ``only_tree_of``.
 
-    A tree is the entries whose chains, through numbered entries, end at
-    the same one (as the full log draws them).  Only commits are read here,
-    each once: the chain of each candidate down to a commit already placed.
+    No tree: the whole forest; no limit: all of them (None when that is
+    every entry).  A tree is the entries whose chains, through numbered
+    entries, end at the same one (the tree the full log draws it in).
+    Only commits are read here, each once: the chain of each candidate
+    down to a commit already placed.
     """
     newest_first = sorted(numbered, key=lambda c: numbered[c], reverse=True)
-    tree = bytes.fromhex(only_tree_of) if only_tree_of is not None else None
+    try:
+        tree = bytes.fromhex(only_tree_of) if only_tree_of is not None else None
+    except ValueError:
+        tree = None  # names no entry: the whole forest, as for an area holding none
     if tree is None or tree not in numbered:
-        return set(newest_first[:limit])
+        return None if limit is None else set(newest_first[:limit])
     roots: dict[bytes, bytes] = {}
 
     def root_of(c: bytes) -> bytes:

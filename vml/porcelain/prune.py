@@ -87,7 +87,6 @@ def prune(
     groups: dict[str, list[tuple[bytes, datetime]]] = {}
     info: dict[bytes, tuple[str, str]] = {}
     try:
-        forest = load_forest(reader, table)
         for c in sorted(set(table.entries.values()), key=lambda x: table.number_of(x) or 0):
             e = read_entry(reader, c)
             groups.setdefault(e.meta.area_id, []).append((c, _when(e.meta.created, e.commit_time)))
@@ -108,6 +107,11 @@ def prune(
         return result
     report = RmResult()
     numbers = [int(d.entry[1:]) for d in remove if d.entry.startswith("E")]
-    remove_entries(repo, forest, numbers, report, progress)
+    reader = PackReader(repo)
+    try:
+        forest = load_forest(reader, table)  # only to remove: a dry run needs no parents
+    finally:
+        reader.close()
+    remove_entries(repo, forest, numbers, report, progress, loaded_from=table)
     result.rm = report
     return result

@@ -140,18 +140,24 @@ def remove_one(
     *,
     names_only: bool = False,
     locks: AreaLocks | None = None,
+    known: tuple[refs_mod.RefTable, Forest | None] | None = None,
 ) -> None:
     """Remove one entry (checked by :func:`rm` or prune; ``force``: even if an area holds it).
 
     ``names_only`` (a damaged entry removed with --force): its children
     are not rewritten, only its names go.  ``locks``: the areas the command
-    holds (see :func:`apply_rewrite`).
+    holds (see :func:`apply_rewrite`).  ``known``: the refs as just read and
+    the forest loaded from them, when they still hold (else both are read
+    here; either way :func:`apply_rewrite` checks the refs again under the
+    lock).
     """
-    table = refs_mod.read_refs(repo)
+    table = refs_mod.read_refs(repo) if known is None else known[0]
     reader = PackReader(repo)
     writer = PackWriter(repo)
     try:
-        forest = load_forest(reader, table)
+        forest = known[1] if known is not None and known[1] is not None else None
+        if forest is None:
+            forest = load_forest(reader, table)
         parent = forest.parent.get(commit)  # None also when its commit cannot be read
         me = label(table, commit) or commit.hex()[:12]
         onto = label(table, parent) if parent is not None else None
@@ -203,6 +209,7 @@ def remove_entries(
     *,
     force: bool = False,
     damaged: frozenset[int] = frozenset(),
+    loaded_from: refs_mod.RefTable | None = None,
 ) -> None:
     """Remove the entries ``numbers`` (checked by the caller), one rewrite each.
 
@@ -210,6 +217,7 @@ def remove_entries(
     running there refuses the whole removal, with nothing changed.  Should a
     later removal fail all the same (an area that appeared meanwhile, a full
     disk), the error says which entries were already removed.
+    ``loaded_from``: the refs ``forest`` was loaded from.
     """
     table = refs_mod.read_refs(repo)
     commits = [table.entries[n] for n in numbers if n in table.entries]
@@ -218,7 +226,8 @@ def remove_entries(
         for i, n in enumerate(numbers):
             progress("remove", i, len(numbers))
             # Each removal rewrites commits, so look the entry up again by its number.
-            commit = refs_mod.read_refs(repo).entries.get(n)
+            now = table if i == 0 else refs_mod.read_refs(repo)
+            commit = now.entries.get(n)
             if commit is None:
                 continue
             try:
@@ -230,6 +239,9 @@ def remove_entries(
                     force=force,
                     names_only=n in damaged,
                     locks=locks,
+                    # The forest the caller loaded serves the first removal if
+                    # no ref moved since it was loaded (no second walk of it).
+                    known=(now, forest) if i == 0 and now == loaded_from else (now, None),
                 )
             except VMLError as e:
                 if report.removed:

@@ -94,5 +94,14 @@ def rm(
     finally:
         reader.close()
     report = RmResult()
-    remove_entries(repo, forest, numbers, report, progress, force=force, damaged=frozenset(damaged))
+    remove_entries(
+        repo,
+        forest,
+        numbers,
+        report,
+        progress,
+        force=force,
+        damaged=frozenset(damaged),
+        loaded_from=table,
+    )
     return report
