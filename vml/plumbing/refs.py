@@ -226,17 +226,16 @@ def _entry_refs(repo: Repository) -> dict[int, bytes]:
     a plain object id (a symbolic ref, anything odd) is read through dulwich,
     so every ref means what git and :func:`all_refs` make of it.
     """
-    values: dict[bytes, bytes] = {}
-    loose: set[bytes] = set()
+    out: dict[int, bytes] = {}
+    loose: set[int] = set()
     try:
         listing = list(os.scandir(repo.path / ENTRY_PREFIX.decode()))
     except (FileNotFoundError, NotADirectoryError):
         listing = []
     for d in listing:
-        tail = os.fsencode(d.name)
-        if _entry_tail(tail) is None or d.is_dir():
+        n = _entry_tail(os.fsencode(d.name))
+        if n is None or d.is_dir():
             continue  # git would not read it as this entry's ref (a folder holds others)
-        name = ENTRY_PREFIX + tail
         try:
             fd = os.open(d.path, os.O_RDONLY)  # not open(): its buffered file costs 3x more
             try:
@@ -245,22 +244,20 @@ def _entry_refs(repo: Repository) -> dict[int, bytes]:
                 os.close(fd)
         except OSError:
             raw = b""
-        loose.add(name)
+        loose.add(n)
         m = _LOOSE_VALUE.fullmatch(raw)
         if m is not None:
-            values[name] = m.group(1)
-        else:
-            values.update(_one_ref(repo, name))  # dulwich's rules, packed-refs included
+            out[n] = bytes.fromhex(m.group(1).decode())
+            continue
+        for _name, value in _one_ref(repo, ENTRY_PREFIX + os.fsencode(d.name)):
+            out[n] = bytes.fromhex(value.decode())  # dulwich's rules, packed-refs included
     # Packed refs after the loose ones (a loose ref wins), as git reads them: a
     # `git pack-refs` beside us writes packed-refs before it deletes loose refs.
     for name, v in repo.git.refs.get_packed_refs().items():
-        if name.startswith(ENTRY_PREFIX) and name not in loose:
-            values[name] = bytes(v)
-    out: dict[int, bytes] = {}
-    for name, value in values.items():
-        n = _entry_tail(name[len(ENTRY_PREFIX) :])
-        if n is not None:
-            out[n] = bytes.fromhex(value.decode())
+        if name.startswith(ENTRY_PREFIX):
+            n = _entry_tail(name[len(ENTRY_PREFIX) :])
+            if n is not None and n not in loose:
+                out[n] = bytes.fromhex(v.decode())
     return out
 
 
