@@ -145,3 +145,33 @@ def test_entry_refs_read_fast_mean_what_git_reads(repo: Repository) -> None:
     assert fast == _entries_through_dulwich(repo)
     want = {1: ids[1], 2: ids[2], 3: ids[3], 4: ids[4], 5: ids[5], 6: ids[7], 7: ids[6]}
     assert fast == {**want, 11: ids[2]}
+
+
+def test_shared_refs_read_fast_mean_what_git_reads(repo: Repository, tmp_path: Path) -> None:
+    """Refs pushed here (``refs/vml/shared/``) read in one listing as dulwich reads them.
+
+    A nested folder, a lock file, a link to a folder, a packed ref, a
+    symbolic ref; and whether one has no E-number (every command asks).
+    """
+    ids = [bytes([i]) * 20 for i in range(1, 6)]
+    for c in ids[:3]:
+        refs.set_ref(repo, refs.SHARED_PREFIX + c.hex().encode(), c)
+    refs.set_ref(repo, refs.SHARED_PREFIX + b"x/" + ids[3].hex().encode(), ids[3])
+    refs.set_ref(repo, refs.BRANCH_PREFIX + b"main", ids[4])
+    folder = repo.path / "refs" / "vml" / "shared"
+    (folder / "y.lock").write_text(ids[4].hex() + "\n")
+    (folder / "sym").write_text("ref: refs/heads/main\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "z").write_text(ids[4].hex() + "\n")
+    (folder / "link").symlink_to(elsewhere)
+    with open(repo.path / "packed-refs", "w") as f:
+        f.write(f"{ids[4].hex()} refs/vml/shared/packed\n")
+    repo.git.refs._invalidate_packed_refs_cache()  # type: ignore[attr-defined]
+    through_dulwich = {n: v for n, v in refs.all_refs(repo) if n.startswith(refs.SHARED_PREFIX)}
+    fast = refs._flat_refs(repo, refs.SHARED_PREFIX)
+    assert fast == through_dulwich and len(fast) == 6
+    assert refs.unnumbered_pushes(repo)
+    for n, c in enumerate(ids, start=1):
+        refs.set_ref(repo, refs.entry_ref(n), c)
+    assert not refs.unnumbered_pushes(repo)

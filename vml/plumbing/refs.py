@@ -217,25 +217,34 @@ def _one_ref(repo: Repository, name: bytes) -> Iterator[tuple[bytes, bytes]]:
     yield name, value
 
 
-def _entry_refs(repo: Repository) -> dict[int, bytes]:
-    """Every entry ref: number -> binary commit id.
+def _flat_refs(repo: Repository, prefix: bytes) -> dict[bytes, bytes]:
+    """Every ref named ``prefix...``: name -> hex value, what :func:`all_refs` gives for them.
 
-    One listing of ``refs/vml/entries/`` and one small read per loose ref
+    One listing of the prefix's folder and one small read per loose ref
     (dulwich's general path costs ~5 times as much per ref, and a repository
-    holds a ref per entry: thousands after months).  A loose ref that is not
-    a plain object id (a symbolic ref, anything odd) is read through dulwich,
-    so every ref means what git and :func:`all_refs` make of it.
+    holds a ref per entry, and one per entry pushed into it: thousands after
+    months).  A loose ref that is not a plain object id (a symbolic ref,
+    anything odd) and the refs in a folder below are read through dulwich,
+    so every ref means what git and :func:`all_refs` make of it.  Loose refs
+    are read before packed ones, as git reads them: a ``git pack-refs``
+    beside us writes packed-refs before it deletes the loose refs.
     """
-    out: dict[int, bytes] = {}
-    loose: set[int] = set()
+    out: dict[bytes, bytes] = {}
+    seen: set[bytes] = set()
     try:
-        listing = list(os.scandir(repo.path / ENTRY_PREFIX.decode()))
+        listing = list(os.scandir(repo.path / prefix.decode()))
     except (FileNotFoundError, NotADirectoryError):
         listing = []
     for d in listing:
-        n = _entry_tail(os.fsencode(d.name))
-        if n is None or d.is_dir():
-            continue  # git would not read it as this entry's ref (a folder holds others)
+        name = prefix + os.fsencode(d.name)
+        if d.is_dir():
+            if not d.is_symlink():  # git does not follow a link to a folder of refs
+                for tail in sorted(repo.git.refs.subkeys(Ref(name + b"/"))):
+                    seen.add(name + b"/" + tail)
+                    out.update(_one_ref(repo, name + b"/" + tail))
+            continue
+        if not check_ref_format(Ref(name)):
+            continue  # a lock file, a name git refuses: no ref
         try:
             fd = os.open(d.path, os.O_RDONLY)  # not open(): its buffered file costs 3x more
             try:
@@ -244,20 +253,25 @@ def _entry_refs(repo: Repository) -> dict[int, bytes]:
                 os.close(fd)
         except OSError:
             raw = b""
-        loose.add(n)
+        seen.add(name)
         m = _LOOSE_VALUE.fullmatch(raw)
         if m is not None:
-            out[n] = bytes.fromhex(m.group(1).decode())
-            continue
-        for _name, value in _one_ref(repo, ENTRY_PREFIX + os.fsencode(d.name)):
-            out[n] = bytes.fromhex(value.decode())  # dulwich's rules, packed-refs included
-    # Packed refs after the loose ones (a loose ref wins), as git reads them: a
-    # `git pack-refs` beside us writes packed-refs before it deletes loose refs.
+            out[name] = m.group(1)
+        else:
+            out.update(_one_ref(repo, name))  # dulwich's rules, packed-refs included
     for name, v in repo.git.refs.get_packed_refs().items():
-        if name.startswith(ENTRY_PREFIX):
-            n = _entry_tail(name[len(ENTRY_PREFIX) :])
-            if n is not None and n not in loose:
-                out[n] = bytes.fromhex(v.decode())
+        if name.startswith(prefix) and name not in seen:
+            out[name] = bytes(v)
+    return out
+
+
+def _entry_refs(repo: Repository) -> dict[int, bytes]:
+    """Every entry ref: number -> binary commit id (:func:`_flat_refs`)."""
+    out: dict[int, bytes] = {}
+    for name, value in _flat_refs(repo, ENTRY_PREFIX).items():
+        n = _entry_tail(name[len(ENTRY_PREFIX) :])
+        if n is not None:
+            out[n] = bytes.fromhex(value.decode())
     return out
 
 
@@ -315,15 +329,15 @@ def resolve_name(repo: Repository, name: str, table: RefTable | None = None) -> 
 def unnumbered_pushes(repo: Repository) -> bool:
     """True when an entry pushed here (``refs/vml/shared/*``) has no E-number yet.
 
-    Cheap when nothing was pushed here (one listing of ref names), which is
-    what every command pays to number such entries on first use.
+    Cheap when nothing was pushed here (one listing of a folder that is not
+    there), which is what every command pays to number such entries on first
+    use; a repository others push into pays a small read per pushed entry.
     """
-    if not repo.git.refs.subkeys(Ref(SHARED_PREFIX)):
+    shared = _flat_refs(repo, SHARED_PREFIX)
+    if not shared:
         return False
     numbered = {c.hex().encode() for c in read_refs(repo).entries.values()}
-    return any(
-        name.startswith(SHARED_PREFIX) and value not in numbered for name, value in all_refs(repo)
-    )
+    return any(value not in numbered for value in shared.values())
 
 
 # The highest E-number this repository ever gave (local, in vml/): a number
