@@ -193,6 +193,8 @@ def _entry_tail(tail: bytes) -> int | None:
 
 
 _LOOSE_VALUE = re.compile(rb"([0-9a-f]{40})\n?")
+# A ref name part git always accepts (E-numbers, commit ids): no need to ask check_ref_format.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _refs_under(repo: Repository, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
@@ -243,7 +245,7 @@ def _flat_refs(repo: Repository, prefix: bytes) -> dict[bytes, bytes]:
                     seen.add(name + b"/" + tail)
                     out.update(_one_ref(repo, name + b"/" + tail))
             continue
-        if not check_ref_format(Ref(name)):
+        if not _PLAIN_NAME.fullmatch(d.name) and not check_ref_format(Ref(name)):
             continue  # a lock file, a name git refuses: no ref
         try:
             fd = os.open(d.path, os.O_RDONLY)  # not open(): its buffered file costs 3x more
