@@ -205,15 +205,21 @@ class PackWriter:
         seals the pack it is filling in the background instead, while the
         rest is still being compressed, so the last pack holds only that
         rest.  A writer that did not roll (a later save, a few dozen MiB)
-        is left as it is: one pack per save keeps look-ups cheap.
+        is left as it is: one pack per save keeps look-ups cheap; should it
+        roll over later, the next call seals the pack it fills then.
         """
         seg = self._seg
-        if self._ending or seg is None:
+        if self._ending or seg is None or self._n == 0:
             return
         self._ending = True
         # Worth a pack of its own only if hashing it would take a while.
-        if self._n > 0 and seg.offset >= self.roll_bytes // 8:
+        if seg.offset >= self.roll_bytes // 8:
             self._roll()
+
+    @property
+    def filling(self) -> int:
+        """Bytes in the pack being filled: what sealing it now would hash."""
+        return self._seg.offset if self._seg is not None else 0
 
     def add_blob(self, data: bytes | memoryview, sha: bytes | None = None) -> bytes:
         """Add a blob; returns its binary id."""
