@@ -263,3 +263,22 @@ def test_near_end_leaves_a_small_write_in_one_pack(repo: Repository) -> None:
     writer.finish()
     assert len(writer.names) == 1
     writer.release()
+
+
+def test_near_end_before_a_roll_over_is_asked_again_after_it(repo: Repository) -> None:
+    # A save told it nears its end before its pack rolled over (a pack of
+    # its size left) may still roll over: told again, it seals that pack.
+    import os
+
+    writer = PackWriter(repo, roll_bytes=64 << 10)
+    writer.add_blob(os.urandom(20 << 10))
+    writer.near_end()  # no roll-over yet: nothing happens, and nothing is spent
+    for _ in range(4):
+        writer.add_blob(os.urandom(20 << 10))  # rolls over at the fourth blob
+    assert writer.filling > 12
+    writer.near_end()
+    assert writer.filling == 12  # sealed: the next pack holds only its header
+    writer.add_blob(os.urandom(20 << 10))
+    writer.finish()
+    assert len(writer.names) == 3
+    writer.release()

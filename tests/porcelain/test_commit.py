@@ -170,9 +170,12 @@ def test_interrupted_checkout_blocks_commit(repo: Repository, area: Path) -> Non
 
 
 def _save_with(
-    tmp_path: Path, name: str, area: Path, near_end: int, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, name: str, area: Path, near_end: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[Repository, bytes, int, int]:
-    """A first save of a copy of ``area`` into a repository of its own; (repo, images tree, stored, packs)."""
+    """A first save of a copy of ``area`` into a repository of its own; (repo, images tree, stored, packs).
+
+    ``near_end``: the data left when the writer is told (None: never told).
+    """
     import json
     import shutil
     import subprocess
@@ -180,11 +183,15 @@ def _save_with(
     from vml.plumbing import saving
     from vml.plumbing.repository import init_repository
 
-    monkeypatch.setattr(saving, "NEAR_END", near_end)
     copy = tmp_path / f"{name}-area"
     shutil.copytree(area, copy)
     repo = init_repository(tmp_path / name, TEST_BLOCK)
-    res = commit(repo, copy)
+    with monkeypatch.context() as mp:
+        if near_end is None:
+            mp.setattr(saving.Saver, "_near_end", lambda self: None)
+        else:
+            mp.setattr(saving, "NEAR_END", near_end)
+        res = commit(repo, copy)
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -211,7 +218,7 @@ def test_a_big_save_seals_its_packs_before_its_end_into_the_same_entry(
     # 14 blocks of data: packs of 4 blocks, and the last pack holds two blocks
     # and the trees, unless the writer is told it nears the end (one block left).
     (area / "disk.img").write_bytes(os.urandom(14 * TEST_BLOCK))
-    plain, tree, stored, n = _save_with(tmp_path, "plain", area, -1, monkeypatch)
+    plain, tree, stored, n = _save_with(tmp_path, "plain", area, None, monkeypatch)
     early, tree2, stored2, n2 = _save_with(tmp_path, "early", area, 100 << 10, monkeypatch)
     assert (tree2, stored2) == (tree, stored) and n2 == n + 1
     checkout(early, "E1", tmp_path / "out")
@@ -219,3 +226,90 @@ def test_a_big_save_seals_its_packs_before_its_end_into_the_same_entry(
         assert (tmp_path / "out" / name).read_bytes() == (area / name).read_bytes()
     plain.close()
     early.close()
+
+
+def test_a_big_save_nears_its_end_by_the_data_left_not_the_sizes(
+    tmp_path: Path, area: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The last file is mostly holes (a memory file of a guest that used
+    # little): its two blocks of data are what is left once the disk is
+    # read, so the pack holding the disk's last blocks is sealed then, while
+    # they are saved, and they go into the last pack. Counted in file sizes,
+    # the end came only past the holes: one pack for all, sealed at the end.
+    import hashlib
+
+    from vml.plumbing import packwriter, saving
+    from vml.plumbing.packreader import PackReader
+    from vml.plumbing.repository import init_repository
+    from vml.porcelain.checkout import checkout
+
+    monkeypatch.setattr(packwriter, "_ROLL_BYTES", 190 << 10)  # three 64 KiB blocks
+    monkeypatch.setattr(saving, "NEAR_END", 160 << 10)
+    disk = os.urandom(5 * TEST_BLOCK)
+    (area / "disk.img").write_bytes(disk)
+    mem = os.urandom(2 * TEST_BLOCK)
+    with open(area / "x.img", "wb") as f:
+        f.write(mem)
+        f.truncate(200 * TEST_BLOCK)
+    repo = init_repository(tmp_path / "r", TEST_BLOCK)
+    commit(repo, area)
+
+    def blob(data: bytes) -> bytes:
+        return hashlib.sha1(b"blob %d\0" % len(data) + data).digest()
+
+    reader = PackReader(repo)
+    try:
+        last_disk = reader.position(blob(disk[4 * TEST_BLOCK :]))[0]
+        assert reader.position(blob(disk[3 * TEST_BLOCK : 4 * TEST_BLOCK]))[0] == last_disk
+        assert reader.position(blob(mem[:TEST_BLOCK]))[0] != last_disk
+    finally:
+        reader.close()
+    assert len(list((repo.objects_dir / "pack").glob("*.idx"))) == 3
+    checkout(repo, "E1", tmp_path / "out")
+    for name in ("disk.img", "x.img", "vm.nvram", "vm.vmx"):
+        assert (tmp_path / "out" / name).read_bytes() == (area / name).read_bytes()
+    repo.close()
+
+
+def test_a_big_save_seals_the_pack_it_fills_once_the_rest_takes_as_long(
+    tmp_path: Path, area: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Sealing hashes a pack faster than the workers save data: the pack
+    # being filled is sealed once what is left is two thirds of it, even
+    # where that is more than NEAR_END (here nothing), so its seal ends
+    # with the save's last blocks instead of after them.
+    import hashlib
+
+    from vml.plumbing import packwriter, saving
+    from vml.plumbing.packreader import PackReader
+    from vml.plumbing.repository import init_repository
+    from vml.porcelain.checkout import checkout
+
+    monkeypatch.setattr(packwriter, "_ROLL_BYTES", 190 << 10)  # three 64 KiB blocks
+    monkeypatch.setattr(saving, "NEAR_END", 0)
+    # Packs of disk blocks 1-3 and 4-6; blocks 7-8 fill the third, and the
+    # one block of data left (x.img, saved last) is less than two thirds of it.
+    disk = os.urandom(8 * TEST_BLOCK)
+    (area / "disk.img").write_bytes(disk)
+    last = os.urandom(TEST_BLOCK)
+    with open(area / "x.img", "wb") as f:
+        f.write(last)
+        f.truncate(2 * TEST_BLOCK)
+    repo = init_repository(tmp_path / "r", TEST_BLOCK)
+    commit(repo, area)
+
+    def blob(data: bytes) -> bytes:
+        return hashlib.sha1(b"blob %d\0" % len(data) + data).digest()
+
+    reader = PackReader(repo)
+    try:
+        filled = reader.position(blob(disk[7 * TEST_BLOCK :]))[0]
+        assert reader.position(blob(disk[6 * TEST_BLOCK : 7 * TEST_BLOCK]))[0] == filled
+        assert reader.position(blob(last))[0] != filled
+    finally:
+        reader.close()
+    assert len(list((repo.objects_dir / "pack").glob("*.idx"))) == 4
+    checkout(repo, "E1", tmp_path / "out")
+    for name in ("disk.img", "x.img", "vm.nvram", "vm.vmx"):
+        assert (tmp_path / "out" / name).read_bytes() == (area / name).read_bytes()
+    repo.close()

@@ -65,7 +65,9 @@ from vml.plumbing.packreader import BLOB, PackReader, blob_id
 from vml.plumbing.packwriter import PackWriter, deflate
 from vml.plumbing.pageindex import Budget, PageIndex
 from vml.plumbing.vm.formats import data_ranges
-from vml.progress import Advance
+
+# How far a save got: bytes of the file passed, and bytes of them read.
+SaveAdvance = Callable[[int, int], None]
 
 # Start writeback of a file being built every this many blocks.
 _WRITEBACK_BLOCKS = 32
@@ -505,7 +507,7 @@ def save_image(
     page_size: int,
     inp: SaveInputs,
     record_out: RecordsWriter | None,
-    progress: Advance,
+    progress: SaveAdvance,
 ) -> tuple[Tree, Manifest, int, SavedLayer]:
     """Save one image file; returns (image tree, manifest, bytes read, what it stored).
 
@@ -548,10 +550,10 @@ def save_image(
         for out in results:
             if isinstance(out, _Run):
                 job.take_run(out, record_out)
-                progress(out.length)
+                progress(out.length, 0)
             else:
                 job.take_block(out, writer, record_out)
-                progress(min(block_size, size - out.n * block_size))
+                progress(min(block_size, size - out.n * block_size), out.read)
         job.digests.zeros_until(job.nblocks)
         if stat_signature(os.fstat(fd)) != before:
             raise FileChanged(f"{path.name} changed while it was read")

@@ -46,7 +46,7 @@ from vml.plumbing.packreader import PackReader
 from vml.plumbing.publish import Published, publish_entry
 from vml.plumbing.repack import RepackResult, auto_consolidate
 from vml.plumbing.repository import Repository
-from vml.plumbing.saving import Baseline, Saver, SourceFile
+from vml.plumbing.saving import Baseline, Saver, SourceFile, data_estimate
 from vml.plumbing.vm.description import find_spec
 from vml.plumbing.vm.ignore import IgnoreRules
 from vml.plumbing.vm.info import VMInfo
@@ -555,6 +555,7 @@ def _save(
         _baseline(repo, area, plan, state),
         total,
         progress,
+        to_read=sum(data_estimate(f.stat) for f in listing.files),
     )
     try:
         try:
