@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli.test_cli import vml
 from tests.conftest import need
 from tests.porcelain import test_raw_kept_ranges as raw
 from tests.porcelain.test_dirty_bitmaps import guest_write
@@ -115,6 +116,22 @@ def test_a_guest_that_powers_itself_off_keeps_its_ranges(
     full = commit(repo, area, kind="full", allow_empty=True)
     assert raw._disk_read(area, full) >= raw.DATA
     raw._same_disk(repo, full, tmp_path, tmp_path / f"check-{e2.entry}")
+
+
+def test_a_resumed_guest_that_powers_itself_off_adds_its_ranges_to_those_carried(
+    lab: tuple[Repository, Path], tmp_path: Path
+) -> None:
+    repo, area = lab
+    raw._first_save_and_write(repo, area)
+    stop(area, save=True)
+    assert run(area).resumed and keeper_pid(area)
+    guest_write(area, 0, 50 * MiB, 4096, 9)
+    power_off_inside(area)
+    wait_ended(area)
+    assert _kept(area) == [*KEPT, (50 * MiB, 50 * MiB + (64 << 10))]
+    e2 = commit(repo, area)
+    assert e2.notes == [] and raw._disk_read(area, e2) <= 256 << 10
+    raw._same_disk(repo, e2, tmp_path, area)
 
 
 def test_a_reboot_inside_the_guest_ends_nothing(
@@ -216,6 +233,7 @@ def test_with_keeper_and_its_watcher_killed_vml_stop_ends_the_paused_qemu(
     _wait_for("the keeper did not die", lambda: keeper_pid(area) is None)
     power_off_inside(area)
     _wait_for("QEMU did not pause", lambda: runstate(area) == "shutdown")
+    assert "`vml stop` ends it" in vml("--repo", repo.path, "status", area)
     assert stop(area).how == "powered off"
     wait_ended(area)
     assert _kept(area) == KEPT
