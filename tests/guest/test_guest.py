@@ -206,11 +206,16 @@ def test_a_powered_off_raw_disk_is_saved_through_the_ranges_stop_kept(
     assert filecmp.cmp(copy / "root.img", disk, shallow=False)
     fsck_clean(copy / "root.img")
 
-    # A `vml stop` interrupted once the guest was off leaves QEMU paused in
-    # `shutdown` (done here by hand); `vml stop` again keeps the ranges and ends it.
+    # Without its keeper (it and its shell killed), a `vml stop` interrupted
+    # once the guest was off leaves QEMU paused in `shutdown` (done here by
+    # hand); `vml stop` again keeps the ranges and ends it.
     vml("run", guest_area, "--accel", "tcg")
     n = wait_mark(guest_area, r"session=1 start")
     wait_mark(guest_area, r"session=\d+ done", after=n)
+    pid = keeper_pid(guest_area)
+    assert pid
+    os.kill(int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]), signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)
     with QMPClient.connect(RunPaths(guest_area).qmp) as c:
         c.execute("set-action", {"shutdown": "pause"})
         c.execute("system_powerdown")

@@ -11,7 +11,9 @@ ranges.  Every entry is checked byte for byte against the disk.
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -216,6 +218,52 @@ def test_a_keeper_killed_while_keeping_leaves_no_ranges_and_qemu_ends(
     assert bitmaps.load_records(area)[RAW].kept is None
     e2 = commit(repo, area)
     assert e2.notes == [raw.KILLED]
+    raw._same_disk(repo, e2, tmp_path, area)
+
+
+def test_vml_stop_waits_for_a_keeper_at_work(
+    lab: tuple[Repository, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guest powered itself off as `vml stop` began: it waits for the keeper instead of failing."""
+    repo, area = lab
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    mapping, go = tmp_path / "mapping", tmp_path / "go"
+    real = shutil.which("qemu-img")
+    script = fake / "qemu-img"
+    script.write_text(
+        f'#!/bin/sh\ntouch {mapping}\nwhile [ ! -e {go} ]; do sleep 0.05; done\nexec {real} "$@"\n'
+    )
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    path = os.environ["PATH"]
+    monkeypatch.setenv("PATH", f"{fake}:{path}")
+    run(area, accel="tcg")  # the keeper starts with that PATH
+    monkeypatch.setenv("PATH", path)
+
+    waited: list[str] = []
+
+    class Go(logging.Handler):  # `vml stop` says it waits for the lock: let the keeper go on
+        def emit(self, record: logging.LogRecord) -> None:
+            waited.append(record.getMessage())
+            go.touch()
+
+    logger = logging.getLogger("vml.wait")
+    handler = Go()
+    logger.addHandler(handler)
+    try:
+        commit(repo, area)
+        guest_write(area, 0, 20 * MiB, 4096, 7)
+        power_off_inside(area)
+        _wait_for("the keeper did not start keeping", mapping.exists)
+        res = stop(area)
+    finally:
+        logger.removeHandler(handler)
+        go.touch()
+    assert waited and res.how == "powered off"
+    wait_ended(area)
+    assert _kept(area) == [(20 * MiB, 20 * MiB + (64 << 10))]
+    e2 = commit(repo, area)
+    assert e2.notes == []
     raw._same_disk(repo, e2, tmp_path, area)
 
 

@@ -71,6 +71,10 @@ ENDED = ("shutdown", "guest-panicked")
 LOCK_WAIT = 600.0
 #: How long ``vml run`` waits for the keeper to be in place.
 READY_WAIT = 30.0
+#: How long ``vml stop`` waits for a keeper that holds the area lock to be
+#: done (reading the bitmaps takes well under a second; ``qemu-img map`` is
+#: given 30 s at most).
+KEEPING_WAIT = 60.0
 
 #: Runs the keeper; when it ends other than cleanly (killed, crashed), runs
 #: ``release``.  ``$0`` Python, ``$1`` the bootstrap, ``$2`` where ``vml``
@@ -118,6 +122,17 @@ def keeper_pid(area: Path) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+def keeping(area: Path) -> bool:
+    """Whether the keeper holds the area lock (keeping the ranges of a guest that powered itself off)."""
+    from vml.plumbing.areas import LOCK_NAME, vml_dir
+
+    pid = keeper_pid(area)
+    try:
+        return pid is not None and int((vml_dir(area) / LOCK_NAME).read_text().split()[0]) == pid
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def keep_and_quit(client: QMPClient, area: Path, spec: QemuSpec | None) -> list[str]:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from vml.errors import AreaError, QMPError, VMControlError
 from vml.plumbing.areas import lock_area
-from vml.plumbing.keeper import keep_and_quit, keeper_pid
+from vml.plumbing.keeper import KEEPING_WAIT, keep_and_quit, keeper_pid, keeping
 from vml.plumbing.vm.description import QemuSpec, find_spec
 from vml.plumbing.vm.qemu import (
     RunPaths,
@@ -109,7 +109,19 @@ def stop(
     if vm is None:
         raise AreaError(f"no VM runs under `vml run` in {area}", "nothing to stop")
     res = StopResult(str(area), "killed" if force_kill else "saved" if save else "powered off", 0)
-    with lock_area(area):
+    # The keeper holds the lock a moment when the guest powered itself off:
+    # wait for it (then QEMU has ended) rather than call the area busy.
+    with lock_area(area, timeout=KEEPING_WAIT if keeping(area) else 0.0):
+        if vml_vm(area) is None:  # it ended meanwhile
+            if save:
+                raise AreaError(
+                    f"the VM in {area} powered off by itself: there is no running state to save",
+                    "`vml commit` saves it as it is now",
+                )
+            res.how = "powered off"
+            _wait_parent(RunPaths(area))
+            res.seconds = time.monotonic() - t0
+            return res
         if force_kill:
             kill(vm.pid)
             wait_exit(vm.pid, 10)
