@@ -30,7 +30,7 @@ from tests.porcelain.test_dirty_bitmaps import guest_write
 from vml.plumbing import dirty
 from vml.plumbing.areas import lock_area
 from vml.plumbing.keeper import keep_and_quit, keeper_pid
-from vml.plumbing.repository import Repository
+from vml.plumbing.repository import Repository, init_repository
 from vml.plumbing.vm import bitmaps
 from vml.plumbing.vm.description import find_spec
 from vml.plumbing.vm.qemu import RunPaths, runstate, vml_vm
@@ -118,6 +118,25 @@ def test_a_guest_that_powers_itself_off_keeps_its_ranges(
     full = commit(repo, area, kind="full", allow_empty=True)
     assert raw._disk_read(area, full) >= raw.DATA
     raw._same_disk(repo, full, tmp_path, tmp_path / f"check-{e2.entry}")
+
+
+def test_the_keeper_of_a_deep_area_finds_its_socket(tmp_path: Path) -> None:
+    """An area whose path is too long for a unix socket: both of QEMU's sockets are links."""
+    area = tmp_path / ("d" * 90) / "lab"
+    area.mkdir(parents=True)
+    with open(area / RAW, "wb") as f:
+        f.truncate(64 * MiB)
+    vm_init(area, disks=[area / RAW], memory="16M", network="none")
+    repo = init_repository(tmp_path / "repo", 64 << 10)
+    raw._first_save_and_write(repo, area)
+    try:
+        assert RunPaths(area).keeper_qmp.is_symlink()
+        power_off_inside(area)
+        wait_ended(area)
+    finally:
+        if vml_vm(area) is not None:
+            stop(area, force_kill=True)
+    assert _kept(area) == KEPT
 
 
 def test_a_resumed_guest_that_powers_itself_off_adds_its_ranges_to_those_carried(
