@@ -204,23 +204,28 @@ def test_a_killed_keeper_lets_qemu_quit_by_itself(
     raw._same_disk(repo, e2, tmp_path, area)
 
 
-def test_a_keeper_killed_while_keeping_leaves_no_ranges_and_qemu_ends(
-    lab: tuple[Repository, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Killed while it reads the bitmap (its ``qemu-img map`` hangs): no ranges count."""
-    repo, area = lab
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    mapping = tmp_path / "mapping"
-    script = fake / "qemu-img"
-    script.write_text(
-        f"#!/bin/sh\necho $$ >{mapping}.tmp && mv {mapping}.tmp {mapping}\nexec sleep 600\n"
-    )
+def _run_with_qemu_img(area: Path, fake: str, tmp_path: Path, mp: pytest.MonkeyPatch) -> None:
+    """``vml run`` whose keeper finds ``fake`` (a shell script's body) as ``qemu-img``."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    script = folder / "qemu-img"
+    script.write_text(f"#!/bin/sh\n{fake}")
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     path = os.environ["PATH"]
-    monkeypatch.setenv("PATH", f"{fake}:{path}")
+    mp.setenv("PATH", f"{folder}:{path}")
     run(area, accel="tcg")  # the keeper starts with that PATH
-    monkeypatch.setenv("PATH", path)
+    mp.setenv("PATH", path)
+
+
+@pytest.mark.parametrize("end", ["keeper killed", "vml stop --kill"])
+def test_while_the_keeper_keeps_qemu_ends_and_no_ranges_count(
+    lab: tuple[Repository, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, end: str
+) -> None:
+    """The keeper killed while it reads the bitmap (its ``qemu-img map`` hangs), or QEMU killed under it."""
+    repo, area = lab
+    mapping = tmp_path / "mapping"
+    hang = f"echo $$ >{mapping}.tmp && mv {mapping}.tmp {mapping}\nexec sleep 600\n"
+    _run_with_qemu_img(area, hang, tmp_path, monkeypatch)
     try:
         commit(repo, area)
         guest_write(area, 0, 20 * MiB, 4096, 7)
@@ -228,12 +233,17 @@ def test_a_keeper_killed_while_keeping_leaves_no_ranges_and_qemu_ends(
         _wait_for("the keeper did not start keeping", mapping.exists)
         pid = keeper_pid(area)
         assert pid
-        os.kill(pid, signal.SIGKILL)
+        if end == "keeper killed":
+            os.kill(pid, signal.SIGKILL)
+        else:
+            assert stop(area, force_kill=True).how == "killed"  # not waiting for the keeper
         wait_ended(area)
     finally:
         if mapping.exists():
             os.kill(int(mapping.read_text()), signal.SIGKILL)
-    assert "ending QEMU" in RunPaths(area).keeper_log.read_text()  # `release` did
+    if end == "keeper killed":
+        assert "ending QEMU" in RunPaths(area).keeper_log.read_text()  # `release` did
+    _wait_for("the keeper did not end", lambda: keeper_pid(area) is None)
     assert bitmaps.load_records(area)[RAW].kept is None
     e2 = commit(repo, area)
     assert e2.notes == [raw.KILLED]
@@ -245,19 +255,10 @@ def test_vml_stop_waits_for_a_keeper_at_work(
 ) -> None:
     """The guest powered itself off as `vml stop` began: it waits for the keeper instead of failing."""
     repo, area = lab
-    fake = tmp_path / "bin"
-    fake.mkdir()
     mapping, go = tmp_path / "mapping", tmp_path / "go"
     real = shutil.which("qemu-img")
-    script = fake / "qemu-img"
-    script.write_text(
-        f'#!/bin/sh\ntouch {mapping}\nwhile [ ! -e {go} ]; do sleep 0.05; done\nexec {real} "$@"\n'
-    )
-    script.chmod(script.stat().st_mode | stat.S_IXUSR)
-    path = os.environ["PATH"]
-    monkeypatch.setenv("PATH", f"{fake}:{path}")
-    run(area, accel="tcg")  # the keeper starts with that PATH
-    monkeypatch.setenv("PATH", path)
+    wait = f'touch {mapping}\nwhile [ ! -e {go} ]; do sleep 0.05; done\nexec {real} "$@"\n'
+    _run_with_qemu_img(area, wait, tmp_path, monkeypatch)
 
     waited: list[str] = []
 

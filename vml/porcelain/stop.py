@@ -110,8 +110,14 @@ def stop(
         raise AreaError(f"no VM runs under `vml run` in {area}", "nothing to stop")
     res = StopResult(str(area), "killed" if force_kill else "saved" if save else "powered off", 0)
     # The keeper holds the lock a moment when the guest powered itself off:
-    # wait for it (then QEMU has ended) rather than call the area busy.
-    with lock_area(area, timeout=KEEPING_WAIT if keeping(area) else 0.0):
+    # wait for it (then QEMU has ended) rather than call the area busy; but
+    # pulling the plug waits for nobody (the keeper, its QEMU gone, keeps nothing).
+    busy = keeping(area)
+    with (
+        contextlib.nullcontext()
+        if busy and force_kill
+        else lock_area(area, timeout=KEEPING_WAIT if busy else 0.0)
+    ):
         if vml_vm(area) is None:  # it ended meanwhile
             if save:
                 raise AreaError(
