@@ -41,8 +41,8 @@ bitmap record names kept ranges only once all are written, so the next
 save reads the raw disks whole, and says so.
 
 The keeper lives as long as the VM: it runs without ``site`` and imports
-only the QMP client while it waits (about 12 MB resident, 6 MB of it its own); what keeping
-needs is imported when the guest is off.
+only the QMP client while it waits (about 12 MB resident, 6 MB of it its
+own); what keeping needs is imported when the guest is off.
 """
 
 from __future__ import annotations
