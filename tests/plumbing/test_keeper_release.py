@@ -13,12 +13,15 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import need
+from tests.plumbing.test_qemu_vm import SPEC
 from vml.plumbing import keeper
+from vml.plumbing.vm.description import QemuDisk
 from vml.plumbing.vm.qemu import RunPaths
 from vml.plumbing.vm.qmp import QMPClient, is_listening
 
@@ -122,3 +125,11 @@ def test_an_older_qemu_gets_no_keeper_and_is_told_so(tmp_path: Path) -> None:
     assert why is not None and "cannot pause at a power-off" in why
     assert "will not keep the raw disks' dirty ranges" in why
     assert seen == ["qmp_capabilities", "set-action"]
+
+
+def test_a_keeper_for_raw_disks_unless_the_description_chooses_qemus_actions() -> None:
+    assert keeper.wanted(SPEC)  # a qcow2 and a raw disk
+    assert not keeper.wanted(replace(SPEC, disks=(QemuDisk("root.qcow2", "qcow2"),)))
+    for args in (["-action", "panic=pause"], ["--action=shutdown=pause"], ["-no-shutdown"]):
+        assert not keeper.wanted(replace(SPEC, qemu_args=(*SPEC.qemu_args, *args)))
+    assert keeper.wanted(replace(SPEC, qemu_args=("-no-reboot",)))

@@ -101,7 +101,7 @@ def wanted(spec: QemuSpec) -> bool:
     """Whether a run of ``spec`` gets a keeper: it has a raw disk, and leaves QEMU's actions to VML."""
     if not any(d.format == "raw" for d in spec.disks):
         return False
-    return not any(a.startswith(("-action", "-no-shutdown")) for a in spec.qemu_args)
+    return not any(a.lstrip("-").startswith(("action", "no-shutdown")) for a in spec.qemu_args)
 
 
 def keeper_pid(area: Path) -> int | None:
