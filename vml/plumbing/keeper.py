@@ -334,7 +334,7 @@ def _watch(client: QMPClient, area: str) -> None:
 
 def _site() -> None:
     """Add ``site``'s paths, left out while waiting (``-S``): keeping needs xxhash and dulwich."""
-    if sys.flags.no_site:
+    if sys.flags.no_site and "site" not in sys.modules:
         import site
 
         site.main()
