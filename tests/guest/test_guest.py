@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import filecmp
 import json
+import os
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,6 +25,7 @@ from tests.cli.test_vm_run import _kill_vm, kill_saver_in_pause
 from tests.conftest import TEST_BLOCK, allocated, need
 from tests.guest.build import Guest, GuestUnavailable, build_guest
 from tests.reliability.helpers import git_fsck
+from vml.plumbing.keeper import keeper_pid
 from vml.plumbing.vm import bitmaps
 from vml.plumbing.vm.qemu import RunPaths, run_status, vml_vm
 from vml.plumbing.vm.qmp import QMPClient
@@ -203,11 +206,16 @@ def test_a_powered_off_raw_disk_is_saved_through_the_ranges_stop_kept(
     assert filecmp.cmp(copy / "root.img", disk, shallow=False)
     fsck_clean(copy / "root.img")
 
-    # A `vml stop` interrupted once the guest was off leaves QEMU paused in
-    # `shutdown` (done here by hand); `vml stop` again keeps the ranges and ends it.
+    # Without its keeper (it and its shell killed), a `vml stop` interrupted
+    # once the guest was off leaves QEMU paused in `shutdown` (done here by
+    # hand); `vml stop` again keeps the ranges and ends it.
     vml("run", guest_area, "--accel", "tcg")
     n = wait_mark(guest_area, r"session=1 start")
     wait_mark(guest_area, r"session=\d+ done", after=n)
+    pid = keeper_pid(guest_area)
+    assert pid
+    os.kill(int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]), signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)
     with QMPClient.connect(RunPaths(guest_area).qmp) as c:
         c.execute("set-action", {"shutdown": "pause"})
         c.execute("system_powerdown")
@@ -226,3 +234,96 @@ def test_a_powered_off_raw_disk_is_saved_through_the_ranges_stop_kept(
     again = tmp_path / "again"
     vml("--repo", repo, "checkout", res["entry"], again)
     assert filecmp.cmp(again / "root.img", disk, shallow=False)
+
+
+def _press_power_button(area: Path) -> None:
+    """The ACPI power button, pressed at QEMU itself (not `vml stop`): the guest powers itself off."""
+    with QMPClient.connect(RunPaths(area).qmp) as c:
+        c.execute("system_powerdown")
+
+
+def _saved_at_rest_from_kept_ranges(area: Path, repo: Path, tmp_path: Path, first: str) -> None:
+    """A save now reads only the kept ranges, and holds what a save reading the disk whole holds."""
+    rec = bitmaps.load_records(area)["root.img"]
+    assert rec.since == first
+    dirty = sum(b - a for a, b in bitmaps.read_kept(area, rec, rec.kept))
+    disk = area / "root.img"
+    assert 0 < dirty < allocated(disk) // 2
+    res = json.loads(vml("--repo", repo, "commit", area, "-m", "off", "--json"))
+    assert res["notes"] == []
+    assert res["read_bytes"] <= dirty + (1 << 20)  # the kept ranges (and the description)
+    full = json.loads(vml("--repo", repo, "commit", area, "--full", "--allow-empty", "--json"))
+    assert full["read_bytes"] >= allocated(disk) // 2
+    for entry in (res["entry"], full["entry"]):
+        vml("--repo", repo, "checkout", entry, tmp_path / entry)
+        assert filecmp.cmp(tmp_path / entry / "root.img", disk, shallow=False)
+
+
+def test_a_guest_that_powers_itself_off_keeps_the_raw_disks_ranges(
+    guest_area: Path, tmp_path: Path
+) -> None:
+    """Nothing of `vml stop` runs: the keeper `vml run` started keeps them, then ends QEMU."""
+    repo = tmp_path / "repo"
+    vml("init", repo, "--block-size", str(TEST_BLOCK))
+    _describe_endless(guest_area)
+    vml("run", guest_area, "--accel", "tcg")
+    n = wait_mark(guest_area, r"session=1 start")
+    first = json.loads(vml("--repo", repo, "commit", guest_area, "-m", "working", "--json"))
+    wait_mark(guest_area, r"session=\d+ done", after=n)
+    _press_power_button(guest_area)
+    wait_off(guest_area)
+    assert marks(guest_area)[-1][0] == "poweroff"
+    assert "keeping the raw disks' dirty ranges" in RunPaths(guest_area).keeper_log.read_text()
+    _saved_at_rest_from_kept_ranges(guest_area, repo, tmp_path, first["commit"])
+    fsck_clean(guest_area / "root.img")
+
+
+def test_a_reboot_inside_the_guest_ends_nothing(guest_area: Path, tmp_path: Path) -> None:
+    """A reboot (the guest's write to the reset control register) is no power-off: all goes on."""
+    repo = tmp_path / "repo"
+    vml("init", repo, "--block-size", str(TEST_BLOCK))
+    _describe_endless(guest_area)
+    spec = guest_area / "physics.qemu.json"
+    doc = json.loads(spec.read_text())
+    doc["qemu_args"] = [a for a in doc["qemu_args"] if a != "-no-reboot"]
+    spec.write_text(json.dumps(doc))
+    vml("run", guest_area, "--accel", "tcg")
+    n = wait_mark(guest_area, r"session=1 start")
+    first = json.loads(vml("--repo", repo, "commit", guest_area, "-m", "working", "--json"))
+    n = wait_mark(guest_area, r"session=\d+ done", after=n)
+    keeper = keeper_pid(guest_area)
+    boot = marks(guest_area)[0][1]
+    with QMPClient.connect(RunPaths(guest_area).qmp) as c:
+        c.execute("human-monitor-command", {"command-line": "o /b 0xcf9 0x06"})
+        assert c.wait_event("RESET", WAIT) is not None
+    n = wait_mark(guest_area, r"^boot", after=n)
+    assert {b for _, b, _ in marks(guest_area)} > {boot}  # rebooted, not ended
+    n = wait_mark(guest_area, r"session=\d+ done", after=n)
+    assert vml_vm(guest_area) is not None and keeper_pid(guest_area) == keeper
+    _press_power_button(guest_area)
+    wait_off(guest_area)
+    assert marks(guest_area)[-1][0] == "poweroff"
+    _saved_at_rest_from_kept_ranges(guest_area, repo, tmp_path, first["commit"])
+
+
+def test_a_killed_keeper_loses_the_ranges_and_the_guest_still_powers_off(
+    guest_area: Path, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    vml("init", repo, "--block-size", str(TEST_BLOCK))
+    _describe_endless(guest_area)
+    vml("run", guest_area, "--accel", "tcg")
+    n = wait_mark(guest_area, r"session=1 start")
+    vml("--repo", repo, "commit", guest_area, "-m", "working")
+    wait_mark(guest_area, r"session=\d+ done", after=n)
+    pid = keeper_pid(guest_area)
+    assert pid
+    os.kill(pid, signal.SIGKILL)
+    _press_power_button(guest_area)
+    wait_off(guest_area)  # QEMU did not stay paused
+    assert marks(guest_area)[-1][0] == "poweroff"
+    res = json.loads(vml("--repo", repo, "commit", guest_area, "-m", "off", "--json"))
+    assert len(res["notes"]) == 1 and "read whole" in res["notes"][0]
+    assert "killed or crashed, or so was their keeper" in res["notes"][0]
+    vml("--repo", repo, "checkout", res["entry"], tmp_path / "copy")
+    assert filecmp.cmp(tmp_path / "copy" / "root.img", guest_area / "root.img", shallow=False)

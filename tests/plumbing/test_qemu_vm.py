@@ -197,6 +197,8 @@ def test_a_deep_area_gets_its_socket_at_a_short_path(tmp_path: Path) -> None:
     target = RunPaths(deep).socket_target()
     assert len(str(target)) < 100 and target.name.endswith(".qmp")
     assert RunPaths(tmp_path).socket_target() == (tmp_path / ".vml/run/qmp.sock").absolute()
+    keeper = RunPaths(deep).socket_target(RunPaths(deep).keeper_qmp)
+    assert keeper == target.with_suffix(".keeper")
 
 
 HEADER = StateHeader(

@@ -189,7 +189,7 @@ def test_a_missing_kept_file_is_not_used(lab: tuple[Repository, Path], tmp_path:
 
 KILLED = (
     f"{RAW}: read whole: QEMU keeps a raw disk's dirty bitmap only while it runs, "
-    "and it ended without `vml stop` keeping it (killed or crashed?)"
+    "and it ended without its dirty ranges kept (killed or crashed, or so was their keeper?)"
 )
 
 

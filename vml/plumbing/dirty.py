@@ -11,8 +11,9 @@ the disk is read whole (every block holding data) and the save says why:
   is the same file (inode) of the same virtual size;
 - QEMU (a running VM) or the image (a qcow2 at rest) has the bitmap,
   recording and consistent (not left *in use* by a QEMU that died); for a
-  raw disk at rest, ``vml stop`` kept its dirty ranges when it ended QEMU
-  (``keep_at_stop``), and they are intact and tied to the record;
+  raw disk at rest, its dirty ranges were kept before QEMU ended
+  (``keep_at_stop``: by ``vml stop``, or by the keeper when the guest
+  powered itself off), and they are intact and tied to the record;
 - at rest, the disk's ``stat`` is the one QEMU left (nothing wrote it since).
 
 A raw disk's ranges kept at one stop are *carried* into the next ``vml
@@ -187,7 +188,7 @@ def at_rest(
         if why is None and rec is not None and not rec.persistent and not rec.kept:
             why = (
                 "QEMU keeps a raw disk's dirty bitmap only while it runs, and it ended "
-                "without `vml stop` keeping it (killed or crashed?)"
+                "without its dirty ranges kept (killed or crashed, or so was their keeper?)"
             )
         if why is None and (closed is None or closed.get(disk.path) != _signature(area, disk)):
             # Written since QEMU closed it: by something its bitmap did not see.
@@ -232,7 +233,7 @@ def _at_rest_ranges(
     out: dict[str, Changed],
 ) -> str | None:
     path = area / disk.path
-    if not rec.persistent:  # a raw disk: the ranges `vml stop` kept (guest = file offsets)
+    if not rec.persistent:  # a raw disk: the ranges kept when QEMU ended (guest = file offsets)
         try:
             ranges = bitmaps.read_kept(area, rec, rec.kept)
         except bitmaps.KeptUnusable as e:
@@ -370,6 +371,8 @@ def start_bitmaps(client: QMPClient, area: Path, spec: QemuSpec, plan: StartPlan
 def keep_at_stop(client: QMPClient, area: Path, spec: QemuSpec) -> list[str]:
     """Keep each raw disk's dirty ranges before QEMU quits (the guest stopped: no more writes).
 
+    Called through ``keeper.keep_and_quit``, under the area lock.
+
     QEMU holds a raw disk's bitmap only in memory: it is read here (an NBD
     export, ``bitmaps.dirty_live``), added to the ranges the run carried
     from an earlier stop, and kept in ``.vml/`` for the next save at rest
@@ -377,8 +380,10 @@ def keep_at_stop(client: QMPClient, area: Path, spec: QemuSpec) -> list[str]:
     ranges (a save reads it whole).  Returns what went wrong.
     """
     records = bitmaps.load_records(area)
+    # Ranges this run kept already (`vml stop` and the keeper both end QEMU
+    # this way: whoever comes second) are left as they are.
     ours = [records.get(d.path) for d in spec.disks]
-    if not any(r is not None and not r.persistent and r.since is not None for r in ours):
+    if not any(_to_keep(r) for r in ours):
         # No raw disk's bitmap to keep (a qcow2 stores its own): QEMU is not asked.
         return []
     present, nodes = bitmaps.live_bitmaps(client)
@@ -387,7 +392,7 @@ def keep_at_stop(client: QMPClient, area: Path, spec: QemuSpec) -> list[str]:
     notes: list[str] = []
     for i, disk in enumerate(spec.disks):
         rec = records.get(disk.path)
-        if rec is None or rec.persistent or rec.since is None:
+        if rec is None or not _to_keep(rec):
             continue
         dev = f"vml-disk{i}"
         records[disk.path] = replace(rec, kept=None, carried=None)  # until read below
@@ -423,3 +428,12 @@ def keep_at_stop(client: QMPClient, area: Path, spec: QemuSpec) -> list[str]:
         records[path] = replace(rec, kept=kept)
     bitmaps.save_records(area, records)
     return notes
+
+
+def _to_keep(rec: bitmaps.Record | None) -> bool:
+    """Whether ``rec`` is a raw disk's bitmap whose ranges are still to be kept.
+
+    A record names kept ranges only once a keep of this run wrote them all
+    (a run starts every record afresh: ``start_bitmaps``).
+    """
+    return rec is not None and not rec.persistent and rec.since is not None and rec.kept is None

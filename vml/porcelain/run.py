@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vml.errors import AreaError, IncompatibleState, QMPError, VMControlError, VMRunning
-from vml.plumbing import dirty
+from vml.plumbing import dirty, keeper
 from vml.plumbing.areas import lock_area
 from vml.plumbing.vm.bitmaps import drop_records
 from vml.plumbing.vm.description import QemuSpec, find_spec
@@ -212,6 +212,7 @@ def _start(
     offset: int | None,
     res: RunResult,
     plan: dirty.StartPlan,
+    starting: keeper.Starting | None,
 ) -> None:
     set_capabilities(client)
     if offset is not None:
@@ -228,6 +229,11 @@ def _start(
     except (QMPError, OSError) as e:
         drop_records(area)
         res.notes.append(f"the disks' dirty bitmaps were not started ({e}): saves read them whole")
+    if starting is not None:
+        # In place before the guest runs, so that a power-off at any time finds it.
+        why = starting.wait()
+        if why is not None:
+            res.notes.append(why)
     client.execute("cont")
     if offset is not None:
         # Running on: the saved state no longer matches the disks.
@@ -295,6 +301,7 @@ def run(
         machine=machine,
         console=console,
         incoming=offset is not None,
+        keeper=keeper.wanted(spec),
     )
     paths = RunPaths(area)
     res = RunResult(str(area), cmd, chosen, machine, console_log=str(paths.console))
@@ -331,15 +338,20 @@ def _launch(
     """Start QEMU (in the background, or as a child with the console) and let the guest run.
 
     Returns the foreground child, or None for a detached QEMU.  On any error
-    QEMU is ended again (a saved state stays for another try).
+    QEMU is ended again (a saved state stays for another try).  A VM with
+    raw disks gets the dirty-range keeper (``keeper``), started as soon as
+    QEMU listens (Python's start overlaps the set-up) and in place before
+    the guest runs.
     """
     paths = RunPaths(area)
     proc: subprocess.Popen[bytes] | None = None
+    keep = keeper.wanted(spec)
+    starting: keeper.Starting | None = None
     with lock_area(area):
         _refuse_running(area)  # again, now that no other vml command can start it
         # What the disks' dirty bitmaps may count from, before QEMU touches them.
         plan = dirty.start_plan(area, spec)
-        prepare_run_dir(area)
+        prepare_run_dir(area, keeper=keep)
         if offset is None:
             _fresh_ram(area, spec)
         write_run_info(
@@ -354,7 +366,9 @@ def _launch(
             launch_detached(res.command, spec, area)
         try:
             with wait_for_qmp(paths, proc=proc) as client:
-                _start(client, area, spec, offset, res, plan)
+                # Ended with QEMU below, should anything fail (its socket closes).
+                starting = keeper.start(area) if keep else None
+                _start(client, area, spec, offset, res, plan, starting)
         except BaseException:
             if proc is not None:
                 proc.kill()
@@ -362,6 +376,9 @@ def _launch(
             else:
                 _kill_started(paths)
             raise
+        finally:
+            if starting is not None:
+                starting.close()
     return proc
 
 

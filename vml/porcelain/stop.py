@@ -11,6 +11,10 @@
   (``dirty.keep_at_stop``): QEMU cannot store a raw disk's bitmap, and a
   save at rest then reads only those ranges.
 - ``--kill``: end QEMU at once, like pulling the plug.
+
+Both keep the ranges as the keeper does when the guest powers itself off
+(``keeper.keep_and_quit``), holding the area lock: the keeper, waiting for
+it, then finds QEMU gone, or ranges kept that it leaves as they are.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vml.errors import AreaError, QMPError, VMControlError
-from vml.plumbing import dirty
 from vml.plumbing.areas import lock_area
+from vml.plumbing.keeper import KEEPING_WAIT, keep_and_quit, keeper_pid, keeping
 from vml.plumbing.vm.description import QemuSpec, find_spec
 from vml.plumbing.vm.qemu import (
     RunPaths,
@@ -105,7 +109,25 @@ def stop(
     if vm is None:
         raise AreaError(f"no VM runs under `vml run` in {area}", "nothing to stop")
     res = StopResult(str(area), "killed" if force_kill else "saved" if save else "powered off", 0)
-    with lock_area(area):
+    # The keeper holds the lock a moment when the guest powered itself off:
+    # wait for it (then QEMU has ended) rather than call the area busy; but
+    # pulling the plug waits for nobody (the keeper, its QEMU gone, keeps nothing).
+    busy = keeping(area)
+    with (
+        contextlib.nullcontext()
+        if busy and force_kill
+        else lock_area(area, timeout=KEEPING_WAIT if busy else 0.0)
+    ):
+        if vml_vm(area) is None:  # it ended meanwhile
+            if save:
+                raise AreaError(
+                    f"the VM in {area} powered off by itself: there is no running state to save",
+                    "`vml commit` saves it as it is now",
+                )
+            res.how = "powered off"
+            _wait_parent(RunPaths(area))
+            res.seconds = time.monotonic() - t0
+            return res
         if force_kill:
             kill(vm.pid)
             wait_exit(vm.pid, 10)
@@ -116,10 +138,7 @@ def stop(
                     res.state_file = spec.state_file
                     # The state is safe; the guest writes no more: what QEMU
                     # alone knows of the raw disks' writes is kept before it quits.
-                    res.notes += _keep_ranges(area, spec, client)
-                    # QEMU may close the socket before it answers.
-                    with contextlib.suppress(QMPError):
-                        client.execute("quit")
+                    res.notes += keep_and_quit(client, area, spec)
                 else:
                     res.notes += _powerdown(area, spec, client, timeout)
             if not wait_exit(vm.pid, timeout if not save else 30):
@@ -133,21 +152,16 @@ def stop(
     return res
 
 
-def _keep_ranges(area: Path, spec: QemuSpec, client: QMPClient) -> list[str]:
-    try:
-        return dirty.keep_at_stop(client, area, spec)
-    except (QMPError, VMControlError, OSError) as e:
-        return [f"the raw disks' dirty ranges were not kept ({e}): the next save reads them whole"]
-
-
 def _powerdown(area: Path, spec: QemuSpec | None, client: QMPClient, timeout: float) -> list[str]:
     """Press the power button; for a VM with raw disks, keep their dirty ranges before QEMU quits.
 
     QEMU is told to pause, not quit, when the guest powers off (QMP
-    ``set-action``): the guest has written all it will, and QEMU still
-    holds the raw disks' bitmaps, read then (``dirty.keep_at_stop``); then
-    ``quit``.  Should this process end first, QEMU stays paused in state
-    ``shutdown``, which ``vml stop`` (again) or ``vml stop --kill`` ends.
+    ``set-action``; the keeper did so when ``vml run`` started it): the
+    guest has written all it will, and QEMU still holds the raw disks'
+    bitmaps, read then (``dirty.keep_at_stop``); then ``quit``.  Should this
+    process end first, the keeper, once it has the area lock, does the
+    rest; without a keeper QEMU stays paused in state ``shutdown``, which
+    ``vml stop`` (again) or ``vml stop --kill`` ends.
     """
     status = client.execute("query-status").get("status")
     if status == "shutdown":  # an earlier `vml stop` left it so
@@ -158,7 +172,8 @@ def _powerdown(area: Path, spec: QemuSpec | None, client: QMPClient, timeout: fl
             "`vml run --continue` continues it (then `vml stop`), or `vml stop --kill` ends it",
         )
     wait = spec is not None and any(d.format == "raw" for d in spec.disks)
-    if wait:
+    kept = keeper_pid(area) is not None  # it set the action, and undoes it if it dies
+    if wait and not kept:
         try:
             client.execute("set-action", {"shutdown": "pause"})
         except QMPError:
@@ -175,8 +190,9 @@ def _powerdown(area: Path, spec: QemuSpec | None, client: QMPClient, timeout: fl
     except QMPError:
         return []  # QEMU went (crashed?): the caller waits for it; no ranges kept
     except BaseException:
-        with contextlib.suppress(QMPError):  # let it quit on its own again
-            client.execute("set-action", {"shutdown": "poweroff"})
+        if not kept:
+            with contextlib.suppress(QMPError):  # let it quit on its own again
+                client.execute("set-action", {"shutdown": "poweroff"})
         raise
     return _quit(area, spec, client)
 
@@ -192,10 +208,7 @@ def _not_off(area: Path, timeout: float) -> VMControlError:
 
 def _quit(area: Path, spec: QemuSpec | None, client: QMPClient) -> list[str]:
     """End a QEMU whose guest has powered off (paused in ``shutdown``), its raw disks' ranges kept."""
-    notes = _keep_ranges(area, spec, client) if spec is not None else []
-    with contextlib.suppress(QMPError):  # QEMU may close the socket before it answers
-        client.execute("quit")
-    return notes
+    return keep_and_quit(client, area, spec)
 
 
 def _wait_parent(paths: RunPaths, timeout: float = 10.0) -> None:

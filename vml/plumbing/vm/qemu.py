@@ -115,18 +115,35 @@ class RunPaths:
         return self.dir / "run.json"
 
     @property
+    def keeper_qmp(self) -> Path:
+        """A second QMP socket, the dirty-range keeper's (``vml.plumbing.keeper``), for raw disks."""
+        return self.dir / "keeper.sock"
+
+    @property
+    def keeper_lock(self) -> Path:
+        """Locked (``flock``) by the keeper as long as it lives."""
+        return self.dir / "keeper.lock"
+
+    @property
+    def keeper_log(self) -> Path:
+        """What the keeper did, and why not (its ``stderr``)."""
+        return self.dir / "keeper.log"
+
+    @property
     def stage(self) -> Path:
         """``<area>/.vml/stage``: copies live saves make while the VM is paused (one folder per pid)."""
         return self.area / VML_DIR / STAGE_DIR
 
-    def socket_target(self) -> Path:
-        """Where QEMU binds its QMP socket: ``qmp`` itself, or a short path if that is too long."""
+    def socket_target(self, link: Path | None = None) -> Path:
+        """Where QEMU binds its QMP socket ``link`` (default ``qmp``): itself, or a short path if that is too long."""
         from vml.plumbing.vm.qmp import SUN_PATH_MAX
 
-        if len(os.fsencode(self.qmp.absolute())) <= SUN_PATH_MAX:
-            return self.qmp.absolute()
+        link = (link or self.qmp).absolute()
+        if len(os.fsencode(link)) <= SUN_PATH_MAX:
+            return link
         digest = hashlib.sha256(os.fsencode(self.area.absolute())).hexdigest()[:20]
-        return Path(tempfile.gettempdir()) / f"vml-{os.getuid()}" / f"{digest}.qmp"
+        kind = "qmp" if link == self.qmp.absolute() else link.stem
+        return Path(tempfile.gettempdir()) / f"vml-{os.getuid()}" / f"{digest}.{kind}"
 
 
 # --- the QEMU installed here -------------------------------------------------
@@ -329,12 +346,14 @@ def build_command(
     machine: str,
     console: bool = False,
     incoming: bool = False,
+    keeper: bool = False,
 ) -> list[str]:
     """The ``qemu-system-*`` command line that runs ``spec`` for ``area``.
 
     ``machine`` is the concrete machine type (a resumed state needs the one
     it was saved with).  ``console`` puts the serial console on the
     terminal (and still logs it); otherwise it goes to ``console.log``.
+    ``keeper``: a second QMP socket, for the dirty-range keeper.
     """
     paths = RunPaths(area)
     area = area.absolute()
@@ -372,6 +391,8 @@ def build_command(
         cmd += ["-chardev", f"file,id=vml-console,path={log},append=on"]
         cmd += ["-serial", "chardev:vml-console"]
     cmd += ["-qmp", f"unix:{paths.socket_target()},server=on,wait=off"]
+    if keeper:
+        cmd += ["-qmp", f"unix:{paths.socket_target(paths.keeper_qmp)},server=on,wait=off"]
     cmd += ["-pidfile", str(paths.pidfile.absolute())]
     cmd += _disk_args(area, spec)
     if spec.network == "user":
@@ -455,17 +476,22 @@ def _ns(text: str) -> int:
     return int(sec) * 10**9 + int((frac + "000000000")[:9])
 
 
-def prepare_run_dir(area: Path) -> RunPaths:
-    """Clear what a previous run left in ``.vml/run`` and make the socket's place."""
+def prepare_run_dir(area: Path, keeper: bool = False) -> RunPaths:
+    """Clear what a previous run left in ``.vml/run`` and make the sockets' places (``keeper``: its too)."""
     paths = RunPaths(area)
     paths.dir.mkdir(parents=True, exist_ok=True)
-    for p in (paths.qmp, paths.pidfile, paths.exit, paths.info, paths.log, paths.closed):
+    for p in (paths.pidfile, paths.exit, paths.info, paths.log, paths.closed, paths.keeper_log):
         p.unlink(missing_ok=True)
-    target = paths.socket_target()
-    if target != paths.qmp.absolute():
-        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        target.unlink(missing_ok=True)
-        paths.qmp.symlink_to(target)
+    # A new file: a keeper of an earlier run, should one still live, holds the old one.
+    paths.keeper_lock.unlink(missing_ok=True)
+    paths.keeper_qmp.unlink(missing_ok=True)
+    for link in (paths.qmp, paths.keeper_qmp) if keeper else (paths.qmp,):
+        link.unlink(missing_ok=True)
+        target = paths.socket_target(link)
+        if target != link.absolute():
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            target.unlink(missing_ok=True)
+            link.symlink_to(target)
     return paths
 
 

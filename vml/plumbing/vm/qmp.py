@@ -19,22 +19,23 @@ import errno
 import json
 import os
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from vml.errors import QMPError, QMPTimeout
 
 if TYPE_CHECKING:
+    # Names for annotations only: the dirty-range keeper, which lives as long
+    # as the VM, imports this module and so pays no memory for them.
     import socket
+    from pathlib import Path
+    from types import TracebackType
 
 #: Longest path a unix socket address holds on Linux (sun_path, with its NUL).
 SUN_PATH_MAX = 107
 DEFAULT_TIMEOUT = 10.0
 
 
-def socket_address(path: Path) -> str:
+def socket_address(path: str | Path) -> str:
     """The address to connect to ``path``: itself, or its real path if that is shorter.
 
     A socket VML makes in a deep area may be a symlink to a short path
@@ -80,19 +81,19 @@ def is_listening(path: Path) -> bool:
     return True
 
 
-@dataclass
 class QMPClient:
     """One QMP session.  Use ``QMPClient.connect(path)``; close it (or use ``with``)."""
 
-    sock: socket.socket
-    path: str
-    greeting: dict[str, Any]
-    events: list[dict[str, Any]] = field(default_factory=list)
-    _buffer: bytes = b""
-    _sent: int = 0  # commands sent, for their ids
+    def __init__(self, sock: socket.socket, path: str, greeting: dict[str, Any]) -> None:
+        self.sock = sock
+        self.path = path
+        self.greeting = greeting
+        self.events: list[dict[str, Any]] = []
+        self._buffer = b""
+        self._sent = 0  # commands sent, for their ids
 
     @classmethod
-    def connect(cls, path: Path, timeout: float = DEFAULT_TIMEOUT) -> QMPClient:
+    def connect(cls, path: str | Path, timeout: float = DEFAULT_TIMEOUT) -> QMPClient:
         """Connect to the QMP socket ``path``, read the greeting, negotiate capabilities.
 
         QEMU serves one QMP client at a time on a socket: a second client
@@ -236,3 +237,22 @@ class QMPClient:
                 return None
             if "event" in msg:
                 self.events.append(msg)
+
+    def next_event(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """The next event (those set aside while waiting for replies first).
+
+        None after ``timeout`` seconds (``None``: as long as QEMU lives);
+        ``QMPError`` when QEMU closes the connection (it ended).
+        """
+        if self.events:
+            return self.events.pop(0)
+        while True:
+            wait = 3600.0 if timeout is None else timeout
+            try:
+                msg = self._read_message(time.monotonic() + wait)
+            except QMPTimeout:
+                if timeout is None:
+                    continue
+                return None
+            if "event" in msg:
+                return msg
