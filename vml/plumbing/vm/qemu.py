@@ -142,8 +142,7 @@ class RunPaths:
         if len(os.fsencode(link)) <= SUN_PATH_MAX:
             return link
         digest = hashlib.sha256(os.fsencode(self.area.absolute())).hexdigest()[:20]
-        kind = "qmp" if link == self.qmp.absolute() else link.stem
-        return Path(tempfile.gettempdir()) / f"vml-{os.getuid()}" / f"{digest}.{kind}"
+        return Path(tempfile.gettempdir()) / f"vml-{os.getuid()}" / f"{digest}.{link.stem}"
 
 
 # --- the QEMU installed here -------------------------------------------------
@@ -480,13 +479,12 @@ def prepare_run_dir(area: Path, keeper: bool = False) -> RunPaths:
     """Clear what a previous run left in ``.vml/run`` and make the sockets' places (``keeper``: its too)."""
     paths = RunPaths(area)
     paths.dir.mkdir(parents=True, exist_ok=True)
-    for p in (paths.pidfile, paths.exit, paths.info, paths.log, paths.closed, paths.keeper_log):
+    # The keeper's lock too: a new file, as a keeper of an earlier run, should one still live, holds the old one.
+    for p in (paths.qmp, paths.pidfile, paths.exit, paths.info, paths.log, paths.closed):
         p.unlink(missing_ok=True)
-    # A new file: a keeper of an earlier run, should one still live, holds the old one.
-    paths.keeper_lock.unlink(missing_ok=True)
-    paths.keeper_qmp.unlink(missing_ok=True)
+    for p in (paths.keeper_qmp, paths.keeper_lock, paths.keeper_log):
+        p.unlink(missing_ok=True)
     for link in (paths.qmp, paths.keeper_qmp) if keeper else (paths.qmp,):
-        link.unlink(missing_ok=True)
         target = paths.socket_target(link)
         if target != link.absolute():
             target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
