@@ -165,7 +165,7 @@ def _powerdown(area: Path, spec: QemuSpec | None, client: QMPClient, timeout: fl
     """
     status = client.execute("query-status").get("status")
     if status == "shutdown":  # an earlier `vml stop` left it so
-        return _quit(area, spec, client)
+        return keep_and_quit(client, area, spec)
     if status != "running":
         raise VMControlError(
             f"the VM in {area} is {status}: a paused guest cannot see the power button",
@@ -194,7 +194,7 @@ def _powerdown(area: Path, spec: QemuSpec | None, client: QMPClient, timeout: fl
             with contextlib.suppress(QMPError):  # let it quit on its own again
                 client.execute("set-action", {"shutdown": "poweroff"})
         raise
-    return _quit(area, spec, client)
+    return keep_and_quit(client, area, spec)
 
 
 def _not_off(area: Path, timeout: float) -> VMControlError:
@@ -204,11 +204,6 @@ def _not_off(area: Path, timeout: float) -> VMControlError:
         "wait and run `vml stop` again, `vml stop --save` to save it as it is, "
         "or `vml stop --kill` to pull the plug",
     )
-
-
-def _quit(area: Path, spec: QemuSpec | None, client: QMPClient) -> list[str]:
-    """End a QEMU whose guest has powered off (paused in ``shutdown``), its raw disks' ranges kept."""
-    return keep_and_quit(client, area, spec)
 
 
 def _wait_parent(paths: RunPaths, timeout: float = 10.0) -> None:
