@@ -115,7 +115,7 @@ def keeper_pid(area: Path) -> int | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:  # held: it lives
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, IndexError):  # (its pid not written yet)
             return int(os.pread(fd, 32, 0).split()[0])
         return 0
     else:
@@ -307,8 +307,7 @@ def _watch(client: QMPClient, area: str) -> None:
     status = client.execute("query-status").get("status")
     while True:
         while status not in ENDED:
-            event = client.next_event()
-            if event is not None and event.get("event") in ("SHUTDOWN", "GUEST_PANICKED"):
+            if client.next_event().get("event") in ("SHUTDOWN", "GUEST_PANICKED"):
                 status = client.execute("query-status").get("status")
         _site()
         from pathlib import Path

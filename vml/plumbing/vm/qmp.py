@@ -15,6 +15,7 @@ that does not answer in time, a command QEMU refuses.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -238,21 +239,15 @@ class QMPClient:
             if "event" in msg:
                 self.events.append(msg)
 
-    def next_event(self, timeout: float | None = None) -> dict[str, Any] | None:
-        """The next event (those set aside while waiting for replies first).
+    def next_event(self) -> dict[str, Any]:
+        """The next event (those set aside while waiting for replies first), however long QEMU lives.
 
-        None after ``timeout`` seconds (``None``: as long as QEMU lives);
         ``QMPError`` when QEMU closes the connection (it ended).
         """
         if self.events:
             return self.events.pop(0)
         while True:
-            wait = 3600.0 if timeout is None else timeout
-            try:
-                msg = self._read_message(time.monotonic() + wait)
-            except QMPTimeout:
-                if timeout is None:
-                    continue
-                return None
-            if "event" in msg:
-                return msg
+            with contextlib.suppress(QMPTimeout):  # no deadline: read on
+                msg = self._read_message(time.monotonic() + 3600.0)
+                if "event" in msg:
+                    return msg
