@@ -24,6 +24,7 @@ from tests.cli.test_cli import vml
 from tests.cli.test_vm_run import _kill_vm, kill_saver_in_pause
 from tests.conftest import TEST_BLOCK, allocated, need
 from tests.guest.build import Guest, GuestUnavailable, build_guest
+from tests.porcelain.test_keeper import kill_keeper_and_watcher
 from tests.reliability.helpers import git_fsck
 from vml.plumbing.keeper import keeper_pid
 from vml.plumbing.vm import bitmaps
@@ -143,24 +144,28 @@ def test_live_saves_resume_elsewhere_where_the_guest_was(guest_area: Path, tmp_p
     fsck_clean(copy / "root.img")
 
 
-def _describe_endless(guest_area: Path) -> None:
-    """The guest as a VM of 128 MiB that works in sessions until powered off (none counted)."""
+def _run_endless(guest_area: Path, tmp_path: Path, *, reboot: bool = False) -> tuple[Path, int]:
+    """A new repository, and the guest run until its first session starts; returns both (and its mark).
+
+    The guest as a VM of 128 MiB that works in sessions until powered off
+    (none counted); a reboot ends QEMU (``-no-reboot``) unless ``reboot``.
+    """
+    repo = tmp_path / "repo"
+    vml("init", repo, "--block-size", str(TEST_BLOCK))
     vml(
         "vm", "init", guest_area, "--disk", guest_area / "root.img", "--memory", "128M",
         "--kernel", guest_area / "vmlinuz", "--initrd", guest_area / "initrd.gz",
         "--append", "console=ttyS0 quiet panic=-1 vml.sessions=0 vml.pause=0.5",
-        "--network", "none", "--qemu-arg=-no-reboot", "--force",
+        "--network", "none", *([] if reboot else ["--qemu-arg=-no-reboot"]), "--force",
     )  # fmt: skip
+    vml("run", guest_area, "--accel", "tcg")
+    return repo, wait_mark(guest_area, r"session=1 start")
 
 
 def test_a_killed_saver_leaves_the_guest_paused_and_recoverable(
     guest_area: Path, tmp_path: Path
 ) -> None:
-    repo = tmp_path / "repo"
-    vml("init", repo, "--block-size", str(TEST_BLOCK))
-    _describe_endless(guest_area)
-    vml("run", guest_area, "--accel", "tcg")
-    wait_mark(guest_area, r"session=1 start")
+    repo, _ = _run_endless(guest_area, tmp_path)
     kill_saver_in_pause(repo, guest_area)
     state = run_status(guest_area)
     assert state is not None and state["state"] in ("paused", "postmigrate")
@@ -184,11 +189,7 @@ def test_a_powered_off_raw_disk_is_saved_through_the_ranges_stop_kept(
     guest_area: Path, tmp_path: Path
 ) -> None:
     """``vml stop`` (the power button) keeps the raw disk's dirty ranges: the save reads only them."""
-    repo = tmp_path / "repo"
-    vml("init", repo, "--block-size", str(TEST_BLOCK))
-    _describe_endless(guest_area)
-    vml("run", guest_area, "--accel", "tcg")
-    n = wait_mark(guest_area, r"session=1 start")
+    repo, n = _run_endless(guest_area, tmp_path)
     vml("--repo", repo, "commit", guest_area, "-m", "working")  # live: the bitmap counts from here
     wait_mark(guest_area, r"session=\d+ done", after=n)
     assert "powered off" in vml("stop", guest_area, "--timeout", str(WAIT))
@@ -212,10 +213,7 @@ def test_a_powered_off_raw_disk_is_saved_through_the_ranges_stop_kept(
     vml("run", guest_area, "--accel", "tcg")
     n = wait_mark(guest_area, r"session=1 start")
     wait_mark(guest_area, r"session=\d+ done", after=n)
-    pid = keeper_pid(guest_area)
-    assert pid
-    os.kill(int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]), signal.SIGKILL)
-    os.kill(pid, signal.SIGKILL)
+    kill_keeper_and_watcher(guest_area)
     with QMPClient.connect(RunPaths(guest_area).qmp) as c:
         c.execute("set-action", {"shutdown": "pause"})
         c.execute("system_powerdown")
@@ -263,11 +261,7 @@ def test_a_guest_that_powers_itself_off_keeps_the_raw_disks_ranges(
     guest_area: Path, tmp_path: Path
 ) -> None:
     """Nothing of `vml stop` runs: the keeper `vml run` started keeps them, then ends QEMU."""
-    repo = tmp_path / "repo"
-    vml("init", repo, "--block-size", str(TEST_BLOCK))
-    _describe_endless(guest_area)
-    vml("run", guest_area, "--accel", "tcg")
-    n = wait_mark(guest_area, r"session=1 start")
+    repo, n = _run_endless(guest_area, tmp_path)
     first = json.loads(vml("--repo", repo, "commit", guest_area, "-m", "working", "--json"))
     wait_mark(guest_area, r"session=\d+ done", after=n)
     _press_power_button(guest_area)
@@ -280,15 +274,7 @@ def test_a_guest_that_powers_itself_off_keeps_the_raw_disks_ranges(
 
 def test_a_reboot_inside_the_guest_ends_nothing(guest_area: Path, tmp_path: Path) -> None:
     """A reboot (the guest's write to the reset control register) is no power-off: all goes on."""
-    repo = tmp_path / "repo"
-    vml("init", repo, "--block-size", str(TEST_BLOCK))
-    _describe_endless(guest_area)
-    spec = guest_area / "physics.qemu.json"
-    doc = json.loads(spec.read_text())
-    doc["qemu_args"] = [a for a in doc["qemu_args"] if a != "-no-reboot"]
-    spec.write_text(json.dumps(doc))
-    vml("run", guest_area, "--accel", "tcg")
-    n = wait_mark(guest_area, r"session=1 start")
+    repo, n = _run_endless(guest_area, tmp_path, reboot=True)
     first = json.loads(vml("--repo", repo, "commit", guest_area, "-m", "working", "--json"))
     n = wait_mark(guest_area, r"session=\d+ done", after=n)
     keeper = keeper_pid(guest_area)
@@ -309,11 +295,7 @@ def test_a_reboot_inside_the_guest_ends_nothing(guest_area: Path, tmp_path: Path
 def test_a_killed_keeper_loses_the_ranges_and_the_guest_still_powers_off(
     guest_area: Path, tmp_path: Path
 ) -> None:
-    repo = tmp_path / "repo"
-    vml("init", repo, "--block-size", str(TEST_BLOCK))
-    _describe_endless(guest_area)
-    vml("run", guest_area, "--accel", "tcg")
-    n = wait_mark(guest_area, r"session=1 start")
+    repo, n = _run_endless(guest_area, tmp_path)
     vml("--repo", repo, "commit", guest_area, "-m", "working")
     wait_mark(guest_area, r"session=\d+ done", after=n)
     pid = keeper_pid(guest_area)

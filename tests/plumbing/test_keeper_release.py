@@ -29,8 +29,8 @@ WAIT = 30.0
 
 
 @pytest.fixture
-def qemu(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
-    """An area folder, and a real QEMU listening on its keeper socket."""
+def qemu(tmp_path: Path) -> Iterator[tuple[Path, Path, subprocess.Popen[bytes]]]:
+    """An area folder, and a real QEMU on its keeper socket, told to pause at a shutdown as the keeper does."""
     need("qemu-system-x86_64")
     area = tmp_path / "lab"
     sock = RunPaths(area).keeper_qmp
@@ -45,19 +45,19 @@ def qemu(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
         while not is_listening(sock):
             assert proc.poll() is None and time.monotonic() < deadline, "QEMU did not start"
             time.sleep(0.01)
-        yield area, proc
+        with QMPClient.connect(sock) as c:
+            c.execute("set-action", {"shutdown": "pause"})
+        yield area, sock, proc
     finally:
         proc.kill()
         proc.wait()
 
 
 def test_release_ends_a_qemu_paused_with_its_guest_off(
-    qemu: tuple[Path, subprocess.Popen[bytes]],
+    qemu: tuple[Path, Path, subprocess.Popen[bytes]],
 ) -> None:
-    area, proc = qemu
-    sock = RunPaths(area).keeper_qmp
+    area, sock, proc = qemu
     with QMPClient.connect(sock) as c:
-        c.execute("set-action", {"shutdown": "pause"})
         c.execute("system_reset")  # under -no-reboot: a shutdown, paused
         assert c.wait_event("SHUTDOWN", WAIT) is not None
     keeper.release(str(area), str(sock))
@@ -65,12 +65,9 @@ def test_release_ends_a_qemu_paused_with_its_guest_off(
 
 
 def test_release_lets_a_running_qemu_quit_by_itself_again(
-    qemu: tuple[Path, subprocess.Popen[bytes]],
+    qemu: tuple[Path, Path, subprocess.Popen[bytes]],
 ) -> None:
-    area, proc = qemu
-    sock = RunPaths(area).keeper_qmp
-    with QMPClient.connect(sock) as c:
-        c.execute("set-action", {"shutdown": "pause"})
+    area, sock, proc = qemu
     keeper.release(str(area), str(sock))
     assert proc.poll() is None  # running: left running
     with QMPClient.connect(sock) as c:

@@ -35,7 +35,7 @@ from vml.plumbing.vm import bitmaps
 from vml.plumbing.vm.description import find_spec
 from vml.plumbing.vm.qemu import RunPaths, runstate, vml_vm
 from vml.plumbing.vm.qmp import QMPClient
-from vml.porcelain.commit import commit
+from vml.porcelain.commit import CommitResult, commit
 from vml.porcelain.run import run
 from vml.porcelain.stop import stop
 from vml.porcelain.vminit import vm_init
@@ -100,12 +100,40 @@ def _kept(area: Path) -> list[tuple[int, int]]:
     return bitmaps.read_kept(area, rec, rec.kept)
 
 
+def _started(lab: tuple[Repository, Path]) -> tuple[Repository, Path, int]:
+    """The lab's first save, its VM running with writes since, and its keeper's pid."""
+    repo, area = lab
+    raw._first_save_and_write(repo, area)
+    pid = keeper_pid(area)
+    assert pid
+    return repo, area, pid
+
+
+def _saved_from_kept(
+    repo: Repository, area: Path, tmp_path: Path, kept: list[tuple[int, int]]
+) -> CommitResult:
+    """QEMU ends with ``kept`` kept; the save then notes nothing and holds the disk as it is."""
+    wait_ended(area)
+    assert _kept(area) == kept
+    e2 = commit(repo, area)
+    assert e2.notes == []
+    raw._same_disk(repo, e2, tmp_path, area)
+    return e2
+
+
+def kill_keeper_and_watcher(area: Path) -> None:
+    """SIGKILL the keeper and the shell that would run ``release``: nobody is left to end QEMU."""
+    pid = keeper_pid(area)
+    assert pid
+    watcher = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    os.kill(watcher, signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)
+
+
 def test_a_guest_that_powers_itself_off_keeps_its_ranges(
     lab: tuple[Repository, Path], tmp_path: Path
 ) -> None:
-    repo, area = lab
-    raw._first_save_and_write(repo, area)
-    assert keeper_pid(area)
+    repo, area, _ = _started(lab)
     power_off_inside(area)
     wait_ended(area)
     assert _kept(area) == KEPT
@@ -148,28 +176,19 @@ def test_a_resumed_guest_that_powers_itself_off_adds_its_ranges_to_those_carried
     assert run(area).resumed and keeper_pid(area)
     guest_write(area, 0, 50 * MiB, 4096, 9)
     power_off_inside(area)
-    wait_ended(area)
-    assert _kept(area) == [*KEPT, (50 * MiB, 50 * MiB + (64 << 10))]
-    e2 = commit(repo, area)
-    assert e2.notes == [] and raw._disk_read(area, e2) <= 256 << 10
-    raw._same_disk(repo, e2, tmp_path, area)
+    e2 = _saved_from_kept(repo, area, tmp_path, [*KEPT, (50 * MiB, 50 * MiB + (64 << 10))])
+    assert raw._disk_read(area, e2) <= 256 << 10
 
 
 def test_a_reboot_inside_the_guest_ends_nothing(
     lab: tuple[Repository, Path], tmp_path: Path
 ) -> None:
-    repo, area = lab
-    raw._first_save_and_write(repo, area)
-    pid = keeper_pid(area)
+    repo, area, pid = _started(lab)
     reboot_inside(area)
     assert runstate(area) == "running" and keeper_pid(area) == pid
     guest_write(area, 0, 50 * MiB, 4096, 9)  # after the reboot: still recorded
     power_off_inside(area)
-    wait_ended(area)
-    assert _kept(area) == [*KEPT, (50 * MiB, 50 * MiB + (64 << 10))]
-    e2 = commit(repo, area)
-    assert e2.notes == []
-    raw._same_disk(repo, e2, tmp_path, area)
+    _saved_from_kept(repo, area, tmp_path, [*KEPT, (50 * MiB, 50 * MiB + (64 << 10))])
 
 
 def test_a_reboot_under_no_reboot_ends_qemu_as_before_with_the_ranges_kept(
@@ -179,21 +198,14 @@ def test_a_reboot_under_no_reboot_ends_qemu_as_before_with_the_ranges_kept(
     vm_init(area, disks=[area / RAW], memory="16M", network="none", qemu_args=["-no-reboot"], force=True)  # fmt: skip
     raw._first_save_and_write(repo, area)
     _io_write(area, 0xCF9, 0x06)  # QEMU takes a reboot for a power-off
-    wait_ended(area)
-    assert _kept(area) == KEPT
-    e2 = commit(repo, area)
-    assert e2.notes == []
-    raw._same_disk(repo, e2, tmp_path, area)
+    _saved_from_kept(repo, area, tmp_path, KEPT)
 
 
 def test_a_killed_keeper_lets_qemu_quit_by_itself(
     lab: tuple[Repository, Path], tmp_path: Path
 ) -> None:
     """What QEMU alone knew is lost (the save reads the disk whole, and says so); QEMU still ends."""
-    repo, area = lab
-    raw._first_save_and_write(repo, area)
-    pid = keeper_pid(area)
-    assert pid
+    repo, area, pid = _started(lab)
     os.kill(pid, signal.SIGKILL)
     _wait_for("the keeper did not die", lambda: keeper_pid(area) is None)
     power_off_inside(area)
@@ -280,45 +292,30 @@ def test_vml_stop_waits_for_a_keeper_at_work(
         logger.removeHandler(handler)
         go.touch()
     assert waited and res.how == "powered off"
-    wait_ended(area)
-    assert _kept(area) == [(20 * MiB, 20 * MiB + (64 << 10))]
-    e2 = commit(repo, area)
-    assert e2.notes == []
-    raw._same_disk(repo, e2, tmp_path, area)
+    _saved_from_kept(repo, area, tmp_path, [(20 * MiB, 20 * MiB + (64 << 10))])
 
 
 def test_with_keeper_and_its_watcher_killed_vml_stop_ends_the_paused_qemu(
     lab: tuple[Repository, Path], tmp_path: Path
 ) -> None:
     """Nobody left to end it: QEMU waits, paused with the guest off, for ``vml stop``, which keeps the ranges."""
-    repo, area = lab
-    raw._first_save_and_write(repo, area)
-    pid = keeper_pid(area)
-    assert pid
-    watcher = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    os.kill(watcher, signal.SIGKILL)
-    os.kill(pid, signal.SIGKILL)
+    repo, area, _ = _started(lab)
+    kill_keeper_and_watcher(area)
     _wait_for("the keeper did not die", lambda: keeper_pid(area) is None)
     power_off_inside(area)
     _wait_for("QEMU did not pause", lambda: runstate(area) == "shutdown")
     assert "`vml stop` ends it" in vml("--repo", repo.path, "status", area)
     assert stop(area).how == "powered off"
-    wait_ended(area)
-    assert _kept(area) == KEPT
-    e2 = commit(repo, area)
-    assert e2.notes == []
-    raw._same_disk(repo, e2, tmp_path, area)
+    _saved_from_kept(repo, area, tmp_path, KEPT)
 
 
 def test_the_keeper_waits_for_the_area_lock_and_keeps_nothing_twice(
     lab: tuple[Repository, Path], tmp_path: Path
 ) -> None:
     """Whoever holds the area lock (``vml stop``) keeps the ranges; the keeper, after it, finds QEMU gone."""
-    repo, area = lab
-    raw._first_save_and_write(repo, area)
-    pid = keeper_pid(area)
+    repo, area, pid = _started(lab)
     spec = find_spec(area)
-    assert pid and spec is not None
+    assert spec is not None
     with lock_area(area):  # as `vml stop` (or a save being written) holds it
         power_off_inside(area)
         _wait_for("QEMU did not pause", lambda: runstate(area) == "shutdown")
