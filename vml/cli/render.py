@@ -282,7 +282,9 @@ def _power(vm: EntryVM, *, brief: bool) -> str:
             f"[yellow]paused under `vml run` (QEMU pid {run.pid}): "
             "`vml run --continue` continues it[/yellow]"
         )
-    if run is not None and run.state in ("shutdown", "guest-panicked"):
+    from vml.plumbing.keeper import ENDED
+
+    if run is not None and run.state in ENDED:
         return (
             f"[yellow]off; QEMU waits under `vml run` (pid {run.pid}) while the raw disks' "
             "dirty ranges are kept: should it stay, `vml stop` ends it[/yellow]"
