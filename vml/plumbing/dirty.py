@@ -382,8 +382,7 @@ def keep_at_stop(client: QMPClient, area: Path, spec: QemuSpec) -> list[str]:
     records = bitmaps.load_records(area)
     # Ranges this run kept already (`vml stop` and the keeper both end QEMU
     # this way: whoever comes second) are left as they are.
-    ours = [records.get(d.path) for d in spec.disks]
-    if not any(_to_keep(r) for r in ours):
+    if not any(_to_keep(records.get(d.path)) for d in spec.disks):
         # No raw disk's bitmap to keep (a qcow2 stores its own): QEMU is not asked.
         return []
     present, nodes = bitmaps.live_bitmaps(client)
