@@ -22,7 +22,7 @@ from vml.plumbing.packreader import PackReader
 from vml.plumbing.publish import publish_entry
 from vml.plumbing.repository import Repository
 from vml.plumbing.restoring import Builder, TempFiles
-from vml.plumbing.saving import Baseline, Saver, SourceFile
+from vml.plumbing.saving import Baseline, Saver, SourceFile, data_estimate
 from vml.progress import no_progress
 
 
@@ -68,7 +68,14 @@ def save(
         scan = scan_area(folder, lambda rel, is_dir: False)
         files = [SourceFile(f.path, folder / f.path, f.stat) for f in scan.files]
         saver = Saver(
-            repo, reader, pool, folder, baseline, sum(f.stat.st_size for f in files), no_progress
+            repo,
+            reader,
+            pool,
+            folder,
+            baseline,
+            sum(f.stat.st_size for f in files),
+            no_progress,
+            to_read=sum(data_estimate(f.stat) for f in files),
         )
         try:
             for f in files:

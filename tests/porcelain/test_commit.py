@@ -206,13 +206,32 @@ def _save_with(
     return repo, tree.encode(), stored, len(packs)
 
 
+def _packs_of(repo: Repository, *blocks: bytes) -> list[int]:
+    """The pack each of ``blocks`` is stored in (as a blob), by its number in a reader."""
+    from vml.plumbing.packreader import PackReader, blob_id
+
+    reader = PackReader(repo)
+    try:
+        return [reader.position(blob_id(b))[0] for b in blocks]
+    finally:
+        reader.close()
+
+
+def _restores_as_saved(repo: Repository, area: Path, out: Path, names: tuple[str, ...]) -> None:
+    """E1 checked out to ``out`` holds ``names`` as ``area`` does."""
+    from vml.porcelain.checkout import checkout
+
+    checkout(repo, "E1", out)
+    for name in names:
+        assert (out / name).read_bytes() == (area / name).read_bytes()
+
+
 def test_a_big_save_seals_its_packs_before_its_end_into_the_same_entry(
     tmp_path: Path, area: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A save that rolled over into a second pack seals it before its last
     # bytes are saved (PackWriter.near_end): one more pack, the same objects.
     from vml.plumbing import packwriter
-    from vml.porcelain.checkout import checkout
 
     monkeypatch.setattr(packwriter, "_ROLL_BYTES", 200 << 10)  # four 64 KiB blocks
     # 14 blocks of data: packs of 4 blocks, and the last pack holds two blocks
@@ -221,9 +240,7 @@ def test_a_big_save_seals_its_packs_before_its_end_into_the_same_entry(
     plain, tree, stored, n = _save_with(tmp_path, "plain", area, None, monkeypatch)
     early, tree2, stored2, n2 = _save_with(tmp_path, "early", area, 100 << 10, monkeypatch)
     assert (tree2, stored2) == (tree, stored) and n2 == n + 1
-    checkout(early, "E1", tmp_path / "out")
-    for name in ("disk.img", "vm.nvram", "vm.vmx"):
-        assert (tmp_path / "out" / name).read_bytes() == (area / name).read_bytes()
+    _restores_as_saved(early, area, tmp_path / "out", ("disk.img", "vm.nvram", "vm.vmx"))
     plain.close()
     early.close()
 
@@ -236,12 +253,8 @@ def test_a_big_save_nears_its_end_by_the_data_left_not_the_sizes(
     # read, so the pack holding the disk's last blocks is sealed then, while
     # they are saved, and they go into the last pack. Counted in file sizes,
     # the end came only past the holes: one pack for all, sealed at the end.
-    import hashlib
-
     from vml.plumbing import packwriter, saving
-    from vml.plumbing.packreader import PackReader
     from vml.plumbing.repository import init_repository
-    from vml.porcelain.checkout import checkout
 
     monkeypatch.setattr(packwriter, "_ROLL_BYTES", 190 << 10)  # three 64 KiB blocks
     monkeypatch.setattr(saving, "NEAR_END", 160 << 10)
@@ -254,20 +267,13 @@ def test_a_big_save_nears_its_end_by_the_data_left_not_the_sizes(
     repo = init_repository(tmp_path / "r", TEST_BLOCK)
     commit(repo, area)
 
-    def blob(data: bytes) -> bytes:
-        return hashlib.sha1(b"blob %d\0" % len(data) + data).digest()
-
-    reader = PackReader(repo)
-    try:
-        last_disk = reader.position(blob(disk[4 * TEST_BLOCK :]))[0]
-        assert reader.position(blob(disk[3 * TEST_BLOCK : 4 * TEST_BLOCK]))[0] == last_disk
-        assert reader.position(blob(mem[:TEST_BLOCK]))[0] != last_disk
-    finally:
-        reader.close()
+    last_disk, before, saved_last = _packs_of(
+        repo, disk[4 * TEST_BLOCK :], disk[3 * TEST_BLOCK : 4 * TEST_BLOCK], mem[:TEST_BLOCK]
+    )
+    assert before == last_disk
+    assert saved_last != last_disk
     assert len(list((repo.objects_dir / "pack").glob("*.idx"))) == 3
-    checkout(repo, "E1", tmp_path / "out")
-    for name in ("disk.img", "x.img", "vm.nvram", "vm.vmx"):
-        assert (tmp_path / "out" / name).read_bytes() == (area / name).read_bytes()
+    _restores_as_saved(repo, area, tmp_path / "out", ("disk.img", "x.img", "vm.nvram", "vm.vmx"))
     repo.close()
 
 
@@ -278,12 +284,8 @@ def test_a_big_save_seals_the_pack_it_fills_once_the_rest_takes_as_long(
     # being filled is sealed once what is left is two thirds of it, even
     # where that is more than NEAR_END (here nothing), so its seal ends
     # with the save's last blocks instead of after them.
-    import hashlib
-
     from vml.plumbing import packwriter, saving
-    from vml.plumbing.packreader import PackReader
     from vml.plumbing.repository import init_repository
-    from vml.porcelain.checkout import checkout
 
     monkeypatch.setattr(packwriter, "_ROLL_BYTES", 190 << 10)  # three 64 KiB blocks
     monkeypatch.setattr(saving, "NEAR_END", 0)
@@ -298,18 +300,11 @@ def test_a_big_save_seals_the_pack_it_fills_once_the_rest_takes_as_long(
     repo = init_repository(tmp_path / "r", TEST_BLOCK)
     commit(repo, area)
 
-    def blob(data: bytes) -> bytes:
-        return hashlib.sha1(b"blob %d\0" % len(data) + data).digest()
-
-    reader = PackReader(repo)
-    try:
-        filled = reader.position(blob(disk[7 * TEST_BLOCK :]))[0]
-        assert reader.position(blob(disk[6 * TEST_BLOCK : 7 * TEST_BLOCK]))[0] == filled
-        assert reader.position(blob(last))[0] != filled
-    finally:
-        reader.close()
+    filled, before, saved_last = _packs_of(
+        repo, disk[7 * TEST_BLOCK :], disk[6 * TEST_BLOCK : 7 * TEST_BLOCK], last
+    )
+    assert before == filled
+    assert saved_last != filled
     assert len(list((repo.objects_dir / "pack").glob("*.idx"))) == 4
-    checkout(repo, "E1", tmp_path / "out")
-    for name in ("disk.img", "x.img", "vm.nvram", "vm.vmx"):
-        assert (tmp_path / "out" / name).read_bytes() == (area / name).read_bytes()
+    _restores_as_saved(repo, area, tmp_path / "out", ("disk.img", "x.img", "vm.nvram", "vm.vmx"))
     repo.close()

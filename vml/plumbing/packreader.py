@@ -208,7 +208,8 @@ class PackReader:
         got: tuple[int, bytes] | None = None
         damage: CorruptRepository | None = None
         # VML writes each entry's commit loose: look there first, not in every pack.
-        if expect_type == COMMIT:
+        loose_first = expect_type == COMMIT
+        if loose_first:
             got = self._read_loose(sha)
         for fd, offset in () if got is not None else self._locate_all(sha):
             try:
@@ -225,7 +226,7 @@ class PackReader:
         if got is None and damage is not None:
             # Every packed copy is damaged; dulwich would read the same packs.
             raise damage
-        if got is None:
+        if got is None and not loose_first:
             got = self._read_loose(sha)
         if got is None:
             try:

@@ -88,21 +88,9 @@ class RefTable:
 
 def all_refs(repo: Repository) -> Iterator[tuple[bytes, bytes]]:
     """Every ref but HEAD as ``(name, hex value)``; a looping symbolic ref is refused."""
-    refs = repo.git.refs
-    for name in refs.allkeys():
-        if name == b"HEAD":
-            continue
-        try:
-            value = refs[name]
-        except KeyError:
-            continue
-        except SymrefLoop:
-            raise HostileRepository(
-                f"ref {name.decode(errors='replace')} is a symbolic ref that loops",
-                f"delete it: git --git-dir {repo.path} update-ref -d --no-deref "
-                f"{name.decode(errors='replace')}",
-            ) from None
-        yield name, value
+    for name in repo.git.refs.allkeys():
+        if name != b"HEAD":
+            yield from _one_ref(repo, name)
 
 
 #: A tag of a tag of ... deeper than this is refused as a target (git's own peel has no limit,

@@ -148,12 +148,9 @@ class Saver:
         baseline: Baseline,
         total: int,
         progress: ProgressFn,
-        to_read: int | None = None,
+        to_read: int,
     ) -> None:
-        """``total``: the files' sizes (progress); ``to_read``: their data (:func:`data_estimate`).
-
-        Without ``to_read``, the end of the save is judged by ``total``.
-        """
+        """``total``: the files' sizes (progress); ``to_read``: their data (:func:`data_estimate`)."""
         self.repo = repo
         self.reader = reader
         self.pool = pool
@@ -193,11 +190,8 @@ class Saver:
         self.progress("read", self.done, self.total)
 
     def _near_end(self) -> None:
-        if self.to_read is None:
-            left = self.total - self.done
-        else:
-            this = min(self._file_estimate, self._file_read)
-            left = self.to_read - self._credited - this
+        this = min(self._file_estimate, self._file_read)
+        left = self.to_read - self._credited - this
         # The pack being filled is sealed while the rest is saved: sealing
         # hashes it at ~1.5x the speed the workers save data (W2's first
         # save), so it starts when what is left takes about as long.

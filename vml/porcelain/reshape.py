@@ -151,11 +151,10 @@ def remove_one(
     here; either way :func:`apply_rewrite` checks the refs again under the
     lock).
     """
-    table = refs_mod.read_refs(repo) if known is None else known[0]
+    table, forest = known if known is not None else (refs_mod.read_refs(repo), None)
     reader = PackReader(repo)
     writer = PackWriter(repo)
     try:
-        forest = known[1] if known is not None and known[1] is not None else None
         if forest is None:
             forest = load_forest(reader, table)
         parent = forest.parent.get(commit)  # None also when its commit cannot be read
