@@ -192,3 +192,19 @@ def test_a_commit_waits_for_the_repository_lock(tmp_path: Path, cli_repo: Path) 
         t.join()
         repo.close()
     assert res.entry == "E1"
+
+
+def test_a_lock_file_names_its_holder_only_while_held(tmp_path: Path, cli_repo: Path) -> None:
+    """A released lock leaves no pid behind: `vml stop` judges by that pid whether the keeper holds the area."""
+    area = tmp_path / "area"
+    make_area(area)
+    assert vml_fast(cli_repo, "commit", "-q", area).code == 0  # its .vml lasts
+    lock = tmp_path / "repo.lock"
+    with hold_flock(lock, 0, "busy"):
+        assert lock.read_text().split() == [str(os.getpid())]
+    assert lock.read_text() == ""
+    with lock_area(area):
+        files = [p for p in (area / ".vml").iterdir() if p.is_file()]
+        held = [p for p in files if p.read_text().strip() == str(os.getpid())]
+        assert held, "the area lock names its holder"
+    assert all(p.read_text() == "" for p in held)

@@ -301,6 +301,11 @@ def hold_flock(path: Path, timeout: float, busy: str) -> Iterator[int]:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield fd
     finally:
+        # The file names its holder only while held: a pid left behind would
+        # name a process that no longer holds it (vml stop asks whether the
+        # keeper holds the area lock by this pid).
+        with suppress(OSError):
+            os.ftruncate(fd, 0)
         os.close(fd)  # closing drops the flock
 
 
