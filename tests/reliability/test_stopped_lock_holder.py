@@ -135,3 +135,32 @@ def test_a_running_holder_is_named_and_waited_for(
         pass
     assert err.value.message == f"the packs are locked (pid {running.pid}, `vml gc`)"
     assert err.value.remedy == RepositoryBusy.default_remedy
+
+
+def test_the_keeper_of_vml_run_is_named_as_such(repo: Path) -> None:
+    # The keeper starts as `python -S -c CODE ...` where CODE imports
+    # vml.plumbing.keeper (keeper._BOOT): no word of its command line is `vml`.
+    from vml.plumbing.keeper import _BOOT
+
+    code = _HOLD + "\n# " + _BOOT
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(repo), "run", "keep"],
+        env=_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+        with (
+            pytest.raises(RepositoryBusy) as err,
+            hold_flock(repo / "vml" / "packs.lock", 0.2, "the packs are locked"),
+        ):
+            pass
+        assert err.value.message == (
+            f"the packs are locked (pid {proc.pid}, the keeper of `vml run`, "
+            "keeping what the guest changed before it powered off)"
+        ), err.value.message
+    finally:
+        proc.kill()
+        proc.wait()

@@ -206,7 +206,7 @@ class Holder:
             return ""
         words = [f"pid {self.pid}"]
         if self.command:
-            words.append(f"`{self.command}`")
+            words.append(f"`{self.command}`" if self.command.startswith("vml ") else self.command)
         if self.stopped:
             words.append("stopped")
         return f" ({', '.join(words)})"
@@ -219,6 +219,10 @@ class Holder:
             f"it will not go on by itself: continue it (`kill -CONT {self.pid}`, or `fg` "
             "in its terminal) or end it, then try again"
         )
+
+
+#: How a lock's holder is named when it is the keeper of a VM `vml run` started.
+_KEEPER = "the keeper of `vml run`, keeping what the guest changed before it powered off"
 
 
 def lock_holder(fd: int) -> Holder:
@@ -240,6 +244,11 @@ def lock_holder(fd: int) -> Holder:
     except (OSError, ValueError):
         return out
     for i, word in enumerate(argv):
+        # The keeper of `vml run` (vml.plumbing.keeper) starts as `python -S -c CODE`:
+        # its command line names no `vml`, its code does.
+        if "vml.plumbing.keeper" in word:
+            out.command = _KEEPER
+            break
         if word == "vml" or word.endswith("/vml"):
             rest = [w for w in argv[i + 1 :] if w]
             out.command = " ".join(["vml", *rest])[:80]
