@@ -346,3 +346,85 @@ def test_a_disk_that_copies_its_own_data_references_it(
     assert vml(cli_repo, "checkout", "-q", "E2", out).code == 0
     assert digest_area(out) == states[1]
     _git_fsck(cli_repo)
+
+
+def _images_tree(repo: Path, entry: str) -> bytes:
+    git = Repo(str(repo))
+    try:
+        commit = git[git.refs[f"refs/vml/entries/{entry[1:]}".encode()]]
+        assert isinstance(commit, Commit)
+        tree = git[commit.tree]
+        assert isinstance(tree, Tree)
+        return tree[b"images"][1]
+    finally:
+        git.close()
+
+
+def test_a_block_is_looked_up_once_for_a_delta_and_a_self_contained_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A memory block mostly new but for a few cached disk pages is no delta worth
+    storing, and is then tried as a self-contained block: the pages looked up for the
+    delta are not looked up again, and the entry is the one looking every page up
+    again makes (the same images tree)."""
+    asked: dict[tuple[int, int], int] = {}
+    blocks: list[bytes] = []  # kept alive: their ids name them while the save runs
+    reused = 0
+    real_look_up = pageindex.PageIndex._look_up
+    real_find = pageindex.PageIndex.find
+
+    def look_up(
+        self: pageindex.PageIndex, data: bytes, pages: list[int], hs: object
+    ) -> dict[int, object]:
+        blocks.append(data)
+        for k in pages:
+            asked[id(data), k] = asked.get((id(data), k), 0) + 1
+        return dict(real_look_up(self, data, pages, hs))  # type: ignore[arg-type]
+
+    def find(
+        self: pageindex.PageIndex,
+        data: bytes,
+        pages: list[int],
+        hashes: bytes,
+        known: pageindex.Looked | None = None,
+    ) -> dict[int, object]:
+        nonlocal reused
+        if known is not None and known.pages:
+            reused += 1
+        return dict(real_find(self, data, pages, hashes, known))
+
+    def forgetful(
+        self: pageindex.PageIndex,
+        data: bytes,
+        pages: list[int],
+        hashes: bytes,
+        known: pageindex.Looked | None = None,
+    ) -> dict[int, object]:
+        return dict(real_find(self, data, pages, hashes))
+
+    trees = []
+    for run, spy in enumerate((find, forgetful)):
+        repo = tmp_path / f"repo{run}"
+        assert vml(repo, "init", "--block-size", "64K", repo).code == 0
+        (tmp_path / f"run{run}").mkdir()
+        area, rng = _area(tmp_path / f"run{run}")
+        assert vml(repo, "commit", "-q", area).code == 0
+        disk = (area / "disk.img").read_bytes()
+        ram = bytearray((area / "vm.ram").read_bytes())
+        # Block 3: 12 pages of its own, 4 the disk holds.
+        ram[3 * BLOCK : 4 * BLOCK] = rng.randbytes(BLOCK)
+        ram[3 * BLOCK : 3 * BLOCK + 4 * PAGE] = disk[5 * PAGE : 9 * PAGE]
+        (area / "vm.ram").write_bytes(ram)
+        with monkeypatch.context() as m:
+            m.setattr(pageindex.PageIndex, "_look_up", look_up)
+            m.setattr(pageindex.PageIndex, "find", spy)
+            asked.clear()
+            assert vml(repo, "commit", "-q", area).code == 0
+        if spy is find:
+            assert reused, "the self-contained try reused the delta's look-ups"
+            assert asked and max(asked.values()) == 1
+        else:
+            assert max(asked.values()) == 2  # looked up for the delta, then again
+        trees.append(_images_tree(repo, "E2"))
+        blocks.clear()
+    assert trees[0] == trees[1]

@@ -63,7 +63,7 @@ from vml.plumbing.manifests import (
 )
 from vml.plumbing.packreader import BLOB, PackReader, blob_id
 from vml.plumbing.packwriter import PackWriter, deflate
-from vml.plumbing.pageindex import Budget, PageIndex
+from vml.plumbing.pageindex import Budget, Looked, PageIndex
 from vml.plumbing.vm.formats import data_ranges
 
 # How far a save got: bytes of the file passed, and bytes of them read.
@@ -619,12 +619,18 @@ def _read_block(
         return _Outcome(n, None, block_digest(None, length), bh, pages, "zero", read=read)
     digest = block_digest(data, length)
     pages = page_hashes(data, page_size, ppb)
+    # The pages looked up for a delta are not looked up again for a self-contained block.
+    looked = Looked()
     if pr is not None and len(pr.deltas) < MAX_DELTA_DEPTH:
-        found = _as_delta(reader, inp, n, data, pr, ppages, page_size, digest, bh, pages, read)
+        found = _as_delta(
+            reader, inp, n, data, pr, ppages, page_size, digest, bh, pages, read, looked
+        )
         if found is not None:
             return found
     if inp.index is not None:
-        found = _self_contained(reader, inp.index, n, data, page_size, digest, bh, pages, read)
+        found = _self_contained(
+            reader, inp.index, n, data, page_size, digest, bh, pages, read, looked
+        )
         if found is not None:
             return found
     sha = digest  # a whole block's blob id is its digest
@@ -644,6 +650,7 @@ def _as_delta(
     bh: bytes,
     pages: bytes,
     read: int,
+    looked: Looked | None = None,
 ) -> _Outcome | None:
     """Block ``n`` as a page delta over its parent's version ``pr``, if it is worth one.
 
@@ -661,7 +668,7 @@ def _as_delta(
         changed = [k for k in changed if k not in gone]
     # Pages the images saved before this one hold (a guest's page cache
     # holds its disk's blocks) become references: 16 bytes, not a page.
-    refs = inp.index.find(data, changed, pages) if inp.index is not None and changed else {}
+    refs = inp.index.find(data, changed, pages, looked) if inp.index is not None and changed else {}
     if refs:
         changed = [k for k in changed if k not in refs]
     # The stacked deltas' sizes cost a look-up each: only asked
@@ -685,6 +692,7 @@ def _self_contained(
     bh: bytes,
     pages: bytes,
     read: int,
+    looked: Looked | None = None,
 ) -> _Outcome | None:
     """A block to store whole, unless the index finds most of its pages elsewhere.
 
@@ -698,7 +706,7 @@ def _self_contained(
     npages = (length + page_size - 1) // page_size
     zero = set(_zero_pages(data, list(range(npages)), page_size, pages))
     nonzero = [k for k in range(npages) if k not in zero]
-    refs = index.find(data, nonzero, pages)
+    refs = index.find(data, nonzero, pages, looked)
     if not refs:
         return None
     own = [k for k in nonzero if k not in refs]

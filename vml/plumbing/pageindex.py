@@ -134,6 +134,14 @@ class SavedImage:
 
 
 @dataclass
+class Looked:
+    """The pages of one block looked up so far, and those found (before limiting)."""
+
+    pages: set[int] = field(default_factory=set)
+    refs: dict[int, Where] = field(default_factory=dict)
+
+
+@dataclass
 class _Indexed:
     image: SavedImage
     file: bool  # False: a parent's version, confirmed against the blobs themselves
@@ -249,8 +257,15 @@ class PageIndex:
             ix.hashes, ix.keys, ix.pages = None, [], []  # its memory back
             ix.shift = 64  # (looked up nowhere: every image's loop skips it)
 
-    def find(self, data: bytes, pages: list[int], hashes: bytes) -> dict[int, Where]:
+    def find(
+        self, data: bytes, pages: list[int], hashes: bytes, known: Looked | None = None
+    ) -> dict[int, Where]:
         """References for those ``pages`` of a block (``data``) found in the index.
+
+        ``known``: what an earlier call for the same block looked up (filled
+        by it when given): those pages are not looked up again.  A page's
+        look-up does not depend on the others asked with it, so the answer
+        is the one a single call over all ``pages`` gives.
 
         ``hashes`` are the block's page xxh3-64, as the area cache records
         them.  A page is referenced only when its bytes equal the candidate's
@@ -271,6 +286,19 @@ class PageIndex:
         hs = _page_hashes(hashes)
         if len(pages) > 4 * PROBE and not any(self._present(hs[k]) for k in pages[::PROBE]):
             return {}  # new data (most changed disk blocks): a few probes, not every page
+        if known is None:
+            out = self._look_up(data, pages, hs)
+        else:
+            rest = [k for k in pages if k not in known.pages]
+            out = self._look_up(data, rest, hs) if rest else {}
+            asked = set(pages)
+            out.update((k, w) for k, w in known.refs.items() if k in asked)
+            known.pages.update(rest)
+            known.refs.update(out)
+        return _limit(out) if out else out
+
+    def _look_up(self, data: bytes, pages: list[int], hs: array[int]) -> dict[int, Where]:
+        """Every page of ``pages`` found, before the sources are limited (see :meth:`find`)."""
         images = self._images
         live = [(i, ix.keys, ix.pages, ix.shift) for i, ix in enumerate(images) if not ix.retired]
         mask = _MASK
@@ -280,13 +308,16 @@ class PageIndex:
             h = hs[k] & mask
             for i, keys, numbers, shift in live:
                 b = h >> shift
-                bucket = keys[b]
-                if h in bucket:
-                    if i in by_image:
-                        by_image[i].append((k, numbers[b][bucket.index(h)]))
-                    else:
-                        by_image[i] = [(k, numbers[b][bucket.index(h)])]
-                    break
+                try:
+                    at = keys[b].index(h)  # one scan of the bucket: most pages asked are there
+                except ValueError:
+                    continue
+                got = by_image.get(i)
+                if got is None:
+                    by_image[i] = [(k, numbers[b][at])]
+                else:
+                    got.append((k, numbers[b][at]))
+                break
         out: dict[int, Where] = {}
         wrong: list[int] = []
         for i, items in by_image.items():
@@ -308,7 +339,7 @@ class PageIndex:
                     if where is not None:
                         out[k] = where
                     break
-        return _limit(out) if out else out
+        return out
 
     def _others(self, page: bytes, h: int, i: int, at: int, left: int) -> Where | None:
         """The first candidate after image ``i``'s position ``at`` whose bytes are ``page``'s,
@@ -367,25 +398,30 @@ class PageIndex:
             return out
         ppb = self.ppb
         blocks = ix.blocks
-        # (offset in the source file, position in items), in file order: adjacent
-        # candidates are read together.
-        order = sorted(
-            ((blocks[number // ppb] * ppb + number % ppb) * ps, j)
-            for j, (_, number) in enumerate(items)
-        )
+        # (offset in the source file, position in items, page k, block, page in it), in
+        # file order: adjacent candidates are read together.
+        order = []
+        for j, (k, number) in enumerate(items):
+            n, q = blocks[number // ppb], number % ppb
+            order.append(((n * ppb + q) * ps, j, k, n, q))
+        order.sort()
         chains: dict[int, _Chain | None] = {}
         memo: dict[bytes, dict[int, Where | None] | None] = {}
         img = ix.image
-        for start, buf, i0, i1 in self._pread_runs(img.source, [off for off, _ in order]):
-            for off, j in order[i0:i1]:
-                k, number = items[j]
+        for start, buf, i0, i1 in self._pread_runs(img.source, [o[0] for o in order]):
+            for off, j, k, n, q in order[i0:i1]:
                 at = off - start
                 if buf[at : at + ps] != data[k * ps : (k + 1) * ps]:
                     continue  # an xxh3 collision (or crafted): bytes decide
-                n = blocks[number // ppb]
-                if n not in chains:
-                    chains[n] = self._chain(img, n)
-                out[j] = self._place(img, chains[n], number % ppb, memo)
+                if n in chains:
+                    chain = chains[n]
+                else:
+                    chain = chains[n] = self._chain(img, n)
+                if chain is not None and not chain[1]:
+                    # No deltas: the page is in the block's base (what _place finds, inline).
+                    out[j] = None if chain[0] is None else (chain[0], q * ps)
+                else:
+                    out[j] = self._place(img, chain, q, memo)
         return out
 
     def _where(self, img: SavedImage, n: int, k: int) -> Where | None:
