@@ -206,6 +206,26 @@ def test_json_output_loads_no_rich_and_errors_stay_one_line(tmp_path: Path) -> N
     )
 
 
+def test_a_quiet_checkout_or_restore_loads_no_rich(tmp_path: Path) -> None:
+    """``checkout -q`` and ``restore -q`` print nothing: rich, which formats lines, stays unloaded.
+
+    The files are written by then; loading rich's markup code to format a
+    line nobody sees would only make the command end later.
+    """
+    repo, area = tmp_path / "repo", tmp_path / "area"
+    make_area(area)
+    for args in (["init", str(repo)], ["--repo", str(repo), "commit", str(area)]):
+        assert runner.invoke(root.app, args).exit_code == 0
+    for args in (
+        ["checkout", "E1", str(tmp_path / "copy"), "-q"],
+        ["restore", "E1", str(area), "-q"],
+    ):
+        code, stdout, stderr, modules = _run_main_err(["--repo", str(repo), *args])
+        assert (code, stdout, stderr) == (0, "", ""), args
+        assert sorted(m for m in modules if m.partition(".")[0] == "rich") == [], args
+    assert (tmp_path / "copy" / "disk.img").read_bytes() == (area / "disk.img").read_bytes()
+
+
 #: What configuring remotes must not load: clone, fetch, their checks, entries and packs.
 NOT_FOR_REMOTES = (
     "vml.porcelain.clone",

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -389,6 +390,11 @@ def test_vmware_lock_folders(tmp_path: Path) -> None:
     info = check_saveable(tmp_path, force_running=True, include_external=False)
     assert info.power_state == "running"
     assert inspect_area(tmp_path).power_state == "running"
+    # Asked for the files' description only (a checkout's notes), nothing is
+    # looked for: the same description, the power state the files say.
+    files_only = inspect_area(tmp_path, running=False)
+    assert files_only.power_state == "suspended"
+    assert replace(files_only, power_state="running") == inspect_area(tmp_path)
 
 
 @needs_qemu_img

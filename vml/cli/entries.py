@@ -226,6 +226,10 @@ def _build(entry: str, area: Path, force: bool, json_: bool, *, restore: bool) -
     if json_:
         emit_json(res)
         return
+    if out.quiet:
+        # -q prints nothing: formatting the lines would load rich's markup
+        # code (~30 ms) once the files are written, for nothing.
+        return
     how = "in place" if res.in_place else "fresh"
     out.print(
         f"{'restored' if restore else 'checked out'} {res.entry} into {escape(res.area)} ({how}): "

@@ -259,7 +259,7 @@ def _running(root: Path, scan: _Scan) -> tuple[list[str], RunningVM | None]:
     return reasons, own
 
 
-def inspect_area(root: Path) -> VMInfo:
+def inspect_area(root: Path, *, running: bool = True) -> VMInfo:
     """Describe the VM kept in the folder ``root``.
 
     Reads configuration files and image headers/descriptors only, never image
@@ -267,11 +267,16 @@ def inspect_area(root: Path) -> VMInfo:
     left ``None``; a missing or empty folder gives ``hypervisor="none"``.
     Files ignored by the area's rules (``.vmlignore`` and defaults) are not
     considered.  ``power_state`` is ``"running"`` when ``running_reasons``
-    finds anything.
+    finds anything.  ``running=False``: for a caller that uses the files'
+    description only, the signs of a running VM are not looked for (they
+    cost a ``stat`` of every file every process of the host has open) and
+    ``power_state`` says what the files say.
     """
     if not root.is_dir():
         return VMInfo("none", None, None, None, "off", None, ())
     scan = _scan(root)
+    if not running:
+        return _inspect(root, scan, False)
     reasons, own = _running(root, scan)
     return _inspect(root, scan, bool(reasons) or own is not None)
 
