@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 import vml
 from tests.conftest import edit, make_area
-from vml.cli import root
+from vml.cli import root, toplevel
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,6 +48,19 @@ def test_every_command_alone_reads_its_command_line_as_the_whole_app_does() -> N
                 whole.stdout,
                 whole.stderr,
             ), args
+
+
+def test_the_table_of_commands_is_what_the_groups_register() -> None:
+    """``one_command`` imports one group, found in ``toplevel.COMMANDS``: it must not go stale."""
+    assert tuple(g.__name__.rpartition(".")[2] for g in root.GROUPS) == toplevel.GROUP_MODULES
+    registered = {
+        info.name or get_command_name(getattr(info.callback, "__name__", "")): group
+        for group in root.GROUPS
+        for info in group.commands.registered_commands
+    }
+    assert {k: f"vml.cli.{v}" for k, v in toplevel.COMMANDS.items()} == {
+        k: g.__name__ for k, g in registered.items()
+    }
 
 
 @pytest.mark.parametrize(
@@ -204,6 +217,44 @@ def test_json_output_loads_no_rich_and_errors_stay_one_line(tmp_path: Path) -> N
         == plain.stderr
         == "vml: no entry named 'E9'; run `vml log --all` to list the entries\n"
     )
+
+
+def test_lines_for_a_file_or_pipe_load_no_rich_and_are_riches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save's summary, its error, ``status``, ``log``, ``checkout`` to a pipe: no rich at all.
+
+    rich costs ~40 ms of every start; off a terminal what it would print is
+    plain text.  The same commands drawn by rich itself (``plain_line``
+    refusing every line) print the same characters.
+    """
+    repo, area = tmp_path / "repo", tmp_path / "area"
+    make_area(area)
+    for args in (["init", str(repo)], ["--repo", str(repo), "commit", str(area), "-m", "[b]x\\"]):
+        assert runner.invoke(root.app, args).exit_code == 0
+    edit(area / "disk.img", 4096, b"changed")
+    code, stdout, stderr, modules = _run_main_err(["--repo", str(repo), "commit", str(area)])
+    assert (code, stdout.splitlines()[0], stderr) == (0, "E2", ""), stderr
+    assert stdout.splitlines()[1].startswith("incremental entry E2 (parent E1): read ")
+    runs = (
+        ["commit", str(area)],  # nothing changed: an error, on stderr
+        ["status", str(area)],
+        ["log"],
+        ["log", "--graph"],
+        ["show", "E1"],
+        ["checkout", "E1", str(tmp_path / "out")],
+    )
+    from vml.cli import render
+
+    monkeypatch.setattr(render, "plain_line", lambda *_: None)  # in this process only
+    for args in runs:
+        code, stdout, stderr, modules = _run_main_err(["--repo", str(repo), *args])
+        assert stdout + stderr, args
+        assert sorted(m for m in modules if m.partition(".")[0] == "rich") == [], args
+        if args[0] != "checkout":  # (it would check out twice)
+            drawn = runner.invoke(root.app, ["--repo", str(repo), *args])
+            assert (drawn.exit_code, drawn.stdout, drawn.stderr) == (code, stdout, stderr), args
+    assert "rich.console" in sys.modules
 
 
 #: What configuring remotes must not load: clone, fetch, their checks, entries and packs.

@@ -1,10 +1,11 @@
 """The ``vml`` command's entry point: ``vml.__main__`` and the console script run :func:`main`.
 
 The command line itself (the root typer app, its options, the command
-groups) is ``root``, imported only when a command runs: building it costs
-typer, rich and the parameters of the command (~0.2 s of CPU for the whole
-app), which ``vml --version`` has no use for.  Nothing imports this module
-but ``vml.__main__`` and the console script.
+groups) is imported only when a command runs: building it costs typer and
+the parameters of the command, which ``vml --version`` has no use for.  A
+command run alone is built by ``toplevel`` from its own group; the whole
+app (``root``) is for the root's help, completion and nested commands.
+Nothing imports this module but ``vml.__main__`` and the console script.
 """
 
 from __future__ import annotations
@@ -23,9 +24,14 @@ def main() -> None:
         # What the root app's eager --version prints, without building the app.
         sys.stdout.write(f"vml {__version__}\n")
         return
-    from vml.cli.root import app, one_command
+    from vml.cli.toplevel import one_command
 
-    (one_command(argv) or app)()
+    one = one_command(argv)
+    if one is None:
+        from vml.cli.root import app
+
+        one = app
+    one()
 
 
 def run() -> None:

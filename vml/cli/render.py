@@ -1,21 +1,26 @@
 """Turning porcelain results into terminal output (rich).
 
-rich is imported when something is first printed for people: building its
-console and markup costs ~30 ms of start-up, which a command printing only
-JSON (``--json``) or nothing (``-q``) has no use for.  ``out``, ``err`` and
-:func:`escape` stand in for rich's until then; what they print is rich's.
+rich is imported only when it draws something: a styled line on a
+terminal, a progress bar.  Its console and markup cost ~40 ms of CPU at
+start-up, which a command printing JSON (``--json``), nothing (``-q``), or
+plain lines (a save's summary, an error or a listing that goes to a file or
+a pipe) has no use for.  ``out`` and ``err`` write such lines themselves
+(``plain``: what rich would write, to the character); :func:`escape` is
+rich's, without rich.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from vml.cli.plain import escape, plain_line
 from vml.errors import VMLError
 from vml.progress import ProgressFn, no_progress
 from vml.records import to_json
@@ -35,13 +40,6 @@ _CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u2
 def harmless(text: str) -> str:
     """``text`` with every terminal control shown as an escape (``\\x1b``), not obeyed."""
     return _CONTROLS.sub(lambda m: repr(m.group())[1:-1], text)
-
-
-def escape(text: str) -> str:
-    """``text`` with rich markup escaped: ``rich.markup.escape``, which is imported on first use."""
-    from rich.markup import escape as rich_escape
-
-    return rich_escape(text)
 
 
 def _safe_console(stderr: bool) -> Console:
@@ -85,9 +83,24 @@ class LazyConsole:
         return self._console
 
     def print(self, *objects: Any, **kwargs: Any) -> None:
-        """Print like rich's ``Console.print`` (nothing when quiet)."""
-        if not self.quiet:
-            self.console.print(*objects, **kwargs)
+        """Print like rich's ``Console.print`` (nothing when quiet); plain text without rich."""
+        if self.quiet:
+            return
+        stream = sys.stderr if self.stderr else sys.stdout
+        safe = tuple(harmless(o) if isinstance(o, str) else o for o in objects)
+        # Under a live progress bar rich owns the stream (it replaced sys.stdout).
+        line = None if hasattr(stream, "rich_proxied_file") else plain_line(safe, kwargs, stream)
+        if line is None:
+            self.console.print(*safe, **kwargs)
+            return
+        try:
+            stream.write(line)
+            stream.flush()
+        except BrokenPipeError:
+            # What rich's Console.on_broken_pipe does: `vml log | head` ends quietly, code 1.
+            self.quiet = True
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(1) from None
 
 
 out = LazyConsole()
