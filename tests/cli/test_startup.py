@@ -307,10 +307,64 @@ def test_a_command_that_succeeds_leaves_its_whole_output_and_code_zero(tmp_path:
     assert subprocess.run(["git", "-C", str(repo), "fsck", "--full", "--strict"]).returncode == 0
 
 
-def test_a_command_that_fails_exits_the_ordinary_way_with_its_code(tmp_path: Path) -> None:
-    done = _python_m_vml(["--repo", str(tmp_path / "none"), "log"], tmp_path)
-    assert done.returncode != 0
-    assert done.stderr.strip() and done.stdout == ""
+def _run_then_teardown(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``app.run`` on ``args``, in a process whose teardown would print ``TEARDOWN``."""
+    code = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('TEARDOWN', file=sys.stderr))\n"
+        "from vml.cli.app import run\n"
+        "sys.argv = ['vml', *sys.argv[1:]]\n"
+        "run()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True, env=env
+    )
+
+
+def test_a_command_that_fails_leaves_at_once_with_its_code_and_its_line(tmp_path: Path) -> None:
+    """A VML error or a usage error is its line and its code; the teardown is skipped too."""
+    area, repo = tmp_path / "area", tmp_path / "repo"
+    make_area(area)
+    for args in (["init", str(repo)], ["--repo", str(repo), "commit", str(area)]):
+        assert runner.invoke(root.app, args).exit_code == 0
+    runs = (
+        ["--repo", str(tmp_path / "none"), "log"],
+        ["--repo", str(repo), "commit", str(area)],  # nothing changed
+        ["--repo", str(repo), "log", "--no-such-option"],
+    )
+    for args in runs:
+        done = _run_then_teardown(args, tmp_path)
+        whole = runner.invoke(root.app, args)
+        assert (done.returncode, done.stdout, done.stderr) == (
+            whole.exit_code,
+            "",
+            whole.stderr,
+        ), args
+        assert done.returncode != 0 and done.stderr.startswith("vml: "), args
+    done = _run_then_teardown(["--repo", str(repo), "log"], tmp_path)
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+
+
+def test_an_exception_that_escapes_takes_the_ordinary_way_out() -> None:
+    """A traceback is no handled error: the interpreter's exit runs (here, its handlers)."""
+    sabotaged = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import atexit, sys\n"
+            "atexit.register(lambda: print('TEARDOWN', file=sys.stderr))\n"
+            "from vml.cli import app\n"
+            "def boom(): raise RuntimeError('boom')\n"
+            "app.main = boom\n"
+            "app.run()\n",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert sabotaged.returncode == 1
+    assert "RuntimeError: boom" in sabotaged.stderr and "TEARDOWN" in sabotaged.stderr
 
 
 def test_the_quick_exit_waits_for_the_ordinary_one_while_another_thread_runs() -> None:
@@ -321,7 +375,7 @@ def test_the_quick_exit_waits_for_the_ordinary_one_while_another_thread_runs() -
     t = threading.Thread(target=release.wait)
     t.start()
     try:
-        app._exit_now()  # would end this test process at once if it did not return
+        app._exit_now(0)  # would end this test process at once if it did not return
     finally:
         release.set()
         t.join()
