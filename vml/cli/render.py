@@ -47,10 +47,12 @@ def _safe_console(stderr: bool) -> Console:
 
     Commit messages, names, paths and remote answers come from other people's
     repositories and folders; an ESC or CSI among them could rewrite the
-    screen or the terminal's title.  Every line VML prints passes here, so
-    no caller has to remember it (rich markup in such text is escaped where
-    it is written into a line, with :func:`escape`; emoji codes such
-    as ``:bug:`` are never replaced, so a message prints as it was typed).
+    screen or the terminal's title.  Every line rich draws passes here, and
+    every plain line :meth:`LazyConsole.print` writes itself is made harmless
+    the same way, so no caller has to remember it (rich markup in such text
+    is escaped where it is written into a line, with :func:`escape`; emoji
+    codes such as ``:bug:`` are never replaced, so a message prints as it
+    was typed).
     """
     from rich.console import Console
 
