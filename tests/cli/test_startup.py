@@ -379,3 +379,35 @@ def test_the_quick_exit_waits_for_the_ordinary_one_while_another_thread_runs() -
     finally:
         release.set()
         t.join()
+
+
+def test_a_bar_is_drawn_only_for_a_command_that_lasts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a terminal the bar (and rich's import) waits ``BAR_AFTER``: a short command draws none."""
+    from vml.cli import render
+
+    monkeypatch.setattr(render, "bars_wanted", lambda: True)
+    drawn: list[str] = []
+    real = render._draw_bar
+
+    def draw(what: str) -> object:
+        drawn.append(what)
+        return real(what)
+
+    monkeypatch.setattr(render, "_draw_bar", draw)
+    monkeypatch.setattr(render, "BAR_AFTER", 3600.0)
+    with render.progress_bar("saving") as progress:
+        progress("disk.img", 1 << 20, 4 << 20)
+        progress("disk.img", 4 << 20, 4 << 20)
+    assert drawn == []
+    monkeypatch.setattr(render, "BAR_AFTER", 0.0)
+    with render.progress_bar("saving") as progress:
+        progress("disk.img", 1 << 20, 4 << 20)
+        progress("disk.img", 4 << 20, 4 << 20)
+        bars = threading.Thread(target=progress, args=("ram", 1, 2))
+        bars.start()
+        bars.join()
+    assert drawn == ["saving"]
+    for t in threading.enumerate():  # the bar was stopped: its refresh thread ends
+        if type(t).__name__ == "_RefreshThread":
+            t.join(timeout=5)
+            assert not t.is_alive()

@@ -16,6 +16,8 @@ import logging
 import os
 import re
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -27,6 +29,7 @@ from vml.records import to_json
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.progress import Progress, TaskID
 
     from vml.plumbing.repack import RepackResult
     from vml.porcelain.log import LogEntry, LogResult
@@ -217,12 +220,43 @@ def bars_wanted() -> bool:
     return not out.quiet and sys.stderr.isatty()
 
 
+#: Seconds a command works before its bar is drawn: a shorter one would only flash
+#: (the bar is transient), and drawing it costs rich's import, ~80 ms of CPU.
+BAR_AFTER = 0.5
+
+
 @contextmanager
 def progress_bar(what: str) -> Iterator[ProgressFn]:
-    """A rich progress bar (bytes, rate, ETA) on a terminal; nothing otherwise."""
+    """A rich progress bar (bytes, rate, ETA) on a terminal, once :data:`BAR_AFTER` has passed.
+
+    Nothing otherwise: off a terminal, under ``-q``, or for a command done sooner.
+    """
     if not bars_wanted():
         yield no_progress
         return
+    start = time.monotonic()
+    lock = threading.Lock()
+    drawn: list[tuple[Progress, TaskID]] = []
+
+    def update(phase: str, done: int, total: int) -> None:
+        if not drawn:
+            if time.monotonic() - start < BAR_AFTER:
+                return
+            with lock:  # progress may come from the pool's threads
+                if not drawn:
+                    drawn.append(_draw_bar(what))
+        bar, task = drawn[0]
+        bar.update(task, completed=done, total=total or None, description=f"{what} ({phase})")
+
+    try:
+        yield update
+    finally:
+        if drawn:
+            drawn[0][0].stop()
+
+
+def _draw_bar(what: str) -> tuple[Progress, TaskID]:
+    """Start a transient bar for ``what`` on ``err`` (stopped by :func:`progress_bar`)."""
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -242,12 +276,8 @@ def progress_bar(what: str) -> Iterator[ProgressFn]:
         transient=True,
     )
     task = bar.add_task(what, total=None)
-
-    def update(phase: str, done: int, total: int) -> None:
-        bar.update(task, completed=done, total=total or None, description=f"{what} ({phase})")
-
-    with bar:
-        yield update
+    bar.start()
+    return bar, task
 
 
 def vm_brief(vm: EntryVM | None) -> str:
