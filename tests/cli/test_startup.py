@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 import vml
 from tests.conftest import edit, make_area
 from vml.cli import root, toplevel
+from vml.errors import NothingToCommit
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[2]
@@ -255,6 +256,32 @@ def test_lines_for_a_file_or_pipe_load_no_rich_and_are_riches(
             drawn = runner.invoke(root.app, ["--repo", str(repo), *args])
             assert (drawn.exit_code, drawn.stdout, drawn.stderr) == (code, stdout, stderr), args
     assert "rich.console" in sys.modules
+
+
+#: QEMU's dirty-bitmap code: a save of a VM of another hypervisor has no use for it.
+QEMU_BITMAPS = ("vml.plumbing.dirty", "vml.plumbing.vm.bitmaps", "vml.plumbing.vm.qcow2")
+
+
+def test_a_save_of_a_vm_that_is_not_qemu_loads_no_bitmap_code(tmp_path: Path) -> None:
+    """A VMware area's save (and one that finds nothing changed) never reads a bitmap: no import.
+
+    The same area described for QEMU (``vm init``) loads it: the test sees the difference.
+    """
+    repo, area = tmp_path / "repo", tmp_path / "area"
+    make_area(area)
+    for args in (["init", str(repo)], ["--repo", str(repo), "commit", str(area)]):
+        assert runner.invoke(root.app, args).exit_code == 0
+    edit(area / "disk.img", 4096, b"changed")
+    for expected in (0, NothingToCommit.exit_code):
+        code, _out, stderr, modules = _run_main_err(["--repo", str(repo), "commit", str(area)])
+        assert code == expected, stderr
+        assert [m for m in QEMU_BITMAPS if m in modules] == []
+    (area / "vm.vmx").unlink()
+    vm_init = ["vm", "init", str(area), "--disk", str(area / "disk.img"), "--network", "none"]
+    assert runner.invoke(root.app, vm_init).exit_code == 0
+    code, _out, stderr, modules = _run_main_err(["--repo", str(repo), "commit", str(area)])
+    assert code == 0, stderr
+    assert [m for m in QEMU_BITMAPS if m in modules] == list(QEMU_BITMAPS)
 
 
 #: What configuring remotes must not load: clone, fetch, their checks, entries and packs.
