@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 
 import vml
 from tests.conftest import edit, make_area
-from vml.cli import root
+from vml.cli import root, toplevel
+from vml.errors import NothingToCommit
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,6 +49,19 @@ def test_every_command_alone_reads_its_command_line_as_the_whole_app_does() -> N
                 whole.stdout,
                 whole.stderr,
             ), args
+
+
+def test_the_table_of_commands_is_what_the_groups_register() -> None:
+    """``one_command`` imports one group, found in ``toplevel.COMMANDS``: it must not go stale."""
+    assert tuple(g.__name__.rpartition(".")[2] for g in root.GROUPS) == toplevel.GROUP_MODULES
+    registered = {
+        info.name or get_command_name(getattr(info.callback, "__name__", "")): group
+        for group in root.GROUPS
+        for info in group.commands.registered_commands
+    }
+    assert {k: f"vml.cli.{v}" for k, v in toplevel.COMMANDS.items()} == {
+        k: g.__name__ for k, g in registered.items()
+    }
 
 
 @pytest.mark.parametrize(
@@ -206,6 +220,70 @@ def test_json_output_loads_no_rich_and_errors_stay_one_line(tmp_path: Path) -> N
     )
 
 
+def test_lines_for_a_file_or_pipe_load_no_rich_and_are_riches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save's summary, its error, ``status``, ``log``, ``checkout`` to a pipe: no rich at all.
+
+    rich costs ~40 ms of every start; off a terminal what it would print is
+    plain text.  The same commands drawn by rich itself (``plain_line``
+    refusing every line) print the same characters.
+    """
+    repo, area = tmp_path / "repo", tmp_path / "area"
+    make_area(area)
+    for args in (["init", str(repo)], ["--repo", str(repo), "commit", str(area), "-m", "[b]x\\"]):
+        assert runner.invoke(root.app, args).exit_code == 0
+    edit(area / "disk.img", 4096, b"changed")
+    code, stdout, stderr, modules = _run_main_err(["--repo", str(repo), "commit", str(area)])
+    assert (code, stdout.splitlines()[0], stderr) == (0, "E2", ""), stderr
+    assert stdout.splitlines()[1].startswith("incremental entry E2 (parent E1): read ")
+    runs = (
+        ["commit", str(area)],  # nothing changed: an error, on stderr
+        ["status", str(area)],
+        ["log"],
+        ["log", "--graph"],
+        ["show", "E1"],
+        ["checkout", "E1", str(tmp_path / "out")],
+    )
+    from vml.cli import render
+
+    monkeypatch.setattr(render, "plain_line", lambda *_: None)  # in this process only
+    for args in runs:
+        code, stdout, stderr, modules = _run_main_err(["--repo", str(repo), *args])
+        assert stdout + stderr, args
+        assert sorted(m for m in modules if m.partition(".")[0] == "rich") == [], args
+        if args[0] != "checkout":  # (it would check out twice)
+            drawn = runner.invoke(root.app, ["--repo", str(repo), *args])
+            assert (drawn.exit_code, drawn.stdout, drawn.stderr) == (code, stdout, stderr), args
+    assert "rich.console" in sys.modules
+
+
+#: QEMU's dirty-bitmap code: a save of a VM of another hypervisor has no use for it.
+QEMU_BITMAPS = ("vml.plumbing.dirty", "vml.plumbing.vm.bitmaps", "vml.plumbing.vm.qcow2")
+
+
+def test_a_save_of_a_vm_that_is_not_qemu_loads_no_bitmap_code(tmp_path: Path) -> None:
+    """A VMware area's save (and one that finds nothing changed) never reads a bitmap: no import.
+
+    The same area described for QEMU (``vm init``) loads it: the test sees the difference.
+    """
+    repo, area = tmp_path / "repo", tmp_path / "area"
+    make_area(area)
+    for args in (["init", str(repo)], ["--repo", str(repo), "commit", str(area)]):
+        assert runner.invoke(root.app, args).exit_code == 0
+    edit(area / "disk.img", 4096, b"changed")
+    for expected in (0, NothingToCommit.exit_code):
+        code, _out, stderr, modules = _run_main_err(["--repo", str(repo), "commit", str(area)])
+        assert code == expected, stderr
+        assert [m for m in QEMU_BITMAPS if m in modules] == []
+    (area / "vm.vmx").unlink()
+    vm_init = ["vm", "init", str(area), "--disk", str(area / "disk.img"), "--network", "none"]
+    assert runner.invoke(root.app, vm_init).exit_code == 0
+    code, _out, stderr, modules = _run_main_err(["--repo", str(repo), "commit", str(area)])
+    assert code == 0, stderr
+    assert [m for m in QEMU_BITMAPS if m in modules] == list(QEMU_BITMAPS)
+
+
 def test_a_quiet_checkout_or_restore_loads_no_rich(tmp_path: Path) -> None:
     """``checkout -q`` and ``restore -q`` print nothing: rich, which formats lines, stays unloaded.
 
@@ -276,10 +354,64 @@ def test_a_command_that_succeeds_leaves_its_whole_output_and_code_zero(tmp_path:
     assert subprocess.run(["git", "-C", str(repo), "fsck", "--full", "--strict"]).returncode == 0
 
 
-def test_a_command_that_fails_exits_the_ordinary_way_with_its_code(tmp_path: Path) -> None:
-    done = _python_m_vml(["--repo", str(tmp_path / "none"), "log"], tmp_path)
-    assert done.returncode != 0
-    assert done.stderr.strip() and done.stdout == ""
+def _run_then_teardown(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``app.run`` on ``args``, in a process whose teardown would print ``TEARDOWN``."""
+    code = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('TEARDOWN', file=sys.stderr))\n"
+        "from vml.cli.app import run\n"
+        "sys.argv = ['vml', *sys.argv[1:]]\n"
+        "run()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True, env=env
+    )
+
+
+def test_a_command_that_fails_leaves_at_once_with_its_code_and_its_line(tmp_path: Path) -> None:
+    """A VML error or a usage error is its line and its code; the teardown is skipped too."""
+    area, repo = tmp_path / "area", tmp_path / "repo"
+    make_area(area)
+    for args in (["init", str(repo)], ["--repo", str(repo), "commit", str(area)]):
+        assert runner.invoke(root.app, args).exit_code == 0
+    runs = (
+        ["--repo", str(tmp_path / "none"), "log"],
+        ["--repo", str(repo), "commit", str(area)],  # nothing changed
+        ["--repo", str(repo), "log", "--no-such-option"],
+    )
+    for args in runs:
+        done = _run_then_teardown(args, tmp_path)
+        whole = runner.invoke(root.app, args)
+        assert (done.returncode, done.stdout, done.stderr) == (
+            whole.exit_code,
+            "",
+            whole.stderr,
+        ), args
+        assert done.returncode != 0 and done.stderr.startswith("vml: "), args
+    done = _run_then_teardown(["--repo", str(repo), "log"], tmp_path)
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+
+
+def test_an_exception_that_escapes_takes_the_ordinary_way_out() -> None:
+    """A traceback is no handled error: the interpreter's exit runs (here, its handlers)."""
+    sabotaged = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import atexit, sys\n"
+            "atexit.register(lambda: print('TEARDOWN', file=sys.stderr))\n"
+            "from vml.cli import app\n"
+            "def boom(): raise RuntimeError('boom')\n"
+            "app.main = boom\n"
+            "app.run()\n",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert sabotaged.returncode == 1
+    assert "RuntimeError: boom" in sabotaged.stderr and "TEARDOWN" in sabotaged.stderr
 
 
 def test_the_quick_exit_waits_for_the_ordinary_one_while_another_thread_runs() -> None:
@@ -290,7 +422,39 @@ def test_the_quick_exit_waits_for_the_ordinary_one_while_another_thread_runs() -
     t = threading.Thread(target=release.wait)
     t.start()
     try:
-        app._exit_now()  # would end this test process at once if it did not return
+        app._exit_now(0)  # would end this test process at once if it did not return
     finally:
         release.set()
         t.join()
+
+
+def test_a_bar_is_drawn_only_for_a_command_that_lasts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a terminal the bar (and rich's import) waits ``BAR_AFTER``: a short command draws none."""
+    from vml.cli import render
+
+    monkeypatch.setattr(render, "bars_wanted", lambda: True)
+    drawn: list[str] = []
+    real = render._draw_bar
+
+    def draw(what: str) -> object:
+        drawn.append(what)
+        return real(what)
+
+    monkeypatch.setattr(render, "_draw_bar", draw)
+    monkeypatch.setattr(render, "BAR_AFTER", 3600.0)
+    with render.progress_bar("saving") as progress:
+        progress("disk.img", 1 << 20, 4 << 20)
+        progress("disk.img", 4 << 20, 4 << 20)
+    assert drawn == []
+    monkeypatch.setattr(render, "BAR_AFTER", 0.0)
+    with render.progress_bar("saving") as progress:
+        progress("disk.img", 1 << 20, 4 << 20)
+        progress("disk.img", 4 << 20, 4 << 20)
+        bars = threading.Thread(target=progress, args=("ram", 1, 2))
+        bars.start()
+        bars.join()
+    assert drawn == ["saving"]
+    for t in threading.enumerate():  # the bar was stopped: its refresh thread ends
+        if type(t).__name__ == "_RefreshThread":
+            t.join(timeout=5)
+            assert not t.is_alive()

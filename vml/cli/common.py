@@ -30,7 +30,8 @@ from typer.core import TyperGroup
 from vml.cli import completion
 from vml.cli.lookup import repository_path
 from vml.cli.params import Count, EntryName, Folder, Refused
-from vml.cli.render import err, escape, only_errors, out, report_error, warnings_said_once
+from vml.cli.plain import escape
+from vml.cli.render import err, only_errors, out, report_error, warnings_said_once
 from vml.errors import NoSpace, UsageError, VMLError
 
 if TYPE_CHECKING:

@@ -23,7 +23,8 @@ from vml.cli.common import (
 )
 from vml.cli.lookup import repository_path
 from vml.cli.params import Size
-from vml.cli.render import emit_json, err, escape, out, print_log, print_repack, progress_bar, size
+from vml.cli.plain import escape
+from vml.cli.render import emit_json, err, out, print_log, print_repack, progress_bar, size
 from vml.errors import UsageError
 
 if TYPE_CHECKING:

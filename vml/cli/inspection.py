@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from vml.cli.common import AreaArg, EntryArg, Json, Quiet, count_option, flag, handled, opened
-from vml.cli.render import emit_json, escape, out, print_log, saved_state, size, vm_brief, vm_lines
+from vml.cli.plain import escape
+from vml.cli.render import emit_json, out, print_log, saved_state, size, vm_brief, vm_lines
 from vml.errors import VMLError
 
 # Commands import their porcelain when they run (start-up time: see common.py).

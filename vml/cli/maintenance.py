@@ -19,7 +19,8 @@ from vml.cli.common import (
     handled,
     opened,
 )
-from vml.cli.render import emit_json, escape, out, print_repack, progress_bar, size
+from vml.cli.plain import escape
+from vml.cli.render import emit_json, out, print_repack, progress_bar, size
 from vml.errors import CorruptRepository
 
 if TYPE_CHECKING:

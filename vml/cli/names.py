@@ -9,7 +9,8 @@ import typer
 
 from vml.cli import completion
 from vml.cli.common import Json, Quiet, entry_argument, flag, handled, opened
-from vml.cli.render import emit_json, escape, out
+from vml.cli.plain import escape
+from vml.cli.render import emit_json, out
 from vml.errors import UsageError
 
 # Commands import their porcelain when they run (start-up time: see common.py).

@@ -1,27 +1,35 @@
 """Turning porcelain results into terminal output (rich).
 
-rich is imported when something is first printed for people: building its
-console and markup costs ~30 ms of start-up, which a command printing only
-JSON (``--json``) or nothing (``-q``) has no use for.  ``out``, ``err`` and
-:func:`escape` stand in for rich's until then; what they print is rich's.
+rich is imported only when it draws something: a styled line on a
+terminal, a progress bar.  Its console and markup cost ~40 ms of CPU at
+start-up, which a command printing JSON (``--json``), nothing (``-q``), or
+plain lines (a save's summary, an error or a listing that goes to a file or
+a pipe) has no use for.  ``out`` and ``err`` write such lines themselves
+(``plain``: what rich would write, to the character); :func:`escape` is
+rich's, without rich.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from vml.cli.plain import escape, plain_line
 from vml.errors import VMLError
 from vml.progress import ProgressFn, no_progress
 from vml.records import to_json
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.progress import Progress, TaskID
 
     from vml.plumbing.repack import RepackResult
     from vml.porcelain.log import LogEntry, LogResult
@@ -37,22 +45,17 @@ def harmless(text: str) -> str:
     return _CONTROLS.sub(lambda m: repr(m.group())[1:-1], text)
 
 
-def escape(text: str) -> str:
-    """``text`` with rich markup escaped: ``rich.markup.escape``, which is imported on first use."""
-    from rich.markup import escape as rich_escape
-
-    return rich_escape(text)
-
-
 def _safe_console(stderr: bool) -> Console:
     """A rich console that prints control characters visibly instead of sending them.
 
     Commit messages, names, paths and remote answers come from other people's
     repositories and folders; an ESC or CSI among them could rewrite the
-    screen or the terminal's title.  Every line VML prints passes here, so
-    no caller has to remember it (rich markup in such text is escaped where
-    it is written into a line, with :func:`escape`; emoji codes such
-    as ``:bug:`` are never replaced, so a message prints as it was typed).
+    screen or the terminal's title.  Every line rich draws passes here, and
+    every plain line :meth:`LazyConsole.print` writes itself is made harmless
+    the same way, so no caller has to remember it (rich markup in such text
+    is escaped where it is written into a line, with :func:`escape`; emoji
+    codes such as ``:bug:`` are never replaced, so a message prints as it
+    was typed).
     """
     from rich.console import Console
 
@@ -85,9 +88,24 @@ class LazyConsole:
         return self._console
 
     def print(self, *objects: Any, **kwargs: Any) -> None:
-        """Print like rich's ``Console.print`` (nothing when quiet)."""
-        if not self.quiet:
-            self.console.print(*objects, **kwargs)
+        """Print like rich's ``Console.print`` (nothing when quiet); plain text without rich."""
+        if self.quiet:
+            return
+        stream = sys.stderr if self.stderr else sys.stdout
+        safe = tuple(harmless(o) if isinstance(o, str) else o for o in objects)
+        # Under a live progress bar rich owns the stream (it replaced sys.stdout).
+        line = None if hasattr(stream, "rich_proxied_file") else plain_line(safe, kwargs, stream)
+        if line is None:
+            self.console.print(*safe, **kwargs)
+            return
+        try:
+            stream.write(line)
+            stream.flush()
+        except BrokenPipeError:
+            # What rich's Console.on_broken_pipe does: `vml log | head` ends quietly, code 1.
+            self.quiet = True
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(1) from None
 
 
 out = LazyConsole()
@@ -202,12 +220,43 @@ def bars_wanted() -> bool:
     return not out.quiet and sys.stderr.isatty()
 
 
+#: Seconds a command works before its bar is drawn: a shorter one would only flash
+#: (the bar is transient), and drawing it costs rich's import, ~80 ms of CPU.
+BAR_AFTER = 0.5
+
+
 @contextmanager
 def progress_bar(what: str) -> Iterator[ProgressFn]:
-    """A rich progress bar (bytes, rate, ETA) on a terminal; nothing otherwise."""
+    """A rich progress bar (bytes, rate, ETA) on a terminal, once :data:`BAR_AFTER` has passed.
+
+    Nothing otherwise: off a terminal, under ``-q``, or for a command done sooner.
+    """
     if not bars_wanted():
         yield no_progress
         return
+    start = time.monotonic()
+    lock = threading.Lock()
+    drawn: list[tuple[Progress, TaskID]] = []
+
+    def update(phase: str, done: int, total: int) -> None:
+        if not drawn:
+            if time.monotonic() - start < BAR_AFTER:
+                return
+            with lock:  # progress may come from the pool's threads
+                if not drawn:
+                    drawn.append(_draw_bar(what))
+        bar, task = drawn[0]
+        bar.update(task, completed=done, total=total or None, description=f"{what} ({phase})")
+
+    try:
+        yield update
+    finally:
+        if drawn:
+            drawn[0][0].stop()
+
+
+def _draw_bar(what: str) -> tuple[Progress, TaskID]:
+    """Start a transient bar for ``what`` on ``err`` (stopped by :func:`progress_bar`)."""
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -227,12 +276,8 @@ def progress_bar(what: str) -> Iterator[ProgressFn]:
         transient=True,
     )
     task = bar.add_task(what, total=None)
-
-    def update(phase: str, done: int, total: int) -> None:
-        bar.update(task, completed=done, total=total or None, description=f"{what} ({phase})")
-
-    with bar:
-        yield update
+    bar.start()
+    return bar, task
 
 
 def vm_brief(vm: EntryVM | None) -> str:

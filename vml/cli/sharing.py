@@ -22,7 +22,8 @@ from vml.cli.common import (
     handled,
     opened,
 )
-from vml.cli.render import bars_wanted, emit_json, err, escape, out, size
+from vml.cli.plain import escape
+from vml.cli.render import bars_wanted, emit_json, err, out, size
 from vml.progress import ProgressFn, no_progress
 
 if TYPE_CHECKING:

@@ -9,7 +9,8 @@ import typer
 
 from vml.cli.common import AreaArg, Connect, Json, Quiet, flag, handled, qmp_option
 from vml.cli.params import Count, Memory, Seconds
-from vml.cli.render import emit_json, escape, out, size
+from vml.cli.plain import escape
+from vml.cli.render import emit_json, out, size
 
 if TYPE_CHECKING:
     from vml.porcelain.run import RunResult

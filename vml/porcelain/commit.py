@@ -17,7 +17,6 @@ from vml.errors import (
     VMControlError,
     VMLError,
 )
-from vml.plumbing import dirty
 from vml.plumbing import refs as refs_mod
 from vml.plumbing.areas import (
     AreaFile,
@@ -426,6 +425,7 @@ def _commit_live(
     published (or failed) they are settled and recorded for the next one.
     """
     # Only a live save needs these (a save at rest does not pay for importing them).
+    from vml.plumbing import dirty
     from vml.plumbing.vm.live import live_snapshot, settle_rotations
 
     spec = find_spec(area)
@@ -454,6 +454,9 @@ def _at_rest_changes(repo: Repository, area: Path, ask: _Ask, plan: Plan, listin
     spec = find_spec(area)
     if spec is None or plan.held is None or plan.parent_id != plan.held_id:
         return
+    # QEMU's bitmaps and qcow2 code: a VM of another hypervisor does not import them.
+    from vml.plumbing import dirty
+
     cache = Cache(area, repo.page_size, repo.block_size)
     read = set()
     for f in listing.files:
