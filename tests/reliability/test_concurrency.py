@@ -208,3 +208,56 @@ def test_a_lock_file_names_its_holder_only_while_held(tmp_path: Path, cli_repo: 
         held = [p for p in files if p.read_text().strip() == str(os.getpid())]
         assert held, "the area lock names its holder"
     assert all(p.read_text() == "" for p in held)
+
+
+# A process holding the area, as the keeper of `vml run` does once its guest
+# powered itself off (keeper._keep: its lock names its pid; then it keeps the
+# ranges under the area lock and ends QEMU), or as another command would.
+_AREA_HOLDER = """
+import fcntl, os, sys, time
+from pathlib import Path
+from vml.plumbing.areas import lock_area
+from vml.plumbing.vm.qemu import RunPaths
+area, as_keeper = Path(sys.argv[1]), sys.argv[2] == "keeper"
+if as_keeper:
+    RunPaths(area).keeper_lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(RunPaths(area).keeper_lock, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.pwrite(fd, f"{os.getpid()}\\n".encode(), 0)
+with lock_area(area):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[3]))
+"""
+
+
+@pytest.mark.parametrize("holder", ["keeper", "command"])
+def test_commands_wait_for_the_keeper_and_not_for_another_command(
+    tmp_path: Path, cli_repo: Path, holder: str
+) -> None:
+    """The keeper holds the area a moment after the guest powered off: a commit then waits.
+
+    A script's `vml commit` right after the VM ended found the area "in use
+    by another vml command"; any other holder is still refused at once.
+    """
+    area = tmp_path / "area"
+    make_area(area)
+    assert vml_fast(cli_repo, "commit", "-q", area).code == 0
+    edit(area / "disk.img", 0, b"changed by the guest")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _AREA_HOLDER, str(area), holder, "0.8"],
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+        run = vml_fast(cli_repo, "commit", "-q", area)
+        still_held = proc.poll() is None
+    finally:
+        proc.wait(30)
+    if holder == "keeper":
+        assert run.code == 0, run
+        assert (cli_repo / "refs" / "vml" / "entries" / "2").exists()
+    else:
+        assert still_held and run.code == 8, run
+        assert "in use by another vml command" in one_line_error(run)

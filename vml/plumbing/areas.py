@@ -21,7 +21,7 @@ from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vml.errors import AreaError
+from vml.errors import AreaError, RepositoryBusy
 from vml.plumbing.repository import hold_flock, write_atomic
 
 AREA_DIR = ".vml"
@@ -87,14 +87,30 @@ def lock_area(area: Path, timeout: float = 0.0) -> Iterator[None]:
     """Hold the area's lock, so one vml command at a time changes the area.
 
     Raises :class:`RepositoryBusy` when another command holds it (after
-    ``timeout`` seconds).  A folder VML has not used yet gets no lasting
+    ``timeout`` seconds); the keeper of a VM `vml run` started, keeping
+    what its guest changed before it powered off, is waited for (up to
+    ``KEEPING_WAIT``), whatever ``timeout``.  A folder VML has not used yet gets no lasting
     ``.vml`` folder from a command that fails: when there is no ``area.json``
     on release, the lock file and the then empty ``.vml`` are removed.
     """
     d = vml_dir(area)
     d.mkdir(exist_ok=True)
     lock = d / LOCK_NAME
-    with hold_flock(lock, timeout, f"the area {area} is in use by another vml command"):
+    busy = f"the area {area} is in use by another vml command"
+    with ExitStack() as held:
+        try:
+            held.enter_context(hold_flock(lock, timeout, busy))
+        except RepositoryBusy:
+            from vml.plumbing.keeper import KEEPING_WAIT, keeping
+
+            if timeout >= KEEPING_WAIT or not keeping(area):
+                raise
+            # The keeper of `vml run` holds the area a moment once the guest
+            # powered itself off (it keeps the disks' changed ranges, then
+            # ends QEMU): whoever comes next waits for it, as `vml stop` does,
+            # instead of calling the area busy (a script's `vml commit` right
+            # after the VM ended).
+            held.enter_context(hold_flock(lock, KEEPING_WAIT, busy))
         try:
             yield
         finally:
