@@ -28,8 +28,8 @@ from tests.conftest import need
 from tests.porcelain import test_raw_kept_ranges as raw
 from tests.porcelain.test_dirty_bitmaps import guest_write
 from vml.plumbing import dirty
-from vml.plumbing.areas import lock_area
-from vml.plumbing.keeper import keep_and_quit, keeper_pid
+from vml.plumbing.areas import keeper_pid, lock_area
+from vml.plumbing.keeper import keep_and_quit
 from vml.plumbing.repository import Repository, init_repository
 from vml.plumbing.vm import bitmaps
 from vml.plumbing.vm.description import find_spec

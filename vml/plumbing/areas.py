@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -82,6 +84,42 @@ def save_state(area: Path, state: AreaState) -> None:
     write_atomic(d / STATE_NAME, json.dumps(asdict(state), indent=1).encode() + b"\n")
 
 
+#: How long a command needing the area (``vml stop``, a save, a checkout)
+#: waits for the keeper of ``vml run`` that holds the area lock to be done
+#: (reading the bitmaps takes well under a second; ``qemu-img map`` is
+#: given 30 s at most).
+KEEPING_WAIT = 60.0
+
+
+def keeper_pid(area: Path) -> int | None:
+    """The pid of the keeper of the VM VML runs for ``area``, while it lives."""
+    from vml.plumbing.vm.qemu import RunPaths
+
+    try:
+        fd = os.open(RunPaths(area).keeper_lock, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:  # held: it lives
+        with contextlib.suppress(ValueError, IndexError):  # (its pid not written yet)
+            return int(os.pread(fd, 32, 0).split()[0])
+        return 0
+    else:
+        return None
+    finally:
+        os.close(fd)
+
+
+def keeping(area: Path) -> bool:
+    """Whether the keeper holds the area lock (keeping the ranges of a guest that powered itself off)."""
+    pid = keeper_pid(area)
+    try:
+        return pid is not None and int((vml_dir(area) / LOCK_NAME).read_text().split()[0]) == pid
+    except (OSError, ValueError, IndexError):
+        return False
+
+
 @contextmanager
 def lock_area(area: Path, timeout: float = 0.0) -> Iterator[None]:
     """Hold the area's lock, so one vml command at a time changes the area.
@@ -101,8 +139,6 @@ def lock_area(area: Path, timeout: float = 0.0) -> Iterator[None]:
         try:
             held.enter_context(hold_flock(lock, timeout, busy))
         except RepositoryBusy:
-            from vml.plumbing.keeper import KEEPING_WAIT, keeping
-
             if timeout >= KEEPING_WAIT or not keeping(area):
                 raise
             # The keeper of `vml run` holds the area a moment once the guest

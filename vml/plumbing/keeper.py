@@ -10,7 +10,7 @@ So for a VM with raw disks (:func:`wanted`), ``vml run`` starts this keeper
 beside QEMU (:func:`start`), on a second QMP socket of QEMU
 (``.vml/run/keeper.sock``; the first stays free for vml's commands).  It
 
-1. locks ``.vml/run/keeper.lock`` for as long as it lives (:func:`keeper_pid`);
+1. locks ``.vml/run/keeper.lock`` for as long as it lives (``vml.plumbing.areas.keeper_pid``);
 2. tells QEMU to pause, not quit, when the guest powers off (``set-action
    shutdown=pause``) only now that someone is there to end it; a QEMU
    without ``set-action`` (before 6.0) refuses, and the keeper leaves: its
@@ -71,10 +71,6 @@ ENDED = ("shutdown", "guest-panicked")
 LOCK_WAIT = 600.0
 #: How long ``vml run`` waits for the keeper to be in place.
 READY_WAIT = 30.0
-#: How long ``vml stop`` waits for a keeper that holds the area lock to be
-#: done (reading the bitmaps takes well under a second; ``qemu-img map`` is
-#: given 30 s at most).
-KEEPING_WAIT = 60.0
 
 #: Runs the keeper; when it ends other than cleanly (killed, crashed), runs
 #: ``release``.  ``$0`` Python, ``$1`` the bootstrap, ``$2`` where ``vml``
@@ -102,37 +98,6 @@ def wanted(spec: QemuSpec) -> bool:
     if not any(d.format == "raw" for d in spec.disks):
         return False
     return not any(a.lstrip("-").startswith(("action", "no-shutdown")) for a in spec.qemu_args)
-
-
-def keeper_pid(area: Path) -> int | None:
-    """The pid of the keeper of the VM VML runs for ``area``, while it lives."""
-    from vml.plumbing.vm.qemu import RunPaths
-
-    try:
-        fd = os.open(RunPaths(area).keeper_lock, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:  # held: it lives
-        with contextlib.suppress(ValueError, IndexError):  # (its pid not written yet)
-            return int(os.pread(fd, 32, 0).split()[0])
-        return 0
-    else:
-        return None
-    finally:
-        os.close(fd)
-
-
-def keeping(area: Path) -> bool:
-    """Whether the keeper holds the area lock (keeping the ranges of a guest that powered itself off)."""
-    from vml.plumbing.areas import LOCK_NAME, vml_dir
-
-    pid = keeper_pid(area)
-    try:
-        return pid is not None and int((vml_dir(area) / LOCK_NAME).read_text().split()[0]) == pid
-    except (OSError, ValueError, IndexError):
-        return False
 
 
 def keep_and_quit(client: QMPClient, area: Path, spec: QemuSpec | None) -> list[str]:

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vml.errors import AreaError, QMPError, VMControlError
-from vml.plumbing.areas import lock_area
-from vml.plumbing.keeper import KEEPING_WAIT, keep_and_quit, keeper_pid, keeping
+from vml.plumbing.areas import KEEPING_WAIT, keeper_pid, keeping, lock_area
+from vml.plumbing.keeper import keep_and_quit
 from vml.plumbing.vm.description import QemuSpec, find_spec
 from vml.plumbing.vm.qemu import (
     RunPaths,
