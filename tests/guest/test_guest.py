@@ -26,7 +26,7 @@ from tests.conftest import TEST_BLOCK, allocated, need
 from tests.guest.build import Guest, GuestUnavailable, build_guest
 from tests.porcelain.test_keeper import kill_keeper_and_watcher
 from tests.reliability.helpers import git_fsck
-from vml.plumbing.keeper import keeper_pid
+from vml.plumbing.areas import keeper_pid
 from vml.plumbing.vm import bitmaps
 from vml.plumbing.vm.qemu import RunPaths, run_status, vml_vm
 from vml.plumbing.vm.qmp import QMPClient
