@@ -282,15 +282,20 @@ def _session_disk_only(area: Path, rng: random.Random) -> None:
     (area / "disk.img").write_bytes(disk)
 
 
+def _images_id(git: Repo, entry: str) -> bytes:
+    """The id of ``entry``'s images tree."""
+    commit = git[git.refs[f"refs/vml/entries/{entry[1:]}".encode()]]
+    assert isinstance(commit, Commit)
+    tree = git[commit.tree]
+    assert isinstance(tree, Tree)
+    return tree[b"images"][1]
+
+
 def _anchored_leaves(repo: Path, entry: str, image: str) -> int:
     """How many blocks of ``image``'s layer in ``entry`` are anchored (``<c>.r/`` trees)."""
     git = Repo(str(repo))
     try:
-        commit = git[git.refs[f"refs/vml/entries/{entry[1:]}".encode()]]
-        assert isinstance(commit, Commit)
-        tree = git[commit.tree]
-        assert isinstance(tree, Tree)
-        images = git[tree[b"images"][1]]
+        images = git[_images_id(git, entry)]
         assert isinstance(images, Tree)
         img = git[images[image.encode()][1]]
         assert isinstance(img, Tree)
@@ -351,11 +356,7 @@ def test_a_disk_that_copies_its_own_data_references_it(
 def _images_tree(repo: Path, entry: str) -> bytes:
     git = Repo(str(repo))
     try:
-        commit = git[git.refs[f"refs/vml/entries/{entry[1:]}".encode()]]
-        assert isinstance(commit, Commit)
-        tree = git[commit.tree]
-        assert isinstance(tree, Tree)
-        return tree[b"images"][1]
+        return _images_id(git, entry)
     finally:
         git.close()
 

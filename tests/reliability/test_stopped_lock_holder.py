@@ -53,10 +53,12 @@ def repo(tmp_path: Path) -> Path:
     return r
 
 
-def _holder(repo: Path, how: str) -> Iterator[subprocess.Popen[str]]:
+def _holder(
+    repo: Path, how: str, code: str = _HOLD, tail: tuple[str, ...] = ("vml", "gc")
+) -> Iterator[subprocess.Popen[str]]:
     # argv ends "vml gc", as a real `vml gc`'s does: the holder is named by its command line
     proc = subprocess.Popen(
-        [sys.executable, "-c", _HOLD, str(repo), how, "vml", "gc"],
+        [sys.executable, "-c", code, str(repo), how, *tail],
         env=_env(),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -142,16 +144,9 @@ def test_the_keeper_of_vml_run_is_named_as_such(repo: Path) -> None:
     # vml.plumbing.keeper (keeper._BOOT): no word of its command line is `vml`.
     from vml.plumbing.keeper import _BOOT
 
-    code = _HOLD + "\n# " + _BOOT
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(repo), "run", "keep"],
-        env=_env(),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    holder = _holder(repo, "run", code=_HOLD + "\n# " + _BOOT, tail=("keep",))
+    proc = next(holder)
     try:
-        assert proc.stdout is not None and proc.stdout.readline() == "held\n"
         with (
             pytest.raises(RepositoryBusy) as err,
             hold_flock(repo / "vml" / "packs.lock", 0.2, "the packs are locked"),
@@ -162,5 +157,4 @@ def test_the_keeper_of_vml_run_is_named_as_such(repo: Path) -> None:
             "keeping what the guest changed before it powered off)"
         ), err.value.message
     finally:
-        proc.kill()
-        proc.wait()
+        holder.close()

@@ -650,7 +650,7 @@ def _as_delta(
     bh: bytes,
     pages: bytes,
     read: int,
-    looked: Looked | None = None,
+    looked: Looked,
 ) -> _Outcome | None:
     """Block ``n`` as a page delta over its parent's version ``pr``, if it is worth one.
 
@@ -692,7 +692,7 @@ def _self_contained(
     bh: bytes,
     pages: bytes,
     read: int,
-    looked: Looked | None = None,
+    looked: Looked,
 ) -> _Outcome | None:
     """A block to store whole, unless the index finds most of its pages elsewhere.
 

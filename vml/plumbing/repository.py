@@ -192,12 +192,17 @@ WAIT_NOTICE = 2.0
 _wait_log = logging.getLogger("vml.wait")
 
 
+#: How a lock's holder is named when it is the keeper of a VM `vml run` started.
+_KEEPER = "the keeper of `vml run`, keeping what the guest changed before it powered off"
+
+
 @dataclass
 class Holder:
     """Who holds a lock, as far as this machine can tell."""
 
     pid: int | None = None
     command: str = ""  # ``vml gc`` and the like, from its command line
+    keeper: bool = False  # the keeper of `vml run` (its command line names no `vml`)
     stopped: bool = False  # SIGSTOP, Ctrl-Z, a debugger: it will not go on by itself
 
     def describe(self) -> str:
@@ -205,8 +210,10 @@ class Holder:
         if self.pid is None:
             return ""
         words = [f"pid {self.pid}"]
-        if self.command:
-            words.append(f"`{self.command}`" if self.command.startswith("vml ") else self.command)
+        if self.keeper:
+            words.append(_KEEPER)
+        elif self.command:
+            words.append(f"`{self.command}`")
         if self.stopped:
             words.append("stopped")
         return f" ({', '.join(words)})"
@@ -219,10 +226,6 @@ class Holder:
             f"it will not go on by itself: continue it (`kill -CONT {self.pid}`, or `fg` "
             "in its terminal) or end it, then try again"
         )
-
-
-#: How a lock's holder is named when it is the keeper of a VM `vml run` started.
-_KEEPER = "the keeper of `vml run`, keeping what the guest changed before it powered off"
 
 
 def lock_holder(fd: int) -> Holder:
@@ -247,7 +250,7 @@ def lock_holder(fd: int) -> Holder:
         # The keeper of `vml run` (vml.plumbing.keeper) starts as `python -S -c CODE`:
         # its command line names no `vml`, its code does.
         if "vml.plumbing.keeper" in word:
-            out.command = _KEEPER
+            out.keeper = True
             break
         if word == "vml" or word.endswith("/vml"):
             rest = [w for w in argv[i + 1 :] if w]

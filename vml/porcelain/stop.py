@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vml.errors import AreaError, QMPError, VMControlError
-from vml.plumbing.areas import KEEPING_WAIT, keeper_pid, keeping, lock_area
+from vml.plumbing.areas import keeper_pid, keeping, lock_area
 from vml.plumbing.keeper import keep_and_quit
 from vml.plumbing.vm.description import QemuSpec, find_spec
 from vml.plumbing.vm.qemu import (
@@ -110,14 +110,10 @@ def stop(
         raise AreaError(f"no VM runs under `vml run` in {area}", "nothing to stop")
     res = StopResult(str(area), "killed" if force_kill else "saved" if save else "powered off", 0)
     # The keeper holds the lock a moment when the guest powered itself off:
-    # wait for it (then QEMU has ended) rather than call the area busy; but
-    # pulling the plug waits for nobody (the keeper, its QEMU gone, keeps nothing).
-    busy = keeping(area)
-    with (
-        contextlib.nullcontext()
-        if busy and force_kill
-        else lock_area(area, timeout=KEEPING_WAIT if busy else 0.0)
-    ):
+    # lock_area waits for it (then QEMU has ended) rather than call the area
+    # busy; but pulling the plug waits for nobody (the keeper, its QEMU gone,
+    # keeps nothing).
+    with contextlib.nullcontext() if force_kill and keeping(area) else lock_area(area):
         if vml_vm(area) is None:  # it ended meanwhile
             if save:
                 raise AreaError(
