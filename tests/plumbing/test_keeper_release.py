@@ -8,6 +8,7 @@ peer for a QEMU older than ``set-action`` (6.0).
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import threading
@@ -21,6 +22,7 @@ import pytest
 from tests.conftest import need
 from tests.plumbing.test_qemu_vm import SPEC
 from vml.plumbing import keeper
+from vml.plumbing.areas import keeper_pid, lock_area
 from vml.plumbing.vm.description import QemuDisk
 from vml.plumbing.vm.qemu import RunPaths
 from vml.plumbing.vm.qmp import QMPClient, is_listening
@@ -130,3 +132,29 @@ def test_a_keeper_for_raw_disks_unless_the_description_chooses_qemus_actions() -
     for args in (["-action", "panic=pause"], ["--action=shutdown=pause"], ["-no-shutdown"]):
         assert not keeper.wanted(replace(SPEC, qemu_args=(*SPEC.qemu_args, *args)))
     assert keeper.wanted(replace(SPEC, qemu_args=("-no-reboot",)))
+
+
+def test_release_is_the_keeper_while_it_works(
+    qemu: tuple[Path, Path, subprocess.Popen[bytes]],
+) -> None:
+    """The step run after the keeper died ends QEMU under the area lock: it holds the keeper's
+    lock meanwhile, so a command finding the area held by it waits for it as for the keeper."""
+    area, sock, proc = qemu
+    with QMPClient.connect(sock) as c:
+        c.execute("system_reset")  # under -no-reboot: a shutdown, paused
+        assert c.wait_event("SHUTDOWN", WAIT) is not None
+    lock = RunPaths(area).keeper_lock
+    done = threading.Event()
+    with lock_area(area):  # `release` waits for it
+        t = threading.Thread(
+            target=lambda: (keeper.release(str(area), str(sock), str(lock)), done.set())
+        )
+        t.start()
+        deadline = time.monotonic() + WAIT
+        while keeper_pid(area) is None:
+            assert time.monotonic() < deadline and not done.is_set(), "release took no lock"
+            time.sleep(0.01)
+        assert keeper_pid(area) == os.getpid() and proc.poll() is None
+    t.join(WAIT)
+    assert done.is_set() and proc.wait(WAIT) == 0
+    assert keeper_pid(area) is None  # let go with its work

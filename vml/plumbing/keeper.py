@@ -208,7 +208,7 @@ def main(argv: list[str]) -> None:
     if what == "keep":
         _keep(area, sock, lock)
     else:
-        release(area, sock)
+        release(area, sock, lock)
 
 
 def _say(text: str) -> None:
@@ -237,15 +237,28 @@ def _connect(sock: str, timeout: float = 30.0) -> QMPClient:
             time.sleep(0.05)
 
 
-def _keep(area: str, sock: str, lock: str) -> None:
+def _claim(lock: str) -> int | None:
+    """Lock the keeper's ``lock`` and name this process there (``areas.keeper_pid``); its fd.
+
+    None when another process holds it.  Whoever holds it is the VM's keeper
+    for every other command: one that finds the area lock held by it waits
+    (``areas.keeping``).
+    """
     fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        _say("busy another keeper runs for this VM")
-        return
+        os.close(fd)
+        return None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _keep(area: str, sock: str, lock: str) -> None:
+    if _claim(lock) is None:  # held until this process ends
+        _say("busy another keeper runs for this VM")
+        return
     try:
         client = _connect(sock)
     except QMPError as e:
@@ -304,14 +317,23 @@ def _site() -> None:
         site.main()
 
 
-def release(area: str, sock: str) -> None:
-    """After the keeper died: let QEMU quit by itself again; end it if it is paused, its guest off."""
+def release(area: str, sock: str, lock: str | None = None) -> None:
+    """After the keeper died: let QEMU quit by itself again; end it if it is paused, its guest off.
+
+    ``lock``: the keeper's, taken for the while: this step ends QEMU under
+    the area lock as the keeper would, and is waited for as the keeper is.
+    """
+    fd = _claim(lock) if lock is not None else None
     try:
-        client = QMPClient.connect(sock, timeout=10.0)
-    except QMPError:
-        return  # QEMU ended too
-    with client:
-        _release(client, area)
+        try:
+            client = QMPClient.connect(sock, timeout=10.0)
+        except QMPError:
+            return  # QEMU ended too
+        with client:
+            _release(client, area)
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _release(client: QMPClient, area: str) -> None:
